@@ -1,0 +1,5 @@
+import sys
+
+from reconfx.cli import main
+
+sys.exit(main())

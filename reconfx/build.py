@@ -1,0 +1,167 @@
+"""Build what a spec names: the model (or backbone + heads), its example inputs, and the mapping
+from the model's outputs to tasks."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from reconfx.errors import ModelError, SpecError
+from reconfx.heads import attach_heads
+from reconfx.spec import FactorySpec, InputSpec, Spec
+from reconfx.tree import is_sequence_root, output_leaves
+
+_DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
+
+
+def resolve_factory(text: str, where: str) -> Any:
+    """Import ``"package.module:callable"`` (the callable may be dotted: ``Class.method``)."""
+    module_name, _, attr_path = text.partition(":")
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as exc:  # ImportError, or any error raised while importing user code
+        raise SpecError(f"cannot import '{module_name}' ({type(exc).__name__}: {exc})",
+                        where=where, fix="install the package or fix the module path") from None
+    for part in attr_path.split("."):
+        if not hasattr(obj, part):
+            raise SpecError(f"'{module_name}' has no attribute '{attr_path}'", where=where,
+                            fix="check the name after ':'")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise SpecError(f"'{text}' is not callable", where=where)
+    return obj
+
+
+def call_factory(factory: FactorySpec, where: str) -> nn.Module:
+    fn = resolve_factory(factory.factory, f"{where}.factory")
+    try:
+        model = fn(**factory.kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"factory '{factory.factory}' raised {type(exc).__name__}: {first}",
+                         where=f"{where}.kwargs", fix="check the factory's arguments") from None
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"factory '{factory.factory}' returned {type(model).__name__}, "
+                         "not a torch.nn.Module", where=f"{where}.factory")
+    if factory.checkpoint is not None:
+        load_checkpoint(model, factory.checkpoint, f"{where}.checkpoint")
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
+    """Load a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
+    if not path.is_file():
+        raise ModelError(f"checkpoint '{path}' not found", where=where, fix="check the path")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ModelError(f"cannot read checkpoint '{path}' ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else ''})", where=where,
+                         fix="save it with torch.save(model.state_dict()) or safetensors") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise ModelError(f"checkpoint '{path}' holds a {type(state).__name__}, not a state dict",
+                         where=where)
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:3])})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) (e.g. {', '.join(unexpected[:3])})")
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) (e.g. {'; '.join(shapes[:2])})")
+    if problems:
+        raise ModelError(f"checkpoint '{path.name}' does not fit the model: " + ", ".join(problems),
+                         where=where, fix="use the checkpoint of this architecture and kwargs")
+    model.load_state_dict(state, strict=True)
+
+
+def example_inputs(inputs: list[InputSpec], seed: int = 0, batch: int | None = None,
+                   grow: int = 0) -> dict[str, torch.Tensor]:
+    """Deterministic example inputs. ``batch`` overrides axis 0; ``grow`` adds to dynamic axes."""
+    gen = torch.Generator().manual_seed(seed)
+    out = {}
+    for spec in inputs:
+        shape = list(spec.shape)
+        for axis in spec.dynamic:
+            shape[axis] += grow
+        if batch is not None:
+            shape[0] = batch
+        dtype = _DTYPES[spec.dtype]
+        if dtype.is_floating_point:
+            value = torch.rand(shape, generator=gen)
+            if spec.low is not None or spec.high is not None:
+                low = spec.low if spec.low is not None else 0.0
+                high = spec.high if spec.high is not None else low + 1.0
+                value = low + (high - low) * value
+            else:
+                value = torch.randn(shape, generator=gen)
+            out[spec.name] = value.to(dtype)
+        elif dtype == torch.bool:
+            out[spec.name] = torch.rand(shape, generator=gen) > 0.5
+        else:
+            low = int(spec.low or 0)
+            out[spec.name] = torch.randint(low, int(spec.high), shape, generator=gen, dtype=dtype)
+    return out
+
+
+def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
+    """The multi-task model the spec describes, in eval mode, weights from its checkpoint."""
+    where = f"{spec_path}: {'model' if spec.model is not None else 'backbone'}"
+    model = call_factory(spec.factory, where)
+    if spec.backbone is not None:
+        example = example_inputs(spec.inputs, seed=spec.train.seed)
+        heads = {t.name: t.head for t in spec.tasks}
+        model = attach_heads(model, spec.backbone.feature, heads, example,
+                             f"{where}.feature")
+    return model.eval()
+
+
+def task_paths(spec: Spec, output: Any, where: str = "spec") -> tuple[dict[str, str], list[str]]:
+    """Map each task to the path of its output; also return the output paths no task uses."""
+    leaves = output_leaves(output)
+    if list(leaves) == [""]:
+        raise ModelError(
+            "the model returns a single tensor, but the spec has several tasks",
+            where=f"{where}: tasks",
+            fix="return a dict keyed by task name or a tuple in task order, or use 'backbone'")
+    by_position = is_sequence_root(output)
+    paths = {}
+    for i, task in enumerate(spec.tasks):
+        path = task.output or (str(i) if by_position else task.name)
+        if path not in leaves:
+            hint = f"tasks[{i}].output" if task.output else f"tasks[{i}].name"
+            raise ModelError(
+                f"task '{task.name}' is not among the model's outputs (looked for '{path}'; "
+                f"outputs: {', '.join(leaves) or 'none'})", where=f"{where}: {hint}",
+                fix="name the task after an output key, or set tasks[].output: 'key.path'")
+        if not isinstance(leaves[path], torch.Tensor):
+            raise ModelError(f"output '{path}' of task '{task.name}' is a "
+                             f"{type(leaves[path]).__name__}, not a tensor",
+                             where=f"{where}: tasks[{i}]")
+        paths[task.name] = path
+    ignored = [p for p in leaves if p not in paths.values()]
+    return paths, ignored
+
+
+def task_outputs(output: Any, paths: dict[str, str]) -> dict[str, torch.Tensor]:
+    leaves = output_leaves(output)
+    return {task: leaves[path] for task, path in paths.items()}

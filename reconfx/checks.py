@@ -1,0 +1,213 @@
+"""Invariant checks (DESIGN.md §2): I1 init parity, I2 sharing, I3 isolation, I4 emit parity.
+
+Each check returns a :class:`Check` for the report, or raises :class:`CheckError` naming the task,
+mode and largest difference. Models are run with autograd enabled (fused no-grad fast paths
+round differently) and their buffers are restored afterwards, so checking never changes state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from reconfx.build import task_outputs
+from reconfx.errors import CheckError
+
+STOCHASTIC_OPS = ("dropout", "bernoulli", "rand", "native_dropout", "scaled_dot_product")
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    detail: str
+
+
+@contextlib.contextmanager
+def preserved(*modules: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BN running statistics) and the training flags on exit."""
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers()},
+              {n: s.training for n, s in m.named_modules()}) for m in modules]
+    try:
+        yield
+    finally:
+        for module, buffers, modes in saved:
+            with torch.no_grad():
+                for name, buf in module.named_buffers():
+                    buf.copy_(buffers[name])
+            for name, sub in module.named_modules():
+                sub.training = modes[name]
+
+
+def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
+    model.train(training)
+    torch.manual_seed(seed)
+    return model(**example)
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def compare(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
+            atol: float) -> tuple[str, float] | None:
+    """The first task whose output differs by more than ``atol`` (0 means bit-exact)."""
+    for task, want in expected.items():
+        got = actual[task]
+        exact = atol == 0.0
+        if exact and (got.shape != want.shape or not torch.equal(got, want)):
+            return task, max_diff(want, got)
+        if not exact and max_diff(want, got) > atol:
+            return task, max_diff(want, got)
+    return None
+
+
+def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],
+                   examples: Sequence[dict[str, torch.Tensor] | None]) -> str | None:
+    """None when the traced graph reproduces the eager model bit-exactly in both modes on all
+    examples (the second has another batch size, catching shapes baked into the graph)."""
+    with preserved(model, traced):
+        for example in filter(None, examples):
+            for training in (False, True):
+                want = task_outputs(run(model, example, training), task_paths)
+                got = run(traced, example, training)
+                bad = compare(want, got, 0.0)
+                if bad:
+                    batch = next(iter(example.values())).shape[0]
+                    mode = "train" if training else "eval"
+                    return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
+                            f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
+    return None
+
+
+@contextlib.contextmanager
+def without_dropout(*modules: nn.Module) -> Iterator[None]:
+    """Set every dropout module's p to 0, so train mode is deterministic whatever the RNG order."""
+    changed = []
+    for module in modules:
+        for sub in module.modules():
+            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p:
+                changed.append((sub, sub.p))
+                sub.p = 0.0
+    try:
+        yield
+    finally:
+        for sub, p in changed:
+            sub.p = p
+
+
+def stochastic_glue(module: nn.Module) -> list[str]:
+    """Random ops outside dropout modules in the train graph (their RNG order changes when
+    streams are duplicated, so train-mode parity cannot be bit-exact there)."""
+    graph = getattr(module, "train_graph", None)
+    if graph is None:
+        return []
+    found = []
+    for node in graph.nodes:
+        if node.op in ("call_function", "call_method"):
+            name = str(getattr(node.target, "__name__", node.target))
+            has_p = any(isinstance(a, float) and a > 0 for a in node.args[3:5]) or any(
+                k in ("p", "dropout_p") and v for k, v in node.kwargs.items())
+            if any(s in name for s in STOCHASTIC_OPS) and ("scaled" not in name or has_p):
+                found.append(node.name)
+    return found
+
+
+def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str, str],
+                 examples: Sequence[dict[str, torch.Tensor]], atol: float = 0.0) -> Check:
+    """I1: compiled output for task t equals the original's, in eval and train mode."""
+    notes = []
+    with preserved(original, compiled), without_dropout(original, compiled):
+        random_glue = stochastic_glue(compiled)
+        for example in examples:
+            batch = next(iter(example.values())).shape[0]
+            for training in (False, True):
+                if training and random_glue:
+                    notes.append(f"train mode not compared at batch {batch}: random ops in the "
+                                 f"glue ({', '.join(random_glue[:3])})")
+                    continue
+                want = task_outputs(run(original, example, training), task_paths)
+                got = run(compiled, example, training)
+                bad = compare(want, got, atol)
+                if bad:
+                    mode = "train" if training else "eval"
+                    raise CheckError(
+                        f"I1 init parity failed: task '{bad[0]}' differs in {mode} mode at batch "
+                        f"{batch} by {bad[1]:.3g}", fix="report this model as a reconfx bug")
+    exact = "bit-exact" if atol == 0 else f"atol {atol:g}"
+    batches = ", ".join(str(next(iter(e.values())).shape[0]) for e in examples)
+    return Check("I1 init parity", f"{exact}, eval and train mode, batch {batches}"
+                 + (f"; {'; '.join(dict.fromkeys(notes))}" if notes else ""))
+
+
+def check_sharing(compiled: nn.Module, copies: dict[str, dict[str, list[str]]]) -> Check:
+    """I2: each branched layer's per-task copies are independent tensors; everything else is one
+    Parameter object (appearing once, or at each of its tied names)."""
+    params = dict(compiled.named_parameters(remove_duplicate=False))
+    copy_names = set()
+    for layer, per_task in copies.items():
+        storages = {}
+        for task, names in per_task.items():
+            for name in names:
+                copy_names.add(name)
+                ptr = params[name].data_ptr()
+                owner = storages.setdefault(ptr, task)
+                if owner != task:
+                    raise CheckError(f"I2 sharing failed: layer '{layer}' copies of tasks "
+                                     f"'{owner}' and '{task}' share storage ({name})")
+    shared = {n: p for n, p in params.items() if n not in copy_names}
+    return Check("I2 sharing", f"{len(copies)} branched layer(s) with independent per-task "
+                 f"copies; {len({id(p) for p in shared.values()})} shared parameter tensors")
+
+
+def check_isolation(compiled: nn.Module, example: dict[str, torch.Tensor],
+                    copies: dict[str, dict[str, list[str]]]) -> Check:
+    """I3: task t's loss has no gradient on any other task's copy."""
+    if not copies:
+        return Check("I3 isolation", "no branched layers")
+    params = dict(compiled.named_parameters(remove_duplicate=False))
+    with preserved(compiled):
+        outputs = run(compiled, example, False)
+        tasks = list(outputs)
+        for task in tasks:
+            others = [n for per_task in copies.values() for t, names in per_task.items()
+                      if t != task for n in names]
+            out = outputs[task]
+            if not out.is_floating_point() or not others:
+                continue
+            grads = torch.autograd.grad(out.float().sum(), [params[n] for n in others],
+                                        retain_graph=True, allow_unused=True)
+            for name, grad in zip(others, grads, strict=True):
+                if grad is not None and bool(grad.abs().sum() > 0):
+                    raise CheckError(f"I3 isolation failed: task '{task}' has a gradient on {name}")
+    return Check("I3 isolation", f"each of {len(tasks)} tasks' loss has no gradient on the other "
+                 "tasks' copies")
+
+
+def check_emit(emitted: nn.Module, compiled: nn.Module,
+               examples: Sequence[dict[str, torch.Tensor]], expected_params: int) -> Check:
+    """I4: the emitted source with its weights reproduces the compiled model, same parameter
+    count as the original plus (T-1) x the branched layers."""
+    from reconfx.graph import unique_parameters
+
+    count = unique_parameters(emitted)
+    if count != expected_params:
+        raise CheckError(f"I4 emit parity failed: emitted model has {count} parameters, "
+                         f"expected {expected_params}")
+    with preserved(emitted, compiled), without_dropout(emitted, compiled):
+        for example in examples:
+            for training in (False, True):
+                bad = compare(run(compiled, example, training), run(emitted, example, training),
+                              0.0)
+                if bad:
+                    mode = "train" if training else "eval"
+                    raise CheckError(f"I4 emit parity failed: task '{bad[0]}' differs in {mode} "
+                                     f"mode by {bad[1]:.3g}")
+    return Check("I4 emit parity", f"bit-exact in eval and train mode; {count} parameters")

@@ -1,0 +1,124 @@
+"""``reconfx validate|schema|inspect|compile``: a thin layer over :mod:`reconfx.pipeline`.
+
+Errors are printed as one line (file, field, fix); exit code 2 for bad input, 1 for failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from reconfx.errors import ReconfxError
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    if not getattr(args, "quiet", False):
+        print(text, flush=True)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from reconfx.spec import load_spec_file
+
+    loaded = load_spec_file(args.spec)
+    s = loaded.spec
+    source = "model" if s.model is not None else "backbone"
+    print(f"{loaded.path}: ok ('{s.name}': {source} {s.factory.factory}, "
+          f"{len(s.inputs)} input(s), tasks {', '.join(s.task_names)})")
+    return 0
+
+
+def cmd_schema(args: argparse.Namespace) -> int:
+    from reconfx.spec import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import prepare
+    from reconfx.report import LAYER_HEADERS, layer_rows, table
+    from reconfx.select import select_layers
+
+    prepared = prepare(args.spec)
+    s = prepared.loaded.spec
+    chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
+                                                    str(prepared.loaded.path))} \
+        if s.select is not None and s.select.policy == "layers" else set()
+    if args.json:
+        print(json.dumps({
+            "tier": prepared.traced.tier, "notes": prepared.traced.notes,
+            "layers": [{"name": layer.name, "type": layer.type, "paths": list(layer.paths),
+                        "params": layer.num_params, "tasks": list(layer.tasks),
+                        "shared": layer.shared, "branched": layer.name in chosen}
+                       for layer in prepared.layers]}, indent=2))
+        return 0
+    print(f"{s.name}: traced with tier '{prepared.traced.tier}', {len(prepared.layers)} layers "
+          f"({sum(1 for x in prepared.layers if x.shared)} shared)")
+    for note in prepared.traced.notes:
+        print(f"note: {note}")
+    print(table(LAYER_HEADERS, layer_rows(prepared.layers, chosen)))
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import compile_spec
+
+    _say(args, f"compiling {args.spec} ...")
+    compiled = compile_spec(args.spec, args.out)
+    branched = compiled.branched
+    _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
+               f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")
+    for check in compiled.checks:
+        _say(args, f"  {check.name}: {check.detail}")
+    for path in compiled.written:
+        _say(args, f"wrote {path}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="reconfx", description=(
+        "Declarative model surgery for multi-task learning: branch the shared layers a spec "
+        "names into per-task copies and emit readable PyTorch."))
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    v = sub.add_parser("validate", help="check a spec without running it")
+    v.add_argument("spec", type=Path)
+    v.set_defaults(run=cmd_validate)
+    sc = sub.add_parser("schema", help="print the spec's JSON Schema")
+    sc.set_defaults(run=cmd_schema)
+    i = sub.add_parser("inspect", help="list the model's layers (path, type, params, tasks)")
+    i.add_argument("spec", type=Path)
+    i.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    i.set_defaults(run=cmd_inspect)
+    c = sub.add_parser("compile", help="trace, branch, check invariants, write model.py etc.")
+    c.add_argument("spec", type=Path)
+    c.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
+    c.set_defaults(run=cmd_compile)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.run(args))
+    except ReconfxError as exc:
+        print(f"reconfx: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("reconfx: interrupted; earlier output files are unchanged", file=sys.stderr)
+        return 130
+    except Exception as exc:  # a bug in reconfx: one line unless asked for the traceback
+        if os.environ.get("RECONFX_DEBUG"):
+            raise
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        print(f"reconfx: internal error: {type(exc).__name__}: {first} (set RECONFX_DEBUG=1 "
+              "for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,75 @@
+"""Rendering Python values and calls as source text, wrapped to the line length."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+LINE = 99
+
+
+def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str:
+    """Source text for a constant, or for a graph node through ``name_of``."""
+    if name_of is not None and isinstance(value, torch.fx.Node):
+        return name_of(value)
+    if isinstance(value, bool) or value is None:
+        return repr(value)
+    if isinstance(value, float):
+        if math.isinf(value):
+            return 'float("inf")' if value > 0 else 'float("-inf")'
+        if math.isnan(value):
+            return 'float("nan")'
+        return repr(value)
+    if isinstance(value, int | str):
+        return repr(value).replace("'", '"') if isinstance(value, str) and '"' not in value \
+            else repr(value)
+    if isinstance(value, torch.dtype | torch.memory_format | torch.layout):
+        return str(value)
+    if isinstance(value, torch.device):
+        return f'torch.device("{value}")'
+    if isinstance(value, torch.Size):
+        return f"torch.Size([{', '.join(render_value(v, name_of) for v in value)}])"
+    if isinstance(value, slice):
+        return _slice(value, name_of)
+    if value is Ellipsis:
+        return "..."
+    if isinstance(value, tuple):
+        items = [render_value(v, name_of) for v in value]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if isinstance(value, list):
+        return f"[{', '.join(render_value(v, name_of) for v in value)}]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{render_value(k, name_of)}: {render_value(v, name_of)}"
+                               for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write a {type(value).__name__} constant ({value!r}) as source")
+
+
+def _slice(value: slice, name_of: Callable[[Any], str] | None) -> str:
+    parts = [("" if v is None else render_value(v, name_of))
+             for v in (value.start, value.stop, value.step)]
+    return f"{parts[0]}:{parts[1]}" + (f":{parts[2]}" if parts[2] else "")
+
+
+def render_index(index: Any, name_of: Callable[[Any], str]) -> str:
+    """``x[:, 0]`` instead of ``x[(slice(None, None, None), 0)]``."""
+    if isinstance(index, tuple) and index:
+        return ", ".join(render_value(i, name_of) for i in index)
+    return render_value(index, name_of)
+
+
+def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str = ")") -> str:
+    """``lhs = opener args closer`` (``opener`` ends with its bracket, e.g. ``f(``); wrapped with
+    all arguments on one indented line, or one per line, when it does not fit."""
+    prefix = f"{indent}{lhs} = " if lhs else indent
+    line = f"{prefix}{opener}{', '.join(args)}{closer}"
+    if len(line) <= LINE or not args:
+        return line
+    inner = indent + "    "
+    joined = f"{inner}{', '.join(args)}"
+    if len(joined) <= LINE:
+        return f"{prefix}{opener}\n{joined}\n{indent}{closer}"
+    body = "\n".join(f"{inner}{a}," for a in args)
+    return f"{prefix}{opener}\n{body}\n{indent}{closer}"

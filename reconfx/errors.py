@@ -1,0 +1,59 @@
+"""The reconfx error hierarchy: every failure a user can cause or see is one of these.
+
+The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``: 2 for bad input
+(spec, model, checkpoint), 1 for failures of a pass or a check.
+"""
+
+from __future__ import annotations
+
+
+class ReconfxError(Exception):
+    """Base class. ``where`` names the file and field, ``fix`` says what to do."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, where: str | None = None, fix: str | None = None):
+        self.message = message
+        self.where = where
+        self.fix = fix
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        text = f"{self.where}: {self.message}" if self.where else self.message
+        return f"{text} (fix: {self.fix})" if self.fix else text
+
+
+class SpecError(ReconfxError):
+    """The spec file is malformed, has an unknown key, or a value of the wrong type."""
+
+    exit_code = 2
+
+
+class ModelError(ReconfxError):
+    """The model factory, checkpoint or model outputs do not fit the spec."""
+
+    exit_code = 2
+
+
+class TraceError(ReconfxError):
+    """Neither tracing tier can turn the model into a graph."""
+
+    exit_code = 2
+
+
+class SelectionError(ReconfxError):
+    """The layers asked for cannot be selected (pattern matches nothing, layer not shared...)."""
+
+    exit_code = 2
+
+
+class CheckError(ReconfxError):
+    """A compiled artifact failed an invariant check (I1-I4); nothing was written."""
+
+    exit_code = 1
+
+
+class OutputError(ReconfxError):
+    """The output folder cannot be written (permissions, disk full)."""
+
+    exit_code = 1

@@ -1,0 +1,103 @@
+"""The graph form every pass works on: a GraphModule with one graph per training mode.
+
+Tracing bakes in Python glue that reads ``self.training`` (an attention ``dropout_p``, a
+``x * 0.5 if self.training else x``). Like torchvision's feature extractor, we keep the train
+and the eval graph and switch on ``.train()``/``.eval()``; when both are the same (the common case)
+one ``fx.Graph`` object serves both and switching costs nothing. The graph's placeholders are the
+spec's inputs, in order; its output is a dict ``{task: tensor}`` in task order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import networkx as nx
+from torch import fx, nn
+
+
+class DualGraphModule(fx.GraphModule):
+    """A GraphModule holding a train graph and an eval graph over one set of submodules."""
+
+    def __init__(self, root: nn.Module | dict[str, Any], train_graph: fx.Graph,
+                 eval_graph: fx.Graph, class_name: str = "GraphModule"):
+        super().__init__(root, train_graph, class_name)
+        if eval_graph is not train_graph:
+            for node in eval_graph.nodes:
+                if node.op in ("get_attr", "call_module"):
+                    _install(root, self, node.target)
+        self.train_graph = train_graph
+        self.eval_graph = eval_graph
+        self.train(self.training)
+
+    @property
+    def dual(self) -> bool:
+        return self.train_graph is not self.eval_graph
+
+    def graphs(self) -> Iterator[tuple[str, fx.Graph]]:
+        yield "train", self.train_graph
+        if self.dual:
+            yield "eval", self.eval_graph
+
+    def train(self, mode: bool = True) -> DualGraphModule:
+        super().train(mode)
+        graph = self.train_graph if mode else self.eval_graph
+        if "train_graph" in self.__dict__ and self.graph is not graph:
+            self.graph = graph  # the setter recompiles forward
+        return self
+
+
+def _install(root: nn.Module | dict[str, Any], gm: fx.GraphModule, target: str) -> None:
+    if isinstance(root, dict):
+        fx.graph_module._assign_attr(root[target], gm, target)
+    else:
+        fx.graph_module._copy_attr(root, gm, target)
+
+
+def output_node(graph: fx.Graph) -> fx.Node:
+    return next(n for n in reversed(graph.nodes) if n.op == "output")
+
+
+def task_outputs(graph: fx.Graph) -> dict[str, fx.Node]:
+    """The ``{task: node}`` dict the normalised graph returns."""
+    return dict(output_node(graph).args[0])
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def node_tasks(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:
+    """For every node, the tasks whose output depends on it (reachability in the dataflow DAG)."""
+    dag = to_networkx(graph)
+    needed: dict[fx.Node, set[str]] = {n: set() for n in graph.nodes}
+    for task, out in task_outputs(graph).items():
+        if isinstance(out, fx.Node):
+            for node in nx.ancestors(dag, out) | {out}:
+                needed[node].add(task)
+    return {n: frozenset(t) for n, t in needed.items()}
+
+
+def prune(graph: fx.Graph) -> None:
+    """Remove nodes nothing uses (fx's own pass needs an owning module for call_module nodes)."""
+    for node in reversed(list(graph.nodes)):
+        if node.users or node.op in ("placeholder", "output"):
+            continue
+        if node.op in ("call_function", "call_method") and node.is_impure():
+            continue
+        graph.erase_node(node)
+
+
+def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
+    """Two graphs compute the same thing (compared through their generated code)."""
+    return a.python_code("self").src == b.python_code("self").src
+
+
+def unique_parameters(module: nn.Module) -> int:
+    """Parameter count with tied parameters counted once."""
+    return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

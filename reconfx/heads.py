@@ -1,0 +1,128 @@
+"""Turn a single-task backbone into a multi-task model: tap a feature, add one head per task.
+
+The feature is the backbone's output (``output``), a named field of it, or, for a module path or
+graph node name, the value computed there: the backbone is traced and cut after that node, so
+nothing past the tap is kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from reconfx.errors import ModelError
+from reconfx.spec import HeadSpec
+from reconfx.tree import output_leaves
+
+
+class Pool(nn.Module):
+    """Reduce a feature before a head (``mean``/``max`` over sequence or spatial axes, ``cls``)."""
+
+    def __init__(self, mode: str):
+        super().__init__()
+        self.mode = mode
+
+    def extra_repr(self) -> str:
+        return repr(self.mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "cls":
+            return x[:, 0]
+        # (batch, channels, h, w): reduce the spatial axes; (batch, seq, dim): reduce the sequence.
+        dims = (2, 3) if x.dim() == 4 else (1,)
+        return x.mean(dims) if self.mode == "mean" else x.amax(dims)
+
+
+def build_head(spec: HeadSpec, in_features: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    if spec.pool != "none":
+        layers.append(Pool(spec.pool))
+    if spec.dropout:
+        layers.append(nn.Dropout(spec.dropout))
+    dims = [in_features, *spec.hidden, spec.out_features]
+    for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(cin, cout))
+        if i < len(dims) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+class MultiTaskModel(nn.Module):
+    """``backbone`` followed by one head per task; returns a dict keyed by task name."""
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
+                 input_names: Sequence[str]):
+        super().__init__()
+        self.backbone = backbone
+        self.heads = nn.ModuleDict(heads)
+        self.field = field
+        self.input_names = tuple(input_names)
+
+    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+        out = self.backbone(*args, **kwargs)
+        feature = out if self.field is None else _field(out, self.field)
+        return {name: head(feature) for name, head in self.heads.items()}
+
+
+def _field(out: Any, name: str) -> Any:
+    return out[name] if isinstance(out, dict) else getattr(out, name)
+
+
+def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
+                 example: dict[str, torch.Tensor], where: str) -> MultiTaskModel:
+    """Build the multi-task model; head input sizes come from one run on the example inputs."""
+    backbone, field = _tap(backbone, feature, example, where)
+    with torch.no_grad():
+        was_training = backbone.training
+        out = backbone.eval()(**example)
+        backbone.train(was_training)
+    value = out if field is None else _field(out, field)
+    if not isinstance(value, torch.Tensor):
+        raise ModelError(f"feature '{feature}' is a {type(value).__name__}, not a tensor",
+                         where=where, fix="tap a tensor-valued field or module")
+    built = {name: build_head(spec, value.shape[-1] if spec.pool in ("none", "cls")
+                              or value.dim() != 4 else value.shape[1])
+             for name, spec in heads.items()}
+    return MultiTaskModel(backbone, built, field, list(example))
+
+
+def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],
+         where: str) -> tuple[nn.Module, str | None]:
+    if feature == "output":
+        return backbone, None
+    submodules = dict(backbone.named_modules())
+    if feature not in submodules:
+        with torch.no_grad():
+            fields = output_leaves(backbone.eval()(**example))
+        if feature in fields or any(p.startswith(feature + ".") for p in fields):
+            return backbone, feature
+    return _cut_at(backbone, feature, submodules, where), None
+
+
+def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
+            where: str) -> nn.Module:
+    """Trace the backbone with fx and make ``feature`` (module path or node) its only output."""
+    from reconfx.trace import leaf_tracer
+
+    tracer = leaf_tracer(backbone, extra_leaves=())
+    try:
+        graph = tracer.trace(backbone)
+    except Exception as exc:  # fx raises many kinds; we report one line
+        raise ModelError(
+            f"cannot tap '{feature}': the backbone cannot be cut there ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})", where=where,
+            fix="tap the backbone's output or a named output field instead") from None
+    nodes = [n for n in graph.nodes
+             if (feature in submodules and n.op == "call_module" and n.target == feature)
+             or n.name == feature]
+    if not nodes:
+        raise ModelError(f"'{feature}' is neither an output field, a submodule nor a graph node",
+                         where=where, fix="run `reconfx inspect` on the backbone to see names")
+    tap = nodes[-1]
+    output = next(n for n in graph.nodes if n.op == "output")
+    output.args = (tap,)
+    graph.eliminate_dead_code()
+    return fx.GraphModule(tracer.root, graph, class_name=type(backbone).__name__)

@@ -1,0 +1,109 @@
+"""Tables for the terminal and ``report.md``: the layer inventory and what a compile did."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from reconfx.checks import Check, preserved
+from reconfx.layers import Layer
+
+
+@dataclass(frozen=True)
+class Cost:
+    params: int
+    flops: int
+    latency_ms: float
+
+
+def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
+    with preserved(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(**example)
+    return int(counter.get_total_flops())
+
+
+def latencies(models: Sequence[nn.Module], example: dict[str, torch.Tensor],
+              repeats: int = 7) -> list[float]:
+    """Median eval-mode forward time of each model in ms, measured interleaved."""
+    times: list[list[float]] = [[] for _ in models]
+    with preserved(*models), torch.no_grad():
+        for model in models:
+            model.eval()(**example)  # warm-up
+        for _ in range(repeats):
+            for i, model in enumerate(models):
+                start = time.perf_counter()
+                model(**example)
+                times[i].append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(t) for t in times]
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
+    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
+    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
+    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def layer_rows(layers: list[Layer], branched: set[str]) -> list[list[str]]:
+    return [[layer.name, layer.type, f"{layer.num_params:,}", ",".join(layer.tasks),
+             "yes" if layer.shared else "no", "yes" if layer.name in branched else ""]
+            for layer in layers]
+
+
+LAYER_HEADERS = ["layer", "type", "params", "tasks", "shared", "branched"]
+
+
+def percent(new: float, old: float) -> str:
+    return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
+
+
+def compile_report(name: str, tier: str, notes: list[str], layers: list[Layer],
+                   branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
+                   original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
+                   factory_leaves: list[str]) -> str:
+    names = {layer.name for layer in branched}
+    lines = [f"# reconfx compile: {name}", "",
+             f"- tracing tier: `{tier}`",
+             f"- branched layers: {len(branched)} of {sum(1 for x in layers if x.shared)} shared "
+             f"({len(layers)} layers in all)",
+             f"- parameters: {original.params:,} -> {compiled.params:,} "
+             f"({percent(compiled.params, original.params)})",
+             f"- FLOPs per forward (example inputs): {original.flops:,} -> {compiled.flops:,} "
+             f"({percent(compiled.flops, original.flops)})",
+             f"- eval latency (example inputs, median): {original.latency_ms:.3f} ms -> "
+             f"{compiled.latency_ms:.3f} ms (x{compiled.latency_ms / original.latency_ms:.2f})",
+             "", "## Checks", ""]
+    lines += [f"- {c.name}: {c.detail}" for c in checks]
+    if notes:
+        lines += ["", "## Tracing notes", "", *[f"- {n}" for n in notes]]
+    if ignored:
+        lines += ["", "## Ignored outputs", "",
+                  f"- the model also returns {', '.join(ignored)}, which no task uses"]
+    if factory_leaves:
+        lines += ["", "## Built by the factory", "",
+                  "These leaves have no constructor reconfx can write; model.py builds them by "
+                  "calling the spec's factory:", "", *[f"- `{p}`" for p in factory_leaves]]
+    lines += ["", "## Branched layers", ""]
+    rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)] for b in branched]
+    lines.append(markdown_table(["layer", "type", "params per copy", "tasks"], rows)
+                 if rows else "none")
+    if per_task_norms or shared_norms:
+        lines += ["", "## Normalisation statistics", ""]
+        lines += [f"- `{p}`: per-task running statistics, shared affine parameters"
+                  for p in per_task_norms]
+        lines += [f"- `{p}`: one set of statistics (it also runs before a branch point)"
+                  for p in shared_norms]
+    lines += ["", "## All layers", "",
+              markdown_table(LAYER_HEADERS, layer_rows(layers, names)), ""]
+    return "\n".join(lines)

@@ -1,0 +1,174 @@
+"""The branching pass: everything from the selected layers on runs as one stream per task.
+
+A node is task-variant if it uses a branched layer or any of its inputs is task-variant. Each
+task-variant node is cloned once per task whose output depends on it; clones use that task's copy
+of each branched layer and share every other module (DESIGN.md §2). A branched module at path
+``p`` becomes a container of per-task copies, ``p.<task>``, each an exact copy of the original
+weights. With ``norm_stats: per_task``, a shared normalisation module that only sees task streams
+gets one set of running buffers per task while its affine parameters stay shared.
+
+>>> branched = branch(traced.module, [layers[3]], ["left", "right"])     # doctest: +SKIP
+>>> branched.module.layer1[0].conv1.left                                 # doctest: +SKIP
+Conv2d(16, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import fx, nn
+
+from reconfx.graph import DualGraphModule, node_tasks, prune, task_outputs
+from reconfx.layers import Layer
+
+
+@dataclass
+class Branched:
+    """The compiled model and what the pass did to it."""
+
+    module: DualGraphModule
+    layers: list[Layer]
+    tasks: list[str]
+    copies: dict[str, dict[str, list[str]]]  # layer -> task -> parameter names of its copy
+    per_task_norms: list[str] = field(default_factory=list)
+    shared_norms: list[str] = field(default_factory=list)  # also called before a branch point
+
+    @property
+    def added_params(self) -> int:
+        return (len(self.tasks) - 1) * sum(layer.num_params for layer in self.layers)
+
+
+def has_running_stats(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+
+
+def _targets(module: DualGraphModule) -> dict[str, Any]:
+    objs = {}
+    for _mode, graph in module.graphs():
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                objs[str(node.target)] = _resolve(module, str(node.target))
+    return objs
+
+
+def _resolve(module: nn.Module, target: str) -> Any:
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:
+    variant: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "call_module" and node.target in modules) or (
+            node.op == "get_attr" and node.target in params
+        ) or any(arg in variant for arg in node.all_input_nodes):
+            variant.add(node)
+    return variant
+
+
+def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
+           norm_stats: str = "per_task") -> Branched:
+    """Branch ``layers`` (from :func:`reconfx.layers.inventory`) into per-task copies."""
+    # One deepcopy over everything the graphs reference keeps ties between modules and params.
+    objs = copy.deepcopy(_targets(traced))
+    branched_modules = {m for layer in layers for m in layer.modules}
+    branched_params = {p for layer in layers for p in layer.params}
+    for layer in layers:
+        members = {path: objs.pop(path) for path in layer.paths}
+        for task in layer.tasks:
+            for path, obj in copy.deepcopy(members).items():
+                objs[f"{path}.{task}"] = obj
+
+    graphs = dict(traced.graphs())
+    variant = {mode: _variant(g, branched_modules, branched_params) for mode, g in graphs.items()}
+    tasks_of = {mode: node_tasks(g) for mode, g in graphs.items()}
+    per_task_norms, shared_norms = [], []
+    if norm_stats == "per_task":
+        per_task_norms, shared_norms = _norms_seeing_streams(graphs, variant, tasks_of, objs,
+                                                             branched_modules)
+        for path in per_task_norms:
+            norm = objs.pop(path)
+            users = set().union(*(tasks_of[m][n] for m, g in graphs.items() for n in g.nodes
+                                  if n.op == "call_module" and n.target == path))
+            for task in (t for t in tasks if t in users):
+                # Share the affine parameters, copy the running buffers.
+                memo = {id(p): p for p in norm.parameters()}
+                objs[f"{path}.{task}"] = copy.deepcopy(norm, memo)
+    per_task = branched_modules | set(per_task_norms)
+    points = {m: layer.name for layer in layers for m in layer.paths}
+    new_graphs = {mode: _rewrite(g, variant[mode], tasks_of[mode], per_task, branched_params,
+                                 points, tasks)
+                  for mode, g in graphs.items()}
+    train_graph = new_graphs["train"]
+    eval_graph = new_graphs.get("eval", train_graph)
+    module = DualGraphModule(objs, train_graph, eval_graph, type(traced).__name__)
+    module.train(traced.training)
+    copies = _copy_names(module, layers)
+    return Branched(module, layers, tasks, copies, per_task_norms, shared_norms)
+
+
+def _norms_seeing_streams(graphs: dict[str, fx.Graph], variant: dict[str, set[fx.Node]],
+                          tasks_of: dict[str, dict[fx.Node, frozenset[str]]],
+                          objs: dict[str, Any], branched: set[str]) -> tuple[list[str], list[str]]:
+    """Norm modules with running statistics whose every call sees task streams of several
+    tasks; those also called on the shared stream keep one set of statistics."""
+    calls: dict[str, list[tuple[bool, frozenset[str]]]] = {}
+    for mode, graph in graphs.items():
+        for node in graph.nodes:
+            if node.op == "call_module" and node.target not in branched and has_running_stats(
+                    objs[str(node.target)]):
+                calls.setdefault(str(node.target), []).append(
+                    (node in variant[mode], tasks_of[mode][node]))
+    per_task, shared = [], []
+    for path, sites in calls.items():
+        seen = frozenset().union(*(t for _, t in sites))
+        if any(v for v, _ in sites) and len(seen) > 1:
+            (per_task if all(v for v, _ in sites) else shared).append(path)
+    return per_task, shared
+
+
+def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, frozenset[str]],
+             per_task: set[str], branched_params: set[str], points: dict[str, str],
+             task_order: list[str]) -> fx.Graph:
+    new = fx.Graph()
+    env: dict[tuple[fx.Node, str | None], fx.Node] = {}
+    outputs = task_outputs(graph)
+    for node in graph.nodes:
+        if node.op == "output":
+            new.output({t: env[(n, t if n in variant else None)] for t, n in outputs.items()})
+            continue
+        if node not in variant:
+            env[(node, None)] = new.node_copy(node, lambda n: env[(n, None)])
+            continue
+        starts = not any(arg in variant for arg in node.all_input_nodes)
+        for task in (t for t in task_order if t in tasks_of[node]):
+            clone = new.node_copy(
+                node, lambda n, t=task: env[(n, t if n in variant else None)])
+            if node.op in ("call_module", "get_attr") and (
+                    node.target in per_task or node.target in branched_params):
+                clone.target = f"{node.target}.{task}"
+            meta = dict(node.meta.get("reconfx", {}))
+            meta["task"] = task
+            if starts and node.target in points:
+                meta["branch_point"] = points[str(node.target)]
+            clone.meta["reconfx"] = meta
+            env[(node, task)] = clone
+    prune(new)
+    new.lint()
+    return new
+
+
+def _copy_names(module: nn.Module, layers: list[Layer]) -> dict[str, dict[str, list[str]]]:
+    names = [n for n, _ in module.named_parameters(remove_duplicate=False)]
+    copies: dict[str, dict[str, list[str]]] = {}
+    for layer in layers:
+        per_task = copies.setdefault(layer.name, {})
+        for task in layer.tasks:
+            prefixes = [f"{m}.{task}." for m in layer.modules]
+            exact = {f"{p}.{task}" for p in layer.params}
+            per_task[task] = [n for n in names if n in exact or n.startswith(tuple(prefixes))]
+    return copies

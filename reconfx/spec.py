@@ -1,0 +1,417 @@
+"""The reconfx spec: the one place that defines and documents what a YAML spec may say.
+
+A spec names a model (or a backbone plus per-task heads), example inputs, tasks, which layers to
+branch and where to write the results. Every model forbids unknown keys, so a typo is an error
+that names the field instead of a silently ignored setting.
+
+>>> spec = load_spec("specs/multidigits.yaml")          # doctest: +SKIP
+>>> [t.name for t in spec.tasks]                         # doctest: +SKIP
+['left', 'right']
+
+Code execution: a spec runs code only through the factories it names explicitly
+(``model.factory``/``backbone.factory`` and ``data.factory``); nothing else in it is executed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import keyword
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from reconfx.errors import SpecError
+
+_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
+# Task names become attribute names of per-task containers (nn.ModuleDict) in the emitted model.
+_RESERVED_TASK_NAMES = frozenset(
+    name for name in dir(torch.nn.ModuleDict()) if not name.startswith("__")
+)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class FactorySpec(_Strict):
+    """A callable named ``"package.module:callable"``, called with ``kwargs``."""
+
+    factory: str = Field(pattern=_FACTORY, description='"package.module:callable"')
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    checkpoint: Path | None = Field(
+        default=None, description="state dict to load after construction: .pt/.pth or .safetensors"
+    )
+
+    @field_validator("checkpoint")
+    @classmethod
+    def _checkpoint_suffix(cls, path: Path | None) -> Path | None:
+        if path is not None and path.suffix not in {".pt", ".pth", ".safetensors"}:
+            raise ValueError(f"checkpoint must end in .pt, .pth or .safetensors, got '{path.name}'")
+        return path
+
+
+class ModelSpec(FactorySpec):
+    """A multi-task model: it returns a dict keyed by task name, or a tuple in task order."""
+
+
+class BackboneSpec(FactorySpec):
+    """A single-task backbone to convert: reconfx taps ``feature`` and adds one head per task.
+
+    ``feature`` is ``output`` (the backbone's whole output), a named field of the output
+    (``last_hidden_state``, ``pooler_output``), a submodule path (``encoder.layer.3``) or a graph
+    node name; reconfx tries them in that order.
+    """
+
+    feature: str = "output"
+
+
+class HeadSpec(_Strict):
+    """A task head on top of the backbone feature.
+
+    ``pool`` reduces the feature before the head: ``mean``/``max`` over the sequence axis of a
+    (batch, seq, dim) feature or the spatial axes of a (batch, channels, h, w) feature, ``cls``
+    takes the first token, ``none`` keeps the feature as it is (token-level heads).
+    """
+
+    type: Literal["linear", "mlp"] = "linear"
+    out_features: PositiveInt
+    hidden: list[PositiveInt] = Field(default_factory=list, description="mlp hidden sizes")
+    pool: Literal["none", "mean", "max", "cls"] = "none"
+    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _hidden_only_for_mlp(self) -> HeadSpec:
+        if self.type == "linear" and self.hidden:
+            raise ValueError("hidden sizes are for type: mlp; a linear head has none")
+        if self.type == "mlp" and not self.hidden:
+            raise ValueError("an mlp head needs at least one hidden size, e.g. hidden: [256]")
+        return self
+
+
+_DTYPES = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "bool"]
+
+
+class InputSpec(_Strict):
+    """One model input, passed to the model as a keyword argument named ``name``."""
+
+    name: str = Field(pattern=_IDENTIFIER)
+    shape: list[PositiveInt] = Field(min_length=1)
+    dtype: _DTYPES = "float32"
+    dynamic: list[NonNegativeInt] = Field(
+        default_factory=lambda: [0], description="axes that may change size (default: the batch)"
+    )
+    low: float | None = Field(default=None, description="lowest example value (int inputs)")
+    high: float | None = Field(default=None, description="example values stay below this")
+
+    @model_validator(mode="after")
+    def _check(self) -> InputSpec:
+        for axis in self.dynamic:
+            if axis >= len(self.shape):
+                raise ValueError(f"dynamic axis {axis} is outside shape {self.shape}")
+        if self.dtype.startswith("int") and self.high is None:
+            raise ValueError(
+                "integer inputs need 'high' (exclusive upper bound of example values; "
+                "token ids must stay below the vocabulary size)"
+            )
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        return self
+
+
+class TaskSpec(_Strict):
+    name: str = Field(pattern=_IDENTIFIER)
+    loss: str | None = Field(default=None, description="e.g. cross_entropy, mse")
+    metric: str | None = Field(default=None, description="e.g. accuracy, mae")
+    output: str | None = Field(
+        default=None, description='path of this task\'s output in the model output, "key.path"'
+    )
+    head: HeadSpec | None = None
+    baseline: float | None = Field(default=None, description="single-task metric, for delta-m")
+
+    @field_validator("name")
+    @classmethod
+    def _not_reserved(cls, name: str) -> str:
+        if keyword.iskeyword(name) or name in _RESERVED_TASK_NAMES:
+            raise ValueError(f"'{name}' is reserved in Python or nn.ModuleDict; rename the task")
+        return name
+
+
+class DataSpec(_Strict):
+    factory: str = Field(pattern=_FACTORY)
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+    batch_size: PositiveInt = 128
+
+
+class ProfileSpec(_Strict):
+    steps: PositiveInt = 300
+    threshold: float = Field(default=-0.1, ge=-1.0, le=1.0, description="S: conflict if cos < S")
+
+
+class RandomSelect(_Strict):
+    k: PositiveInt
+    seed: int = 0
+
+
+class SelectSpec(_Strict):
+    """Which shared layers to branch: exactly one policy, after include/exclude narrowing."""
+
+    top_k: PositiveInt | None = None
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    param_budget: PositiveFloat | None = Field(
+        default=None, description="percent of the shared parameters the copies may add"
+    )
+    min_score: float | None = None
+    layers: list[str] | None = Field(
+        default=None, description="exact layer paths or glob patterns; needs no profile"
+    )
+    random: RandomSelect | None = None
+    include: list[str] = Field(default_factory=list)
+    exclude: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _one_policy(self) -> SelectSpec:
+        chosen = [name for name in POLICIES if getattr(self, name) is not None]
+        if len(chosen) != 1:
+            raise ValueError(
+                f"give exactly one selection policy of {', '.join(POLICIES)}; got "
+                + (", ".join(chosen) if chosen else "none")
+            )
+        if self.layers is not None and not self.layers:
+            raise ValueError("layers is empty; name at least one layer path or glob")
+        return self
+
+    @property
+    def policy(self) -> str:
+        return next(name for name in POLICIES if getattr(self, name) is not None)
+
+
+POLICIES = ("top_k", "fraction", "param_budget", "min_score", "layers", "random")
+
+
+class BranchSpec(_Strict):
+    norm_stats: Literal["per_task", "shared"] = Field(
+        default="per_task",
+        description="running statistics of shared norm layers after a branch point: one set per "
+        "task (default) or one mixed set (Recon's behaviour)",
+    )
+
+
+class SparseSpec(_Strict):
+    per_neuron_k: PositiveInt | None = None
+    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+
+
+class TrainSpec(_Strict):
+    aggregator: str = "ew"
+    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
+    lr: PositiveFloat = 1e-3
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    epochs: PositiveInt = 10
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    init: Literal["initial", "profiled"] = "initial"
+    sparse: SparseSpec | None = None
+
+
+class ExportSpec(_Strict):
+    formats: list[Literal["python", "onnx"]] = Field(default_factory=lambda: ["python"])
+    dir: Path | None = Field(default=None, description="default: exported/<spec name>")
+
+
+class TraceSpec(_Strict):
+    """Tracing options. ``tier: auto`` tries fx first and falls back to torch.export."""
+
+    tier: Literal["auto", "fx", "export"] = "auto"
+    leaves: list[str] = Field(
+        default_factory=list, description="module paths (globs) to keep as opaque leaves"
+    )
+
+
+class Spec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: ModelSpec | None = None
+    backbone: BackboneSpec | None = None
+    inputs: list[InputSpec] = Field(min_length=1)
+    tasks: list[TaskSpec] = Field(min_length=2)
+    data: DataSpec | None = None
+    profile: ProfileSpec = Field(default_factory=ProfileSpec)
+    select: SelectSpec | None = None
+    branch: BranchSpec = Field(default_factory=BranchSpec)
+    train: TrainSpec = Field(default_factory=TrainSpec)
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    trace: TraceSpec = Field(default_factory=TraceSpec)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Spec:
+        if (self.model is None) == (self.backbone is None):
+            raise ValueError("give exactly one of 'model' (a multi-task model) or 'backbone'")
+        for kind, names in (("input", [i.name for i in self.inputs]),
+                            ("task", [t.name for t in self.tasks])):
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"duplicate {kind} names: {', '.join(dupes)}")
+        headless = [t.name for t in self.tasks if t.head is None]
+        if self.backbone is not None and headless:
+            raise ValueError(f"with a backbone every task needs a head; missing: {headless}")
+        if self.model is not None and len(headless) != len(self.tasks):
+            raise ValueError("task heads are built only for a 'backbone'; a 'model' has its own")
+        return self
+
+    @property
+    def factory(self) -> FactorySpec:
+        return self.model if self.model is not None else self.backbone  # type: ignore[return-value]
+
+    @property
+    def task_names(self) -> list[str]:
+        return [t.name for t in self.tasks]
+
+    def export_dir(self) -> Path:
+        return self.export.dir if self.export.dir is not None else Path("exported") / self.name
+
+
+class LoadedSpec(BaseModel):
+    """A validated spec with where it came from (for messages and the manifest)."""
+
+    model_config = ConfigDict(frozen=True)
+    spec: Spec
+    path: Path
+    sha256: str
+
+
+def load_spec(path: str | Path) -> Spec:
+    """Load and validate a YAML spec; raise :class:`SpecError` naming the file, line and field."""
+    return load_spec_file(path).spec
+
+
+def load_spec_file(path: str | Path) -> LoadedSpec:
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise SpecError("spec file not found", where=str(path), fix="check the path") from None
+    except OSError as exc:
+        raise SpecError(f"cannot read spec: {exc.strerror}", where=str(path)) from None
+    try:
+        text = raw.decode("utf-8")
+        data = yaml.safe_load(text)
+        tree = yaml.compose(text)
+    except UnicodeDecodeError:
+        raise SpecError("not UTF-8 text", where=str(path), fix="save the spec as UTF-8") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise SpecError(f"malformed YAML: {problem}", where=f"{path}{line}") from None
+    if not isinstance(data, dict):
+        raise SpecError(
+            f"the spec must be a mapping of fields, got {type(data).__name__}",
+            where=str(path),
+            fix="start with 'name:', 'model:', 'inputs:', 'tasks:' (see `reconfx schema`)",
+        )
+    try:
+        spec = Spec.model_validate(data)
+    except ValidationError as exc:
+        raise _spec_error(exc, path, tree) from None
+    return LoadedSpec(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
+
+
+def _spec_error(exc: ValidationError, path: Path, tree: yaml.Node | None) -> SpecError:
+    """Turn the first Pydantic error into one line: file:line: field: message."""
+    errors = exc.errors(include_url=False)
+    first = errors[0]
+    loc = [part for part in first["loc"] if not str(part).startswith("function-")]
+    field = _dotted(loc)
+    line = _yaml_line(tree, loc)
+    where = f"{path}:{line}" if line else str(path)
+    if field:
+        where = f"{where}: {field}"
+    if first["type"] == "extra_forbidden":
+        message = f"unknown field '{loc[-1]}'"
+        fix = f"allowed here: {', '.join(_allowed_fields(loc[:-1]))}"
+    elif first["type"] == "missing":
+        message, fix = "required field is missing", f"add '{loc[-1]}' (see `reconfx schema`)"
+    else:
+        message = first["msg"].removeprefix("Value error, ")
+        got = first.get("input")
+        fix = None
+        if first["type"] not in {"value_error", "assertion_error"} and not isinstance(
+            got, dict | list
+        ):
+            message = f"{message}, got {got!r}"
+    more = len(errors) - 1
+    if more:
+        message += f" (+{more} more error{'s' if more > 1 else ''})"
+    return SpecError(message, where=where, fix=fix)
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _yaml_line(node: yaml.Node | None, loc: list[Any]) -> int | None:
+    line = None
+    for part in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next((v for k, v in node.value if k.value == part), None)
+            key = next((k for k, v in node.value if k.value == part), None)
+            if match is None:
+                break
+            line, node = key.start_mark.line + 1, match
+        elif isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(
+            node.value
+        ):
+            node = node.value[part]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line
+
+
+def _allowed_fields(loc: list[Any]) -> list[str]:
+    model: type[BaseModel] | None = Spec
+    for part in loc:
+        if isinstance(part, int) or model is None:
+            continue
+        annotation = model.model_fields[part].annotation if part in model.model_fields else None
+        model = _model_in(annotation)
+    return list(model.model_fields) if model else []
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def json_schema() -> dict[str, Any]:
+    """The spec's JSON Schema (what `reconfx schema` prints)."""
+    return Spec.model_json_schema()
+
+
+def class_name(spec_name: str) -> str:
+    """CamelCase class name for the emitted model: 'multidigits-resnet' -> 'MultidigitsResnet'."""
+    words = re.split(r"[^A-Za-z0-9]+", spec_name)
+    name = "".join(w[:1].upper() + w[1:] for w in words if w)
+    return name if name[:1].isalpha() else f"Model{name}"

@@ -1,0 +1,511 @@
+"""Tracing tiers: turn any ``nn.Module`` into a :class:`DualGraphModule` with fine-grained layers.
+
+Tier 1 (``fx``): ``torch.fx`` symbolic trace with a tracer whose leaves are the modules that
+directly own parameters or buffers (plus stateless torch.nn modules and the spec's extra leaves);
+containers are traced through. A submodule that fails to trace is retried as a leaf.
+
+Tier 2 (``export``): ``torch.export.export(strict=False)`` with dynamic axes, then every call of a
+leaf module is re-lifted from its aten ops back into a ``call_module`` of the original module
+(grouped by the innermost ``nn_module_stack`` entry, which tells repeated calls apart), so
+parameters stay owned by their modules and train/eval behaviour is the module's again.
+
+``auto`` uses tier 1 when it needs no fallback leaf that hides more than one parameterised module
+and reproduces the eager model; else tier 2; tier 1 with coarse leaves is the last resort. Both
+modes are traced; where the glue differs, both graphs are kept (see :mod:`reconfx.graph`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import inspect
+import operator
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import networkx as nx
+import torch
+from torch import fx, nn
+
+from reconfx.errors import ModelError, TraceError
+from reconfx.graph import DualGraphModule, output_node, prune, same_graph
+from reconfx.tree import is_sequence_root, key_str
+
+CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
+# Ops that only check shapes or guard export; they carry no data and are not kept.
+_DROPPED_TARGETS = {
+    torch.ops.aten._assert_tensor_metadata.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+    torch._assert,
+}
+
+
+@dataclass
+class Traced:
+    """A traced model and how it was obtained."""
+
+    module: DualGraphModule
+    tier: str
+    notes: list[str] = field(default_factory=list)
+    ignored_outputs: list[str] = field(default_factory=list)
+
+
+def owns_state(module: nn.Module) -> bool:
+    return any(p is not None for p in module._parameters.values()) or any(
+        b is not None for b in module._buffers.values()
+    )
+
+
+def is_torch_nn(module: nn.Module) -> bool:
+    return type(module).__module__.startswith("torch.nn")
+
+
+def is_leaf(module: nn.Module) -> bool:
+    """Default leaf rule: a module that owns state directly and has no parameterised children,
+    or a torch.nn module that owns state or has no children (ReLU, Dropout, MultiheadAttention)."""
+    if isinstance(module, CONTAINERS):
+        return False
+    has_children = next(module.children(), None) is not None
+    if is_torch_nn(module):
+        return owns_state(module) or not has_children
+    return owns_state(module) and not any(
+        True for child in module.children() for _ in child.parameters()
+    )
+
+
+def parameterised_modules(module: nn.Module) -> int:
+    return sum(1 for m in module.modules() if any(
+        p is not None for p in m._parameters.values()))
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: Sequence[str]):
+        super().__init__()
+        self.leaves = list(leaves)
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if any(fnmatch.fnmatchcase(qualname, pattern) for pattern in self.leaves):
+            return True
+        return is_leaf(m)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...],
+                    kwargs: dict[str, Any]) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as exc:
+            if not hasattr(exc, "reconfx_path"):
+                exc.reconfx_path = self.path_of_module(m)  # type: ignore[attr-defined]
+            raise
+
+
+def leaf_tracer(model: nn.Module, extra_leaves: Sequence[str]) -> _LeafTracer:
+    return _LeafTracer(extra_leaves)
+
+
+class TierFailure(Exception):
+    def __init__(self, tier: str, path: str | None, exc: BaseException):
+        self.tier, self.path, self.exc = tier, path, exc
+        super().__init__(f"{tier}: {describe(exc, path)}")
+
+
+def describe(exc: BaseException, path: str | None = None) -> str:
+    """One line: where in user code the exception came from, and its message."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/reconfx/" not in f.filename]
+    line = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    where = f"in '{path}'" if path else "at the top level"
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{where}{line}: {type(exc).__name__}: {message}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 1: torch.fx
+# ---------------------------------------------------------------------------------------------
+
+def _concrete_args(model: nn.Module, input_names: Sequence[str]) -> dict[str, Any]:
+    """Fix every forward parameter the spec does not name to its default."""
+    signature = inspect.signature(model.forward)
+    concrete = {}
+    for name, param in signature.parameters.items():
+        if name in input_names or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        if param.default is inspect.Parameter.empty:
+            raise ModelError(f"forward() needs '{name}', which the spec's inputs do not name",
+                             fix=f"add an input named '{name}' to inputs")
+        concrete[name] = param.default
+    missing = [n for n in input_names if n not in signature.parameters]
+    if missing and not any(p.kind == p.VAR_KEYWORD for p in signature.parameters.values()):
+        raise ModelError(f"forward() of {type(model).__name__} takes no argument named "
+                         f"{', '.join(repr(m) for m in missing)}",
+                         fix=f"name inputs after forward()'s parameters: "
+                             f"{', '.join(signature.parameters)}")
+    return concrete
+
+
+def fx_trace(model: nn.Module, input_names: Sequence[str], leaves: Sequence[str],
+             training: bool, notes: list[str]) -> tuple[fx.Graph, list[str]]:
+    """Trace in one mode; a submodule that fails is retried as a leaf. Returns the graph and the
+    leaves that had to be added."""
+    concrete = _concrete_args(model, input_names)
+    forced: list[str] = []
+    was_training = model.training
+    model.train(training)
+    try:
+        while True:
+            tracer = _LeafTracer([*leaves, *forced])
+            try:
+                graph = tracer.trace(model, concrete_args=concrete or None)
+                break
+            except Exception as exc:
+                path = getattr(exc, "reconfx_path", None)
+                if not path or path in forced:
+                    raise TierFailure("fx", path, exc) from exc
+                forced.append(path)
+                notes.append(f"fx could not trace '{path}' ({describe(exc, path)}); "
+                             "it is kept as one leaf")
+    finally:
+        model.train(was_training)
+    _keep_spec_placeholders(graph, input_names)
+    return graph, forced
+
+
+def _keep_spec_placeholders(graph: fx.Graph, input_names: Sequence[str]) -> None:
+    """Drop placeholders of fixed (concrete) arguments and order the rest as the spec does."""
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    for name, node in placeholders.items():
+        if name not in input_names:
+            if node.users:
+                raise ModelError(f"forward() argument '{name}' is used but not in the spec")
+            graph.erase_node(node)
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    for name in input_names:
+        anchor.prepend(placeholders[name])
+
+
+# ---------------------------------------------------------------------------------------------
+# Tier 2: torch.export + re-lifting
+# ---------------------------------------------------------------------------------------------
+
+def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, list[int]],
+                 training: bool, notes: list[str]) -> tuple[fx.Graph, dict[str, Any], list[Any]]:
+    """Export in one mode and re-lift leaf modules. Returns the graph, the attribute table its
+    get_attr/call_module targets refer to, and the flat output order (for mapping to tasks)."""
+    from torch.export import Dim
+
+    shapes = {name: {axis: Dim.AUTO for axis in dynamic.get(name, [])} for name in example}
+    was_training = model.training
+    model.train(training)
+    try:
+        ep = torch.export.export(model, (), dict(example), dynamic_shapes=shapes, strict=False)
+    except Exception as exc:
+        raise TierFailure("torch.export", None, exc) from exc
+    finally:
+        model.train(was_training)
+    flat = ep.module()
+    return _relift(model, flat, list(example), notes)
+
+
+def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Module],
+                    leaves: Sequence[str]) -> tuple[str, str] | None:
+    stack = node.meta.get("nn_module_stack") or {}
+    for key, (path, _type) in stack.items():
+        module = modules.get(path)
+        if module is None or not path:
+            continue
+        if is_leaf(module) or any(fnmatch.fnmatchcase(path, p) for p in leaves):
+            return key, path
+    return None
+
+
+def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
+            notes: list[str], leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any], list]:
+    modules = dict(model.named_modules())
+    own_state = {path: {id(t) for t in list(m.parameters()) + list(m.buffers())}
+                 for path, m in modules.items()}
+    nodes = list(flat.graph.nodes)
+    groups: dict[str, list[fx.Node]] = {}
+    group_path: dict[str, str] = {}
+    for node in nodes:
+        if node.op != "call_function":
+            continue
+        found = _outermost_leaf(model, node, modules, leaves)
+        if found:
+            groups.setdefault(found[0], []).append(node)
+            group_path[found[0]] = found[1]
+
+    def tensor_of(n: fx.Node) -> Any:
+        return _resolve_attr(flat, n.target) if n.op == "get_attr" else None
+
+    relifted: dict[fx.Node, str] = {}  # member node -> group key
+    calls: dict[str, tuple[fx.Node, fx.Node]] = {}  # group key -> (input, output)
+    for key, members in groups.items():
+        path = group_path[key]
+        member_set = set(members)
+        inputs, seen = [], set()
+        for n in members:
+            for arg in n.all_input_nodes:
+                if arg in member_set or arg in seen:
+                    continue
+                if arg.op == "get_attr" and id(tensor_of(arg)) in own_state[path]:
+                    continue
+                seen.add(arg)
+                inputs.append(arg)
+        outputs = [n for n in members if any(u not in member_set for u in n.users)]
+        tensor_inputs = [a for a in inputs if isinstance(a.meta.get("val"), torch.Tensor)]
+        if (len(tensor_inputs) == 1 and len(outputs) == 1 and len(inputs) == 1
+                and _single_input_forward(modules[path])):
+            calls[key] = (tensor_inputs[0], outputs[0])
+            relifted.update({n: key for n in members})
+        else:
+            notes.append(f"'{path}' ({type(modules[path]).__name__}) is kept as aten ops: its call "
+                         f"takes {len(inputs)} input(s) and gives {len(outputs)} output(s)")
+
+    # Condense each re-lifted group to one vertex and order topologically, stable by position.
+    position = {n: i for i, n in enumerate(nodes)}
+    vertex = {n: relifted.get(n, n) for n in nodes}
+    dag = nx.DiGraph()
+    for n in nodes:
+        dag.add_node(vertex[n])
+        for user in n.users:
+            if vertex[user] != vertex[n]:
+                dag.add_edge(vertex[n], vertex[user])
+    first_pos = {}
+    for n in nodes:
+        first_pos.setdefault(vertex[n], position[n])
+    order = list(nx.lexicographical_topological_sort(dag, key=lambda v: first_pos[v]))
+
+    graph = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    attrs: dict[str, Any] = {}
+    placeholders = {n.target: n for n in nodes if n.op == "placeholder"}
+    for name in input_names:
+        env[placeholders[name]] = graph.placeholder(name)
+    out_flat: list[Any] = []
+    for v in order:
+        if isinstance(v, str):  # a re-lifted module call
+            arg, out = calls[v]
+            path = group_path[v]
+            attrs[path] = modules[path]
+            new = graph.call_module(path, (env[arg],))
+            new.meta = {"nn_module_stack": dict(list(out.meta.get("nn_module_stack", {}).items())),
+                        "val": out.meta.get("val")}
+            env[out] = new
+            continue
+        node = v
+        if node.op == "placeholder":
+            continue
+        if node.op == "output":
+            out_flat = list(node.args[0])
+            continue
+        if node.op == "call_module" or node.target in _DROPPED_TARGETS:
+            continue  # export's _guards_fn and shape assertions
+        if node.op == "get_attr":
+            attrs.setdefault(node.target, _state_by_name(model, flat, node.target))
+        new = graph.node_copy(node, lambda n: env[n])
+        env[node] = new
+    output = graph.output(None)
+    output.meta["flat_outputs"] = [env.get(n, n) if isinstance(n, fx.Node) else n
+                                   for n in out_flat]
+    return graph, attrs, output.meta["flat_outputs"]
+
+
+def _single_input_forward(module: nn.Module) -> bool:
+    try:
+        params = list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in params if p.default is inspect.Parameter.empty
+                and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    return len(required) == 1 or (
+        not required and bool(params) and params[0].kind == inspect.Parameter.VAR_POSITIONAL)
+
+
+def _resolve_attr(root: nn.Module, target: str) -> Any:
+    obj: Any = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _state_by_name(model: nn.Module, flat: fx.GraphModule, target: str) -> Any:
+    """The original model's tensor for an export get_attr target (constants come from export)."""
+    try:
+        return _resolve_attr(model, target)
+    except AttributeError:
+        return _resolve_attr(flat, target)
+
+
+# ---------------------------------------------------------------------------------------------
+# Normalising outputs to {task: node}, verifying, choosing the tier
+# ---------------------------------------------------------------------------------------------
+
+def _set_task_outputs(graph: fx.Graph, task_paths: dict[str, str], flat_paths: list[str] | None,
+                      tier: str) -> None:
+    out = output_node(graph)
+    if flat_paths is not None:
+        leaves = dict(zip(flat_paths, out.meta["flat_outputs"], strict=True))
+    else:
+        from torch.utils import _pytree as pytree
+
+        pairs, _ = pytree.tree_flatten_with_path(out.args[0])
+        if len(pairs) == 1 and not pairs[0][0]:
+            leaves = {"": pairs[0][1]}
+        else:
+            leaves = {".".join(key_str(k) for k in path): leaf for path, leaf in pairs}
+    result = {}
+    for task, path in task_paths.items():
+        node = leaves.get(path)
+        if not isinstance(node, fx.Node):
+            raise TierFailure(tier, None, RuntimeError(
+                f"output '{path}' of task '{task}' is not computed by the traced graph"))
+        result[task] = node
+    out.args = (result,)
+    prune(graph)
+    graph.lint()
+
+
+def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[str, str],
+          dynamic: dict[str, list[int]] | None = None, tier: str = "auto",
+          leaves: Sequence[str] = (), verify_with: dict[str, torch.Tensor] | None = None,
+          class_name: str = "GraphModule") -> Traced:
+    """Trace ``model`` into a :class:`DualGraphModule` whose output is ``{task: tensor}``.
+
+    >>> from reconfx.zoo import small_resnet                               # doctest: +SKIP
+    >>> t = trace(small_resnet(), {"image": torch.randn(2, 1, 12, 12)},
+    ...           {"left": "left", "right": "right"})                      # doctest: +SKIP
+    >>> t.tier                                                              # doctest: +SKIP
+    'fx'
+    """
+    from reconfx.checks import traced_matches
+
+    dynamic = dynamic if dynamic is not None else {name: [0] for name in example}
+    input_names = list(example)
+    failures: list[TierFailure] = []
+    coarse: Traced | None = None
+    if tier in ("auto", "fx"):
+        notes: list[str] = []
+        try:
+            graphs, forced = [], []
+            for mode in (True, False):
+                graph, added = fx_trace(model, input_names, [*leaves, *forced], mode, notes)
+                forced += added
+                _set_task_outputs(graph, task_paths, None, "fx")
+                graphs.append(graph)
+            result = _assemble(model, graphs, model, "fx", notes, class_name)
+            hidden = [p for p in forced if parameterised_modules(model.get_submodule(p)) > 1]
+            mismatch = traced_matches(model, result.module, task_paths, [example, verify_with])
+            if mismatch:
+                raise TierFailure("fx", None, RuntimeError(mismatch))
+            if not hidden or tier == "fx":
+                return result
+            coarse = result
+            coarse.tier = "fx-coarse"
+            notes.append(f"coarse fx leaves hide several layers: {', '.join(hidden)}")
+        except TierFailure as exc:
+            failures.append(exc)
+    if tier in ("auto", "export"):
+        notes = []
+        try:
+            graphs, attrs = [], {}
+            for mode in (True, False):
+                graph, table, flat = export_trace(model, example, dynamic, mode, notes)
+                attrs.update(table)
+                _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")
+                graphs.append(graph)
+            result = _assemble(model, graphs, attrs, "export", _dedupe(notes), class_name)
+            mismatch = traced_matches(model, result.module, task_paths, [example, verify_with])
+            if mismatch:
+                raise TierFailure("torch.export", None, RuntimeError(mismatch))
+            if coarse is not None:
+                result.notes.insert(0, "tier 2 used: tier 1 " + coarse.notes[-1])
+            return result
+        except TierFailure as exc:
+            failures.append(exc)
+    if coarse is not None:
+        coarse.notes.append("torch.export failed too, so the coarse fx leaves are kept")
+        return coarse
+    raise _trace_error(failures)
+
+
+def _dedupe(notes: list[str]) -> list[str]:
+    return list(dict.fromkeys(notes))
+
+
+def _flat_paths(model: nn.Module, example: dict[str, torch.Tensor]) -> list[str]:
+    from reconfx.tree import output_leaves
+
+    with torch.no_grad():
+        return list(output_leaves(model(**example)))
+
+
+def _assemble(model: nn.Module, graphs: list[fx.Graph], root: nn.Module | dict[str, Any],
+              tier: str, notes: list[str], class_name: str) -> Traced:
+    train_graph, eval_graph = graphs
+    if same_graph(train_graph, eval_graph):
+        eval_graph = train_graph
+    else:
+        notes.append("the model's glue depends on training mode: the train and eval graphs "
+                     "differ and both are kept")
+    module = DualGraphModule(root, train_graph, eval_graph, class_name)
+    module.train(model.training)
+    name_nodes(module)
+    return Traced(module, tier, notes)
+
+
+def _trace_error(failures: list[TierFailure]) -> TraceError:
+    parts = [str(f) for f in failures]
+    path = next((f.path for f in failures if f.path), None)
+    fix = (f"add '{path}' to trace.leaves, or make the code at that line traceable"
+           if path else "make the model's forward traceable (no data-dependent Python control "
+                        "flow), or wrap the failing part in a submodule and list it in "
+                        "trace.leaves")
+    return TraceError("neither tier can trace the model: " + "; ".join(parts), fix=fix)
+
+
+# ---------------------------------------------------------------------------------------------
+# Readable node names, stored in node.meta and kept by every later pass
+# ---------------------------------------------------------------------------------------------
+
+_OPERATOR_NAMES = {operator.getitem: "getitem"}
+
+
+def _op_name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return str(node.target)
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket.__name__.strip("_") or "op"
+    name = getattr(target, "__name__", None) or str(target)
+    return _OPERATOR_NAMES.get(target, name.strip("_") or "op")
+
+
+def _scope(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    paths = [path for path, _ in stack.values() if path]
+    return paths[-1] if paths else ""
+
+
+def name_nodes(module: DualGraphModule) -> None:
+    """Give every node a readable base name derived from module paths (``layer1_0_conv1``,
+    ``layer1_0_add``), with counters local to each name, in ``node.meta["reconfx"]["name"]``."""
+    for _mode, graph in module.graphs():
+        counts: dict[str, int] = {}
+        for node in graph.nodes:
+            if node.op == "placeholder":
+                base = str(node.target)
+            elif node.op == "call_module":
+                base = str(node.target).replace(".", "_")
+            elif node.op in ("call_function", "call_method"):
+                scope = _scope(node).replace(".", "_")
+                base = f"{scope}_{_op_name(node)}" if scope else _op_name(node)
+            else:
+                continue
+            n = counts.get(base, 0)
+            counts[base] = n + 1
+            node.meta.setdefault("reconfx", {})["name"] = base if n == 0 else f"{base}_{n}"
+
+
+def sequence_root(output: Any) -> bool:
+    return is_sequence_root(output)
