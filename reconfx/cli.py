@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from reconfx.errors import ReconfxError
+from reconfx.errors import ReconfxError, SelectionError
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -45,12 +45,17 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     prepared = prepare(args.spec)
     s = prepared.loaded.spec
-    chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
-                                                    str(prepared.loaded.path))} \
-        if s.select is not None and s.select.policy == "layers" else set()
+    chosen: set[str] = set()
+    problem = None
+    try:
+        chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
+                                                        str(prepared.loaded.path))}
+    except SelectionError as exc:
+        problem = str(exc)
     if args.json:
         print(json.dumps({
             "tier": prepared.traced.tier, "notes": prepared.traced.notes,
+            "selection_error": problem,
             "layers": [{"name": layer.name, "type": layer.type, "paths": list(layer.paths),
                         "params": layer.num_params, "tasks": list(layer.tasks),
                         "shared": layer.shared, "branched": layer.name in chosen}
@@ -60,6 +65,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
           f"({sum(1 for x in prepared.layers if x.shared)} shared)")
     for note in prepared.traced.notes:
         print(f"note: {note}")
+    if problem:
+        print(f"selection: {problem}")
     print(table(LAYER_HEADERS, layer_rows(prepared.layers, chosen)))
     return 0
 

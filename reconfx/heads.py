@@ -51,20 +51,36 @@ def build_head(spec: HeadSpec, in_features: int) -> nn.Sequential:
 
 
 class MultiTaskModel(nn.Module):
-    """``backbone`` followed by one head per task; returns a dict keyed by task name."""
+    """``backbone`` followed by one head per task; returns a dict keyed by task name.
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
-                 input_names: Sequence[str]):
+    Use :func:`multitask_model`: both tracers need ``forward`` to name each input, so the class
+    is specialised to the spec's input names.
+    """
+
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None):
         super().__init__()
         self.backbone = backbone
         self.heads = nn.ModuleDict(heads)
         self.field = field
-        self.input_names = tuple(input_names)
 
-    def forward(self, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-        out = self.backbone(*args, **kwargs)
+    def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        out = self.backbone(**inputs)
         feature = out if self.field is None else _field(out, self.field)
         return {name: head(feature) for name, head in self.heads.items()}
+
+
+def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
+                    input_names: Sequence[str]) -> MultiTaskModel:
+    """A :class:`MultiTaskModel` whose ``forward`` takes exactly ``input_names``."""
+    names = [n for n in input_names if n.isidentifier()]
+    if len(names) != len(input_names):
+        raise ModelError(f"input names must be Python identifiers: {list(input_names)}")
+    source = (f"def forward(self, {', '.join(names)}):\n"
+              f"    return self.run({{{', '.join(f'{n!r}: {n}' for n in names)}}})\n")
+    namespace: dict[str, Any] = {}
+    exec(compile(source, "<reconfx multitask forward>", "exec"), namespace)  # noqa: S102
+    cls = type("MultiTaskModel", (MultiTaskModel,), {"forward": namespace["forward"]})
+    return cls(backbone, heads, field)
 
 
 def _field(out: Any, name: str) -> Any:
@@ -86,7 +102,7 @@ def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
     built = {name: build_head(spec, value.shape[-1] if spec.pool in ("none", "cls")
                               or value.dim() != 4 else value.shape[1])
              for name, spec in heads.items()}
-    return MultiTaskModel(backbone, built, field, list(example))
+    return multitask_model(backbone, built, field, list(example))
 
 
 def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],

@@ -41,7 +41,8 @@ class Layer:
         return self.modules + self.params
 
     def matches(self, pattern: str) -> bool:
-        return any(p == pattern or fnmatch.fnmatchcase(p, pattern) for p in self.paths)
+        return any(p == pattern or fnmatch.fnmatchcase(p, pattern)
+                   for p in (self.name, *self.paths))
 
 
 def _owner(target: str) -> str:

@@ -258,7 +258,7 @@ def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
                 and _single_input_forward(modules[path])):
             calls[key] = (tensor_inputs[0], outputs[0])
             relifted.update({n: key for n in members})
-        else:
+        elif outputs:  # (a call whose result nothing uses is dead code and is dropped)
             notes.append(f"'{path}' ({type(modules[path]).__name__}) is kept as aten ops: its call "
                          f"takes {len(inputs)} input(s) and gives {len(outputs)} output(s)")
 
@@ -483,7 +483,8 @@ def _op_name(node: fx.Node) -> str:
 
 def _scope(node: fx.Node) -> str:
     stack = node.meta.get("nn_module_stack") or {}
-    paths = [path for path, _ in stack.values() if path]
+    paths = [path for path, _ in stack.values()
+             if path and not path.startswith("_empty_nn_module_stack")]
     return paths[-1] if paths else ""
 
 

@@ -16,13 +16,13 @@ class MultidigitsResnet(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.ModuleList([nn.Module() for _ in range(1)])
+        self.layer1 = nn.ModuleList([nn.Module()])
         self.layer1[0].conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
         self.layer1[0].bn1 = nn.BatchNorm2d(16)
         self.layer1[0].relu = nn.ReLU(inplace=True)
         self.layer1[0].conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
         self.layer1[0].bn2 = nn.BatchNorm2d(16)
-        self.layer2 = nn.ModuleList([nn.Module() for _ in range(1)])
+        self.layer2 = nn.ModuleList([nn.Module()])
         self.layer2[0].downsample = nn.ModuleList([
             nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)
         ])
@@ -31,7 +31,7 @@ class MultidigitsResnet(nn.Module):
         self.layer2[0].relu = nn.ReLU(inplace=True)
         self.layer2[0].conv2 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
         self.layer2[0].bn2 = nn.BatchNorm2d(32)
-        self.layer3 = nn.ModuleList([nn.Module() for _ in range(1)])
+        self.layer3 = nn.ModuleList([nn.Module()])
         self.layer3[0].downsample = nn.ModuleList([
             nn.Conv2d(32, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64)
         ])
@@ -47,7 +47,7 @@ class MultidigitsResnet(nn.Module):
         self.layer3[0].bn2 = nn.ModuleDict({
             "left": nn.BatchNorm2d(64), "right": nn.BatchNorm2d(64)
         })
-        self.layer4 = nn.ModuleList([nn.Module() for _ in range(1)])
+        self.layer4 = nn.ModuleList([nn.Module()])
         self.layer4[0].downsample = nn.ModuleList([nn.Module() for _ in range(2)])
         # layer4.0.downsample.0: branched: one copy per task
         self.layer4[0].downsample[0] = nn.ModuleDict({

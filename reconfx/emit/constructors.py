@@ -59,9 +59,13 @@ _SKIPPED = {"device", "dtype", "factory_kwargs"}
 class Constructor:
     """How to build one leaf: the call text and the import it needs ('' for torch.nn)."""
 
-    call: str
+    head: str
+    args: tuple[str, ...]
     import_line: str
-    from_factory: bool = False
+
+    @property
+    def call(self) -> str:
+        return f"{self.head}({', '.join(self.args)})"
 
 
 def _signature(cls: type) -> list[inspect.Parameter]:
@@ -86,7 +90,7 @@ def _generic(m: nn.Module) -> dict[str, Any] | None:
     return values
 
 
-def _call(m: nn.Module, values: dict[str, Any], prefix: str, simplify: bool) -> str:
+def _call(m: nn.Module, values: dict[str, Any], simplify: bool) -> list[str]:
     params = {p.name: p for p in _signature(type(m))}
     if not params and type(m) in HANDLERS:  # *args constructors (RNNs): use the base signature
         params = {p.name: p for p in _signature(nn.RNNBase)} | {
@@ -105,7 +109,7 @@ def _call(m: nn.Module, values: dict[str, Any], prefix: str, simplify: bool) -> 
             positional.append(render_value(value))
         else:
             keywords.append(f"{name}={render_value(value)}")
-    return f"{prefix}({', '.join(positional + keywords)})"
+    return positional + keywords
 
 
 def _equal(a: Any, b: Any) -> bool:
@@ -147,12 +151,13 @@ def constructor(m: nn.Module) -> Constructor | None:
     if values is None:
         return None
     for simplify in (True, False):
-        call = _call(m, values, prefix, simplify)
+        args = _call(m, values, simplify)
+        call = f"{prefix}({', '.join(args)})"
         try:
             with torch.device("meta"):
                 built = eval(call, namespace)  # noqa: S307 - text we generated from attributes
         except Exception:
             continue
         if _same_structure(m, built):
-            return Constructor(call, import_line)
+            return Constructor(prefix, tuple(args), import_line)
     return None

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
-from reconfx.emit.render import render_index, render_value, statement
+from reconfx.emit.render import assign, infix, render_index, render_value, statement
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule
 
@@ -125,6 +126,14 @@ class PythonEmitter:
             self.imports.add(built.import_line)
         return built.call
 
+    def _leaf_line(self, access: str, path: str, obj: Any) -> str:
+        built = None if isinstance(obj, torch.Tensor) else constructor(obj)
+        if built is None:
+            return assign(self._indent(2), access, self._leaf_expr(path, obj))
+        if built.import_line:
+            self.imports.add(built.import_line)
+        return statement(self._indent(2), access, f"{built.head}(", list(built.args))
+
     def _init_lines(self) -> list[str]:
         lines: list[str] = []
         self._emit_children(self.tree, "", lines)
@@ -144,7 +153,7 @@ class PythonEmitter:
                              f"{self._leaf_expr(path, child.obj)})")
             elif child.obj is not None:
                 if not inline:
-                    lines.append(f"{self._indent(2)}{access} = {self._leaf_expr(path, child.obj)}")
+                    lines.append(self._leaf_line(access, path, child.obj))
             else:
                 if kind != "list" or _container_kind(child) != "module":
                     lines.append(self._container_line(access, path, child))
@@ -156,11 +165,10 @@ class PythonEmitter:
             items = [self._leaf_expr(f"{path}.{k}", c.obj) for k, c in node.children.items()]
             return statement(self._indent(2), access, "nn.ModuleList([", items, "])")
         if kind == "list":
-            return (f"{self._indent(2)}{access} = nn.ModuleList("
-                    f"[nn.Module() for _ in range({len(node.children)})])")
-        if kind == "dict":
-            return f"{self._indent(2)}{access} = nn.ModuleDict()"
-        return f"{self._indent(2)}{access} = nn.Module()"
+            count = len(node.children)
+            items = "[nn.Module()]" if count == 1 else f"[nn.Module() for _ in range({count})]"
+            return assign(self._indent(2), access, f"nn.ModuleList({items})")
+        return assign(self._indent(2), access, "nn.ModuleDict()" if kind == "dict" else "nn.Module()")
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
         items = [f'"{task}": {self._leaf_expr(f"{path}.{task}", child.obj)}'
@@ -242,15 +250,35 @@ class PythonEmitter:
         if node.op == "call_method":
             return statement(ind, lhs, f"{args[0]}.{node.target}(", args[1:])
         target = node.target
+        aten_name = packet(target)
+        if aten_name is not None:
+            line = self._aten_line(node, aten_name, lhs, name_of)
+            if line is not None:
+                return line
         if target in _INFIX and len(node.args) == 2 and not node.kwargs:
-            return f"{ind}{lhs} = {_operand(node.args[0], name_of)} {_INFIX[target]} " \
-                   f"{_operand(node.args[1], name_of)}"
+            return infix(ind, lhs, _operand(node.args[0], name_of), _INFIX[target],
+                         _operand(node.args[1], name_of))
         if target in _UNARY and len(node.args) == 1:
             return f"{ind}{lhs} = {_UNARY[target]}{_operand(node.args[0], name_of)}"
         if target is operator.getitem and not node.kwargs:
             return f"{ind}{lhs} = {_operand(node.args[0], name_of)}" \
                    f"[{render_index(node.args[1], name_of)}]"
         return statement(ind, lhs, f"{self._function(target)}(", args)
+
+    def _aten_line(self, node: fx.Node, name: str, lhs: str, name_of: Any) -> str | None:
+        ind = self._indent(2)
+        if name in INFIX and len(node.args) == 2 and not node.kwargs:
+            return infix(ind, lhs, _operand(node.args[0], name_of), INFIX[name],
+                         _operand(node.args[1], name_of))
+        if name in UNARY and len(node.args) == 1 and not node.kwargs:
+            return f"{ind}{lhs} = {UNARY[name]}{_operand(node.args[0], name_of)}"
+        args = [render_value(a, name_of) for a in node.args]
+        args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
+        if name in METHODS and node.args and isinstance(node.args[0], fx.Node):
+            return statement(ind, lhs, f"{args[0]}.{METHODS[name]}(", args[1:])
+        if name in FUNCTIONS:
+            return statement(ind, lhs, f"{FUNCTIONS[name]}(", args)
+        return None
 
     def _function(self, target: Any) -> str:
         if isinstance(target, torch._ops.OpOverload):

@@ -62,14 +62,35 @@ def render_index(index: Any, name_of: Callable[[Any], str]) -> str:
 
 def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str = ")") -> str:
     """``lhs = opener args closer`` (``opener`` ends with its bracket, e.g. ``f(``); wrapped with
-    all arguments on one indented line, or one per line, when it does not fit."""
+    all arguments on one indented line, or one per line, when it does not fit; a right-hand side
+    whose head alone is too long goes inside parentheses on its own line."""
     prefix = f"{indent}{lhs} = " if lhs else indent
     line = f"{prefix}{opener}{', '.join(args)}{closer}"
-    if len(line) <= LINE or not args:
+    if len(line) <= LINE or not args and len(line) <= LINE:
         return line
+    if lhs and len(f"{prefix}{opener}") > LINE - 8:
+        inner = statement(indent + "    ", "", opener, args, closer)
+        return f"{prefix}(\n{inner}\n{indent})"
     inner = indent + "    "
     joined = f"{inner}{', '.join(args)}"
     if len(joined) <= LINE:
         return f"{prefix}{opener}\n{joined}\n{indent}{closer}"
     body = "\n".join(f"{inner}{a}," for a in args)
     return f"{prefix}{opener}\n{body}\n{indent}{closer}"
+
+
+def infix(indent: str, lhs: str, left: str, op: str, right: str) -> str:
+    """``lhs = left op right``, broken inside parentheses when too long."""
+    line = f"{indent}{lhs} = {left} {op} {right}"
+    if len(line) <= LINE:
+        return line
+    inner = indent + "    "
+    if len(f"{inner}{left} {op} {right}") <= LINE:
+        return f"{indent}{lhs} = (\n{inner}{left} {op} {right}\n{indent})"
+    return f"{indent}{lhs} = (\n{inner}{left}\n{inner}{op} {right}\n{indent})"
+
+
+def assign(indent: str, lhs: str, rhs: str) -> str:
+    """``lhs = rhs``, with ``rhs`` in parentheses on its own line when too long."""
+    line = f"{indent}{lhs} = {rhs}"
+    return line if len(line) <= LINE else f"{indent}{lhs} = (\n{indent}    {rhs}\n{indent})"
