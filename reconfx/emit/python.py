@@ -20,7 +20,7 @@ from torch import fx, nn
 
 from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
-from reconfx.emit.render import assign, infix, render_index, render_value, statement
+from reconfx.emit.render import assign, comment, infix, render_index, render_value, statement
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule
 
@@ -178,7 +178,7 @@ class PythonEmitter:
         ties = self._tie_lines(scope=path)
         note = ("per-task running statistics; affine parameters shared" if ties
                 else "branched: one copy per task")
-        return [f"{self._indent(2)}# {path}: {note}",
+        return [comment(self._indent(2), f"{path}: {note}"),
                 statement(self._indent(2), access, head, items, "})"), *ties]
 
     def _tie_lines(self, scope: str | None = None) -> list[str]:
@@ -239,7 +239,7 @@ class PythonEmitter:
         if layer is None:
             return None
         note = self.branch_notes.get(layer, "")
-        return f"{self._indent(2)}# branch point: {layer}{note} -> task '{meta['task']}'"
+        return comment(self._indent(2), f"branch point: {layer}{note} -> task '{meta['task']}'")
 
     def _node_line(self, node: fx.Node, lhs: str, name_of: Any) -> str:
         ind = self._indent(2)

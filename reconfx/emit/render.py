@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import textwrap
 from collections.abc import Callable
 from typing import Any
 
@@ -94,3 +95,9 @@ def assign(indent: str, lhs: str, rhs: str) -> str:
     """``lhs = rhs``, with ``rhs`` in parentheses on its own line when too long."""
     line = f"{indent}{lhs} = {rhs}"
     return line if len(line) <= LINE else f"{indent}{lhs} = (\n{indent}    {rhs}\n{indent})"
+
+
+def comment(indent: str, text: str) -> str:
+    """A ``#`` comment wrapped to the line length."""
+    return "\n".join(textwrap.wrap(text, width=LINE - len(indent), initial_indent=f"{indent}# ",
+                                    subsequent_indent=f"{indent}#   ", break_on_hyphens=False))
