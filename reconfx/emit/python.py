@@ -149,8 +149,8 @@ class PythonEmitter:
                 lines += self._task_container(access, path, child)
             elif isinstance(child.obj, torch.Tensor) and not isinstance(child.obj, nn.Parameter):
                 owner = access[: -len(name) - 1]
-                lines.append(f'{self._indent(2)}{owner}.register_buffer("{name}", '
-                             f"{self._leaf_expr(path, child.obj)})")
+                lines.append(statement(self._indent(2), "", f"{owner}.register_buffer(",
+                                       [f'"{name}"', self._leaf_expr(path, child.obj)]))
             elif child.obj is not None:
                 if not inline:
                     lines.append(self._leaf_line(access, path, child.obj))
@@ -168,7 +168,8 @@ class PythonEmitter:
             count = len(node.children)
             items = "[nn.Module()]" if count == 1 else f"[nn.Module() for _ in range({count})]"
             return assign(self._indent(2), access, f"nn.ModuleList({items})")
-        return assign(self._indent(2), access, "nn.ModuleDict()" if kind == "dict" else "nn.Module()")
+        empty = "nn.ModuleDict()" if kind == "dict" else "nn.Module()"
+        return assign(self._indent(2), access, empty)
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
         items = [f'"{task}": {self._leaf_expr(f"{path}.{task}", child.obj)}'
