@@ -87,45 +87,71 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
     return None
 
 
+def _dropout_attr(module: nn.Module) -> str | None:
+    if isinstance(module, nn.modules.dropout._DropoutNd):
+        return "p"
+    if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
+        return "dropout"
+    return None
+
+
 @contextlib.contextmanager
-def without_dropout(*modules: nn.Module) -> Iterator[None]:
-    """Set every dropout module's p to 0, so train mode is deterministic whatever the RNG order."""
+def without_dropout(paths: Sequence[str], *models: nn.Module) -> Iterator[None]:
+    """Set the dropout probability of the torch.nn modules at ``paths`` to 0 in each model, so
+    their random draws, whose order changes when streams are duplicated, do not matter."""
     changed = []
-    for module in modules:
-        for sub in module.modules():
-            if isinstance(sub, nn.modules.dropout._DropoutNd) and sub.p:
-                changed.append((sub, sub.p))
-                sub.p = 0.0
+    for model in models:
+        for path in paths:
+            try:
+                sub = model.get_submodule(path)
+            except AttributeError:
+                continue
+            attr = _dropout_attr(sub)
+            if attr and getattr(sub, attr):
+                changed.append((sub, attr, getattr(sub, attr)))
+                setattr(sub, attr, 0.0)
     try:
         yield
     finally:
-        for sub, p in changed:
-            sub.p = p
+        for sub, attr, value in changed:
+            setattr(sub, attr, value)
 
 
-def stochastic_glue(module: nn.Module) -> list[str]:
-    """Random ops outside dropout modules in the train graph (their RNG order changes when
-    streams are duplicated, so train-mode parity cannot be bit-exact after a branch point)."""
+def random_after_branch(module: nn.Module) -> tuple[list[str], list[str], list[str]]:
+    """Random ops on task streams in the train graph: paths of dropout-like modules called
+    there or inside a leaf called there (as in the original model, without the task suffix),
+    the same in the compiled model, and random glue ops."""
     graph = getattr(module, "train_graph", None)
     if graph is None:
-        return []
-    found = []
+        return [], [], []
+    modules, compiled, glue = [], [], []
     for node in graph.nodes:
-        if node.op in ("call_function", "call_method") and "task" in node.meta.get("reconfx", {}):
+        task = node.meta.get("reconfx", {}).get("task")
+        if task is None:
+            continue
+        if node.op == "call_module":
+            target = str(node.target)
+            leaf = module.get_submodule(target)
+            path = target.removesuffix(f".{task}")
+            subs = [sub for sub, m in leaf.named_modules() if _dropout_attr(m)]
+            modules += [f"{path}.{sub}".rstrip(".") for sub in subs]
+            compiled += [f"{target}.{sub}".rstrip(".") for sub in subs]
+        elif node.op in ("call_function", "call_method"):
             name = str(getattr(node.target, "__name__", node.target))
             has_p = any(isinstance(a, float) and a > 0 for a in node.args[3:5]) or any(
                 k in ("p", "dropout_p") and v for k, v in node.kwargs.items())
             if any(s in name for s in STOCHASTIC_OPS) and ("scaled" not in name or has_p):
-                found.append(node.name)
-    return found
+                glue.append(node.name)
+    return sorted(set(modules)), sorted(set(compiled)), glue
 
 
 def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str, str],
                  examples: Sequence[dict[str, torch.Tensor]], atol: float = 0.0) -> Check:
     """I1: compiled output for task t equals the original's, in eval and train mode."""
     notes = []
-    with preserved(original, compiled), without_dropout(original, compiled):
-        random_glue = stochastic_glue(compiled)
+    random_modules, random_copies, random_glue = random_after_branch(compiled)
+    with preserved(original, compiled), without_dropout(random_modules, original), \
+            without_dropout(random_copies, compiled):
         for example in examples:
             batch = next(iter(example.values())).shape[0]
             for training in (False, True):
@@ -142,6 +168,9 @@ def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str,
                         f"I1 init parity failed: task '{bad[0]}' differs in {mode} mode at batch "
                         f"{batch} by {bad[1]:.3g}", fix="report this model as a reconfx bug")
     exact = "bit-exact" if atol == 0 else f"atol {atol:g}"
+    if random_modules:
+        notes.append(f"train mode compared with {len(random_modules)} dropout module(s) after a "
+                     "branch point set to p=0")
     batches = ", ".join(str(next(iter(e.values())).shape[0]) for e in examples)
     return Check("I1 init parity", f"{exact}, eval and train mode, batch {batches}"
                  + (f"; {'; '.join(dict.fromkeys(notes))}" if notes else ""))
@@ -201,7 +230,7 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
     if count != expected_params:
         raise CheckError(f"I4 emit parity failed: emitted model has {count} parameters, "
                          f"expected {expected_params}")
-    with preserved(emitted, compiled), without_dropout(emitted, compiled):
+    with preserved(emitted, compiled):  # same graph order, so the same random draws
         for example in examples:
             for training in (False, True):
                 bad = compare(run(compiled, example, training), run(emitted, example, training),

@@ -172,7 +172,8 @@ class PythonEmitter:
         return assign(self._indent(2), access, empty)
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
-        items = [f'"{task}": {self._leaf_expr(f"{path}.{task}", child.obj)}'
+        # Each copy is built like the original layer at ``path`` (its weights come from the file).
+        items = [f'"{task}": {self._leaf_expr(path, child.obj)}'
                  for task, child in node.children.items()]
         params = all(isinstance(c.obj, nn.Parameter) for c in node.children.values())
         head = "nn.ParameterDict({" if params else "nn.ModuleDict({"
@@ -315,9 +316,8 @@ class PythonEmitter:
             ]
         else:
             fwd = self._forward(self.module.train_graph, "forward")
-        out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), ""]
-        if self.factory_leaves:
-            out += ["", *self._factory_helper()]
+        helper = ["", *self._factory_helper()] if self.factory_leaves else []
+        out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
         out += ["", f"class {self.class_name}(nn.Module):",
                 "    def __init__(self) -> None:", "        super().__init__()", *init, "",
                 *fwd, ""]

@@ -1,0 +1,64 @@
+"""An nn.LSTM model and an nn.TransformerEncoder model; train/eval behaviour of dropout."""
+
+import pytest
+import torch
+
+import reconfx
+from tests.support import compile_and_verify, write_spec
+
+
+@pytest.mark.parametrize("layers", [["lstm"], ["proj"], ["embed", "lstm", "proj"]])
+def test_lstm_tagger(tmp_path, layers):
+    spec = write_spec(tmp_path, "lstm", model={"factory": "reconfx.zoo:LSTMTagger"},
+                      inputs=[{"name": "tokens", "shape": [2, 7], "dtype": "int64", "high": 40,
+                               "dynamic": [0, 1]}],
+                      tasks=[{"name": "tags"}, {"name": "sentence"}], select={"layers": layers})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    lstm = next(layer for layer in compiled.prepared.layers if layer.name == "lstm")
+    assert lstm.type == "LSTM"
+
+
+def encoder_spec(tmp_path, layers, tier="auto"):
+    return write_spec(tmp_path, "encoder",
+                      model={"factory": "reconfx.zoo:EncoderClassifier", "kwargs": {"dim": 16}},
+                      inputs=[{"name": "tokens", "shape": [3, 5], "dtype": "int64", "high": 30,
+                               "dynamic": [0, 1]}],
+                      tasks=[{"name": "tokens"}, {"name": "sequence"}],
+                      select={"layers": layers}, trace={"tier": tier})
+
+
+@pytest.mark.parametrize("layers", [["encoder.layers.1.*"], ["encoder.layers.0.linear2"],
+                                    ["embed"], ["*"]])
+def test_transformer_encoder(tmp_path, layers):
+    compiled = compile_and_verify(encoder_spec(tmp_path, layers), tmp_path / "out")
+    names = [layer.name for layer in compiled.prepared.layers]
+    assert "encoder.layers.0.self_attn" in names  # traced through the encoder, MHA a leaf
+
+
+def test_encoder_that_fx_traces_only_as_a_coarse_leaf_goes_through_torch_export(tmp_path):
+    compiled = compile_and_verify(encoder_spec(tmp_path, ["embed"]), tmp_path / "out")
+    traced = compiled.prepared.traced
+    assert traced.tier == "export"
+    assert any("coarse fx leaves hide several layers: encoder" in n for n in traced.notes)
+
+
+def test_forcing_fx_keeps_the_coarse_leaf(tmp_path):
+    compiled = compile_and_verify(encoder_spec(tmp_path, ["encoder"], tier="fx"),
+                                  tmp_path / "out")
+    assert compiled.prepared.traced.tier == "fx"
+    assert [layer.type for layer in compiled.branched.layers] == ["TransformerEncoder"]
+
+
+@pytest.mark.parametrize(("tier", "layers"), [("fx", ["embed"]),
+                                              ("auto", ["encoder.layers.1.linear1"])])
+def test_dropout_is_active_in_train_and_off_in_eval(tmp_path, tier, layers):
+    out = tmp_path / "out"
+    compile_and_verify(encoder_spec(tmp_path, layers, tier), out)
+    model = reconfx.load(out)
+    tokens = torch.randint(0, 30, (4, 6))
+    model.eval()
+    assert torch.equal(model(tokens=tokens)["sequence"], model(tokens=tokens)["sequence"])
+    model.train()
+    torch.manual_seed(0)
+    first = model(tokens=tokens)["sequence"]
+    assert not torch.equal(first, model(tokens=tokens)["sequence"])

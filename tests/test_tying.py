@@ -1,0 +1,45 @@
+"""Weight tying both ways: one module called at two places, two modules sharing a Parameter."""
+
+import pytest
+
+import reconfx
+from tests.support import compile_and_verify, write_spec
+
+
+@pytest.mark.parametrize("tier", ["fx", "export"])
+@pytest.mark.parametrize("layers", [["proj"], ["inp"], ["norm", "proj"]])
+def test_module_called_twice_is_one_layer_with_one_copy_per_task(tmp_path, tier, layers):
+    spec = write_spec(tmp_path, "calltwice",
+                      model={"factory": "reconfx.zoo:SharedCallTwice", "kwargs": {"dim": 8}},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": layers}, trace={"tier": tier})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(spec, out)
+    proj = next(layer for layer in compiled.prepared.layers if layer.name == "proj")
+    assert proj.num_params == 8 * 8 + 8  # counted once although called twice
+    if "proj" in layers:
+        model = reconfx.load(out)
+        source = (out / "model.py").read_text()
+        # Every call site of a task's stream uses that task's single copy.
+        assert source.count("self.proj.left(") == 2 - ("inp" in layers or "proj" not in layers)
+        assert model.proj.left.weight is not model.proj.right.weight
+
+
+@pytest.mark.parametrize("tier", ["fx", "export"])
+def test_tied_embedding_and_decoder_branch_together(tmp_path, tier):
+    spec = write_spec(tmp_path, "tied",
+                      model={"factory": "reconfx.zoo:TiedEmbedding", "kwargs": {}},
+                      inputs=[{"name": "tokens", "shape": [2, 5], "dtype": "int64", "high": 50}],
+                      tasks=[{"name": "lm"}, {"name": "cls"}],
+                      select={"layers": ["decoder"]}, trace={"tier": tier})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(spec, out)
+    (group,) = compiled.branched.layers
+    assert set(group.modules) == {"embed", "decoder"}
+    assert group.num_params == 50 * 16  # the shared weight counted once
+    model = reconfx.load(out)
+    # The tie is kept inside the task's copy; only 'lm' calls the decoder, so 'cls' has none.
+    assert model.decoder.lm.weight is model.embed.lm.weight
+    assert "cls" not in model.decoder
+    assert model.embed.lm.weight is not model.embed.cls.weight
