@@ -43,9 +43,14 @@ def preserved(*modules: nn.Module) -> Iterator[None]:
 
 
 def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
+    """One forward pass from a fixed RNG state; in train mode the running statistics it updates
+    are restored, so every comparison starts from the same state."""
     model.train(training)
     torch.manual_seed(seed)
-    return model(**example)
+    if not training:
+        return model(**example)
+    with preserved(model):
+        return model(**example)
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -1,0 +1,74 @@
+"""Hugging Face transformers models built from small configs (fx cannot trace them in
+transformers 5.x, so they go through torch.export), converted with backbone + heads specs."""
+
+import pytest
+import torch
+
+import reconfx
+from tests.support import compile_and_verify, write_spec
+
+IMAGE = [{"name": "pixel_values", "shape": [2, 3, 32, 32]}]
+TOKENS = [{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": 100,
+           "dynamic": [0, 1]}]
+CASES = {
+    "bert": ("BertModel", dict(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64,
+                               max_position_embeddings=64), TOKENS, "last_hidden_state",
+             ["backbone.encoder.layer.1.*"]),
+    "vit": ("ViTModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                             num_attention_heads=2, intermediate_size=64), IMAGE,
+            "last_hidden_state", ["backbone.embeddings", "backbone.layers.1.mlp.*"]),
+    "resnet": ("ResNetModel", dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
+                                   layer_type="basic"), IMAGE, "pooler_output",
+               ["backbone.encoder.stages.1.*"]),
+    "convnext": ("ConvNextModel", dict(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1],
+                                       patch_size=2), IMAGE, "pooler_output",
+                 ["backbone.encoder.stages.1.layers.0.*"]),
+}
+
+
+def hf_spec(tmp_path, case, tasks=2):
+    arch, config, inputs, feature, layers = CASES[case]
+    token_level = feature == "last_hidden_state"
+    heads = [{"name": "a", "head": {"out_features": 3, "pool": "none" if case == "bert"
+                                    else ("cls" if token_level else "none")}},
+             {"name": "b", "head": {"type": "mlp", "hidden": [8], "out_features": 2,
+                                    "pool": "mean" if token_level else "none"}},
+             {"name": "c", "head": {"out_features": 4, "pool": "max" if token_level
+                                    else "none"}}][:tasks]
+    return write_spec(tmp_path, case,
+                      backbone={"factory": "reconfx.zoo:hf_model",
+                                "kwargs": {"arch": arch, "config": config},
+                                "feature": feature},
+                      inputs=inputs, tasks=heads, select={"layers": layers})
+
+
+@pytest.mark.parametrize("tasks", [2, 3])
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_backbone(tmp_path, case, tasks):
+    compiled = compile_and_verify(hf_spec(tmp_path, case, tasks), tmp_path / "out")
+    assert compiled.prepared.traced.tier == "export"
+    assert compiled.branched.layers
+    assert all(layer.name.startswith("backbone.") for layer in compiled.branched.layers)
+
+
+def test_backbone_weights_are_kept(tmp_path):
+    """The converted model's shared trunk computes exactly the backbone's feature."""
+    out = tmp_path / "out"
+    compiled = compile_and_verify(hf_spec(tmp_path, "bert"), out)
+    model = reconfx.load(out)
+    backbone = compiled.prepared.model.backbone
+    ids = torch.randint(0, 100, (3, 6))
+    feature = backbone(input_ids=ids).last_hidden_state
+    head = compiled.prepared.model.heads["a"]  # task a: a linear head on the token features
+    assert torch.equal(model(input_ids=ids)["a"], head(feature))
+    word = model.backbone.embeddings.word_embeddings.weight
+    assert torch.equal(word, backbone.embeddings.word_embeddings.weight)
+
+
+def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
+    out = tmp_path / "out"
+    compiled = compile_and_verify(hf_spec(tmp_path, "bert"), out)
+    assert compiled.branched.module.dual  # attention dropout_p is baked into the glue
+    source = (out / "model.py").read_text()
+    assert "def _forward_train(" in source and "def _forward_eval(" in source

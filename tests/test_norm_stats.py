@@ -1,0 +1,74 @@
+"""Running statistics of shared BatchNorm layers after a branch point: one set per task by
+default, Recon's single mixed set with norm_stats: shared."""
+
+import copy
+
+import pytest
+import torch
+
+import reconfx
+from tests.support import compile_and_verify, write_spec
+
+
+def compiled_model(tmp_path, norm_stats):
+    spec = write_spec(tmp_path, "bn",
+                      model={"factory": "reconfx.zoo:small_resnet",
+                             "kwargs": {"num_classes": 3, "width": 8}},
+                      inputs=[{"name": "image", "shape": [4, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["layer2.0.conv1"]}, branch={"norm_stats": norm_stats})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    return compiled, reconfx.load(tmp_path / "out")
+
+
+def test_per_task_statistics_equal_the_module_run_on_each_stream_alone(tmp_path):
+    compiled, model = compiled_model(tmp_path, "per_task")
+    assert "layer2.0.bn1" in compiled.branched.per_task_norms
+    with torch.no_grad():  # the copies start equal; make the streams differ, as training would
+        model.layer2[0].conv1.right.weight.mul_(1.5)
+    original_bn = compiled.prepared.model.layer2[0].bn1
+    references = {t: copy.deepcopy(original_bn).train() for t in ("left", "right")}
+    seen = {"left": [], "right": []}
+    hooks = [getattr(model.layer2[0].bn1, t).register_forward_pre_hook(
+        lambda m, args, t=t: seen[t].append(args[0].detach().clone())) for t in seen]
+    model.train()
+    for _ in range(3):
+        model(image=torch.randn(5, 1, 12, 12))
+    for hook in hooks:
+        hook.remove()
+    for task, bn in references.items():
+        for x in seen[task]:
+            bn(x)
+        copy_ = getattr(model.layer2[0].bn1, task)
+        assert torch.equal(copy_.running_mean, bn.running_mean)
+        assert torch.equal(copy_.running_var, bn.running_var)
+    assert not torch.equal(model.layer2[0].bn1.left.running_mean,
+                           model.layer2[0].bn1.right.running_mean)
+    # Affine parameters stay shared: one Parameter for both tasks.
+    assert model.layer2[0].bn1.left.weight is model.layer2[0].bn1.right.weight
+
+
+def test_shared_statistics_are_the_mixture_of_both_streams(tmp_path):
+    compiled, model = compiled_model(tmp_path, "shared")
+    assert compiled.branched.per_task_norms == []
+    with torch.no_grad():
+        model.layer2[0].conv1.right.weight.mul_(1.5)
+    reference = copy.deepcopy(compiled.prepared.model.layer2[0].bn1).train()
+    seen = []
+    hook = model.layer2[0].bn1.register_forward_pre_hook(
+        lambda m, args: seen.append(args[0].detach().clone()))
+    model.train()
+    for _ in range(3):
+        model(image=torch.randn(5, 1, 12, 12))
+    hook.remove()
+    assert len(seen) == 6  # once per stream per step
+    for x in seen:
+        reference(x)
+    assert torch.equal(model.layer2[0].bn1.running_mean, reference.running_mean)
+    assert torch.equal(model.layer2[0].bn1.running_var, reference.running_var)
+
+
+@pytest.mark.parametrize("norm_stats", ["per_task", "shared"])
+def test_both_modes_keep_init_parity(tmp_path, norm_stats):
+    compiled, _ = compiled_model(tmp_path, norm_stats)
+    assert compiled.checks[0].detail.startswith("bit-exact, eval and train mode")
