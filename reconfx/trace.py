@@ -16,11 +16,14 @@ modes are traced; where the glue differs, both graphs are kept (see :mod:`reconf
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import inspect
+import io
+import logging
 import operator
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,13 +201,31 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: di
     was_training = model.training
     model.train(training)
     try:
-        ep = torch.export.export(model, (), dict(example), dynamic_shapes=shapes, strict=False)
+        with _quiet_torch_logs():
+            ep = torch.export.export(model, (), dict(example), dynamic_shapes=shapes, strict=False)
     except Exception as exc:
         raise TierFailure("torch.export", None, exc) from exc
     finally:
         model.train(was_training)
     flat = ep.module()
     return _relift(model, flat, list(example), notes)
+
+
+@contextlib.contextmanager
+def _quiet_torch_logs() -> Iterator[None]:
+    """torch.export prints the partial graph to stderr when it fails (torch 2.13) and logs
+    warnings through its own handlers; we report one line instead."""
+    loggers = [logging.getLogger(name) for name in list(logging.root.manager.loggerDict)
+               if name == "torch" or name.startswith("torch.")]
+    saved = [(logger, logger.disabled) for logger in loggers]
+    for logger in loggers:
+        logger.disabled = True
+    try:
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        for logger, disabled in saved:
+            logger.disabled = disabled
 
 
 def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Module],

@@ -1,0 +1,30 @@
+"""Models that once broke or must fail clearly; referenced by factory path from test specs."""
+
+from torch import nn
+
+
+class DataDependent(nn.Module):
+    """Python control flow on tensor values at the top level: neither tier can trace it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            h = h * 2
+        return {"a": h, "b": -h}
+
+
+class SingleOutput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 2)
+
+    def forward(self, x):
+        return self.fc(x)
+
+
+def raising_factory(width: int = 4):
+    raise ValueError(f"width {width} is not supported")

@@ -1,0 +1,193 @@
+"""Bad specs and models: one clear line each (file, field, what to do) and a non-zero exit."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from reconfx.cli import main
+from reconfx.zoo import small_resnet
+from tests.support import write_spec
+
+RESNET = {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 3, "width": 8}}
+IMAGE = [{"name": "image", "shape": [2, 1, 12, 12]}]
+TASKS = [{"name": "left"}, {"name": "right"}]
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_one_line(err: str, *needles: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("reconfx: error: ")
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    assert "Traceback" not in err
+
+
+def test_malformed_yaml(tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text("name: x\nmodel: {factory: a:b\ninputs: [\n")
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, str(path), "malformed YAML")
+
+
+def test_unknown_key_names_the_line_and_the_allowed_fields(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      select={"layers": ["conv1"], "topk": 3})
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, f"{path}:", "select", "unknown field 'topk'", "top_k")
+
+
+def test_wrong_type(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=[{"name": "image", "shape": "12x12"}],
+                      tasks=TASKS)
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, "inputs[0].shape", "valid list")
+
+
+def test_missing_field(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, tasks=TASKS)
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, "inputs", "required field is missing")
+
+
+def test_integer_inputs_need_an_upper_bound(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, tasks=TASKS,
+                      inputs=[{"name": "ids", "shape": [2, 5], "dtype": "int64"}])
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, "inputs[0]", "need 'high'")
+
+
+def test_factory_not_importable(tmp_path, capsys):
+    path = write_spec(tmp_path, model={"factory": "nosuchpackage.models:net"}, inputs=IMAGE,
+                      tasks=TASKS, select={"layers": ["x"]})
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line(err, "model.factory", "cannot import 'nosuchpackage.models'")
+
+
+def test_factory_raising(tmp_path, capsys):
+    path = write_spec(tmp_path, model={"factory": "tests.models:raising_factory",
+                                       "kwargs": {"width": 7}}, inputs=IMAGE, tasks=TASKS)
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "model.kwargs", "raised ValueError: width 7 is not supported")
+
+
+def test_checkpoint_missing(tmp_path, capsys):
+    path = write_spec(tmp_path, model={**RESNET, "checkpoint": str(tmp_path / "none.pt")},
+                      inputs=IMAGE, tasks=TASKS)
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "model.checkpoint", "not found")
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_checkpoint_with_mismatched_keys_and_shapes(tmp_path, capsys, suffix):
+    state = small_resnet(num_classes=5, width=8).state_dict()  # 5 classes: head shapes differ
+    state["extra.weight"] = torch.zeros(1)
+    del state["conv1.weight"]
+    ckpt = tmp_path / f"ckpt{suffix}"
+    if suffix == ".pt":
+        torch.save(state, ckpt)
+    else:
+        from safetensors.torch import save_file
+
+        save_file(state, str(ckpt))
+    path = write_spec(tmp_path, model={**RESNET, "checkpoint": str(ckpt)}, inputs=IMAGE,
+                      tasks=TASKS)
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "does not fit the model", "1 missing key(s) (e.g. conv1.weight)",
+                    "1 unexpected key(s) (e.g. extra.weight)", "shape mismatch")
+
+
+def test_checkpoint_that_fits_is_loaded(tmp_path, capsys):
+    model = small_resnet(num_classes=3, width=8)
+    torch.save(model.state_dict(), tmp_path / "ok.pt")
+    path = write_spec(tmp_path, model={**RESNET, "checkpoint": str(tmp_path / "ok.pt")},
+                      inputs=IMAGE, tasks=TASKS, select={"layers": ["layer4.*"]})
+    code, _, _ = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 0
+    from safetensors.torch import load_file
+
+    weights = load_file(str(tmp_path / "o" / "weights.safetensors"))
+    assert torch.equal(weights["conv1.weight"], model.conv1.weight)
+    assert torch.equal(weights["layer4.0.conv1.left.weight"], model.layer4[0].conv1.weight)
+
+
+def test_layer_pattern_matching_nothing(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      select={"layers": ["layer9.*"]})
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line(err, "select.layers", "pattern 'layer9.*' matches no shared layer",
+                    "reconfx inspect")
+
+
+def test_layer_used_by_one_task_only(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      select={"layers": ["heads.left"]})
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line(err, "used by task 'left' only")
+
+
+def test_task_not_among_outputs(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE,
+                      tasks=[{"name": "left"}, {"name": "middle"}])
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "tasks[1].name", "task 'middle' is not among the model's outputs",
+                    "left, right")
+
+
+def test_single_tensor_output_for_several_tasks(tmp_path, capsys):
+    path = write_spec(tmp_path, model={"factory": "tests.models:SingleOutput"},
+                      inputs=[{"name": "x", "shape": [2, 4]}], tasks=TASKS)
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "returns a single tensor")
+
+
+def test_model_neither_tier_can_trace(tmp_path, capsys):
+    path = write_spec(tmp_path, model={"factory": "tests.models:DataDependent"},
+                      inputs=[{"name": "x", "shape": [2, 4]}], tasks=[{"name": "a"}, {"name": "b"}])
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    source = (Path(__file__).parent / "models.py").read_text().splitlines()
+    line = next(i for i, text in enumerate(source, 1) if "if h.sum() > 0" in text)
+    assert_one_line(err, "neither tier can trace the model", "fx:", "torch.export:",
+                    f"tests/models.py:{line}")
+
+
+def test_profile_based_policy_without_a_profile(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS, select={"top_k": 3})
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line(err, "select.top_k", "select.layers")
+
+
+def test_spec_file_missing(tmp_path, capsys):
+    code, _, err = run_cli(capsys, "validate", str(tmp_path / "nope.yaml"))
+    assert code == 2
+    assert_one_line(err, "nope.yaml", "not found")
+
+
+@pytest.mark.parametrize("name", ["my-task", "training", "class"])
+def test_task_names_must_be_usable_as_attributes(tmp_path, capsys, name):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE,
+                      tasks=[{"name": name}, {"name": "right"}])
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, "tasks[0].name")

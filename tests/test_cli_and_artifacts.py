@@ -1,0 +1,95 @@
+"""The CLI's happy paths, the output folder contract and reconfx.load."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import reconfx
+from reconfx import pipeline
+from reconfx.cli import main
+from tests.support import ARTIFACTS, write_spec
+
+RESNET = {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 3, "width": 8}}
+IMAGE = [{"name": "image", "shape": [2, 1, 12, 12]}]
+TASKS = [{"name": "left"}, {"name": "right"}]
+
+
+def spec(tmp_path, layers=("layer4.*",)):
+    return write_spec(tmp_path, "cli", model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      select={"layers": list(layers)})
+
+
+def test_validate_ok(tmp_path, capsys):
+    assert main(["validate", str(spec(tmp_path))]) == 0
+    assert "ok ('cli': model reconfx.zoo:small_resnet, 1 input(s), tasks left, right)" in \
+        capsys.readouterr().out
+
+
+def test_default_spec_validates(capsys):
+    assert main(["validate", "specs/multidigits.yaml"]) == 0
+
+
+def test_schema_is_json_with_the_fixed_fields(capsys):
+    assert main(["schema"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    for field in ("name", "model", "inputs", "tasks", "data", "profile", "select", "branch",
+                  "train", "export"):
+        assert field in schema["properties"]
+
+
+def test_inspect_json_lists_layers_with_tasks_and_selection(tmp_path, capsys):
+    assert main(["inspect", str(spec(tmp_path)), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    layers = {layer["name"]: layer for layer in data["layers"]}
+    assert data["tier"] == "fx"
+    assert len(layers) == 26
+    assert layers["layer4.0.conv1"] == {
+        "name": "layer4.0.conv1", "type": "Conv2d", "paths": ["layer4.0.conv1"],
+        "params": 64 * 32 * 9, "tasks": ["left", "right"], "shared": True, "branched": True}
+    assert layers["heads.left"]["shared"] is False
+    assert layers["conv1"]["branched"] is False
+
+
+def test_inspect_table(tmp_path, capsys):
+    assert main(["inspect", str(spec(tmp_path))]) == 0
+    out = capsys.readouterr().out
+    assert "26 layers (24 shared)" in out
+    assert "layer4.0.conv1" in out and "left,right" in out
+
+
+def test_compile_prints_absolute_paths_and_load_gives_the_model(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(spec(tmp_path)), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    for name in ARTIFACTS:
+        assert f"wrote {out.resolve() / name}" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert set(manifest["files"]) == set(ARTIFACTS) - {"manifest.json"}
+    assert manifest["versions"]["torch"] == torch.__version__
+    model = reconfx.load(out)
+    assert set(model(image=torch.randn(1, 1, 12, 12))) == {"left", "right"}
+
+
+def test_failed_compile_leaves_earlier_files_intact(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    pipeline.compile_spec(spec(tmp_path), out)
+    before = {name: (out / name).read_bytes() for name in ARTIFACTS}
+
+    def broken_report(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "compile_report", broken_report)
+    with pytest.raises(OSError):
+        pipeline.compile_spec(spec(tmp_path, ["layer3.*"]), out)
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
+    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)  # no staging left over
+    assert reconfx.load(out) is not None
+
+
+def test_python_dash_m_entry_point(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "reconfx", "validate", str(spec(tmp_path))],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
