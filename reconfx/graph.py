@@ -9,6 +9,7 @@ spec's inputs, in order; its output is a dict ``{task: tensor}`` in task order.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator
 from typing import Any
 
@@ -80,15 +81,32 @@ def node_tasks(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:
         if isinstance(out, fx.Node):
             for node in nx.ancestors(dag, out) | {out}:
                 needed[node].add(task)
+    # An in-place op whose result nothing uses is needed wherever the tensor it mutates is.
+    for node in graph.nodes:
+        target = node.args[0] if node.args else None
+        if mutates(node) and not needed[node] and isinstance(target, fx.Node):
+            for upstream in nx.ancestors(dag, node) | {node}:
+                needed[upstream] |= needed[target]
     return {n: frozenset(t) for n, t in needed.items()}
 
 
+def mutates(node: fx.Node) -> bool:
+    """In-place ops (``x.mul_(2)``, ``x += y``, mutating aten ops): their effect is the point,
+    whether or not anything uses their result."""
+    if node.op == "call_method":
+        return str(node.target).endswith("_") and not str(node.target).endswith("__")
+    if node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+        return node.is_impure() or (name.endswith("_") and not name.endswith("__")) or (
+            name.startswith("i") and getattr(operator, name, None) is node.target)
+    return False
+
+
 def prune(graph: fx.Graph) -> None:
-    """Remove nodes nothing uses (fx's own pass needs an owning module for call_module nodes)."""
+    """Remove nodes nothing uses, keeping in-place ops (fx's own pass needs an owning module
+    for call_module nodes and drops in-place method calls)."""
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output"):
-            continue
-        if node.op in ("call_function", "call_method") and node.is_impure():
+        if node.users or node.op in ("placeholder", "output") or mutates(node):
             continue
         graph.erase_node(node)
 

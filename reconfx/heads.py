@@ -14,32 +14,41 @@ import torch
 from torch import fx, nn
 
 from reconfx.errors import ModelError
+from reconfx.graph import prune
 from reconfx.spec import HeadSpec
 from reconfx.tree import output_leaves
 
 
 class Pool(nn.Module):
-    """Reduce a feature before a head (``mean``/``max`` over sequence or spatial axes, ``cls``)."""
+    """Reduce a feature before a head: ``mean``/``max`` over ``dims``, or ``cls`` (first token).
 
-    def __init__(self, mode: str):
+    The axes are fixed when the head is built (from the feature's rank), so the forward has no
+    shape-dependent Python branch and traces into plain tensor ops.
+    """
+
+    def __init__(self, mode: str, dims: tuple[int, ...]):
         super().__init__()
         self.mode = mode
+        self.dims = dims
 
     def extra_repr(self) -> str:
-        return repr(self.mode)
+        return f"{self.mode!r}, dims={self.dims}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.mode == "cls":
             return x[:, 0]
-        # (batch, channels, h, w): reduce the spatial axes; (batch, seq, dim): reduce the sequence.
-        dims = (2, 3) if x.dim() == 4 else (1,)
-        return x.mean(dims) if self.mode == "mean" else x.amax(dims)
+        return x.mean(self.dims) if self.mode == "mean" else x.amax(self.dims)
 
 
-def build_head(spec: HeadSpec, in_features: int) -> nn.Sequential:
+def pool_dims(rank: int) -> tuple[int, ...]:
+    """(batch, channels, h, w): the spatial axes; (batch, seq, dim): the sequence axis."""
+    return (2, 3) if rank == 4 else (1,)
+
+
+def build_head(spec: HeadSpec, in_features: int, rank: int) -> nn.Sequential:
     layers: list[nn.Module] = []
     if spec.pool != "none":
-        layers.append(Pool(spec.pool))
+        layers.append(Pool(spec.pool, pool_dims(rank)))
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
     dims = [in_features, *spec.hidden, spec.out_features]
@@ -100,7 +109,7 @@ def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
         raise ModelError(f"feature '{feature}' is a {type(value).__name__}, not a tensor",
                          where=where, fix="tap a tensor-valued field or module")
     built = {name: build_head(spec, value.shape[-1] if spec.pool in ("none", "cls")
-                              or value.dim() != 4 else value.shape[1])
+                              or value.dim() != 4 else value.shape[1], value.dim())
              for name, spec in heads.items()}
     return multitask_model(backbone, built, field, list(example))
 
@@ -123,7 +132,7 @@ def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
     """Trace the backbone with fx and make ``feature`` (module path or node) its only output."""
     from reconfx.trace import leaf_tracer
 
-    tracer = leaf_tracer(backbone, extra_leaves=())
+    tracer = leaf_tracer()
     try:
         graph = tracer.trace(backbone)
     except Exception as exc:  # fx raises many kinds; we report one line
@@ -140,5 +149,5 @@ def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
     tap = nodes[-1]
     output = next(n for n in graph.nodes if n.op == "output")
     output.args = (tap,)
-    graph.eliminate_dead_code()
+    prune(graph)
     return fx.GraphModule(tracer.root, graph, class_name=type(backbone).__name__)

@@ -13,8 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import networkx as nx
-import torch
-from torch import fx, nn
+from torch import nn
 
 from reconfx.graph import DualGraphModule, node_tasks
 
@@ -128,19 +127,3 @@ def match_layers(layers: list[Layer], patterns: list[str]) -> tuple[list[Layer],
     chosen = [layer for layer in layers if any(layer.matches(p) for p in patterns)]
     unmatched = [p for p in patterns if not any(layer.matches(p) for layer in layers)]
     return chosen, unmatched
-
-
-def parameter_count(layers: Iterable[Layer]) -> int:
-    return sum(layer.num_params for layer in layers)
-
-
-def uses_tensor(module: nn.Module, layer: Layer) -> list[torch.Tensor]:
-    tensors = [p for m in layer.modules for p in module.get_submodule(m).parameters()]
-    return tensors + [_resolve(module, t) for t in layer.params]  # type: ignore[misc]
-
-
-def graph_nodes_of(graph: fx.Graph, layer: Layer) -> list[fx.Node]:
-    """The nodes that use ``layer`` (where its profile scores are written)."""
-    return [n for n in graph.nodes
-            if (n.op == "call_module" and n.target in layer.modules)
-            or (n.op == "get_attr" and n.target in layer.params)]

@@ -15,9 +15,11 @@ Conv2d(16, 16, kernel_size=(3, 3), stride=(1, 1), padding=(1, 1), bias=False)
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 from torch import fx, nn
 
 from reconfx.graph import DualGraphModule, node_tasks, prune, task_outputs
@@ -145,9 +147,13 @@ def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, fro
             env[(node, None)] = new.node_copy(node, lambda n: env[(n, None)])
             continue
         starts = not any(arg in variant for arg in node.all_input_nodes)
+        shared_target = _mutates_shared_input(node, variant)
         for task in (t for t in task_order if t in tasks_of[node]):
             clone = new.node_copy(
                 node, lambda n, t=task: env[(n, t if n in variant else None)])
+            if shared_target:
+                # Each stream would otherwise mutate the tensor all streams share.
+                clone.target = shared_target
             if node.op in ("call_module", "get_attr") and (
                     node.target in per_task or node.target in branched_params):
                 clone.target = f"{node.target}.{task}"
@@ -160,6 +166,31 @@ def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, fro
     prune(new)
     new.lint()
     return new
+
+
+_OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+                 operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def _mutates_shared_input(node: fx.Node, variant: set[fx.Node]) -> Any:
+    """The out-of-place form of an augmented assignment (``shared += branch``) whose target is
+    shared by all streams while the op itself runs per task; else None. Python rebinds the
+    name to the result, so later uses read the op's result and out-of-place is exact. (An
+    in-place method whose result is discarded, ``shared.add_(branch)``, is left as it is: if it
+    changes what the streams compute, the I1 check fails and says so.)"""
+    first = node.args[0] if node.args else None
+    if not isinstance(first, fx.Node) or first in variant:
+        return None
+    if node.op == "call_function" and node.target in _OUT_OF_PLACE:
+        return _OUT_OF_PLACE[node.target]
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload) and target.namespace == "aten":
+        # torch.export's graphs keep in-place aten ops; later uses read the op's result.
+        name = target.overloadpacket.__name__
+        if name.endswith("_") and not name.startswith("_"):
+            packet = getattr(torch.ops.aten, name[:-1], None)
+            return getattr(packet, target._overloadname, None) if packet else None
+    return None
 
 
 def _copy_names(module: nn.Module, layers: list[Layer]) -> dict[str, dict[str, list[str]]]:

@@ -33,7 +33,7 @@ from torch import fx, nn
 
 from reconfx.errors import ModelError, TraceError
 from reconfx.graph import DualGraphModule, output_node, prune, same_graph
-from reconfx.tree import is_sequence_root, key_str
+from reconfx.tree import key_str
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 # Ops that only check shapes or guard export; they carry no data and are not kept.
@@ -103,7 +103,8 @@ class _LeafTracer(fx.Tracer):
             raise
 
 
-def leaf_tracer(model: nn.Module, extra_leaves: Sequence[str]) -> _LeafTracer:
+def leaf_tracer(extra_leaves: Sequence[str] = ()) -> fx.Tracer:
+    """A tracer with reconfx's leaf rule (used to cut a backbone at a tapped feature)."""
     return _LeafTracer(extra_leaves)
 
 
@@ -192,9 +193,11 @@ def _keep_spec_placeholders(graph: fx.Graph, input_names: Sequence[str]) -> None
 # ---------------------------------------------------------------------------------------------
 
 def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, list[int]],
-                 training: bool, notes: list[str]) -> tuple[fx.Graph, dict[str, Any], list[Any]]:
-    """Export in one mode and re-lift leaf modules. Returns the graph, the attribute table its
-    get_attr/call_module targets refer to, and the flat output order (for mapping to tasks)."""
+                 training: bool, notes: list[str],
+                 leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
+    """Export in one mode and re-lift leaf modules. Returns the graph (its output node keeps
+    the flat outputs in ``meta["flat_outputs"]``) and the attribute table its get_attr and
+    call_module targets refer to."""
     from torch.export import Dim
 
     shapes = {name: {axis: Dim.AUTO for axis in dynamic.get(name, [])} for name in example}
@@ -207,8 +210,7 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: di
         raise TierFailure("torch.export", None, exc) from exc
     finally:
         model.train(was_training)
-    flat = ep.module()
-    return _relift(model, flat, list(example), notes)
+    return _relift(model, ep.module(), list(example), notes, leaves)
 
 
 @contextlib.contextmanager
@@ -241,7 +243,7 @@ def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Modul
 
 
 def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
-            notes: list[str], leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any], list]:
+            notes: list[str], leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
     modules = dict(model.named_modules())
     own_state = {path: {id(t) for t in list(m.parameters()) + list(m.buffers())}
                  for path, m in modules.items()}
@@ -329,7 +331,7 @@ def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
     output = graph.output(None)
     output.meta["flat_outputs"] = [env.get(n, n) if isinstance(n, fx.Node) else n
                                    for n in out_flat]
-    return graph, attrs, output.meta["flat_outputs"]
+    return graph, attrs
 
 
 def _single_input_forward(module: nn.Module) -> bool:
@@ -431,7 +433,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         try:
             graphs, attrs = [], {}
             for mode in (True, False):
-                graph, table, flat = export_trace(model, example, dynamic, mode, notes)
+                graph, table = export_trace(model, example, dynamic, mode, notes, leaves)
                 attrs.update(table)
                 _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")
                 graphs.append(graph)
@@ -496,6 +498,8 @@ def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
     target = node.target
+    if target is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
+        return node.args[1]  # x.shape is named "shape"
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__.strip("_") or "op"
     name = getattr(target, "__name__", None) or str(target)
@@ -528,6 +532,3 @@ def name_nodes(module: DualGraphModule) -> None:
             counts[base] = n + 1
             node.meta.setdefault("reconfx", {})["name"] = base if n == 0 else f"{base}_{n}"
 
-
-def sequence_root(output: Any) -> bool:
-    return is_sequence_root(output)

@@ -43,6 +43,33 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+class Bottleneck(nn.Module):
+    """ResNet-50's bottleneck block (1x1, 3x3, 1x1 convolutions, expansion 4)."""
+
+    def __init__(self, cin: int, width: int, stride: int = 1):
+        super().__init__()
+        cout = width * 4
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return self.relu(out + identity)
+
+
 class SmallResNet(nn.Module):
     """A 4-stage ResNet with one head per task (the MultiDigits reference model)."""
 
@@ -80,14 +107,33 @@ def small_resnet(**kwargs: Any) -> SmallResNet:
     return SmallResNet(**kwargs)
 
 
-def resnet_sized(depth: int = 50, num_classes: int = 10, tasks: Sequence[str] = DEFAULT_TASKS,
-                 in_channels: int = 3, width: int = 64) -> SmallResNet:
-    """A basic-block ResNet with about as many layers as ResNet-``depth`` (for benchmarks)."""
-    blocks = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3)}.get(depth)
-    if blocks is None:
-        per_stage = max(1, (depth - 2) // 8)
-        blocks = (per_stage,) * 4
-    return SmallResNet(num_classes, tasks, in_channels, width, blocks)
+class BottleneckResNet(nn.Module):
+    """ResNet-50's layout (stem, four stages of bottleneck blocks) with one head per task;
+    ``depth_factor`` multiplies the blocks per stage (for scaling benchmarks)."""
+
+    def __init__(self, num_classes: int = 10, tasks: Sequence[str] = DEFAULT_TASKS,
+                 blocks: Sequence[int] = (3, 4, 6, 3), depth_factor: int = 1, width: int = 64):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
+        cin, stages = width, []
+        for i, count in enumerate(blocks):
+            w = width * 2**i
+            layers = [Bottleneck(cin, w, stride=1 if i == 0 else 2)]
+            layers += [Bottleneck(w * 4, w) for _ in range(count * depth_factor - 1)]
+            stages.append(nn.Sequential(*layers))
+            cin = w * 4
+        self.layer1, self.layer2, self.layer3, self.layer4 = stages
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.heads = nn.ModuleDict({t: nn.Linear(cin, num_classes) for t in tasks})
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(image))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        x = torch.flatten(self.avgpool(x), 1)
+        return {name: head(x) for name, head in self.heads.items()}
 
 
 class SharedCallTwice(nn.Module):
@@ -195,6 +241,21 @@ class TrainingGlue(nn.Module):
         return {"a": self.out_a(h), "b": self.out_b(h)}
 
 
+class SingleTaskCNN(nn.Module):
+    """A plain single-task classifier returning one tensor (a backbone to convert)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                                   nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.block(self.stem(image)).mean((2, 3)))
+
+
 def hf_model(arch: str, config: dict[str, Any] | None = None, eval_mode: bool = False) -> nn.Module:
     """A Hugging Face ``transformers`` model built from a config dict (random weights, offline)."""
     import transformers
@@ -228,6 +289,7 @@ def minilm(**overrides: Any) -> nn.Module:
 
 
 __all__ = [
-    "EncoderClassifier", "LSTMTagger", "SharedCallTwice", "SmallResNet", "TiedEmbedding",
-    "TokenAttention", "TrainingGlue", "hf_model", "minilm", "resnet_sized", "small_resnet",
+    "BottleneckResNet", "EncoderClassifier", "LSTMTagger", "SharedCallTwice", "SingleTaskCNN",
+    "SmallResNet", "TiedEmbedding", "TokenAttention", "TrainingGlue", "hf_model", "minilm",
+    "small_resnet",
 ]

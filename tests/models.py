@@ -28,3 +28,20 @@ class SingleOutput(nn.Module):
 
 def raising_factory(width: int = 4):
     raise ValueError(f"width {width} is not supported")
+
+
+class InPlaceOnShared(nn.Module):
+    """Adds a per-task branch into the shared tensor in place (``skip += branch``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.trunk = nn.Linear(4, 4)
+        self.branch = nn.Linear(4, 4)
+        self.heads = nn.ModuleDict({"a": nn.Linear(4, 2), "b": nn.Linear(4, 2)})
+
+    def forward(self, x):
+        skip = self.trunk(x)
+        out = self.branch(skip)
+        skip += out
+        skip.mul_(0.5)
+        return {name: head(skip) for name, head in self.heads.items()}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +48,16 @@ def compile_and_verify(spec_path: Path, out: Path) -> Compiled:
     for task in spec.task_names:
         assert torch.equal(want[task], got[task]), task
     assert_deterministic(spec_path, out)
+    assert_ruff_clean(out / "model.py", out / "original.py")
     return compiled
+
+
+def assert_ruff_clean(*paths: Path) -> None:
+    """The emitted source passes the project's ruff configuration."""
+    ruff = Path(sys.executable).with_name("ruff")
+    done = subprocess.run([str(ruff), "check", "--no-cache", *map(str, paths)],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout
 
 
 def assert_deterministic(spec_path: Path, out: Path) -> None:

@@ -67,11 +67,12 @@ def test_diff_touches_only_the_branched_part(tmp_path):
     assert any("layer4_0_conv2_left = self.layer4[0].conv2.left(" in line for line in added)
 
 
-def test_bn_uses_batch_statistics_in_train_and_running_in_eval(tmp_path):
+@pytest.mark.parametrize("tier", ["fx", "export"])
+def test_bn_uses_batch_statistics_in_train_and_running_in_eval(tmp_path, tier):
     import reconfx
 
     out = tmp_path / "out"
-    compile_and_verify(resnet_spec(tmp_path, BRANCH_SETS["middle"]), out)
+    compile_and_verify(resnet_spec(tmp_path, BRANCH_SETS["middle"], tier=tier), out)
     model = reconfx.load(out)
     x = torch.randn(6, 1, 12, 12)
     bn = model.layer2[0].bn1.left

@@ -43,3 +43,18 @@ def test_tied_embedding_and_decoder_branch_together(tmp_path, tier):
     assert model.decoder.lm.weight is model.embed.lm.weight
     assert "cls" not in model.decoder
     assert model.embed.lm.weight is not model.embed.cls.weight
+
+
+@pytest.mark.parametrize("tier", ["fx", "export"])
+def test_in_place_update_of_a_shared_tensor_runs_out_of_place_per_stream(tmp_path, tier):
+    spec = write_spec(tmp_path, "inplace", model={"factory": "tests.models:InPlaceOnShared"},
+                      inputs=[{"name": "x", "shape": [3, 4]}], tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["branch"]}, trace={"tier": tier})
+    out = tmp_path / "out"
+    compile_and_verify(spec, out)
+    source = (out / "model.py").read_text()
+    if tier == "export":  # the graph keeps aten.add_; per stream it becomes an addition
+        assert "torch.ops.aten.add_" not in source
+        return
+    assert "add_a = trunk + branch_a" in source  # trunk itself stays shared and unchanged
+    assert "        add_a.mul_(0.5)\n" in source  # in place on the task's own tensor, kept

@@ -152,12 +152,22 @@ def constructor(m: nn.Module) -> Constructor | None:
         return None
     for simplify in (True, False):
         args = _call(m, values, simplify)
-        call = f"{prefix}({', '.join(args)})"
-        try:
-            with torch.device("meta"):
-                built = eval(call, namespace)  # noqa: S307 - text we generated from attributes
-        except Exception:
-            continue
-        if _same_structure(m, built):
+        built = _build(cls, f"{prefix}({', '.join(args)})", namespace)
+        if built is not None and _same_structure(m, built):
             return Constructor(prefix, tuple(args), import_line)
     return None
+
+
+_BUILT: dict[tuple[type, str], nn.Module | None] = {}
+
+
+def _build(cls: type, call: str, namespace: dict[str, Any]) -> nn.Module | None:
+    """Evaluate a constructor call on the meta device (cached: models repeat their layers)."""
+    key = (cls, call)
+    if key not in _BUILT:
+        try:
+            with torch.device("meta"):
+                _BUILT[key] = eval(call, namespace)  # noqa: S307 - text we generated
+        except Exception:
+            _BUILT[key] = None
+    return _BUILT[key]

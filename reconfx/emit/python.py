@@ -10,8 +10,10 @@ gives byte-identical text.
 from __future__ import annotations
 
 import builtins
+import importlib.util
 import keyword
 import operator
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -97,6 +99,7 @@ class PythonEmitter:
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
         self.factory_leaves: list[str] = []
+        self._tie_cache: list[tuple[str, str]] | None = None
 
     # -- __init__ ------------------------------------------------------------------------------
     def _collect(self) -> None:
@@ -186,21 +189,28 @@ class PythonEmitter:
     def _tie_lines(self, scope: str | None = None) -> list[str]:
         """``self.b.weight = self.a.weight`` where separately built leaves share a Parameter;
         with ``scope``, only ties among the parameters under that path."""
-        leaves = _leaf_paths(self.tree)
-        first: dict[int, tuple[str, str]] = {}
         lines = []
-        for name, param in self.module.named_parameters(remove_duplicate=False):
-            leaf = max((p for p in leaves if name == p or name.startswith(p + ".")), key=len,
-                       default=name)
-            if id(param) not in first:
-                first[id(param)] = (name, leaf)
-                continue
-            canon, canon_leaf = first[id(param)]
-            inside = scope is not None and all(_under(n, scope) for n in (name, canon))
-            if canon_leaf != leaf and (inside or (scope is None and not self._scoped(canon, name))):
+        for name, canon in self._ties():
+            inside = scope is not None and _under(name, scope) and _under(canon, scope)
+            if inside or (scope is None and not self._scoped(canon, name)):
                 lines.append(f"{self._indent(2)}{_access(self.tree, name)} = "
                              f"{_access(self.tree, canon)}")
         return lines
+
+    def _ties(self) -> list[tuple[str, str]]:
+        """(name, first name) for each parameter name that repeats an earlier Parameter object
+        built by a different leaf."""
+        if self._tie_cache is None:
+            leaves = set(_leaf_paths(self.tree))
+            first: dict[int, tuple[str, str]] = {}
+            self._tie_cache = []
+            for name, param in self.module.named_parameters(remove_duplicate=False):
+                leaf = _owning_leaf(name, leaves)
+                if id(param) not in first:
+                    first[id(param)] = (name, leaf)
+                elif first[id(param)][1] != leaf:
+                    self._tie_cache.append((name, first[id(param)][0]))
+        return self._tie_cache
 
     def _scoped(self, a: str, b: str) -> bool:
         return any(_under(a, s) and _under(b, s) for s in self.task_containers)
@@ -232,7 +242,10 @@ class PythonEmitter:
             comment = self._comment(node)
             if comment:
                 lines.append(comment)
-            lines.append(self._node_line(node, names[node], name_of))
+            line = self._node_line(node, names[node], name_of)
+            if not node.users:  # kept for its effect (an in-place op): no name to bind
+                line = line.replace(f"{names[node]} = ", "", 1)
+            lines.append(line)
         return lines
 
     def _comment(self, node: fx.Node) -> str | None:
@@ -262,6 +275,8 @@ class PythonEmitter:
                          _operand(node.args[1], name_of))
         if target in _UNARY and len(node.args) == 1:
             return f"{ind}{lhs} = {_UNARY[target]}{_operand(node.args[0], name_of)}"
+        if target is getattr and len(node.args) == 2 and str(node.args[1]).isidentifier():
+            return f"{ind}{lhs} = {_operand(node.args[0], name_of)}.{node.args[1]}"
         if target is operator.getitem and not node.kwargs:
             return f"{ind}{lhs} = {_operand(node.args[0], name_of)}" \
                    f"[{render_index(node.args[1], name_of)}]"
@@ -276,8 +291,10 @@ class PythonEmitter:
             return f"{ind}{lhs} = {UNARY[name]}{_operand(node.args[0], name_of)}"
         args = [render_value(a, name_of) for a in node.args]
         args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
-        if name in METHODS and node.args and isinstance(node.args[0], fx.Node):
-            return statement(ind, lhs, f"{args[0]}.{METHODS[name]}(", args[1:])
+        method = METHODS.get(name) or (name if name.endswith("_") and hasattr(torch.Tensor, name)
+                                       else None)  # in-place ops: x.mul_(0.5)
+        if method and node.args and isinstance(node.args[0], fx.Node):
+            return statement(ind, lhs, f"{args[0]}.{method}(", args[1:])
         if name in FUNCTIONS:
             return statement(ind, lhs, f"{FUNCTIONS[name]}(", args)
         return None
@@ -354,6 +371,16 @@ def _inline_list(node: _Tree, path: str, task_containers: set[str]) -> bool:
                for k, c in node.children.items())
 
 
+def _owning_leaf(name: str, leaves: set[str]) -> str:
+    """The longest leaf path that ``name`` lies under (itself when none)."""
+    parts = name.split(".")
+    for end in range(len(parts), 0, -1):
+        prefix = ".".join(parts[:end])
+        if prefix in leaves:
+            return prefix
+    return name
+
+
 def _leaf_paths(tree: _Tree, prefix: str = "") -> list[str]:
     out = []
     for name, child in tree.children.items():
@@ -404,9 +431,26 @@ def _call_args(graph: fx.Graph) -> str:
 
 
 def _sorted_imports(imports: set[str]) -> list[str]:
-    plain = sorted(i for i in imports if i.startswith("import "))
-    froms = sorted(i for i in imports if i.startswith("from "))
-    return plain + froms
+    """isort's layout: standard library, installed packages, then the rest (the user's own
+    modules), each section with plain imports before from-imports, sections blank-separated."""
+    sections: dict[int, list[str]] = {0: [], 1: [], 2: []}
+    for line in imports:
+        sections[_section(line.split()[1].split(".")[0])].append(line)
+    out: list[str] = []
+    for lines in sections.values():
+        if lines:
+            plain = sorted(i for i in lines if i.startswith("import "))
+            froms = sorted(i for i in lines if i.startswith("from "))
+            out += ([""] if out else []) + plain + froms
+    return out
+
+
+def _section(top: str) -> int:
+    if top in sys.stdlib_module_names:
+        return 0
+    found = importlib.util.find_spec(top)
+    origin = getattr(found, "origin", None) or ""
+    return 1 if "site-packages" in origin or "dist-packages" in origin else 2
 
 
 def emit_python(module: DualGraphModule, class_name: str, doc: str,
