@@ -55,6 +55,14 @@ def _install(root: nn.Module | dict[str, Any], gm: fx.GraphModule, target: str) 
         fx.graph_module._copy_attr(root, gm, target)
 
 
+def resolve(module: nn.Module, target: str) -> Any:
+    """The submodule, parameter or buffer at a dotted ``get_attr``/``call_module`` target."""
+    obj: Any = module
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
 def output_node(graph: fx.Graph) -> fx.Node:
     return next(n for n in reversed(graph.nodes) if n.op == "output")
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import nn
 
-from reconfx.graph import DualGraphModule, node_tasks
+from reconfx.graph import DualGraphModule, node_tasks, resolve
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def inventory(module: DualGraphModule, task_order: Iterable[str]) -> list[Layer]
                 unit_modules.setdefault(key, set()).add(target)
             elif node.op == "get_attr":
                 target = str(node.target)
-                if not isinstance(_resolve(module, target), nn.Parameter):
+                if not isinstance(resolve(module, target), nn.Parameter):
                     continue
                 caller = next((c for c in leaf_calls if _inside(target, c)), None)
                 key = caller if caller is not None else f"{_owner(target)}#params"
@@ -86,7 +86,7 @@ def inventory(module: DualGraphModule, task_order: Iterable[str]) -> list[Layer]
     for key in uses:
         tensors = [p for m in unit_modules.get(key, ())
                    for p in module.get_submodule(m).parameters()]
-        tensors += [_resolve(module, t) for t in unit_params.get(key, ())]
+        tensors += [resolve(module, t) for t in unit_params.get(key, ())]
         ids[key] = {id(t) for t in tensors}
     ties = nx.Graph()
     ties.add_nodes_from(uses)
@@ -109,13 +109,6 @@ def inventory(module: DualGraphModule, task_order: Iterable[str]) -> list[Layer]
         layers.append(Layer(name, kind, modules, params, sum(numel[i] for i in all_ids),
                             tuple(t for t in task_order if t in tasks), first[keys[0]]))
     return sorted(layers, key=lambda layer: layer.order)
-
-
-def _resolve(module: nn.Module, target: str) -> object:
-    obj: object = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _numel_by_id(module: nn.Module) -> dict[int, int]:

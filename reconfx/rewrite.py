@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.graph import DualGraphModule, node_tasks, prune, task_outputs
+from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, task_outputs
 from reconfx.layers import Layer
 
 
@@ -51,15 +51,8 @@ def _targets(module: DualGraphModule) -> dict[str, Any]:
     for _mode, graph in module.graphs():
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr"):
-                objs[str(node.target)] = _resolve(module, str(node.target))
+                objs[str(node.target)] = resolve(module, str(node.target))
     return objs
-
-
-def _resolve(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:

@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from reconfx.errors import ModelError, TraceError
-from reconfx.graph import DualGraphModule, output_node, prune, same_graph
+from reconfx.graph import DualGraphModule, output_node, prune, resolve, same_graph
 from reconfx.tree import key_str
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -259,7 +259,7 @@ def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
             group_path[found[0]] = found[1]
 
     def tensor_of(n: fx.Node) -> Any:
-        return _resolve_attr(flat, n.target) if n.op == "get_attr" else None
+        return resolve(flat, n.target) if n.op == "get_attr" else None
 
     relifted: dict[fx.Node, str] = {}  # member node -> group key
     calls: dict[str, tuple[fx.Node, fx.Node]] = {}  # group key -> (input, output)
@@ -345,19 +345,12 @@ def _single_input_forward(module: nn.Module) -> bool:
         not required and bool(params) and params[0].kind == inspect.Parameter.VAR_POSITIONAL)
 
 
-def _resolve_attr(root: nn.Module, target: str) -> Any:
-    obj: Any = root
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _state_by_name(model: nn.Module, flat: fx.GraphModule, target: str) -> Any:
     """The original model's tensor for an export get_attr target (constants come from export)."""
     try:
-        return _resolve_attr(model, target)
+        return resolve(model, target)
     except AttributeError:
-        return _resolve_attr(flat, target)
+        return resolve(flat, target)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
 from reconfx.emit.render import assign, comment, infix, render_index, render_value, statement
 from reconfx.errors import CheckError
-from reconfx.graph import DualGraphModule
+from reconfx.graph import DualGraphModule, resolve
 
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
@@ -110,7 +110,7 @@ class PythonEmitter:
                     node_tree = self.tree
                     for part in target.split("."):
                         node_tree = node_tree.child(part)
-                    node_tree.obj = _resolve(self.module, target)
+                    node_tree.obj = resolve(self.module, target)
 
     def _leaf_expr(self, path: str, obj: Any) -> str:
         if isinstance(obj, nn.Parameter):
@@ -352,13 +352,6 @@ class PythonEmitter:
             "    return model.get_submodule(path.removeprefix(prefix))",
             "",
         ]
-
-
-def _resolve(module: nn.Module, target: str) -> Any:
-    obj: Any = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def _under(path: str, prefix: str) -> bool:
