@@ -54,3 +54,11 @@ def test_unknown_feature_is_a_clear_error(tmp_path):
     heads = {"a": {"out_features": 3}, "b": {"out_features": 4}}
     with pytest.raises(ModelError, match="'blocks' is neither an output field, a submodule"):
         prepare(backbone_spec(tmp_path, "blocks", heads, ["x"]))
+
+
+def test_tap_a_graph_node_name(tmp_path):
+    heads = {"a": {"out_features": 3, "pool": "mean"}, "b": {"out_features": 4, "pool": "max"}}
+    compiled = compile_and_verify(backbone_spec(tmp_path, "stem_2", heads, ["backbone.stem.0"]),
+                                  tmp_path / "out")
+    names = [layer.name for layer in compiled.prepared.layers]
+    assert not any(name.startswith("backbone.block") for name in names)  # cut after stem.2
