@@ -33,6 +33,7 @@ class Staging:
         self.out_dir = out_dir.resolve()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
+            _remove_stale(self.out_dir)
             self.path = self.out_dir / f".staging-{os.getpid()}"
             shutil.rmtree(self.path, ignore_errors=True)
             self.path.mkdir()
@@ -75,6 +76,24 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+def _remove_stale(out_dir: Path) -> None:
+    """Staging folders left by a killed run (their process is gone) are removed."""
+    for folder in out_dir.glob(".staging-*"):
+        pid = folder.name.removeprefix(".staging-")
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _output_error(exc: OSError, out_dir: Path) -> OutputError:

@@ -93,3 +93,13 @@ def test_python_dash_m_entry_point(tmp_path):
     done = subprocess.run([sys.executable, "-m", "reconfx", "validate", str(spec(tmp_path))],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
+
+
+def test_staging_left_by_a_killed_run_is_removed(tmp_path):
+    out = tmp_path / "out"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True).stdout.strip()
+    (out / f".staging-{dead}").mkdir(parents=True)
+    (out / f".staging-{dead}" / "model.py").write_text("half-written")
+    pipeline.compile_spec(spec(tmp_path), out)
+    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
