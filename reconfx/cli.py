@@ -83,6 +83,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
         _say(args, f"  {check.name}: {check.detail}")
     for path in compiled.written:
         _say(args, f"wrote {path}")
+    for warning in compiled.warnings:
+        print(f"reconfx: warning: {warning}", file=sys.stderr)
     return 0
 
 

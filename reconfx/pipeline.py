@@ -51,6 +51,7 @@ class Compiled:
     checks: list[Check]
     written: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
+    warnings: list[str] = field(default_factory=list)
 
 
 def prepare(spec: LoadedSpec | str | Path) -> Prepared:
@@ -83,6 +84,9 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
     compiled = Compiled(prepared, branched, checks)
+    if "onnx" in s.export.formats:
+        compiled.warnings.append("export.formats lists onnx, which this version of reconfx does "
+                                 "not write yet; only the Python artifacts are written")
     compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
     compiled.written = _write(compiled, compiled.out_dir)
     return compiled
@@ -143,7 +147,7 @@ def _write(compiled: Compiled, out_dir: Path) -> list[Path]:
             branched.per_task_norms, branched.shared_norms,
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
-            compiled.checks, prepared.traced.ignored_outputs, factory_leaves)
+            compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings)
         staging.write_text("report.md", report)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         staging.write_text("manifest.json", artifacts.manifest_text(

@@ -71,7 +71,7 @@ def percent(new: float, old: float) -> str:
 def compile_report(name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
                    original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
-                   factory_leaves: list[str]) -> str:
+                   factory_leaves: list[str], warnings: list[str]) -> str:
     names = {layer.name for layer in branched}
     lines = [f"# reconfx compile: {name}", "",
              f"- tracing tier: `{tier}`",
@@ -85,6 +85,8 @@ def compile_report(name: str, tier: str, notes: list[str], layers: list[Layer],
              f"{compiled.latency_ms:.3f} ms (x{compiled.latency_ms / original.latency_ms:.2f})",
              "", "## Checks", ""]
     lines += [f"- {c.name}: {c.detail}" for c in checks]
+    if warnings:
+        lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
     if notes:
         lines += ["", "## Tracing notes", "", *[f"- {n}" for n in notes]]
     if ignored:
