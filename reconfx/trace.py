@@ -21,7 +21,6 @@ import fnmatch
 import inspect
 import io
 import logging
-import operator
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -484,9 +483,6 @@ def _trace_error(failures: list[TierFailure]) -> TraceError:
 # Readable node names, stored in node.meta and kept by every later pass
 # ---------------------------------------------------------------------------------------------
 
-_OPERATOR_NAMES = {operator.getitem: "getitem"}
-
-
 def _op_name(node: fx.Node) -> str:
     if node.op == "call_method":
         return str(node.target)
@@ -496,7 +492,7 @@ def _op_name(node: fx.Node) -> str:
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__.strip("_") or "op"
     name = getattr(target, "__name__", None) or str(target)
-    return _OPERATOR_NAMES.get(target, name.strip("_") or "op")
+    return name.strip("_") or "op"
 
 
 def _scope(node: fx.Node) -> str:
