@@ -55,6 +55,21 @@ def call_factory(factory: FactorySpec, where: str) -> nn.Module:
     return model
 
 
+def call_data_factory(data: Any, split: str, seed: int, where: str) -> Any:
+    """``data.factory(split, seed, **kwargs)``: a Dataset of (inputs, targets) dicts."""
+    fn = resolve_factory(data.factory, f"{where}.factory")
+    try:
+        dataset = fn(split=split, seed=seed, **data.kwargs)
+    except Exception as exc:
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        raise ModelError(f"data factory '{data.factory}' raised {type(exc).__name__}: {first}",
+                         where=f"{where}.kwargs", fix="check the factory's arguments") from None
+    if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
+        raise ModelError(f"data factory '{data.factory}' returned {type(dataset).__name__}, "
+                         "not a Dataset", where=f"{where}.factory")
+    return dataset
+
+
 def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
     """Load a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
     if not path.is_file():

@@ -39,17 +39,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import prepare
+    from reconfx.pipeline import prepare, stored_scores
     from reconfx.report import LAYER_HEADERS, layer_rows, table
     from reconfx.select import select_layers
 
     prepared = prepare(args.spec)
     s = prepared.loaded.spec
+    scores = stored_scores(s.export_dir())
     chosen: set[str] = set()
     problem = None
     try:
-        chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
-                                                        str(prepared.loaded.path))}
+        chosen = {layer.name for layer in select_layers(
+            prepared.layers, s.select, str(prepared.loaded.path), scores, len(s.tasks))}
     except SelectionError as exc:
         problem = str(exc)
     if args.json:
@@ -58,7 +59,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             "selection_error": problem,
             "layers": [{"name": layer.name, "type": layer.type, "paths": list(layer.paths),
                         "params": layer.num_params, "tasks": list(layer.tasks),
-                        "shared": layer.shared, "branched": layer.name in chosen}
+                        "shared": layer.shared, "branched": layer.name in chosen,
+                        "score": (scores or {}).get(layer.name)}
                        for layer in prepared.layers]}, indent=2))
         return 0
     print(f"{s.name}: traced with tier '{prepared.traced.tier}', {len(prepared.layers)} layers "
@@ -67,7 +69,25 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"note: {note}")
     if problem:
         print(f"selection: {problem}")
-    print(table(LAYER_HEADERS, layer_rows(prepared.layers, chosen)))
+    print(table(LAYER_HEADERS + (["score"] if scores else []),
+                layer_rows(prepared.layers, chosen, scores)))
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import profile_spec
+
+    _say(args, f"profiling {args.spec} ...")
+    done = profile_spec(args.spec, args.out, progress=not args.quiet)
+    scores = done.result.scores()
+    top = sorted(scores.items(), key=lambda kv: -kv[1])[:5]
+    _say(args, f"{done.result.steps} steps, {len(scores)} shared layers; highest scores: "
+               + ", ".join(f"{name} {score}" for name, score in top))
+    if done.chosen:
+        _say(args, f"select.{done.prepared.loaded.spec.select.policy} would branch "
+                   f"{len(done.chosen)} layer(s): {', '.join(x.name for x in done.chosen)}")
+    for path in done.written:
+        _say(args, f"wrote {path}")
     return 0
 
 
@@ -102,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("spec", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(run=cmd_inspect)
+    pr = sub.add_parser("profile", help="train briefly and count gradient conflicts per layer")
+    pr.add_argument("spec", type=Path)
+    pr.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    pr.add_argument("--quiet", action="store_true", help="no progress bar, print only errors")
+    pr.set_defaults(run=cmd_profile)
     c = sub.add_parser("compile", help="trace, branch, check invariants, write model.py etc.")
     c.add_argument("spec", type=Path)
     c.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")

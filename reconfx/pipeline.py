@@ -8,15 +8,18 @@ invariants I1-I4 and writes ``model.py``, ``original.py``, ``branch.diff``,
 from __future__ import annotations
 
 import difflib
+import json
 import textwrap
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from reconfx import artifacts
-from reconfx.build import build_model, example_inputs, task_paths
+from reconfx.build import build_model, call_data_factory, example_inputs, task_paths
 from reconfx.checks import (
     Check,
     check_emit,
@@ -25,13 +28,25 @@ from reconfx.checks import (
     check_sharing,
 )
 from reconfx.emit.python import FactorySource, emit_python
+from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
+from reconfx.profile import (
+    Profile,
+    annotate,
+    chart,
+    load_scores,
+    loss_functions,
+    make_optimizer,
+    profile,
+)
 from reconfx.report import Cost, compile_report, flops, latencies
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
 from reconfx.spec import LoadedSpec, class_name, load_spec_file
 from reconfx.trace import Traced, trace
+
+CONFLICTS = "conflicts.json"
 
 
 @dataclass
@@ -49,6 +64,7 @@ class Compiled:
     prepared: Prepared
     branched: Branched
     checks: list[Check]
+    scores: dict[str, int] | None = None
     written: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -58,6 +74,7 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     """Build the model the spec names, trace it and take its layer inventory."""
     loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
     s = loaded.spec
+    torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
     model = build_model(s, loaded.path)
     examples = [example_inputs(s.inputs, seed=s.train.seed),
                 example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
@@ -76,20 +93,95 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     """Trace, branch the selected layers, check I1-I4 and write the artifacts."""
     prepared = prepare(spec)
     s = prepared.loaded.spec
-    chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path))
+    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    scores = stored_scores(out)
+    chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
+                           len(s.tasks))
     branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
     checks = [
         check_parity(prepared.model, branched.module, prepared.task_paths, prepared.examples),
         check_sharing(branched.module, branched.copies),
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
-    compiled = Compiled(prepared, branched, checks)
+    compiled = Compiled(prepared, branched, checks, scores)
     if "onnx" in s.export.formats:
         compiled.warnings.append("export.formats lists onnx, which this version of reconfx does "
                                  "not write yet; only the Python artifacts are written")
-    compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
+    compiled.out_dir = out
     compiled.written = _write(compiled, compiled.out_dir)
     return compiled
+
+
+def stored_scores(out_dir: Path) -> dict[str, int] | None:
+    """Conflict scores from an earlier ``reconfx profile`` in ``out_dir``, if there is one."""
+    path = out_dir / CONFLICTS
+    return load_scores(path) if path.is_file() else None
+
+
+@dataclass
+class Profiled:
+    prepared: Prepared
+    result: Profile
+    chosen: list[Layer]
+    written: list[Path]
+
+
+def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                 progress: bool = True) -> Profiled:
+    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png."""
+    prepared = prepare(spec)
+    loaded, s = prepared.loaded, prepared.loaded.spec
+    where = str(loaded.path)
+    if s.data is None:
+        raise SpecError("profiling trains on data, and the spec has none", where=f"{where}: data",
+                        fix='add data: {factory: "reconfx.data:multidigits", batch_size: 128}')
+    if s.train.aggregator not in ("ew", "mean"):
+        raise SpecError(f"the profiling pass of this version trains with equal weights only, "
+                        f"not '{s.train.aggregator}'", where=f"{where}: train.aggregator",
+                        fix="use aggregator: ew (gradient-manipulation aggregators come with the "
+                            "trainer)")
+    loss_fns = loss_functions(list(s.tasks), where)
+    dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
+    torch.manual_seed(s.train.seed)
+    module = prepared.traced.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, s.train.optimizer, s.train.lr, s.train.weight_decay)
+    bar = tqdm(total=s.profile.steps, desc="profiling", disable=not progress, leave=False)
+
+    def on_step(step: int, losses: torch.Tensor) -> None:
+        bar.update(1)
+        if step % 10 == 0:
+            bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses.tolist(),
+                                                            strict=True)})
+
+    result = profile(module, prepared.layers, s.task_names, loss_fns,
+                     batches(dataset, s.data.batch_size, s.train.seed), s.profile.steps,
+                     s.profile.threshold, optimizer, on_step)
+    bar.close()
+    annotate(module, result)
+    scores = result.scores()
+    chosen = select_layers(prepared.layers, s.select, where, scores, len(s.tasks)) \
+        if s.select is not None else []
+    branched = {layer.name for layer in chosen}
+    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    with artifacts.Staging(out) as staging:
+        staging.write_text(CONFLICTS, json.dumps(result.to_json(branched), indent=1) + "\n")
+        staging.write_with("conflicts.png", lambda p: chart(result, branched, p))
+        staging.write_text("manifest.json", artifacts.manifest_text(
+            staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
+            s.train.seed, [CONFLICTS, "conflicts.png"], class_name(s.name)))
+        written = staging.commit()
+    return Profiled(prepared, result, chosen, written)
+
+
+def batches(dataset: torch.utils.data.Dataset, batch_size: int,
+            seed: int) -> Iterator[tuple[dict, dict]]:
+    """Endless shuffled batches, epoch after epoch, reproducible for a seed."""
+    generator = torch.Generator().manual_seed(seed)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
+                                         drop_last=len(dataset) > batch_size, generator=generator)
+    while True:
+        yield from loader
 
 
 def task_containers(branched: Branched) -> set[str]:
@@ -112,7 +204,9 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, list[str]]:
                  f'Weights: safetensors.torch.load_model(model, "weights.safetensors").\n')
     doc_original = (f"{name}: generated by reconfx from spec '{s.name}'; do not edit.\n\n"
                     f"The model before branching (tasks: {tasks}), for review against model.py.\n")
-    notes = {layer.name: " (selected in the spec)" for layer in branched.layers}
+    scores = compiled.scores or {}
+    notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
+             else " (selected in the spec)" for layer in branched.layers}
     model_py = emit_python(branched.module, name, doc_model, task_containers(branched), notes,
                            factory)
     original_py = emit_python(prepared.traced.module, name, doc_original, set(), None, factory)

@@ -55,10 +55,16 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def layer_rows(layers: list[Layer], branched: set[str]) -> list[list[str]]:
-    return [[layer.name, layer.type, f"{layer.num_params:,}", ",".join(layer.tasks),
-             "yes" if layer.shared else "no", "yes" if layer.name in branched else ""]
-            for layer in layers]
+def layer_rows(layers: list[Layer], branched: set[str],
+               scores: dict[str, int] | None = None) -> list[list[str]]:
+    rows = []
+    for layer in layers:
+        row = [layer.name, layer.type, f"{layer.num_params:,}", ",".join(layer.tasks),
+               "yes" if layer.shared else "no", "yes" if layer.name in branched else ""]
+        if scores:
+            row.append(str(scores[layer.name]) if layer.name in scores else "")
+        rows.append(row)
+    return rows
 
 
 LAYER_HEADERS = ["layer", "type", "params", "tasks", "shared", "branched"]

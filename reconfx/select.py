@@ -3,6 +3,9 @@ mechanism). Candidates are the shared layers, narrowed by ``include``/``exclude`
 
 from __future__ import annotations
 
+import math
+import warnings
+
 from reconfx.errors import SelectionError
 from reconfx.layers import Layer, match_layers
 from reconfx.spec import SelectSpec
@@ -18,18 +21,63 @@ def candidates(layers: list[Layer], spec: SelectSpec) -> list[Layer]:
     return shared
 
 
-def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "spec") -> list[Layer]:
-    """The layers to branch, in graph order. Only the explicit ``layers`` policy needs no
-    conflict profile."""
+def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "spec",
+                  scores: dict[str, int] | None = None, tasks: int = 2) -> list[Layer]:
+    """The layers to branch, in graph order.
+
+    Score-based policies rank the candidates by conflict score (``scores``, from a profile),
+    ties broken by graph order: ``top_k`` takes the first k (all, with a warning, when k exceeds
+    the candidates), ``fraction`` the first ceil(f × candidates), ``param_budget`` the longest
+    prefix of the ranking whose added parameters ((T−1) × the layers' parameters) stay within the
+    given percent of the shared parameters, ``min_score`` every candidate scoring at least that.
+    ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them.
+    """
     if spec is None:
         return []
-    if spec.policy != "layers":
-        raise SelectionError(
-            f"select.{spec.policy} ranks layers by conflict score, and this version of reconfx "
-            "has no profiling pass yet", where=f"{where}: select.{spec.policy}",
-            fix="name the layers to branch with select.layers (paths or globs; see "
-                "`reconfx inspect`)")
     pool = candidates(layers, spec)
+    policy = spec.policy
+    if policy == "layers":
+        return _explicit(layers, pool, spec, where)
+    if policy == "random":
+        import random
+
+        k = min(spec.random.k, len(pool))
+        picked = set(random.Random(spec.random.seed).sample(range(len(pool)), k))
+        return [layer for i, layer in enumerate(pool) if i in picked]
+    if scores is None:
+        raise SelectionError(
+            f"select.{policy} ranks layers by conflict score and there is no profile yet",
+            where=f"{where}: select.{policy}",
+            fix="run `reconfx profile SPEC` first (it writes conflicts.json), or name the layers "
+                "with select.layers")
+    missing = [layer.name for layer in pool if layer.name not in scores]
+    if missing:
+        raise SelectionError(f"conflicts.json has no score for {len(missing)} candidate "
+                             f"layer(s) (e.g. {missing[0]}); it is from another model or spec",
+                             where=f"{where}: select.{policy}", fix="re-run `reconfx profile`")
+    ranked = sorted(pool, key=lambda layer: (-scores[layer.name], layer.order))
+    if policy == "top_k":
+        if spec.top_k > len(ranked):
+            warnings.warn(f"select.top_k = {spec.top_k} exceeds the {len(ranked)} candidate "
+                          "layers; all are branched", stacklevel=2)
+        chosen = ranked[:spec.top_k]
+    elif policy == "fraction":
+        chosen = ranked[:math.ceil(spec.fraction * len(ranked))]
+    elif policy == "param_budget":
+        budget = spec.param_budget / 100 * sum(layer.num_params for layer in pool)
+        chosen, added = [], 0
+        for layer in ranked:
+            added += (tasks - 1) * layer.num_params
+            if added > budget:
+                break
+            chosen.append(layer)
+    else:
+        chosen = [layer for layer in ranked if scores[layer.name] >= spec.min_score]
+    return sorted(chosen, key=lambda layer: layer.order)
+
+
+def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
+              where: str) -> list[Layer]:
     chosen, unmatched = match_layers(pool, spec.layers or [])
     if unmatched:
         everywhere, _ = match_layers(layers, unmatched)

@@ -1,5 +1,7 @@
-"""Models that once broke or must fail clearly; referenced by factory path from test specs."""
+"""Models and data that once broke or must fail clearly; referenced by factory path from test
+specs."""
 
+import torch
 from torch import nn
 
 
@@ -45,3 +47,19 @@ class InPlaceOnShared(nn.Module):
         skip += out
         skip.mul_(0.5)
         return {name: head(skip) for name, head in self.heads.items()}
+
+
+class ThreeTasks(torch.utils.data.Dataset):
+    """MultiDigits with three targets: the left digit, the right digit and their sum mod 10."""
+
+    def __init__(self, split: str, seed: int, **kwargs):
+        from reconfx.data import multidigits
+
+        self.base = multidigits(split, seed, **kwargs)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        inputs, y = self.base[index]
+        return inputs, {"a": y["left"], "b": y["right"], "c": (y["left"] + y["right"]) % 10}

@@ -48,7 +48,8 @@ def test_inspect_json_lists_layers_with_tasks_and_selection(tmp_path, capsys):
     assert len(layers) == 26
     assert layers["layer4.0.conv1"] == {
         "name": "layer4.0.conv1", "type": "Conv2d", "paths": ["layer4.0.conv1"],
-        "params": 64 * 32 * 9, "tasks": ["left", "right"], "shared": True, "branched": True}
+        "params": 64 * 32 * 9, "tasks": ["left", "right"], "shared": True, "branched": True,
+        "score": None}  # no profile yet
     assert layers["heads.left"]["shared"] is False
     assert layers["conv1"]["branched"] is False
 

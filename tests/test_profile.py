@@ -1,0 +1,134 @@
+"""The profiling pass: vectorised conflict counts equal a slow per-layer, per-pair reference on a
+real model and real data; zero gradients are excluded; joint training makes progress."""
+
+import json
+
+import pytest
+import torch
+
+from reconfx.build import call_data_factory
+from reconfx.cli import main
+from reconfx.pipeline import batches, prepare
+from reconfx.profile import ConflictCounter, loss_functions, make_optimizer, profile
+from tests.support import write_spec
+
+
+def multidigits_spec(tmp_path, steps=8, select=None, threshold=-0.1, tasks=("left", "right")):
+    fields = dict(model={"factory": "reconfx.zoo:small_resnet",
+                         "kwargs": {"num_classes": 10, "width": 8, "tasks": list(tasks)}},
+                  inputs=[{"name": "image", "shape": [4, 1, 12, 12]}],
+                  tasks=[{"name": t, "loss": "cross_entropy"} for t in tasks],
+                  data={"factory": "reconfx.data:multidigits" if len(tasks) == 2
+                        else "tests.models:ThreeTasks", "kwargs": {"size": 512},
+                        "batch_size": 64},
+                  profile={"steps": steps, "threshold": threshold},
+                  export={"dir": str(tmp_path / "out")})
+    if select:
+        fields["select"] = select
+    return write_spec(tmp_path, "md", **fields)
+
+
+def reference_counts(matrices, blocks, threshold):
+    """Per step, per layer, per pair: cosine with .item(), counted in plain Python."""
+    tasks = matrices[0].shape[0]
+    conflicts = [[[0] * tasks for _ in range(tasks)] for _ in blocks]
+    valid = [[[0] * tasks for _ in range(tasks)] for _ in blocks]
+    for grads in matrices:
+        for layer, (a, b) in enumerate(blocks):
+            for i in range(tasks):
+                for j in range(i + 1, tasks):
+                    gi, gj = grads[i, a:b].double(), grads[j, a:b].double()
+                    ni, nj = gi.norm().item(), gj.norm().item()
+                    if ni == 0 or nj == 0:
+                        continue
+                    valid[layer][i][j] += 1
+                    if (gi @ gj).item() / (ni * nj) < threshold:
+                        conflicts[layer][i][j] += 1
+    return torch.tensor(conflicts), torch.tensor(valid)
+
+
+def run_profile(spec_path, steps, record=None):
+    prepared = prepare(spec_path)
+    s = prepared.loaded.spec
+    data = call_data_factory(s.data, "train", 0, "spec")
+    module = prepared.traced.module
+    optimizer = make_optimizer([p for p in module.parameters()], "adam", 1e-3, 0.0)
+    losses = []
+    result = profile(module, prepared.layers, s.task_names, loss_functions(list(s.tasks), "s"),
+                     batches(data, s.data.batch_size, 0), steps, s.profile.threshold, optimizer,
+                     on_step=lambda step, loss: losses.append(loss.tolist()), record=record)
+    return result, losses
+
+
+@pytest.mark.parametrize("tasks", [("left", "right"), ("a", "b", "c")])
+def test_counts_equal_the_per_pair_reference_on_multidigits(tmp_path, tasks):
+    spec = multidigits_spec(tmp_path, tasks=tasks)
+    recorded = []
+    result, _ = run_profile(spec, 6, recorded.append)
+    assert len(recorded) == 6
+    conflicts, valid = reference_counts(recorded, result.counter.blocks, result.threshold)
+    assert torch.equal(result.counter.conflicts, conflicts)
+    assert torch.equal(result.counter.valid, valid)
+    assert result.counter.hist.sum().item() == valid.sum().item()
+    assert sum(result.counter.scores()) > 0  # the deeper layers do conflict
+
+
+def test_zero_or_absent_gradients_are_excluded_not_counted():
+    counter = ConflictCounter([(0, 2), (2, 4)], tasks=3, threshold=0.0)
+    grads = torch.tensor([[1.0, 0.0, 1.0, 1.0],
+                          [-1.0, 0.0, 0.0, 0.0],   # task 1 has no gradient for layer 2
+                          [0.0, 1.0, -1.0, -1.0]])
+    counter.update(grads)
+    # layer 1: pairs (0,1) cos -1 -> conflict, (0,2) cos 0, (1,2) cos 0: all valid
+    assert counter.valid[0].sum() == 3 and counter.conflicts[0, 0, 1] == 1
+    assert counter.conflicts[0].sum() == 1
+    # layer 2: only pair (0,2) is valid, cos -1
+    assert counter.valid[1].tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert counter.conflicts[1].tolist() == [[0, 0, 1], [0, 0, 0], [0, 0, 0]]
+    assert counter.strong[1, 0, 2] == 1
+
+
+def test_counter_memory_does_not_grow_with_steps():
+    counter = ConflictCounter([(0, 3)], tasks=2, threshold=-0.1)
+    sizes = [t.numel() for t in (counter.conflicts, counter.valid, counter.hist)]
+    for _ in range(50):
+        counter.update(torch.randn(2, 3))
+    assert [t.numel() for t in (counter.conflicts, counter.valid, counter.hist)] == sizes
+    assert counter.valid.sum() == 50
+
+
+def test_profiling_trains_jointly(tmp_path):
+    _, losses = run_profile(multidigits_spec(tmp_path), 30)
+    first, last = torch.tensor(losses[:5]).mean(0), torch.tensor(losses[-5:]).mean(0)
+    assert (last < first).all()
+
+
+def test_profile_command_writes_scores_and_compile_uses_them(tmp_path, capsys):
+    spec = multidigits_spec(tmp_path, steps=10, select={"top_k": 5})
+    assert main(["profile", str(spec), "--quiet"]) == 0
+    out = tmp_path / "out"
+    data = json.loads((out / "conflicts.json").read_text())
+    assert data["steps"] == 10 and data["tasks"] == ["left", "right"]
+    rows = {row["name"]: row for row in data["layers"]}
+    assert len(rows) == 24  # the shared layers of the small ResNet
+    assert sum(row["branched"] for row in rows.values()) == 5
+    assert (out / "conflicts.png").stat().st_size > 0
+    ranked = sorted(rows.values(), key=lambda r: -r["score"])
+    assert main(["compile", str(spec), "--quiet"]) == 0
+    report = (out / "report.md").read_text()
+    assert "branched layers: 5 of 24 shared" in report
+    for row in ranked[:3]:  # the highest scores are among the branched layers
+        assert row["branched"]
+    assert main(["inspect", str(spec)]) == 0
+    assert "score" in capsys.readouterr().out.splitlines()[1]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["conflicts.json"]["command"] == "profile"
+    assert manifest["files"]["model.py"]["command"] == "compile"
+
+
+def test_profile_needs_data_and_losses(tmp_path, capsys):
+    spec = write_spec(tmp_path, "nodata", model={"factory": "reconfx.zoo:small_resnet"},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}])
+    assert main(["profile", str(spec)]) == 2
+    assert "data: profiling trains on data" in capsys.readouterr().err

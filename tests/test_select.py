@@ -1,0 +1,93 @@
+"""Selection policies on a real layer inventory (the small ResNet's 24 shared layers)."""
+
+import math
+
+import pytest
+
+from reconfx.errors import SelectionError
+from reconfx.pipeline import prepare
+from reconfx.select import select_layers
+from reconfx.spec import SelectSpec
+from tests.support import write_spec
+
+
+@pytest.fixture(scope="module")
+def layers(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("select")
+    spec = write_spec(folder, "sel", model={"factory": "reconfx.zoo:small_resnet",
+                                            "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}])
+    return prepare(spec).layers
+
+
+def shared(layers):
+    return [x for x in layers if x.shared]
+
+
+def scores_by_position(layers, values):
+    """Scores for the shared layers in graph order (ties on purpose)."""
+    return {layer.name: values[i % len(values)] for i, layer in enumerate(shared(layers))}
+
+
+def names(chosen):
+    return [x.name for x in chosen]
+
+
+def test_top_k_ranks_by_score_and_breaks_ties_by_graph_order(layers):
+    scores = scores_by_position(layers, [5, 9, 9, 1])
+    chosen = select_layers(layers, SelectSpec(top_k=3), scores=scores)
+    expected = [x.name for x in shared(layers) if scores[x.name] == 9][:3]
+    assert names(chosen) == expected
+    assert [x.order for x in chosen] == sorted(x.order for x in chosen)
+
+
+def test_top_k_above_the_candidates_takes_all_and_warns(layers):
+    with pytest.warns(UserWarning, match="exceeds the 24 candidate layers"):
+        chosen = select_layers(layers, SelectSpec(top_k=99), scores=scores_by_position(layers, [1]))
+    assert len(chosen) == 24
+
+
+def test_fraction_rounds_up(layers):
+    chosen = select_layers(layers, SelectSpec(fraction=0.1),
+                           scores=scores_by_position(layers, [3, 2, 1]))
+    assert len(chosen) == math.ceil(0.1 * 24)
+
+
+def test_param_budget_takes_the_longest_ranked_prefix_within_budget(layers):
+    scores = {x.name: -x.order for x in shared(layers)}  # rank in graph order
+    pool = shared(layers)
+    total = sum(x.num_params for x in pool)
+    chosen = select_layers(layers, SelectSpec(param_budget=10.0), scores=scores, tasks=3)
+    added = 2 * sum(x.num_params for x in chosen)
+    assert added <= 0.10 * total
+    next_layer = pool[len(chosen)]
+    assert added + 2 * next_layer.num_params > 0.10 * total
+    assert names(chosen) == names(pool[:len(chosen)])
+
+
+def test_min_score(layers):
+    scores = scores_by_position(layers, [0, 4, 7])
+    chosen = select_layers(layers, SelectSpec(min_score=4), scores=scores)
+    assert names(chosen) == [x.name for x in shared(layers) if scores[x.name] >= 4]
+
+
+def test_include_and_exclude_narrow_the_candidates(layers):
+    spec = SelectSpec(top_k=50, include=["layer3.*", "layer4.*"], exclude=["*.bn*"])
+    with pytest.warns(UserWarning):
+        chosen = select_layers(layers, spec, scores=scores_by_position(layers, [1]))
+    assert names(chosen) and all(n.startswith(("layer3", "layer4")) and ".bn" not in n
+                                 for n in names(chosen))
+
+
+def test_random_is_seeded_and_needs_no_profile(layers):
+    first = select_layers(layers, SelectSpec(random={"k": 5, "seed": 3}))
+    again = select_layers(layers, SelectSpec(random={"k": 5, "seed": 3}))
+    other = select_layers(layers, SelectSpec(random={"k": 5, "seed": 4}))
+    assert names(first) == names(again) and len(first) == 5
+    assert names(first) != names(other)
+
+
+def test_scores_from_another_model_are_refused(layers):
+    with pytest.raises(SelectionError, match="no score for 24 candidate"):
+        select_layers(layers, SelectSpec(top_k=2), scores={"fc": 3})
