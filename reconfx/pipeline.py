@@ -31,20 +31,13 @@ from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profile import (
-    Profile,
-    annotate,
-    chart,
-    load_scores,
-    loss_functions,
-    make_optimizer,
-    profile,
-)
+from reconfx.profile import Profile, annotate, chart, load_scores, profile
 from reconfx.report import Cost, compile_report, flops, latencies
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
 from reconfx.spec import LoadedSpec, class_name, load_spec_file
 from reconfx.trace import Traced, trace
+from reconfx.train.objectives import loss_functions, make_optimizer
 
 CONFLICTS = "conflicts.json"
 

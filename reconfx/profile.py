@@ -18,62 +18,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from reconfx.errors import SpecError
-from reconfx.graph import DualGraphModule, resolve
+from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
+from reconfx.train.aggregators import aggregator
+from reconfx.train.step import MultiTaskStep
 
 BINS = 20  # cosine histogram over [-1, 1]
 STRONG = -0.01  # "strongly conflicting": cos in (-0.01, -1] as in Recon's analysis
-
-
-def layer_parameters(module: nn.Module, layer: Layer) -> list[nn.Parameter]:
-    """The distinct parameters of a layer (tied ones once), in a fixed order."""
-    found: dict[int, nn.Parameter] = {}
-    for path in layer.modules:
-        for p in module.get_submodule(path).parameters():
-            found.setdefault(id(p), p)
-    for target in layer.params:
-        p = resolve(module, target)
-        found.setdefault(id(p), p)
-    return [p for p in found.values() if p.requires_grad]
-
-
-class GradientBuffer:
-    """A T×P matrix whose column blocks are the candidate layers' parameters."""
-
-    def __init__(self, module: nn.Module, layers: list[Layer], tasks: int):
-        self.params: list[nn.Parameter] = []
-        self.blocks: list[tuple[int, int]] = []
-        offset = 0
-        for layer in layers:
-            start = offset
-            for p in layer_parameters(module, layer):
-                self.params.append(p)
-                offset += p.numel()
-            self.blocks.append((start, offset))
-        device = self.params[0].device if self.params else torch.device("cpu")
-        self.matrix = torch.zeros(tasks, offset, device=device)
-        self._spans = []
-        start = 0
-        for p in self.params:
-            self._spans.append((start, start + p.numel()))
-            start += p.numel()
-
-    def write(self, task: int, grads: list[torch.Tensor | None]) -> None:
-        row = self.matrix[task]
-        for (a, b), g in zip(self._spans, grads, strict=True):
-            if g is None:
-                row[a:b].zero_()
-            else:
-                row[a:b].copy_(g.reshape(-1))
-
-    def scatter(self, vector: torch.Tensor) -> None:
-        """Set each parameter's ``.grad`` from one P-vector (the aggregated gradient)."""
-        for (a, b), p in zip(self._spans, self.params, strict=True):
-            p.grad = vector[a:b].view_as(p).clone()
 
 
 class ConflictCounter:
@@ -148,36 +100,6 @@ class Profile:
                 "layers": rows}
 
 
-LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
-    "cross_entropy": lambda out, y: F.cross_entropy(out.flatten(0, -2) if out.dim() > 2 else out,
-                                                    y.flatten() if out.dim() > 2 else y),
-    "mse": lambda out, y: F.mse_loss(out, y.to(out.dtype).view_as(out)),
-    "l1": lambda out, y: F.l1_loss(out, y.to(out.dtype).view_as(out)),
-    "bce": lambda out, y: F.binary_cross_entropy_with_logits(out, y.to(out.dtype).view_as(out)),
-}
-
-
-def loss_functions(tasks: list, where: str) -> list[Callable]:
-    fns = []
-    for i, task in enumerate(tasks):
-        if task.loss is None:
-            raise SpecError("profiling needs a loss for every task",
-                            where=f"{where}: tasks[{i}].loss", fix=f"one of {', '.join(LOSSES)}")
-        if task.loss not in LOSSES:
-            raise SpecError(f"unknown loss '{task.loss}'", where=f"{where}: tasks[{i}].loss",
-                            fix=f"one of {', '.join(LOSSES)}")
-        fns.append(LOSSES[task.loss])
-    return fns
-
-
-def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
-                   weight_decay: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    cls = torch.optim.AdamW if name == "adamw" else torch.optim.Adam
-    return cls(params, lr=lr, weight_decay=weight_decay)
-
-
 def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
             loss_fns: list[Callable], batches: Iterator[tuple[dict, dict]], steps: int,
             threshold: float, optimizer: torch.optim.Optimizer,
@@ -186,37 +108,25 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     """Joint training for ``steps`` steps with equal weights (EW: the shared update is the sum of
     the task gradients, i.e. the gradient of the summed losses), counting conflicts on the way.
 
-    ``record`` (tests) receives each step's T×P matrix; ``on_step`` the step's loss vector.
+    ``record`` (tests) receives a copy of each step's T×P matrix; ``on_step`` the loss vector.
     """
     candidates = [layer for layer in layers if layer.shared]
-    buffer = GradientBuffer(module, candidates, len(tasks))
-    counter = ConflictCounter(buffer.blocks, len(tasks), threshold, buffer.matrix.device)
-    in_buffer = {id(p) for p in buffer.params}
-    others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
-    module.train()
-    for step in range(steps):
-        inputs, targets = next(batches)
-        outputs = module(**inputs)
-        losses = torch.stack([fn(outputs[t], targets[t]) for t, fn in zip(tasks, loss_fns,
-                                                                             strict=True)])
-        optimizer.zero_grad(set_to_none=True)
-        other_grads = [torch.zeros_like(p) for p in others]
-        for t in range(len(tasks)):
-            grads = torch.autograd.grad(losses[t], buffer.params + others,
-                                        retain_graph=t < len(tasks) - 1, allow_unused=True)
-            buffer.write(t, list(grads[:len(buffer.params)]))
-            for acc, g in zip(other_grads, grads[len(buffer.params):], strict=True):
-                if g is not None:
-                    acc += g
+    step = MultiTaskStep(module, candidates, tasks, loss_fns, aggregator("ew", len(tasks)),
+                         optimizer)
+    counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
+                              step.buffer.matrix.device)
+
+    def observe(matrix: torch.Tensor) -> None:
         if record is not None:
-            record(buffer.matrix.clone())
-        counter.update(buffer.matrix)
-        buffer.scatter(buffer.matrix.sum(0))
-        for p, g in zip(others, other_grads, strict=True):
-            p.grad = g
-        optimizer.step()
+            record(matrix.clone())
+        counter.update(matrix)
+
+    module.train()
+    for index in range(steps):
+        inputs, targets = next(batches)
+        losses = step(inputs, targets, observe)
         if on_step is not None:
-            on_step(step, losses.detach())
+            on_step(index, losses)
     return Profile(candidates, tasks, threshold, steps, counter)
 
 

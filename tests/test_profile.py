@@ -9,7 +9,8 @@ import torch
 from reconfx.build import call_data_factory
 from reconfx.cli import main
 from reconfx.pipeline import batches, prepare
-from reconfx.profile import ConflictCounter, loss_functions, make_optimizer, profile
+from reconfx.profile import ConflictCounter, profile
+from reconfx.train.objectives import loss_functions, make_optimizer
 from tests.support import write_spec
 
 

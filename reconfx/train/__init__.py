@@ -1,0 +1,1 @@
+"""Multi-task training: per-task gradients, aggregation with torchjd, the training loop."""

@@ -1,0 +1,101 @@
+"""The training loop, evaluation and Δm.
+
+``fit`` trains a graph module (original or branched) for ``epochs`` over a data set with the
+spec's optimiser and aggregator, evaluates on the validation split after every epoch and keeps
+the best weights (by mean relative metric, each task's metric turned so that higher is better).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from reconfx.layers import Layer
+from reconfx.train.objectives import Metric, make_optimizer
+from reconfx.train.step import MultiTaskStep
+
+
+@dataclass
+class FitResult:
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss + metrics
+    best_epoch: int = -1
+    best: dict[str, float] = field(default_factory=dict)
+
+
+def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool,
+           seed: int = 0) -> torch.utils.data.DataLoader:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
+                                       generator=generator)
+
+
+@torch.no_grad()
+def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[str],
+             metrics: list[tuple[str, Metric]], batch_size: int = 256) -> dict[str, float]:
+    """Each task's metric over the whole data set, in eval mode."""
+    was_training = module.training
+    module.eval()
+    totals = {t: 0.0 for t in tasks}
+    counts = {t: 0 for t in tasks}
+    for inputs, targets in loader(dataset, batch_size, shuffle=False):
+        outputs = module(**inputs)
+        for task, (_name, metric) in zip(tasks, metrics, strict=True):
+            totals[task] += float(metric.total(outputs[task], targets[task]))
+            counts[task] += metric.count(outputs[task], targets[task])
+    module.train(was_training)
+    return {t: totals[t] / max(counts[t], 1) for t in tasks}
+
+
+def delta_m(values: dict[str, float], baselines: dict[str, float],
+            metrics: dict[str, Metric]) -> float:
+    """Δm% = mean over tasks of (−1)^l (M − B) / B × 100, l = 1 when lower is better."""
+    terms = []
+    for task, base in baselines.items():
+        sign = 1.0 if metrics[task].higher_is_better else -1.0
+        terms.append(sign * (values[task] - base) / base * 100.0)
+    return sum(terms) / len(terms)
+
+
+def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list[Callable],
+        metrics: list[tuple[str, Metric]], aggregate: Callable[[torch.Tensor], torch.Tensor],
+        train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
+        epochs: int, batch_size: int, optimizer: str = "adam", lr: float = 1e-3,
+        weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> FitResult:
+    """Train ``module`` in place; at the end it holds the best epoch's weights."""
+    torch.manual_seed(seed)
+    params = [p for p in module.parameters() if p.requires_grad]
+    step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate,
+                         make_optimizer(params, optimizer, lr, weight_decay))
+    result = FitResult()
+    best_score, best_state = None, None
+    data = loader(train_data, batch_size, shuffle=True, seed=seed)
+    for epoch in range(epochs):
+        module.train()
+        summed = torch.zeros(len(tasks))
+        bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        for index, (inputs, targets) in enumerate(bar):
+            losses = step(inputs, targets)
+            summed += losses
+            if index % 10 == 0:
+                bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, losses.tolist(),
+                                                                strict=True)})
+        row = {f"loss/{t}": float(v) / max(len(data), 1) for t, v in zip(tasks, summed,
+                                                                            strict=True)}
+        if val_data is not None:
+            values = evaluate(module, val_data, tasks, metrics)
+            row.update({f"val/{t}": v for t, v in values.items()})
+            score = sum(v if m.higher_is_better else -v
+                        for v, (_n, m) in zip(values.values(), metrics, strict=True))
+            if best_score is None or score > best_score:
+                best_score, result.best_epoch = score, epoch
+                best_state = copy.deepcopy(module.state_dict())
+                result.best = values
+        result.history.append(row)
+    if best_state is not None:
+        module.load_state_dict(best_state)
+    return result
