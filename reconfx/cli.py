@@ -91,6 +91,34 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_run(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import run_spec
+
+    _say(args, f"running {args.spec}: profile -> select -> branch -> train -> evaluate -> emit")
+    compiled = run_spec(args.spec, args.out, progress=not args.quiet)
+    for line in compiled.results:
+        if line:
+            _say(args, line)
+    for check in compiled.checks:
+        _say(args, f"  {check.name}: {check.detail}")
+    for path in compiled.written:
+        _say(args, f"wrote {path}")
+    for warning in compiled.warnings:
+        print(f"reconfx: warning: {warning}", file=sys.stderr)
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import evaluate_spec
+
+    values, delta = evaluate_spec(args.spec, args.out, args.split)
+    for task, value in values.items():
+        print(f"{task}: {value:.4f}")
+    if delta is not None:
+        print(f"delta-m: {delta:+.2f}%")
+    return 0
+
+
 def cmd_compile(args: argparse.Namespace) -> int:
     from reconfx.pipeline import compile_spec
 
@@ -127,6 +155,16 @@ def parser() -> argparse.ArgumentParser:
     pr.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
     pr.add_argument("--quiet", action="store_true", help="no progress bar, print only errors")
     pr.set_defaults(run=cmd_profile)
+    r = sub.add_parser("run", help="profile, select, branch, train, evaluate and emit")
+    r.add_argument("spec", type=Path)
+    r.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    r.add_argument("--quiet", action="store_true", help="no progress bars, print only errors")
+    r.set_defaults(run=cmd_run)
+    e = sub.add_parser("eval", help="evaluate the emitted model in export.dir on a data split")
+    e.add_argument("spec", type=Path)
+    e.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    e.add_argument("--split", default="test", choices=["train", "val", "test"])
+    e.set_defaults(run=cmd_eval)
     c = sub.add_parser("compile", help="trace, branch, check invariants, write model.py etc.")
     c.add_argument("spec", type=Path)
     c.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")

@@ -7,6 +7,7 @@ invariants I1-I4 and writes ``model.py``, ``original.py``, ``branch.diff``,
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import textwrap
@@ -32,12 +33,14 @@ from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profile import Profile, annotate, chart, load_scores, profile
-from reconfx.report import Cost, compile_report, flops, latencies
+from reconfx.report import Cost, compile_report, flops, latencies, markdown_table
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
-from reconfx.spec import LoadedSpec, class_name, load_spec_file
+from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.trace import Traced, trace
-from reconfx.train.objectives import loss_functions, make_optimizer
+from reconfx.train.aggregators import aggregator
+from reconfx.train.loop import FitResult, delta_m, evaluate, fit
+from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
 
 CONFLICTS = "conflicts.json"
 
@@ -58,6 +61,8 @@ class Compiled:
     branched: Branched
     checks: list[Check]
     scores: dict[str, int] | None = None
+    results: list[str] = field(default_factory=list)  # report lines of run (metrics, conflicts)
+    profile: Profile | None = None  # written as conflicts.json/.png with the model (run)
     written: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
@@ -87,7 +92,15 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     prepared = prepare(spec)
     s = prepared.loaded.spec
     out = Path(out_dir) if out_dir is not None else s.export_dir()
-    scores = stored_scores(out)
+    compiled = branch_checked(prepared, stored_scores(out))
+    compiled.out_dir = out
+    compiled.written = _write(compiled, compiled.out_dir)
+    return compiled
+
+
+def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compiled:
+    """Select, branch and check I1-I3 against the original model."""
+    s = prepared.loaded.spec
     chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
                            len(s.tasks))
     branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
@@ -100,9 +113,91 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     if "onnx" in s.export.formats:
         compiled.warnings.append("export.formats lists onnx, which this version of reconfx does "
                                  "not write yet; only the Python artifacts are written")
-    compiled.out_dir = out
-    compiled.written = _write(compiled, compiled.out_dir)
     return compiled
+
+
+SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
+
+
+def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+             progress: bool = True) -> Compiled:
+    """profile -> select -> branch -> train -> evaluate -> emit (trained weights)."""
+    prepared = prepare(spec)
+    loaded, s = prepared.loaded, prepared.loaded.spec
+    where = str(loaded.path)
+    require_data(loaded, "run")
+    module = prepared.traced.module
+    initial = copy.deepcopy(module.state_dict())
+    result = None
+    if s.select is not None and s.select.policy in SCORE_POLICIES:
+        result = profile_prepared(prepared, progress)
+        if s.train.init == "initial":  # the paper's protocol: retrain from the same start
+            module.load_state_dict(initial)
+    compiled = branch_checked(prepared, result.scores() if result else None)
+    shared = [layer for layer in inventory(compiled.branched.module, s.task_names)
+              if layer.shared]
+    metrics = metric_functions(list(s.tasks), where)
+    train_data = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
+    val_data = call_data_factory(s.data, "val", s.train.seed, f"{where}: data")
+    test_data = call_data_factory(s.data, "test", s.train.seed, f"{where}: data")
+    fitted = fit(compiled.branched.module, shared, s.task_names, loss_functions(list(s.tasks),
+                 where), metrics, aggregator(s.train.aggregator, len(s.tasks), where),
+                 train_data, val_data, s.train.epochs, s.data.batch_size, s.train.optimizer,
+                 s.train.lr, s.train.weight_decay, s.train.seed, progress, s.profile.threshold)
+    test = evaluate(compiled.branched.module, test_data, s.task_names, metrics)
+    compiled.results = run_report(s, metrics, fitted, test, result, shared)
+    compiled.profile = result
+    compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
+    compiled.written = _write(compiled, compiled.out_dir, "run")
+    return compiled
+
+
+def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                  split: str = "test") -> tuple[dict[str, float], float | None]:
+    """Each task's metric of the emitted model in the output folder, and delta-m when the spec
+    gives every task's single-task baseline."""
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    s, where = loaded.spec, str(loaded.path)
+    require_data(loaded, "eval")
+    metrics = metric_functions(list(s.tasks), where)
+    model = artifacts.load(Path(out_dir) if out_dir is not None else s.export_dir())
+    data = call_data_factory(s.data, split, s.train.seed, f"{where}: data")
+    values = evaluate(model, data, s.task_names, metrics)
+    baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
+    named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
+    delta = delta_m(values, baselines, named) if len(baselines) == len(s.tasks) else None
+    return values, delta
+
+
+def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float],
+               result: Profile | None, shared: list[Layer]) -> list[str]:
+    """report.md lines for run: test metrics, delta-m, conflict share before and after."""
+    named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
+    lines = ["## Training and evaluation", "",
+             f"- aggregator `{s.train.aggregator}`, {s.train.epochs} epoch(s), optimiser "
+             f"{s.train.optimizer} (lr {s.train.lr}), best validation epoch "
+             f"{fitted.best_epoch + 1}", ""]
+    rows = [[t, name, f"{test[t]:.4f}", f"{fitted.best.get(t, float('nan')):.4f}"]
+            for t, (name, _m) in zip(s.task_names, metrics, strict=True)]
+    lines.append(markdown_table(["task", "metric", "test", "best val"], rows))
+    baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
+    if len(baselines) == len(s.tasks):
+        lines += ["", f"- delta-m vs the single-task baselines in the spec: "
+                      f"{delta_m(test, baselines, named):+.2f}%"]
+    counter = fitted.conflicts
+    if result is not None and counter is not None and counter.valid.numel():
+        rest = {layer.name for layer in shared}
+        rows_before = [r for r in result.to_json()["layers"] if r["name"] in rest]
+        strong = sum((r["strong_share"] or 0) * r["valid_pairs"] for r in rows_before)
+        valid = sum(r["valid_pairs"] for r in rows_before)
+        after = int(counter.strong.sum()) / max(int(counter.valid.sum()), 1)
+        if valid:
+            lines += ["", f"- strongly conflicting gradient pairs (cos <= -0.01) in the "
+                          f"{len(rest)} remaining shared layers: {100 * strong / valid:.1f}% "
+                          f"while profiling the unbranched model ({result.steps} steps), "
+                          f"{100 * after:.1f}% while training the branched one "
+                          f"({counter.steps} steps)"]
+    return lines
 
 
 def stored_scores(out_dir: Path) -> dict[str, int] | None:
@@ -119,21 +214,20 @@ class Profiled:
     written: list[Path]
 
 
-def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = True) -> Profiled:
-    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png."""
-    prepared = prepare(spec)
+def require_data(loaded: LoadedSpec, command: str) -> None:
+    if loaded.spec.data is None:
+        raise SpecError(f"{command} trains on data, and the spec has none",
+                        where=f"{loaded.path}: data",
+                        fix='add data: {factory: "reconfx.data:multidigits", batch_size: 128}')
+
+
+def profile_prepared(prepared: Prepared, progress: bool) -> Profile:
+    """Run the profiling pass on the traced model (it trains those weights in place)."""
     loaded, s = prepared.loaded, prepared.loaded.spec
     where = str(loaded.path)
-    if s.data is None:
-        raise SpecError("profiling trains on data, and the spec has none", where=f"{where}: data",
-                        fix='add data: {factory: "reconfx.data:multidigits", batch_size: 128}')
-    if s.train.aggregator not in ("ew", "mean"):
-        raise SpecError(f"the profiling pass of this version trains with equal weights only, "
-                        f"not '{s.train.aggregator}'", where=f"{where}: train.aggregator",
-                        fix="use aggregator: ew (gradient-manipulation aggregators come with the "
-                            "trainer)")
+    require_data(loaded, "profiling")
     loss_fns = loss_functions(list(s.tasks), where)
+    aggregate = aggregator(s.train.aggregator, len(s.tasks), where)
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
     torch.manual_seed(s.train.seed)
     module = prepared.traced.module
@@ -149,20 +243,32 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
 
     result = profile(module, prepared.layers, s.task_names, loss_fns,
                      batches(dataset, s.data.batch_size, s.train.seed), s.profile.steps,
-                     s.profile.threshold, optimizer, on_step)
+                     s.profile.threshold, optimizer, on_step, aggregate=aggregate)
     bar.close()
     annotate(module, result)
-    scores = result.scores()
-    chosen = select_layers(prepared.layers, s.select, where, scores, len(s.tasks)) \
-        if s.select is not None else []
-    branched = {layer.name for layer in chosen}
+    return result
+
+
+def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[str]) -> list[str]:
+    staging.write_text(CONFLICTS, json.dumps(result.to_json(branched), indent=1) + "\n")
+    staging.write_with("conflicts.png", lambda p: chart(result, branched, p))
+    return [CONFLICTS, "conflicts.png"]
+
+
+def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                 progress: bool = True) -> Profiled:
+    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png."""
+    prepared = prepare(spec)
+    loaded, s = prepared.loaded, prepared.loaded.spec
+    result = profile_prepared(prepared, progress)
+    chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
+                           len(s.tasks)) if s.select is not None else []
     out = Path(out_dir) if out_dir is not None else s.export_dir()
     with artifacts.Staging(out) as staging:
-        staging.write_text(CONFLICTS, json.dumps(result.to_json(branched), indent=1) + "\n")
-        staging.write_with("conflicts.png", lambda p: chart(result, branched, p))
+        files = write_conflicts(staging, result, {layer.name for layer in chosen})
         staging.write_text("manifest.json", artifacts.manifest_text(
             staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
-            s.train.seed, [CONFLICTS, "conflicts.png"], class_name(s.name)))
+            s.train.seed, files, class_name(s.name)))
         written = staging.commit()
     return Profiled(prepared, result, chosen, written)
 
@@ -209,7 +315,7 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, list[str]]:
     return model_py.source, original_py.source, diff, model_py.factory_leaves
 
 
-def _write(compiled: Compiled, out_dir: Path) -> list[Path]:
+def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[Path]:
     from safetensors.torch import save_model
 
     prepared, branched = compiled.prepared, compiled.branched
@@ -230,14 +336,20 @@ def _write(compiled: Compiled, out_dir: Path) -> list[Path]:
         example = prepared.examples[0]
         lat = latencies([prepared.traced.module, branched.module], example)
         report = compile_report(
-            s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers, branched.layers,
-            branched.per_task_norms, branched.shared_norms,
+            command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
+            branched.layers, branched.per_task_norms, branched.shared_norms,
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
             compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings)
+        if compiled.results:
+            report = report.replace("\n## Checks", "\n" + "\n".join(compiled.results)
+                                    + "\n\n## Checks", 1)
         staging.write_text("report.md", report)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
+        if compiled.profile is not None:
+            files += write_conflicts(staging, compiled.profile,
+                                     {layer.name for layer in branched.layers})
         staging.write_text("manifest.json", artifacts.manifest_text(
-            staging.out_dir, staging.path, "compile", prepared.loaded.path,
+            staging.out_dir, staging.path, command, prepared.loaded.path,
             prepared.loaded.sha256, s.train.seed, files, name))
         return staging.commit()

@@ -104,15 +104,16 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
             loss_fns: list[Callable], batches: Iterator[tuple[dict, dict]], steps: int,
             threshold: float, optimizer: torch.optim.Optimizer,
             on_step: Callable[[int, torch.Tensor], None] | None = None,
-            record: Callable[[torch.Tensor], None] | None = None) -> Profile:
-    """Joint training for ``steps`` steps with equal weights (EW: the shared update is the sum of
-    the task gradients, i.e. the gradient of the summed losses), counting conflicts on the way.
+            record: Callable[[torch.Tensor], None] | None = None,
+            aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Profile:
+    """Joint training for ``steps`` steps with ``aggregate`` (default EW: the shared update is the
+    sum of the task gradients, the gradient of the summed losses), counting conflicts on the way.
 
     ``record`` (tests) receives a copy of each step's T×P matrix; ``on_step`` the loss vector.
     """
     candidates = [layer for layer in layers if layer.shared]
-    step = MultiTaskStep(module, candidates, tasks, loss_fns, aggregator("ew", len(tasks)),
-                         optimizer)
+    step = MultiTaskStep(module, candidates, tasks, loss_fns,
+                         aggregate or aggregator("ew", len(tasks)), optimizer)
     counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                               step.buffer.matrix.device)
 

@@ -74,12 +74,12 @@ def percent(new: float, old: float) -> str:
     return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
 
-def compile_report(name: str, tier: str, notes: list[str], layers: list[Layer],
+def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
                    original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
                    factory_leaves: list[str], warnings: list[str]) -> str:
     names = {layer.name for layer in branched}
-    lines = [f"# reconfx compile: {name}", "",
+    lines = [f"# reconfx {command}: {name}", "",
              f"- tracing tier: `{tier}`",
              f"- branched layers: {len(branched)} of {sum(1 for x in layers if x.shared)} shared "
              f"({len(layers)} layers in all)",

@@ -133,3 +133,12 @@ def test_profile_needs_data_and_losses(tmp_path, capsys):
                       tasks=[{"name": "left"}, {"name": "right"}])
     assert main(["profile", str(spec)]) == 2
     assert "data: profiling trains on data" in capsys.readouterr().err
+
+
+def test_profile_with_a_gradient_manipulation_aggregator(tmp_path):
+    spec = multidigits_spec(tmp_path, steps=4)
+    spec.write_text(spec.read_text() + "train: {aggregator: pcgrad}\n")
+    from reconfx.pipeline import profile_spec
+
+    done = profile_spec(spec, progress=False)
+    assert done.result.counter.steps == 4

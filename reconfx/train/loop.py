@@ -16,6 +16,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.layers import Layer
+from reconfx.profile import ConflictCounter
 from reconfx.train.objectives import Metric, make_optimizer
 from reconfx.train.step import MultiTaskStep
 
@@ -25,6 +26,7 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss + metrics
     best_epoch: int = -1
     best: dict[str, float] = field(default_factory=dict)
+    conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
 
 
 def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool,
@@ -65,13 +67,20 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         metrics: list[tuple[str, Metric]], aggregate: Callable[[torch.Tensor], torch.Tensor],
         train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
         epochs: int, batch_size: int, optimizer: str = "adam", lr: float = 1e-3,
-        weight_decay: float = 0.0, seed: int = 0, progress: bool = True) -> FitResult:
-    """Train ``module`` in place; at the end it holds the best epoch's weights."""
+        weight_decay: float = 0.0, seed: int = 0, progress: bool = True,
+        threshold: float | None = None) -> FitResult:
+    """Train ``module`` in place; at the end it holds the best epoch's weights. With
+    ``threshold``, conflict statistics of the shared layers are counted from the per-task
+    gradients the step computes anyway."""
     torch.manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate,
                          make_optimizer(params, optimizer, lr, weight_decay))
     result = FitResult()
+    if threshold is not None:
+        result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
+                                           step.buffer.matrix.device)
+    observe = result.conflicts.update if result.conflicts is not None else None
     best_score, best_state = None, None
     data = loader(train_data, batch_size, shuffle=True, seed=seed)
     for epoch in range(epochs):
@@ -79,7 +88,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         summed = torch.zeros(len(tasks))
         bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for index, (inputs, targets) in enumerate(bar):
-            losses = step(inputs, targets)
+            losses = step(inputs, targets, observe)
             summed += losses
             if index % 10 == 0:
                 bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, losses.tolist(),
