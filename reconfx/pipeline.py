@@ -41,6 +41,8 @@ from reconfx.trace import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
+from reconfx.train.sparse import SparseMask, neuron_masks
+from reconfx.train.step import layer_parameters
 
 CONFLICTS = "conflicts.json"
 
@@ -140,16 +142,37 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     train_data = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
     val_data = call_data_factory(s.data, "val", s.train.seed, f"{where}: data")
     test_data = call_data_factory(s.data, "test", s.train.seed, f"{where}: data")
+    sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
     fitted = fit(compiled.branched.module, shared, s.task_names, loss_functions(list(s.tasks),
                  where), metrics, aggregator(s.train.aggregator, len(s.tasks), where),
                  train_data, val_data, s.train.epochs, s.data.batch_size, s.train.optimizer,
-                 s.train.lr, s.train.weight_decay, s.train.seed, progress, s.profile.threshold)
+                 s.train.lr, s.train.weight_decay, s.train.seed, progress, s.profile.threshold,
+                 sparse)
     test = evaluate(compiled.branched.module, test_data, s.task_names, metrics)
     compiled.results = run_report(s, metrics, fitted, test, result, shared)
+    if sparse is not None:
+        compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
+                                f"the encoder's weight entries trainable ({len(sparse.entries)} "
+                                "weight tensors masked, heads and 1-D parameters fully trained)")
     compiled.profile = result
     compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
     compiled.written = _write(compiled, compiled.out_dir, "run")
     return compiled
+
+
+def encoder_mask(compiled: Compiled, s: Spec) -> SparseMask:
+    """The sparse-training mask over the encoder: every layer that was shared in the original
+    model (its remaining shared layers and the branched layers' per-task copies), not the
+    heads."""
+    module = compiled.branched.module
+    encoder = {layer.name for layer in compiled.prepared.layers if layer.shared}
+    params = []
+    for layer in inventory(module, s.task_names):
+        original = layer.name.rpartition(".")[0] if not layer.shared else layer.name
+        if layer.name in encoder or (not layer.shared and original in encoder):
+            params += layer_parameters(module, layer)
+    masks = neuron_masks(params, s.train.sparse.per_neuron_k, s.train.sparse.fraction)
+    return SparseMask(params, masks)
 
 
 def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,

@@ -212,8 +212,17 @@ class BranchSpec(_Strict):
 
 
 class SparseSpec(_Strict):
+    """Sparse training: each output neuron of the encoder keeps ``per_neuron_k`` (or ``fraction``
+    of its) largest-magnitude input connections trainable; exactly one of the two."""
+
     per_neuron_k: PositiveInt | None = None
     fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _one(self) -> SparseSpec:
+        if (self.per_neuron_k is None) == (self.fraction is None):
+            raise ValueError("give exactly one of per_neuron_k or fraction")
+        return self
 
 
 class TrainSpec(_Strict):

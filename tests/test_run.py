@@ -10,7 +10,7 @@ from reconfx.data import multidigits
 from tests.support import ARTIFACTS, assert_ruff_clean, write_spec
 
 
-def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial"):
+def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=None):
     return write_spec(
         tmp_path, "run",
         model={"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10, "width": 8}},
@@ -21,7 +21,8 @@ def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial"):
         data={"factory": "reconfx.data:multidigits", "kwargs": {"size": 2048},
               "batch_size": 64},
         profile={"steps": 12, "threshold": -0.1}, select=select,
-        train={"aggregator": aggregator, "epochs": 3, "lr": 3.0e-3, "init": init},
+        train={"aggregator": aggregator, "epochs": 3, "lr": 3.0e-3, "init": init,
+               "sparse": sparse},
         export={"dir": str(tmp_path / "out")})
 
 
@@ -57,9 +58,11 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert f"| left | accuracy | {float(table['left']):.4f} |" in report  # same numbers as run
 
 
-def test_run_with_explicit_layers_skips_profiling(tmp_path):
-    spec = run_spec_file(tmp_path, {"layers": ["layer4.*"]}, aggregator="mgda")
+def test_run_with_explicit_layers_and_sparse_training(tmp_path):
+    spec = run_spec_file(tmp_path, {"layers": ["layer4.*"]}, aggregator="mgda",
+                         sparse={"fraction": 0.6})
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
-    assert not (out / "conflicts.json").exists()
+    assert not (out / "conflicts.json").exists()  # an explicit choice needs no profile
+    assert "- sparse training: 6" in (out / "report.md").read_text()
     assert torch.isfinite(next(iter(reconfx.load(out).parameters()))).all()

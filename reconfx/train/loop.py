@@ -18,6 +18,7 @@ from tqdm import tqdm
 from reconfx.layers import Layer
 from reconfx.profile import ConflictCounter
 from reconfx.train.objectives import Metric, make_optimizer
+from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep
 
 
@@ -68,14 +69,14 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
         epochs: int, batch_size: int, optimizer: str = "adam", lr: float = 1e-3,
         weight_decay: float = 0.0, seed: int = 0, progress: bool = True,
-        threshold: float | None = None) -> FitResult:
+        threshold: float | None = None, sparse: SparseMask | None = None) -> FitResult:
     """Train ``module`` in place; at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
     gradients the step computes anyway."""
     torch.manual_seed(seed)
     params = [p for p in module.parameters() if p.requires_grad]
     step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate,
-                         make_optimizer(params, optimizer, lr, weight_decay))
+                         make_optimizer(params, optimizer, lr, weight_decay), sparse)
     result = FitResult()
     if threshold is not None:
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,

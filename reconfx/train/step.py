@@ -11,6 +11,7 @@ from torch import nn
 
 from reconfx.graph import resolve
 from reconfx.layers import Layer
+from reconfx.train.sparse import SparseMask
 
 
 def layer_parameters(module: nn.Module, layer: Layer) -> list[nn.Parameter]:
@@ -62,9 +63,9 @@ class MultiTaskStep:
 
     def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
-                 optimizer: torch.optim.Optimizer):
+                 optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None):
         self.module, self.tasks, self.loss_fns = module, tasks, loss_fns
-        self.aggregate, self.optimizer = aggregate, optimizer
+        self.aggregate, self.optimizer, self.sparse = aggregate, optimizer, sparse
         self.buffer = GradientBuffer(module, shared, len(tasks))
         in_buffer = {id(p) for p in self.buffer.params}
         self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
@@ -95,5 +96,9 @@ class MultiTaskStep:
             self.buffer.scatter(self.aggregate(self.buffer.matrix))
         for p, g in zip(others, other_grads, strict=True):
             p.grad = g
+        if self.sparse is not None:
+            self.sparse.before_step()
         self.optimizer.step()
+        if self.sparse is not None:
+            self.sparse.after_step()
         return losses.detach()
