@@ -11,6 +11,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from reconfx.errors import ReconfxError, SelectionError
 
@@ -91,6 +92,16 @@ def cmd_profile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _report(args: argparse.Namespace, compiled: Any) -> None:
+    """The checks passed, the files written and any warnings of a compile or run."""
+    for check in compiled.checks:
+        _say(args, f"  {check.name}: {check.detail}")
+    for path in compiled.written:
+        _say(args, f"wrote {path}")
+    for warning in compiled.warnings:
+        print(f"reconfx: warning: {warning}", file=sys.stderr)
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from reconfx.pipeline import run_spec
 
@@ -99,12 +110,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for line in compiled.results:
         if line:
             _say(args, line)
-    for check in compiled.checks:
-        _say(args, f"  {check.name}: {check.detail}")
-    for path in compiled.written:
-        _say(args, f"wrote {path}")
-    for warning in compiled.warnings:
-        print(f"reconfx: warning: {warning}", file=sys.stderr)
+    _report(args, compiled)
     return 0
 
 
@@ -127,12 +133,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     branched = compiled.branched
     _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
                f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")
-    for check in compiled.checks:
-        _say(args, f"  {check.name}: {check.detail}")
-    for path in compiled.written:
-        _say(args, f"wrote {path}")
-    for warning in compiled.warnings:
-        print(f"reconfx: warning: {warning}", file=sys.stderr)
+    _report(args, compiled)
     return 0
 
 
