@@ -151,26 +151,25 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("spec", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(run=cmd_inspect)
-    pr = sub.add_parser("profile", help="train briefly and count gradient conflicts per layer")
-    pr.add_argument("spec", type=Path)
-    pr.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
-    pr.add_argument("--quiet", action="store_true", help="no progress bar, print only errors")
-    pr.set_defaults(run=cmd_profile)
-    r = sub.add_parser("run", help="profile, select, branch, train, evaluate and emit")
-    r.add_argument("spec", type=Path)
-    r.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
-    r.add_argument("--quiet", action="store_true", help="no progress bars, print only errors")
-    r.set_defaults(run=cmd_run)
-    e = sub.add_parser("eval", help="evaluate the emitted model in export.dir on a data split")
-    e.add_argument("spec", type=Path)
-    e.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    _command(sub, "profile", "train briefly and count gradient conflicts per layer",
+             cmd_profile)
+    _command(sub, "run", "profile, select, branch, train, evaluate and emit", cmd_run)
+    e = _command(sub, "eval", "evaluate the emitted model in export.dir on a data split",
+                 cmd_eval, quiet=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    e.set_defaults(run=cmd_eval)
-    c = sub.add_parser("compile", help="trace, branch, check invariants, write model.py etc.")
-    c.add_argument("spec", type=Path)
-    c.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
-    c.add_argument("--quiet", action="store_true", help="print nothing but errors")
-    c.set_defaults(run=cmd_compile)
+    _command(sub, "compile", "trace, branch, check invariants, write model.py etc.", cmd_compile)
+    return p
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str, run: Any,
+             quiet: bool = True) -> argparse.ArgumentParser:
+    """A subcommand taking SPEC, --out and (unless told otherwise) --quiet."""
+    p = sub.add_parser(name, help=help)
+    p.add_argument("spec", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: export.dir)")
+    if quiet:
+        p.add_argument("--quiet", action="store_true", help="no progress bars, only errors")
+    p.set_defaults(run=run)
     return p
 
 
