@@ -24,17 +24,21 @@ def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str
         if math.isnan(value):
             return 'float("nan")'
         return repr(value)
-    if isinstance(value, int | str):
-        return repr(value).replace("'", '"') if isinstance(value, str) and '"' not in value \
-            else repr(value)
+    if isinstance(value, str):
+        text = repr(value)
+        # Prefer double quotes; repr picks single quotes only when the string has no ' in it.
+        return f'"{text[1:-1]}"' if text[0] == "'" and '"' not in value else text
+    if isinstance(value, int):
+        return repr(value)
     if isinstance(value, torch.dtype | torch.memory_format | torch.layout):
         return str(value)
     if isinstance(value, torch.device):
         return f'torch.device("{value}")'
     if isinstance(value, torch.Size):
         return f"torch.Size([{', '.join(render_value(v, name_of) for v in value)}])"
-    if isinstance(value, slice):
-        return _slice(value, name_of)
+    if isinstance(value, slice):  # outside an index: x[:2] is written by render_index
+        parts = (render_value(v, name_of) for v in (value.start, value.stop, value.step))
+        return f"slice({', '.join(parts)})"
     if value is Ellipsis:
         return "..."
     if isinstance(value, tuple):
@@ -56,9 +60,10 @@ def _slice(value: slice, name_of: Callable[[Any], str] | None) -> str:
 
 def render_index(index: Any, name_of: Callable[[Any], str]) -> str:
     """``x[:, 0]`` instead of ``x[(slice(None, None, None), 0)]``."""
-    if isinstance(index, tuple) and index:
-        return ", ".join(render_value(i, name_of) for i in index)
-    return render_value(index, name_of)
+    items = index if isinstance(index, tuple) and index else (index,)
+    text = ", ".join(_slice(i, name_of) if isinstance(i, slice) else render_value(i, name_of)
+                     for i in items)
+    return text if len(items) > 1 or not isinstance(index, tuple) else f"{text},"
 
 
 def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str = ")") -> str:
