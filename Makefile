@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 SPEC ?= specs/multidigits.yaml
-EXAMPLE_SPEC := specs/multidigits.yaml
-EXAMPLE_DIR := exported/multidigits-resnet
+EXAMPLE_SPEC := specs/multidigits-layers.yaml
+EXAMPLE_DIR := exported/multidigits-layers
 
 .PHONY: demo test test-slow lint example check-example bench clean
 
@@ -18,8 +18,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[hf,dev,solvers]"
 	touch $@
 
+# profile -> select -> branch -> train -> evaluate -> emit on the default spec (about a minute).
 demo: $(VENV)/.installed
-	$(VENV)/bin/reconfx compile $(SPEC)
+	$(VENV)/bin/reconfx run $(SPEC)
 
 test: $(VENV)/.installed lint check-example
 	$(PY) -m pytest -q

@@ -78,6 +78,17 @@ class Staging:
         self.abort()
 
 
+def replace_text(path: Path, text: str) -> None:
+    """Write one file atomically: a temporary name beside it, then ``os.replace``."""
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_text(text, encoding="utf-8")
+        os.replace(temporary, path)
+    except OSError as exc:
+        temporary.unlink(missing_ok=True)
+        raise _output_error(exc, path.parent) from None
+
+
 def _remove_stale(out_dir: Path) -> None:
     """Staging folders left by a killed run (their process is gone) are removed."""
     for folder in out_dir.glob(".staging-*"):

@@ -9,6 +9,7 @@ spec's inputs, in order; its output is a dict ``{task: tensor}`` in task order.
 
 from __future__ import annotations
 
+import copy
 import operator
 from collections.abc import Iterator
 from typing import Any
@@ -30,6 +31,16 @@ class DualGraphModule(fx.GraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         self.train(self.training)
+
+    def __deepcopy__(self, memo: dict) -> DualGraphModule:
+        """A copy with its own submodules and graphs (fx.GraphModule's own deepcopy would keep
+        only the current graph)."""
+        result = type(self).__new__(type(self))
+        memo[id(self)] = result
+        body = fx.graph_module._CodeOnlyModule(copy.deepcopy(self.__dict__, memo))
+        result.__init__(body, body.__dict__["train_graph"], body.__dict__["eval_graph"],
+                        type(self).__name__)
+        return result
 
     @property
     def dual(self) -> bool:

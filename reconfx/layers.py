@@ -104,11 +104,22 @@ def inventory(module: DualGraphModule, task_order: Iterable[str]) -> list[Layer]
         params = tuple(p for k in keys for p in sorted(unit_params.get(k, ())))
         all_ids = set().union(*(ids[k] for k in keys))
         tasks = set().union(*(uses[k] for k in keys))
-        name = modules[0] if modules else (_owner(params[0]) or "root")
+        name = _stem(modules, task_order) or (modules[0] if modules else
+                                              (_owner(params[0]) or "root"))
         kind = type(module.get_submodule(modules[0])).__name__ if modules else "parameters"
         layers.append(Layer(name, kind, modules, params, sum(numel[i] for i in all_ids),
                             tuple(t for t in task_order if t in tasks), first[keys[0]]))
     return sorted(layers, key=lambda layer: layer.order)
+
+
+def _stem(modules: tuple[str, ...], tasks: list[str]) -> str | None:
+    """``X`` when the modules are ``X.<task>`` copies of one module for several tasks (a
+    normalisation layer given per-task statistics but shared parameters), else None."""
+    stems = {m.rpartition(".")[0] for m in modules}
+    suffixes = [m.rpartition(".")[2] for m in modules]
+    if len(modules) > 1 and len(stems) == 1 and all(x in tasks for x in suffixes):
+        return stems.pop()
+    return None
 
 
 def _numel_by_id(module: nn.Module) -> dict[int, int]:

@@ -126,31 +126,19 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights)."""
     prepared = prepare(spec)
     loaded, s = prepared.loaded, prepared.loaded.spec
-    where = str(loaded.path)
     require_data(loaded, "run")
-    module = prepared.traced.module
-    initial = copy.deepcopy(module.state_dict())
+    initial = copy.deepcopy(prepared.traced.module.state_dict())
     result = None
     if s.select is not None and s.select.policy in SCORE_POLICIES:
         result = profile_prepared(prepared, progress)
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
-            module.load_state_dict(initial)
+            prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, result.scores() if result else None)
-    shared = [layer for layer in inventory(compiled.branched.module, s.task_names)
-              if layer.shared]
-    metrics = metric_functions(list(s.tasks), where)
-    train_data = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
-    val_data = call_data_factory(s.data, "val", s.train.seed, f"{where}: data")
-    test_data = call_data_factory(s.data, "test", s.train.seed, f"{where}: data")
-    sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
-    fitted = fit(compiled.branched.module, shared, s.task_names, loss_functions(list(s.tasks),
-                 where), metrics, aggregator(s.train.aggregator, len(s.tasks), where),
-                 train_data, val_data, s.train.epochs, s.data.batch_size, s.train.optimizer,
-                 s.train.lr, s.train.weight_decay, s.train.seed, progress, s.profile.threshold,
-                 sparse)
-    test = evaluate(compiled.branched.module, test_data, s.task_names, metrics)
-    compiled.results = run_report(s, metrics, fitted, test, result, shared)
-    if sparse is not None:
+    trained = train_compiled(compiled, progress)
+    compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test, result,
+                                  trained.shared)
+    if trained.sparse is not None:
+        sparse = trained.sparse
         compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
                                 f"the encoder's weight entries trainable ({len(sparse.entries)} "
                                 "weight tensors masked, heads and 1-D parameters fully trained)")
@@ -158,6 +146,36 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
     compiled.written = _write(compiled, compiled.out_dir, "run")
     return compiled
+
+
+@dataclass
+class Trained:
+    fitted: FitResult
+    test: dict[str, float]  # each task's test metric
+    shared: list[Layer]  # the compiled model's shared layers, as its conflict counter orders them
+    metrics: list
+    sparse: SparseMask | None
+
+
+def train_compiled(compiled: Compiled, progress: bool = True,
+                   data: dict[str, torch.utils.data.Dataset] | None = None) -> Trained:
+    """Train the compiled model in place with the spec's training settings (best validation
+    epoch kept, conflicts of its shared layers counted) and evaluate it on the test split.
+    ``data`` maps split names to data sets already built (the experiment reuses them)."""
+    loaded, s = compiled.prepared.loaded, compiled.prepared.loaded.spec
+    where = str(loaded.path)
+    data = data or {split: call_data_factory(s.data, split, s.train.seed, f"{where}: data")
+                    for split in ("train", "val", "test")}
+    module = compiled.branched.module
+    shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
+    metrics = metric_functions(list(s.tasks), where)
+    sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
+    fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where), metrics,
+                 aggregator(s.train.aggregator, len(s.tasks), where), data["train"],
+                 data["val"], s.train.epochs, s.data.batch_size, s.train.optimizer, s.train.lr,
+                 s.train.weight_decay, s.train.seed, progress, s.profile.threshold, sparse)
+    test = evaluate(module, data["test"], s.task_names, metrics)
+    return Trained(fitted, test, shared, metrics, sparse)
 
 
 def encoder_mask(compiled: Compiled, s: Spec) -> SparseMask:

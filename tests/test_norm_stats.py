@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import reconfx
+from reconfx.layers import inventory
 from tests.support import compile_and_verify, write_spec
 
 
@@ -24,6 +25,12 @@ def compiled_model(tmp_path, norm_stats):
 def test_per_task_statistics_equal_the_module_run_on_each_stream_alone(tmp_path):
     compiled, model = compiled_model(tmp_path, "per_task")
     assert "layer2.0.bn1" in compiled.branched.per_task_norms
+    # Its parameters stay one shared layer, named by its original path (so statistics of the
+    # branched model line up with the unbranched model's).
+    layer = next(x for x in inventory(compiled.branched.module, ["left", "right"])
+                 if "layer2.0.bn1.left" in x.modules)
+    assert (layer.name, layer.modules, layer.shared) == (
+        "layer2.0.bn1", ("layer2.0.bn1.left", "layer2.0.bn1.right"), True)
     with torch.no_grad():  # the copies start equal; make the streams differ, as training would
         model.layer2[0].conv1.right.weight.mul_(1.5)
     original_bn = compiled.prepared.model.layer2[0].bn1

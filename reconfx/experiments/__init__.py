@@ -1,0 +1,1 @@
+"""Experiments that reproduce the papers\x27 comparisons with reconfx."""

@@ -1,0 +1,324 @@
+"""The reference experiment (DESIGN.md §7): Recon's comparison on a spec's model and data.
+
+For every seed and aggregator: profile the unbranched model (joint training with that aggregator
+from the initial weights), then train from the same initial weights
+
+* ``joint``: the unbranched model;
+* ``reconfx``: the spec's selection (e.g. top-K by conflict score) branched, per-task norm stats;
+* ``reconfx-shared``: the same layers, with Recon's shared normalisation statistics;
+* ``random-k``: as many layers drawn at random (seeded), per-task norm stats (the ablation);
+
+plus one single-task model per task (the Δm baselines). Every run sees the same batches in the
+same order for a seed. The conflict column is the share of strongly conflicting gradient pairs
+(cos ≤ −0.01) over the whole training run in the layers that stay shared in that variant,
+measured on the unbranched model (``joint``) and on the variant itself.
+
+Run: ``python -m reconfx.experiments.recon_table [--spec specs/multidigits.yaml]``. Results are
+kept in ``<out>/results.json`` after every run, so an interrupted experiment continues where it
+stopped; ``<out>/table.md`` holds the table and ``--readme`` writes it into a README between
+``<!-- recon-table:start -->`` and ``<!-- recon-table:end -->``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from reconfx import artifacts
+from reconfx.build import call_data_factory
+from reconfx.errors import ReconfxError, SpecError
+from reconfx.graph import unique_parameters
+from reconfx.pipeline import (
+    SCORE_POLICIES,
+    Prepared,
+    branch_checked,
+    prepare,
+    profile_prepared,
+    require_data,
+    train_compiled,
+)
+from reconfx.select import select_layers
+from reconfx.spec import LoadedSpec, SelectSpec, load_spec_file
+from reconfx.train.aggregators import aggregator
+from reconfx.train.loop import delta_m, evaluate, fit
+from reconfx.train.objectives import loss_functions, metric_functions
+
+VARIANTS = ("joint", "reconfx", "reconfx-shared", "random-k")
+AGGREGATORS = ("ew", "pcgrad", "cagrad", "mgda", "graddrop")
+START, END = "<!-- recon-table:start -->", "<!-- recon-table:end -->"
+
+
+def with_settings(loaded: LoadedSpec, **changes: dict) -> LoadedSpec:
+    """The spec with some sections' fields replaced (``train={"seed": 1}``, ``select=None``)."""
+    s = loaded.spec
+    update = {}
+    for section, fields in changes.items():
+        update[section] = None if fields is None else getattr(s, section).model_copy(
+            update=fields)
+    return LoadedSpec(spec=s.model_copy(update=update), path=loaded.path, sha256=loaded.sha256)
+
+
+def variant_spec(loaded: LoadedSpec, variant: str, k: int, seed: int) -> LoadedSpec:
+    if variant == "joint":
+        return with_settings(loaded, select=None)
+    if variant == "reconfx-shared":
+        return with_settings(loaded, branch={"norm_stats": "shared"})
+    if variant == "random-k":
+        s = loaded.spec
+        select = SelectSpec(random={"k": k, "seed": seed}, include=s.select.include,
+                            exclude=s.select.exclude)
+        return LoadedSpec(spec=s.model_copy(update={"select": select}), path=loaded.path,
+                          sha256=loaded.sha256)
+    return loaded
+
+
+class Experiment:
+    """Runs the grid for one spec, keeping every finished run in ``results.json``."""
+
+    def __init__(self, spec: str | Path, out: Path, seeds: list[int], aggregators: list[str],
+                 epochs: int | None = None, size: int | None = None, progress: bool = True):
+        loaded = load_spec_file(spec)
+        s = loaded.spec
+        where = str(loaded.path)
+        require_data(loaded, "the experiment")
+        if s.select is None or s.select.policy not in SCORE_POLICIES:
+            raise SpecError("the experiment branches the layers a profile selects, and this "
+                            "spec's select is not a score-based policy",
+                            where=f"{where}: select",
+                            fix="use select: {top_k: 12} (or fraction, param_budget, min_score)")
+        for name in aggregators:
+            aggregator(name, len(s.tasks), where)  # fails early on an unknown name
+        kwargs = dict(s.data.kwargs) | ({"size": size} if size is not None else {})
+        self.loaded = with_settings(loaded, data={"kwargs": kwargs},
+                                    train={"epochs": epochs or s.train.epochs})
+        self.out, self.seeds, self.aggregators = out, seeds, aggregators
+        self.progress = progress
+        self.settings = {"spec": str(loaded.path), "spec_sha256": loaded.sha256,
+                         "epochs": self.loaded.spec.train.epochs, "data_kwargs": kwargs}
+        self.rows = self._load()
+
+    def _load(self) -> list[dict]:
+        path = self.out / "results.json"
+        if not path.is_file():
+            return []
+        try:
+            saved = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return []
+        if saved.get("settings") != self.settings:
+            print(f"reconfx: {path} is from other settings; starting afresh", file=sys.stderr)
+            return []
+        return saved["rows"]
+
+    def _save(self) -> None:
+        with artifacts.Staging(self.out) as staging:
+            staging.write_text("results.json", json.dumps(
+                {"settings": self.settings, "rows": self.rows}, indent=1) + "\n")
+            staging.write_text("table.md", table(self.rows, self.loaded) + "\n")
+            staging.commit()
+
+    def _done(self, **key) -> bool:
+        return any(all(row.get(k) == v for k, v in key.items()) for row in self.rows)
+
+    def run(self) -> list[dict]:
+        tasks = self.loaded.spec.task_names
+        total = len(self.seeds) * (len(tasks) + len(self.aggregators) * (len(VARIANTS) + 1))
+        bar = tqdm(total=total, desc="recon table", disable=not self.progress)
+        for seed in self.seeds:
+            seeded = with_settings(self.loaded, train={"seed": seed})
+            prepared = prepare(seeded)
+            initial = copy.deepcopy(prepared.traced.module.state_dict())
+            data = {split: call_data_factory(seeded.spec.data, split, seed, "data")
+                    for split in ("train", "val", "test")}
+            for task in tasks:
+                bar.set_postfix_str(f"seed {seed} single-task {task}")
+                if not self._done(seed=seed, variant="single-task", task=task):
+                    prepared.traced.module.load_state_dict(initial)
+                    self._record(self._single_task(prepared, task, data), seed=seed,
+                                 variant="single-task", task=task)
+                bar.update(1)
+            for name in self.aggregators:
+                self._aggregator(seeded, prepared, initial, data, name, seed, bar)
+        bar.close()
+        return self.rows
+
+    def _aggregator(self, seeded: LoadedSpec, prepared: Prepared, initial: dict, data: dict,
+                    name: str, seed: int, bar: tqdm) -> None:
+        todo = [v for v in VARIANTS if not self._done(seed=seed, aggregator=name, variant=v)]
+        bar.set_postfix_str(f"seed {seed} {name} profile")
+        if not todo:
+            bar.update(len(VARIANTS) + 1)
+            return
+        loaded = with_settings(seeded, train={"aggregator": name})
+        prepared.traced.module.load_state_dict(initial)
+        scores = profile_prepared(replace(prepared, loaded=loaded), progress=False).scores()
+        s = loaded.spec
+        k = len(select_layers(prepared.layers, s.select, str(loaded.path), scores, len(s.tasks)))
+        bar.update(1)
+        for variant in VARIANTS:
+            bar.set_postfix_str(f"seed {seed} {name} {variant}")
+            if variant in todo:
+                prepared.traced.module.load_state_dict(initial)
+                chosen = replace(prepared, loaded=variant_spec(loaded, variant, k, seed))
+                self._record(self._train(chosen, scores, data), seed=seed, aggregator=name,
+                             variant=variant)
+            bar.update(1)
+
+    def _record(self, row: dict, **key) -> None:
+        self.rows.append(key | row)
+        self._save()
+
+    def _train(self, prepared: Prepared, scores: dict[str, int], data: dict) -> dict:
+        started = time.perf_counter()
+        compiled = branch_checked(prepared, scores)  # raises when I1-I3 do not hold
+        trained = train_compiled(compiled, progress=False, data=data)
+        counter = trained.fitted.conflicts
+        return {
+            "branched": [layer.name for layer in compiled.branched.layers],
+            "params": unique_parameters(compiled.branched.module),
+            "original_params": unique_parameters(prepared.traced.module),
+            "test": trained.test,
+            "best_epoch": trained.fitted.best_epoch,
+            "strong": {layer.name: [int(counter.strong[i].sum()), int(counter.valid[i].sum())]
+                       for i, layer in enumerate(trained.shared)},
+            "seconds": round(time.perf_counter() - started, 1),
+        }
+
+    def _single_task(self, prepared: Prepared, task: str, data: dict) -> dict:
+        """The original model trained on one task's loss only (its other heads get no
+        gradient); the task's test metric."""
+        s, where = prepared.loaded.spec, str(prepared.loaded.path)
+        started = time.perf_counter()
+        spec_task = next(t for t in s.tasks if t.name == task)
+        module = copy.deepcopy(prepared.traced.module)
+        metrics = metric_functions([spec_task], where)
+        fitted = fit(module, [], [task], loss_functions([spec_task], where), metrics,
+                     aggregator("ew", 1), data["train"], data["val"], s.train.epochs,
+                     s.data.batch_size, s.train.optimizer, s.train.lr, s.train.weight_decay,
+                     s.train.seed, progress=False)
+        test = evaluate(module, data["test"], [task], metrics)
+        return {"test": test, "best_epoch": fitted.best_epoch,
+                "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _mean_std(values: list[float], scale: float = 1.0, digits: int = 2) -> str:
+    if not values:
+        return "–"
+    mean = statistics.fmean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def _share(strong: dict[str, list[int]], names: list[str]) -> float | None:
+    hits = sum(strong[n][0] for n in names if n in strong)
+    valid = sum(strong[n][1] for n in names if n in strong)
+    return hits / valid if valid else None
+
+
+def table(rows: list[dict], loaded: LoadedSpec) -> str:
+    """The markdown table: mean ± std over seeds of each task's test metric, Δm% against the
+    same seed's single-task models, parameter increase and the strong-conflict share."""
+    s = loaded.spec
+    tasks = s.task_names
+    named = metric_functions(list(s.tasks), str(loaded.path))
+    metrics = {t.name: m for t, (_n, m) in zip(s.tasks, named, strict=True)}
+    labels = {t.name: f"{t.name} {n}" for t, (n, _m) in zip(s.tasks, named, strict=True)}
+    single = {(r["seed"], r["task"]): r["test"][r["task"]] for r in rows
+              if r["variant"] == "single-task"}
+    seeds = sorted({r["seed"] for r in rows})
+    header = ["method", "variant", *(labels[t] for t in tasks), "Δm %",
+              "params +%", "strong conflicts, joint → variant", "seeds"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    base = [statistics.fmean(v) for t in tasks
+            if (v := [single[(seed, t)] for seed in seeds if (seed, t) in single])]
+    if len(base) == len(tasks):
+        lines.append("| single-task | one model per task | "
+                     + " | ".join(_mean_std([single[(sd, t)] for sd in seeds if (sd, t) in single],
+                                            100) for t in tasks)
+                     + f" | 0 | +{100 * (len(tasks) - 1):.0f} | – | {len(seeds)} |")
+    names = list(dict.fromkeys(r["aggregator"] for r in rows if "aggregator" in r))
+    for name in names:
+        for variant in VARIANTS:
+            runs = [r for r in rows if r.get("aggregator") == name and r["variant"] == variant]
+            if not runs:
+                continue
+            deltas, before, after = [], [], []
+            for r in runs:
+                if all((r["seed"], t) in single for t in tasks):
+                    deltas.append(delta_m(r["test"], {t: single[(r["seed"], t)] for t in tasks},
+                                          metrics))
+                joint = next((j for j in rows if j.get("aggregator") == name
+                              and j["variant"] == "joint" and j["seed"] == r["seed"]), None)
+                remaining = list(r["strong"])
+                if joint is not None and (b := _share(joint["strong"], remaining)) is not None:
+                    before.append(b)
+                if (a := _share(r["strong"], remaining)) is not None:
+                    after.append(a)
+            added = [100 * (r["params"] - r["original_params"]) / r["original_params"]
+                     for r in runs]
+            conflict = (f"{_mean_std(before, 100, 1)}% → {_mean_std(after, 100, 1)}%"
+                        if before and after else "–")
+            cells = [name, variant,
+                     *(_mean_std([r["test"][t] for r in runs], 100) for t in tasks),
+                     _mean_std(deltas) if deltas else "–", f"+{statistics.fmean(added):.1f}",
+                     conflict, str(len(runs))]
+            lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_readme(path: Path, text: str, command: str) -> None:
+    readme = path.read_text()
+    if START not in readme or END not in readme:
+        raise SpecError(f"{path} has no {START} ... {END} markers", where=str(path),
+                        fix="add the two marker lines where the table belongs")
+    head, rest = readme.split(START, 1)
+    tail = rest.split(END, 1)[1]
+    body = f"{START}\nProduced by `{command}`:\n\n{text}\n{END}"
+    artifacts.replace_text(path, head + body + tail)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m reconfx.experiments.recon_table",
+                                     description=__doc__.splitlines()[0])
+    parser.add_argument("--spec", default="specs/multidigits.yaml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS))
+    parser.add_argument("--epochs", type=int, help="override train.epochs")
+    parser.add_argument("--size", type=int, help="override data.kwargs.size (a quick run)")
+    parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
+    parser.add_argument("--readme", type=Path, help="write the table into this README")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        experiment = Experiment(args.spec, args.out, args.seeds, args.aggregators, args.epochs,
+                                args.size, not args.quiet)
+        rows = experiment.run()
+        text = table(rows, experiment.loaded)
+        print(text)
+        print(f"wrote {(args.out / 'results.json').resolve()}, "
+              f"{(args.out / 'table.md').resolve()}", file=sys.stderr)
+        if args.readme is not None:
+            command = (f"python -m reconfx.experiments.recon_table --spec {args.spec} --seeds "
+                       f"{' '.join(map(str, args.seeds))} --aggregators "
+                       f"{' '.join(args.aggregators)}"
+                       + (f" --epochs {args.epochs}" if args.epochs else "")
+                       + (f" --size {args.size}" if args.size else ""))
+            write_readme(args.readme, text, command)
+            print(f"wrote {args.readme.resolve()}", file=sys.stderr)
+    except ReconfxError as exc:
+        print(f"reconfx: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

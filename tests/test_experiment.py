@@ -1,0 +1,81 @@
+"""The reference experiment command on a MultiDigits subset: the grid it runs, what each run
+records, the table's Δm and conflict columns computed from those records, and resuming."""
+
+import json
+import statistics
+
+from reconfx.experiments import recon_table
+from tests.support import write_spec
+
+
+def experiment_spec(tmp_path, select):
+    return write_spec(
+        tmp_path, "experiment",
+        model={"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10, "width": 8}},
+        inputs=[{"name": "image", "shape": [8, 1, 12, 12]}],
+        tasks=[{"name": "left", "loss": "cross_entropy", "metric": "accuracy"},
+               {"name": "right", "loss": "cross_entropy", "metric": "accuracy"}],
+        data={"factory": "reconfx.data:multidigits", "kwargs": {"size": 4096},
+              "batch_size": 64},
+        profile={"steps": 10, "threshold": -0.1}, select=select,
+        train={"aggregator": "ew", "epochs": 1, "lr": 3.0e-3})
+
+
+def test_grid_records_and_table(tmp_path, capsys):
+    spec = experiment_spec(tmp_path, {"top_k": 5})
+    out = tmp_path / "table"
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro\n{recon_table.START}\nold\n{recon_table.END}\nrest\n")
+    args = ["--spec", str(spec), "--seeds", "0", "--aggregators", "ew", "pcgrad",
+            "--size", "1024", "--out", str(out), "--readme", str(readme), "--quiet"]
+    assert recon_table.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    single = {r["task"]: r for r in rows if r["variant"] == "single-task"}
+    assert sorted(single) == ["left", "right"]
+    assert all(list(r["test"]) == [r["task"]] for r in single.values())
+    grid = {(r["aggregator"], r["variant"]): r for r in rows if r["variant"] != "single-task"}
+    assert sorted(grid) == sorted((a, v) for a in ("ew", "pcgrad")
+                                  for v in recon_table.VARIANTS)
+    for name in ("ew", "pcgrad"):
+        joint, recon, shared, random_k = (grid[name, v] for v in recon_table.VARIANTS)
+        assert joint["branched"] == [] and joint["params"] == joint["original_params"]
+        assert len(recon["branched"]) == len(random_k["branched"]) == 5
+        assert shared["branched"] == recon["branched"]  # same layers, other norm statistics
+        # The remaining shared layers are the joint model's shared layers minus the branched.
+        assert set(recon["strong"]) == set(joint["strong"]) - set(recon["branched"])
+        assert set(random_k["strong"]) == set(joint["strong"]) - set(random_k["branched"])
+        # Every step of a 2-task run gives at most one valid pair per layer.
+        steps = 1024 // 64
+        assert all(0 < valid <= steps and 0 <= strong <= valid
+                   for strong, valid in joint["strong"].values())
+    # The table's delta-m is the standard formula against the same seed's single-task runs.
+    recon = grid["pcgrad", "reconfx"]
+    want = statistics.fmean((recon["test"][t] - single[t]["test"][t]) / single[t]["test"][t]
+                            for t in ("left", "right")) * 100
+    text = (out / "table.md").read_text()
+    line = next(x for x in text.splitlines() if x.startswith("| pcgrad | reconfx |"))
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == f"{want:.2f}"
+    joint = grid["pcgrad", "joint"]
+    remaining = list(recon["strong"])
+    before = (sum(joint["strong"][n][0] for n in remaining)
+              / sum(joint["strong"][n][1] for n in remaining))
+    assert cells[6].startswith(f"{100 * before:.1f}% → ")
+    assert text.strip() in readme.read_text()
+    assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("\nrest\n")
+    assert "old" not in readme.read_text()
+    # Resuming: every run is recorded, so a second call trains nothing and rewrites the same rows.
+    capsys.readouterr()
+    assert recon_table.main(args) == 0
+    assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_rejects_explicit_selection_and_unknown_aggregator(tmp_path, capsys):
+    spec = experiment_spec(tmp_path, {"layers": ["layer4.*"]})
+    assert recon_table.main(["--spec", str(spec), "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "select: the experiment branches the layers a profile selects" in capsys.readouterr().err
+    spec = experiment_spec(tmp_path, {"top_k": 3})
+    assert recon_table.main(["--spec", str(spec), "--aggregators", "nope",
+                             "--out", str(tmp_path / "t"), "--quiet"]) == 2
+    assert "unknown aggregator 'nope'" in capsys.readouterr().err
+    assert not (tmp_path / "t").exists()
