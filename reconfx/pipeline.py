@@ -7,6 +7,7 @@ invariants I1-I4 and writes ``model.py``, ``original.py``, ``branch.diff``,
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import difflib
 import json
@@ -41,6 +42,7 @@ from reconfx.trace import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
+from reconfx.train.precision import resolve_device
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
 
@@ -134,7 +136,8 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, result.scores() if result else None)
-    trained = train_compiled(compiled, progress)
+    compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
+    trained = train_compiled(compiled, progress, checkpoints=compiled.out_dir / "checkpoints")
     compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test, result,
                                   trained.shared)
     if trained.sparse is not None:
@@ -143,7 +146,6 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
                                 f"the encoder's weight entries trainable ({len(sparse.entries)} "
                                 "weight tensors masked, heads and 1-D parameters fully trained)")
     compiled.profile = result
-    compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
     compiled.written = _write(compiled, compiled.out_dir, "run")
     return compiled
 
@@ -158,10 +160,12 @@ class Trained:
 
 
 def train_compiled(compiled: Compiled, progress: bool = True,
-                   data: dict[str, torch.utils.data.Dataset] | None = None) -> Trained:
-    """Train the compiled model in place with the spec's training settings (best validation
-    epoch kept, conflicts of its shared layers counted) and evaluate it on the test split.
-    ``data`` maps split names to data sets already built (the experiment reuses them)."""
+                   data: dict[str, torch.utils.data.Dataset] | None = None,
+                   checkpoints: Path | None = None) -> Trained:
+    """Train the compiled model in place with the spec's training settings on ``train.device``
+    (best validation epoch kept, conflicts of its shared layers counted, checkpoints written
+    to ``checkpoints``) and evaluate it on the test split; the model ends on the CPU. ``data``
+    maps split names to data sets already built (the experiment reuses them)."""
     loaded, s = compiled.prepared.loaded, compiled.prepared.loaded.spec
     where = str(loaded.path)
     data = data or {split: call_data_factory(s.data, split, s.train.seed, f"{where}: data")
@@ -169,13 +173,25 @@ def train_compiled(compiled: Compiled, progress: bool = True,
     module = compiled.branched.module
     shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
     metrics = metric_functions(list(s.tasks), where)
-    sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
-    fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where), metrics,
-                 aggregator(s.train.aggregator, len(s.tasks), where), data["train"],
-                 data["val"], s.train.epochs, s.data.batch_size, s.train.optimizer, s.train.lr,
-                 s.train.weight_decay, s.train.seed, progress, s.profile.threshold, sparse)
-    test = evaluate(module, data["test"], s.task_names, metrics)
+    with on_device(module, resolve_device(s.train.device, where)):
+        sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
+        fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
+                     metrics, aggregator(s.train.aggregator, len(s.tasks), where),
+                     data["train"], data["val"], s.train, s.data.batch_size, progress,
+                     s.profile.threshold, sparse, checkpoints)
+        test = evaluate(module, data["test"], s.task_names, metrics)
     return Trained(fitted, test, shared, metrics, sparse)
+
+
+@contextlib.contextmanager
+def on_device(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Move the module (parameters in place) to ``device`` for the block, back to the CPU
+    after, where the checks and the emitter work."""
+    module.to(device)
+    try:
+        yield
+    finally:
+        module.to("cpu")
 
 
 def encoder_mask(compiled: Compiled, s: Spec) -> SparseMask:
@@ -282,9 +298,12 @@ def profile_prepared(prepared: Prepared, progress: bool) -> Profile:
             bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses.tolist(),
                                                             strict=True)})
 
-    result = profile(module, prepared.layers, s.task_names, loss_fns,
-                     batches(dataset, s.data.batch_size, s.train.seed), s.profile.steps,
-                     s.profile.threshold, optimizer, on_step, aggregate=aggregate)
+    with on_device(module, resolve_device(s.train.device, where)):
+        result = profile(module, prepared.layers, s.task_names, loss_fns,
+                         batches(dataset, s.data.batch_size, s.train.seed), s.profile.steps,
+                         s.profile.threshold, optimizer, on_step, aggregate=aggregate,
+                         precision=s.train.precision)
+        result.counter.to("cpu")
     bar.close()
     annotate(module, result)
     return result

@@ -64,6 +64,10 @@ class ConflictCounter:
     def scores(self) -> list[int]:
         return self.conflicts.sum((1, 2)).tolist()
 
+    def to(self, device: torch.device | str) -> None:
+        for name in ("pairs", "conflicts", "valid", "strong", "cos_sum", "hist"):
+            setattr(self, name, getattr(self, name).to(device))
+
 
 @dataclass
 class Profile:
@@ -105,7 +109,8 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
             threshold: float, optimizer: torch.optim.Optimizer,
             on_step: Callable[[int, torch.Tensor], None] | None = None,
             record: Callable[[torch.Tensor], None] | None = None,
-            aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Profile:
+            aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            precision: str = "fp32") -> Profile:
     """Joint training for ``steps`` steps with ``aggregate`` (default EW: the shared update is the
     sum of the task gradients, the gradient of the summed losses), counting conflicts on the way.
 
@@ -113,7 +118,8 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     """
     candidates = [layer for layer in layers if layer.shared]
     step = MultiTaskStep(module, candidates, tasks, loss_fns,
-                         aggregate or aggregator("ew", len(tasks)), optimizer)
+                         aggregate or aggregator("ew", len(tasks)), optimizer,
+                         precision=precision)
     counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                               step.buffer.matrix.device)
 

@@ -233,6 +233,9 @@ class TrainSpec(_Strict):
     epochs: PositiveInt = 10
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32", description="bf16/fp16: autocast for forward and losses (fp16 with "
+        "dynamic loss scaling); parameters, gradients and statistics stay float32")
     init: Literal["initial", "profiled"] = "initial"
     sparse: SparseSpec | None = None
 

@@ -1,17 +1,23 @@
 """The multi-task step and training loop: shared layers get the aggregated gradient (scaled by
 T), task-specific copies their own task's gradient; every aggregator runs; training learns."""
 
+import copy
+
 import pytest
 import torch
+from safetensors.torch import load_file, load_model
 
 from reconfx.build import call_data_factory
+from reconfx.errors import SpecError
 from reconfx.layers import inventory
 from reconfx.pipeline import prepare
 from reconfx.rewrite import branch
 from reconfx.select import select_layers
+from reconfx.spec import TrainSpec
 from reconfx.train.aggregators import AGGREGATORS, aggregator
 from reconfx.train.loop import delta_m, evaluate, fit
 from reconfx.train.objectives import METRICS, loss_functions, metric_functions
+from reconfx.train.precision import DTYPES, resolve_device
 from reconfx.train.step import MultiTaskStep
 from tests.support import write_spec
 
@@ -89,7 +95,7 @@ def test_every_aggregator_trains_one_step(branched, name):
     assert any(not torch.equal(a, p) for a, p in zip(before, step.buffer.params, strict=True))
 
 
-def test_fit_learns_multidigits(branched):
+def test_fit_learns_multidigits(branched, tmp_path):
     s, compiled, data = branched
     module = compiled.module
     shared = [x for x in inventory(module, s.task_names) if x.shared]
@@ -97,14 +103,76 @@ def test_fit_learns_multidigits(branched):
     val = call_data_factory(s.data.model_copy(update={"kwargs": {"size": 256}}), "val", 0, "s")
     before = evaluate(module, val, s.task_names, metrics)
     result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"), metrics,
-                 aggregator("ew", 2), data, val, epochs=3, batch_size=32, lr=3e-3,
-                 progress=False)
+                 aggregator("ew", 2), data, val, TrainSpec(epochs=3, lr=3e-3), batch_size=32,
+                 progress=False, checkpoints=tmp_path / "ckpt")
     assert len(result.history) == 3
     first, last = result.history[0], result.history[-1]
     assert last["loss/left"] < first["loss/left"] and last["loss/right"] < first["loss/right"]
     after = evaluate(module, val, s.task_names, metrics)
     assert after == result.best  # the best epoch's weights are the ones kept
     assert after["left"] > before["left"] and after["right"] > before["right"]
+    # Checkpoints: best.safetensors holds the kept weights, last.safetensors the final epoch's.
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.safetensors",
+                                                                    "last.safetensors"]
+    restored = copy.deepcopy(module)
+    for p in restored.parameters():
+        p.data.zero_()
+    load_model(restored, str(tmp_path / "ckpt" / "best.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(),
+                                                 module.state_dict().values(), strict=True))
+    last = load_file(str(tmp_path / "ckpt" / "last.safetensors"))
+    same = all(torch.equal(last[k], v) for k, v in module.state_dict().items() if k in last)
+    assert same == (result.best_epoch == 2)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_autocast_steps_learn_and_keep_float32_state(branched, precision):
+    s, compiled, data = branched
+    module = copy.deepcopy(compiled.module)
+    shared = [x for x in inventory(module, s.task_names) if x.shared]
+    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
+                         aggregator("pcgrad", 2), torch.optim.Adam(module.parameters(), 1e-3),
+                         precision=precision)
+    inputs, targets = batch(data, 32)
+    module.train()
+    with torch.no_grad(), torch.autocast("cpu", dtype=DTYPES[precision]):
+        half = module(**inputs)["left"]
+    assert half.dtype == DTYPES[precision]  # the forward really runs in reduced precision
+    first = step(inputs, targets)
+    for _ in range(20):
+        last = step(inputs, targets)
+    assert first.dtype == torch.float32 and bool((last < first).all())
+    assert step.buffer.matrix.dtype == torch.float32 and torch.isfinite(step.buffer.matrix).all()
+    assert all(p.dtype == torch.float32 for p in module.parameters())
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale(branched):
+    s, compiled, data = branched
+    module = copy.deepcopy(compiled.module)
+    shared = [x for x in inventory(module, s.task_names) if x.shared]
+    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
+                         aggregator("ew", 2), torch.optim.SGD(module.parameters(), 0.1),
+                         precision="fp16")
+    step.scaler.scale.fill_(3e38)  # scaled losses overflow float32: every gradient is inf
+    before = copy.deepcopy(module.state_dict())
+    module.train()
+    step(*batch(data))
+    after = module.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before if "running" not in k
+               and "num_batches" not in k)
+    assert float(step.scaler.scale) == pytest.approx(1.5e38)
+    step.scaler.scale.fill_(1024.0)
+    step(*batch(data))  # with the scale in range the step trains
+    assert any(not torch.equal(before[k], module.state_dict()[k]) for k in before
+               if k.endswith("weight"))
+
+
+def test_cuda_device_without_a_gpu_is_a_spec_error():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is visible")
+    with pytest.raises(SpecError, match="train.device is cuda"):
+        resolve_device("cuda", "s.yaml")
+    assert resolve_device("auto") == torch.device("cpu")
 
 
 def test_delta_m_signs_follow_the_metric_direction():

@@ -201,9 +201,8 @@ class Experiment:
         module = copy.deepcopy(prepared.traced.module)
         metrics = metric_functions([spec_task], where)
         fitted = fit(module, [], [task], loss_functions([spec_task], where), metrics,
-                     aggregator("ew", 1), data["train"], data["val"], s.train.epochs,
-                     s.data.batch_size, s.train.optimizer, s.train.lr, s.train.weight_decay,
-                     s.train.seed, progress=False)
+                     aggregator("ew", 1), data["train"], data["val"], s.train, s.data.batch_size,
+                     progress=False)
         test = evaluate(module, data["test"], [task], metrics)
         return {"test": test, "best_epoch": fitted.best_epoch,
                 "seconds": round(time.perf_counter() - started, 1)}

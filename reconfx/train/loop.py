@@ -8,8 +8,10 @@ the best weights (by mean relative metric, each task's metric turned so that hig
 from __future__ import annotations
 
 import copy
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -17,9 +19,10 @@ from tqdm import tqdm
 
 from reconfx.layers import Layer
 from reconfx.profile import ConflictCounter
+from reconfx.spec import TrainSpec
 from reconfx.train.objectives import Metric, make_optimizer
 from reconfx.train.sparse import SparseMask
-from reconfx.train.step import MultiTaskStep
+from reconfx.train.step import MultiTaskStep, to_device
 
 
 @dataclass
@@ -45,8 +48,10 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
     module.eval()
     totals = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
+    device = next(module.parameters()).device
     for inputs, targets in loader(dataset, batch_size, shuffle=False):
-        outputs = module(**inputs)
+        outputs = module(**to_device(inputs, device))
+        targets = to_device(targets, device)
         for task, (_name, metric) in zip(tasks, metrics, strict=True):
             totals[task] += float(metric.total(outputs[task], targets[task]))
             counts[task] += metric.count(outputs[task], targets[task])
@@ -67,45 +72,69 @@ def delta_m(values: dict[str, float], baselines: dict[str, float],
 def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list[Callable],
         metrics: list[tuple[str, Metric]], aggregate: Callable[[torch.Tensor], torch.Tensor],
         train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
-        epochs: int, batch_size: int, optimizer: str = "adam", lr: float = 1e-3,
-        weight_decay: float = 0.0, seed: int = 0, progress: bool = True,
-        threshold: float | None = None, sparse: SparseMask | None = None) -> FitResult:
-    """Train ``module`` in place; at the end it holds the best epoch's weights. With
+        settings: TrainSpec, batch_size: int, progress: bool = True,
+        threshold: float | None = None, sparse: SparseMask | None = None,
+        checkpoints: Path | None = None) -> FitResult:
+    """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
+    decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
-    gradients the step computes anyway."""
-    torch.manual_seed(seed)
+    gradients the step computes anyway. With ``checkpoints``, ``best.safetensors`` (the best
+    validation epoch so far) and ``last.safetensors`` (the end of the latest epoch) are written
+    there, each atomically, after every epoch."""
+    torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
-    step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate,
-                         make_optimizer(params, optimizer, lr, weight_decay), sparse)
+    optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
+    step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate, optimizer, sparse,
+                         settings.precision)
     result = FitResult()
     if threshold is not None:
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
     best_score, best_state = None, None
-    data = loader(train_data, batch_size, shuffle=True, seed=seed)
+    data = loader(train_data, batch_size, shuffle=True, seed=settings.seed)
+    epochs = settings.epochs
     for epoch in range(epochs):
         module.train()
-        summed = torch.zeros(len(tasks))
+        summed = torch.zeros(len(tasks), device=step.device)
         bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
         for index, (inputs, targets) in enumerate(bar):
             losses = step(inputs, targets, observe)
             summed += losses
-            if index % 10 == 0:
+            if progress and index % 10 == 0:
                 bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, losses.tolist(),
                                                                 strict=True)})
-        row = {f"loss/{t}": float(v) / max(len(data), 1) for t, v in zip(tasks, summed,
+        row = {f"loss/{t}": float(v) / max(len(data), 1) for t, v in zip(tasks, summed.tolist(),
                                                                             strict=True)}
+        improved = False
         if val_data is not None:
             values = evaluate(module, val_data, tasks, metrics)
             row.update({f"val/{t}": v for t, v in values.items()})
             score = sum(v if m.higher_is_better else -v
                         for v, (_n, m) in zip(values.values(), metrics, strict=True))
             if best_score is None or score > best_score:
-                best_score, result.best_epoch = score, epoch
+                best_score, result.best_epoch, improved = score, epoch, True
                 best_state = copy.deepcopy(module.state_dict())
                 result.best = values
         result.history.append(row)
+        if checkpoints is not None:
+            save_checkpoint(module, checkpoints / "last.safetensors")
+            if improved:
+                save_checkpoint(module, checkpoints / "best.safetensors")
     if best_state is not None:
         module.load_state_dict(best_state)
     return result
+
+
+def save_checkpoint(module: nn.Module, path: Path) -> None:
+    """The module's weights as safetensors (tied tensors once), written under a temporary name
+    and renamed, so a killed run never leaves a half-written checkpoint."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        save_model(module, str(temporary))
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -11,6 +11,7 @@ from torch import nn
 
 from reconfx.graph import resolve
 from reconfx.layers import Layer
+from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
 
@@ -58,22 +59,35 @@ class GradientBuffer:
             p.grad = vector[a:b].view_as(p).clone()
 
 
+def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
 class MultiTaskStep:
-    """Forward, per-task gradients, aggregation and the optimiser step of one batch."""
+    """Forward, per-task gradients, aggregation and the optimiser step of one batch, on the
+    module's device, in ``precision`` (fp32, or bf16/fp16 autocast; see
+    :mod:`reconfx.train.precision`)."""
 
     def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
-                 optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None):
+                 optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None,
+                 precision: str = "fp32"):
         self.module, self.tasks, self.loss_fns = module, tasks, loss_fns
         self.aggregate, self.optimizer, self.sparse = aggregate, optimizer, sparse
         self.buffer = GradientBuffer(module, shared, len(tasks))
         in_buffer = {id(p) for p in self.buffer.params}
         self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
+        first = next(module.parameters(), None)
+        self.device = first.device if first is not None else torch.device("cpu")
+        self.precision = precision
+        self.scaler = LossScaler(self.device, precision == "fp16")
 
     def losses(self, inputs: dict, targets: dict) -> torch.Tensor:
-        outputs = self.module(**inputs)
-        return torch.stack([fn(outputs[t], targets[t])
-                            for t, fn in zip(self.tasks, self.loss_fns, strict=True)])
+        inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
+        with autocast(self.device, self.precision):
+            outputs = self.module(**inputs)
+            return torch.stack([fn(outputs[t], targets[t]).float()
+                                for t, fn in zip(self.tasks, self.loss_fns, strict=True)])
 
     def __call__(self, inputs: dict, targets: dict,
                  observe: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
@@ -83,13 +97,16 @@ class MultiTaskStep:
         self.optimizer.zero_grad(set_to_none=True)
         shared, others = self.buffer.params, self.others
         other_grads = [torch.zeros_like(p) for p in others]
+        scaled = self.scaler.scaled(losses)
         for t in range(len(self.tasks)):
-            grads = torch.autograd.grad(losses[t], shared + others,
+            grads = torch.autograd.grad(scaled[t], shared + others,
                                         retain_graph=t < len(self.tasks) - 1, allow_unused=True)
             self.buffer.write(t, grads[:len(shared)])
             for acc, g in zip(other_grads, grads[len(shared):], strict=True):
                 if g is not None:
                     acc += g
+        if self.scaler.unscale([self.buffer.matrix, *other_grads]):
+            return losses.detach()  # fp16 overflow: the scale is halved, the step skipped
         if observe is not None:
             observe(self.buffer.matrix)
         if shared:

@@ -1,0 +1,61 @@
+"""Where and in what precision training runs: ``train.device`` and ``train.precision``.
+
+``bf16``/``fp16`` wrap the forward pass and the losses in ``torch.autocast``; parameters, their
+gradients, the T×P gradient buffer and the conflict statistics stay float32. ``fp16`` adds
+dynamic loss scaling (the losses are multiplied by a scale before the per-task backward passes;
+the gradients are unscaled before aggregation, a step whose gradients overflow is skipped and the
+scale halved, and it doubles after 2,000 clean steps, as ``torch.amp.GradScaler`` does). Deciding
+to skip a step reads one flag on the host, so fp16 costs one more synchronisation per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from reconfx.errors import SpecError
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str, where: str = "spec") -> torch.device:
+    """``auto`` is CUDA when a GPU is visible, else the CPU; ``cuda`` without one is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise SpecError("train.device is cuda and no CUDA device is visible to torch",
+                        where=f"{where}: train.device",
+                        fix="use device: auto (CPU when there is no GPU) or install a CUDA build "
+                            "of torch")
+    return torch.device(name)
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=DTYPES[precision])
+
+
+class LossScaler:
+    """Dynamic loss scaling for fp16 (a no-op object for other precisions)."""
+
+    def __init__(self, device: torch.device, enabled: bool, initial: float = 2.0 ** 16,
+                 growth_interval: int = 2000):
+        self.enabled = enabled
+        self.scale = torch.full((), initial, dtype=torch.float32, device=device)
+        self.growth = torch.zeros((), dtype=torch.int32, device=device)
+        self.interval = growth_interval
+
+    def scaled(self, losses: torch.Tensor) -> torch.Tensor:
+        return losses * self.scale if self.enabled else losses
+
+    def unscale(self, tensors: list[torch.Tensor]) -> bool:
+        """Divide ``tensors`` by the scale in place; update the scale; True when the step must be
+        skipped because a gradient overflowed."""
+        if not self.enabled:
+            return False
+        found = torch.zeros(1, dtype=torch.float32, device=self.scale.device)
+        torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self.scale.reciprocal())
+        torch._amp_update_scale_(self.scale, self.growth, found, 2.0, 0.5, self.interval)
+        return bool(found.item())
