@@ -11,6 +11,7 @@ from reconfx.cli import main
 from reconfx.pipeline import batches, prepare
 from reconfx.profile import ConflictCounter, profile
 from reconfx.train.objectives import loss_functions, make_optimizer
+from reconfx.train.step import CHUNK
 from tests.support import write_spec
 
 
@@ -68,7 +69,14 @@ def test_counts_equal_the_per_pair_reference_on_multidigits(tmp_path, tasks):
     recorded = []
     result, _ = run_profile(spec, 6, recorded.append)
     assert len(recorded) == 6
-    conflicts, valid = reference_counts(recorded, result.counter.blocks, result.threshold)
+    # Every layer's block starts at a multiple of CHUNK; the padding between blocks stays zero.
+    blocks = result.counter.blocks
+    assert all(a % CHUNK == 0 for a, _b in blocks) and recorded[0].shape[1] % CHUNK == 0
+    inside = torch.zeros(recorded[0].shape[1], dtype=torch.bool)
+    for a, b in blocks:
+        inside[a:b] = True
+    assert all(not m[:, ~inside].any() for m in recorded)
+    conflicts, valid = reference_counts(recorded, blocks, result.threshold)
     assert torch.equal(result.counter.conflicts, conflicts)
     assert torch.equal(result.counter.valid, valid)
     assert result.counter.hist.sum().item() == valid.sum().item()

@@ -14,6 +14,8 @@ from reconfx.layers import Layer
 from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
+CHUNK = 1024  # GradientBuffer aligns every layer's block to this many columns
+
 
 def layer_parameters(module: nn.Module, layer: Layer) -> list[nn.Parameter]:
     """The distinct trainable parameters of a layer (tied ones once), in a fixed order."""
@@ -28,20 +30,25 @@ def layer_parameters(module: nn.Module, layer: Layer) -> list[nn.Parameter]:
 
 
 class GradientBuffer:
-    """A T×P matrix whose column blocks are the given layers' parameters, in order."""
+    """A T×P matrix whose column blocks are the given layers' parameters, in order. Each block
+    starts at a multiple of ``align`` columns; the padding between blocks stays zero, so it adds
+    nothing to inner products (the aggregators' and the conflict statistics') and is never
+    scattered to a parameter."""
 
-    def __init__(self, module: nn.Module, layers: list[Layer], tasks: int):
+    def __init__(self, module: nn.Module, layers: list[Layer], tasks: int, align: int = CHUNK):
         self.params: list[nn.Parameter] = []
         self.blocks: list[tuple[int, int]] = []
         self.spans: list[tuple[int, int]] = []
         offset = 0
         for layer in layers:
+            offset = -(-offset // align) * align
             start = offset
             for p in layer_parameters(module, layer):
                 self.params.append(p)
                 self.spans.append((offset, offset + p.numel()))
                 offset += p.numel()
             self.blocks.append((start, offset))
+        offset = -(-offset // align) * align
         device = self.params[0].device if self.params else torch.device("cpu")
         self.matrix = torch.zeros(tasks, offset, device=device)
 
