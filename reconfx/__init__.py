@@ -8,6 +8,8 @@
 __version__ = "0.1.0"
 
 from reconfx.artifacts import load
+from reconfx.emit.onnx import export_onnx as emit_onnx
+from reconfx.emit.onnx import onnx_session
 from reconfx.emit.python import emit_python
 from reconfx.errors import ReconfxError
 from reconfx.layers import inventory
@@ -18,6 +20,6 @@ from reconfx.spec import load_spec
 from reconfx.trace import trace
 
 __all__ = [
-    "ReconfxError", "branch", "compile_spec", "emit_python", "inventory", "load", "load_spec",
-    "prepare", "select", "trace",
+    "ReconfxError", "branch", "compile_spec", "emit_onnx", "emit_python", "inventory", "load",
+    "load_spec", "onnx_session", "prepare", "select", "trace",
 ]

@@ -47,6 +47,14 @@ class Staging:
     def write_with(self, name: str, writer: Any) -> Path:
         return self._write(name, writer)
 
+    def adopt(self, name: str) -> Path:
+        """Commit a file something else wrote into the staging folder (an exporter)."""
+        path = self.path / name
+        if not path.is_file():
+            raise OutputError(f"{name} was not written", where=str(self.out_dir))
+        self.files[name] = None
+        return path
+
     def _write(self, name: str, writer: Any) -> Path:
         path = self.path / name
         try:

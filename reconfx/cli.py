@@ -1,4 +1,4 @@
-"""``reconfx validate|schema|inspect|compile``: a thin layer over :mod:`reconfx.pipeline`.
+"""The `reconfx` command line: a thin layer over :mod:`reconfx.pipeline`.
 
 Errors are printed as one line (file, field, fix); exit code 2 for bad input, 1 for failures.
 """
@@ -137,6 +137,22 @@ def cmd_compile(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from reconfx.pipeline import export_spec
+
+    exported = export_spec(args.spec, args.out, args.task, args.provider)
+    _say(args, f"exported with the {exported.exporter} exporter; onnxruntime on "
+               f"{exported.provider}")
+    for name, why in exported.rejected.items():
+        _say(args, f"  not used: {name}: {why}")
+    worst = max(exported.comparisons, key=lambda c: c.max_abs)
+    _say(args, f"  I5 onnx parity: {len(exported.comparisons)} output comparison(s) within atol "
+               f"1e-4, rtol 1e-3 (largest abs diff {worst.max_abs:.3g}, {worst.task} on "
+               f"{worst.case})")
+    _say(args, f"wrote {exported.path}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconfx", description=(
         "Declarative model surgery for multi-task learning: branch the shared layers a spec "
@@ -158,6 +174,13 @@ def parser() -> argparse.ArgumentParser:
                  cmd_eval, quiet=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     _command(sub, "compile", "trace, branch, check invariants, write model.py etc.", cmd_compile)
+    x = _command(sub, "export", "write model.onnx from the model.py and weights in export.dir",
+                 cmd_export)
+    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--task", help="export only this task's output (model.<task>.onnx)")
+    x.add_argument("--provider", choices=["cpu", "cuda"], default=None,
+                   help="onnxruntime provider for the check (default: cuda when "
+                        "onnxruntime-gpu sees a GPU, else cpu)")
     return p
 
 

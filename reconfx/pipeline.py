@@ -29,6 +29,7 @@ from reconfx.checks import (
     check_parity,
     check_sharing,
 )
+from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
@@ -113,11 +114,7 @@ def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compile
         check_sharing(branched.module, branched.copies),
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
-    compiled = Compiled(prepared, branched, checks, scores)
-    if "onnx" in s.export.formats:
-        compiled.warnings.append("export.formats lists onnx, which this version of reconfx does "
-                                 "not write yet; only the Python artifacts are written")
-    return compiled
+    return Compiled(prepared, branched, checks, scores)
 
 
 SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
@@ -375,6 +372,82 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, list[str]]:
     return model_py.source, original_py.source, diff, model_py.factory_leaves
 
 
+def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
+               ) -> list[tuple[str, dict[str, torch.Tensor]]]:
+    """What the ONNX check compares on: the example inputs, a second size of every dynamic
+    axis, and a batch of the spec's test data when it has data."""
+    s = loaded.spec
+
+    def sizes(example: dict[str, torch.Tensor]) -> str:
+        return ", ".join(f"{k} {tuple(v.shape)}" for k, v in example.items())
+
+    cases = [(f"example {sizes(examples[0])}", examples[0]),
+             (f"example {sizes(examples[1])}", examples[1])]
+    if s.data is not None:
+        dataset = call_data_factory(s.data, "test", s.train.seed, f"{loaded.path}: data")
+        inputs, _targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16)))
+        cases.append((f"test data, {len(next(iter(inputs.values())))} items", inputs))
+    return cases
+
+
+def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
+                  examples: list[dict[str, torch.Tensor]], task: str | None = None,
+                  provider: str | None = None) -> OnnxExport:
+    """Export and check ``model`` as the spec describes it (inputs, tasks, dynamic axes)."""
+    s = loaded.spec
+    tasks = [task] if task is not None else s.task_names
+    clash = sorted({i.name for i in s.inputs} & set(tasks))
+    if clash:
+        raise SpecError(f"ONNX needs distinct input and output names, and '{clash[0]}' is both an "
+                        "input and a task", where=f"{loaded.path}: tasks",
+                        fix=f"rename the task (e.g. {clash[0]}_out), or leave onnx out of "
+                            "export.formats")
+    return export_onnx(model, [i.name for i in s.inputs], tasks,
+                       {i.name: list(i.dynamic) for i in s.inputs}, onnx_cases(loaded, examples),
+                       path, provider)
+
+
+def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                task: str | None = None, provider: str | None = None) -> OnnxExport:
+    """``reconfx export``: ONNX from the model.py and weights already in the output folder
+    (``model.onnx``, or ``model.<task>.onnx`` with only that task's output and what it needs);
+    its section of report.md is replaced, nothing else is touched."""
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    s = loaded.spec
+    if task is not None and task not in s.task_names:
+        raise SpecError(f"no task named '{task}'", where="--task",
+                        fix=f"one of {', '.join(s.task_names)}")
+    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    model = artifacts.load(out)
+    examples = [example_inputs(s.inputs, seed=s.train.seed),
+                example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
+    name = "model.onnx" if task is None else f"model.{task}.onnx"
+    with artifacts.Staging(out) as staging:
+        exported = onnx_for_spec(loaded, model, staging.path / name, examples, task, provider)
+        files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
+        report = out / "report.md"
+        text = report.read_text(encoding="utf-8") if report.is_file() else ""
+        staging.write_text("report.md", replace_section(text, "## ONNX", exported.report()))
+        files.append("report.md")
+        staging.write_text("manifest.json", artifacts.manifest_text(
+            staging.out_dir, staging.path, "export", loaded.path, loaded.sha256, s.train.seed,
+            files, class_name(s.name)))
+        written = staging.commit()
+    exported.path = next(p for p in written if p.name == name)
+    return exported
+
+
+def replace_section(text: str, heading: str, lines: list[str]) -> str:
+    """``text`` with the markdown section under ``heading`` replaced by ``lines`` (appended
+    when it has none)."""
+    body = "\n".join(lines).rstrip("\n") + "\n"
+    start = text.find(f"\n{heading}\n")
+    if start < 0:
+        return (text.rstrip("\n") + "\n\n" if text else "") + body
+    end = text.find("\n## ", start + 1)
+    return text[:start + 1] + body + ("\n" + text[end + 1:] if end >= 0 else "")
+
+
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[Path]:
     from safetensors.torch import save_model
 
@@ -401,11 +474,17 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
             compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings)
-        if compiled.results:
-            report = report.replace("\n## Checks", "\n" + "\n".join(compiled.results)
+        files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
+        results = list(compiled.results)
+        if "onnx" in s.export.formats:
+            exported = onnx_for_spec(prepared.loaded, reloaded, staging.path / "model.onnx",
+                                     prepared.examples)
+            results += ["", *exported.report()]
+            files += [staging.adopt(p.name).name for p in staging.path.glob("model.onnx*")]
+        if results:
+            report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
                                     + "\n\n## Checks", 1)
         staging.write_text("report.md", report)
-        files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         if compiled.profile is not None:
             files += write_conflicts(staging, compiled.profile,
                                      {layer.name for layer in branched.layers})

@@ -1,0 +1,179 @@
+"""ONNX export (I5): named inputs and per-task outputs, dynamic axes, onnxruntime parity with the
+emitted PyTorch model, the exporter fallback, --task, providers, and nothing left on failure."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+
+import reconfx
+from reconfx.build import example_inputs
+from reconfx.cli import main
+from reconfx.emit import onnx as onnx_emit
+from tests.support import write_spec
+from tests.test_hf_models import hf_spec
+from tests.test_minilm import minilm_spec
+from tests.test_sequence_models import encoder_spec
+
+
+def with_onnx(spec, out):
+    data = yaml.safe_load(spec.read_text())
+    data["export"] = {"formats": ["python", "onnx"], "dir": str(out)}
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    return spec
+
+
+def resnet_spec(tmp_path, tasks=("left", "right"), data=True):
+    fields = dict(
+        model={"factory": "reconfx.zoo:small_resnet",
+               "kwargs": {"num_classes": 10, "width": 8, "tasks": list(tasks)}},
+        inputs=[{"name": "image", "shape": [4, 1, 12, 12]}],
+        tasks=[{"name": t} for t in tasks], select={"layers": ["layer3.*", "layer4.0.conv1"]})
+    if data and len(tasks) == 2:
+        fields["data"] = {"factory": "reconfx.data:multidigits", "kwargs": {"size": 64}}
+    return with_onnx(write_spec(tmp_path, "onnx", **fields), tmp_path / "out")
+
+
+def assert_exported(out, inputs, tasks, dynamic_axes, name="model.onnx"):
+    """The file's interface, and onnxruntime matching the emitted PyTorch model on inputs of
+    another size than the export's."""
+    proto = onnx.load(str(out / name))
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert [i.name for i in proto.graph.input] == list(inputs)
+    assert [o.name for o in proto.graph.output] == list(tasks)
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        assert {a for a, d in enumerate(dims) if d.dim_param} == set(dynamic_axes[i.name])
+    run = reconfx.onnx_session(out / name)
+    assert run.provider == "CPUExecutionProvider"
+    model = reconfx.load(out).eval()
+    with torch.no_grad():
+        want = model(**inputs)
+    got = run(**inputs)
+    assert list(got) == list(tasks)
+    for task in tasks:
+        np.testing.assert_allclose(got[task], want[task].numpy(), rtol=1e-3, atol=1e-4)
+
+
+def report_rows(out):
+    text = (out / "report.md").read_text()
+    section = text[text.index("## ONNX"):]
+    section = section[:section.index("\n## ", 1)]
+    return [line for line in section.splitlines() if line.startswith("| ") and "output" not in
+            line]
+
+
+@pytest.mark.parametrize("tasks", [("left", "right"), ("a", "b", "c")])
+def test_resnet_exports_with_named_outputs_and_dynamic_batch(tmp_path, tasks):
+    out = tmp_path / "out"
+    compiled = reconfx.compile_spec(resnet_spec(tmp_path, tasks), out)
+    assert (out / "model.onnx").is_file()
+    assert json.loads((out / "manifest.json").read_text())["files"]["model.onnx"]["command"] \
+        == "compile"
+    assert compiled.warnings == []
+    assert_exported(out, {"image": torch.randn(7, 1, 12, 12)}, tasks, {"image": [0]})
+    rows = report_rows(out)
+    cases = 3 if len(tasks) == 2 else 2  # example, second batch size, test data when present
+    assert len(rows) == cases * len(tasks) and all(row.endswith("| yes |") for row in rows)
+    assert any("test data, 16 items" in row for row in rows) == (len(tasks) == 2)
+
+
+@pytest.mark.parametrize("case,tasks", [("encoder", 2), ("bert", 3), ("vit", 2), ("minilm", 2)])
+def test_transformers_export(tmp_path, case, tasks):
+    if case == "encoder":
+        spec = encoder_spec(tmp_path, ["encoder.layers.1.*"])
+        data = yaml.safe_load(spec.read_text())  # ONNX names must differ: input 'tokens'
+        data["tasks"][0]["name"] = "per_token"
+        data["model"]["kwargs"]["tasks"] = ["per_token", "sequence"]
+        spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    elif case == "minilm":
+        spec = minilm_spec(tmp_path, ["backbone.encoder.layer.5.*"])
+    else:
+        spec = hf_spec(tmp_path, case, tasks)
+    out = tmp_path / "out"
+    compiled = reconfx.compile_spec(with_onnx(spec, out), out)
+    s = compiled.prepared.loaded.spec
+    assert compiled.branched.layers
+    dynamic = {i.name: i.dynamic for i in s.inputs}
+    grown = example_inputs(s.inputs, seed=5, grow=3)  # other batch and length
+    assert_exported(out, grown, s.task_names, dynamic)
+
+
+def test_export_command_one_task_and_report_section(tmp_path, capsys):
+    spec = resnet_spec(tmp_path)
+    out = tmp_path / "out"
+    reconfx.compile_spec(spec, out)
+    full = onnx.load(str(out / "model.onnx"))
+    assert main(["export", str(spec), "--format", "onnx", "--task", "right"]) == 0
+    printed = capsys.readouterr().out
+    assert "I5 onnx parity" in printed and str(out / "model.right.onnx") in printed
+    proto = onnx.load(str(out / "model.right.onnx"))
+    assert [o.name for o in proto.graph.output] == ["right"]
+    names = {t.name for t in proto.graph.initializer}
+    # The left task's copies and head are gone; the right task's are there.
+    assert not any(".left." in n or n.endswith(".left") for n in names)
+    assert any(".right." in n for n in names)
+    size = sum(int(np.prod(t.dims)) for t in proto.graph.initializer)
+    assert size < sum(int(np.prod(t.dims)) for t in full.graph.initializer)
+    assert_exported(out, {"image": torch.randn(3, 1, 12, 12)}, ["right"], {"image": [0]},
+                    name="model.right.onnx")
+    assert (out / "report.md").read_text().count("## ONNX") == 1
+    manifest = json.loads((out / "manifest.json").read_text())["files"]
+    assert manifest["model.right.onnx"]["command"] == "export"
+    assert manifest["model.onnx"]["command"] == "compile"
+
+
+def test_missing_provider_is_an_error_not_a_fallback(tmp_path, capsys):
+    spec = resnet_spec(tmp_path)
+    reconfx.compile_spec(spec, tmp_path / "out")
+    before = (tmp_path / "out" / "model.onnx").read_bytes()
+    assert main(["export", str(spec), "--provider", "cuda"]) == 2
+    err = capsys.readouterr().err
+    assert "no CUDAExecutionProvider" in err and "onnxruntime-gpu" in err
+    assert (tmp_path / "out" / "model.onnx").read_bytes() == before
+
+
+def test_dynamo_failure_falls_back_to_torchscript_and_says_why(tmp_path, monkeypatch):
+    real = onnx_emit._export
+
+    def failing(exporter, *args):
+        if exporter == "dynamo":
+            raise RuntimeError("Unsupported: aten::made_up_op has no ONNX translation")
+        return real(exporter, *args)
+
+    monkeypatch.setattr(onnx_emit, "_export", failing)
+    out = tmp_path / "out"
+    reconfx.compile_spec(resnet_spec(tmp_path), out)
+    report = (out / "report.md").read_text()
+    assert "exported by the torchscript exporter" in report
+    assert ("the dynamo exporter was tried first and not used: RuntimeError: Unsupported: "
+            "aten::made_up_op has no ONNX translation") in report
+    assert_exported(out, {"image": torch.randn(2, 1, 12, 12)}, ["left", "right"],
+                    {"image": [0]})
+
+
+def test_failed_check_is_an_error_and_keeps_earlier_files(tmp_path, monkeypatch, capsys):
+    spec = resnet_spec(tmp_path)
+    out = tmp_path / "out"
+    reconfx.compile_spec(spec, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(onnx_emit, "ATOL", 0.0)
+    monkeypatch.setattr(onnx_emit, "RTOL", 0.0)  # float differences now fail the check
+    assert main(["compile", str(spec), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "no ONNX exporter produced a model that passes the checks" in err
+    assert "dynamo: onnxruntime differs from PyTorch" in err
+    assert "torchscript: onnxruntime differs from PyTorch" in err
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_input_and_task_with_one_name_is_a_spec_error(tmp_path, capsys):
+    spec = with_onnx(encoder_spec(tmp_path, ["encoder.layers.1.*"]), tmp_path / "out")
+    assert main(["compile", str(spec), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert f"{spec}: tasks: ONNX needs distinct input and output names, and 'tokens'" in err
+    assert "rename the task" in err
+    assert not (tmp_path / "out" / "model.py").exists()
