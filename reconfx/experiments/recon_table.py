@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import statistics
 import sys
@@ -101,8 +102,11 @@ class Experiment:
                                     train={"epochs": epochs or s.train.epochs})
         self.out, self.seeds, self.aggregators = out, seeds, aggregators
         self.progress = progress
-        self.settings = {"spec": str(loaded.path), "spec_sha256": loaded.sha256,
-                         "epochs": self.loaded.spec.train.epochs, "data_kwargs": kwargs}
+        # Finished runs are reused while everything that shapes them is unchanged (the export
+        # section and the name are not part of that).
+        shaping = self.loaded.spec.model_dump(mode="json", exclude={"name", "export"})
+        self.settings = {"spec": str(loaded.path), "training_sha256": hashlib.sha256(
+            json.dumps(shaping, sort_keys=True).encode()).hexdigest()}
         self.rows = self._load()
 
     def _load(self) -> list[dict]:
