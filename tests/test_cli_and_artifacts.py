@@ -104,14 +104,3 @@ def test_staging_left_by_a_killed_run_is_removed(tmp_path):
     (out / f".staging-{dead}" / "model.py").write_text("half-written")
     pipeline.compile_spec(spec(tmp_path), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
-
-
-def test_onnx_in_formats_is_reported_as_not_written(tmp_path, capsys):
-    path = write_spec(tmp_path, "onnx", model=RESNET, inputs=IMAGE, tasks=TASKS,
-                      select={"layers": ["layer4.*"]}, export={"formats": ["python", "onnx"]})
-    out = tmp_path / "out"
-    assert main(["compile", str(path), "--out", str(out), "--quiet"]) == 0
-    err = capsys.readouterr().err
-    assert "reconfx: warning: export.formats lists onnx" in err
-    assert not (out / "model.onnx").exists()
-    assert "## Warnings" in (out / "report.md").read_text()

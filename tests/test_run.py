@@ -31,7 +31,9 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ARTIFACTS + ["conflicts.json", "conflicts.png"])
+        ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints"])
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
+                                                                       "last.safetensors"]
     report = (out / "report.md").read_text()
     assert report.startswith("# reconfx run: run")
     assert "branched layers: 4 of 24 shared" in report
