@@ -177,3 +177,17 @@ def test_input_and_task_with_one_name_is_a_spec_error(tmp_path, capsys):
     assert f"{spec}: tasks: ONNX needs distinct input and output names, and 'tokens'" in err
     assert "rename the task" in err
     assert not (tmp_path / "out" / "model.py").exists()
+
+
+def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_emit, "EXTERNAL_DATA_BYTES", 0)  # as if the weights were > 2 GB
+    out = tmp_path / "out"
+    reconfx.compile_spec(resnet_spec(tmp_path, data=False), out)
+    assert (out / "model.onnx.data").stat().st_size > (out / "model.onnx").stat().st_size
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert all(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer
+               if np.prod(t.dims) > 1024)
+    files = json.loads((out / "manifest.json").read_text())["files"]
+    assert {"model.onnx", "model.onnx.data"} <= set(files)
+    assert_exported(out, {"image": torch.randn(5, 1, 12, 12)}, ["left", "right"],
+                    {"image": [0]})
