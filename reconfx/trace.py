@@ -426,6 +426,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
             graphs, attrs = [], {}
             for mode in (True, False):
                 graph, table = export_trace(model, example, dynamic, mode, notes, leaves)
+                _follow_input_device(graph)
                 attrs.update(table)
                 _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")
                 graphs.append(graph)
@@ -442,6 +443,23 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         coarse.notes.append("torch.export failed too, so the coarse fx leaves are kept")
         return coarse
     raise _trace_error(failures)
+
+
+def _follow_input_device(graph: fx.Graph) -> None:
+    """torch.export bakes the tracing device into factory ops (``arange(..., device=cpu)``);
+    make those follow the first input's device instead, so the graph and the emitted model run
+    wherever their inputs are."""
+    uses = [n for n in graph.nodes if n.op == "call_function"
+            and isinstance(n.kwargs.get("device"), torch.device)]
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    if not uses or first is None:
+        return
+    anchor = next(n for n in graph.nodes if n.op != "placeholder")
+    with graph.inserting_before(anchor):
+        device = graph.call_function(getattr, (first, "device"))
+    for node in uses:
+        node.kwargs = {**node.kwargs, "device": device}
+    graph.lint()
 
 
 def _dedupe(notes: list[str]) -> list[str]:

@@ -72,3 +72,16 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
     assert compiled.branched.module.dual  # attention dropout_p is baked into the glue
     source = (out / "model.py").read_text()
     assert "def _forward_train(" in source and "def _forward_eval(" in source
+
+
+def test_factory_ops_follow_the_input_device(tmp_path):
+    """torch.export bakes device=cpu into BERT's arange; the compiled graph and the emitted model
+    take the device from their input instead (checked on the meta device: no GPU needed)."""
+    out = tmp_path / "out"
+    compiled = compile_and_verify(hf_spec(tmp_path, "bert"), out)
+    source = (out / "model.py").read_text()
+    assert 'torch.device("cpu")' not in source and "device = input_ids.device" in source
+    ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
+    for model in (compiled.branched.module, reconfx.load(out)):
+        outputs = model.to("meta")(input_ids=ids)
+        assert {t: o.device.type for t, o in outputs.items()} == {"a": "meta", "b": "meta"}
