@@ -63,3 +63,18 @@ class ThreeTasks(torch.utils.data.Dataset):
     def __getitem__(self, index):
         inputs, y = self.base[index]
         return inputs, {"a": y["left"], "b": y["right"], "c": (y["left"] + y["right"]) % 10}
+
+
+class SingularValues(nn.Module):
+    """Glue with an op no ONNX exporter translates (torch.linalg.svdvals)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(6, 6)
+        self.p = nn.Linear(6, 2)
+        self.q = nn.Linear(6, 2)
+
+    def forward(self, x):
+        values = torch.linalg.svdvals(self.fc(x).view(-1, 2, 3))
+        h = torch.cat([values, values, values], -1)
+        return {"p": self.p(h), "q": self.q(h)}

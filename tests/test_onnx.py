@@ -81,7 +81,8 @@ def test_resnet_exports_with_named_outputs_and_dynamic_batch(tmp_path, tasks):
     assert any("test data, 16 items" in row for row in rows) == (len(tasks) == 2)
 
 
-@pytest.mark.parametrize("case,tasks", [("encoder", 2), ("bert", 3), ("vit", 2), ("minilm", 2)])
+@pytest.mark.parametrize("case,tasks", [("encoder", 2), ("bert", 2), ("bert", 3), ("vit", 2),
+                                        ("vit", 3), ("minilm", 2)])
 def test_transformers_export(tmp_path, case, tasks):
     if case == "encoder":
         spec = encoder_spec(tmp_path, ["encoder.layers.1.*"])
@@ -191,3 +192,18 @@ def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
     assert {"model.onnx", "model.onnx.data"} <= set(files)
     assert_exported(out, {"image": torch.randn(5, 1, 12, 12)}, ["left", "right"],
                     {"image": [0]})
+
+
+def test_an_op_without_onnx_translation_is_named(tmp_path, capsys):
+    spec = with_onnx(write_spec(tmp_path, "svd", model={"factory": "tests.models:SingularValues"},
+                                inputs=[{"name": "x", "shape": [4, 6]}],
+                                tasks=[{"name": "p"}, {"name": "q"}],
+                                select={"layers": ["fc"]}), tmp_path / "out")
+    assert main(["compile", str(spec), "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1  # one line, no graph dump
+    assert "dynamo: " in err and "aten._linalg_svd" in err
+    assert "torchscript: UnsupportedOperatorError: Exporting the operator 'aten::linalg_svdvals' " \
+           "to ONNX opset version 18 is not supported" in err
+    assert "replace that op" in err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())

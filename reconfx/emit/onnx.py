@@ -18,7 +18,9 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
+import sys
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -154,17 +156,29 @@ def _dims(dynamic: dict[str, list[int]], example: dict[str, torch.Tensor]
 
 @contextlib.contextmanager
 def _quiet() -> Iterator[None]:
-    """The exporters' warnings and log lines (deprecations, skipped torchvision ops) are not
-    the user's concern; failures still raise."""
+    """The exporters' warnings, log lines and the graph dumps the TorchScript exporter writes
+    to the process's stdout/stderr from C++ are not the user's concern; failures still raise,
+    with their message."""
     loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript")]
     levels = [lg.level for lg in loggers]
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = [os.dup(1), os.dup(2)]
     try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            os.dup2(null.fileno(), 2)
         for lg in loggers:
             lg.setLevel(logging.ERROR)
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
+                contextlib.redirect_stderr(io.StringIO()):
             warnings.simplefilter("ignore")
             yield
     finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in saved:
+            os.close(fd)
         for lg, level in zip(loggers, levels, strict=True):
             lg.setLevel(level)
 
