@@ -86,15 +86,22 @@ class Staging:
         self.abort()
 
 
-def replace_text(path: Path, text: str) -> None:
-    """Write one file atomically: a temporary name beside it, then ``os.replace``."""
+def replace_file(path: Path, writer: Any) -> None:
+    """Write one file atomically: ``writer`` fills a temporary name beside it, then
+    ``os.replace`` moves it into place, so a killed process never leaves half a file."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        temporary.write_text(text, encoding="utf-8")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        writer(temporary)
         os.replace(temporary, path)
     except OSError as exc:
-        temporary.unlink(missing_ok=True)
         raise _output_error(exc, path.parent) from None
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def replace_text(path: Path, text: str) -> None:
+    replace_file(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
 def _remove_stale(out_dir: Path) -> None:

@@ -79,8 +79,7 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     s = loaded.spec
     torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
     model = build_model(s, loaded.path)
-    examples = [example_inputs(s.inputs, seed=s.train.seed),
-                example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
+    examples = spec_examples(s)
     with torch.no_grad():
         output = model(**examples[0])
     paths, ignored = task_paths(s, output, str(loaded.path))
@@ -90,6 +89,13 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     traced.ignored_outputs = ignored
     layers = inventory(traced.module, s.task_names)
     return Prepared(loaded, model, traced, layers, paths, examples)
+
+
+def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
+    """The example inputs every check runs on: the spec's shapes, and every dynamic axis one
+    longer (a second batch size, a second sequence length)."""
+    return [example_inputs(s.inputs, seed=s.train.seed),
+            example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
 
 
 def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None) -> Compiled:
@@ -419,8 +425,7 @@ def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None
                         fix=f"one of {', '.join(s.task_names)}")
     out = Path(out_dir) if out_dir is not None else s.export_dir()
     model = artifacts.load(out)
-    examples = [example_inputs(s.inputs, seed=s.train.seed),
-                example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
+    examples = spec_examples(s)
     name = "model.onnx" if task is None else f"model.{task}.onnx"
     with artifacts.Staging(out) as staging:
         exported = onnx_for_spec(loaded, model, staging.path / name, examples, task, provider)

@@ -8,7 +8,6 @@ the best weights (by mean relative metric, each task's metric turned so that hig
 from __future__ import annotations
 
 import copy
-import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from reconfx.artifacts import replace_file
 from reconfx.layers import Layer
 from reconfx.profile import ConflictCounter
 from reconfx.spec import TrainSpec
@@ -127,14 +127,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
 
 
 def save_checkpoint(module: nn.Module, path: Path) -> None:
-    """The module's weights as safetensors (tied tensors once), written under a temporary name
-    and renamed, so a killed run never leaves a half-written checkpoint."""
+    """The module's weights as safetensors (tied tensors once), written atomically."""
     from safetensors.torch import save_model
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_model(module, str(temporary))
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    replace_file(path, lambda p: save_model(module, str(p)))
