@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import keyword
+import math
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -42,6 +43,9 @@ _FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 _RESERVED_TASK_NAMES = frozenset(
     name for name in dir(torch.nn.ModuleDict()) if not name.startswith("__")
 )
+
+
+MAX_EXAMPLE_ELEMENTS = 2**28  # an example input above this (1 GiB of float32) is a typo
 
 
 class _Strict(BaseModel):
@@ -120,6 +124,10 @@ class InputSpec(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
+        if math.prod(self.shape) > MAX_EXAMPLE_ELEMENTS:
+            raise ValueError(f"shape {self.shape} has {math.prod(self.shape):,} elements; the "
+                             f"example input is built in memory (at most "
+                             f"{MAX_EXAMPLE_ELEMENTS:,}): give a small example batch")
         for axis in self.dynamic:
             if axis >= len(self.shape):
                 raise ValueError(f"dynamic axis {axis} is outside shape {self.shape}")
@@ -327,8 +335,19 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
         raise SpecError(f"malformed YAML: {problem}", where=f"{path}{line}") from None
+    except (ValueError, OverflowError) as exc:  # a scalar YAML cannot convert (a 5,000-digit int)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise SpecError(f"malformed YAML: a value cannot be read: {first}",
+                        where=str(path)) from None
+    except RecursionError:
+        raise SpecError("the YAML is nested too deeply", where=str(path),
+                        fix="a spec needs a few levels of nesting") from None
+    size = _expanded_size(tree)
+    if size > MAX_VALUES:
+        raise SpecError(f"the YAML expands to more than {MAX_VALUES:,} values (aliases?)",
+                        where=str(path), fix="write the spec out without recursive aliases")
     if not isinstance(data, dict):
         raise SpecError(
             f"the spec must be a mapping of fields, got {type(data).__name__}",
@@ -342,6 +361,27 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
     return LoadedSpec(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
 
 
+MAX_VALUES = 100_000  # a spec has dozens; YAML aliases can expand exponentially
+
+
+def _expanded_size(node: yaml.Node | None) -> int:
+    """How many values the document holds once every alias is expanded (an alias is the same
+    node object again), counted without expanding: each node's size once, memoised."""
+    sizes: dict[int, int] = {}
+
+    def size(n: yaml.Node) -> int:
+        if id(n) not in sizes:
+            children: list[yaml.Node] = []
+            if isinstance(n, yaml.MappingNode):
+                children = [x for pair in n.value for x in pair]
+            elif isinstance(n, yaml.SequenceNode):
+                children = list(n.value)
+            sizes[id(n)] = min(1 + sum(size(c) for c in children), MAX_VALUES + 1)
+        return sizes[id(n)]
+
+    return size(node) if node is not None else 0
+
+
 def _spec_error(exc: ValidationError, path: Path, tree: yaml.Node | None) -> SpecError:
     """Turn the first Pydantic error into one line: file:line: field: message."""
     errors = exc.errors(include_url=False)
@@ -353,7 +393,7 @@ def _spec_error(exc: ValidationError, path: Path, tree: yaml.Node | None) -> Spe
     if field:
         where = f"{where}: {field}"
     if first["type"] == "extra_forbidden":
-        message = f"unknown field '{loc[-1]}'"
+        message = f"unknown field {_quoted(loc[-1])}"
         fix = f"allowed here: {', '.join(_allowed_fields(loc[:-1]))}"
     elif first["type"] == "missing":
         message, fix = "required field is missing", f"add '{loc[-1]}' (see `reconfx schema`)"
@@ -374,8 +414,17 @@ def _spec_error(exc: ValidationError, path: Path, tree: yaml.Node | None) -> Spe
 def _dotted(loc: list[Any]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif re.fullmatch(r"[\w-]+", str(part)):
+            out += f".{part}" if out else str(part)
+        else:  # a key with spaces, dots or control characters: quoted, escaped, one line
+            out += f"[{part!r}]"
     return out
+
+
+def _quoted(part: Any) -> str:
+    return repr(part) if isinstance(part, str) else repr(str(part))
 
 
 def _yaml_line(node: yaml.Node | None, loc: list[Any]) -> int | None:
