@@ -2,17 +2,24 @@
 
 Every file goes to a staging folder next to its destination first; only after all checks pass is
 each one moved into place with ``os.replace`` (atomic on one filesystem), so a failing or killed
-command leaves every earlier file as it was.
+command leaves every earlier file as it was. Before the first move the staging folder gets a
+journal listing its files: from then on the commit is decided, and a command killed between two
+moves is finished by the next one that opens the folder (or by :func:`load`), so the folder never
+stays a mix of two commands' files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import glob
 import hashlib
 import importlib.util
 import json
 import os
+import pickle
 import platform
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -24,6 +31,7 @@ from torch import nn
 from reconfx.errors import ModelError, OutputError
 
 MANIFEST = "manifest.json"
+JOURNAL = ".commit"  # in a staging folder: the files to move, written before the first move
 
 
 class Staging:
@@ -59,14 +67,15 @@ class Staging:
         path = self.path / name
         try:
             writer(path)
-        except OSError as exc:
-            raise _output_error(exc, self.out_dir) from None
+        except Exception as exc:
+            raise _output_error(_io_error(exc), self.out_dir) from None
         self.files[name] = None
         return path
 
     def commit(self) -> list[Path]:
         done = []
         try:
+            replace_text(self.path / JOURNAL, "".join(f"{name}\n" for name in self.files))
             for name in self.files:
                 os.replace(self.path / name, self.out_dir / name)
                 done.append(self.out_dir / name)
@@ -88,16 +97,61 @@ class Staging:
 
 def replace_file(path: Path, writer: Any) -> None:
     """Write one file atomically: ``writer`` fills a temporary name beside it, then
-    ``os.replace`` moves it into place, so a killed process never leaves half a file."""
+    ``os.replace`` moves it into place, so a killed process never leaves half a file (and the
+    half-written temporaries of killed processes are removed the next time)."""
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+            pid = stale.name[len(path.name) + 2:-4]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
         writer(temporary)
         os.replace(temporary, path)
-    except OSError as exc:
-        raise _output_error(exc, path.parent) from None
+    except Exception as exc:
+        raise _output_error(_io_error(exc), path.parent) from None
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def save_weights(module: nn.Module, path: Path) -> None:
+    """The module's state as safetensors, byte-for-byte reproducible. Tensors that are one
+    tensor under several names (tied weights; per-task norms sharing one affine) are stored once,
+    under their first name in ``state_dict`` order, which ``safetensors.torch.load_model``
+    accepts; a tensor that shares storage with another in any other way is stored as a copy.
+    (``safetensors.torch.save_model`` records its alias table as metadata in hash order, which
+    differs from one run to the next.)"""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    kept: set[tuple] = set()
+    storages: set[tuple] = set()
+    for name, tensor in module.state_dict().items():
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
+        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
+        if view in kept:
+            continue
+        shared = storage in storages and tensor.untyped_storage().nbytes() > 0
+        tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()
+        kept.add(view)
+        storages.add(storage)
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def torch_load_safely(path: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers only. A pickle that names
+    any other Python object is refused, never executed; every failure is a ``ValueError`` with a
+    one-line reason."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        found = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
+        what = f"a reference to {found.group(1)}" if found else "Python objects besides tensors"
+        raise ValueError(f"it holds {what}, which a weights-only load refuses (unpickling it "
+                         "would run code)") from None
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{type(exc).__name__}: {first}") from None
 
 
 def replace_text(path: Path, text: str) -> None:
@@ -105,10 +159,16 @@ def replace_text(path: Path, text: str) -> None:
 
 
 def _remove_stale(out_dir: Path) -> None:
-    """Staging folders left by a killed run (their process is gone) are removed."""
+    """Staging folders left by a killed run (their process is gone): a commit that had begun
+    (the journal exists) is finished, anything else is removed."""
     for folder in out_dir.glob(".staging-*"):
         pid = folder.name.removeprefix(".staging-")
         if pid.isdigit() and not _alive(int(pid)):
+            journal = folder / JOURNAL
+            if journal.is_file():
+                for name in journal.read_text(encoding="utf-8").splitlines():
+                    if name and (folder / name).is_file():
+                        os.replace(folder / name, out_dir / name)
             shutil.rmtree(folder, ignore_errors=True)
 
 
@@ -120,6 +180,18 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _io_error(exc: Exception) -> OSError:
+    """``exc`` as an OSError when it is one, or wraps one the way safetensors' Rust writer does
+    ("... (os error 28)"); anything else is not an I/O failure and is raised again."""
+    if isinstance(exc, OSError):
+        return exc
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if found is None:
+        raise exc
+    code = int(found.group(1))
+    return OSError(code, os.strerror(code))
 
 
 def _output_error(exc: OSError, out_dir: Path) -> OutputError:
@@ -184,6 +256,8 @@ def load(directory: str | Path) -> nn.Module:
     torch.Size([1, 10])
     """
     directory = Path(directory)
+    with contextlib.suppress(OSError):  # finish a commit a killed command left half done
+        _remove_stale(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
         name = manifest["class_name"]

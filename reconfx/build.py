@@ -10,6 +10,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from reconfx.artifacts import torch_load_safely
 from reconfx.errors import ModelError, SpecError
 from reconfx.heads import attach_heads
 from reconfx.spec import FactorySpec, InputSpec, Spec
@@ -80,10 +81,9 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch_load_safely(path)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint '{path}' ({type(exc).__name__}: "
-                         f"{str(exc).splitlines()[0] if str(exc) else ''})", where=where,
+        raise ModelError(f"cannot read checkpoint '{path}': {str(exc)[:300]}", where=where,
                          fix="save it with torch.save(model.state_dict()) or safetensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

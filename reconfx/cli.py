@@ -79,7 +79,9 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from reconfx.pipeline import profile_spec
 
     _say(args, f"profiling {args.spec} ...")
-    done = profile_spec(args.spec, args.out, progress=not args.quiet)
+    done = profile_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume)
+    for note in done.notes:
+        _say(args, note)
     scores = done.result.scores()
     top = sorted(scores.items(), key=lambda kv: -kv[1])[:5]
     _say(args, f"{done.result.steps} steps, {len(scores)} shared layers; highest scores: "
@@ -89,6 +91,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
                    f"{len(done.chosen)} layer(s): {', '.join(x.name for x in done.chosen)}")
     for path in done.written:
         _say(args, f"wrote {path}")
+    _warn(done.warnings)
     return 0
 
 
@@ -98,7 +101,11 @@ def _report(args: argparse.Namespace, compiled: Any) -> None:
         _say(args, f"  {check.name}: {check.detail}")
     for path in compiled.written:
         _say(args, f"wrote {path}")
-    for warning in compiled.warnings:
+    _warn(compiled.warnings)
+
+
+def _warn(warnings: list[str]) -> None:
+    for warning in warnings:
         print(f"reconfx: warning: {warning}", file=sys.stderr)
 
 
@@ -106,7 +113,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reconfx.pipeline import run_spec
 
     _say(args, f"running {args.spec}: profile -> select -> branch -> train -> evaluate -> emit")
-    compiled = run_spec(args.spec, args.out, progress=not args.quiet)
+    compiled = run_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume)
+    for note in compiled.notes:
+        _say(args, note)
     for line in compiled.results:
         if line:
             _say(args, line)
@@ -167,9 +176,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("spec", type=Path)
     i.add_argument("--json", action="store_true", help="print JSON instead of a table")
     i.set_defaults(run=cmd_inspect)
-    _command(sub, "profile", "train briefly and count gradient conflicts per layer",
-             cmd_profile)
-    _command(sub, "run", "profile, select, branch, train, evaluate and emit", cmd_run)
+    for name, text, run in (
+            ("profile", "train briefly and count gradient conflicts per layer", cmd_profile),
+            ("run", "profile, select, branch, train, evaluate and emit", cmd_run)):
+        _command(sub, name, text, run).add_argument(
+            "--resume", action="store_true", help="continue an interrupted run from "
+            "export.dir/checkpoints/resume.pt (same spec): the result equals an uninterrupted "
+            "run's")
     e = _command(sub, "eval", "evaluate the emitted model in export.dir on a data split",
                  cmd_eval, quiet=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -204,7 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"reconfx: error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
-        print("reconfx: interrupted; earlier output files are unchanged", file=sys.stderr)
+        print("reconfx: interrupted; earlier output files are unchanged (profile and run "
+              "continue with --resume)", file=sys.stderr)
         return 130
     except Exception as exc:  # a bug in reconfx: one line unless asked for the traceback
         if os.environ.get("RECONFX_DEBUG"):

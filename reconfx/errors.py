@@ -18,6 +18,11 @@ class ReconfxError(Exception):
         self.fix = fix
         super().__init__(str(self))
 
+    def at(self, where: str) -> ReconfxError:
+        """The same error located at ``where`` (a former ``where`` joins the message)."""
+        message = f"{self.where}: {self.message}" if self.where else self.message
+        return type(self)(message, where=where, fix=self.fix)
+
     def __str__(self) -> str:
         text = f"{self.where}: {self.message}" if self.where else self.message
         return f"{text} (fix: {self.fix})" if self.fix else text
@@ -55,5 +60,12 @@ class CheckError(ReconfxError):
 
 class OutputError(ReconfxError):
     """The output folder cannot be written (permissions, disk full)."""
+
+    exit_code = 1
+
+
+class TrainingError(ReconfxError):
+    """Profiling or training cannot go on: a non-finite loss or gradient, a model whose outputs
+    do not fit its targets."""
 
     exit_code = 1

@@ -34,7 +34,7 @@ from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profile import Profile, annotate, chart, load_scores, profile
+from reconfx.profile import ConflictCounter, Profile, annotate, chart, load_scores, profile
 from reconfx.report import Cost, compile_report, flops, latencies, markdown_table
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
@@ -44,8 +44,9 @@ from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
 from reconfx.train.precision import resolve_device
+from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
-from reconfx.train.step import layer_parameters
+from reconfx.train.step import block_layout, layer_parameters
 
 CONFLICTS = "conflicts.json"
 
@@ -71,6 +72,7 @@ class Compiled:
     written: list[Path] = field(default_factory=list)
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # e.g. where a resumed run picked up
 
 
 def prepare(spec: LoadedSpec | str | Path) -> Prepared:
@@ -127,20 +129,27 @@ SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
 
 
 def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-             progress: bool = True) -> Compiled:
-    """profile -> select -> branch -> train -> evaluate -> emit (trained weights)."""
+             progress: bool = True, resume: bool = False) -> Compiled:
+    """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
+    saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     prepared = prepare(spec)
     loaded, s = prepared.loaded, prepared.loaded.spec
     require_data(loaded, "run")
+    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    checkpoint = open_checkpoint(loaded, out, "run", resume)
     initial = copy.deepcopy(prepared.traced.module.state_dict())
     result = None
     if s.select is not None and s.select.policy in SCORE_POLICIES:
-        result = profile_prepared(prepared, progress)
+        result = profile_prepared(prepared, progress, checkpoint)
+        checkpoint.extra["profile"] = result.counter.state_dict()
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, result.scores() if result else None)
-    compiled.out_dir = Path(out_dir) if out_dir is not None else s.export_dir()
-    trained = train_compiled(compiled, progress, checkpoints=compiled.out_dir / "checkpoints")
+    compiled.out_dir = out
+    compiled.notes += [checkpoint.note] if checkpoint.note else []
+    compiled.warnings += result.warnings() if result is not None else []
+    trained = train_compiled(compiled, progress, checkpoints=out / "checkpoints",
+                             resume=checkpoint)
     compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test, result,
                                   trained.shared)
     if trained.sparse is not None:
@@ -150,7 +159,14 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
                                 "weight tensors masked, heads and 1-D parameters fully trained)")
     compiled.profile = result
     compiled.written = _write(compiled, compiled.out_dir, "run")
+    checkpoint.clear()
     return compiled
+
+
+def open_checkpoint(loaded: LoadedSpec, out: Path, command: str, resume: bool) -> Checkpoint:
+    """The resume checkpoint of ``command`` in ``out/checkpoints`` (loaded with ``resume``)."""
+    return Checkpoint(out / "checkpoints", command, loaded.sha256,
+                      loaded.spec.train.checkpoint_every, resume)
 
 
 @dataclass
@@ -164,7 +180,7 @@ class Trained:
 
 def train_compiled(compiled: Compiled, progress: bool = True,
                    data: dict[str, torch.utils.data.Dataset] | None = None,
-                   checkpoints: Path | None = None) -> Trained:
+                   checkpoints: Path | None = None, resume: Checkpoint | None = None) -> Trained:
     """Train the compiled model in place with the spec's training settings on ``train.device``
     (best validation epoch kept, conflicts of its shared layers counted, checkpoints written
     to ``checkpoints``) and evaluate it on the test split; the model ends on the CPU. ``data``
@@ -181,7 +197,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
         fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
                      data["train"], data["val"], s.train, s.data.batch_size, progress,
-                     s.profile.threshold, sparse, checkpoints)
+                     s.profile.threshold, sparse, checkpoints, resume)
         test = evaluate(module, data["test"], s.task_names, metrics)
     return Trained(fitted, test, shared, metrics, sparse)
 
@@ -272,6 +288,8 @@ class Profiled:
     result: Profile
     chosen: list[Layer]
     written: list[Path]
+    warnings: list[str]
+    notes: list[str]
 
 
 def require_data(loaded: LoadedSpec, command: str) -> None:
@@ -281,11 +299,19 @@ def require_data(loaded: LoadedSpec, command: str) -> None:
                         fix='add data: {factory: "reconfx.data:multidigits", batch_size: 128}')
 
 
-def profile_prepared(prepared: Prepared, progress: bool) -> Profile:
-    """Run the profiling pass on the traced model (it trains those weights in place)."""
+def profile_prepared(prepared: Prepared, progress: bool,
+                     checkpoint: Checkpoint | None = None) -> Profile:
+    """Run the profiling pass on the traced model (it trains those weights in place). A
+    ``checkpoint`` that was saved after profiling (phase ``train`` of ``run``) holds the finished
+    counters: they are taken from it and nothing is trained."""
     loaded, s = prepared.loaded, prepared.loaded.spec
     where = str(loaded.path)
     require_data(loaded, "profiling")
+    finished = checkpoint.phase("train") if checkpoint is not None else None
+    if finished is not None and "profile" in finished:
+        result = finished_profile(prepared, finished["profile"])
+        annotate(prepared.traced.module, result)
+        return result
     loss_fns = loss_functions(list(s.tasks), where)
     aggregate = aggregator(s.train.aggregator, len(s.tasks), where)
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
@@ -295,17 +321,18 @@ def profile_prepared(prepared: Prepared, progress: bool) -> Profile:
     optimizer = make_optimizer(params, s.train.optimizer, s.train.lr, s.train.weight_decay)
     bar = tqdm(total=s.profile.steps, desc="profiling", disable=not progress, leave=False)
 
-    def on_step(step: int, losses: torch.Tensor) -> None:
-        bar.update(1)
+    def on_step(step: int, losses: list[float]) -> None:
+        bar.n = step + 1  # a resumed pass starts where it stopped
         if step % 10 == 0:
-            bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses.tolist(),
-                                                            strict=True)})
+            bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses, strict=True)},
+                            refresh=False)
+        bar.refresh()
 
     with on_device(module, resolve_device(s.train.device, where)):
         result = profile(module, prepared.layers, s.task_names, loss_fns,
-                         batches(dataset, s.data.batch_size, s.train.seed), s.profile.steps,
-                         s.profile.threshold, optimizer, on_step, aggregate=aggregate,
-                         precision=s.train.precision)
+                         profile_batches(dataset, s), s.profile.steps, s.profile.threshold,
+                         optimizer, on_step, aggregate=aggregate, precision=s.train.precision,
+                         checkpoint=checkpoint)
         result.counter.to("cpu")
     bar.close()
     annotate(module, result)
@@ -319,31 +346,43 @@ def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[s
 
 
 def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = True) -> Profiled:
-    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png."""
+                 progress: bool = True, resume: bool = False) -> Profiled:
+    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
+    is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     prepared = prepare(spec)
     loaded, s = prepared.loaded, prepared.loaded.spec
-    result = profile_prepared(prepared, progress)
+    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    require_data(loaded, "profiling")
+    checkpoint = open_checkpoint(loaded, out, "profile", resume)
+    result = profile_prepared(prepared, progress, checkpoint)
     chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
                            len(s.tasks)) if s.select is not None else []
-    out = Path(out_dir) if out_dir is not None else s.export_dir()
     with artifacts.Staging(out) as staging:
         files = write_conflicts(staging, result, {layer.name for layer in chosen})
         staging.write_text("manifest.json", artifacts.manifest_text(
             staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
             s.train.seed, files, class_name(s.name)))
         written = staging.commit()
-    return Profiled(prepared, result, chosen, written)
+    checkpoint.clear()
+    notes = [checkpoint.note] if checkpoint.note else []
+    return Profiled(prepared, result, chosen, written, result.warnings(), notes)
 
 
-def batches(dataset: torch.utils.data.Dataset, batch_size: int,
-            seed: int) -> Iterator[tuple[dict, dict]]:
-    """Endless shuffled batches, epoch after epoch, reproducible for a seed."""
-    generator = torch.Generator().manual_seed(seed)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True,
-                                         drop_last=len(dataset) > batch_size, generator=generator)
-    while True:
-        yield from loader
+def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
+    """Profiling's endless shuffled batches, reproducible for the spec's seed (a last partial
+    batch is dropped unless the data set is smaller than a batch)."""
+    return Batches(dataset, s.data.batch_size, s.train.seed,
+                   drop_last=len(dataset) > s.data.batch_size)
+
+
+def finished_profile(prepared: Prepared, counter_state: dict) -> Profile:
+    """The Profile of a finished profiling pass, rebuilt from its saved counters."""
+    s = prepared.loaded.spec
+    candidates = [layer for layer in prepared.layers if layer.shared]
+    counter = ConflictCounter(block_layout(prepared.traced.module, candidates).blocks,
+                              len(s.tasks), s.profile.threshold)
+    counter.load_state_dict(counter_state)
+    return Profile(candidates, s.task_names, s.profile.threshold, counter.steps, counter)
 
 
 def task_containers(branched: Branched) -> set[str]:
@@ -454,8 +493,6 @@ def replace_section(text: str, heading: str, lines: list[str]) -> str:
 
 
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[Path]:
-    from safetensors.torch import save_model
-
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)
@@ -466,7 +503,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[
         staging.write_text("branch.diff", diff)
         emitted = artifacts.import_source(staging.path / "model.py", name)()
         emitted.load_state_dict(branched.module.state_dict(), strict=True)
-        staging.write_with("weights.safetensors", lambda p: save_model(emitted, str(p)))
+        staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
         original_params = unique_parameters(prepared.traced.module)
         expected = original_params + branched.added_params
         reloaded = artifacts.load_emitted(staging.path, name)

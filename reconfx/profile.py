@@ -14,19 +14,22 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from reconfx.errors import TrainingError
 from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
 from reconfx.train.aggregators import aggregator
+from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
 from reconfx.train.step import CHUNK, MultiTaskStep
 
 BINS = 20  # cosine histogram over [-1, 1]
 STRONG = -0.01  # "strongly conflicting": cos in (-0.01, -1] as in Recon's analysis
+STATE = ("pairs", "conflicts", "valid", "strong", "cos_sum", "hist", "reached")
 
 
 class ConflictCounter:
@@ -52,6 +55,7 @@ class ConflictCounter:
         self.strong = torch.zeros_like(self.conflicts)
         self.cos_sum = torch.zeros(layers, tasks, tasks, dtype=torch.float64, device=device)
         self.hist = torch.zeros(layers, BINS, dtype=torch.int64, device=device)
+        self.reached = torch.zeros(layers, tasks, dtype=torch.int64, device=device)
         self.steps = 0
         self._chunks: tuple[int, int, torch.Tensor] | None = None  # width, c, chunk -> layer
 
@@ -64,8 +68,9 @@ class ConflictCounter:
             self._chunks = (width, c, owner.to(device))
         return self._chunks[1], self._chunks[2]
 
-    def update(self, grads: torch.Tensor) -> None:
-        """One step: ``grads`` is the T×P per-task gradient matrix."""
+    def update(self, grads: torch.Tensor) -> torch.Tensor:
+        """One step: ``grads`` is the T×P per-task gradient matrix. Returns each task's squared
+        gradient norm over all layers (non-finite when any of its entries is), on the device."""
         tasks, width = grads.shape
         c, owner = self._layout(width, grads.device)
         chunks = grads.float().view(tasks, width // c, c).transpose(0, 1)
@@ -73,6 +78,7 @@ class ConflictCounter:
         grams.index_add_(0, owner, torch.bmm(chunks, chunks.transpose(1, 2)))
         gram = grams[:-1]
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
+        self.reached += (norms > 0).long()
         valid = (norms[:, :, None] > 0) & (norms[:, None, :] > 0) & self.pairs
         cos = gram / (norms[:, :, None] * norms[:, None, :]).clamp_min(torch.finfo(gram.dtype).tiny)
         self.conflicts += (valid & (cos < self.threshold)).long()
@@ -83,13 +89,22 @@ class ConflictCounter:
         rows = torch.arange(len(self.blocks), device=grads.device)[:, None, None] * BINS
         self.hist.view(-1).scatter_add_(0, (rows + bins).view(-1), valid.long().view(-1))
         self.steps += 1
+        return gram.diagonal(dim1=1, dim2=2).sum(0)
 
     def scores(self) -> list[int]:
         return self.conflicts.sum((1, 2)).tolist()
 
     def to(self, device: torch.device | str) -> None:
-        for name in ("pairs", "conflicts", "valid", "strong", "cos_sum", "hist"):
+        for name in STATE:
             setattr(self, name, getattr(self, name).to(device))
+
+    def state_dict(self) -> dict:
+        return {"steps": self.steps, **{name: getattr(self, name) for name in STATE}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.steps = int(state["steps"])
+        for name in STATE:
+            getattr(self, name).copy_(state[name])
 
 
 @dataclass
@@ -104,6 +119,26 @@ class Profile:
 
     def scores(self) -> dict[str, int]:
         return dict(zip((x.name for x in self.layers), self.counter.scores(), strict=True))
+
+    def unreached(self, index: int) -> list[str]:
+        """Tasks whose gradient never reached layer ``index`` (zero or absent at every step):
+        the graph says the task uses the layer, but its loss does not depend on it (detached,
+        multiplied by zero, dead activations). Such a layer scores no conflicts with them."""
+        if not self.steps:
+            return []
+        return [t for t, n in zip(self.tasks, self.counter.reached[index].tolist(), strict=True)
+                if n == 0]
+
+    def warnings(self) -> list[str]:
+        found: dict[str, list[str]] = {}
+        for i, layer in enumerate(self.layers):
+            for task in self.unreached(i):
+                found.setdefault(task, []).append(layer.name)
+        return [f"task '{task}' sent no gradient to {len(names)} shared layer(s) in "
+                f"{self.steps} profiling steps: {', '.join(names[:6])}"
+                f"{' ...' if len(names) > 6 else ''} (its loss does not depend on them: "
+                "detached, multiplied by zero or dead activations; they score no conflicts "
+                "with it)" for task, names in found.items()]
 
     def to_json(self, branched: set[str] | None = None) -> dict:
         c = self.counter
@@ -120,6 +155,7 @@ class Profile:
                 "pairs": {f"{self.tasks[a]}/{self.tasks[b]}": {
                     "conflicts": int(c.conflicts[i, a, b]), "valid": int(c.valid[i, a, b])}
                     for a in range(len(self.tasks)) for b in range(a + 1, len(self.tasks))},
+                "tasks_without_gradient": self.unreached(i),
                 "branched": layer.name in (branched or set()),
             })
         return {"threshold": self.threshold, "steps": self.steps, "tasks": self.tasks,
@@ -128,16 +164,18 @@ class Profile:
 
 
 def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
-            loss_fns: list[Callable], batches: Iterator[tuple[dict, dict]], steps: int,
+            loss_fns: list[Callable], batches: Batches, steps: int,
             threshold: float, optimizer: torch.optim.Optimizer,
-            on_step: Callable[[int, torch.Tensor], None] | None = None,
+            on_step: Callable[[int, list[float]], None] | None = None,
             record: Callable[[torch.Tensor], None] | None = None,
             aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            precision: str = "fp32") -> Profile:
+            precision: str = "fp32", checkpoint: Checkpoint | None = None) -> Profile:
     """Joint training for ``steps`` steps with ``aggregate`` (default EW: the shared update is the
     sum of the task gradients, the gradient of the summed losses), counting conflicts on the way.
 
-    ``record`` (tests) receives a copy of each step's T×P matrix; ``on_step`` the loss vector.
+    ``record`` (tests) receives a copy of each step's T×P matrix; ``on_step`` the step number
+    and the losses. With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and
+    a state loaded from it (phase ``profile``) is continued.
     """
     candidates = [layer for layer in layers if layer.shared]
     step = MultiTaskStep(module, candidates, tasks, loss_fns,
@@ -146,17 +184,27 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                               step.buffer.matrix.device)
 
-    def observe(matrix: torch.Tensor) -> None:
+    def observe(matrix: torch.Tensor) -> torch.Tensor:
         if record is not None:
             record(matrix.clone())
-        counter.update(matrix)
+        return counter.update(matrix)
 
+    parts = {"model": module, "optimizer": optimizer, "counter": counter, "data": batches,
+             "scaler": step.scaler}
+    state = checkpoint.phase("profile") if checkpoint is not None else None
+    first = restore(parts, state) if state is not None else 0
     module.train()
-    for index in range(steps):
-        inputs, targets = next(batches)
-        losses = step(inputs, targets, observe)
+    stream = batches.forever()
+    for index in range(first, steps):
+        inputs, targets = next(stream)
+        try:
+            step(inputs, targets, observe)
+        except TrainingError as exc:
+            raise exc.at(f"profiling step {index + 1} of {steps}") from None
         if on_step is not None:
-            on_step(index, losses)
+            on_step(index, step.values)
+        if checkpoint is not None and checkpoint.due(index + 1) and index + 1 < steps:
+            checkpoint.save("profile", snapshot(parts, index + 1))
     return Profile(candidates, tasks, threshold, steps, counter)
 
 

@@ -246,6 +246,9 @@ class TrainSpec(_Strict):
         "dynamic loss scaling); parameters, gradients and statistics stay float32")
     init: Literal["initial", "profiled"] = "initial"
     sparse: SparseSpec | None = None
+    checkpoint_every: NonNegativeInt = Field(
+        default=200, description="steps between resume checkpoints of profile and run "
+        "(checkpoints/resume.pt; training also saves at every epoch's end); 0: epoch ends only")
 
 
 class ExportSpec(_Strict):

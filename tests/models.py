@@ -78,3 +78,44 @@ class SingularValues(nn.Module):
         values = torch.linalg.svdvals(self.fc(x).view(-1, 2, 3))
         h = torch.cat([values, values, values], -1)
         return {"p": self.p(h), "q": self.q(h)}
+
+
+class PoisonedDigits(torch.utils.data.Dataset):
+    """MultiDigits whose item ``bad`` has a NaN pixel."""
+
+    def __init__(self, split: str, seed: int, bad: int = 5, **kwargs):
+        from reconfx.data import multidigits
+
+        self.base, self.bad = multidigits(split, seed, **kwargs), bad
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        inputs, targets = self.base[index]
+        if index == self.bad:
+            inputs = {"image": inputs["image"].clone()}
+            inputs["image"][0, 3, 3] = float("nan")
+        return inputs, targets
+
+
+class DigitsMLP(nn.Module):
+    """A small MLP on MultiDigits images. ``detach_right``: task 'right' reads ``mid`` through
+    ``.detach()``, so the graph shares ``mid`` but no gradient of 'right' reaches it.
+    ``sqrt``: the trunk adds ``sqrt(0 * h)``, zero in value, whose gradient is 0 × ∞ = NaN."""
+
+    def __init__(self, detach_right: bool = False, sqrt: bool = False):
+        super().__init__()
+        self.detach_right, self.sqrt = detach_right, sqrt
+        self.trunk = nn.Linear(144, 32)
+        self.mid = nn.Linear(32, 32)
+        self.left = nn.Linear(32, 10)
+        self.right = nn.Linear(32, 10)
+
+    def forward(self, image):
+        h = torch.relu(self.trunk(image.flatten(1)))
+        if self.sqrt:
+            h = h + torch.sqrt(h * 0)
+        g = torch.relu(self.mid(h))
+        right = g.detach() + h if self.detach_right else g
+        return {"left": self.left(g), "right": self.right(right)}

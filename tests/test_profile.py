@@ -8,9 +8,10 @@ import torch
 
 from reconfx.build import call_data_factory
 from reconfx.cli import main
-from reconfx.pipeline import batches, prepare
+from reconfx.pipeline import prepare
 from reconfx.profile import ConflictCounter, profile
 from reconfx.train.objectives import loss_functions, make_optimizer
+from reconfx.train.resume import Batches
 from reconfx.train.step import CHUNK
 from tests.support import write_spec
 
@@ -58,8 +59,9 @@ def run_profile(spec_path, steps, record=None):
     optimizer = make_optimizer([p for p in module.parameters()], "adam", 1e-3, 0.0)
     losses = []
     result = profile(module, prepared.layers, s.task_names, loss_functions(list(s.tasks), "s"),
-                     batches(data, s.data.batch_size, 0), steps, s.profile.threshold, optimizer,
-                     on_step=lambda step, loss: losses.append(loss.tolist()), record=record)
+                     Batches(data, s.data.batch_size, 0, drop_last=True), steps,
+                     s.profile.threshold, optimizer,
+                     on_step=lambda step, loss: losses.append(loss), record=record)
     return result, losses
 
 
@@ -174,8 +176,8 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
 
     def run(model, layers):
         optimizer = make_optimizer(list(model.parameters()), "adam", 1e-3, 0.0)
-        return profile(model, layers, s.task_names, fns, batches(data, 64, 0), 40, -0.1,
-                       optimizer)
+        return profile(model, layers, s.task_names, fns, Batches(data, 64, 0, drop_last=True),
+                       40, -0.1, optimizer)
 
     before = run(module, prepared.layers)
     module.load_state_dict(initial)

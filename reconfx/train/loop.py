@@ -11,16 +11,19 @@ import copy
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx.artifacts import replace_file
+from reconfx.artifacts import replace_file, save_weights
+from reconfx.errors import TrainingError
 from reconfx.layers import Layer
 from reconfx.profile import ConflictCounter
 from reconfx.spec import TrainSpec
 from reconfx.train.objectives import Metric, make_optimizer
+from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
 from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep, to_device
 
@@ -74,13 +77,15 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
         settings: TrainSpec, batch_size: int, progress: bool = True,
         threshold: float | None = None, sparse: SparseMask | None = None,
-        checkpoints: Path | None = None) -> FitResult:
+        checkpoints: Path | None = None, resume: Checkpoint | None = None) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
     gradients the step computes anyway. With ``checkpoints``, ``best.safetensors`` (the best
     validation epoch so far) and ``last.safetensors`` (the end of the latest epoch) are written
-    there, each atomically, after every epoch."""
+    there, each atomically, after every epoch. With ``resume``, the full training state is saved
+    every ``resume.every`` steps and at every epoch's end, and a state loaded from it (phase
+    ``train``) is continued exactly."""
     torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
@@ -91,43 +96,79 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
-    best_score, best_state = None, None
-    data = loader(train_data, batch_size, shuffle=True, seed=settings.seed)
-    epochs = settings.epochs
-    for epoch in range(epochs):
+    data = Batches(train_data, batch_size, settings.seed)
+    run = _FitState(len(tasks))
+    parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "data": data,
+                             "scaler": step.scaler, "fit": run}
+    if result.conflicts is not None:
+        parts["counter"] = result.conflicts
+    state = resume.phase("train") if resume is not None else None
+    done = restore(parts, state) if state is not None else 0
+    for epoch in range(data.epoch, settings.epochs):
         module.train()
-        summed = torch.zeros(len(tasks), device=step.device)
-        bar = tqdm(data, desc=f"epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
-        for index, (inputs, targets) in enumerate(bar):
-            losses = step(inputs, targets, observe)
-            summed += losses
-            if progress and index % 10 == 0:
-                bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, losses.tolist(),
-                                                                strict=True)})
-        row = {f"loss/{t}": float(v) / max(len(data), 1) for t, v in zip(tasks, summed.tolist(),
-                                                                            strict=True)}
+        bar = tqdm(total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/"
+                   f"{settings.epochs}", disable=not progress, leave=False)
+        for inputs, targets in data.epoch_batches():
+            try:
+                step(inputs, targets, observe)
+            except TrainingError as exc:
+                raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
+                             f"{done + 1})") from None
+            done += 1
+            run.summed = [a + b for a, b in zip(run.summed, step.values, strict=True)]
+            bar.update(1)
+            if progress and data.index % 10 == 1:
+                bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, step.values, strict=True)})
+            if resume is not None and resume.due(done) and data.index < len(data):
+                resume.save("train", snapshot(parts, done))
+        bar.close()
+        row = {f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed, strict=True)}
+        run.summed = [0.0] * len(tasks)
         improved = False
         if val_data is not None:
             values = evaluate(module, val_data, tasks, metrics)
             row.update({f"val/{t}": v for t, v in values.items()})
             score = sum(v if m.higher_is_better else -v
                         for v, (_n, m) in zip(values.values(), metrics, strict=True))
-            if best_score is None or score > best_score:
-                best_score, result.best_epoch, improved = score, epoch, True
-                best_state = copy.deepcopy(module.state_dict())
-                result.best = values
-        result.history.append(row)
+            if run.best_score is None or score > run.best_score:
+                run.best_score, run.best_epoch, improved = score, epoch, True
+                run.best_state = copy.deepcopy(module.state_dict())
+                run.best = values
+        run.history.append(row)
         if checkpoints is not None:
             save_checkpoint(module, checkpoints / "last.safetensors")
             if improved:
                 save_checkpoint(module, checkpoints / "best.safetensors")
-    if best_state is not None:
-        module.load_state_dict(best_state)
+        if resume is not None and epoch + 1 < settings.epochs:
+            resume.save("train", snapshot(parts, done))
+    if run.best_state is not None:
+        module.load_state_dict(run.best_state)
+    result.history, result.best_epoch, result.best = run.history, run.best_epoch, run.best
     return result
+
+
+class _FitState:
+    """What ``fit`` carries from step to step and epoch to epoch besides the model and the
+    optimiser: the epoch's running loss sums, the history and the best epoch so far."""
+
+    def __init__(self, tasks: int):
+        self.summed = [0.0] * tasks
+        self.history: list[dict[str, float]] = []
+        self.best_score: float | None = None
+        self.best_epoch = -1
+        self.best: dict[str, float] = {}
+        self.best_state: dict[str, torch.Tensor] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"summed": self.summed, "history": self.history, "best_score": self.best_score,
+                "best_epoch": self.best_epoch, "best": self.best, "best_state": self.best_state}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.summed, self.history = list(state["summed"]), list(state["history"])
+        self.best_score, self.best_epoch = state["best_score"], int(state["best_epoch"])
+        self.best, self.best_state = dict(state["best"]), state["best_state"]
 
 
 def save_checkpoint(module: nn.Module, path: Path) -> None:
     """The module's weights as safetensors (tied tensors once), written atomically."""
-    from safetensors.torch import save_model
-
-    replace_file(path, lambda p: save_model(module, str(p)))
+    replace_file(path, lambda p: save_weights(module, p))

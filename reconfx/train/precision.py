@@ -59,3 +59,10 @@ class LossScaler:
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self.scale.reciprocal())
         torch._amp_update_scale_(self.scale, self.growth, found, 2.0, 0.5, self.interval)
         return bool(found.item())
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"scale": self.scale, "growth": self.growth}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self.scale.copy_(state["scale"])
+        self.growth.copy_(state["growth"])

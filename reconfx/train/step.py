@@ -4,13 +4,17 @@ parameter (heads, branched copies) the sum of the gradients it receives (its own
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from reconfx.errors import ModelError
 from reconfx.graph import resolve
 from reconfx.layers import Layer
+from reconfx.train.health import locate_gradient, locate_loss
 from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
@@ -29,6 +33,32 @@ def layer_parameters(module: nn.Module, layer: Layer) -> list[nn.Parameter]:
     return [p for p in found.values() if p.requires_grad]
 
 
+@dataclass
+class Layout:
+    """Where each layer's parameters sit in a row of the T×P buffer: ``spans`` per parameter,
+    ``blocks`` per layer, each block starting at a multiple of the alignment."""
+
+    params: list[nn.Parameter]
+    spans: list[tuple[int, int]]
+    blocks: list[tuple[int, int]]
+    width: int
+
+
+def block_layout(module: nn.Module, layers: list[Layer], align: int = CHUNK) -> Layout:
+    layout = Layout([], [], [], 0)
+    offset = 0
+    for layer in layers:
+        offset = -(-offset // align) * align
+        start = offset
+        for p in layer_parameters(module, layer):
+            layout.params.append(p)
+            layout.spans.append((offset, offset + p.numel()))
+            offset += p.numel()
+        layout.blocks.append((start, offset))
+    layout.width = -(-offset // align) * align
+    return layout
+
+
 class GradientBuffer:
     """A T×P matrix whose column blocks are the given layers' parameters, in order. Each block
     starts at a multiple of ``align`` columns; the padding between blocks stays zero, so it adds
@@ -36,21 +66,10 @@ class GradientBuffer:
     scattered to a parameter."""
 
     def __init__(self, module: nn.Module, layers: list[Layer], tasks: int, align: int = CHUNK):
-        self.params: list[nn.Parameter] = []
-        self.blocks: list[tuple[int, int]] = []
-        self.spans: list[tuple[int, int]] = []
-        offset = 0
-        for layer in layers:
-            offset = -(-offset // align) * align
-            start = offset
-            for p in layer_parameters(module, layer):
-                self.params.append(p)
-                self.spans.append((offset, offset + p.numel()))
-                offset += p.numel()
-            self.blocks.append((start, offset))
-        offset = -(-offset // align) * align
+        layout = block_layout(module, layers, align)
+        self.params, self.spans, self.blocks = layout.params, layout.spans, layout.blocks
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.matrix = torch.zeros(tasks, offset, device=device)
+        self.matrix = torch.zeros(tasks, layout.width, device=device)
 
     def write(self, task: int, grads: tuple[torch.Tensor | None, ...]) -> None:
         row = self.matrix[task]
@@ -73,7 +92,12 @@ def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str,
 class MultiTaskStep:
     """Forward, per-task gradients, aggregation and the optimiser step of one batch, on the
     module's device, in ``precision`` (fp32, or bf16/fp16 autocast; see
-    :mod:`reconfx.train.precision`)."""
+    :mod:`reconfx.train.precision`).
+
+    Each step copies one vector to the host before the optimiser step (the losses and the
+    gradients' health, see :mod:`reconfx.train.health`); a non-finite entry raises
+    :class:`~reconfx.errors.TrainingError` naming the task and the layer, with nothing updated.
+    """
 
     def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
@@ -88,18 +112,49 @@ class MultiTaskStep:
         self.device = first.device if first is not None else torch.device("cpu")
         self.precision = precision
         self.scaler = LossScaler(self.device, precision == "fp16")
+        self.values: list[float] = []  # the last step's losses, on the host
+        self._shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...]]] = {}
 
     def losses(self, inputs: dict, targets: dict) -> torch.Tensor:
         inputs, targets = to_device(inputs, self.device), to_device(targets, self.device)
         with autocast(self.device, self.precision):
             outputs = self.module(**inputs)
-            return torch.stack([fn(outputs[t], targets[t]).float()
+            return torch.stack([self._loss(t, fn, inputs, outputs, targets)
                                 for t, fn in zip(self.tasks, self.loss_fns, strict=True)])
 
+    def _loss(self, task: str, fn: Callable, inputs: dict, outputs: dict,
+              targets: dict) -> torch.Tensor:
+        """One task's loss; a missing target, an output whose shape changed between batches of
+        same-shaped inputs, or a loss function that rejects the pair is a ModelError."""
+        if task not in targets:
+            raise ModelError(f"the data set's targets have no entry for task '{task}' (keys: "
+                             f"{', '.join(map(str, targets)) or 'none'})",
+                             where="data.factory", fix="return targets keyed by task name")
+        output, target = outputs[task], targets[task]
+        seen = (tuple(v.shape[1:] for v in inputs.values()), tuple(output.shape[1:]))
+        before = self._shapes.setdefault(task, seen)
+        if before[0] == seen[0] and before[1] != seen[1]:
+            raise ModelError(f"the output of task '{task}' changed shape between batches of "
+                             f"same-shaped inputs: {_shape(before[1])} then {_shape(seen[1])}",
+                             where="model", fix="make the output's shape depend only on the "
+                             "input shapes")
+        try:
+            return fn(output, target).float()
+        except (RuntimeError, ValueError, IndexError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise ModelError(f"the loss of task '{task}' cannot compare the model's output "
+                             f"{tuple(output.shape)} {output.dtype} with the target "
+                             f"{tuple(target.shape)} {target.dtype}: {first}",
+                             where=f"tasks[{self.tasks.index(task)}].loss",
+                             fix="match the task's loss to its output and targets") from None
+
     def __call__(self, inputs: dict, targets: dict,
-                 observe: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
-        """One training step; ``observe`` sees the T×P matrix before aggregation. Returns the
-        detached loss vector (the one value a caller may copy to the host)."""
+                 observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None
+                 ) -> torch.Tensor:
+        """One training step; ``observe`` sees the T×P matrix before aggregation and may return
+        each task's squared gradient norm (the conflict counter does). Returns the detached loss
+        vector; ``self.values`` holds it on the host."""
+        rng = torch.get_rng_state()  # to re-run this batch's forward if it goes non-finite
         losses = self.losses(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
         shared, others = self.buffer.params, self.others
@@ -113,9 +168,23 @@ class MultiTaskStep:
                 if g is not None:
                     acc += g
         if self.scaler.unscale([self.buffer.matrix, *other_grads]):
-            return losses.detach()  # fp16 overflow: the scale is halved, the step skipped
-        if observe is not None:
-            observe(self.buffer.matrix)
+            # fp16 overflow: the scale is halved and the step skipped, unless the loss itself
+            # is not finite (then no scale helps)
+            self.values = losses.detach().tolist()
+            if not all(map(math.isfinite, self.values)):
+                raise self._loss_fault(inputs, targets, rng)
+            return losses.detach()
+        norms = observe(self.buffer.matrix) if observe is not None else None
+        if norms is None:
+            norms = self.buffer.matrix.sum(1)
+        rest = (torch.stack(torch._foreach_norm(other_grads)).sum() if other_grads
+                else losses.new_zeros(()))
+        health = torch.cat([losses.detach(), norms.float(), rest.reshape(1).float()]).tolist()
+        self.values = health[:len(self.tasks)]
+        if not all(map(math.isfinite, health)):
+            if not all(map(math.isfinite, self.values)):
+                raise self._loss_fault(inputs, targets, rng)
+            raise self._gradient_fault(other_grads)
         if shared:
             self.buffer.scatter(self.aggregate(self.buffer.matrix))
         for p, g in zip(others, other_grads, strict=True):
@@ -126,3 +195,22 @@ class MultiTaskStep:
         if self.sparse is not None:
             self.sparse.after_step()
         return losses.detach()
+
+    def _loss_fault(self, inputs: dict, targets: dict, rng: torch.Tensor) -> Exception:
+        return locate_loss(self.module, to_device(inputs, self.device),
+                           to_device(targets, self.device), self.tasks, self.values, rng,
+                           lambda: autocast(self.device, self.precision))
+
+    def _gradient_fault(self, other_grads: list[torch.Tensor]) -> Exception:
+        named = {id(p): n for n, p in self.module.named_parameters()}
+        matrix = self.buffer.matrix
+        rows = ((task, [(p, matrix[t, a:b]) for (a, b), p in zip(self.buffer.spans,
+                                                                   self.buffer.params,
+                                                                   strict=True)])
+                for t, task in enumerate(self.tasks))
+        return locate_gradient(named, rows, list(zip(self.others, other_grads, strict=True)),
+                               self.values)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    return "(batch" + "".join(f", {n}" for n in shape) + ")"

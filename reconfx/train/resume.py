@@ -1,0 +1,172 @@
+"""Resuming an interrupted ``profile`` or ``run`` exactly where it stopped.
+
+Every ``train.checkpoint_every`` steps (and at the end of every training epoch) the command
+writes ``<export.dir>/checkpoints/resume.pt``, atomically: the model's and the optimiser's state,
+the conflict counters, the loss scaler, the random states (torch's global generator, CUDA's, and
+the data order's generator as it was at the start of the current epoch), the position in the
+data and, while training, the epoch's running loss sums, the history and the best epoch's
+weights. ``--resume`` loads it (``torch.load(weights_only=True)``: tensors and plain containers
+only, nothing executed) and continues, so the final counters and weights are the ones an
+uninterrupted run produces. The file is removed when the command has written its artifacts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from reconfx.artifacts import replace_file, torch_load_safely
+from reconfx.errors import SpecError
+
+FORMAT = 1
+FILE = "resume.pt"
+
+
+class Batches:
+    """Shuffled batches epoch after epoch, in exactly the order of
+    ``DataLoader(dataset, batch_size, shuffle=True, drop_last, generator=Generator().manual_seed
+    (seed))`` iterated once per epoch, and resumable at any batch: the epoch, the number of
+    batches already handed out and the generator's state at the epoch's start say where."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int,
+                 drop_last: bool = False):
+        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.generator = torch.Generator().manual_seed(seed)
+        self.epoch, self.index = 0, 0
+        self.start = self.generator.get_state()
+
+    def __len__(self) -> int:
+        n = len(self.dataset)  # type: ignore[arg-type]
+        return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
+
+    def epoch_batches(self) -> Iterator[tuple[dict, dict]]:
+        """The rest of the current epoch; when it is exhausted the position moves to the start
+        of the next one."""
+        self.generator.set_state(self.start)
+        sampler = torch.utils.data.BatchSampler(
+            torch.utils.data.RandomSampler(self.dataset, generator=self.generator),
+            self.batch_size, self.drop_last)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Skip(sampler,
+                                                                               self.index),
+                                             generator=self.generator)
+        for batch in loader:
+            self.index += 1
+            yield batch
+        self.epoch, self.index = self.epoch + 1, 0
+        self.start = self.generator.get_state()
+
+    def forever(self) -> Iterator[tuple[dict, dict]]:
+        while True:
+            yield from self.epoch_batches()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "index": self.index, "start": self.start}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self.start = state["start"]
+
+
+class _Skip:
+    """A batch sampler without its first ``skip`` batches (their indices are still drawn, so
+    the random generator advances exactly as in a full pass)."""
+
+    def __init__(self, sampler: torch.utils.data.BatchSampler, skip: int):
+        self.sampler, self.skip = sampler, skip
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for index, batch in enumerate(self.sampler):
+            if index >= self.skip:
+                yield batch
+
+    def __len__(self) -> int:
+        return max(len(self.sampler) - self.skip, 0)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def snapshot(parts: dict[str, Any], step: int) -> dict[str, Any]:
+    """The state of ``parts`` (objects with ``state_dict``) after ``step`` steps, with the
+    random states."""
+    return {"step": step, "rng": rng_state(), **{k: v.state_dict() for k, v in parts.items()}}
+
+
+def restore(parts: dict[str, Any], state: dict[str, Any]) -> int:
+    """Load a :func:`snapshot` back into ``parts``; returns the step it was taken after."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    set_rng_state(state["rng"])
+    return int(state["step"])
+
+
+class Checkpoint:
+    """The resume file of one command in ``folder``. With ``resume`` the state found there is
+    loaded (and must come from the same command and spec); ``extra`` is saved with every state
+    (``run`` keeps its finished profile there while it trains)."""
+
+    def __init__(self, folder: Path, command: str, spec_sha256: str, every: int,
+                 resume: bool = False):
+        self.path = folder / FILE
+        self.command, self.spec_sha256, self.every = command, spec_sha256, every
+        self.extra: dict[str, Any] = {}
+        self.state = self._load() if resume else None
+        self.note = None
+        if self.state is not None:
+            self.note = (f"resuming from {self.path} ({self.state['phase']} step "
+                         f"{self.state['step']})")
+        elif resume:
+            self.note = f"nothing to resume in {self.path}; starting from the beginning"
+        elif not resume and self.path.is_file():
+            self.note = (f"{self.path} holds an earlier interrupted {command}; starting afresh "
+                         "(--resume continues it instead)")
+
+    def phase(self, name: str) -> dict[str, Any] | None:
+        """The loaded state when it was saved in phase ``name`` (``profile``/``train``)."""
+        return self.state if self.state is not None and self.state["phase"] == name else None
+
+    def due(self, step: int) -> bool:
+        return self.every > 0 and step % self.every == 0
+
+    def save(self, phase: str, state: dict[str, Any]) -> None:
+        data = {"format": FORMAT, "command": self.command, "spec_sha256": self.spec_sha256,
+                "phase": phase, **self.extra, **state}
+        replace_file(self.path, lambda p: torch.save(data, p))
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+    def _load(self) -> dict[str, Any] | None:
+        if not self.path.is_file():
+            return None
+        where = str(self.path)
+        try:
+            data = torch_load_safely(self.path)
+        except ValueError as exc:  # truncated, not a torch file, or hostile: nothing executed
+            raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
+                            fix="delete it and run without --resume") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise SpecError("not a reconfx resume checkpoint (or from another version)",
+                            where=where, fix="delete it and run without --resume")
+        if data.get("command") != self.command:
+            raise SpecError(f"the checkpoint was written by `reconfx {data.get('command')}`, "
+                            f"not `{self.command}`", where=where,
+                            fix=f"resume with `reconfx {data.get('command')} --resume`")
+        if data.get("spec_sha256") != self.spec_sha256:
+            raise SpecError("the checkpoint was written for a different version of the spec",
+                            where=where, fix="restore the spec, or delete the checkpoint and "
+                            "run without --resume")
+        return data
