@@ -6,7 +6,10 @@ For a ResNet-18-sized CNN and a BERT-small-sized transformer with T = 2, 4, 8 ta
   each task's gradient written into its row of the preallocated T×P buffer);
 * ``plain``: forward + T plain ``loss_t.backward()`` (what any per-task method pays at least);
 * ``stats``: ``ConflictCounter.update`` on the buffer (per-layer Gram matrices, counters);
-* ``loop``: the official code's way, per layer and per task pair, cosine with ``.item()``.
+* ``loop``: the official code's way, per layer and per task pair, cosine with ``.item()``;
+* ``check``: the step's NaN/inf check (one host copy of the losses, each task's squared gradient
+  norm and the other gradients' norm), with the norms taken from the statistics (profiling and
+  training, which count conflicts) and computed alone (a sum per buffer row).
 
 Reported: stats / grads (target <= 5%), loop / stats (target >= 3x at T >= 4),
 grads / plain (target <= 1.1x), and the process's resident memory after 200 and after 2,000
@@ -17,6 +20,7 @@ Run: ``.venv/bin/python bench/profile_overhead.py``.
 from __future__ import annotations
 
 import argparse
+import math
 import statistics
 import time
 
@@ -105,11 +109,24 @@ def case(build, tasks: int, repeats: int) -> dict[str, float]:
 
     counts = [[0] * tasks * tasks for _ in buffer.blocks]
     grads()
+    in_buffer = {id(p) for p in params}
+    other_grads = [torch.randn_like(p) for p in traced.parameters() if id(p) not in in_buffer]
+    loss_vector = torch.rand(tasks)
+
+    def check(norms):
+        """MultiTaskStep's finiteness check: one host copy of losses + gradient norms."""
+        rest = torch.stack(torch._foreach_norm(other_grads)).sum()
+        health = torch.cat([loss_vector, norms(), rest.reshape(1)]).tolist()
+        assert all(map(math.isfinite, health))
+
+    norms = counter.update(buffer.matrix)
     result = {
         "grads": timed(grads, repeats),
         "plain": timed(plain, repeats),
         "stats": timed(lambda: counter.update(buffer.matrix), repeats),
         "loop": timed(lambda: loop_stats(buffer.matrix, buffer.blocks, -0.1, counts), repeats),
+        "check": timed(lambda: check(lambda: norms), repeats),  # norms come from the stats
+        "check_alone": timed(lambda: check(lambda: buffer.matrix.sum(1)), repeats),
         "params": float(buffer.matrix.shape[1]),
         "layers": float(len(buffer.blocks)),
     }
@@ -131,8 +148,9 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats}")
     print("\n| model | T | shared layers | shared params | grads ms | stats ms | stats / grads "
-          "| loop ms | loop / stats | grads / plain | RSS after 200 / 2,000 updates MB |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "| loop ms | loop / stats | grads / plain | NaN check / grads (with stats, without) "
+          "| RSS after 200 / 2,000 updates MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for name, build in (("ResNet-18-sized", resnet18), ("BERT-small-sized", bert_small)):
         for tasks in args.tasks:
             r = case(build, tasks, args.repeats)
@@ -140,6 +158,8 @@ def main() -> None:
                   f"{1e3 * r['grads']:.1f} | {1e3 * r['stats']:.2f} | "
                   f"{100 * r['stats'] / r['grads']:.1f}% | {1e3 * r['loop']:.1f} | "
                   f"{r['loop'] / r['stats']:.1f}x | {r['grads'] / r['plain']:.2f}x | "
+                  f"{100 * r['check'] / r['grads']:.2f}%, "
+                  f"{100 * r['check_alone'] / r['grads']:.2f}% | "
                   f"{r['rss_200']:.0f} / {r['rss_2000']:.0f} |", flush=True)
 
 

@@ -351,6 +351,7 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
     if size > MAX_VALUES:
         raise SpecError(f"the YAML expands to more than {MAX_VALUES:,} values (aliases?)",
                         where=str(path), fix="write the spec out without recursive aliases")
+    _no_duplicate_keys(tree, path)
     if not isinstance(data, dict):
         raise SpecError(
             f"the spec must be a mapping of fields, got {type(data).__name__}",
@@ -383,6 +384,31 @@ def _expanded_size(node: yaml.Node | None) -> int:
         return sizes[id(n)]
 
     return size(node) if node is not None else 0
+
+
+def _no_duplicate_keys(node: yaml.Node | None, path: Path) -> None:
+    """YAML keeps the last of two equal keys silently; a spec that says ``lr`` twice is an
+    error naming both lines."""
+    seen: set[int] = set()
+    stack = [node] if node is not None else []
+    while stack:
+        n = stack.pop()
+        if id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            first: dict[str, int] = {}
+            for key, value in n.value:
+                if isinstance(key, yaml.ScalarNode):
+                    line = key.start_mark.line + 1
+                    if key.value in first:
+                        raise SpecError(f"duplicate key {key.value!r} (first on line "
+                                        f"{first[key.value]})", where=f"{path}:{line}",
+                                        fix="keep one of them")
+                    first[key.value] = line
+                stack += [key, value]
+        elif isinstance(n, yaml.SequenceNode):
+            stack += n.value
 
 
 def _spec_error(exc: ValidationError, path: Path, tree: yaml.Node | None) -> SpecError:

@@ -180,8 +180,11 @@ HOSTILE = {
 @pytest.mark.parametrize("case", list(HOSTILE))
 def test_hostile_yaml_fails_in_one_line(tmp_path: Path, case: str) -> None:
     check_both(tmp_path, HOSTILE[case], "hostile")
-    with pytest.raises(SpecError):
+    with pytest.raises(SpecError) as caught:
         load_spec_file(tmp_path / "fuzzed.yaml")
+    if case == "duplicate keys":
+        assert str(caught.value).endswith("fuzzed.yaml:2: duplicate key 'name' (first on line 1) "
+                                          "(fix: keep one of them)")
     assert not (Path.cwd() / "pwned").exists()
 
 

@@ -349,6 +349,34 @@ def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     assert sorted(model.state_dict()) == sorted(reconfx.load(clean).state_dict())
 
 
+def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
+    """Checkpoints and resume.pt are single files replaced atomically: a process killed while
+    writing the new one leaves the old one loadable, and its temporary is removed next time."""
+    path = tmp_path / "checkpoints" / "last.safetensors"
+    module = nn.Linear(3, 2)
+    script = textwrap.dedent(f"""
+        import os, signal
+        from pathlib import Path
+        from reconfx.artifacts import replace_file
+        def half(p):
+            Path(p).write_bytes(b"half a checkpoint")
+            os.kill(os.getpid(), signal.SIGKILL)
+        replace_file(Path({str(path)!r}), half)
+    """)
+    from reconfx.artifacts import replace_file, save_weights
+
+    replace_file(path, lambda p: save_weights(module, p))
+    before = path.read_bytes()
+    done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert path.read_bytes() == before and len(list(path.parent.glob(".*.tmp"))) == 1
+    from safetensors.torch import load_model
+
+    load_model(nn.Linear(3, 2), str(path))
+    replace_file(path, lambda p: save_weights(module, p))
+    assert sorted(p.name for p in path.parent.iterdir()) == ["last.safetensors"]
+
+
 def test_disk_full_and_permission_denied_are_one_line_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     spec = compile_spec_for(tmp_path, ["layer4.*"], out)
