@@ -56,11 +56,13 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[s
 # --- models and data that break ------------------------------------------------------------
 
 
-def test_nan_in_the_data_names_the_input_and_the_step(tmp_path, capsys):
-    spec = digits_spec(tmp_path, data="tests.models:PoisonedDigits")
+@pytest.mark.parametrize("select,phase", [({"top_k": 2}, "profiling step "),
+                                          ({"layers": ["layer4.*"]}, "training epoch 1, batch ")])
+def test_nan_in_the_data_names_the_input_and_the_step(tmp_path, capsys, select, phase):
+    spec = digits_spec(tmp_path, data="tests.models:PoisonedDigits", select=select)
     code, err = run_cli(["run", str(spec), "--quiet"], capsys)
     assert code == 1 and len(err) == 1, err
-    assert err[0].startswith("reconfx: error: profiling step ")
+    assert err[0].startswith(f"reconfx: error: {phase}"), err
     assert "is not finite (losses: nan, nan); input 'image' of this batch holds NaN" in err[0]
     assert not (tmp_path / "out" / "model.py").exists()
 
@@ -120,10 +122,32 @@ class Changing(nn.Module):
         return {"a": h, "b": h[:, :3] if self.calls == 1 else h}
 
 
-def one_step(module: nn.Module, loss=torch.nn.functional.mse_loss) -> MultiTaskStep:
+def one_step(module: nn.Module, loss=torch.nn.functional.mse_loss,
+             precision: str = "fp32") -> MultiTaskStep:
     shared = Layer("fc", "Linear", ("fc",), (), 20, ("a", "b"), 0)
     return MultiTaskStep(module, [shared], ["a", "b"], [loss, loss], aggregator("ew", 2),
-                         torch.optim.SGD(module.parameters(), lr=0.1))
+                         torch.optim.SGD(module.parameters(), lr=0.1), precision=precision)
+
+
+class TwoHeads(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return {"a": h, "b": h * 2}
+
+
+def test_fp16_does_not_skip_non_finite_losses_forever():
+    """fp16 skips steps whose scaled gradients overflow; a loss that is itself NaN is an error,
+    not an endless run of skipped steps."""
+    step = one_step(TwoHeads(), precision="fp16")
+    x = torch.randn(5, 4)
+    x[2, 1] = float("nan")
+    with pytest.raises(TrainingError, match="the loss of tasks 'a', 'b' is not finite "
+                                            r"\(losses: nan, nan\); input 'x' of this batch"):
+        step({"x": x}, {"a": torch.randn(5, 4), "b": torch.randn(5, 4)})
 
 
 def test_output_shape_changing_between_batches_is_a_model_error():

@@ -20,8 +20,8 @@ from torch import fx, nn
 
 from reconfx.errors import TrainingError
 
-FIX = ("lower train.lr, check the data for NaN/inf, or use precision fp32; the checkpoint "
-       "written before this step is intact (--resume continues from it)")
+FIX = ("lower train.lr, check the data for NaN/inf, or use precision fp32; the run stopped "
+       "before this step updated anything")
 
 
 def describe(values: list[float]) -> str:
@@ -76,8 +76,8 @@ def _node_text(module: nn.Module, node: fx.Node, largest: float, last_layer: str
         after = f", after layer '{last_layer}'" if last_layer else ""
         where = f"the result of `{op}` (graph node {node.name}{after})"
     why = f"its inputs are finite (largest magnitude {largest:.3g})"
-    if largest > 1e30:
-        why += ": an overflow"
+    if largest > 1e18:  # its square, or a sum of such products, overflows float32 (3.4e38)
+        why += ": likely an overflow"
     return f"the first non-finite value is {where}; {why}"
 
 
