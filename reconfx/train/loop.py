@@ -36,13 +36,6 @@ class FitResult:
     conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
 
 
-def loader(dataset: torch.utils.data.Dataset, batch_size: int, shuffle: bool,
-           seed: int = 0) -> torch.utils.data.DataLoader:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=shuffle,
-                                       generator=generator)
-
-
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[str],
              metrics: list[tuple[str, Metric]], batch_size: int = 256) -> dict[str, float]:
@@ -52,7 +45,7 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
     totals = {t: 0.0 for t in tasks}
     counts = {t: 0 for t in tasks}
     device = next(module.parameters()).device
-    for inputs, targets in loader(dataset, batch_size, shuffle=False):
+    for inputs, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
         for task, (_name, metric) in zip(tasks, metrics, strict=True):
