@@ -13,7 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reconfx.errors import ReconfxError, SelectionError
+from reconfx.errors import ReconfxError, SelectionError, SpecError
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -105,6 +105,8 @@ def _report(args: argparse.Namespace, compiled: Any) -> None:
 
 
 def _warn(warnings: list[str]) -> None:
+    if os.environ.get("RANK", "0") != "0":
+        return  # every rank found the same: rank 0 says it
     for warning in warnings:
         print(f"reconfx: warning: {warning}", file=sys.stderr)
 
@@ -209,12 +211,26 @@ def _command(sub: argparse._SubParsersAction, name: str, help: str, run: Any,
     return p
 
 
+DISTRIBUTED = ("profile", "run")  # the commands that run on several ranks under torchrun
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    from reconfx import distributed
+
     args = parser().parse_args(argv)
+    rank = ""
+    if distributed.launched():
+        rank = f"rank {os.environ.get('RANK', '?')}: "
+        if os.environ.get("RANK", "0") != "0":
+            args.quiet = True  # rank 0 prints progress and results
     try:
+        if rank and args.command not in DISTRIBUTED + ("validate", "schema"):
+            raise SpecError(f"`reconfx {args.command}` runs in one process; only "
+                               f"{' and '.join(DISTRIBUTED)} run on several ranks",
+                               fix=f"run `reconfx {args.command}` without torchrun")
         return int(args.run(args))
     except ReconfxError as exc:
-        print(f"reconfx: error: {exc}", file=sys.stderr)
+        print(f"reconfx: error: {rank}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("reconfx: interrupted; earlier output files are unchanged (profile and run "
@@ -224,9 +240,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("RECONFX_DEBUG"):
             raise
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        print(f"reconfx: internal error: {type(exc).__name__}: {first} (set RECONFX_DEBUG=1 "
-              "for the traceback)", file=sys.stderr)
+        print(f"reconfx: internal error: {rank}{type(exc).__name__}: {first} (set "
+              "RECONFX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
+    finally:
+        distributed.finish()
 
 
 if __name__ == "__main__":

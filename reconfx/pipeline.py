@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx import artifacts
+from reconfx import artifacts, distributed
 from reconfx.build import build_model, call_data_factory, example_inputs, task_paths
 from reconfx.checks import (
     Check,
@@ -29,6 +29,7 @@ from reconfx.checks import (
     check_parity,
     check_sharing,
 )
+from reconfx.distributed import World
 from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import SpecError
@@ -135,6 +136,8 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     prepared = prepare(spec)
     loaded, s = prepared.loaded, prepared.loaded.spec
     require_data(loaded, "run")
+    w = join(loaded)
+    progress = progress and w.main
     out = Path(out_dir) if out_dir is not None else s.export_dir()
     checkpoint = open_checkpoint(loaded, out, "run", resume)
     initial = copy.deepcopy(prepared.traced.module.state_dict())
@@ -158,9 +161,21 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
                                 f"the encoder's weight entries trainable ({len(sparse.entries)} "
                                 "weight tensors masked, heads and 1-D parameters fully trained)")
     compiled.profile = result
-    compiled.written = _write(compiled, compiled.out_dir, "run")
-    checkpoint.clear()
+    if w.active:
+        compiled.results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
+                                "global batch sharded, per-task gradients all-reduced")
+    if w.main:  # the other ranks hold the same weights and counters
+        compiled.written = _write(compiled, compiled.out_dir, "run")
+        checkpoint.clear()
+    w.barrier()
     return compiled
+
+
+def join(loaded: LoadedSpec) -> World:
+    """Join the torchrun process group when launched as one of several ranks."""
+    s = loaded.spec
+    return distributed.init(s.distributed.backend, s.distributed.timeout_s, s.train.device,
+                            str(loaded.path))
 
 
 def open_checkpoint(loaded: LoadedSpec, out: Path, command: str, resume: bool) -> Checkpoint:
@@ -197,8 +212,9 @@ def train_compiled(compiled: Compiled, progress: bool = True,
         fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
                      data["train"], data["val"], s.train, s.data.batch_size, progress,
-                     s.profile.threshold, sparse, checkpoints, resume)
-        test = evaluate(module, data["test"], s.task_names, metrics)
+                     s.profile.threshold, sparse, checkpoints, resume, distributed.world())
+        test = evaluate(module, data["test"], s.task_names, metrics,
+                        world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)
 
 
@@ -353,17 +369,21 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     loaded, s = prepared.loaded, prepared.loaded.spec
     out = Path(out_dir) if out_dir is not None else s.export_dir()
     require_data(loaded, "profiling")
+    w = join(loaded)
     checkpoint = open_checkpoint(loaded, out, "profile", resume)
-    result = profile_prepared(prepared, progress, checkpoint)
+    result = profile_prepared(prepared, progress and w.main, checkpoint)
     chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
                            len(s.tasks)) if s.select is not None else []
-    with artifacts.Staging(out) as staging:
-        files = write_conflicts(staging, result, {layer.name for layer in chosen})
-        staging.write_text("manifest.json", artifacts.manifest_text(
-            staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
-            s.train.seed, files, class_name(s.name)))
-        written = staging.commit()
-    checkpoint.clear()
+    written: list[Path] = []
+    if w.main:  # every rank holds the same counters
+        with artifacts.Staging(out) as staging:
+            files = write_conflicts(staging, result, {layer.name for layer in chosen})
+            staging.write_text("manifest.json", artifacts.manifest_text(
+                staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
+                s.train.seed, files, class_name(s.name)))
+            written = staging.commit()
+        checkpoint.clear()
+    w.barrier()
     notes = [checkpoint.note] if checkpoint.note else []
     return Profiled(prepared, result, chosen, written, result.warnings(), notes)
 
@@ -372,7 +392,7 @@ def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
     """Profiling's endless shuffled batches, reproducible for the spec's seed (a last partial
     batch is dropped unless the data set is smaller than a batch)."""
     return Batches(dataset, s.data.batch_size, s.train.seed,
-                   drop_last=len(dataset) > s.data.batch_size)
+                   drop_last=len(dataset) > s.data.batch_size, world=distributed.world())
 
 
 def finished_profile(prepared: Prepared, counter_state: dict) -> Profile:

@@ -180,7 +180,7 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     candidates = [layer for layer in layers if layer.shared]
     step = MultiTaskStep(module, candidates, tasks, loss_fns,
                          aggregate or aggregator("ew", len(tasks)), optimizer,
-                         precision=precision)
+                         precision=precision, world=batches.world)
     counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                               step.buffer.matrix.device)
 
@@ -198,12 +198,13 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     for index in range(first, steps):
         inputs, targets = next(stream)
         try:
-            step(inputs, targets, observe)
+            step(inputs, targets, observe, batches.share)
         except TrainingError as exc:
             raise exc.at(f"profiling step {index + 1} of {steps}") from None
         if on_step is not None:
             on_step(index, step.values)
-        if checkpoint is not None and checkpoint.due(index + 1) and index + 1 < steps:
+        if checkpoint is not None and checkpoint.due(index + 1) and index + 1 < steps \
+                and batches.world.main:
             checkpoint.save("profile", snapshot(parts, index + 1))
     return Profile(candidates, tasks, threshold, steps, counter)
 

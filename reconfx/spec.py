@@ -251,6 +251,15 @@ class TrainSpec(_Strict):
         "(checkpoints/resume.pt; training also saves at every epoch's end); 0: epoch ends only")
 
 
+class DistributedSpec(_Strict):
+    """Settings for runs launched with torchrun (ignored in a single process)."""
+
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        default="auto", description="auto: nccl when training on CUDA, else gloo")
+    timeout_s: PositiveFloat = Field(
+        default=600.0, description="how long a rank waits for the others in a collective")
+
+
 class ExportSpec(_Strict):
     formats: list[Literal["python", "onnx"]] = Field(default_factory=lambda: ["python"])
     dir: Path | None = Field(default=None, description="default: exported/<spec name>")
@@ -278,6 +287,7 @@ class Spec(_Strict):
     train: TrainSpec = Field(default_factory=TrainSpec)
     export: ExportSpec = Field(default_factory=ExportSpec)
     trace: TraceSpec = Field(default_factory=TraceSpec)
+    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:

@@ -119,3 +119,23 @@ class DigitsMLP(nn.Module):
         g = torch.relu(self.mid(h))
         right = g.detach() + h if self.detach_right else g
         return {"left": self.left(g), "right": self.right(right)}
+
+
+class FailingOnRank(torch.utils.data.Dataset):
+    """MultiDigits whose items raise on the rank named by ``rank`` (under torchrun)."""
+
+    def __init__(self, split: str, seed: int, rank: int = 1, **kwargs):
+        import os
+
+        from reconfx.data import multidigits
+
+        self.base = multidigits(split, seed, **kwargs)
+        self.fail = os.environ.get("RANK") == str(rank)
+
+    def __len__(self):
+        return len(self.base)
+
+    def __getitem__(self, index):
+        if self.fail:
+            raise ValueError(f"item {index} is corrupt on this machine")
+        return self.base[index]

@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.artifacts import replace_file, save_weights
+from reconfx.distributed import World
 from reconfx.errors import TrainingError
 from reconfx.layers import Layer
 from reconfx.profile import ConflictCounter
@@ -38,21 +39,26 @@ class FitResult:
 
 @torch.no_grad()
 def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[str],
-             metrics: list[tuple[str, Metric]], batch_size: int = 256) -> dict[str, float]:
-    """Each task's metric over the whole data set, in eval mode."""
+             metrics: list[tuple[str, Metric]], batch_size: int = 256,
+             world: World | None = None) -> dict[str, float]:
+    """Each task's metric over the whole data set, in eval mode. With several ranks each
+    evaluates every ``size``-th item and the sums are all-reduced."""
+    w = world or World()
     was_training = module.training
     module.eval()
-    totals = {t: 0.0 for t in tasks}
-    counts = {t: 0 for t in tasks}
+    if w.active:
+        dataset = torch.utils.data.Subset(dataset, range(w.rank, len(dataset), w.size))
+    sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # metric totals, item counts
     device = next(module.parameters()).device
     for inputs, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
-        for task, (_name, metric) in zip(tasks, metrics, strict=True):
-            totals[task] += float(metric.total(outputs[task], targets[task]))
-            counts[task] += metric.count(outputs[task], targets[task])
+        for i, (task, (_name, metric)) in enumerate(zip(tasks, metrics, strict=True)):
+            sums[0, i] += float(metric.total(outputs[task], targets[task]))
+            sums[1, i] += metric.count(outputs[task], targets[task])
     module.train(was_training)
-    return {t: totals[t] / max(counts[t], 1) for t in tasks}
+    w.sum_(sums)
+    return {t: float(sums[0, i]) / max(float(sums[1, i]), 1.0) for i, t in enumerate(tasks)}
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],
@@ -70,7 +76,8 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
         settings: TrainSpec, batch_size: int, progress: bool = True,
         threshold: float | None = None, sparse: SparseMask | None = None,
-        checkpoints: Path | None = None, resume: Checkpoint | None = None) -> FitResult:
+        checkpoints: Path | None = None, resume: Checkpoint | None = None,
+        world: World | None = None) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
@@ -78,18 +85,21 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
     validation epoch so far) and ``last.safetensors`` (the end of the latest epoch) are written
     there, each atomically, after every epoch. With ``resume``, the full training state is saved
     every ``resume.every`` steps and at every epoch's end, and a state loaded from it (phase
-    ``train``) is continued exactly."""
+    ``train``) is continued exactly. With several ranks (``world``) each trains on its shard of
+    every global batch and only rank 0 writes files and shows progress."""
+    w = world or World()
+    progress = progress and w.main
     torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
     step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate, optimizer, sparse,
-                         settings.precision)
+                         settings.precision, w)
     result = FitResult()
     if threshold is not None:
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
-    data = Batches(train_data, batch_size, settings.seed)
+    data = Batches(train_data, batch_size, settings.seed, world=w)
     run = _FitState(len(tasks))
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "data": data,
                              "scaler": step.scaler, "fit": run}
@@ -103,7 +113,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                    f"{settings.epochs}", disable=not progress, leave=False)
         for inputs, targets in data.epoch_batches():
             try:
-                step(inputs, targets, observe)
+                step(inputs, targets, observe, data.share)
             except TrainingError as exc:
                 raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
                              f"{done + 1})") from None
@@ -112,14 +122,14 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
             bar.update(1)
             if progress and data.index % 10 == 1:
                 bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, step.values, strict=True)})
-            if resume is not None and resume.due(done) and data.index < len(data):
+            if resume is not None and resume.due(done) and data.index < len(data) and w.main:
                 resume.save("train", snapshot(parts, done))
         bar.close()
         row = {f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed, strict=True)}
         run.summed = [0.0] * len(tasks)
         improved = False
         if val_data is not None:
-            values = evaluate(module, val_data, tasks, metrics)
+            values = evaluate(module, val_data, tasks, metrics, world=w)
             row.update({f"val/{t}": v for t, v in values.items()})
             score = sum(v if m.higher_is_better else -v
                         for v, (_n, m) in zip(values.values(), metrics, strict=True))
@@ -128,11 +138,11 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                 run.best_state = copy.deepcopy(module.state_dict())
                 run.best = values
         run.history.append(row)
-        if checkpoints is not None:
+        if checkpoints is not None and w.main:
             save_checkpoint(module, checkpoints / "last.safetensors")
             if improved:
                 save_checkpoint(module, checkpoints / "best.safetensors")
-        if resume is not None and epoch + 1 < settings.epochs:
+        if resume is not None and epoch + 1 < settings.epochs and w.main:
             resume.save("train", snapshot(parts, done))
     if run.best_state is not None:
         module.load_state_dict(run.best_state)

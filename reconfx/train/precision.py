@@ -14,16 +14,20 @@ import contextlib
 
 import torch
 
+from reconfx.distributed import world
 from reconfx.errors import SpecError
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str, where: str = "spec") -> torch.device:
-    """``auto`` is CUDA when a GPU is visible, else the CPU; ``cuda`` without one is an error."""
+    """``auto`` is CUDA when a GPU is visible, else the CPU; ``cuda`` without one is an error.
+    Under torchrun each rank takes the GPU of its local rank."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and torch.cuda.is_available():
+        return torch.device("cuda", world().local_rank)
+    if name == "cuda":
         raise SpecError("train.device is cuda and no CUDA device is visible to torch",
                         where=f"{where}: train.device",
                         fix="use device: auto (CPU when there is no GPU) or install a CUDA build "

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from reconfx.artifacts import replace_file, torch_load_safely
-from reconfx.errors import SpecError
+from reconfx.distributed import World
+from reconfx.errors import ModelError, SpecError
 
 FORMAT = 1
 FILE = "resume.pt"
@@ -29,14 +30,21 @@ class Batches:
     """Shuffled batches epoch after epoch, in exactly the order of
     ``DataLoader(dataset, batch_size, shuffle=True, drop_last, generator=Generator().manual_seed
     (seed))`` iterated once per epoch, and resumable at any batch: the epoch, the number of
-    batches already handed out and the generator's state at the epoch's start say where."""
+    batches already handed out and the generator's state at the epoch's start say where.
+
+    With several ranks (``world``), every rank draws the same global batches and loads only its
+    contiguous shard of each; ``share`` is the shard's fraction of the global batch (its weight
+    in the gradient of the global mean loss). A global batch smaller than the number of ranks
+    (a last partial batch) is skipped on every rank."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int,
-                 drop_last: bool = False):
+                 drop_last: bool = False, world: World | None = None):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.world = world or World()
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.index = 0, 0
         self.start = self.generator.get_state()
+        self.share = 1.0
 
     def __len__(self) -> int:
         n = len(self.dataset)  # type: ignore[arg-type]
@@ -49,11 +57,22 @@ class Batches:
         sampler = torch.utils.data.BatchSampler(
             torch.utils.data.RandomSampler(self.dataset, generator=self.generator),
             self.batch_size, self.drop_last)
-        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=_Skip(sampler,
-                                                                               self.index),
+        shards = _Shards(sampler, self.index, self.world)
+        loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=shards,
                                              generator=self.generator)
-        for batch in loader:
-            self.index += 1
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # the data set's own code failed: name it, one line
+                first = (str(exc).strip().splitlines() or [""])[0][:300]
+                raise ModelError(f"loading batch {self.index + 1} of epoch {self.epoch + 1} "
+                                 f"failed: {type(exc).__name__}: {first}",
+                                 where="data.factory", fix="fix the data set's __getitem__"
+                                 ) from None
+            self.index, self.share = shards.position, shards.share
             yield batch
         self.epoch, self.index = self.epoch + 1, 0
         self.start = self.generator.get_state()
@@ -70,17 +89,25 @@ class Batches:
         self.start = state["start"]
 
 
-class _Skip:
-    """A batch sampler without its first ``skip`` batches (their indices are still drawn, so
-    the random generator advances exactly as in a full pass)."""
+class _Shards:
+    """A batch sampler without its first ``skip`` batches (their indices are still drawn, so the
+    random generator advances exactly as in a full pass), yielding this rank's contiguous shard
+    of each global batch; ``position`` counts the global batches handed out."""
 
-    def __init__(self, sampler: torch.utils.data.BatchSampler, skip: int):
-        self.sampler, self.skip = sampler, skip
+    def __init__(self, sampler: torch.utils.data.BatchSampler, skip: int, world: World):
+        self.sampler, self.skip, self.world = sampler, skip, world
+        self.position, self.share = skip, 1.0
 
     def __iter__(self) -> Iterator[list[int]]:
         for index, batch in enumerate(self.sampler):
-            if index >= self.skip:
-                yield batch
+            if index < self.skip:
+                continue
+            self.position = index + 1
+            if len(batch) < self.world.size:
+                continue  # too small to give every rank an item
+            start, stop = self.world.shard(len(batch))
+            self.share = (stop - start) / len(batch)
+            yield batch[start:stop]
 
     def __len__(self) -> int:
         return max(len(self.sampler) - self.skip, 0)

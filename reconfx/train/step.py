@@ -11,7 +11,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from reconfx.errors import ModelError
+from reconfx.distributed import World
+from reconfx.errors import ModelError, TrainingError
 from reconfx.graph import resolve
 from reconfx.layers import Layer
 from reconfx.train.health import locate_gradient, locate_loss
@@ -102,8 +103,9 @@ class MultiTaskStep:
     def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
                  optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", world: World | None = None):
         self.module, self.tasks, self.loss_fns = module, tasks, loss_fns
+        self.world = world or World()
         self.aggregate, self.optimizer, self.sparse = aggregate, optimizer, sparse
         self.buffer = GradientBuffer(module, shared, len(tasks))
         in_buffer = {id(p) for p in self.buffer.params}
@@ -149,11 +151,13 @@ class MultiTaskStep:
                              fix="match the task's loss to its output and targets") from None
 
     def __call__(self, inputs: dict, targets: dict,
-                 observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None
-                 ) -> torch.Tensor:
+                 observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+                 share: float = 1.0) -> torch.Tensor:
         """One training step; ``observe`` sees the T×P matrix before aggregation and may return
-        each task's squared gradient norm (the conflict counter does). Returns the detached loss
-        vector; ``self.values`` holds it on the host."""
+        each task's squared gradient norm (the conflict counter does). With several ranks,
+        ``share`` is this rank's fraction of the global batch: the losses and gradients are
+        all-reduced with that weight before anything reads them (:mod:`reconfx.distributed`).
+        Returns the detached loss vector (global); ``self.values`` holds it on the host."""
         rng = torch.get_rng_state()  # to re-run this batch's forward if it goes non-finite
         losses = self.losses(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
@@ -167,23 +171,25 @@ class MultiTaskStep:
             for acc, g in zip(other_grads, grads[len(shared):], strict=True):
                 if g is not None:
                     acc += g
+        local, losses = losses.detach(), losses.detach().clone()
+        self.world.reduce_(self.buffer.matrix, [losses, *other_grads], share)
         if self.scaler.unscale([self.buffer.matrix, *other_grads]):
             # fp16 overflow: the scale is halved and the step skipped, unless the loss itself
             # is not finite (then no scale helps)
-            self.values = losses.detach().tolist()
+            self.values = losses.tolist()
             if not all(map(math.isfinite, self.values)):
-                raise self._loss_fault(inputs, targets, rng)
-            return losses.detach()
+                raise self._loss_fault(inputs, targets, rng, local)
+            return losses
         norms = observe(self.buffer.matrix) if observe is not None else None
         if norms is None:
             norms = self.buffer.matrix.sum(1)
         rest = (torch.stack(torch._foreach_norm(other_grads)).sum() if other_grads
                 else losses.new_zeros(()))
-        health = torch.cat([losses.detach(), norms.float(), rest.reshape(1).float()]).tolist()
+        health = torch.cat([losses, norms.float(), rest.reshape(1).float()]).tolist()
         self.values = health[:len(self.tasks)]
         if not all(map(math.isfinite, health)):
             if not all(map(math.isfinite, self.values)):
-                raise self._loss_fault(inputs, targets, rng)
+                raise self._loss_fault(inputs, targets, rng, local)
             raise self._gradient_fault(other_grads)
         if shared:
             self.buffer.scatter(self.aggregate(self.buffer.matrix))
@@ -194,9 +200,15 @@ class MultiTaskStep:
         self.optimizer.step()
         if self.sparse is not None:
             self.sparse.after_step()
-        return losses.detach()
+        self.world.broadcast_buffers(self.module)
+        return losses
 
-    def _loss_fault(self, inputs: dict, targets: dict, rng: torch.Tensor) -> Exception:
+    def _loss_fault(self, inputs: dict, targets: dict, rng: torch.Tensor,
+                    local: torch.Tensor) -> Exception:
+        if self.world.active and all(map(math.isfinite, local.tolist())):
+            return TrainingError(f"rank {self.world.rank}: the global losses are not finite "
+                                 f"({', '.join(f'{v:.4g}' for v in self.values)}) while this "
+                                 "rank's shard gives finite ones: see the other ranks' errors")
         return locate_loss(self.module, to_device(inputs, self.device),
                            to_device(targets, self.device), self.tasks, self.values, rng,
                            lambda: autocast(self.device, self.precision))
