@@ -3,6 +3,7 @@ global batches; a failing rank stops the whole run with its name, without hangin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -144,3 +145,58 @@ def test_nccl_without_gpus_is_a_spec_error(monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(distributed.SpecError, match="distributed.backend is nccl"):
         distributed.init("nccl", 10.0, "cpu")
+
+
+@pytest.mark.slow
+def test_torchrun_run_killed_in_training_resumes_to_the_same_weights(tmp_path):
+    """Kill a 2-rank `run` (the whole process group) after a training checkpoint; a 2-rank
+    `--resume` ends with byte-identical weights and conflicts.json to an uninterrupted 2-rank
+    run."""
+    import signal
+
+    from tests.test_reliability import resume_state
+
+    def spec(folder: Path) -> Path:
+        path = mlp_spec(folder)
+        path.write_text(path.read_text().replace("epochs: 2", "epochs: 25").replace(
+            "aggregator: pcgrad", "aggregator: pcgrad\n  checkpoint_every: 10"))
+        return path
+
+    reference = spec(tmp_path / "reference")
+    done = subprocess.run([*TORCHRUN, "-m", "reconfx", "run", str(reference), "--quiet"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    resumed = spec(tmp_path / "resumed")
+    state_file = tmp_path / "resumed" / "out" / "checkpoints" / "resume.pt"
+    process = subprocess.Popen([*TORCHRUN, "-m", "reconfx", "run", str(resumed), "--quiet"],
+                               cwd=ROOT, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    killed = False
+    while time.monotonic() < deadline and process.poll() is None:
+        state = resume_state(state_file) if state_file.exists() else None
+        if state is not None and state["phase"] == "train" and state["step"] >= 100:
+            for pid in [process.pid, *descendants(process.pid)]:  # workers have own sessions
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            killed = True
+            break
+        time.sleep(0.05)
+    process.wait(timeout=60)
+    assert killed, "the run ended before a training checkpoint at step 100"
+    done = subprocess.run([*TORCHRUN, "-m", "reconfx", "run", str(resumed), "--resume"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "resuming from" in done.stdout, done.stdout[:600]
+    for name in ("weights.safetensors", "conflicts.json"):
+        assert (tmp_path / "reference" / "out" / name).read_bytes() == \
+            (tmp_path / "resumed" / "out" / name).read_bytes(), name
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Linux /proc), children first."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            for child in (task / "children").read_text().split():
+                found += [int(child), *descendants(int(child))]
+    return found
