@@ -99,8 +99,7 @@ def one_step(rank: int, size: int, port: int, spec_path: str, out: str) -> None:
     for _ in range(2):
         inputs, targets = next(stream)
         step(inputs, targets, share=batches.share)
-    if w.main:
-        torch.save(module.state_dict(), out)
+    torch.save(module.state_dict(), f"{out}.{rank}")  # every rank: they must agree
     distributed.finish()
 
 
@@ -110,11 +109,12 @@ def test_training_steps_match_one_process_within_1e_6(tmp_path):
     torch.multiprocessing.start_processes(one_step, args=(2, free_port(), spec,
                                                           str(tmp_path / "two.pt")),
                                           nprocs=2, start_method="spawn")
-    a = torch.load(tmp_path / "one.pt", weights_only=True)
-    b = torch.load(tmp_path / "two.pt", weights_only=True)
+    a = torch.load(tmp_path / "one.pt.0", weights_only=True)
+    b, b1 = (torch.load(tmp_path / f"two.pt.{r}", weights_only=True) for r in (0, 1))
     initial = pipeline.prepare(spec).traced.module.state_dict()
     for key in a:
         assert torch.allclose(a[key], b[key], rtol=0, atol=1e-6), key
+        assert torch.equal(b[key], b1[key]), key  # identical on both ranks
         assert not torch.equal(a[key], initial[key]), key  # the steps really moved it
 
 
