@@ -28,21 +28,22 @@ def describe(values: list[float]) -> str:
     return ", ".join(f"{v:.4g}" for v in values)
 
 
+def _tensors(value: object) -> list[torch.Tensor]:
+    """The floating-point tensors in a (nested) value."""
+    found: list[torch.Tensor] = []
+    fx.node.map_aggregate(value, lambda a: found.append(a) if isinstance(a, torch.Tensor)
+                          and a.is_floating_point() else None)
+    return found
+
+
 def _finite(value: object) -> bool:
-    tensors = [value] if isinstance(value, torch.Tensor) else [
-        v for v in (value if isinstance(value, list | tuple) else
-                    value.values() if isinstance(value, dict) else [])
-        if isinstance(v, torch.Tensor)]
-    return all(not t.is_floating_point() or bool(torch.isfinite(t).all()) for t in tensors)
+    return all(bool(torch.isfinite(t).all()) for t in _tensors(value))
 
 
-def _largest(args: tuple) -> float:
+def _largest(args: object) -> float:
     """The largest magnitude among the floating-point tensors in (nested) ``args``."""
-    flat: list[float] = []
-    fx.node.map_aggregate(args, lambda a: flat.append(float(a.detach().abs().max()))
-                          if isinstance(a, torch.Tensor) and a.is_floating_point() and a.numel()
-                          else None)
-    return max(flat, default=0.0)
+    return max((float(t.detach().abs().max()) for t in _tensors(args) if t.numel()),
+               default=0.0)
 
 
 class _FirstNonFinite(fx.Interpreter):
