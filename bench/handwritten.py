@@ -166,6 +166,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--models", nargs="+", choices=["resnet", "bert"],
+                        default=["resnet", "bert"])
     parser.add_argument("--torch-compile", action="store_true")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
@@ -176,7 +178,9 @@ def main() -> None:
         header += " torch.compile forward ms | speed-up |"
     print("\n" + header)
     print("|---" * (header.count("|") - 1) + "|")
-    for name, pair in (("ResNet (MultiDigits, w32)", resnet_pair), ("BERT-small", bert_pair)):
+    pairs = {"resnet": ("ResNet (MultiDigits, w32)", resnet_pair),
+             "bert": ("BERT-small", bert_pair)}
+    for name, pair in (pairs[m] for m in args.models):
         for t in args.tasks:
             tasks = [f"t{i}" for i in range(t)]
             compiled, hand, make = pair(tasks)
