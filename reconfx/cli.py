@@ -226,8 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if rank and args.command not in DISTRIBUTED + ("validate", "schema"):
             raise SpecError(f"`reconfx {args.command}` runs in one process; only "
-                               f"{' and '.join(DISTRIBUTED)} run on several ranks",
-                               fix=f"run `reconfx {args.command}` without torchrun")
+                            f"{' and '.join(DISTRIBUTED)} run on several ranks",
+                            fix=f"run `reconfx {args.command}` without torchrun")
         return int(args.run(args))
     except ReconfxError as exc:
         print(f"reconfx: error: {rank}{exc}", file=sys.stderr)

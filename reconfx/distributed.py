@@ -17,8 +17,10 @@ volume of plain data parallelism for the shared layers.
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -152,21 +154,17 @@ def finish() -> None:
     _WORLD = World()
 
 
-class _collective:
+@contextlib.contextmanager
+def _collective(w: World, what: str) -> Iterator[None]:
     """Turns a failed collective into one line naming this rank."""
-
-    def __init__(self, w: World, what: str):
-        self.world, self.what = w, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type | None, exc: BaseException | None, _tb: object) -> bool:
-        if exc is None or isinstance(exc, ReconfxError) or not isinstance(exc, Exception):
-            return False
+    try:
+        yield
+    except ReconfxError:
+        raise
+    except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DistributedError(
-            f"rank {self.world.rank} of {self.world.size}: the {self.what} failed: another rank "
-            f"stopped or timed out ({type(exc).__name__}: {first[:200]})",
+            f"rank {w.rank} of {w.size}: the {what} failed: another rank stopped or timed out "
+            f"({type(exc).__name__}: {first[:200]})",
             fix="see the first rank's error above; distributed.timeout_s bounds the wait"
         ) from None

@@ -35,7 +35,7 @@ from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profile import ConflictCounter, Profile, annotate, chart, load_scores, profile
+from reconfx.profile import Profile, annotate, chart, load_scores, profile, restore_profile
 from reconfx.report import Cost, compile_report, flops, latencies, markdown_table
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
@@ -47,7 +47,7 @@ from reconfx.train.objectives import loss_functions, make_optimizer, metric_func
 from reconfx.train.precision import resolve_device
 from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
-from reconfx.train.step import block_layout, layer_parameters
+from reconfx.train.step import layer_parameters
 
 CONFLICTS = "conflicts.json"
 
@@ -325,7 +325,8 @@ def profile_prepared(prepared: Prepared, progress: bool,
     require_data(loaded, "profiling")
     finished = checkpoint.phase("train") if checkpoint is not None else None
     if finished is not None and "profile" in finished:
-        result = finished_profile(prepared, finished["profile"])
+        result = restore_profile(prepared.traced.module, prepared.layers, s.task_names,
+                                 s.profile.threshold, finished["profile"])
         annotate(prepared.traced.module, result)
         return result
     loss_fns = loss_functions(list(s.tasks), where)
@@ -338,11 +339,10 @@ def profile_prepared(prepared: Prepared, progress: bool,
     bar = tqdm(total=s.profile.steps, desc="profiling", disable=not progress, leave=False)
 
     def on_step(step: int, losses: list[float]) -> None:
-        bar.n = step + 1  # a resumed pass starts where it stopped
         if step % 10 == 0:
             bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses, strict=True)},
                             refresh=False)
-        bar.refresh()
+        bar.update(step + 1 - bar.n)  # a resumed pass starts where it stopped
 
     with on_device(module, resolve_device(s.train.device, where)):
         result = profile(module, prepared.layers, s.task_names, loss_fns,
@@ -393,16 +393,6 @@ def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
     batch is dropped unless the data set is smaller than a batch)."""
     return Batches(dataset, s.data.batch_size, s.train.seed,
                    drop_last=len(dataset) > s.data.batch_size, world=distributed.world())
-
-
-def finished_profile(prepared: Prepared, counter_state: dict) -> Profile:
-    """The Profile of a finished profiling pass, rebuilt from its saved counters."""
-    s = prepared.loaded.spec
-    candidates = [layer for layer in prepared.layers if layer.shared]
-    counter = ConflictCounter(block_layout(prepared.traced.module, candidates).blocks,
-                              len(s.tasks), s.profile.threshold)
-    counter.load_state_dict(counter_state)
-    return Profile(candidates, s.task_names, s.profile.threshold, counter.steps, counter)
 
 
 def task_containers(branched: Branched) -> set[str]:

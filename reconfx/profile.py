@@ -25,7 +25,7 @@ from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
 from reconfx.train.aggregators import aggregator
 from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
-from reconfx.train.step import CHUNK, MultiTaskStep
+from reconfx.train.step import CHUNK, MultiTaskStep, block_layout
 
 BINS = 20  # cosine histogram over [-1, 1]
 STRONG = -0.01  # "strongly conflicting": cos in (-0.01, -1] as in Recon's analysis
@@ -207,6 +207,16 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
                 and batches.world.main:
             checkpoint.save("profile", snapshot(parts, index + 1))
     return Profile(candidates, tasks, threshold, steps, counter)
+
+
+def restore_profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
+                    threshold: float, counter_state: dict) -> Profile:
+    """The :class:`Profile` of a finished pass, rebuilt from its saved counters (a resumed
+    ``run`` that had finished profiling)."""
+    candidates = [layer for layer in layers if layer.shared]
+    counter = ConflictCounter(block_layout(module, candidates).blocks, len(tasks), threshold)
+    counter.load_state_dict(counter_state)
+    return Profile(candidates, tasks, threshold, counter.steps, counter)
 
 
 def annotate(module: DualGraphModule, result: Profile) -> None:
