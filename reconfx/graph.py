@@ -30,6 +30,9 @@ class DualGraphModule(fx.GraphModule):
                     _install(root, self, node.target)
         self.train_graph = train_graph
         self.eval_graph = eval_graph
+        for sub in self.modules():
+            if hasattr(sub, "bind") and hasattr(sub, "body"):  # a stream-batching region
+                sub.bind(self)
         self.train(self.training)
 
     def __deepcopy__(self, memo: dict) -> DualGraphModule:
@@ -64,6 +67,15 @@ def _install(root: nn.Module | dict[str, Any], gm: fx.GraphModule, target: str) 
         fx.graph_module._assign_attr(root[target], gm, target)
     else:
         fx.graph_module._copy_attr(root, gm, target)
+
+
+REGIONS = "stream_regions"  # where stream batching (reconfx.batching) puts its region modules
+
+
+def batched_streams(graph: fx.Graph) -> bool:
+    """The graph runs some task streams through shared layers together (reconfx.batching)."""
+    return any(n.op == "call_module" and str(n.target).startswith(REGIONS + ".")
+               for n in graph.nodes)
 
 
 def resolve(module: nn.Module, target: str) -> Any:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 from torch import nn
 
-from reconfx.graph import DualGraphModule, node_tasks, resolve
+from reconfx.graph import DualGraphModule, batched_streams, node_tasks, resolve
 
 
 @dataclass(frozen=True)
@@ -60,6 +60,10 @@ def inventory(module: DualGraphModule, task_order: Iterable[str]) -> list[Layer]
     unit_modules: dict[str, set[str]] = {}
     unit_params: dict[str, set[str]] = {}
     for _mode, graph in module.graphs():
+        if batched_streams(graph):
+            # Stream batching (eval graph only) joins the streams; the train graph, which runs
+            # them one by one, has the same layers and says which tasks use each.
+            continue
         tasks_of = node_tasks(graph)
         leaf_calls = {str(n.target) for n in graph.nodes if n.op == "call_module"}
         for index, node in enumerate(graph.nodes):

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx import artifacts, distributed
+from reconfx.batching import batch_streams, regions_of
 from reconfx.build import build_model, call_data_factory, example_inputs, task_paths
 from reconfx.checks import (
     Check,
@@ -117,13 +118,25 @@ def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compile
     s = prepared.loaded.spec
     chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
                            len(s.tasks))
-    branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
+    branched = branch_model(prepared, chosen)
+    atol = 1e-5 if regions_of(branched.module) else 0.0  # batched kernels round differently
     checks = [
-        check_parity(prepared.model, branched.module, prepared.task_paths, prepared.examples),
+        check_parity(prepared.model, branched.module, prepared.task_paths, prepared.examples,
+                     atol),
         check_sharing(branched.module, branched.copies),
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
     return Compiled(prepared, branched, checks, scores)
+
+
+def branch_model(prepared: Prepared, chosen: list[Layer]) -> Branched:
+    """The branching pass, then stream batching as the spec asks."""
+    s = prepared.loaded.spec
+    branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
+    if s.branch.stream_batching == "eval":
+        branched.module = batch_streams(branched.module, prepared.examples[0],
+                                        [i.name for i in s.inputs if 0 in i.dynamic])
+    return branched
 
 
 SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
@@ -459,7 +472,7 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
                             "export.formats")
     return export_onnx(model, [i.name for i in s.inputs], tasks,
                        {i.name: list(i.dynamic) for i in s.inputs}, onnx_cases(loaded, examples),
-                       path, provider)
+                       path, provider, every_task=task is None)
 
 
 def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,

@@ -152,6 +152,7 @@ def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, fro
                 clone.target = f"{node.target}.{task}"
             meta = dict(node.meta.get("reconfx", {}))
             meta["task"] = task
+            meta["origin"] = node.name  # the node this clone stands for (stream batching)
             if starts and node.target in points:
                 meta["branch_point"] = points[str(node.target)]
             clone.meta["reconfx"] = meta

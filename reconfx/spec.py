@@ -217,6 +217,12 @@ class BranchSpec(_Strict):
         description="running statistics of shared norm layers after a branch point: one set per "
         "task (default) or one mixed set (Recon's behaviour)",
     )
+    stream_batching: Literal["eval", "off"] = Field(
+        default="eval",
+        description="after a branch point, run the task streams through shared layers as one "
+        "concatenated batch where that is exact and pays (eval mode, ONNX export; default), or "
+        "never ('off'). Training always runs the streams one by one",
+    )
 
 
 class SparseSpec(_Strict):

@@ -139,3 +139,24 @@ class FailingOnRank(torch.utils.data.Dataset):
         if self.fail:
             raise ValueError(f"item {index} is corrupt on this machine")
         return self.base[index]
+
+
+class BatchMixing(nn.Module):
+    """Shared layers after the branch point, one of whose glue ops mixes samples (a softmax over
+    the batch axis): stream batching must leave that op per stream."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.fc3 = nn.Linear(dim, dim)
+        self.fc4 = nn.Linear(dim, dim)
+        self.out_a = nn.Linear(dim, 2)
+        self.out_b = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(torch.relu(self.fc2(self.fc1(x))))
+        h = self.fc3(h) * h.softmax(0)
+        h = self.fc4(torch.relu(h))
+        return {"a": self.out_a(h), "b": self.out_b(h)}

@@ -21,8 +21,13 @@ def test_module_called_twice_is_one_layer_with_one_copy_per_task(tmp_path, tier,
     if "proj" in layers:
         model = reconfx.load(out)
         source = (out / "model.py").read_text()
-        # Every call site of a task's stream uses that task's single copy.
-        assert source.count("self.proj.left(") == 2 - ("inp" in layers or "proj" not in layers)
+        # Every call site of a task's stream uses that task's single copy (in each forward
+        # path: with stream batching, evaluation has its own).
+        paths = [m for m in source.split("\n    def ")
+                 if m.startswith("_forward_") or m.startswith("forward(") and "_forward_" not in m]
+        assert paths
+        for path in paths:
+            assert path.count("self.proj.left(") == 2 - ("inp" in layers)
         assert model.proj.left.weight is not model.proj.right.weight
 
 

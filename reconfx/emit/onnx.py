@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from reconfx.batching import one_call_per_region, one_stream_per_call
 from reconfx.errors import CheckError, SpecError
 
 OPSET = 18
@@ -244,11 +245,13 @@ def _why(exc: BaseException) -> str:
 
 def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
                 dynamic: dict[str, list[int]], cases: list[tuple[str, dict[str, torch.Tensor]]],
-                path: Path, provider: str | None = None) -> OnnxExport:
+                path: Path, provider: str | None = None, every_task: bool = True) -> OnnxExport:
     """Export ``model`` (called with keyword inputs, returning ``{task: tensor}``) to ``path``
     and check it; ``cases`` are the named input sets to compare on, the first one is exported
     with. Raises :class:`CheckError` naming each exporter's failure when none passes, and
-    leaves nothing at ``path`` then."""
+    leaves nothing at ``path`` then. Stream batching: with ``every_task`` the streams of a
+    region run in one call (a static graph has no row cap), else one by one so that the
+    streams of the tasks left out are dropped with them."""
     import onnx
 
     providers = resolve_providers(provider)
@@ -259,7 +262,8 @@ def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
         started = time.perf_counter()
         _remove(path)
         try:
-            _export(exporter, wrapper, cases[0][1], dynamic, path)
+            with (one_call_per_region if every_task else one_stream_per_call)(model):
+                _export(exporter, wrapper, cases[0][1], dynamic, path)
             seconds = time.perf_counter() - started
             onnx.checker.check_model(str(path), full_check=True)
             session = _session(path, providers)

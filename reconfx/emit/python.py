@@ -11,18 +11,30 @@ from __future__ import annotations
 
 import builtins
 import importlib.util
+import inspect
 import keyword
 import operator
 import sys
+import textwrap
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import fx, nn
 
+from reconfx.batching import PREFIX, StreamRegion, run_streams
 from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
-from reconfx.emit.render import assign, comment, infix, render_index, render_value, statement
+from reconfx.emit.render import (
+    LINE,
+    assign,
+    bracketed,
+    comment,
+    infix,
+    render_index,
+    render_value,
+    statement,
+)
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, resolve
 
@@ -100,12 +112,19 @@ class PythonEmitter:
         self.tree = _Tree()
         self.factory_leaves: list[str] = []
         self._tie_cache: list[tuple[str, str]] | None = None
+        self.regions = sorted({id(r): r for r in self.module.modules()
+                               if isinstance(r, StreamRegion)}.values(), key=lambda r: r.method)
 
     # -- __init__ ------------------------------------------------------------------------------
+    def _graphs(self) -> list[fx.Graph]:
+        """Every graph the source renders: forward's (one per mode) and each region's body."""
+        graphs = [graph for _mode, graph in self.module.graphs()]
+        return graphs + [region.body for region in self.regions]
+
     def _collect(self) -> None:
-        for _mode, graph in self.module.graphs():
+        for graph in self._graphs():
             for node in graph.nodes:
-                if node.op in ("call_module", "get_attr"):
+                if node.op in ("call_module", "get_attr") and not _region_call(node):
                     target = str(node.target)
                     node_tree = self.tree
                     for part in target.split("."):
@@ -140,7 +159,13 @@ class PythonEmitter:
     def _init_lines(self) -> list[str]:
         lines: list[str] = []
         self._emit_children(self.tree, "", lines)
-        return lines + self._tie_lines()
+        lines += self._tie_lines()
+        if self.regions:
+            rows = [f'"{r.method}": {render_value(r.max_rows)}' for r in self.regions]
+            lines += [comment(self._indent(2), "Stream batching: the most rows one call of each "
+                              "shared region takes (None: all task streams in one call)."),
+                      statement(self._indent(2), "self.stream_rows", "{", rows, "}")]
+        return lines
 
     def _emit_children(self, node: _Tree, prefix: str, lines: list[str]) -> None:
         kind = _container_kind(node)
@@ -216,7 +241,10 @@ class PythonEmitter:
         return any(_under(a, s) and _under(b, s) for s in self.task_containers)
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, graph: fx.Graph, method: str) -> list[str]:
+    def _forward(self, graph: fx.Graph, method: str, region: StreamRegion | None = None
+                 ) -> list[str]:
+        """``method``'s source: forward (or a train/eval variant) returning the task dict, or
+        with ``region`` the region's body for one stream, returning its outputs."""
         names: dict[fx.Node, str] = {}
         taken = set()
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
@@ -229,14 +257,26 @@ class PythonEmitter:
                 return _access(self.tree, str(node.target))
             return names[node]
 
-        sig = ", ".join(f"{names[n]}: torch.Tensor" for n in placeholders)
-        lines = [f"    def {method}(self, {sig}) -> dict[str, torch.Tensor]:"]
+        params = ["self"] + [f"{names[n]}: {n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
+                             for n in placeholders]
+        returns = "dict[str, torch.Tensor]" if region is None else "tuple[torch.Tensor, ...]"
+        lines = [statement(self._indent(1), "", f"def {method}(", params, f") -> {returns}:")]
+        if region is not None:
+            lines += _region_doc(region, self._indent(2))
         for node in graph.nodes:
-            if node.op in ("placeholder", "get_attr"):
+            if node.op in ("placeholder", "get_attr") or _region_item(node):
                 continue
             if node.op == "output":
+                if region is not None:
+                    outs = [render_value(n, name_of) for n in node.args[0]]
+                    lines.append(statement(self._indent(2), "", "return (", outs,
+                                           ",)" if len(outs) == 1 else ")"))
+                    continue
                 outs = [f'"{t}": {render_value(n, name_of)}' for t, n in node.args[0].items()]
                 lines.append(statement(self._indent(2), "", "return {", outs, "}"))
+                continue
+            if _region_call(node):
+                lines += self._region_call_lines(node, names, taken, name_of)
                 continue
             names[node] = _fresh(_base_name(node), taken)
             comment = self._comment(node)
@@ -247,6 +287,36 @@ class PythonEmitter:
                 line = line.replace(f"{names[node]} = ", "", 1)
             lines.append(line)
         return lines
+
+    def _region_call_lines(self, node: fx.Node, names: dict[fx.Node, str], taken: set[str],
+                           name_of: Any) -> list[str]:
+        """``a_left, a_right = run_streams(self.shared_x, [(x_left,), (x_right,)], ...)``."""
+        region: StreamRegion = resolve(self.module, str(node.target))
+        n_in, n_rep, _n_shared = region.counts
+        streams = len(region.tasks)
+        args = [render_value(a, name_of) for a in node.args]
+        per_stream = [_tuple_text(args[i * n_in:(i + 1) * n_in]) for i in range(streams)]
+        rest = args[streams * n_in:]
+        items = {u.args[1]: u for u in node.users}
+        width = max(items) + 1 if items else 0
+        lhs = []
+        for i in range(width):
+            if i in items:
+                names[items[i]] = _fresh(_base_name(items[i]), taken)
+                lhs.append(names[items[i]])
+            else:
+                lhs.append("_")
+        call = [f"self.{region.method}", bracketed("[", per_stream, "]"),
+                _tuple_text(rest[:n_rep]), _tuple_text(rest[n_rep:]),
+                f'self.stream_rows["{region.method}"]']
+        note = comment(self._indent(2), f"{_span(region.modules_called)}: shared, run for the "
+                       f"task streams {', '.join(region.tasks)} together (stream batching)")
+        ind = self._indent(2)
+        lhs_text = ", ".join(lhs) if len(lhs) > 1 else f"{lhs[0]},"
+        if len(f"{ind}{lhs_text} = run_streams(") <= LINE - 8:
+            return [note, statement(ind, lhs_text, "run_streams(", call)]
+        names_lines = [f"{ind}(", *(f"{ind}    {name}," for name in lhs)]
+        return [note, *names_lines, statement(ind, ")", "run_streams(", call)]
 
     def _comment(self, node: fx.Node) -> str | None:
         meta = node.meta.get("reconfx", {})
@@ -293,6 +363,8 @@ class PythonEmitter:
         args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
         method = METHODS.get(name) or (name if name.endswith("_") and hasattr(torch.Tensor, name)
                                        else None)  # in-place ops: x.mul_(0.5)
+        if name == "to" and "layout" in node.kwargs:  # Tensor.to takes no layout
+            method = None
         if method and node.args and isinstance(node.args[0], fx.Node):
             return statement(ind, lhs, f"{args[0]}.{method}(", args[1:])
         if name in FUNCTIONS:
@@ -321,10 +393,14 @@ class PythonEmitter:
         if self.module.dual:
             fwd = self._forward(self.module.train_graph, "_forward_train") + [""]
             fwd += self._forward(self.module.eval_graph, "_forward_eval")
-            sig = _signature_line(self.module.train_graph)
+            params = ["self", *_signature_line(self.module.train_graph).split(", ")]
+            why = ("Evaluation runs task streams through shared layers together (stream "
+                   "batching); training one stream at a time." if self.regions
+                   else "The traced glue differs between training and evaluation.")
             fwd = [
-                f"    def forward(self, {sig}) -> dict[str, torch.Tensor]:",
-                "        # The traced glue differs between training and evaluation.",
+                statement(self._indent(1), "", "def forward(", params,
+                          ") -> dict[str, torch.Tensor]:"),
+                comment(self._indent(2), why),
                 "        if self.training:",
                 f"            return self._forward_train({_call_args(self.module.train_graph)})",
                 f"        return self._forward_eval({_call_args(self.module.train_graph)})",
@@ -333,7 +409,12 @@ class PythonEmitter:
             ]
         else:
             fwd = self._forward(self.module.train_graph, "forward")
+        for region in self.regions:
+            fwd += ["", *self._forward(region.body, region.method, region)]
         helper = ["", *self._factory_helper()] if self.factory_leaves else []
+        if self.regions:
+            self.imports.add("from collections.abc import Callable, Sequence")
+            helper += ["", *inspect.getsource(run_streams).rstrip("\n").splitlines(), ""]
         out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
         out += ["", f"class {self.class_name}(nn.Module):",
                 "    def __init__(self) -> None:", "        super().__init__()", *init, "",
@@ -352,6 +433,34 @@ class PythonEmitter:
             "    return model.get_submodule(path.removeprefix(prefix))",
             "",
         ]
+
+
+def _region_call(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(PREFIX + ".")
+
+
+def _region_item(node: fx.Node) -> bool:
+    """A ``getitem`` of a region's results (written as part of the region's call)."""
+    return (node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[0], fx.Node) and _region_call(node.args[0]))
+
+
+def _span(modules: list[str]) -> str:
+    return modules[0] if len(modules) == 1 else f"{modules[0]} ... {modules[-1]}"
+
+
+def _tuple_text(items: list[str]) -> str:
+    return bracketed("(", items, ",)" if len(items) == 1 else ")")
+
+
+def _region_doc(region: StreamRegion, indent: str) -> list[str]:
+    """The body method's docstring lines."""
+    text = (f"Shared layers {_span(region.modules_called)} for one task stream, or for several "
+            "concatenated along the batch axis (see run_streams).")
+    lines = textwrap.wrap(text, width=LINE - len(indent) - 6)
+    if len(lines) == 1:
+        return [f'{indent}"""{lines[0]}"""']
+    return [f'{indent}"""{lines[0]}', *(f"{indent}{line}" for line in lines[1:]), f'{indent}"""']
 
 
 def _under(path: str, prefix: str) -> bool:

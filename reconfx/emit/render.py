@@ -71,18 +71,29 @@ def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str =
     all arguments on one indented line, or one per line, when it does not fit; a right-hand side
     whose head alone is too long goes inside parentheses on its own line."""
     prefix = f"{indent}{lhs} = " if lhs else indent
+    multiline = any("\n" in a for a in args)  # nested brackets (see ``bracketed``)
     line = f"{prefix}{opener}{', '.join(args)}{closer}"
-    if len(line) <= LINE or not args and len(line) <= LINE:
+    if not multiline and len(line) <= LINE:
         return line
     if lhs and len(f"{prefix}{opener}") > LINE - 8:
         inner = statement(indent + "    ", "", opener, args, closer)
         return f"{prefix}(\n{inner}\n{indent})"
     inner = indent + "    "
     joined = f"{inner}{', '.join(args)}"
-    if len(joined) <= LINE:
+    if not multiline and len(joined) <= LINE:
         return f"{prefix}{opener}\n{joined}\n{indent}{closer}"
-    body = "\n".join(f"{inner}{a}," for a in args)
+    body = "\n".join(f"{inner}{a.replace(chr(10), chr(10) + inner)}," for a in args)
     return f"{prefix}{opener}\n{body}\n{indent}{closer}"
+
+
+def bracketed(opener: str, items: list[str], closer: str, width: int = LINE - 16) -> str:
+    """``(a, b)`` as one argument of :func:`statement`: on one line when it fits in ``width``,
+    else one item per line, indented relative to where the argument starts."""
+    line = f"{opener}{', '.join(items)}{closer}"
+    if len(line) <= width:
+        return line
+    lines = "".join(f"\n    {item.replace(chr(10), chr(10) + '    ')}," for item in items)
+    return f"{opener}{lines}\n{closer.lstrip(',')}"
 
 
 def infix(indent: str, lhs: str, left: str, op: str, right: str) -> str:

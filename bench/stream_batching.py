@@ -1,0 +1,189 @@
+"""Stream batching: compiled models with and without it, side by side in one run.
+
+Each model is traced, one early layer branched (so that most of the network is shared but runs
+once per task stream), then compiled twice from the same branched graph: unbatched
+(``branch.stream_batching: off``) and batched (the default, ``eval``). Both are checked to give
+the same outputs (atol 1e-4), then their eager forward in eval mode (``torch.no_grad``) is timed,
+called alternately, median of ``--repeats`` after one warm-up. Speed-up = unbatched / batched.
+
+* transformer: ``nn.TransformerEncoder`` (d=64, 4 heads, 4 layers, feed-forward 128, 16
+  tokens; ``reconfx.zoo.EncoderClassifier``), branched at ``encoder.layers.0.linear1``;
+* BERT-small (HF ``BertModel``: 4 layers, hidden 512, 8 heads, 16 tokens), branched at the
+  query projection of layer 2 (layers 2-3 then run once per stream);
+* ResNet (the MultiDigits ``SmallResNet``, width 32, 12×12 input), branched at
+  ``layer2.0.conv1`` with per-task BatchNorm statistics (the default): the shared convolutions
+  after it are the regions.
+
+With ``--torch-compile`` a second table gives, at T = 4 and batch 16, ``torch.compile``
+(inductor) of the batched model against its eager forward. With ``--train-step`` a third table
+shows why training is not batched: a per-task gradient step (forward, then one backward pass per
+task loss) through the same ``nn.TransformerEncoder`` stack, T separate streams against one
+concatenated batch split afterwards.
+
+Run: ``.venv/bin/python bench/stream_batching.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from reconfx.batching import batch_streams, regions_of
+from reconfx.heads import HeadSpec, attach_heads
+from reconfx.layers import inventory, match_layers
+from reconfx.rewrite import branch
+from reconfx.trace import trace
+from reconfx.zoo import EncoderClassifier, SmallResNet, hf_model
+
+SEQ = 16
+
+
+class Tasks(nn.Module):
+    """A single-output model with one linear head per task on its mean-pooled feature."""
+
+    def __init__(self, body: nn.Module, width: int, tasks: list[str]):
+        super().__init__()
+        self.body = body
+        self.heads = nn.ModuleDict({t: nn.Linear(width, 3) for t in tasks})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.body.encoder(self.body.embed(tokens))
+        return {t: head(h.mean(1)) for t, head in self.heads.items()}
+
+
+def transformer(tasks: list[str]):
+    body = EncoderClassifier(vocab=100, dim=64, heads=4, layers=4)
+    model = Tasks(body, 64, tasks).eval()
+    return (model, lambda b: {"tokens": torch.randint(0, 100, (b, SEQ))}, "export",
+            {"tokens": [0]}, ["body.encoder.layers.0.linear1"])
+
+
+def bert_small(tasks: list[str]):
+    backbone = hf_model("BertModel", dict(hidden_size=512, num_hidden_layers=4,
+                                          num_attention_heads=8, intermediate_size=2048))
+    example = {"input_ids": torch.randint(0, 30522, (2, SEQ))}
+    heads = {t: HeadSpec(out_features=10, pool="mean") for t in tasks}
+    model = attach_heads(backbone, "last_hidden_state", heads, example, "bench").eval()
+    return (model, lambda b: {"input_ids": torch.randint(0, 30522, (b, SEQ))}, "export",
+            {"input_ids": [0, 1]}, ["backbone.encoder.layer.2.attention.self.query"])
+
+
+def resnet(tasks: list[str]):
+    model = SmallResNet(num_classes=10, tasks=tasks, width=32).eval()
+    return (model, lambda b: {"image": torch.randn(b, 1, 12, 12)}, "fx", {"image": [0]},
+            ["layer2.0.conv1"])
+
+
+MODELS = {"transformer": ("transformer (d64, 4 layers)", transformer),
+          "bert": ("BERT-small", bert_small), "resnet": ("ResNet (MultiDigits, w32)", resnet)}
+
+
+def pair(build: Callable, tasks: list[str]) -> tuple[nn.Module, nn.Module, Callable]:
+    torch.manual_seed(0)
+    model, make, tier, dynamic, patterns = build(tasks)
+    example = make(4)
+    traced = trace(model, example, {t: t for t in tasks}, dynamic, tier)
+    layers = [x for x in inventory(traced.module, tasks) if x.shared]
+    chosen, _ = match_layers(layers, patterns)
+    unbatched = branch(traced.module, chosen, tasks).module
+    batched = batch_streams(unbatched, example, list(dynamic))
+    assert regions_of(batched), "no region to batch"
+    return unbatched.eval(), batched.eval(), make
+
+
+def forward(model: nn.Module, inputs: dict) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            model(**inputs)
+    return run
+
+
+def side_by_side(a: Callable[[], None], b: Callable[[], None], repeats: int
+                 ) -> tuple[float, float]:
+    a(), b()  # warm-up
+    ta, tb = [], []
+    for _ in range(repeats):
+        for fn, samples in ((a, ta), (b, tb)):
+            start = time.perf_counter()
+            fn()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def gradient_step(tasks: int, batch: int, joined: bool) -> Callable[[], None]:
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    stack = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).train()
+    params = list(stack.parameters())
+    streams = [torch.randn(batch, SEQ, 64) for _ in range(tasks)]
+
+    def run() -> None:
+        outs = stack(torch.cat(streams)).chunk(tasks) if joined else [stack(x) for x in streams]
+        losses = [o.square().mean() for o in outs]
+        for i, loss in enumerate(losses):
+            torch.autograd.grad(loss, params, retain_graph=i < tasks - 1)
+    return run
+
+
+def streams_per_call(model: nn.Module, batch: int, tasks: int) -> str:
+    counts = {min(tasks, max(1, r.max_rows // batch)) for r in regions_of(model)}
+    return "/".join(str(c) for c in sorted(counts))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--torch-compile", action="store_true")
+    parser.add_argument("--train-step", action="store_true")
+    args = parser.parse_args()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
+          f"{args.repeats}")
+    print("\n| model | T | batch | streams per call | forward ms unbatched / batched | "
+          "speed-up |\n|---|---|---|---|---|---|")
+    for key in args.models:
+        name, build = MODELS[key]
+        for t in args.tasks:
+            tasks = [f"t{i}" for i in range(t)]
+            unbatched, batched, make = pair(build, tasks)
+            for batch in args.batches:
+                inputs = make(batch)
+                with torch.no_grad():
+                    want, got = unbatched(**inputs), batched(**inputs)
+                for task in tasks:
+                    torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-4)
+                tu, tb = side_by_side(forward(unbatched, inputs), forward(batched, inputs),
+                                      args.repeats)
+                print(f"| {name} | {t} | {batch} | {streams_per_call(batched, batch, t)} | "
+                      f"{1e3 * tu:.2f} / {1e3 * tb:.2f} | {tu / tb:.2f}x |", flush=True)
+    if args.train_step:
+        print("\n| T | batch | per-task gradient step ms separate / concatenated | ratio |"
+              "\n|---|---|---|---|")
+        for t in args.tasks:
+            for batch in args.batches[:2]:
+                a, b = side_by_side(*(gradient_step(t, batch, joined) for joined in (False, True)),
+                                    args.repeats)
+                print(f"| {t} | {batch} | {1e3 * a:.1f} / {1e3 * b:.1f} | {a / b:.2f}x |",
+                      flush=True)
+    if args.torch_compile:
+        print("\n| model | T | batch | forward ms eager batched / torch.compile | speed-up |"
+              "\n|---|---|---|---|---|")
+        for key in args.models:
+            name, build = MODELS[key]
+            _, batched, make = pair(build, [f"t{i}" for i in range(4)])
+            inputs = make(16)
+            fast = torch.compile(batched)
+            te, tc = side_by_side(forward(batched, inputs), forward(fast, inputs), args.repeats)
+            print(f"| {name} | 4 | 16 | {1e3 * te:.2f} / {1e3 * tc:.2f} | {te / tc:.2f}x |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,727 @@
+"""Stream batching: task streams pass through shared layers as one batch (DESIGN.md §8).
+
+After a branch point every downstream op runs once per task, also where the module it calls is
+shared. Where that is exact, the T calls become one call on the streams concatenated along the
+batch axis, split again afterwards. A *region* is a connected set of such ops; in the graph it is
+one ``call_module`` of a :class:`StreamRegion`, whose body is the region's ops for a single stream.
+
+Exactness rule (per op, for the mode the graph runs in):
+
+- modules: torch.nn kinds with no batch-dependent behaviour (Linear, Conv, LayerNorm, GroupNorm,
+  Embedding, activations, pooling, ...), and in eval mode also Dropout, BatchNorm with running
+  statistics and batch-first MultiheadAttention; any other class (a user's leaf) is never batched;
+- glue ops: per-sample functions and tensor methods (arithmetic, views, transposes, matmul,
+  softmax, attention, ...), never in-place ops;
+- shapes: run at two batch sizes, every batched value must change in axis 0 only, and a shared
+  input of the region either carries the batch in axis 0 (repeated once per stream) or does not
+  depend on the batch at all;
+- values: each region is run on the example inputs batched and per stream; regions whose results
+  differ (beyond float rounding: rtol 1e-4, atol 1e-5) are not batched.
+
+Cost rule (deterministic): a batched call of a region may hold at most ``BUDGET_BYTES`` in its
+largest intermediate value; :func:`run_streams` turns that into a row cap at run time (the batch
+size is only known then), concatenating as many streams per call as fit, or none.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import operator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import fx, nn
+from torch.utils._pytree import tree_flatten
+
+from reconfx.graph import REGIONS, DualGraphModule, resolve
+
+# Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
+# CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
+# bigger working set costs more than the calls it saves (0.6x at 6 MiB for a transformer layer).
+BUDGET_BYTES = 2 * 1024 * 1024
+PREFIX = REGIONS
+RTOL, ATOL = 1e-4, 1e-5
+
+_ANY_MODE = (
+    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
+    nn.Embedding, nn.Identity, nn.Flatten, nn.Unflatten, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
+    nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardswish,
+    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.PReLU,
+    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
+    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
+    nn.Upsample, nn.PixelShuffle, nn.modules.padding._ConstantPadNd,
+)
+_EVAL_ONLY = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
+
+# Per-sample glue: function / method / aten names (in-place variants excluded separately).
+_GLUE = frozenset("""
+add sub mul truediv div floordiv neg pos pow matmul mm bmm addmm baddbmm linear conv1d conv2d
+conv3d relu relu6 gelu silu mish sigmoid tanh hardtanh hardswish hardsigmoid leaky_relu elu
+softplus softmax _softmax unflatten log_softmax _log_softmax dropout native_dropout layer_norm
+native_layer_norm group_norm rms_norm embedding flatten view _unsafe_view reshape transpose t
+permute contiguous unsqueeze squeeze expand expand_as clone to _to_copy type_as float half
+bfloat16 size sym_size getitem getattr scaled_dot_product_attention
+_scaled_dot_product_flash_attention_for_cpu masked_fill where exp log sqrt rsqrt erf abs
+clamp clamp_min clamp_max maximum minimum mean sum amax amin max min chunk split
+split_with_sizes unbind cat stack narrow slice select alias detach
+""".split())
+
+
+@dataclass
+class Region:
+    """One batched region of a graph: per stream (task) its nodes, and the region's inputs."""
+
+    name: str
+    tasks: tuple[str, ...]
+    nodes: dict[str, list[fx.Node]]  # task -> that stream's nodes in graph order
+    modules: list[str] = field(default_factory=list)  # shared modules it calls, in order
+    stream_inputs: list[dict[str, fx.Node]] = field(default_factory=list)  # per input: task->node
+    repeated: list[fx.Node] = field(default_factory=list)  # shared, scale with the batch
+    shared: list[fx.Node] = field(default_factory=list)  # shared, independent of the batch
+    outputs: list[dict[str, fx.Node]] = field(default_factory=list)  # per output: task -> node
+    bytes_per_row: int = 0
+    types: dict[fx.Node, str] = field(default_factory=dict)  # inputs that are not tensors
+
+    @property
+    def max_rows(self) -> int:
+        return max(1, BUDGET_BYTES // max(self.bytes_per_row, 1))
+
+
+def run_streams(body: Callable[..., tuple], streams: Sequence[tuple], repeated: tuple,
+                shared: tuple, max_rows: int | None) -> tuple:
+    """Run ``body`` for each task stream, concatenating streams along the batch axis so that one
+    call holds at most ``max_rows`` rows (None: all streams in one call). ``repeated`` are the
+    shared inputs that scale with the batch: tensors with a batch axis (repeated once per stream
+    in a call) and sizes such as ``batch * heads`` (multiplied by the streams in a call);
+    ``shared`` are the others. Returns every stream's outputs, output by output."""
+    rows = max(streams[0][0].shape[0], 1)
+    per_call = len(streams) if max_rows is None else max(1, min(len(streams), max_rows // rows))
+    results: list[tuple] = []
+    for start in range(0, len(streams), per_call):
+        group = streams[start:start + per_call]
+        if len(group) == 1:
+            results.append(body(*group[0], *repeated, *shared))
+            continue
+        joined = [torch.cat(values) for values in zip(*group, strict=True)]
+        again = [torch.cat([value] * len(group)) if isinstance(value, torch.Tensor) and value.dim()
+                 else value * len(group) for value in repeated]
+        outs = body(*joined, *again, *shared)
+        parts = [out.unflatten(0, (len(group), -1)).unbind(0) for out in outs]
+        results += [tuple(part[i] for part in parts) for i in range(len(group))]
+    return tuple(out for i in range(len(results[0])) for out in (r[i] for r in results))
+
+
+class StreamRegion(nn.Module):
+    """A region's ``call_module``: its body (one stream's ops, on the graph's own modules) run by
+    :func:`run_streams`. It owns no parameters; ``bind`` points it at the module it belongs to."""
+
+    def __init__(self, region: Region, body: fx.Graph, method: str):
+        super().__init__()
+        self.name, self.method, self.body = region.name, method, body
+        self.tasks = region.tasks
+        self.modules_called = list(region.modules)
+        self.counts = (len(region.stream_inputs), len(region.repeated), len(region.shared))
+        self.bytes_per_row = region.bytes_per_row
+        self.max_rows: int | None = region.max_rows
+        code = body.python_code(root_module="self")
+        self._fn = fx.graph_module._forward_from_src(code.src, code.globals)
+        object.__setattr__(self, "_root", None)
+
+    def bind(self, root: nn.Module) -> None:
+        object.__setattr__(self, "_root", root)
+
+    def run(self, *args: Any) -> tuple:
+        return self._fn(self._root, *args)
+
+    def forward(self, *args: Any) -> tuple:
+        n_in, n_rep, _ = self.counts
+        n_streams = len(self.tasks)
+        streams = [tuple(args[i * n_in:(i + 1) * n_in]) for i in range(n_streams)]
+        rest = args[n_streams * n_in:]
+        return run_streams(self.run, streams, tuple(rest[:n_rep]), tuple(rest[n_rep:]),
+                           self.max_rows)
+
+
+def regions_of(module: nn.Module) -> list[StreamRegion]:
+    return [m for m in module.modules() if isinstance(m, StreamRegion)]
+
+
+# -- planning ----------------------------------------------------------------------------------
+class _Recorder(fx.Interpreter):
+    def __init__(self, module: nn.Module, graph: fx.Graph):
+        super().__init__(module, graph=graph)
+        self.values: dict[fx.Node, Any] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        out = super().run_node(n)
+        self.values[n] = out
+        return out
+
+
+def _record(module: nn.Module, graph: fx.Graph, example: dict[str, torch.Tensor]
+            ) -> dict[fx.Node, Any]:
+    rec = _Recorder(module, graph)
+    names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        rec.run(*(example[name] for name in names))
+    return rec.values
+
+
+def _kind(a: Any, b: Any) -> str:
+    """How a value depends on the batch size, from its values at two batch sizes: ``batched``
+    (a tensor whose axis 0 alone changes), ``inner`` (a tensor whose one other axis alone
+    changes: the batch moved, or merged into another axis), ``static`` (unchanged shape or
+    value), ``int`` (a size that changes), ``tuple`` (a container of such items) or ``other``.
+    Region inputs and outputs must be ``batched``; inside, any single axis may carry it."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        if a.shape == b.shape:
+            return "static"
+        changed = [i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=False)) if x != y]
+        if a.dim() == b.dim() and len(changed) == 1:
+            return "batched" if changed == [0] else "inner"
+        return "other"
+    if isinstance(a, int | torch.SymInt) and isinstance(b, int | torch.SymInt):
+        return "static" if a == b else "int"
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list) and len(a) == len(b):
+        kinds = {_kind(x, y) for x, y in zip(a, b, strict=True)}
+        if kinds <= {"static"}:
+            return "static"
+        return "tuple" if kinds <= {"static", "batched", "inner", "int"} else "other"
+    if a is None and b is None or type(a) is type(b) and type(a) in (float, bool, str):
+        return "static" if a == b else "other"
+    return "other"
+
+
+def _proportional(values: list[dict[fx.Node, Any]], node: fx.Node,
+                  examples: Sequence[dict[str, torch.Tensor]]) -> bool:
+    """A shared size that is a multiple of the batch (``batch * heads``): with n streams in one
+    call it becomes n times larger."""
+    b1, b2 = next((a.shape[0], b.shape[0]) for a, b in zip(
+        examples[0].values(), examples[1].values(), strict=True) if a.shape[:1] != b.shape[:1])
+    v1, v2 = values[0][node], values[1][node]
+    return v1 * b2 == v2 * b1
+
+
+def _name(op: Any) -> str:
+    if isinstance(op, torch._ops.OpOverload):
+        return op.overloadpacket.__name__
+    return str(getattr(op, "__name__", op))
+
+
+def exact_module(module: nn.Module, training: bool) -> bool:
+    """The module (and everything in it) computes each sample on its own in this mode."""
+    for sub in module.modules():
+        if type(sub).__module__.split(".")[0] != "torch":
+            return False
+        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
+            if training or sub.running_mean is None:
+                return False
+        elif isinstance(sub, nn.MultiheadAttention):
+            if not sub.batch_first or (training and sub.dropout > 0):
+                return False
+        elif isinstance(sub, _EVAL_ONLY):
+            if training and getattr(sub, "p", 0.0) > 0:
+                return False
+        elif not isinstance(sub, _ANY_MODE):
+            return False
+    return True
+
+
+def _arg(node: fx.Node, index: int, names: tuple[str, ...], default: Any) -> Any:
+    if len(node.args) > index:
+        return node.args[index]
+    return next((node.kwargs[k] for k in names if k in node.kwargs), default)
+
+
+def _op_allowed(node: fx.Node, module: nn.Module, training: bool) -> bool:
+    if node.op == "call_module":
+        return exact_module(module.get_submodule(str(node.target)), training)
+    if node.op not in ("call_function", "call_method"):
+        return False
+    name = _name(node.target)
+    if name not in _GLUE or name.endswith("_") and not name.endswith("__") or (
+            node.target in (operator.iadd, operator.isub, operator.imul, operator.itruediv)):
+        return False  # not per-sample, or in place
+    if name in ("dropout", "native_dropout"):  # random unless off: p == 0 or not training
+        return _arg(node, 1, ("p",), 0.5) == 0 or not _arg(node, 2, ("training", "train"), True)
+    if "scaled_dot_product" in name:
+        return _arg(node, 3, ("dropout_p",), 0.0) == 0
+    return True
+
+
+@dataclass
+class _Group:
+    origin: str
+    task_nodes: dict[str, fx.Node]  # task -> clone
+    inputs: list[tuple[str, Any]]  # ("stream", origin) | ("shared", node) | ("const", value)
+
+
+def _groups(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
+    groups: dict[str, dict[str, fx.Node]] = {}
+    for node in graph.nodes:
+        meta = node.meta.get("reconfx", {})
+        if "origin" in meta and "task" in meta:
+            groups.setdefault(meta["origin"], {})[meta["task"]] = node
+    return groups
+
+
+def _leaves(node: fx.Node) -> tuple[list[Any], Any]:
+    return tree_flatten((list(node.args), dict(node.kwargs)))
+
+
+def _group_inputs(clones: dict[str, fx.Node], origin_of: dict[fx.Node, str]
+                  ) -> list[tuple[str, Any]] | None:
+    """Each argument position as a stream input (the same origin's clone for every task), a
+    shared node, or a constant; None when the clones' arguments do not line up."""
+    flat = {t: _leaves(n) for t, n in clones.items()}
+    specs = {repr(spec) for _leaves_, spec in flat.values()}
+    if len(specs) != 1:
+        return None
+    out: list[tuple[str, Any]] = []
+    columns = zip(*(leaves for leaves, _spec in flat.values()), strict=True)
+    for tasks_values in columns:
+        first = tasks_values[0]
+        if all(isinstance(v, fx.Node) for v in tasks_values):
+            origins = {origin_of.get(v) for v in tasks_values}
+            if len(set(tasks_values)) == 1 and first not in origin_of:
+                out.append(("shared", first))
+            elif len(origins) == 1 and None not in origins:
+                out.append(("stream", origins.pop()))
+            else:
+                return None
+        elif any(isinstance(v, fx.Node) for v in tasks_values):
+            return None
+        else:
+            try:
+                same = all(type(v) is type(first) and v == first for v in tasks_values)
+            except Exception:  # a tensor constant, whose == is elementwise
+                same = False
+            if not same:
+                return None
+            out.append(("const", first))
+    return out
+
+
+def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.Tensor]],
+         training: bool = False) -> list[Region]:
+    """The regions of ``graph`` to batch, given example inputs at two batch sizes (axis 0)."""
+    groups = _groups(graph)
+    if not groups:
+        return []
+    origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
+    values = [_record(module, graph, ex) for ex in examples]
+    kind = {n: _kind(values[0].get(n), values[1].get(n)) for n in graph.nodes}
+    order = {n: i for i, n in enumerate(graph.nodes)}
+
+    candidates: dict[str, _Group] = {}
+    for origin, clones in groups.items():
+        if len(clones) < 2:
+            continue
+        first = next(iter(clones.values()))
+        if len({(n.op, str(n.target)) for n in clones.values()}) != 1:
+            continue  # per-task copies
+        if not _op_allowed(first, module, training):
+            continue
+        inputs = _group_inputs(clones, origin_of)
+        if inputs is None or kind[first] == "other":
+            continue
+        streams = [kind[groups[o][next(iter(clones))]] for k, o in inputs if k == "stream"]
+        shared = [kind[v] for k, v in inputs if k == "shared"]
+        if not streams or any(k in ("tuple", "inner", "other") for k in shared) or any(
+                kind[v] == "int" and not _proportional(values, v, examples)
+                for k, v in inputs if k == "shared"):
+            continue
+        if kind[first] == "static" and isinstance(values[0].get(first), torch.Tensor) and (
+                {"batched", "inner"} & set(streams)):
+            continue  # reduces over the batch
+        if not _op_exact(module, clones, origin_of, kind, values):
+            continue
+        candidates[origin] = _Group(origin, dict(clones), inputs)
+
+    regions = _grow(graph, groups, candidates, order)
+    planned = []
+    for region_groups in regions:
+        region = _finish(module, graph, region_groups, groups, kind, values)
+        if region is not None and _validated(module, region, values):
+            planned.append(region)
+    return planned
+
+
+def _axis(a: torch.Tensor, b: torch.Tensor) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y), 0)
+
+
+def _joined(items: list[Any], like: tuple[Any, Any]) -> Any:
+    """Values of several streams as one batched value: tensors concatenated along the axis
+    that carries the batch, sizes added, containers item by item, constants as they are."""
+    first = items[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(items, _axis(*like)) if like[0].shape != like[1].shape else first
+    if isinstance(first, int) and not isinstance(first, bool) and like[0] != like[1]:
+        return sum(items)
+    if isinstance(first, tuple | list):
+        return type(first)(_joined([it[i] for it in items], (like[0][i], like[1][i]))
+                           for i in range(len(first)))
+    return first
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.allclose(
+            a, b, rtol=RTOL, atol=ATOL, equal_nan=True)
+    if isinstance(a, tuple | list) and isinstance(b, tuple | list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return type(a) is type(b) and a == b
+
+
+def _op_exact(module: nn.Module, clones: dict[str, fx.Node], origin_of: dict[fx.Node, str],
+              kind: dict[fx.Node, str], values: list[dict[fx.Node, Any]]) -> bool:  # noqa: C901
+    """One call of the op on the streams' recorded inputs, joined, gives their recorded outputs
+    joined: the op treats each sample on its own (catches e.g. a softmax over the batch)."""
+    tasks = list(clones)
+    first = clones[tasks[0]]
+    if "inner" in {kind[first], *(kind[n] for n in first.all_input_nodes)}:
+        # The batch moved off axis 0 (attention's (sequence, batch, ...) layout): streams are
+        # interleaved there, so this op alone is not comparable; the region's check covers it.
+        return True
+    by_origin = {(origin_of[n], t): n for t, c in clones.items() for n in c.all_input_nodes
+                 if n in origin_of}
+
+    def joined(node: fx.Node) -> Any:
+        like = (values[0][node], values[1][node])
+        if node in origin_of:  # a stream: this origin's value in every stream
+            streams = [by_origin[origin_of[node], t] for t in tasks]
+            return _joined([values[0][n] for n in streams], like)
+        return _joined([values[0][node]] * len(tasks), like)  # shared, scaled if batched
+
+    args = fx.node.map_arg(first.args, joined)
+    kwargs = fx.node.map_arg(first.kwargs, joined)
+    try:
+        with torch.no_grad():
+            if first.op == "call_module":
+                got = module.get_submodule(str(first.target))(*args, **kwargs)
+            elif first.op == "call_method":
+                got = getattr(args[0], str(first.target))(*args[1:], **kwargs)
+            else:
+                got = first.target(*args, **kwargs)
+    except Exception:
+        return False
+    want = _joined([values[0][c] for c in clones.values()], (values[0][first], values[1][first]))
+    return _same(got, want)
+
+
+def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
+          candidates: dict[str, _Group], order: dict[fx.Node, int]) -> list[list[_Group]]:
+    """Connected, convex sets of candidate groups with the same tasks, in graph order."""
+    region_of: dict[str, int] = {}  # origin -> region id
+    members: list[list[_Group]] = []
+    deps: dict[fx.Node, frozenset[int]] = {}  # regions a node depends on (transitively)
+    origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
+    for node in graph.nodes:
+        ups: set[int] = set()
+        for arg in node.all_input_nodes:
+            ups |= deps.get(arg, frozenset())
+            if origin_of.get(arg) in region_of:
+                ups.add(region_of[origin_of[arg]])
+        deps[node] = frozenset(ups)
+        origin = origin_of.get(node)
+        if origin is None or origin not in candidates or origin in region_of:
+            continue
+        group = candidates[origin]
+        tasks = tuple(group.task_nodes)
+        inside = {region_of[o] for k, o in group.inputs if k == "stream" and o in region_of}
+        inputs = [n for clone in group.task_nodes.values() for n in clone.all_input_nodes]
+        chosen = None
+        for rid in sorted(inside, reverse=True):
+            # Joining keeps the region convex: no input from outside it depends on it.
+            outside = [n for n in inputs if region_of.get(origin_of.get(n)) != rid]
+            if tuple(members[rid][0].task_nodes) == tasks and all(
+                    rid not in deps[n] for n in outside):
+                chosen = rid
+                break
+        if chosen is None:
+            chosen = len(members)
+            members.append([])
+        members[chosen].append(group)
+        region_of[origin] = chosen
+    return [m for m in members if m]
+
+
+def _finish(module: nn.Module, graph: fx.Graph, region_groups: list[_Group],
+            groups: dict[str, dict[str, fx.Node]], kind: dict[fx.Node, str],
+            values: list[dict[fx.Node, Any]]) -> Region | None:
+    """The region's inputs and outputs, or None when it is not worth or not able to batch."""
+    tasks = tuple(region_groups[0].task_nodes)
+    origins = {g.origin for g in region_groups}
+    nodes = {t: [g.task_nodes[t] for g in region_groups] for t in tasks}
+    member = {n for ns in nodes.values() for n in ns}
+    modules = [str(g.task_nodes[tasks[0]].target) for g in region_groups
+               if g.task_nodes[tasks[0]].op == "call_module"]
+    if not any(any(True for _ in module.get_submodule(m).parameters()) for m in modules):
+        return None  # nothing but glue: the concatenation would cost what it saves
+    stream_inputs: dict[str, dict[str, fx.Node]] = {}
+    repeated: dict[fx.Node, None] = {}
+    shared: dict[fx.Node, None] = {}
+    for g in region_groups:
+        for k, v in g.inputs:
+            if k == "stream" and v not in origins:
+                stream_inputs.setdefault(v, {t: groups[v][t] for t in tasks})
+            elif k == "shared" and v.op != "get_attr":  # parameters: read in the body
+                (repeated if kind[v] in ("batched", "int") else shared)[v] = None
+    for clones in stream_inputs.values():
+        if any(kind[n] != "batched" for n in clones.values()):
+            return None
+    outputs = []
+    for g in region_groups:
+        if any(u not in member for n in g.task_nodes.values() for u in n.users):
+            if any(kind[n] != "batched" for n in g.task_nodes.values()):
+                return None  # a size or a container leaves the region: keep it per stream
+            outputs.append(dict(g.task_nodes))
+    if not stream_inputs or not outputs:
+        return None
+    first_input = next(iter(stream_inputs.values()))[tasks[0]]
+    rows = max(values[0][first_input].shape[0], 1)
+    biggest = max((v.numel() * v.element_size() for n in nodes[tasks[0]]
+                   for v in [values[0].get(n)] if isinstance(v, torch.Tensor)), default=0)
+    types = {n: type(values[0][n]).__name__ for n in [*repeated, *shared]
+             if not isinstance(values[0][n], torch.Tensor)}
+    return Region(_region_name(modules), tasks, nodes, modules, list(stream_inputs.values()),
+                  list(repeated), list(shared), outputs, -(-biggest // rows), types)
+
+
+def _region_name(modules: list[str]) -> str:
+    """``encoder_layer_4`` or ``encoder_layer_4_to_5``: the modules' common path and, when they
+    span several of its children, the first and last child."""
+    parts = [m.split(".") for m in modules]
+    common: list[str] = []
+    for column in zip(*parts, strict=False):
+        if len(set(column)) != 1:
+            break
+        common.append(column[0])
+    if len(common) == min(len(p) for p in parts):
+        common = common[:-1] if len(modules) > 1 else common
+    depth = len(common)
+    first, last = parts[0][depth] if depth < len(parts[0]) else "", parts[-1][depth] if (
+        depth < len(parts[-1])) else ""
+    name = "_".join(common + ([first] if first else []))
+    if last and last != first:
+        name += f"_to_{last}"
+    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "streams"
+
+
+def body_graph(region: Region) -> fx.Graph:
+    """One stream's ops of ``region`` (the first task's), over placeholders for its inputs."""
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    task = region.tasks[0]
+    taken: set[str] = set()
+
+    def placeholder(node: fx.Node) -> fx.Node:
+        base = _base(node)
+        name, n = base, 1
+        while name in taken:
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        p = body.placeholder(name)
+        p.meta["reconfx"] = {"name": name, "type": region.types.get(node, "torch.Tensor")}
+        return p
+
+    for clones in region.stream_inputs:
+        env[clones[task]] = placeholder(clones[task])
+    for node in region.repeated + region.shared:
+        env[node] = placeholder(node)
+    for node in region.nodes[task]:
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg not in env:
+                env[arg] = body.get_attr(str(arg.target))
+        copy = body.node_copy(node, lambda n: env[n])
+        meta = {k: v for k, v in node.meta.get("reconfx", {}).items()
+                if k not in ("task", "branch_point")}
+        copy.meta["reconfx"] = meta
+        env[node] = copy
+    body.output(tuple(env[out[task]] for out in region.outputs))
+    body.lint()
+    return body
+
+
+def _base(node: fx.Node) -> str:
+    meta = node.meta.get("reconfx", {})
+    base = meta.get("name", node.name)
+    task = meta.get("task")
+    return base.removesuffix(f"_{task}") if task else base
+
+
+def _validated(module: nn.Module, region: Region, values: list[dict[fx.Node, Any]]) -> bool:
+    """The region batched gives each stream's recorded outputs (both batch sizes)."""
+    body = body_graph(region)
+    code = body.python_code(root_module="self")
+    fn = fx.graph_module._forward_from_src(code.src, code.globals)
+    for recorded in values:
+        streams = [tuple(recorded[c[t]] for c in region.stream_inputs) for t in region.tasks]
+        rep = tuple(recorded[n] for n in region.repeated)
+        sh = tuple(recorded[n] for n in region.shared)
+        try:
+            with torch.no_grad():
+                got = run_streams(lambda *a: fn(module, *a), streams, rep, sh, None)
+        except Exception:
+            return False
+        want = [recorded[out[t]] for out in region.outputs for t in region.tasks]
+        for a, b in zip(want, got, strict=True):
+            if a.shape != b.shape or a.dtype != b.dtype or not torch.allclose(
+                    a, b, rtol=RTOL, atol=ATOL, equal_nan=True):
+                return False
+    return True
+
+
+# -- rewriting ---------------------------------------------------------------------------------
+def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Graph:
+    """A new graph in which each region is one ``call_module`` of a :class:`StreamRegion`
+    (added to ``objs``) followed by ``getitem`` nodes for the streams' outputs."""
+    unit_of: dict[fx.Node, int] = {}
+    for i, region in enumerate(regions):
+        for ns in region.nodes.values():
+            for n in ns:
+                unit_of[n] = i
+    order = _topo_units(graph, unit_of)
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    methods: set[str] = set()
+    for unit in order:
+        if isinstance(unit, fx.Node):
+            if unit.op == "output":
+                new.output(fx.node.map_arg(unit.args[0], lambda n: env[n]))
+            else:
+                env[unit] = new.node_copy(unit, lambda n: env[n])
+            continue
+        region = regions[unit]
+        method = _unique(f"shared_{region.name}", methods)
+        target = f"{PREFIX}.{method}"
+        objs[target] = StreamRegion(region, body_graph(region), method)
+        args = [env[c[t]] for t in region.tasks for c in region.stream_inputs]
+        args += [env[n] for n in region.repeated + region.shared]
+        call = new.call_module(target, tuple(args))
+        call.meta["reconfx"] = {"name": method, "region": region.name}
+        for i, out in enumerate(region.outputs):
+            for j, task in enumerate(region.tasks):
+                item = new.call_function(operator.getitem, (call, i * len(region.tasks) + j))
+                item.meta["reconfx"] = dict(out[task].meta.get("reconfx", {}))
+                env[out[task]] = item
+    _drop_unused_items(new)
+    new.lint()
+    return new
+
+
+def _unique(name: str, taken: set[str]) -> str:
+    candidate, n = name, 1
+    while candidate in taken:
+        candidate, n = f"{name}_{n}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
+def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
+    """Nodes and regions (collapsed) in a topological order that keeps graph order wherever it
+    can: each unit comes as early as its inputs allow, ties by first appearance."""
+    import heapq
+
+    def unit(n: fx.Node) -> Any:
+        return ("r", unit_of[n]) if n in unit_of else ("n", n)
+
+    index = {n: i for i, n in enumerate(graph.nodes)}
+    first: dict[Any, int] = {}
+    preds: dict[Any, set[Any]] = {}
+    for n in graph.nodes:
+        u = unit(n)
+        first.setdefault(u, index[n])
+        preds.setdefault(u, set())
+        for a in n.all_input_nodes:
+            if unit(a) != u:
+                preds[u].add(unit(a))
+    users: dict[Any, set[Any]] = {u: set() for u in preds}
+    for u, ps in preds.items():
+        for p in ps:
+            users[p].add(u)
+    waiting = {u: len(ps) for u, ps in preds.items()}
+    ready = [(first[u], i, u) for i, u in enumerate(preds) if waiting[u] == 0]
+    heapq.heapify(ready)
+    out = []
+    tie = len(preds)
+    while ready:
+        _f, _i, u = heapq.heappop(ready)
+        out.append(u[1] if u[0] == "n" else u[1])
+        for v in users[u]:
+            waiting[v] -= 1
+            if waiting[v] == 0:
+                tie += 1
+                heapq.heappush(ready, (first[v], tie, v))
+    if len(out) != len(preds):
+        raise RuntimeError("stream batching: regions are not convex")
+    # Placeholders first, output last, as fx requires.
+    out.sort(key=lambda u: 0 if isinstance(u, fx.Node) and u.op == "placeholder" else (
+        2 if isinstance(u, fx.Node) and u.op == "output" else 1))
+    return out
+
+
+def _drop_unused_items(graph: fx.Graph) -> None:
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and node.target is operator.getitem and not node.users and (
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module"
+                and str(node.args[0].target).startswith(PREFIX + ".")):
+            graph.erase_node(node)
+
+
+def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
+                  batch_inputs: Sequence[str]) -> DualGraphModule:
+    """``module`` with its eval graph's exact regions batched (a new module over the same
+    submodules), or ``module`` itself when no region qualifies. ``batch_inputs`` are the inputs
+    whose axis 0 is the batch; the example is also run one item larger to see what depends on
+    the batch."""
+    if not batch_inputs:
+        return module
+    grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
+    was_training = module.training
+    module.eval()
+    try:
+        regions = plan(module, module.eval_graph, [example, grown], training=False)
+    finally:
+        module.train(was_training)
+    if not regions:
+        return module
+    objs = {str(n.target): resolve(module, str(n.target)) for _mode, g in module.graphs()
+            for n in g.nodes if n.op in ("call_module", "get_attr")}
+    eval_graph = apply(module.eval_graph, regions, objs)
+    batched = DualGraphModule(objs, module.train_graph, eval_graph, type(module).__name__)
+    return batched.train(was_training)
+
+
+def one_call_per_region(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within it, every region of ``module`` runs all streams in one call (no row cap): what a
+    static exported graph (ONNX) holds."""
+    return _rows(module, None)
+
+
+def one_stream_per_call(module: nn.Module) -> contextlib.AbstractContextManager[None]:
+    """Within it, every region of ``module`` runs each stream on its own, so that exporting a
+    subset of the tasks drops the other streams' ops."""
+    return _rows(module, 0)
+
+
+@contextlib.contextmanager
+def _rows(module: nn.Module, value: int | None) -> Iterator[None]:
+    rows = getattr(module, "stream_rows", None)
+    saved_rows = dict(rows) if isinstance(rows, dict) else None
+    regions = regions_of(module)
+    saved = [r.max_rows for r in regions]
+    try:
+        if saved_rows is not None:
+            rows.update(dict.fromkeys(rows, value))
+        for r in regions:
+            r.max_rows = value
+        yield
+    finally:
+        if saved_rows is not None:
+            rows.update(saved_rows)
+        for r, v in zip(regions, saved, strict=True):
+            r.max_rows = v

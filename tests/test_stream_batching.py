@@ -1,0 +1,160 @@
+"""Stream batching (DESIGN.md §8): task streams run through shared layers as one batch where that
+is exact, with I1-I6 kept (I1 within atol 1e-5), and off on request."""
+
+import torch
+from torch import nn
+
+import reconfx
+from reconfx.batching import (
+    BUDGET_BYTES,
+    PREFIX,
+    exact_module,
+    one_call_per_region,
+    regions_of,
+    run_streams,
+)
+from reconfx.build import example_inputs, task_outputs
+from reconfx.emit.onnx import onnx_session
+from tests.support import compile_and_verify, write_spec
+
+
+def test_run_streams_caps_the_rows_of_one_call():
+    streams = [(torch.randn(8, 3),) for _ in range(4)]
+    bias = torch.randn(8, 3)  # shared, with a batch axis: repeated per stream in a call
+    calls = []
+
+    def body(x, b, size, scale):
+        calls.append((x.shape[0], size))
+        return x * scale + b, x.sum(1)
+
+    want = [body(s[0], bias, 8, 2.0) for s in streams]
+    for max_rows, shapes in [(None, [(32, 32)]), (16, [(16, 16)] * 2), (31, [(24, 24), (8, 8)]),
+                             (4, [(8, 8)] * 4)]:
+        calls.clear()
+        got = run_streams(body, streams, (bias, 8), (2.0,), max_rows)
+        assert calls == shapes, max_rows
+        # Output by output, stream by stream.
+        assert len(got) == 2 * len(streams)
+        for i, (first, second) in enumerate(want):
+            assert torch.equal(got[i], first)
+            assert torch.equal(got[len(streams) + i], second)
+
+
+def test_exactness_rule_per_module_kind_and_mode():
+    for module in (nn.Linear(4, 4), nn.Conv2d(2, 2, 3), nn.LayerNorm(4), nn.GELU(),
+                   nn.Embedding(5, 4), nn.AdaptiveAvgPool2d(1)):
+        assert exact_module(module, training=False) and exact_module(module, training=True)
+    assert exact_module(nn.BatchNorm2d(4), training=False)
+    assert not exact_module(nn.BatchNorm2d(4), training=True)  # batch statistics
+    assert not exact_module(nn.BatchNorm2d(4, track_running_stats=False), training=False)
+    assert exact_module(nn.Dropout(0.1), training=False)
+    assert not exact_module(nn.Dropout(0.1), training=True)  # its random draws
+    assert exact_module(nn.MultiheadAttention(4, 2, batch_first=True), training=False)
+    assert not exact_module(nn.MultiheadAttention(4, 2), training=False)  # batch in axis 1
+
+    class Custom(nn.Linear):  # unknown forward: never batched
+        pass
+
+    assert not exact_module(Custom(4, 4), training=False)
+
+
+def encoder_spec(tmp_path, batching, onnx=True):
+    return write_spec(
+        tmp_path, f"enc_{batching}",
+        model={"factory": "reconfx.zoo:EncoderClassifier", "kwargs": {"layers": 3}},
+        inputs=[{"name": "tokens", "shape": [4, 16], "dtype": "int64", "high": 30}],
+        tasks=[{"name": "tok", "output": "0"}, {"name": "seq", "output": "1"}],
+        select={"layers": ["encoder.layers.0.linear1"]},
+        branch={"stream_batching": batching},
+        export={"formats": ["python", "onnx"] if onnx else ["python"]})
+
+
+def test_transformer_streams_run_as_one_batch_and_keep_the_invariants(tmp_path):
+    out = tmp_path / "on"
+    compiled = compile_and_verify(encoder_spec(tmp_path, "eval"), out)  # I1-I4, I6, ruff
+    module = compiled.branched.module
+    (region,) = regions_of(module)
+    assert region.tasks == ("tok", "seq")
+    # Everything after the branched linear1 of layer 0 up to the heads, attention included.
+    assert {"encoder.layers.1.linear1", "encoder.layers.2.norm2"} <= set(region.modules_called)
+    # Cost rule: the largest value per row is the attention's input projection, 16 tokens x
+    # 3 x 32 features x 4 bytes; one call may hold BUDGET_BYTES of it.
+    assert region.bytes_per_row == 16 * 3 * 32 * 4
+    assert region.max_rows == BUDGET_BYTES // region.bytes_per_row
+    # Only the eval graph is batched; training runs the streams one by one.
+    assert not any(n.op == "call_module" and str(n.target).startswith(PREFIX)
+                   for n in module.train_graph.nodes)
+    assert compiled.checks[0].detail.startswith("atol 1e-05, eval and train mode")
+    source = (out / "model.py").read_text()
+    assert "def run_streams(" in source and f"def {region.method}(" in source
+    assert f'self.stream_rows = {{"{region.method}": {region.max_rows}}}' in source
+    report = (out / "report.md").read_text()
+    assert "exported by the dynamo exporter" in report  # I5 (dynamic batch) with batching on
+
+    # Every grouping of the streams gives the original model's outputs (within atol 1e-5).
+    original = compiled.prepared.model.eval()
+    loaded = reconfx.load(out).eval()
+    for batch, rows in [(1, None), (7, 14), (7, 7), (7, 1)]:
+        example = example_inputs(compiled.prepared.loaded.spec.inputs, seed=5, batch=batch)
+        want = task_outputs(original(**example), compiled.prepared.task_paths)
+        loaded.stream_rows[region.method] = rows
+        got = loaded(**example)
+        for task in want:
+            torch.testing.assert_close(got[task], want[task], rtol=0, atol=1e-5)
+
+    # The ONNX file batches all streams in one call; onnxruntime agrees at another batch size.
+    example = example_inputs(compiled.prepared.loaded.spec.inputs, seed=6, batch=9)
+    ort = onnx_session(out / "model.onnx")(**{k: v.numpy() for k, v in example.items()})
+    with one_call_per_region(loaded):
+        eager = loaded(**example)
+    for task, value in eager.items():
+        torch.testing.assert_close(torch.from_numpy(ort[task]), value.detach(), rtol=1e-3,
+                                   atol=1e-4)
+
+
+def test_batching_off_is_bit_exact_and_unbatched(tmp_path):
+    out = tmp_path / "off"
+    compiled = compile_and_verify(encoder_spec(tmp_path, "off", onnx=False), out)
+    assert regions_of(compiled.branched.module) == []
+    assert compiled.checks[0].detail.startswith("bit-exact")
+    assert "run_streams" not in (out / "model.py").read_text()
+
+
+def test_batch_mixing_glue_stays_per_stream(tmp_path):
+    spec = write_spec(tmp_path, "mixing",
+                      model={"factory": "tests.models:BatchMixing", "kwargs": {}},
+                      inputs=[{"name": "x", "shape": [6, 16]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc1"]})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    regions = regions_of(compiled.branched.module)
+    batched = {m for r in regions for m in r.modules_called}
+    # fc2 and norm run batched; the softmax over the batch axis (and what consumes it) not.
+    assert {"fc2", "norm"} <= batched
+    body_ops = {str(n.target) for r in regions for n in r.body.nodes if n.op != "placeholder"}
+    assert not any("softmax" in op for op in body_ops)
+    eval_ops = [n for n in compiled.branched.module.eval_graph.nodes
+                if "softmax" in str(n.target)]
+    assert len(eval_ops) == 2  # one per stream
+
+
+def test_three_streams_with_a_shared_attention_mask(tmp_path):
+    """A BERT (export tier) whose attention mask is computed before the branch point: the mask
+    is repeated once per stream in a batched call."""
+    heads = [{"name": f"t{i}", "head": {"out_features": 2, "pool": "cls"}} for i in range(3)]
+    spec = write_spec(
+        tmp_path, "bert3",
+        backbone={"factory": "reconfx.zoo:hf_model",
+                  "kwargs": {"arch": "BertModel",
+                             "config": {"vocab_size": 100, "hidden_size": 32,
+                                        "num_hidden_layers": 3, "num_attention_heads": 4,
+                                        "intermediate_size": 64}},
+                  "feature": "last_hidden_state"},
+        inputs=[{"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": 100},
+                {"name": "attention_mask", "shape": [2, 8], "dtype": "int64", "low": 0,
+                 "high": 2}],
+        tasks=heads, select={"layers": ["*layer.0.attention.self.query"]})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    (region, *_rest) = regions_of(compiled.branched.module)
+    assert len(region.tasks) == 3
+    assert any("layer.2.output.dense" in m for r in regions_of(compiled.branched.module)
+               for m in r.modules_called)
