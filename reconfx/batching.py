@@ -26,6 +26,7 @@ size is only known then), concatenating as many streams per call as fit, or none
 from __future__ import annotations
 
 import contextlib
+import heapq
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -189,7 +190,7 @@ def _kind(a: Any, b: Any) -> str:
         if kinds <= {"static"}:
             return "static"
         return "tuple" if kinds <= {"static", "batched", "inner", "int"} else "other"
-    if a is None and b is None or type(a) is type(b) and type(a) in (float, bool, str):
+    if (a is None and b is None) or (type(a) is type(b) and type(a) in (float, bool, str)):
         return "static" if a == b else "other"
     return "other"
 
@@ -313,7 +314,6 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
     origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
     values = [_record(module, graph, ex) for ex in examples]
     kind = {n: _kind(values[0].get(n), values[1].get(n)) for n in graph.nodes}
-    order = {n: i for i, n in enumerate(graph.nodes)}
 
     candidates: dict[str, _Group] = {}
     for origin, clones in groups.items():
@@ -340,7 +340,7 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
             continue
         candidates[origin] = _Group(origin, dict(clones), inputs)
 
-    regions = _grow(graph, groups, candidates, order)
+    regions = _grow(graph, groups, candidates)
     planned = []
     for region_groups in regions:
         region = _finish(module, graph, region_groups, groups, kind, values)
@@ -413,7 +413,7 @@ def _op_exact(module: nn.Module, clones: dict[str, fx.Node], origin_of: dict[fx.
 
 
 def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
-          candidates: dict[str, _Group], order: dict[fx.Node, int]) -> list[list[_Group]]:
+          candidates: dict[str, _Group]) -> list[list[_Group]]:
     """Connected, convex sets of candidate groups with the same tasks, in graph order."""
     region_of: dict[str, int] = {}  # origin -> region id
     members: list[list[_Group]] = []
@@ -624,8 +624,6 @@ def _unique(name: str, taken: set[str]) -> str:
 def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
     """Nodes and regions (collapsed) in a topological order that keeps graph order wherever it
     can: each unit comes as early as its inputs allow, ties by first appearance."""
-    import heapq
-
     def unit(n: fx.Node) -> Any:
         return ("r", unit_of[n]) if n in unit_of else ("n", n)
 
@@ -650,7 +648,7 @@ def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
     tie = len(preds)
     while ready:
         _f, _i, u = heapq.heappop(ready)
-        out.append(u[1] if u[0] == "n" else u[1])
+        out.append(u[1])  # the node, or the region's index
         for v in users[u]:
             waiting[v] -= 1
             if waiting[v] == 0:
