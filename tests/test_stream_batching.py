@@ -15,6 +15,7 @@ from reconfx.batching import (
 )
 from reconfx.build import example_inputs, task_outputs
 from reconfx.emit.onnx import onnx_session
+from reconfx.pipeline import compile_spec
 from tests.support import compile_and_verify, write_spec
 
 
@@ -158,3 +159,22 @@ def test_three_streams_with_a_shared_attention_mask(tmp_path):
     assert len(region.tasks) == 3
     assert any("layer.2.output.dense" in m for r in regions_of(compiled.branched.module)
                for m in r.modules_called)
+
+
+def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
+    """Should a batched region not reproduce the model on the check's inputs, the compile keeps
+    the unbatched model (bit-exact) and says so, rather than failing or shipping it."""
+    import reconfx.batching as batching
+
+    real = batching.StreamRegion.run  # what the compiled module runs (the planner has its own)
+
+    def skewed(self, *args):
+        return tuple(out + 1e-3 for out in real(self, *args))
+
+    monkeypatch.setattr(batching.StreamRegion, "run", skewed)
+    compiled = compile_spec(encoder_spec(tmp_path, "eval", onnx=False), tmp_path / "out")
+    assert regions_of(compiled.branched.module) == []
+    assert compiled.checks[0].detail.startswith("bit-exact")
+    (warning,) = compiled.warnings
+    assert warning.startswith("stream batching turned off: with it, I1 init parity failed")
+    assert "run_streams" not in (tmp_path / "out" / "model.py").read_text()
