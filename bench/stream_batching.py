@@ -26,12 +26,16 @@ Run: ``.venv/bin/python bench/stream_batching.py``.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from handwritten import forward, side_by_side  # noqa: E402
 
 from reconfx.batching import batch_streams, regions_of
 from reconfx.heads import HeadSpec, attach_heads
@@ -94,25 +98,6 @@ def pair(build: Callable, tasks: list[str]) -> tuple[nn.Module, nn.Module, Calla
     batched = batch_streams(unbatched, example, list(dynamic))
     assert regions_of(batched), "no region to batch"
     return unbatched.eval(), batched.eval(), make
-
-
-def forward(model: nn.Module, inputs: dict) -> Callable[[], None]:
-    def run() -> None:
-        with torch.no_grad():
-            model(**inputs)
-    return run
-
-
-def side_by_side(a: Callable[[], None], b: Callable[[], None], repeats: int
-                 ) -> tuple[float, float]:
-    a(), b()  # warm-up
-    ta, tb = [], []
-    for _ in range(repeats):
-        for fn, samples in ((a, ta), (b, tb)):
-            start = time.perf_counter()
-            fn()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
 
 
 def gradient_step(tasks: int, batch: int, joined: bool) -> Callable[[], None]:
