@@ -343,7 +343,7 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
     regions = _grow(graph, groups, candidates)
     planned = []
     for region_groups in regions:
-        region = _finish(module, graph, region_groups, groups, kind, values)
+        region = _finish(module, region_groups, groups, kind, values)
         if region is not None and _validated(module, region, values):
             planned.append(region)
     return planned
@@ -449,7 +449,7 @@ def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
     return [m for m in members if m]
 
 
-def _finish(module: nn.Module, graph: fx.Graph, region_groups: list[_Group],
+def _finish(module: nn.Module, region_groups: list[_Group],
             groups: dict[str, dict[str, fx.Node]], kind: dict[fx.Node, str],
             values: list[dict[fx.Node, Any]]) -> Region | None:
     """The region's inputs and outputs, or None when it is not worth or not able to batch."""
