@@ -12,11 +12,12 @@ Exactness rule (per op, for the mode the graph runs in):
   statistics and batch-first MultiheadAttention; any other class (a user's leaf) is never batched;
 - glue ops: per-sample functions and tensor methods (arithmetic, views, transposes, matmul,
   softmax, attention, ...), never in-place ops;
-- shapes: run at two batch sizes, every batched value must change in axis 0 only, and a shared
-  input of the region either carries the batch in axis 0 (repeated once per stream) or does not
-  depend on the batch at all;
-- values: each region is run on the example inputs batched and per stream; regions whose results
-  differ (beyond float rounding: rtol 1e-4, atol 1e-5) are not batched.
+- shapes: run at two batch sizes, a region's inputs and outputs must carry the batch in axis 0
+  (inside, one other axis may carry it: attention's (sequence, batch, ...) layout), and a shared
+  input either carries it in axis 0 (repeated once per stream), is a size proportional to it
+  (``batch * heads``, multiplied by the streams in a call) or does not depend on it;
+- values: each op, then each region, is run on the streams' example values joined and must give
+  their outputs joined (beyond float rounding: rtol 1e-4, atol 1e-5), else it is not batched.
 
 Cost rule (deterministic): a batched call of a region may hold at most ``BUDGET_BYTES`` in its
 largest intermediate value; :func:`run_streams` turns that into a row cap at run time (the batch
@@ -36,13 +37,12 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from reconfx.graph import REGIONS, DualGraphModule, resolve
+from reconfx.graph import REGIONS, DualGraphModule, region_call, targets
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
 # CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
 # bigger working set costs more than the calls it saves (0.6x at 6 MiB for a transformer layer).
 BUDGET_BYTES = 2 * 1024 * 1024
-PREFIX = REGIONS
 RTOL, ATOL = 1e-4, 1e-5
 
 _ANY_MODE = (
@@ -84,6 +84,7 @@ class Region:
     outputs: list[dict[str, fx.Node]] = field(default_factory=list)  # per output: task -> node
     bytes_per_row: int = 0
     types: dict[fx.Node, str] = field(default_factory=dict)  # inputs that are not tensors
+    body: fx.Graph | None = None  # one stream's ops (body_graph), set once the region is found
 
     @property
     def max_rows(self) -> int:
@@ -118,16 +119,16 @@ class StreamRegion(nn.Module):
     """A region's ``call_module``: its body (one stream's ops, on the graph's own modules) run by
     :func:`run_streams`. It owns no parameters; ``bind`` points it at the module it belongs to."""
 
-    def __init__(self, region: Region, body: fx.Graph, method: str):
+    def __init__(self, region: Region, method: str):
         super().__init__()
-        self.name, self.method, self.body = region.name, method, body
+        assert region.body is not None
+        self.name, self.method, self.body = region.name, method, region.body
         self.tasks = region.tasks
         self.modules_called = list(region.modules)
         self.counts = (len(region.stream_inputs), len(region.repeated), len(region.shared))
         self.bytes_per_row = region.bytes_per_row
         self.max_rows: int | None = region.max_rows
-        code = body.python_code(root_module="self")
-        self._fn = fx.graph_module._forward_from_src(code.src, code.globals)
+        self._fn = _compiled(region.body)
         object.__setattr__(self, "_root", None)
 
     def bind(self, root: nn.Module) -> None:
@@ -143,6 +144,12 @@ class StreamRegion(nn.Module):
         rest = args[n_streams * n_in:]
         return run_streams(self.run, streams, tuple(rest[:n_rep]), tuple(rest[n_rep:]),
                            self.max_rows)
+
+
+def _compiled(body: fx.Graph) -> Callable[..., tuple]:
+    """The body as a function of (root module, *inputs), as fx compiles a forward."""
+    code = body.python_code(root_module="self")
+    return fx.graph_module._forward_from_src(code.src, code.globals)
 
 
 def regions_of(module: nn.Module) -> list[StreamRegion]:
@@ -344,7 +351,10 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
     planned = []
     for region_groups in regions:
         region = _finish(module, region_groups, groups, kind, values)
-        if region is not None and _validated(module, region, values):
+        if region is None:
+            continue
+        region.body = body_graph(region)
+        if _validated(module, region, values):
             planned.append(region)
     return planned
 
@@ -555,9 +565,7 @@ def _base(node: fx.Node) -> str:
 
 def _validated(module: nn.Module, region: Region, values: list[dict[fx.Node, Any]]) -> bool:
     """The region batched gives each stream's recorded outputs (both batch sizes)."""
-    body = body_graph(region)
-    code = body.python_code(root_module="self")
-    fn = fx.graph_module._forward_from_src(code.src, code.globals)
+    fn = _compiled(region.body)
     for recorded in values:
         streams = [tuple(recorded[c[t]] for c in region.stream_inputs) for t in region.tasks]
         rep = tuple(recorded[n] for n in region.repeated)
@@ -597,8 +605,8 @@ def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Gr
             continue
         region = regions[unit]
         method = _unique(f"shared_{region.name}", methods)
-        target = f"{PREFIX}.{method}"
-        objs[target] = StreamRegion(region, body_graph(region), method)
+        target = f"{REGIONS}.{method}"
+        objs[target] = StreamRegion(region, method)
         args = [env[c[t]] for t in region.tasks for c in region.stream_inputs]
         args += [env[n] for n in region.repeated + region.shared]
         call = new.call_module(target, tuple(args))
@@ -665,8 +673,7 @@ def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
 def _drop_unused_items(graph: fx.Graph) -> None:
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and node.target is operator.getitem and not node.users and (
-                isinstance(node.args[0], fx.Node) and node.args[0].op == "call_module"
-                and str(node.args[0].target).startswith(PREFIX + ".")):
+                isinstance(node.args[0], fx.Node) and region_call(node.args[0])):
             graph.erase_node(node)
 
 
@@ -687,8 +694,7 @@ def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
         module.train(was_training)
     if not regions:
         return module
-    objs = {str(n.target): resolve(module, str(n.target)) for _mode, g in module.graphs()
-            for n in g.nodes if n.op in ("call_module", "get_attr")}
+    objs = targets(module)
     eval_graph = apply(module.eval_graph, regions, objs)
     batched = DualGraphModule(objs, module.train_graph, eval_graph, type(module).__name__)
     return batched.train(was_training)

@@ -72,10 +72,21 @@ def _install(root: nn.Module | dict[str, Any], gm: fx.GraphModule, target: str) 
 REGIONS = "stream_regions"  # where stream batching (reconfx.batching) puts its region modules
 
 
+def region_call(node: fx.Node) -> bool:
+    """A call of a stream-batching region (reconfx.batching)."""
+    return node.op == "call_module" and str(node.target).startswith(REGIONS + ".")
+
+
 def batched_streams(graph: fx.Graph) -> bool:
     """The graph runs some task streams through shared layers together (reconfx.batching)."""
-    return any(n.op == "call_module" and str(n.target).startswith(REGIONS + ".")
-               for n in graph.nodes)
+    return any(region_call(n) for n in graph.nodes)
+
+
+def targets(module: fx.GraphModule) -> dict[str, Any]:
+    """Every submodule, parameter or buffer a graph of ``module`` calls or reads, by target."""
+    graphs = module.graphs() if isinstance(module, DualGraphModule) else [("", module.graph)]
+    return {str(n.target): resolve(module, str(n.target)) for _mode, graph in graphs
+            for n in graph.nodes if n.op in ("call_module", "get_attr")}
 
 
 def resolve(module: nn.Module, target: str) -> Any:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, task_outputs
+from reconfx.graph import DualGraphModule, node_tasks, prune, targets, task_outputs
 from reconfx.layers import Layer
 
 
@@ -46,15 +46,6 @@ def has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
 
 
-def _targets(module: DualGraphModule) -> dict[str, Any]:
-    objs = {}
-    for _mode, graph in module.graphs():
-        for node in graph.nodes:
-            if node.op in ("call_module", "get_attr"):
-                objs[str(node.target)] = resolve(module, str(node.target))
-    return objs
-
-
 def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:
     variant: set[fx.Node] = set()
     for node in graph.nodes:
@@ -69,7 +60,7 @@ def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
            norm_stats: str = "per_task") -> Branched:
     """Branch ``layers`` (from :func:`reconfx.layers.inventory`) into per-task copies."""
     # One deepcopy over everything the graphs reference keeps ties between modules and params.
-    objs = copy.deepcopy(_targets(traced))
+    objs = copy.deepcopy(targets(traced))
     branched_modules = {m for layer in layers for m in layer.modules}
     branched_params = {p for layer in layers for p in layer.params}
     for layer in layers:

@@ -7,7 +7,6 @@ from torch import nn
 import reconfx
 from reconfx.batching import (
     BUDGET_BYTES,
-    PREFIX,
     exact_module,
     one_call_per_region,
     regions_of,
@@ -15,6 +14,7 @@ from reconfx.batching import (
 )
 from reconfx.build import example_inputs, task_outputs
 from reconfx.emit.onnx import onnx_session
+from reconfx.graph import region_call
 from reconfx.pipeline import compile_spec
 from tests.support import compile_and_verify, write_spec
 
@@ -83,8 +83,7 @@ def test_transformer_streams_run_as_one_batch_and_keep_the_invariants(tmp_path):
     assert region.bytes_per_row == 16 * 3 * 32 * 4
     assert region.max_rows == BUDGET_BYTES // region.bytes_per_row
     # Only the eval graph is batched; training runs the streams one by one.
-    assert not any(n.op == "call_module" and str(n.target).startswith(PREFIX)
-                   for n in module.train_graph.nodes)
+    assert not any(region_call(n) for n in module.train_graph.nodes)
     assert compiled.checks[0].detail.startswith("atol 1e-05, eval and train mode")
     source = (out / "model.py").read_text()
     assert "def run_streams(" in source and f"def {region.method}(" in source

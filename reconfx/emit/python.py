@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.batching import PREFIX, StreamRegion, run_streams
+from reconfx.batching import StreamRegion, run_streams
 from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
 from reconfx.emit.render import (
@@ -36,7 +36,7 @@ from reconfx.emit.render import (
     statement,
 )
 from reconfx.errors import CheckError
-from reconfx.graph import DualGraphModule, resolve
+from reconfx.graph import DualGraphModule, region_call, resolve
 
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
@@ -124,7 +124,7 @@ class PythonEmitter:
     def _collect(self) -> None:
         for graph in self._graphs():
             for node in graph.nodes:
-                if node.op in ("call_module", "get_attr") and not _region_call(node):
+                if node.op in ("call_module", "get_attr") and not region_call(node):
                     target = str(node.target)
                     node_tree = self.tree
                     for part in target.split("."):
@@ -275,7 +275,7 @@ class PythonEmitter:
                 outs = [f'"{t}": {render_value(n, name_of)}' for t, n in node.args[0].items()]
                 lines.append(statement(self._indent(2), "", "return {", outs, "}"))
                 continue
-            if _region_call(node):
+            if region_call(node):
                 lines += self._region_call_lines(node, names, taken, name_of)
                 continue
             names[node] = _fresh(_base_name(node), taken)
@@ -435,14 +435,10 @@ class PythonEmitter:
         ]
 
 
-def _region_call(node: fx.Node) -> bool:
-    return node.op == "call_module" and str(node.target).startswith(PREFIX + ".")
-
-
 def _region_item(node: fx.Node) -> bool:
     """A ``getitem`` of a region's results (written as part of the region's call)."""
     return (node.op == "call_function" and node.target is operator.getitem
-            and isinstance(node.args[0], fx.Node) and _region_call(node.args[0]))
+            and isinstance(node.args[0], fx.Node) and region_call(node.args[0]))
 
 
 def _span(modules: list[str]) -> str:
