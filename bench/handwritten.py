@@ -149,16 +149,17 @@ def train_step(model: nn.Module, inputs: dict, targets: dict) -> Callable[[], No
     return run
 
 
-def side_by_side(a: Callable[[], None], b: Callable[[], None], repeats: int
-                 ) -> tuple[float, float]:
-    a(), b()  # warm-up
-    ta, tb = [], []
+def side_by_side(*fns: Callable[[], None], repeats: int) -> tuple[float, ...]:
+    """Median seconds of each function, called alternately ``repeats`` times after a warm-up."""
+    for fn in fns:
+        fn()  # warm-up
+    samples: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, samples in ((a, ta), (b, tb)):
+        for fn, times in zip(fns, samples, strict=True):
             start = time.perf_counter()
             fn()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(ta), statistics.median(tb)
+            times.append(time.perf_counter() - start)
+    return tuple(statistics.median(t) for t in samples)
 
 
 def main() -> None:
@@ -190,17 +191,18 @@ def main() -> None:
                 targets = {task: torch.randint(0, 10, (batch,)) for task in tasks}
                 compiled.eval(), hand.eval()
                 fc, fh = side_by_side(forward(compiled, inputs), forward(hand, inputs),
-                                      args.repeats)
+                                      repeats=args.repeats)
                 compiled.train(), hand.train()
                 sc, sh = side_by_side(train_step(compiled, inputs, targets),
-                                      train_step(hand, inputs, targets), args.repeats)
+                                      train_step(hand, inputs, targets),
+                                      repeats=args.repeats)
                 row = (f"| {name} | {t} | {batch} | {1e3 * fc:.2f} / {1e3 * fh:.2f} | "
                        f"{fc / fh:.3f} | {1e3 * sc:.1f} / {1e3 * sh:.1f} | {sc / sh:.3f} |")
                 if args.torch_compile:
                     compiled.eval()
                     fast = torch.compile(compiled)
                     fz, fe = side_by_side(forward(fast, inputs), forward(compiled, inputs),
-                                          args.repeats)
+                                          repeats=args.repeats)
                     row += f" {1e3 * fz:.2f} | {fe / fz:.2f}x |"
                 print(row, flush=True)
 

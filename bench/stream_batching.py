@@ -14,6 +14,15 @@ called alternately, median of ``--repeats`` after one warm-up. Speed-up = unbatc
   ``layer2.0.conv1`` with per-task BatchNorm statistics (the default): the shared convolutions
   after it are the regions.
 
+With ``--tuned`` a third copy is compiled with ``stream_batching: tuned`` (each region's streams
+per call measured at ``--batches``, :mod:`reconfx.tuning`) and timed beside the other two.
+
+With ``--upper-bound`` the issue's own measurement is repeated beside compiled models: the
+reference stack (4 ``nn.TransformerEncoder`` layers, d=64) in eager eval mode, T calls against
+one call on the streams concatenated, with PyTorch's fused fast path and with its Python path,
+and the same stack behind a branched linear stem (the ``stack`` model: the whole stack runs once
+per stream), compiled unbatched and batched.
+
 With ``--torch-compile`` a second table gives, at T = 4 and batch 16, ``torch.compile``
 (inductor) of the batched model against its eager forward. With ``--train-step`` a third table
 shows why training is not batched: a per-task gradient step (forward, then one backward pass per
@@ -26,6 +35,7 @@ Run: ``.venv/bin/python bench/stream_batching.py``.
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -37,11 +47,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from handwritten import forward, side_by_side  # noqa: E402
 
-from reconfx.batching import batch_streams, regions_of
+from reconfx.batching import batch_streams, regions_of, streams_per_call
 from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
 from reconfx.trace import trace
+from reconfx.tuning import tune
 from reconfx.zoo import EncoderClassifier, SmallResNet, hf_model
 
 SEQ = 16
@@ -58,6 +69,32 @@ class Tasks(nn.Module):
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.body.encoder(self.body.embed(tokens))
         return {t: head(h.mean(1)) for t, head in self.heads.items()}
+
+
+def encoder_stack() -> nn.TransformerEncoder:
+    """The issue's reference stack: 4 ``nn.TransformerEncoder`` layers, d=64, 4 heads."""
+    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, 4, enable_nested_tensor=False)
+
+
+class StackTasks(nn.Module):
+    """The reference stack behind a linear stem; branching the stem runs the whole stack once
+    per task stream."""
+
+    def __init__(self, tasks: list[str]):
+        super().__init__()
+        self.stem = nn.Linear(64, 64)
+        self.encoder = encoder_stack()
+        self.heads = nn.ModuleDict({t: nn.Linear(64, 3) for t in tasks})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.encoder(self.stem(x))
+        return {t: head(h.mean(1)) for t, head in self.heads.items()}
+
+
+def stack(tasks: list[str]):
+    return (StackTasks(tasks).eval(), lambda b: {"x": torch.randn(b, SEQ, 64)}, "export",
+            {"x": [0]}, ["stem"])
 
 
 def transformer(tasks: list[str]):
@@ -83,7 +120,8 @@ def resnet(tasks: list[str]):
             ["layer2.0.conv1"])
 
 
-MODELS = {"transformer": ("transformer (d64, 4 layers)", transformer),
+MODELS = {"stack": ("stack (stem + 4 encoder layers)", stack),
+          "transformer": ("transformer (d64, 4 layers)", transformer),
           "bert": ("BERT-small", bert_small), "resnet": ("ResNet (MultiDigits, w32)", resnet)}
 
 
@@ -102,21 +140,52 @@ def pair(build: Callable, tasks: list[str]) -> tuple[nn.Module, nn.Module, Calla
 
 def gradient_step(tasks: int, batch: int, joined: bool) -> Callable[[], None]:
     torch.manual_seed(0)
-    layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, batch_first=True)
-    stack = nn.TransformerEncoder(layer, 4, enable_nested_tensor=False).train()
-    params = list(stack.parameters())
+    encoder = encoder_stack().train()
+    params = list(encoder.parameters())
     streams = [torch.randn(batch, SEQ, 64) for _ in range(tasks)]
 
     def run() -> None:
-        outs = stack(torch.cat(streams)).chunk(tasks) if joined else [stack(x) for x in streams]
+        outs = (encoder(torch.cat(streams)).chunk(tasks) if joined
+                else [encoder(x) for x in streams])
         losses = [o.square().mean() for o in outs]
         for i, loss in enumerate(losses):
             torch.autograd.grad(loss, params, retain_graph=i < tasks - 1)
     return run
 
 
-def streams_per_call(model: nn.Module, batch: int, tasks: int) -> str:
-    counts = {min(tasks, max(1, r.max_rows // batch)) for r in regions_of(model)}
+def eager_streams(encoder: nn.Module, streams: list[torch.Tensor], joined: bool, fastpath: bool
+                  ) -> Callable[[], None]:
+    """The issue's upper-bound measurement: the stack in eager eval mode, one call per stream or
+    one call on the streams concatenated, with PyTorch's fused fast path on or off."""
+    def run() -> None:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        with torch.no_grad():
+            _ = encoder(torch.cat(streams)).chunk(len(streams)) if joined else [
+                encoder(x) for x in streams]
+        torch.backends.mha.set_fastpath_enabled(True)
+    return run
+
+
+def upper_bound(tasks: int, batches: list[int], repeats: int) -> None:
+    names = [f"t{i}" for i in range(tasks)]
+    unbatched, batched, make = pair(stack, names)
+    encoder = encoder_stack().eval()
+    print(f"\n| batch | eager stack, fast path: {tasks} calls / 1 joined | eager stack, Python "
+          f"path: {tasks} calls / 1 joined | compiled stack model: unbatched / batched |"
+          "\n|---|---|---|---|")
+    for batch in batches:
+        inputs = make(batch)
+        streams = [torch.randn(batch, SEQ, 64) for _ in names]
+        t = side_by_side(*(eager_streams(encoder, streams, joined, fast)
+                           for fast in (True, False) for joined in (False, True)),
+                         forward(unbatched, inputs), forward(batched, inputs), repeats=repeats)
+        cells = [f"{1e3 * a:.2f} / {1e3 * b:.2f} ({a / b:.2f}x)"
+                 for a, b in zip(t[::2], t[1::2], strict=True)]
+        print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
+
+
+def calls_column(model: nn.Module, batch: int, tasks: int) -> str:
+    counts = {streams_per_call(tasks, batch, r.max_rows) for r in regions_of(model)}
     return "/".join(str(c) for c in sorted(counts))
 
 
@@ -125,36 +194,55 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--models", nargs="+", choices=list(MODELS),
+                        default=["transformer", "bert", "resnet"])
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--train-step", action="store_true")
+    parser.add_argument("--tuned", action="store_true",
+                        help="also a copy with stream_batching: tuned (tuned at --batches)")
+    parser.add_argument("--upper-bound", action="store_true",
+                        help="the eager stack, T calls vs one joined call, beside the compiled "
+                             "stack model (at each --tasks)")
     args = parser.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
           f"{args.repeats}")
-    print("\n| model | T | batch | streams per call | forward ms unbatched / batched | "
-          "speed-up |\n|---|---|---|---|---|---|")
+    tuned_head = (" rule / tuned", " / tuned", " | tuned speed-up", "---|") if args.tuned else (
+        "", "", "", "")
+    print("\n| model | T | batch | streams per call{} | forward ms unbatched / batched{} | "
+          "speed-up{} |\n|---|---|---|---|---|---|{}".format(*tuned_head))
     for key in args.models:
         name, build = MODELS[key]
         for t in args.tasks:
             tasks = [f"t{i}" for i in range(t)]
             unbatched, batched, make = pair(build, tasks)
+            models = [unbatched, batched]
+            if args.tuned:
+                models.append(copy.deepcopy(batched))
+                tune(models[-1], {b: make(b) for b in args.batches}, args.repeats)
             for batch in args.batches:
                 inputs = make(batch)
                 with torch.no_grad():
-                    want, got = unbatched(**inputs), batched(**inputs)
-                for task in tasks:
-                    torch.testing.assert_close(got[task], want[task], rtol=1e-4, atol=1e-4)
-                tu, tb = side_by_side(forward(unbatched, inputs), forward(batched, inputs),
-                                      args.repeats)
-                print(f"| {name} | {t} | {batch} | {streams_per_call(batched, batch, t)} | "
-                      f"{1e3 * tu:.2f} / {1e3 * tb:.2f} | {tu / tb:.2f}x |", flush=True)
+                    want = unbatched(**inputs)
+                    for model in models[1:]:
+                        got = model(**inputs)
+                        for task in tasks:
+                            torch.testing.assert_close(got[task], want[task], rtol=1e-4,
+                                                       atol=1e-4)
+                times = side_by_side(*(forward(m, inputs) for m in models), repeats=args.repeats)
+                calls = " / ".join(calls_column(m, batch, t) for m in models[1:])
+                ms = " / ".join(f"{1e3 * x:.2f}" for x in times)
+                ratios = " | ".join(f"{times[0] / x:.2f}x" for x in times[1:])
+                print(f"| {name} | {t} | {batch} | {calls} | {ms} | {ratios} |", flush=True)
+    if args.upper_bound:
+        for t in args.tasks:
+            upper_bound(t, args.batches, args.repeats)
     if args.train_step:
         print("\n| T | batch | per-task gradient step ms separate / concatenated | ratio |"
               "\n|---|---|---|---|")
         for t in args.tasks:
             for batch in args.batches[:2]:
                 a, b = side_by_side(*(gradient_step(t, batch, joined) for joined in (False, True)),
-                                    args.repeats)
+                                    repeats=args.repeats)
                 print(f"| {t} | {batch} | {1e3 * a:.1f} / {1e3 * b:.1f} | {a / b:.2f}x |",
                       flush=True)
     if args.torch_compile:
@@ -165,7 +253,8 @@ def main() -> None:
             _, batched, make = pair(build, [f"t{i}" for i in range(4)])
             inputs = make(16)
             fast = torch.compile(batched)
-            te, tc = side_by_side(forward(batched, inputs), forward(fast, inputs), args.repeats)
+            te, tc = side_by_side(forward(batched, inputs), forward(fast, inputs),
+                                  repeats=args.repeats)
             print(f"| {name} | 4 | 16 | {1e3 * te:.2f} / {1e3 * tc:.2f} | {te / tc:.2f}x |",
                   flush=True)
 

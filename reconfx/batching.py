@@ -91,6 +91,12 @@ class Region:
         return max(1, BUDGET_BYTES // max(self.bytes_per_row, 1))
 
 
+def streams_per_call(streams: int, rows: int, max_rows: int | None) -> int:
+    """How many of ``streams`` task streams of ``rows`` rows each one call holds when a call
+    may hold at most ``max_rows`` rows (None: all of them); at least one."""
+    return streams if max_rows is None else max(1, min(streams, max_rows // max(rows, 1)))
+
+
 def run_streams(body: Callable[..., tuple], streams: Sequence[tuple], repeated: tuple,
                 shared: tuple, max_rows: int | None) -> tuple:
     """Run ``body`` for each task stream, concatenating streams along the batch axis so that one
@@ -98,8 +104,7 @@ def run_streams(body: Callable[..., tuple], streams: Sequence[tuple], repeated: 
     shared inputs that scale with the batch: tensors with a batch axis (repeated once per stream
     in a call) and sizes such as ``batch * heads`` (multiplied by the streams in a call);
     ``shared`` are the others. Returns every stream's outputs, output by output."""
-    rows = max(streams[0][0].shape[0], 1)
-    per_call = len(streams) if max_rows is None else max(1, min(len(streams), max_rows // rows))
+    per_call = streams_per_call(len(streams), streams[0][0].shape[0], max_rows)
     results: list[tuple] = []
     for start in range(0, len(streams), per_call):
         group = streams[start:start + per_call]

@@ -140,7 +140,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from reconfx.pipeline import compile_spec
 
     _say(args, f"compiling {args.spec} ...")
-    compiled = compile_spec(args.spec, args.out)
+    compiled = compile_spec(args.spec, args.out, progress=not args.quiet)
     branched = compiled.branched
     _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
                f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")

@@ -37,7 +37,14 @@ from reconfx.errors import CheckError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profile import Profile, annotate, chart, load_scores, profile, restore_profile
-from reconfx.report import Cost, compile_report, flops, latencies, markdown_table
+from reconfx.report import (
+    Cost,
+    batching_section,
+    compile_report,
+    flops,
+    latencies,
+    markdown_table,
+)
 from reconfx.rewrite import Branched, branch
 from reconfx.select import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
@@ -49,6 +56,7 @@ from reconfx.train.precision import resolve_device
 from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
+from reconfx.tuning import Tuned, tune
 
 CONFLICTS = "conflicts.json"
 
@@ -75,6 +83,7 @@ class Compiled:
     out_dir: Path | None = None
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. where a resumed run picked up
+    tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
 
 
 def prepare(spec: LoadedSpec | str | Path) -> Prepared:
@@ -102,14 +111,15 @@ def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
             example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
 
 
-def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None) -> Compiled:
+def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                 progress: bool = False) -> Compiled:
     """Trace, branch the selected layers, check I1-I4 and write the artifacts."""
     prepared = prepare(spec)
     s = prepared.loaded.spec
     out = Path(out_dir) if out_dir is not None else s.export_dir()
     compiled = branch_checked(prepared, stored_scores(out))
     compiled.out_dir = out
-    compiled.written = _write(compiled, compiled.out_dir)
+    compiled.written = _write(compiled, compiled.out_dir, progress=progress)
     return compiled
 
 
@@ -147,7 +157,7 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
     I1 holds within atol 1e-5 with batching (batched kernels round differently)."""
     s = prepared.loaded.spec
     branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
-    if batching if batching is not None else s.branch.stream_batching == "eval":
+    if batching if batching is not None else s.branch.stream_batching != "off":
         branched.module = batch_streams(branched.module, prepared.examples[0],
                                         [i.name for i in s.inputs if 0 in i.dynamic])
     return branched
@@ -192,7 +202,7 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
         compiled.results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
                                 "global batch sharded, per-task gradients all-reduced")
     if w.main:  # the other ranks hold the same weights and counters
-        compiled.written = _write(compiled, compiled.out_dir, "run")
+        compiled.written = _write(compiled, compiled.out_dir, "run", progress)
         checkpoint.clear()
     w.barrier()
     return compiled
@@ -529,9 +539,26 @@ def replace_section(text: str, heading: str, lines: list[str]) -> str:
     return text[:start + 1] + body + ("\n" + text[end + 1:] if end >= 0 else "")
 
 
-def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[Path]:
+def tune_batching(compiled: Compiled, progress: bool = False) -> None:
+    """``stream_batching: tuned``: measure each region's streams per call at the spec's tuning
+    batch sizes (only the spec's own batch when no input has a dynamic batch axis) and keep the
+    fastest caps; the measurements go into the report."""
+    s = compiled.prepared.loaded.spec
+    if s.branch.stream_batching != "tuned" or not regions_of(compiled.branched.module):
+        return
+    sizes = s.branch.tune_batches if any(0 in i.dynamic for i in s.inputs) else [
+        next(iter(compiled.prepared.examples[0].values())).shape[0]]
+    device = next(iter(compiled.branched.module.parameters())).device
+    examples = {b: {k: v.to(device) for k, v in example_inputs(s.inputs, s.train.seed, b).items()}
+                for b in sizes}
+    compiled.tuning = tune(compiled.branched.module, examples, s.branch.tune_repeats, progress)
+
+
+def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False
+           ) -> list[Path]:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
+    tune_batching(compiled, progress)
     name = class_name(s.name)
     model_py, original_py, diff, factory_leaves = emit_sources(compiled)
     with artifacts.Staging(out_dir) as staging:
@@ -552,7 +579,8 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile") -> list[
             branched.layers, branched.per_task_norms, branched.shared_norms,
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
-            compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings)
+            compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings,
+            batching_section(regions_of(branched.module), compiled.tuning))
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)
         if "onnx" in s.export.formats:

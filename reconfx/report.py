@@ -11,8 +11,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from reconfx.batching import BUDGET_BYTES, StreamRegion
 from reconfx.checks import Check, preserved
 from reconfx.layers import Layer
+from reconfx.tuning import Tuned
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,8 @@ def percent(new: float, old: float) -> str:
 def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
                    original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
-                   factory_leaves: list[str], warnings: list[str]) -> str:
+                   factory_leaves: list[str], warnings: list[str], batching: list[str]
+                   ) -> str:
     names = {layer.name for layer in branched}
     lines = [f"# reconfx {command}: {name}", "",
              f"- tracing tier: `{tier}`",
@@ -106,6 +109,7 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
     rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)] for b in branched]
     lines.append(markdown_table(["layer", "type", "params per copy", "tasks"], rows)
                  if rows else "none")
+    lines += batching
     if per_task_norms or shared_norms:
         lines += ["", "## Normalisation statistics", ""]
         lines += [f"- `{p}`: per-task running statistics, shared affine parameters"
@@ -115,3 +119,43 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
     lines += ["", "## All layers", "",
               markdown_table(LAYER_HEADERS, layer_rows(layers, names)), ""]
     return "\n".join(lines)
+
+
+def batching_section(regions: Sequence[StreamRegion], tuning: Sequence[Tuned]) -> list[str]:
+    """Report lines on stream batching: each region and its row cap; with measured tuning, the
+    timings behind each cap (DESIGN.md I6: measured choices are recorded)."""
+    if not regions:
+        return []
+    lines = ["", "## Stream batching", "",
+             "In eval mode each region runs its task streams through the shared layers it names "
+             "concatenated along the batch axis, as many streams per call as its row cap allows "
+             "(model.py: `self.stream_rows`; ONNX holds all streams in one call)."
+             + (" Caps measured on this machine (`stream_batching: tuned`)." if tuning else
+                " Caps from the cost rule (largest intermediate value of a call at most "
+                f"{BUDGET_BYTES // 1024} KiB)."), ""]
+    rows = [[f"`{r.method}`", _span(r.modules_called), ", ".join(r.tasks),
+             f"{r.bytes_per_row:,}", str(r.max_rows)] for r in regions]
+    lines.append(markdown_table(["region", "shared layers", "streams", "bytes per row",
+                                 "row cap"], rows))
+    if tuning:
+        lines += ["", "Measured: median ms of one region call per streams-per-call option, and "
+                  "the streams per call the cost rule and the tuned cap give at that batch.", "",
+                  "| region | batch | ms by streams per call | rule | tuned |",
+                  "|---|---|---|---|---|", *_tuning_rows(tuning)]
+    return lines
+
+
+def _span(modules: Sequence[str]) -> str:
+    if len(modules) <= 2:
+        return ", ".join(f"`{m}`" for m in modules)
+    return f"`{modules[0]}` ... `{modules[-1]}` ({len(modules)})"
+
+
+def _tuning_rows(tuning: Sequence[Tuned]) -> list[str]:
+    rows = []
+    for t in tuning:
+        for batch, times in t.times.items():
+            cells = ", ".join(f"{k}: {ms:.3f}" for k, ms in times.items())
+            rows.append(f"| `{t.region}` | {batch} | {cells} | {t.choice(batch, t.rule_rows)} | "
+                        f"{t.choice(batch)} |")
+    return rows

@@ -217,12 +217,27 @@ class BranchSpec(_Strict):
         description="running statistics of shared norm layers after a branch point: one set per "
         "task (default) or one mixed set (Recon's behaviour)",
     )
-    stream_batching: Literal["eval", "off"] = Field(
+    stream_batching: Literal["eval", "tuned", "off"] = Field(
         default="eval",
         description="after a branch point, run the task streams through shared layers as one "
-        "concatenated batch where that is exact and pays (eval mode, ONNX export; default), or "
-        "never ('off'). Training always runs the streams one by one",
+        "concatenated batch where that is exact and pays (eval mode, ONNX export; default), "
+        "the same with each region's streams per call measured at compile time ('tuned', "
+        "recorded in the report), or never ('off'). Training always runs the streams one by one",
     )
+    tune_batches: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 16, 128], min_length=1,
+        description="batch sizes that stream_batching: tuned times each region at",
+    )
+    tune_repeats: PositiveInt = Field(
+        default=5, description="timed calls per option in stream_batching: tuned (median)")
+
+    @model_validator(mode="after")
+    def _tuning_needs_tuned(self) -> BranchSpec:
+        given = sorted({"tune_batches", "tune_repeats"} & self.model_fields_set)
+        if given and self.stream_batching != "tuned":
+            raise ValueError(f"{' and '.join(given)} only apply with stream_batching: tuned "
+                             f"(it is '{self.stream_batching}'): set it, or remove them")
+        return self
 
 
 class SparseSpec(_Strict):

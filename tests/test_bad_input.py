@@ -53,6 +53,15 @@ def test_wrong_type(tmp_path, capsys):
     assert_one_line(err, "inputs[0].shape", "valid list")
 
 
+def test_tuning_fields_without_tuned_batching(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      branch={"tune_batches": [1, 8]})
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, f"{path}", "branch", "tune_batches only apply with stream_batching: "
+                    "tuned (it is 'eval')")
+
+
 def test_missing_field(tmp_path, capsys):
     path = write_spec(tmp_path, model=RESNET, tasks=TASKS)
     code, _, err = run_cli(capsys, "validate", str(path))

@@ -16,6 +16,7 @@ from reconfx.build import example_inputs, task_outputs
 from reconfx.emit.onnx import onnx_session
 from reconfx.graph import region_call
 from reconfx.pipeline import compile_spec
+from reconfx.tuning import Tuned, best_rows, per_call_options
 from tests.support import compile_and_verify, write_spec
 
 
@@ -59,14 +60,14 @@ def test_exactness_rule_per_module_kind_and_mode():
     assert not exact_module(Custom(4, 4), training=False)
 
 
-def encoder_spec(tmp_path, batching, onnx=True):
+def encoder_spec(tmp_path, batching, onnx=True, **branch):
     return write_spec(
         tmp_path, f"enc_{batching}",
         model={"factory": "reconfx.zoo:EncoderClassifier", "kwargs": {"layers": 3}},
         inputs=[{"name": "tokens", "shape": [4, 16], "dtype": "int64", "high": 30}],
         tasks=[{"name": "tok", "output": "0"}, {"name": "seq", "output": "1"}],
         select={"layers": ["encoder.layers.0.linear1"]},
-        branch={"stream_batching": batching},
+        branch={"stream_batching": batching, **branch},
         export={"formats": ["python", "onnx"] if onnx else ["python"]})
 
 
@@ -177,3 +178,56 @@ def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
     (warning,) = compiled.warnings
     assert warning.startswith("stream batching turned off: with it, I1 init parity failed")
     assert "run_streams" not in (tmp_path / "out" / "model.py").read_text()
+
+
+def test_tuned_cap_is_the_measured_best():
+    # Batching pays at batches 1 and 16 and loses at 128: any cap in [64, 255] gives that; the
+    # smallest such candidate is kept. The rule's cap (16) runs streams alone at batch 16.
+    times = {1: {1: 3.0, 2: 2.0, 4: 1.0}, 16: {1: 5.0, 2: 4.0, 4: 3.0},
+             128: {1: 10.0, 2: 12.0, 4: 15.0}}
+    tuned = Tuned("shared_x", streams=4, rule_rows=16, times=times)
+    assert per_call_options(4) == [1, 2, 4] and per_call_options(5) == [1, 2, 3, 5]
+    tuned.rows = best_rows(tuned)
+    assert tuned.rows == 64
+    assert [tuned.choice(b) for b in times] == [4, 4, 1]
+    assert [tuned.choice(b, tuned.rule_rows) for b in times] == [4, 1, 1]
+    # Measurements that cannot tell the options apart keep the rule's cap.
+    flat = Tuned("shared_x", 4, 16, times={b: dict.fromkeys([1, 2, 4], 1.0) for b in times})
+    assert best_rows(flat) == 16
+    # A cap is kept only if every choice it makes was timed: 10 rows would put 3 streams of
+    # batch 3 in a call, which was not measured; 12 gives the measured best at both sizes.
+    odd = Tuned("shared_x", 4, 1, times={3: dict.fromkeys([1, 2, 4], 1.0),
+                                         5: {1: 2.0, 2: 1.0, 4: 3.0}})
+    assert best_rows(odd) == 12
+
+
+def test_tuned_batching_measures_each_region_and_records_it(tmp_path):
+    out = tmp_path / "tuned"
+    spec = encoder_spec(tmp_path, "tuned", onnx=False, tune_batches=[1, 8], tune_repeats=2)
+    compiled = compile_spec(spec, out)
+    regions = regions_of(compiled.branched.module)
+    assert [t.region for t in compiled.tuning] == [r.method for r in regions]
+    report = (out / "report.md").read_text()
+    source = (out / "model.py").read_text()
+    for region, tuned in zip(regions, compiled.tuning, strict=True):
+        assert set(tuned.times) == {1, 8}
+        assert all(list(t) == per_call_options(len(region.tasks)) for t in tuned.times.values())
+        assert region.max_rows == tuned.rows and tuned.rule_rows == BUDGET_BYTES // max(
+            region.bytes_per_row, 1)
+
+        def cost(rows, tuned=tuned):
+            return sum(t[tuned.choice(b, rows)] / min(t.values()) for b, t in tuned.times.items())
+        assert cost(tuned.rows) <= cost(tuned.rule_rows)  # never worse than the rule, measured
+        assert f'"{region.method}": {tuned.rows}' in source
+        for batch in (1, 8):
+            assert f"| `{region.method}` | {batch} | 1: " in report
+    assert "Caps measured on this machine (`stream_batching: tuned`)" in report
+    assert compiled.checks[0].detail.startswith("atol 1e-05")
+    # The emitted model with the tuned caps gives the original outputs at the tuned batches.
+    original, loaded = compiled.prepared.model.eval(), reconfx.load(out).eval()
+    for batch in (1, 8):
+        example = example_inputs(compiled.prepared.loaded.spec.inputs, seed=3, batch=batch)
+        want = task_outputs(original(**example), compiled.prepared.task_paths)
+        got = loaded(**example)
+        for task in want:
+            torch.testing.assert_close(got[task], want[task], rtol=0, atol=1e-5)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.batching import StreamRegion, run_streams
+from reconfx.batching import StreamRegion, run_streams, streams_per_call
 from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
 from reconfx.emit.render import (
@@ -414,7 +414,8 @@ class PythonEmitter:
         helper = ["", *self._factory_helper()] if self.factory_leaves else []
         if self.regions:
             self.imports.add("from collections.abc import Callable, Sequence")
-            helper += ["", *inspect.getsource(run_streams).rstrip("\n").splitlines(), ""]
+            for function in (streams_per_call, run_streams):
+                helper += ["", *inspect.getsource(function).rstrip("\n").splitlines(), ""]
         out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
         out += ["", f"class {self.class_name}(nn.Module):",
                 "    def __init__(self) -> None:", "        super().__init__()", *init, "",

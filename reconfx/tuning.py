@@ -1,0 +1,124 @@
+"""Measured tuning of stream batching (opt-in, ``branch.stream_batching: tuned``; DESIGN.md I6).
+
+The default cost rule (:mod:`reconfx.batching`) gives each region a row cap from the size of its
+largest intermediate value. Tuning replaces that cap by one chosen from timings on this machine:
+at each tuning batch size the model runs once to capture every region's inputs, then each region
+alone is timed with every distinct number of streams per call (all streams in one call, ...,
+each stream on its own), the options called alternately, median of ``repeats``. The cap kept is
+the one whose choices at the tuning batch sizes add up to the least time relative to the fastest
+option at each size (the rule's cap wins ties). Timings and choices go into the report; the
+result depends on the machine, so it is never the default.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from reconfx.batching import StreamRegion, regions_of, streams_per_call
+
+
+@dataclass
+class Tuned:
+    """One region's measurements: ``times[batch][k]`` is the median ms of one region call with
+    ``k`` streams per call; ``rule_rows`` the cost rule's cap, ``rows`` the cap kept."""
+
+    region: str
+    streams: int
+    rule_rows: int
+    rows: int = 0
+    times: dict[int, dict[int, float]] = field(default_factory=dict)
+
+    def choice(self, batch: int, rows: int | None = None) -> int:
+        return streams_per_call(self.streams, batch, self.rows if rows is None else rows)
+
+
+def per_call_options(streams: int) -> list[int]:
+    """Streams per call that give distinct numbers of calls (4 streams: 1, 2, 4)."""
+    return sorted({-(-streams // calls) for calls in range(1, streams + 1)})
+
+
+def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeats: int,
+         progress: bool = False) -> list[Tuned]:
+    """Time every region of ``module`` at each batch size of ``examples`` (batch -> inputs),
+    set each region's row cap to the best measured one and return the measurements."""
+    regions = regions_of(module)
+    results = [Tuned(r.method, len(r.tasks), r.max_rows) for r in regions]
+    options = {(r, b): sorted({*per_call_options(len(r.tasks)),
+                               streams_per_call(len(r.tasks), b, r.max_rows)})
+               for r in regions for b in examples}  # the rule's choice is timed too
+    total = sum(len(o) for o in options.values())
+    bar = tqdm(total=total, desc="tuning stream batching", disable=not progress, leave=False)
+    was_training = module.training
+    try:
+        module.eval()
+        for batch, example in examples.items():
+            captured = _captured_inputs(module, regions, example)
+            for region, result in zip(regions, results, strict=True):
+                ks = options[region, batch]
+                medians = _time_options(region, captured[region], batch, ks, repeats)
+                result.times[batch] = dict(zip(ks, medians, strict=True))
+                bar.update(len(ks))
+    finally:
+        bar.close()
+        module.train(was_training)
+    for region, result in zip(regions, results, strict=True):
+        result.rows = region.max_rows = best_rows(result)
+    return results
+
+
+def _captured_inputs(module: nn.Module, regions: Sequence[StreamRegion],
+                     example: dict[str, torch.Tensor]) -> dict[StreamRegion, tuple]:
+    captured: dict[StreamRegion, tuple] = {}
+    hooks = [r.register_forward_pre_hook(lambda m, args: captured.__setitem__(m, args))
+             for r in regions]
+    try:
+        with torch.no_grad():
+            module(**example)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return captured
+
+
+def _time_options(region: StreamRegion, args: tuple, batch: int, options: list[int],
+                  repeats: int) -> list[float]:
+    """Median ms of one call of ``region`` with each number of streams per call, interleaved."""
+    samples: list[list[float]] = [[] for _ in options]
+    saved = region.max_rows
+    on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
+    sync = torch.cuda.synchronize if on_gpu else lambda: None
+    try:
+        with torch.no_grad():
+            for rep in range(repeats + 1):  # the first round warms up
+                for k, times in zip(options, samples, strict=True):
+                    region.max_rows = k * max(batch, 1)
+                    sync()
+                    start = time.perf_counter()
+                    region(*args)
+                    sync()
+                    if rep:
+                        times.append((time.perf_counter() - start) * 1e3)
+    finally:
+        region.max_rows = saved
+    return [statistics.median(t) for t in samples]
+
+
+def best_rows(result: Tuned) -> int:
+    """The cap whose choices at the measured batch sizes cost the least relative time, among
+    the caps whose every choice was measured."""
+    candidates = [result.rule_rows] + sorted({k * max(b, 1) for b, times in result.times.items()
+                                              for k in times})
+    candidates = [c for c in candidates
+                  if all(result.choice(b, c) in times for b, times in result.times.items())]
+
+    def cost(rows: int) -> float:
+        return sum(times[result.choice(b, rows)] / min(times.values())
+                   for b, times in result.times.items())
+    return min(candidates, key=cost)  # the first (the rule's cap) wins ties
