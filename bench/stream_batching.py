@@ -6,6 +6,9 @@ once per task stream), then compiled twice from the same branched graph: unbatch
 the same outputs (atol 1e-4), then their eager forward in eval mode (``torch.no_grad``) is timed,
 called alternately, median of ``--repeats`` after one warm-up. Speed-up = unbatched / batched.
 
+* stack: the issue's reference stack (4 ``nn.TransformerEncoder`` layers, d=64, 4 heads,
+  feed-forward 128, 16 tokens) behind a linear stem, branched at the stem: the whole stack runs
+  once per task stream;
 * transformer: ``nn.TransformerEncoder`` (d=64, 4 heads, 4 layers, feed-forward 128, 16
   tokens; ``reconfx.zoo.EncoderClassifier``), branched at ``encoder.layers.0.linear1``;
 * BERT-small (HF ``BertModel``: 4 layers, hidden 512, 8 heads, 16 tokens), branched at the
@@ -194,8 +197,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
-    parser.add_argument("--models", nargs="+", choices=list(MODELS),
-                        default=["transformer", "bert", "resnet"])
+    parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--train-step", action="store_true")
     parser.add_argument("--tuned", action="store_true",
