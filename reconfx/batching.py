@@ -20,8 +20,10 @@ Exactness rule (per op, for the mode the graph runs in):
   their outputs joined (beyond float rounding: rtol 1e-4, atol 1e-5), else it is not batched.
 
 Cost rule (deterministic): a batched call of a region may hold at most ``BUDGET_BYTES`` in its
-largest intermediate value; :func:`run_streams` turns that into a row cap at run time (the batch
-size is only known then), concatenating as many streams per call as fit, or none.
+largest intermediate value, or as much as the region's weights where those are larger (run one
+stream at a time, every stream reads all of them again; joined, once); :func:`run_streams` turns
+that into a row cap at run time (the batch size is only known then), concatenating as many
+streams per call as fit, or none.
 """
 
 from __future__ import annotations
@@ -83,12 +85,13 @@ class Region:
     shared: list[fx.Node] = field(default_factory=list)  # shared, independent of the batch
     outputs: list[dict[str, fx.Node]] = field(default_factory=list)  # per output: task -> node
     bytes_per_row: int = 0
+    weight_bytes: int = 0  # the parameters and buffers its ops read
     types: dict[fx.Node, str] = field(default_factory=dict)  # inputs that are not tensors
     body: fx.Graph | None = None  # one stream's ops (body_graph), set once the region is found
 
     @property
     def max_rows(self) -> int:
-        return max(1, BUDGET_BYTES // max(self.bytes_per_row, 1))
+        return max(1, max(BUDGET_BYTES, self.weight_bytes) // max(self.bytes_per_row, 1))
 
 
 def streams_per_call(streams: int, rows: int, max_rows: int | None) -> int:
@@ -131,7 +134,7 @@ class StreamRegion(nn.Module):
         self.tasks = region.tasks
         self.modules_called = list(region.modules)
         self.counts = (len(region.stream_inputs), len(region.repeated), len(region.shared))
-        self.bytes_per_row = region.bytes_per_row
+        self.bytes_per_row, self.weight_bytes = region.bytes_per_row, region.weight_bytes
         self.max_rows: int | None = region.max_rows
         self._fn = _compiled(region.body)
         object.__setattr__(self, "_root", None)
@@ -502,8 +505,14 @@ def _finish(module: nn.Module, region_groups: list[_Group],
                    for v in [values[0].get(n)] if isinstance(v, torch.Tensor)), default=0)
     types = {n: type(values[0][n]).__name__ for n in [*repeated, *shared]
              if not isinstance(values[0][n], torch.Tensor)}
+    weights = {id(t): t for m in modules for sub in [module.get_submodule(m)]
+               for t in [*sub.parameters(), *sub.buffers()]}
+    weights.update({id(t): t for g in region_groups for k, v in g.inputs
+                    if k == "shared" and v.op == "get_attr"
+                    for t in [values[0].get(v)] if isinstance(t, torch.Tensor)})
     return Region(_region_name(modules), tasks, nodes, modules, list(stream_inputs.values()),
-                  list(repeated), list(shared), outputs, -(-biggest // rows), types)
+                  list(repeated), list(shared), outputs, -(-biggest // rows),
+                  sum(t.numel() * t.element_size() for t in weights.values()), types)
 
 
 def _region_name(modules: list[str]) -> str:

@@ -131,12 +131,13 @@ def batching_section(regions: Sequence[StreamRegion], tuning: Sequence[Tuned]) -
              "concatenated along the batch axis, as many streams per call as its row cap allows "
              "(model.py: `self.stream_rows`; ONNX holds all streams in one call)."
              + (" Caps measured on this machine (`stream_batching: tuned`)." if tuning else
-                " Caps from the cost rule (largest intermediate value of a call at most "
-                f"{BUDGET_BYTES // 1024} KiB)."), ""]
+                " Caps from the cost rule: the largest intermediate value of a call holds at "
+                f"most {BUDGET_BYTES // 1024} KiB, or the region's weight bytes where larger."),
+             ""]
     rows = [[f"`{r.method}`", _span(r.modules_called), ", ".join(r.tasks),
-             f"{r.bytes_per_row:,}", str(r.max_rows)] for r in regions]
+             f"{r.bytes_per_row:,}", f"{r.weight_bytes:,}", str(r.max_rows)] for r in regions]
     lines.append(markdown_table(["region", "shared layers", "streams", "bytes per row",
-                                 "row cap"], rows))
+                                 "weight bytes", "row cap"], rows))
     if tuning:
         lines += ["", "Measured: median ms of one region call per streams-per-call option, and "
                   "the streams per call the cost rule and the tuned cap give at that batch.", "",

@@ -160,3 +160,19 @@ class BatchMixing(nn.Module):
         h = self.fc3(h) * h.softmax(0)
         h = self.fc4(torch.relu(h))
         return {"a": self.out_a(h), "b": self.out_b(h)}
+
+
+class WideShared(nn.Module):
+    """A stem and one wide shared layer after it (4 MiB of weights, more than stream batching's
+    intermediate-value budget): branching the stem leaves the wide layer to every stream."""
+
+    def __init__(self, dim: int = 1024):
+        super().__init__()
+        self.stem = nn.Linear(16, dim)
+        self.wide = nn.Linear(dim, dim)
+        self.out_a = nn.Linear(dim, 2)
+        self.out_b = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.nn.functional.gelu(self.wide(torch.relu(self.stem(x))))
+        return {"a": self.out_a(h), "b": self.out_b(h)}

@@ -138,6 +138,22 @@ def test_batch_mixing_glue_stays_per_stream(tmp_path):
     assert len(eval_ops) == 2  # one per stream
 
 
+def test_row_cap_grows_to_the_weights_a_region_reads(tmp_path):
+    """Streams run one at a time each read the region's weights again: where those outweigh the
+    intermediate budget, a call may hold as many bytes of intermediates as the weights."""
+    spec = write_spec(tmp_path, "wide", model={"factory": "tests.models:WideShared"},
+                      inputs=[{"name": "x", "shape": [4, 16]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["stem"]},
+                      export={"formats": ["python"]})
+    compiled = compile_spec(spec, tmp_path / "out")
+    (region,) = [r for r in regions_of(compiled.branched.module) if "wide" in r.modules_called]
+    wide = compiled.branched.module.get_submodule("wide")
+    assert region.weight_bytes == 4 * (wide.weight.numel() + wide.bias.numel()) > BUDGET_BYTES
+    assert region.bytes_per_row == 1024 * 4
+    assert region.max_rows == region.weight_bytes // region.bytes_per_row == 1025
+    assert compiled.checks[0].detail.startswith("atol 1e-05")
+
+
 def test_three_streams_with_a_shared_attention_mask(tmp_path):
     """A BERT (export tier) whose attention mask is computed before the branch point: the mask
     is repeated once per stream in a batched call."""
