@@ -1,13 +1,13 @@
 """Measured tuning of stream batching (opt-in, ``branch.stream_batching: tuned``; DESIGN.md I6).
 
-The default cost rule (:mod:`reconfx.batching`) gives each region a row cap from the size of its
-largest intermediate value. Tuning replaces that cap by one chosen from timings on this machine:
-at each tuning batch size the model runs once to capture every region's inputs, then each region
-alone is timed with every distinct number of streams per call (all streams in one call, ...,
-each stream on its own), the options called alternately, median of ``repeats``. The cap kept is
-the one whose choices at the tuning batch sizes add up to the least time relative to the fastest
-option at each size (the rule's cap wins ties). Timings and choices go into the report; the
-result depends on the machine, so it is never the default.
+The default cost rule (:mod:`reconfx.batching`) gives each region a row cap from the sizes of its
+largest intermediate value and its weights. Tuning replaces that cap by one chosen from timings on
+this machine: at each tuning batch size the model runs once to capture every region's inputs,
+then each region alone is timed with every distinct number of streams per call (all streams in
+one call, ..., each stream on its own), the options called alternately, median of ``repeats``.
+The cap kept is the one whose choices at the tuning batch sizes add up to the least time relative
+to the fastest option at each size (the rule's cap wins ties). Timings and choices go into the
+report; the result depends on the machine, so it is never the default.
 """
 
 from __future__ import annotations
