@@ -22,6 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.batching import StreamRegion, regions_of, streams_per_call
+from reconfx.checks import preserved
 
 
 @dataclass
@@ -54,9 +55,8 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
                                streams_per_call(len(r.tasks), b, r.max_rows)})
                for r in regions for b in examples}  # the rule's choice is timed too
     total = sum(len(o) for o in options.values())
-    bar = tqdm(total=total, desc="tuning stream batching", disable=not progress, leave=False)
-    was_training = module.training
-    try:
+    with preserved(module), tqdm(total=total, desc="tuning stream batching",
+                                 disable=not progress, leave=False) as bar:
         module.eval()
         for batch, example in examples.items():
             captured = _captured_inputs(module, regions, example)
@@ -65,9 +65,6 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
                 medians = _time_options(region, captured[region], batch, ks, repeats)
                 result.times[batch] = dict(zip(ks, medians, strict=True))
                 bar.update(len(ks))
-    finally:
-        bar.close()
-        module.train(was_training)
     for region, result in zip(regions, results, strict=True):
         result.rows = region.max_rows = best_rows(result)
     return results
