@@ -22,9 +22,14 @@ per call measured at ``--batches``, :mod:`reconfx.tuning`) and timed beside the 
 
 With ``--upper-bound`` the issue's own measurement is repeated beside compiled models: the
 reference stack (4 ``nn.TransformerEncoder`` layers, d=64) in eager eval mode, T calls against
-one call on the streams concatenated, with PyTorch's fused fast path and with its Python path,
-and the same stack behind a branched linear stem (the ``stack`` model: the whole stack runs once
-per stream), compiled unbatched and batched.
+one call on the streams concatenated, with PyTorch's fused fast path and with its Python path;
+the compiled ``stack`` model's region (the whole stack) alone, its body called once per stream
+against once on the streams concatenated; and the whole ``stack`` model (the stack behind a
+branched linear stem), compiled unbatched and batched.
+
+With ``--plain-calls`` the unbatched models (T = 4) run fx's own generated code, every aten op
+called through its ``OpOverload``, against reconfx's (:mod:`reconfx.aten`: the same ops called
+as Tensor methods, operators and torch functions).
 
 With ``--torch-compile`` a second table gives, at T = 4 and batch 16, ``torch.compile``
 (inductor) of the batched model against its eager forward. With ``--train-step`` a third table
@@ -169,18 +174,48 @@ def eager_streams(encoder: nn.Module, streams: list[torch.Tensor], joined: bool,
     return run
 
 
+def region_calls(model: nn.Module, inputs: dict, joined: bool) -> Callable[[], None]:
+    """The compiled model's (single) region alone, on the inputs it gets from ``inputs``: its
+    body called once per stream, or once on the streams concatenated (as ``run_streams``
+    does)."""
+    (region,) = regions_of(model)
+    captured = []
+    hook = region.register_forward_pre_hook(lambda _, args: captured.append(args))
+    with torch.no_grad():
+        model(**inputs)
+    hook.remove()
+    args, n_in, streams = captured[0], region.counts[0], len(region.tasks)
+    per_stream = [args[i * n_in:(i + 1) * n_in] for i in range(streams)]
+    repeated, shared = (args[streams * n_in:][:region.counts[1]],
+                        args[streams * n_in + region.counts[1]:])
+    if joined:
+        values = [torch.cat(v) for v in zip(*per_stream, strict=True)]
+        scaled = [torch.cat([v] * streams) if isinstance(v, torch.Tensor) and v.dim()
+                  else v * streams for v in repeated]
+        calls = [(*values, *scaled, *shared)]
+    else:
+        calls = [(*v, *repeated, *shared) for v in per_stream]
+
+    def run() -> None:
+        with torch.no_grad():
+            for call in calls:
+                region.run(*call)
+    return run
+
+
 def upper_bound(tasks: int, batches: list[int], repeats: int) -> None:
     names = [f"t{i}" for i in range(tasks)]
     unbatched, batched, make = pair(stack, names)
     encoder = encoder_stack().eval()
     print(f"\n| batch | eager stack, fast path: {tasks} calls / 1 joined | eager stack, Python "
-          f"path: {tasks} calls / 1 joined | compiled stack model: unbatched / batched |"
-          "\n|---|---|---|---|")
+          f"path: {tasks} calls / 1 joined | compiled region alone: {tasks} calls / 1 joined | "
+          "compiled stack model: unbatched / batched |\n|---|---|---|---|---|")
     for batch in batches:
         inputs = make(batch)
         streams = [torch.randn(batch, SEQ, 64) for _ in names]
         t = side_by_side(*(eager_streams(encoder, streams, joined, fast)
                            for fast in (True, False) for joined in (False, True)),
+                         *(region_calls(batched, inputs, joined) for joined in (False, True)),
                          forward(unbatched, inputs), forward(batched, inputs), repeats=repeats)
         cells = [f"{1e3 * a:.2f} / {1e3 * b:.2f} ({a / b:.2f}x)"
                  for a, b in zip(t[::2], t[1::2], strict=True)]
@@ -202,6 +237,9 @@ def main() -> None:
     parser.add_argument("--train-step", action="store_true")
     parser.add_argument("--tuned", action="store_true",
                         help="also a copy with stream_batching: tuned (tuned at --batches)")
+    parser.add_argument("--plain-calls", action="store_true",
+                        help="the unbatched models' generated code, aten overload calls (fx's "
+                             "own codegen) vs plain spellings (reconfx.aten), at T = 4")
     parser.add_argument("--upper-bound", action="store_true",
                         help="the eager stack, T calls vs one joined call, beside the compiled "
                              "stack model (at each --tasks)")
@@ -235,6 +273,20 @@ def main() -> None:
                 ms = " / ".join(f"{1e3 * x:.2f}" for x in times)
                 ratios = " | ".join(f"{times[0] / x:.2f}x" for x in times[1:])
                 print(f"| {name} | {t} | {batch} | {calls} | {ms} | {ratios} |", flush=True)
+    if args.plain_calls:
+        print("\n| model | T | batch | forward ms aten overload calls / plain calls | speed-up |"
+              "\n|---|---|---|---|---|")
+        for key in args.models:
+            name, build = MODELS[key]
+            unbatched, _, make = pair(build, [f"t{i}" for i in range(4)])
+            # fx's own code generation for the same graph: every aten op via its OpOverload.
+            overloads = torch.fx.GraphModule(unbatched, unbatched.graph).eval()
+            for batch in args.batches:
+                inputs = make(batch)
+                a, b = side_by_side(forward(overloads, inputs), forward(unbatched, inputs),
+                                    repeats=args.repeats)
+                print(f"| {name} | 4 | {batch} | {1e3 * a:.2f} / {1e3 * b:.2f} | {a / b:.2f}x |",
+                      flush=True)
     if args.upper_bound:
         for t in args.tasks:
             upper_bound(t, args.batches, args.repeats)

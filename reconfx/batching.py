@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
+from reconfx.aten import plain_calls
 from reconfx.graph import REGIONS, DualGraphModule, region_call, targets
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
@@ -156,7 +157,8 @@ class StreamRegion(nn.Module):
 
 def _compiled(body: fx.Graph) -> Callable[..., tuple]:
     """The body as a function of (root module, *inputs), as fx compiles a forward."""
-    code = body.python_code(root_module="self")
+    with plain_calls(body):
+        code = body.python_code(root_module="self")
     return fx.graph_module._forward_from_src(code.src, code.globals)
 
 
@@ -630,7 +632,7 @@ def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Gr
                 item = new.call_function(operator.getitem, (call, i * len(region.tasks) + j))
                 item.meta["reconfx"] = dict(out[task].meta.get("reconfx", {}))
                 env[out[task]] = item
-    _drop_unused_items(new)
+    _drop_unused(new)
     new.lint()
     return new
 
@@ -684,10 +686,15 @@ def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
     return out
 
 
-def _drop_unused_items(graph: fx.Graph) -> None:
+def _drop_unused(graph: fx.Graph) -> None:
+    """Erase the region outputs nobody reads and the parameters only region bodies read (each
+    body fetches its own)."""
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and node.target is operator.getitem and not node.users and (
-                isinstance(node.args[0], fx.Node) and region_call(node.args[0])):
+        if node.users:
+            continue
+        if node.op == "get_attr" or (
+                node.op == "call_function" and node.target is operator.getitem
+                and isinstance(node.args[0], fx.Node) and region_call(node.args[0])):
             graph.erase_node(node)
 
 

@@ -17,6 +17,8 @@ from typing import Any
 import networkx as nx
 from torch import fx, nn
 
+from reconfx.aten import plain_calls
+
 
 class DualGraphModule(fx.GraphModule):
     """A GraphModule holding a train graph and an eval graph over one set of submodules."""
@@ -44,6 +46,12 @@ class DualGraphModule(fx.GraphModule):
         result.__init__(body, body.__dict__["train_graph"], body.__dict__["eval_graph"],
                         type(self).__name__)
         return result
+
+    def recompile(self) -> fx.graph.PythonCode:
+        """fx's recompile, with aten calls generated in their plain spellings (they run faster;
+        the graph itself keeps the aten ops)."""
+        with plain_calls(self._graph):
+            return super().recompile()
 
     @property
     def dual(self) -> bool:

@@ -22,8 +22,8 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.aten import Spelling, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
-from reconfx.emit.aten import FUNCTIONS, INFIX, METHODS, UNARY, packet
 from reconfx.emit.constructors import constructor
 from reconfx.emit.render import (
     LINE,
@@ -335,11 +335,9 @@ class PythonEmitter:
         if node.op == "call_method":
             return statement(ind, lhs, f"{args[0]}.{node.target}(", args[1:])
         target = node.target
-        aten_name = packet(target)
-        if aten_name is not None:
-            line = self._aten_line(node, aten_name, lhs, name_of)
-            if line is not None:
-                return line
+        plain = spelling(node)
+        if plain is not None:
+            return self._plain_line(plain, node, lhs, name_of)
         if target in _INFIX and len(node.args) == 2 and not node.kwargs:
             return infix(ind, lhs, _operand(node.args[0], name_of), _INFIX[target],
                          _operand(node.args[1], name_of))
@@ -352,24 +350,18 @@ class PythonEmitter:
                    f"[{render_index(node.args[1], name_of)}]"
         return statement(ind, lhs, f"{self._function(target)}(", args)
 
-    def _aten_line(self, node: fx.Node, name: str, lhs: str, name_of: Any) -> str | None:
+    def _plain_line(self, plain: Spelling, node: fx.Node, lhs: str, name_of: Any) -> str:
         ind = self._indent(2)
-        if name in INFIX and len(node.args) == 2 and not node.kwargs:
-            return infix(ind, lhs, _operand(node.args[0], name_of), INFIX[name],
+        if plain.kind == "infix":
+            return infix(ind, lhs, _operand(node.args[0], name_of), plain.name,
                          _operand(node.args[1], name_of))
-        if name in UNARY and len(node.args) == 1 and not node.kwargs:
-            return f"{ind}{lhs} = {UNARY[name]}{_operand(node.args[0], name_of)}"
+        if plain.kind == "unary":
+            return f"{ind}{lhs} = {plain.name}{_operand(node.args[0], name_of)}"
         args = [render_value(a, name_of) for a in node.args]
         args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
-        method = METHODS.get(name) or (name if name.endswith("_") and hasattr(torch.Tensor, name)
-                                       else None)  # in-place ops: x.mul_(0.5)
-        if name == "to" and "layout" in node.kwargs:  # Tensor.to takes no layout
-            method = None
-        if method and node.args and isinstance(node.args[0], fx.Node):
-            return statement(ind, lhs, f"{args[0]}.{method}(", args[1:])
-        if name in FUNCTIONS:
-            return statement(ind, lhs, f"{FUNCTIONS[name]}(", args)
-        return None
+        if plain.kind == "method":
+            return statement(ind, lhs, f"{args[0]}.{plain.name}(", args[1:])
+        return statement(ind, lhs, f"{plain.name}(", args)
 
     def _function(self, target: Any) -> str:
         if isinstance(target, torch._ops.OpOverload):
