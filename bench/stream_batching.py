@@ -227,6 +227,22 @@ def calls_column(model: nn.Module, batch: int, tasks: int) -> str:
     return "/".join(str(c) for c in sorted(counts))
 
 
+def versus(what: str, models: list[str], batches: list[int], repeats: int,
+           pick: Callable[[nn.Module, nn.Module], tuple[nn.Module, nn.Module]]) -> None:
+    """A table of two variants of each model at T = 4, side by side: ``pick`` gets the
+    unbatched and batched compiled models and returns the two to time."""
+    print(f"\n| model | T | batch | forward ms {what} | speed-up |\n|---|---|---|---|---|")
+    for key in models:
+        name, build = MODELS[key]
+        unbatched, batched, make = pair(build, [f"t{i}" for i in range(4)])
+        first, second = pick(unbatched, batched)
+        for batch in batches:
+            inputs = make(batch)
+            a, b = side_by_side(forward(first, inputs), forward(second, inputs), repeats=repeats)
+            print(f"| {name} | 4 | {batch} | {1e3 * a:.2f} / {1e3 * b:.2f} | {a / b:.2f}x |",
+                  flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -274,19 +290,10 @@ def main() -> None:
                 ratios = " | ".join(f"{times[0] / x:.2f}x" for x in times[1:])
                 print(f"| {name} | {t} | {batch} | {calls} | {ms} | {ratios} |", flush=True)
     if args.plain_calls:
-        print("\n| model | T | batch | forward ms aten overload calls / plain calls | speed-up |"
-              "\n|---|---|---|---|---|")
-        for key in args.models:
-            name, build = MODELS[key]
-            unbatched, _, make = pair(build, [f"t{i}" for i in range(4)])
-            # fx's own code generation for the same graph: every aten op via its OpOverload.
-            overloads = torch.fx.GraphModule(unbatched, unbatched.graph).eval()
-            for batch in args.batches:
-                inputs = make(batch)
-                a, b = side_by_side(forward(overloads, inputs), forward(unbatched, inputs),
-                                    repeats=args.repeats)
-                print(f"| {name} | 4 | {batch} | {1e3 * a:.2f} / {1e3 * b:.2f} | {a / b:.2f}x |",
-                      flush=True)
+        # fx's own code generation for the unbatched graph: every aten op via its OpOverload.
+        versus("aten overload calls / plain calls", args.models, args.batches, args.repeats,
+               lambda unbatched, _: (torch.fx.GraphModule(unbatched, unbatched.graph).eval(),
+                                     unbatched))
     if args.upper_bound:
         for t in args.tasks:
             upper_bound(t, args.batches, args.repeats)
@@ -300,18 +307,8 @@ def main() -> None:
                 print(f"| {t} | {batch} | {1e3 * a:.1f} / {1e3 * b:.1f} | {a / b:.2f}x |",
                       flush=True)
     if args.torch_compile:
-        print("\n| model | T | batch | forward ms eager batched / torch.compile | speed-up |"
-              "\n|---|---|---|---|---|")
-        for key in args.models:
-            name, build = MODELS[key]
-            _, batched, make = pair(build, [f"t{i}" for i in range(4)])
-            inputs = make(16)
-            fast = torch.compile(batched)
-            te, tc = side_by_side(forward(batched, inputs), forward(fast, inputs),
-                                  repeats=args.repeats)
-            print(f"| {name} | 4 | 16 | {1e3 * te:.2f} / {1e3 * tc:.2f} | {te / tc:.2f}x |",
-                  flush=True)
-
+        versus("eager batched / torch.compile", args.models, [16], args.repeats,
+               lambda _, batched: (batched, torch.compile(batched)))
 
 if __name__ == "__main__":
     main()
