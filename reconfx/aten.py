@@ -22,8 +22,6 @@ from typing import Any
 import torch
 from torch import fx
 
-aten = torch.ops.aten
-
 # aten packet -> Tensor method name
 METHODS = {
     "view": "view", "reshape": "reshape", "expand": "expand", "transpose": "transpose",
