@@ -60,7 +60,7 @@ from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
 from reconfx.trace import trace
-from reconfx.tuning import tune
+from reconfx.tuning import captured_inputs, tune
 from reconfx.zoo import EncoderClassifier, SmallResNet, hf_model
 
 SEQ = 16
@@ -176,30 +176,16 @@ def eager_streams(encoder: nn.Module, streams: list[torch.Tensor], joined: bool,
 
 def region_calls(model: nn.Module, inputs: dict, joined: bool) -> Callable[[], None]:
     """The compiled model's (single) region alone, on the inputs it gets from ``inputs``: its
-    body called once per stream, or once on the streams concatenated (as ``run_streams``
-    does)."""
+    body called once per stream, or once on the streams concatenated."""
     (region,) = regions_of(model)
-    captured = []
-    hook = region.register_forward_pre_hook(lambda _, args: captured.append(args))
-    with torch.no_grad():
-        model(**inputs)
-    hook.remove()
-    args, n_in, streams = captured[0], region.counts[0], len(region.tasks)
-    per_stream = [args[i * n_in:(i + 1) * n_in] for i in range(streams)]
-    repeated, shared = (args[streams * n_in:][:region.counts[1]],
-                        args[streams * n_in + region.counts[1]:])
-    if joined:
-        values = [torch.cat(v) for v in zip(*per_stream, strict=True)]
-        scaled = [torch.cat([v] * streams) if isinstance(v, torch.Tensor) and v.dim()
-                  else v * streams for v in repeated]
-        calls = [(*values, *scaled, *shared)]
-    else:
-        calls = [(*v, *repeated, *shared) for v in per_stream]
+    args = captured_inputs(model, [region], inputs)[region]
+    rows = region.max_rows
 
     def run() -> None:
+        region.max_rows = None if joined else 0  # all streams in one call, or one per call
         with torch.no_grad():
-            for call in calls:
-                region.run(*call)
+            region(*args)
+        region.max_rows = rows
     return run
 
 

@@ -59,7 +59,7 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
                                  disable=not progress, leave=False) as bar:
         module.eval()
         for batch, example in examples.items():
-            captured = _captured_inputs(module, regions, example)
+            captured = captured_inputs(module, regions, example)
             for region, result in zip(regions, results, strict=True):
                 ks = options[region, batch]
                 medians = _time_options(region, captured[region], batch, ks, repeats)
@@ -70,8 +70,9 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
     return results
 
 
-def _captured_inputs(module: nn.Module, regions: Sequence[StreamRegion],
-                     example: dict[str, torch.Tensor]) -> dict[StreamRegion, tuple]:
+def captured_inputs(module: nn.Module, regions: Sequence[StreamRegion],
+                    example: dict[str, torch.Tensor]) -> dict[StreamRegion, tuple]:
+    """The arguments each of ``regions`` gets when ``module`` runs on ``example``."""
     captured: dict[StreamRegion, tuple] = {}
     hooks = [r.register_forward_pre_hook(lambda m, args: captured.__setitem__(m, args))
              for r in regions]
