@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -39,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from reconfx.heads import HeadSpec, attach_heads  # noqa: E402
 from reconfx.layers import inventory, match_layers  # noqa: E402
 from reconfx.rewrite import branch  # noqa: E402
+from reconfx.timing import alternating_medians  # noqa: E402
 from reconfx.trace import trace  # noqa: E402
 from reconfx.zoo import SmallResNet, hf_model  # noqa: E402
 
@@ -151,15 +150,7 @@ def train_step(model: nn.Module, inputs: dict, targets: dict) -> Callable[[], No
 
 def side_by_side(*fns: Callable[[], None], repeats: int) -> tuple[float, ...]:
     """Median seconds of each function, called alternately ``repeats`` times after a warm-up."""
-    for fn in fns:
-        fn()  # warm-up
-    samples: list[list[float]] = [[] for _ in fns]
-    for _ in range(repeats):
-        for fn, times in zip(fns, samples, strict=True):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return tuple(statistics.median(t) for t in samples)
+    return tuple(alternating_medians(fns, repeats))
 
 
 def main() -> None:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -14,6 +12,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from reconfx.batching import BUDGET_BYTES, StreamRegion
 from reconfx.checks import Check, preserved
 from reconfx.layers import Layer
+from reconfx.timing import alternating_medians
 from reconfx.tuning import Tuned
 
 
@@ -33,16 +32,12 @@ def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
 def latencies(models: Sequence[nn.Module], example: dict[str, torch.Tensor],
               repeats: int = 7) -> list[float]:
     """Median eval-mode forward time of each model in ms, measured interleaved."""
-    times: list[list[float]] = [[] for _ in models]
+    cuda = any(v.is_cuda for v in example.values() if isinstance(v, torch.Tensor))
     with preserved(*models), torch.no_grad():
         for model in models:
-            model.eval()(**example)  # warm-up
-        for _ in range(repeats):
-            for i, model in enumerate(models):
-                start = time.perf_counter()
-                model(**example)
-                times[i].append((time.perf_counter() - start) * 1e3)
-    return [statistics.median(t) for t in times]
+            model.eval()
+        seconds = alternating_medians([lambda m=m: m(**example) for m in models], repeats, cuda)
+    return [1e3 * s for s in seconds]
 
 
 def table(headers: list[str], rows: list[list[str]]) -> str:

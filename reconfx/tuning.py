@@ -12,9 +12,7 @@ report; the result depends on the machine, so it is never the default.
 
 from __future__ import annotations
 
-import statistics
-import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +21,7 @@ from tqdm import tqdm
 
 from reconfx.batching import StreamRegion, regions_of, streams_per_call
 from reconfx.checks import preserved
+from reconfx.timing import alternating_medians
 
 
 @dataclass
@@ -88,24 +87,20 @@ def captured_inputs(module: nn.Module, regions: Sequence[StreamRegion],
 def _time_options(region: StreamRegion, args: tuple, batch: int, options: list[int],
                   repeats: int) -> list[float]:
     """Median ms of one call of ``region`` with each number of streams per call, interleaved."""
-    samples: list[list[float]] = [[] for _ in options]
     saved = region.max_rows
-    on_gpu = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
-    sync = torch.cuda.synchronize if on_gpu else lambda: None
+
+    def call(k: int) -> Callable[[], object]:
+        def run() -> object:
+            region.max_rows = k * max(batch, 1)
+            return region(*args)
+        return run
+    cuda = any(isinstance(a, torch.Tensor) and a.is_cuda for a in args)
     try:
         with torch.no_grad():
-            for rep in range(repeats + 1):  # the first round warms up
-                for k, times in zip(options, samples, strict=True):
-                    region.max_rows = k * max(batch, 1)
-                    sync()
-                    start = time.perf_counter()
-                    region(*args)
-                    sync()
-                    if rep:
-                        times.append((time.perf_counter() - start) * 1e3)
+            seconds = alternating_medians([call(k) for k in options], repeats, cuda)
     finally:
         region.max_rows = saved
-    return [statistics.median(t) for t in samples]
+    return [1e3 * s for s in seconds]
 
 
 def best_rows(result: Tuned) -> int:

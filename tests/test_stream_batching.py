@@ -1,6 +1,8 @@
 """Stream batching (DESIGN.md §8): task streams run through shared layers as one batch where that
 is exact, with I1-I6 kept (I1 within atol 1e-5), and off on request."""
 
+import time
+
 import torch
 from torch import nn
 
@@ -17,6 +19,7 @@ from reconfx.build import example_inputs, task_outputs
 from reconfx.emit.onnx import onnx_session
 from reconfx.graph import region_call
 from reconfx.pipeline import compile_spec
+from reconfx.timing import alternating_medians
 from reconfx.tuning import Tuned, best_rows, per_call_options
 from tests.support import compile_and_verify, write_spec
 
@@ -256,6 +259,20 @@ def test_tuned_cap_is_the_measured_best():
     odd = Tuned("shared_x", 4, 1, times={3: dict.fromkeys([1, 2, 4], 1.0),
                                          5: {1: 2.0, 2: 1.0, 4: 3.0}})
     assert best_rows(odd) == 12
+
+
+def test_alternating_medians_interleave_and_leave_out_the_warm_up():
+    # Tuning, report latencies and the benches time alternately: a slow first call (cold
+    # caches) is the warm-up round and must not count.
+    order = []
+
+    def slow_once():
+        if "a" not in order:
+            time.sleep(0.2)
+        order.append("a")
+    medians = alternating_medians([slow_once, lambda: order.append("b")], repeats=3)
+    assert order == ["a", "b"] * 4
+    assert len(medians) == 2 and 0 <= medians[0] < 0.1 and 0 <= medians[1] < 0.1
 
 
 def test_tuned_batching_measures_each_region_and_records_it(tmp_path):
