@@ -5,7 +5,7 @@ shared input, so they can run as one call of a layer T times wider (weights conc
 the output features or channels, the result split per task); after it, each copy reads its own
 stream, and the T calls can run as one batched matrix product on the streams stacked (weights
 stacked). This bench times, for the branched layer of each ``bench/stream_batching.py`` model on
-its real input there (captured with a forward hook) and for the stack model's heads:
+its real input there (``reconfx.tuning.captured_inputs``) and for the stack model's heads:
 
 * T calls, one per copy (what compiled models run);
 * one grouped call, the weights concatenated (or stacked) in the call, as a compiled model must
@@ -36,17 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten import side_by_side  # noqa: E402
 from stream_batching import MODELS  # noqa: E402
 
-
-def captured(model: nn.Module, layer: nn.Module, inputs: dict) -> torch.Tensor:
-    """The input ``layer`` gets when ``model`` runs on ``inputs``."""
-    seen: list[torch.Tensor] = []
-    handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
-    try:
-        with torch.no_grad():
-            model(**inputs)
-    finally:
-        handle.remove()
-    return seen[0]
+from reconfx.tuning import captured_inputs  # noqa: E402
 
 
 def wide(copies: list[nn.Module], weight: torch.Tensor, bias: torch.Tensor | None,
@@ -134,9 +124,9 @@ def main() -> None:
                 for batch in args.batches:
                     inputs = make(batch)
                     if own is None:
-                        fns = shared_input(mods, captured(model, layer, inputs))
+                        fns = shared_input(mods, captured_inputs(model, [layer], inputs)[layer][0])
                     else:
-                        feature = captured(model, own[0], inputs)
+                        feature = captured_inputs(model, [own[0]], inputs)[own[0]][0]
                         fns = per_stream(mods, [feature + 0.01 * i for i in range(t)])
                     a, b, c = timed(fns, args.repeats)
                     print(f"| {label} | {t} | {batch} | {kib / 1024:.0f} | {1e6 * a:.0f} / "

@@ -69,12 +69,13 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
     return results
 
 
-def captured_inputs(module: nn.Module, regions: Sequence[StreamRegion],
-                    example: dict[str, torch.Tensor]) -> dict[StreamRegion, tuple]:
-    """The arguments each of ``regions`` gets when ``module`` runs on ``example``."""
-    captured: dict[StreamRegion, tuple] = {}
-    hooks = [r.register_forward_pre_hook(lambda m, args: captured.__setitem__(m, args))
-             for r in regions]
+def captured_inputs(module: nn.Module, submodules: Sequence[nn.Module],
+                    example: dict[str, torch.Tensor]) -> dict[nn.Module, tuple]:
+    """The arguments each of ``submodules`` (regions, layers) gets when ``module`` runs on
+    ``example`` (the last call's, for a submodule called more than once)."""
+    captured: dict[nn.Module, tuple] = {}
+    hooks = [m.register_forward_pre_hook(lambda m, args: captured.__setitem__(m, args))
+             for m in submodules]
     try:
         with torch.no_grad():
             module(**example)
