@@ -31,6 +31,14 @@ With ``--plain-calls`` the unbatched models (T = 4) run fx's own generated code,
 called through its ``OpOverload``, against reconfx's (:mod:`reconfx.aten`: the same ops called
 as Tensor methods, operators and torch functions).
 
+With ``--per-op`` each model's regions are taken apart: every op of a region's body, on the
+arguments it gets in the model, timed as T calls on one stream's arguments against one call on
+the streams' arguments joined, each op in a tight loop of 10 calls, the two alternately, median of
+``--repeats``; summed over the ops that compute (anything that reads every element: matrix
+products, attention, norms, activations, additions, copies) and over the views and no-ops
+(reshapes, transposes, selects, eval-mode Dropout), beside the regions' own calls. It shows which
+part of the forward joining streams shrinks.
+
 With ``--torch-compile`` a second table gives, at T = 4 and batch 16, ``torch.compile``
 (inductor) of the batched model against its eager forward. With ``--train-step`` a third table
 shows why training is not batched: a per-task gradient step (forward, then one backward pass per
@@ -49,16 +57,18 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from handwritten import forward, side_by_side  # noqa: E402
 
-from reconfx.batching import batch_streams, regions_of, streams_per_call
+from reconfx.aten import plain_calls
+from reconfx.batching import batch_streams, regions_of, run_streams, streams_per_call
 from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
+from reconfx.timing import alternating_medians
 from reconfx.trace import trace
 from reconfx.tuning import captured_inputs, tune
 from reconfx.zoo import EncoderClassifier, SmallResNet, hf_model
@@ -175,17 +185,18 @@ def eager_streams(encoder: nn.Module, streams: list[torch.Tensor], joined: bool,
 
 
 def region_calls(model: nn.Module, inputs: dict, joined: bool) -> Callable[[], None]:
-    """The compiled model's (single) region alone, on the inputs it gets from ``inputs``: its
-    body called once per stream, or once on the streams concatenated."""
-    (region,) = regions_of(model)
-    args = captured_inputs(model, [region], inputs)[region]
-    rows = region.max_rows
+    """The compiled model's regions alone, one after the other, each on the inputs it gets
+    from ``inputs``: its body called once per stream, or once on the streams concatenated."""
+    regions = regions_of(model)
+    captured = captured_inputs(model, regions, inputs)
+    caps = [r.max_rows for r in regions]
 
     def run() -> None:
-        region.max_rows = None if joined else 0  # all streams in one call, or one per call
         with torch.no_grad():
-            region(*args)
-        region.max_rows = rows
+            for region, rows in zip(regions, caps, strict=True):
+                region.max_rows = None if joined else 0  # all streams in one call, or one each
+                region(*captured[region])
+                region.max_rows = rows
     return run
 
 
@@ -206,6 +217,99 @@ def upper_bound(tasks: int, batches: list[int], repeats: int) -> None:
         cells = [f"{1e3 * a:.2f} / {1e3 * b:.2f} ({a / b:.2f}x)"
                  for a, b in zip(t[::2], t[1::2], strict=True)]
         print(f"| {batch} | " + " | ".join(cells) + " |", flush=True)
+
+
+# Ops that read no element (or, like eval-mode Dropout, return their input): the rest compute.
+VIEWS = frozenset("""view _unsafe_view reshape transpose t permute select squeeze unsqueeze
+unflatten flatten expand expand_as getitem size sym_size narrow slice alias detach chunk split
+unbind Dropout Identity""".split())
+
+
+class _Ops(fx.Interpreter):
+    """Runs a region body, keeping each op's node and the arguments it got."""
+
+    def __init__(self, root: nn.Module, graph: fx.Graph):
+        super().__init__(root, graph=graph)
+        self.calls: list[tuple[fx.Node, tuple, dict]] = []
+
+    def run_node(self, n: fx.Node):
+        if n.op in ("call_function", "call_method", "call_module"):
+            self.calls.append((n, *self.fetch_args_kwargs_from_env(n)))
+        return super().run_node(n)
+
+
+Op = tuple[str, Callable, tuple, dict]  # name, callable, args, kwargs
+
+
+def region_ops(model: nn.Module, inputs: dict, joined: bool) -> list[list[Op]]:
+    """The ops of the model's regions as they run on ``inputs``, per body call (region by
+    region: one call per stream, or one call on the streams joined), spelled as compiled code
+    runs them (:func:`reconfx.aten.plain_calls`)."""
+    regions = regions_of(model)
+    captured = captured_inputs(model, regions, inputs)
+    calls: list[list[Op]] = []
+    for region in regions:
+        def body(*values, region=region):
+            ops = _Ops(model, region.body)
+            out = ops.run(*values)
+            calls.append([_op(model, n) + (a, k) for n, a, k in ops.calls])
+            return out
+        with plain_calls(region.body), torch.no_grad():
+            run_streams(body, *region.stream_args(captured[region]), None if joined else 0)
+    return calls
+
+
+def _op(model: nn.Module, node: fx.Node) -> tuple[str, Callable]:
+    if node.op == "call_module":
+        module = model.get_submodule(str(node.target))
+        return type(module).__name__, module
+    if node.op == "call_method":
+        return str(node.target), getattr(torch.Tensor, str(node.target))
+    return getattr(node.target, "__name__", str(node.target)), node.target
+
+
+def per_op(models: list[str], tasks: int, batches: list[int], repeats: int) -> None:
+    print(f"\n| model | T | batch | compute ops us: {tasks} calls / joined | views and no-ops us "
+          f"| largest compute ops | region calls ms |\n|---|---|---|---|---|---|---|")
+    for key in models:
+        name, build = MODELS[key]
+        _, batched, make = pair(build, [f"t{i}" for i in range(tasks)])
+        for batch in batches:
+            inputs = make(batch)
+            separate = region_ops(batched, inputs, False)
+            joined = region_ops(batched, inputs, True)
+            sums: dict[str, list[float]] = {}
+            for r, ops in enumerate(joined):
+                streams = separate[r * tasks:(r + 1) * tasks]
+                for i, (op, fn, args, kwargs) in enumerate(ops):
+                    each = [s[i][1:] for s in streams]
+                    times = alternating_medians(
+                        [_loop(each * 10), _loop([(fn, args, kwargs)] * 10)], repeats)
+                    for part in (op, "views" if op in VIEWS else "compute"):
+                        acc = sums.setdefault(part, [0.0, 0.0])
+                        acc[0] += times[0] / 10
+                        acc[1] += times[1] / 10
+            top = sorted((k for k in sums if k not in VIEWS | {"views", "compute"}),
+                         key=lambda k: -sums[k][0])[:3]
+            region = alternating_medians([region_calls(batched, inputs, j) for j in (False, True)],
+                                         repeats)
+            cells = [_ratio(*sums["compute"], 1e6, 0),
+                     _ratio(*sums["views"], 1e6, 0) if "views" in sums else "none",
+                     ", ".join(f"{k} {sums[k][0] / sums[k][1]:.2f}x" for k in top),
+                     _ratio(*region, 1e3, 2)]
+            print(f"| {name} | {tasks} | {batch} | " + " | ".join(cells) + " |", flush=True)
+
+
+def _loop(calls: list[tuple[Callable, tuple, dict]]) -> Callable[[], None]:
+    def run() -> None:
+        with torch.no_grad():
+            for fn, args, kwargs in calls:
+                fn(*args, **kwargs)
+    return run
+
+
+def _ratio(a: float, b: float, scale: float, digits: int) -> str:
+    return f"{scale * a:.{digits}f} / {scale * b:.{digits}f} ({a / b:.2f}x)"
 
 
 def calls_column(model: nn.Module, batch: int, tasks: int) -> str:
@@ -242,6 +346,9 @@ def main() -> None:
     parser.add_argument("--plain-calls", action="store_true",
                         help="the unbatched models' generated code, aten overload calls (fx's "
                              "own codegen) vs plain spellings (reconfx.aten), at T = 4")
+    parser.add_argument("--per-op", action="store_true",
+                        help="each region op timed as T calls vs one joined call (at each "
+                             "--tasks)")
     parser.add_argument("--upper-bound", action="store_true",
                         help="the eager stack, T calls vs one joined call, beside the compiled "
                              "stack model (at each --tasks)")
@@ -280,6 +387,9 @@ def main() -> None:
         versus("aten overload calls / plain calls", args.models, args.batches, args.repeats,
                lambda unbatched, _: (torch.fx.GraphModule(unbatched, unbatched.graph).eval(),
                                      unbatched))
+    if args.per_op:
+        for t in args.tasks:
+            per_op(args.models, t, args.batches, args.repeats)
     if args.upper_bound:
         for t in args.tasks:
             upper_bound(t, args.batches, args.repeats)

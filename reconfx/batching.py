@@ -146,13 +146,17 @@ class StreamRegion(nn.Module):
     def run(self, *args: Any) -> tuple:
         return self._fn(self._root, *args)
 
-    def forward(self, *args: Any) -> tuple:
+    def stream_args(self, args: Sequence[Any]) -> tuple[list[tuple], tuple, tuple]:
+        """The call's arguments as :func:`run_streams` takes them: each stream's inputs, then the
+        repeated and the shared inputs."""
         n_in, n_rep, _ = self.counts
         n_streams = len(self.tasks)
         streams = [tuple(args[i * n_in:(i + 1) * n_in]) for i in range(n_streams)]
-        rest = args[n_streams * n_in:]
-        return run_streams(self.run, streams, tuple(rest[:n_rep]), tuple(rest[n_rep:]),
-                           self.max_rows)
+        rest = tuple(args[n_streams * n_in:])
+        return streams, rest[:n_rep], rest[n_rep:]
+
+    def forward(self, *args: Any) -> tuple:
+        return run_streams(self.run, *self.stream_args(args), self.max_rows)
 
 
 def _compiled(body: fx.Graph) -> Callable[..., tuple]:
