@@ -120,7 +120,8 @@ def save_weights(module: nn.Module, path: Path) -> None:
     under their first name in ``state_dict`` order, which ``safetensors.torch.load_model``
     accepts; a tensor that shares storage with another in any other way is stored as a copy.
     (``safetensors.torch.save_model`` records its alias table as metadata in hash order, which
-    differs from one run to the next.)"""
+    differs from one run to the next.) Empty tensors share no data (all have a null data
+    pointer), so each is stored under its own name."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -129,7 +130,7 @@ def save_weights(module: nn.Module, path: Path) -> None:
     for name, tensor in module.state_dict().items():
         storage = (tensor.device, tensor.untyped_storage().data_ptr())
         view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if view in kept:
+        if view in kept and tensor.untyped_storage().nbytes() > 0:
             continue
         shared = storage in storages and tensor.untyped_storage().nbytes() > 0
         tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()

@@ -104,3 +104,28 @@ def test_staging_left_by_a_killed_run_is_removed(tmp_path):
     (out / f".staging-{dead}" / "model.py").write_text("half-written")
     pipeline.compile_spec(spec(tmp_path), out)
     assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
+
+
+def test_weights_keep_every_empty_buffer_and_store_tied_tensors_once(tmp_path):
+    """Empty tensors all have a null data pointer but share nothing: each is stored under its
+    own name (torch.export lifts empty constants, one per use); a tensor under two names once."""
+    from safetensors import safe_open
+    from safetensors.torch import load_model
+
+    from reconfx.artifacts import save_weights
+
+    def module() -> torch.nn.Module:
+        m = torch.nn.Linear(3, 3)
+        m.register_buffer("first", torch.empty(0))
+        m.register_buffer("second", torch.tensor([]))
+        m.register_buffer("third", torch.empty(0, 4))
+        m.tied = torch.nn.Linear(3, 3)
+        m.tied.weight = m.weight
+        return m
+
+    path = tmp_path / "w.safetensors"
+    save_weights(module(), path)
+    with safe_open(str(path), "pt") as f:
+        assert sorted(f.keys()) == ["bias", "first", "second", "third", "tied.bias", "weight"]
+        assert f.get_tensor("third").shape == (0, 4)
+    load_model(module(), str(path), strict=True)

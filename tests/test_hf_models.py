@@ -15,6 +15,9 @@ CASES = {
                                num_attention_heads=2, intermediate_size=64,
                                max_position_embeddings=64), TOKENS, "last_hidden_state",
              ["backbone.encoder.layer.1.*"]),
+    "gpt2": ("GPT2Model", dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
+                               bos_token_id=0, eos_token_id=0), TOKENS, "last_hidden_state",
+             ["backbone.h.1.mlp.*"]),  # export lifts empty constant tensors in its attention
     "vit": ("ViTModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=2, intermediate_size=64), IMAGE,
             "last_hidden_state", ["backbone.embeddings", "backbone.layers.1.mlp.*"]),
