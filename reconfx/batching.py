@@ -40,6 +40,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from reconfx.aten import plain_calls
+from reconfx.emit.render import identifier
 from reconfx.graph import REGIONS, DualGraphModule, region_call, targets
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
@@ -538,7 +539,7 @@ def _region_name(modules: list[str]) -> str:
     name = "_".join(common + ([first] if first else []))
     if last and last != first:
         name += f"_to_{last}"
-    return "".join(c if c.isalnum() or c == "_" else "_" for c in name) or "streams"
+    return identifier(name or "streams")
 
 
 def body_graph(region: Region) -> fx.Graph:
@@ -549,7 +550,7 @@ def body_graph(region: Region) -> fx.Graph:
     taken: set[str] = set()
 
     def placeholder(node: fx.Node) -> fx.Node:
-        base = _base(node)
+        base = identifier(_base(node))
         name, n = base, 1
         while name in taken:
             name, n = f"{base}_{n}", n + 1

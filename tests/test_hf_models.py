@@ -21,6 +21,9 @@ CASES = {
     "vit": ("ViTModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=2, intermediate_size=64), IMAGE,
             "last_hidden_state", ["backbone.embeddings", "backbone.layers.1.mlp.*"]),
+    "swin": ("SwinModel", dict(image_size=32, patch_size=4, embed_dim=16, depths=[1, 1],
+                               num_heads=[2, 2], window_size=4), IMAGE, "last_hidden_state",
+             ["backbone.encoder.layers.1.blocks.0.attention.*"]),  # long module paths
     "resnet": ("ResNetModel", dict(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1],
                                    layer_type="basic"), IMAGE, "pooler_output",
                ["backbone.encoder.stages.1.*"]),

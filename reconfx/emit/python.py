@@ -29,8 +29,11 @@ from reconfx.emit.render import (
     LINE,
     assign,
     bracketed,
+    chain,
     comment,
+    identifier,
     infix,
+    render_arg,
     render_index,
     render_value,
     statement,
@@ -218,8 +221,8 @@ class PythonEmitter:
         for name, canon in self._ties():
             inside = scope is not None and _under(name, scope) and _under(canon, scope)
             if inside or (scope is None and not self._scoped(canon, name)):
-                lines.append(f"{self._indent(2)}{_access(self.tree, name)} = "
-                             f"{_access(self.tree, canon)}")
+                lines.append(assign(self._indent(2), _access(self.tree, name),
+                                    _access(self.tree, canon)))
         return lines
 
     def _ties(self) -> list[tuple[str, str]]:
@@ -254,7 +257,7 @@ class PythonEmitter:
 
         def name_of(node: fx.Node) -> str:
             if node.op == "get_attr":
-                return _access(self.tree, str(node.target))
+                return chain(_access(self.tree, str(node.target)))
             return names[node]
 
         params = ["self"] + [f"{names[n]}: {n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
@@ -282,10 +285,8 @@ class PythonEmitter:
             comment = self._comment(node)
             if comment:
                 lines.append(comment)
-            line = self._node_line(node, names[node], name_of)
-            if not node.users:  # kept for its effect (an in-place op): no name to bind
-                line = line.replace(f"{names[node]} = ", "", 1)
-            lines.append(line)
+            # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
+            lines.append(self._node_line(node, names[node] if node.users else "", name_of))
         return lines
 
     def _region_call_lines(self, node: fx.Node, names: dict[fx.Node, str], taken: set[str],
@@ -328,8 +329,7 @@ class PythonEmitter:
 
     def _node_line(self, node: fx.Node, lhs: str, name_of: Any) -> str:
         ind = self._indent(2)
-        args = [render_value(a, name_of) for a in node.args]
-        args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
+        args = _call_arguments(node, name_of)
         if node.op == "call_module":
             return statement(ind, lhs, f"{_access(self.tree, str(node.target))}(", args)
         if node.op == "call_method":
@@ -342,12 +342,12 @@ class PythonEmitter:
             return infix(ind, lhs, _operand(node.args[0], name_of), _INFIX[target],
                          _operand(node.args[1], name_of))
         if target in _UNARY and len(node.args) == 1:
-            return f"{ind}{lhs} = {_UNARY[target]}{_operand(node.args[0], name_of)}"
+            return assign(ind, lhs, f"{_UNARY[target]}{_operand(node.args[0], name_of)}")
         if target is getattr and len(node.args) == 2 and str(node.args[1]).isidentifier():
-            return f"{ind}{lhs} = {_operand(node.args[0], name_of)}.{node.args[1]}"
+            return assign(ind, lhs, f"{_operand(node.args[0], name_of)}.{node.args[1]}")
         if target is operator.getitem and not node.kwargs:
-            return f"{ind}{lhs} = {_operand(node.args[0], name_of)}" \
-                   f"[{render_index(node.args[1], name_of)}]"
+            return assign(ind, lhs, f"{_operand(node.args[0], name_of)}"
+                                    f"[{render_index(node.args[1], name_of)}]")
         return statement(ind, lhs, f"{self._function(target)}(", args)
 
     def _plain_line(self, plain: Spelling, node: fx.Node, lhs: str, name_of: Any) -> str:
@@ -356,9 +356,8 @@ class PythonEmitter:
             return infix(ind, lhs, _operand(node.args[0], name_of), plain.name,
                          _operand(node.args[1], name_of))
         if plain.kind == "unary":
-            return f"{ind}{lhs} = {plain.name}{_operand(node.args[0], name_of)}"
-        args = [render_value(a, name_of) for a in node.args]
-        args += [f"{k}={render_value(v, name_of)}" for k, v in node.kwargs.items()]
+            return assign(ind, lhs, f"{plain.name}{_operand(node.args[0], name_of)}")
+        args = _call_arguments(node, name_of)
         if plain.kind == "method":
             return statement(ind, lhs, f"{args[0]}.{plain.name}(", args[1:])
         return statement(ind, lhs, f"{plain.name}(", args)
@@ -418,10 +417,15 @@ class PythonEmitter:
         assert self.factory is not None
         module_name, _, name = self.factory.call.partition(":")
         self.imports.add(f"import {module_name}")
+        kwargs = self.factory.kwargs
+        if all(str(k).isidentifier() and not keyword.iskeyword(str(k)) for k in kwargs):
+            args = [f"{k}={render_arg(v)}" for k, v in kwargs.items()]
+        else:  # keys that are not Python names: pass the spec's mapping as it is
+            args = [f"**{render_arg(kwargs)}"]
         return [
             "def _from_factory(path: str) -> nn.Module:",
             '    """A submodule reconfx cannot write a constructor for, built by the factory."""',
-            f"    model = {module_name}.{name}(**{render_value(self.factory.kwargs)})",
+            statement("    ", "model", f"{module_name}.{name}(", args),
             f"    prefix = {render_value(self.factory.prefix)}",
             "    return model.get_submodule(path.removeprefix(prefix))",
             "",
@@ -495,15 +499,21 @@ def _base_name(node: fx.Node) -> str:
 
 
 def _fresh(base: str, taken: set[str]) -> str:
-    name = "".join(c if c.isalnum() or c == "_" else "_" for c in base) or "value"
-    if name[0].isdigit() or keyword.iskeyword(name) or name in _RESERVED:
-        name = f"{name}_" if not name[0].isdigit() else f"v_{name}"
+    name = identifier(base)
+    if name in _RESERVED:
+        name = f"{name}_"
     candidate, n = name, 1
     while candidate in taken:
         candidate = f"{name}_{n}"
         n += 1
     taken.add(candidate)
     return candidate
+
+
+def _call_arguments(node: fx.Node, name_of: Any) -> list[str]:
+    """A call node's arguments as source, long lists and tuples one item per line."""
+    return [render_arg(a, name_of) for a in node.args] + [
+        f"{k}={render_arg(v, name_of)}" for k, v in node.kwargs.items()]
 
 
 def _operand(value: Any, name_of: Any) -> str:

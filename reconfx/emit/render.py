@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import keyword
 import math
 import textwrap
 from collections.abc import Callable
@@ -10,6 +11,25 @@ from typing import Any
 import torch
 
 LINE = 99
+NAME = 48  # the longest local or method name written; longer ones keep their tail
+
+
+def identifier(text: str, limit: int = NAME) -> str:
+    """``text`` as a Python identifier of at most ``limit`` characters: other characters become
+    ``_``; a longer name keeps its last ``_``-separated words (a module path's informative end,
+    ``..._attention_output_dense_a``), never starting with a digit."""
+    name = "".join(c if c.isalnum() or c == "_" else "_" for c in text) or "value"
+    if len(name) > limit:
+        words = name.split("_")
+        kept: list[str] = []
+        while words and len("_".join([words[-1], *kept])) <= limit:
+            kept.insert(0, words.pop())
+        while kept and (not kept[0] or kept[0][0].isdigit()):
+            kept.pop(0)
+        name = "_".join(kept) or name[-limit:].lstrip("_0123456789") or "value"
+    if name[0].isdigit():
+        name = f"v_{name}"
+    return f"{name}_" if keyword.iskeyword(name) else name
 
 
 def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str:
@@ -52,6 +72,46 @@ def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str
     raise TypeError(f"cannot write a {type(value).__name__} constant ({value!r}) as source")
 
 
+def render_arg(value: Any, name_of: Callable[[Any], str] | None = None,
+               width: int = LINE - 16) -> str:
+    """:func:`render_value` for one argument of :func:`statement`: a list, tuple or dict too
+    long for ``width`` is written one item per line (recursively, see :func:`bracketed`)."""
+    if isinstance(value, torch.Size) or not isinstance(value, list | tuple | dict):
+        return render_value(value, name_of)
+    if isinstance(value, dict):
+        items = [f"{render_value(k, name_of)}: {render_arg(v, name_of, width - 4)}"
+                 for k, v in value.items()]
+        return bracketed("{", items, "}", width)
+    items = [render_arg(v, name_of, width - 4) for v in value]
+    if isinstance(value, list):
+        return bracketed("[", items, "]", width)
+    return bracketed("(", items, ",)" if len(items) == 1 else ")", width)
+
+
+def chain(text: str, width: int = LINE - 16) -> str:
+    """An attribute path (``self.a.b[0].c``) longer than ``width``, broken before its dots
+    inside parentheses, continuation lines indented relative to where it starts."""
+    if len(text) <= width:
+        return text
+    pieces, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += c in "([{"
+        depth -= c in ")]}"
+        if c == "." and depth == 0 and i > start:
+            pieces.append(text[start:i])
+            start = i
+    pieces.append(text[start:])
+    lines = [pieces[0]]
+    for piece in pieces[1:]:
+        if len(lines[-1]) + len(piece) <= width - 4:
+            lines[-1] += piece
+        else:
+            lines.append(piece)
+    if len(lines) == 1:
+        return text
+    return "(\n" + "".join(f"    {line}\n" for line in lines) + ")"
+
+
 def _slice(value: slice, name_of: Callable[[Any], str] | None) -> str:
     parts = [("" if v is None else render_value(v, name_of))
              for v in (value.start, value.stop, value.step)]
@@ -69,13 +129,17 @@ def render_index(index: Any, name_of: Callable[[Any], str]) -> str:
 def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str = ")") -> str:
     """``lhs = opener args closer`` (``opener`` ends with its bracket, e.g. ``f(``); wrapped with
     all arguments on one indented line, or one per line, when it does not fit; a right-hand side
-    whose head alone is too long goes inside parentheses on its own line."""
-    prefix = f"{indent}{lhs} = " if lhs else indent
+    whose head alone is too long goes inside parentheses on its own line, and so does a target
+    too long for a line (see :func:`chain`)."""
+    prefix = f"{_target(indent, lhs)} = " if lhs else indent
+    head = len(prefix.rpartition("\n")[2])  # the column the right-hand side starts at
     multiline = any("\n" in a for a in args)  # nested brackets (see ``bracketed``)
     line = f"{prefix}{opener}{', '.join(args)}{closer}"
-    if not multiline and len(line) <= LINE:
+    if not multiline and head + len(line) - len(prefix) <= LINE:
         return line
-    if lhs and len(f"{prefix}{opener}") > LINE - 8:
+    if not args:
+        return assign(indent, lhs, f"{opener}{closer}") if lhs else line
+    if lhs and head + len(opener) > LINE - 8:
         inner = statement(indent + "    ", "", opener, args, closer)
         return f"{prefix}(\n{inner}\n{indent})"
     inner = indent + "    "
@@ -86,11 +150,18 @@ def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str =
     return f"{prefix}{opener}\n{body}\n{indent}{closer}"
 
 
+def _target(indent: str, lhs: str) -> str:
+    """``indent lhs``, the target broken inside parentheses when ``lhs = (`` does not fit."""
+    if len(f"{indent}{lhs} = (") <= LINE:
+        return f"{indent}{lhs}"
+    return indent + chain(lhs, LINE - len(indent)).replace("\n", "\n" + indent)
+
+
 def bracketed(opener: str, items: list[str], closer: str, width: int = LINE - 16) -> str:
     """``(a, b)`` as one argument of :func:`statement`: on one line when it fits in ``width``,
     else one item per line, indented relative to where the argument starts."""
     line = f"{opener}{', '.join(items)}{closer}"
-    if len(line) <= width:
+    if "\n" not in line and len(line) <= width:
         return line
     lines = "".join(f"\n    {item.replace(chr(10), chr(10) + '    ')}," for item in items)
     return f"{opener}{lines}\n{closer.lstrip(',')}"
@@ -98,6 +169,8 @@ def bracketed(opener: str, items: list[str], closer: str, width: int = LINE - 16
 
 def infix(indent: str, lhs: str, left: str, op: str, right: str) -> str:
     """``lhs = left op right``, broken inside parentheses when too long."""
+    if not lhs:
+        return assign(indent, lhs, f"{left} {op} {right}")
     line = f"{indent}{lhs} = {left} {op} {right}"
     if len(line) <= LINE:
         return line
@@ -108,9 +181,24 @@ def infix(indent: str, lhs: str, left: str, op: str, right: str) -> str:
 
 
 def assign(indent: str, lhs: str, rhs: str) -> str:
-    """``lhs = rhs``, with ``rhs`` in parentheses on its own line when too long."""
-    line = f"{indent}{lhs} = {rhs}"
-    return line if len(line) <= LINE else f"{indent}{lhs} = (\n{indent}    {rhs}\n{indent})"
+    """``lhs = rhs``, with ``rhs`` in parentheses on its own line when too long (an attribute
+    path too long even there broken at its dots, see :func:`chain`), and a target too long for a
+    line broken the same way; without ``lhs``, the expression statement ``rhs``."""
+    if not lhs:
+        line = f"{indent}{rhs}"
+        if len(line) <= LINE or "\n" in rhs:
+            return line
+        return f"{indent}(\n{indent}    {rhs}\n{indent})"
+    target = _target(indent, lhs)
+    line = f"{target} = {rhs}"
+    if "\n" not in rhs and len(line.rpartition("\n")[2]) <= LINE:
+        return line
+    inner = indent + "    "
+    if "\n" not in rhs and len(inner + rhs) > LINE:
+        broken = chain(rhs, LINE - len(indent))
+        if broken != rhs:
+            return f"{target} = {broken.replace(chr(10), chr(10) + indent)}"
+    return f"{target} = (\n{inner}{rhs.replace(chr(10), chr(10) + inner)}\n{indent})"
 
 
 def comment(indent: str, text: str) -> str:
