@@ -21,6 +21,7 @@ import fnmatch
 import inspect
 import io
 import logging
+import operator
 import traceback
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -209,7 +210,74 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: di
         raise TierFailure("torch.export", None, exc) from exc
     finally:
         model.train(was_training)
-    return _relift(model, ep.module(), list(example), notes, leaves)
+    flat = ep.module()
+    _inline_wrapped(flat)
+    return _relift(model, flat, list(example), notes, leaves)
+
+
+def _copy_in(sub: fx.GraphModule, gm: fx.GraphModule, prefix: str, operands: Sequence[Any]
+             ) -> tuple:
+    """Copy ``sub``'s ops into ``gm``'s graph at its insertion point, on ``operands``; returns
+    the copies of its outputs. Constants it reads move to ``gm`` as ``<prefix>_<name>``."""
+    env: dict[fx.Node, Any] = dict(zip(
+        [n for n in sub.graph.nodes if n.op == "placeholder"], operands, strict=True))
+    results: tuple = ()
+    for inner in sub.graph.nodes:
+        if inner.op == "output":
+            results = tuple(fx.map_arg(inner.args[0], env.__getitem__))
+        elif inner.op == "get_attr":
+            name = f"{prefix}_{inner.target}".replace(".", "_")
+            fx.graph_module._assign_attr(resolve(sub, str(inner.target)), gm, name)
+            env[inner] = gm.graph.get_attr(name)
+        elif inner.op != "placeholder":
+            env[inner] = gm.graph.node_copy(inner, env.__getitem__)
+    return results
+
+
+def _inline_wrapped(gm: fx.GraphModule) -> None:
+    """torch.export puts code run under ``torch.autocast(...)`` or ``torch.set_grad_enabled(...)``
+    (Llama's rotary embedding: autocast off) in a higher-order op that calls a submodule. Each
+    such call becomes the submodule's ops between the context's enter and exit calls, the way
+    eager code runs them, so that every later pass and the emitted source see plain ops."""
+    hops = torch.ops.higher_order
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in (hops.wrap_with_autocast,
+                                                              hops.wrap_with_set_grad_enabled):
+            continue
+        autocast = node.target is hops.wrap_with_autocast
+        head = 4 if autocast else 1  # the context's arguments before the submodule
+        sub_node, operands = node.args[head], node.args[head + 1:]
+        sub = getattr(gm, str(sub_node.target))
+        _inline_wrapped(sub)
+        with gm.graph.inserting_before(node):
+            if autocast:
+                enter = gm.graph.call_function(torch.amp.autocast_mode._enter_autocast,
+                                               tuple(node.args[:head]))
+                context = [enter]
+            else:
+                before = gm.graph.call_function(torch.is_grad_enabled)
+                context = [before, gm.graph.call_function(torch._C._set_grad_enabled,
+                                                          (node.args[0],))]
+            results = _copy_in(sub, gm, str(sub_node.target), operands)
+            if autocast:
+                context.append(gm.graph.call_function(torch.amp.autocast_mode._exit_autocast,
+                                                      (enter,)))
+            else:
+                context.append(gm.graph.call_function(torch._C._set_grad_enabled, (before,)))
+        for new in context:
+            new.meta.update(node.meta)
+        for user in list(node.users):
+            if user.op == "call_function" and user.target is operator.getitem:
+                user.replace_all_uses_with(results[user.args[1]])
+                gm.graph.erase_node(user)
+            else:
+                raise TierFailure("torch.export", None, RuntimeError(
+                    f"{node.target} output used as a whole by {user.format_node()}"))
+        gm.graph.erase_node(node)
+        if not sub_node.users:
+            gm.graph.erase_node(sub_node)
+            delattr(gm, str(sub_node.target))
+    gm.recompile()
 
 
 @contextlib.contextmanager
@@ -446,19 +514,29 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
 
 
 def _follow_input_device(graph: fx.Graph) -> None:
-    """torch.export bakes the tracing device into factory ops (``arange(..., device=cpu)``);
-    make those follow the first input's device instead, so the graph and the emitted model run
-    wherever their inputs are."""
-    uses = [n for n in graph.nodes if n.op == "call_function"
-            and isinstance(n.kwargs.get("device"), torch.device)]
+    """torch.export bakes the tracing device into ops as a constant (``arange(..., device=cpu)``,
+    Llama's ``inv_freq.to(cpu, float32)``); make those follow the first input's device instead,
+    so the graph and the emitted model run wherever their inputs are."""
+    def baked(value: Any) -> bool:
+        found: list[bool] = []
+        fx.node.map_aggregate(value, lambda v: found.append(isinstance(v, torch.device)))
+        return any(found)
+
+    uses = [n for n in graph.nodes if n.op in ("call_function", "call_method")
+            and baked((n.args, n.kwargs))]
     first = next((n for n in graph.nodes if n.op == "placeholder"), None)
     if not uses or first is None:
         return
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(anchor):
         device = graph.call_function(getattr, (first, "device"))
+
+    def follow(value: Any) -> Any:
+        return device if isinstance(value, torch.device) else value
+
     for node in uses:
-        node.kwargs = {**node.kwargs, "device": device}
+        node.args = fx.node.map_aggregate(node.args, follow)
+        node.kwargs = fx.node.map_aggregate(node.kwargs, follow)
     graph.lint()
 
 

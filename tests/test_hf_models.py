@@ -18,6 +18,10 @@ CASES = {
     "gpt2": ("GPT2Model", dict(vocab_size=100, n_embd=32, n_layer=2, n_head=2, n_positions=64,
                                bos_token_id=0, eos_token_id=0), TOKENS, "last_hidden_state",
              ["backbone.h.1.mlp.*"]),  # export lifts empty constant tensors in its attention
+    "llama": ("LlamaModel", dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=64), TOKENS,
+              "last_hidden_state", ["backbone.layers.1.mlp.*"]),  # rotary: autocast region
     "vit": ("ViTModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
                              num_attention_heads=2, intermediate_size=64), IMAGE,
             "last_hidden_state", ["backbone.embeddings", "backbone.layers.1.mlp.*"]),
@@ -80,14 +84,17 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
     assert "def _forward_train(" in source and "def _forward_eval(" in source
 
 
-def test_factory_ops_follow_the_input_device(tmp_path):
-    """torch.export bakes device=cpu into BERT's arange; the compiled graph and the emitted model
-    take the device from their input instead (checked on the meta device: no GPU needed)."""
+@pytest.mark.parametrize("case", ["bert", "llama"])
+def test_factory_ops_follow_the_input_device(tmp_path, case):
+    """torch.export bakes device=cpu into BERT's arange and Llama's ``inv_freq.to(cpu)``; the
+    compiled graph and the emitted model take the device from their input instead (checked on
+    the meta device: no GPU needed)."""
     out = tmp_path / "out"
-    compiled = compile_and_verify(hf_spec(tmp_path, "bert"), out)
+    compiled = compile_and_verify(hf_spec(tmp_path, case), out)
     source = (out / "model.py").read_text()
     assert 'torch.device("cpu")' not in source and "device = input_ids.device" in source
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")
     for model in (compiled.branched.module, reconfx.load(out)):
         outputs = model.to("meta")(input_ids=ids)
         assert {t: o.device.type for t, o in outputs.items()} == {"a": "meta", "b": "meta"}
+
