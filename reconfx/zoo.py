@@ -261,10 +261,11 @@ def hf_model(arch: str, config: dict[str, Any] | None = None, eval_mode: bool = 
     import transformers
 
     cls = getattr(transformers, arch, None)
-    config_cls = getattr(transformers, arch.replace("Model", "Config"), None)
-    if cls is None or config_cls is None:
-        raise ModelError(f"transformers has no '{arch}' with a matching config class",
-                         fix="use a base model name such as BertModel or ViTModel")
+    config_cls = getattr(cls, "config_class", None)  # T5EncoderModel's is T5Config
+    if not isinstance(cls, type) or not isinstance(config_cls, type):
+        raise ModelError(f"transformers has no model class '{arch}' with a config class",
+                         fix="use a model class name such as BertModel, ViTModel or "
+                             "T5EncoderModel")
     model = cls(config_cls(**(config or {})))
     return model.eval() if eval_mode else model
 

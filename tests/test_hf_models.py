@@ -98,3 +98,14 @@ def test_factory_ops_follow_the_input_device(tmp_path, case):
         outputs = model.to("meta")(input_ids=ids)
         assert {t: o.device.type for t, o in outputs.items()} == {"a": "meta", "b": "meta"}
 
+
+def test_hf_model_takes_the_config_class_of_the_model_class():
+    from reconfx.errors import ModelError
+    from reconfx.zoo import hf_model
+
+    t5 = hf_model("T5EncoderModel", dict(vocab_size=100, d_model=32, d_kv=16, num_heads=2,
+                                         num_layers=2, d_ff=64))  # its config is T5Config
+    assert type(t5.config).__name__ == "T5Config" and t5.config.d_model == 32
+    for bad in ("NoSuchModel", "BertConfig"):
+        with pytest.raises(ModelError, match=f"no model class '{bad}'.*fix: use a model class"):
+            hf_model(bad)
