@@ -41,7 +41,7 @@ from torch.utils._pytree import tree_flatten
 
 from reconfx.aten import plain_calls
 from reconfx.emit.render import identifier
-from reconfx.graph import REGIONS, DualGraphModule, region_call, targets
+from reconfx.graph import CONTEXT_SWITCHES, REGIONS, DualGraphModule, region_call, targets
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
 # CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
@@ -439,11 +439,18 @@ def _op_exact(module: nn.Module, clones: dict[str, fx.Node], origin_of: dict[fx.
 
 def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
           candidates: dict[str, _Group]) -> list[list[_Group]]:
-    """Connected, convex sets of candidate groups with the same tasks, in graph order."""
+    """Connected, convex sets of candidate groups with the same tasks, in graph order. A region
+    never spans a switch of grad mode or autocast (the enter and exit of ``torch.no_grad()`` or
+    ``torch.autocast()``): collapsing it into one call would move its ops across the switch."""
     region_of: dict[str, int] = {}  # origin -> region id
     members: list[list[_Group]] = []
     deps: dict[fx.Node, frozenset[int]] = {}  # regions a node depends on (transitively)
     origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
+    segment: dict[fx.Node, int] = {}  # how many switches come before the node
+    count = 0
+    for node in graph.nodes:
+        count += node.op == "call_function" and node.target in CONTEXT_SWITCHES
+        segment[node] = count
     for node in graph.nodes:
         ups: set[int] = set()
         for arg in node.all_input_nodes:
@@ -456,7 +463,10 @@ def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
             continue
         group = candidates[origin]
         tasks = tuple(group.task_nodes)
-        inside = {region_of[o] for k, o in group.inputs if k == "stream" and o in region_of}
+        if len({segment[n] for n in group.task_nodes.values()}) != 1:
+            continue
+        inside = {region_of[o] for k, o in group.inputs if k == "stream" and o in region_of
+                  and segment[members[region_of[o]][0].task_nodes[tasks[0]]] == segment[node]}
         inputs = [n for clone in group.task_nodes.values() for n in clone.all_input_nodes]
         chosen = None
         for rid in sorted(inside, reverse=True):

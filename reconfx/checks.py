@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -45,12 +46,7 @@ def preserved(*modules: nn.Module) -> Iterator[None]:
 def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
     """One forward pass from a fixed RNG state; in train mode the running statistics it updates
     are restored, so every comparison starts from the same state."""
-    model.train(training)
-    torch.manual_seed(seed)
-    if not training:
-        return model(**example)
-    with preserved(model):
-        return model(**example)
+    return run_reaching(model, example, training, {}, seed=seed)[0]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -77,19 +73,53 @@ def compare(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
 def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],
                    examples: Sequence[dict[str, torch.Tensor] | None]) -> str | None:
     """None when the traced graph reproduces the eager model bit-exactly in both modes on all
-    examples (the second has another batch size, catching shapes baked into the graph)."""
+    examples (the second has another batch size, catching shapes baked into the graph), and its
+    outputs' gradient reaches the same parameters (checked once, in train mode)."""
+    shared = {id(q) for q in traced.parameters()}
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad and id(q) in shared}
     with preserved(model, traced):
-        for example in filter(None, examples):
+        for i, example in enumerate(filter(None, examples)):
             for training in (False, True):
-                want = task_outputs(run(model, example, training), task_paths)
-                got = run(traced, example, training)
+                reach = params if training and i == 0 else {}
+                want, want_reach = run_reaching(model, example, training, reach,
+                                                lambda out: task_outputs(out, task_paths))
+                got, got_reach = run_reaching(traced, example, training, reach)
                 bad = compare(want, got, 0.0)
                 if bad:
                     batch = next(iter(example.values())).shape[0]
                     mode = "train" if training else "eval"
                     return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
                             f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
+                for name in reach:
+                    if None not in (want_reach[name], got_reach[name]) and (
+                            want_reach[name] != got_reach[name]):
+                        return (f"the parameter '{name}' gets a gradient in the "
+                                f"{'traced graph' if got_reach[name] else 'model'} only (code "
+                                "under torch.no_grad() or similar that the tracer does not "
+                                "record)")
     return None
+
+
+def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: bool,
+                 params: dict[str, nn.Parameter], outputs: Any = None, seed: int = 0
+                 ) -> tuple[Any, dict[str, bool | None]]:
+    """:func:`run` (its result mapped by ``outputs``), and for each of ``params`` whether the
+    outputs' gradient reaches it (fx does not record ``torch.no_grad()`` blocks, so a traced
+    graph can train what the model keeps fixed; None when backward fails); computed before the
+    buffers are restored, which backward may need."""
+    model.train(training)
+    torch.manual_seed(seed)
+    with preserved(model) if training else contextlib.nullcontext():
+        out = model(**example)
+        out = outputs(out) if outputs is not None else out
+        loss = [o.float().sum() for o in out.values() if o.requires_grad] if params else []
+        if not loss:
+            return out, dict.fromkeys(params, False)
+        try:
+            grads = torch.autograd.grad(sum(loss), list(params.values()), allow_unused=True)
+        except RuntimeError:  # the model cannot backpropagate (an in-place op on a saved input)
+            return out, dict.fromkeys(params, None)
+        return out, {name: g is not None for name, g in zip(params, grads, strict=True)}
 
 
 def _dropout_attr(module: nn.Module) -> str | None:

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import networkx as nx
+import torch
 from torch import fx, nn
 
 from reconfx.aten import plain_calls
@@ -138,6 +139,12 @@ def node_tasks(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:
             for upstream in nx.ancestors(dag, node) | {node}:
                 needed[upstream] |= needed[target]
     return {n: frozenset(t) for n, t in needed.items()}
+
+
+# Calls that switch grad mode or autocast for the ops after them (tier 2 writes the enter and
+# exit of ``torch.no_grad()``/``torch.autocast()`` blocks as these); no pass moves ops across them.
+CONTEXT_SWITCHES = frozenset({torch._C._set_grad_enabled, torch.amp.autocast_mode._enter_autocast,
+                              torch.amp.autocast_mode._exit_autocast})
 
 
 def mutates(node: fx.Node) -> bool:

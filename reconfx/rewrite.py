@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.graph import DualGraphModule, node_tasks, prune, targets, task_outputs
+from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, targets, task_outputs
 from reconfx.layers import Layer
 
 
@@ -50,10 +50,31 @@ def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Nod
     variant: set[fx.Node] = set()
     for node in graph.nodes:
         if (node.op == "call_module" and node.target in modules) or (
-            node.op == "get_attr" and node.target in params
+            node.op == "get_attr" and (node.target in params or _owner(node, modules))
         ) or any(arg in variant for arg in node.all_input_nodes):
             variant.add(node)
     return variant
+
+
+def _owner(node: fx.Node, modules: set[str]) -> str | None:
+    """The module of ``modules`` whose tensor a ``get_attr`` reads (``fc.weight`` used directly
+    as well as through calls of ``fc``), else None."""
+    return _owner_of(str(node.target), modules) if node.op == "get_attr" else None
+
+
+def _owner_of(target: str, modules: set[str]) -> str | None:
+    return next((m for m in modules if target.startswith(m + ".")), None)
+
+
+def _task_target(node: fx.Node, per_task: set[str], branched_params: set[str], task: str
+                 ) -> str | None:
+    """What a task's clone of ``node`` calls or reads: the task's copy of a branched module or
+    parameter (``fc.<task>``, ``fc.<task>.weight``); None when it keeps its target."""
+    if node.op in ("call_module", "get_attr") and (
+            node.target in per_task or node.target in branched_params):
+        return f"{node.target}.{task}"
+    owner = _owner(node, per_task)
+    return None if owner is None else f"{owner}.{task}{str(node.target)[len(owner):]}"
 
 
 def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
@@ -65,9 +86,16 @@ def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
     branched_params = {p for layer in layers for p in layer.params}
     for layer in layers:
         members = {path: objs.pop(path) for path in layer.paths}
+        # tensors of a branched module the graph also reads directly: each task reads its copy's
+        inner = {t: owner for t in list(objs) if (owner := _owner_of(t, set(layer.modules)))}
+        for target in inner:
+            del objs[target]
         for task in layer.tasks:
             for path, obj in copy.deepcopy(members).items():
                 objs[f"{path}.{task}"] = obj
+            for target, owner in inner.items():
+                rest = target[len(owner) + 1:]
+                objs[f"{owner}.{task}.{rest}"] = resolve(objs[f"{owner}.{task}"], rest)
 
     graphs = dict(traced.graphs())
     variant = {mode: _variant(g, branched_modules, branched_params) for mode, g in graphs.items()}
@@ -138,14 +166,13 @@ def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, fro
             if shared_target:
                 # Each stream would otherwise mutate the tensor all streams share.
                 clone.target = shared_target
-            if node.op in ("call_module", "get_attr") and (
-                    node.target in per_task or node.target in branched_params):
-                clone.target = f"{node.target}.{task}"
+            clone.target = _task_target(node, per_task, branched_params, task) or clone.target
             meta = dict(node.meta.get("reconfx", {}))
             meta["task"] = task
             meta["origin"] = node.name  # the node this clone stands for (stream batching)
-            if starts and node.target in points:
-                meta["branch_point"] = points[str(node.target)]
+            point = points.get(str(node.target)) or points.get(_owner(node, set(points)) or "")
+            if starts and point:
+                meta["branch_point"] = point
             clone.meta["reconfx"] = meta
             env[(node, task)] = clone
     prune(new)

@@ -236,7 +236,7 @@ def _copy_in(sub: fx.GraphModule, gm: fx.GraphModule, prefix: str, operands: Seq
 
 def _inline_wrapped(gm: fx.GraphModule) -> None:
     """torch.export puts code run under ``torch.autocast(...)`` or ``torch.set_grad_enabled(...)``
-    (Llama's rotary embedding: autocast off) in a higher-order op that calls a submodule. Each
+    (Llama's rotary embedding runs under no_grad) in a higher-order op that calls a submodule. Each
     such call becomes the submodule's ops between the context's enter and exit calls, the way
     eager code runs them, so that every later pass and the emitted source see plain ops."""
     hops = torch.ops.higher_order
@@ -504,6 +504,8 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 raise TierFailure("torch.export", None, RuntimeError(mismatch))
             if coarse is not None:
                 result.notes.insert(0, "tier 2 used: tier 1 " + coarse.notes[-1])
+            elif failures:
+                result.notes.insert(0, f"tier 2 used: tier 1 failed {failures[-1]}")
             return result
         except TierFailure as exc:
             failures.append(exc)
@@ -515,21 +517,30 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
 
 def _follow_input_device(graph: fx.Graph) -> None:
     """torch.export bakes the tracing device into ops as a constant (``arange(..., device=cpu)``,
-    Llama's ``inv_freq.to(cpu, float32)``); make those follow the first input's device instead,
-    so the graph and the emitted model run wherever their inputs are."""
+    Llama's ``inv_freq.to(cpu, float32)``) and an autocast region's device type (``"cpu"`` for
+    eager code's ``x.device.type``); make those follow the first input's device instead, so the
+    graph and the emitted model run wherever their inputs are."""
     def baked(value: Any) -> bool:
         found: list[bool] = []
         fx.node.map_aggregate(value, lambda v: found.append(isinstance(v, torch.device)))
         return any(found)
 
+    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
+    if first is None:
+        return
+    traced_on = first.meta.get("val", first.meta.get("example_value"))
+    traced_on = getattr(traced_on, "device", torch.device("cpu")).type
     uses = [n for n in graph.nodes if n.op in ("call_function", "call_method")
             and baked((n.args, n.kwargs))]
-    first = next((n for n in graph.nodes if n.op == "placeholder"), None)
-    if not uses or first is None:
+    # autocast regions entered for the tracing device's type (``x.device.type`` in eager code)
+    regions = [n for n in graph.nodes if n.target is torch.amp.autocast_mode._enter_autocast
+               and n.args and n.args[0] == traced_on]
+    if not uses and not regions:
         return
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
     with graph.inserting_before(anchor):
         device = graph.call_function(getattr, (first, "device"))
+        kind = graph.call_function(getattr, (device, "type")) if regions else None
 
     def follow(value: Any) -> Any:
         return device if isinstance(value, torch.device) else value
@@ -537,6 +548,8 @@ def _follow_input_device(graph: fx.Graph) -> None:
     for node in uses:
         node.args = fx.node.map_aggregate(node.args, follow)
         node.kwargs = fx.node.map_aggregate(node.kwargs, follow)
+    for node in regions:
+        node.args = (kind, *node.args[1:])
     graph.lint()
 
 
@@ -584,7 +597,10 @@ def _op_name(node: fx.Node) -> str:
         return str(node.target)
     target = node.target
     if target is getattr and len(node.args) == 2 and isinstance(node.args[1], str):
-        return node.args[1]  # x.shape is named "shape"
+        owner = node.args[0]  # x.shape is named "shape", x.device.type "device_type"
+        if isinstance(owner, fx.Node) and owner.op == "call_function" and owner.target is getattr:
+            return f"{_op_name(owner)}_{node.args[1]}"
+        return node.args[1]
     if isinstance(target, torch._ops.OpOverload):
         return target.overloadpacket.__name__.strip("_") or "op"
     name = getattr(target, "__name__", None) or str(target)

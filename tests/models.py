@@ -176,3 +176,40 @@ class WideShared(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = torch.nn.functional.gelu(self.wide(torch.relu(self.stem(x))))
         return {"a": self.out_a(h), "b": self.out_b(h)}
+
+
+class ContextRegions(nn.Module):
+    """Ops under ``torch.autocast`` and ``torch.no_grad``, which torch.export wraps in
+    higher-order ops (as in Llama's rotary embedding)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.fc1(x)
+        with torch.no_grad():
+            gate = torch.sigmoid(h * self.scale)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = h @ self.fc2.weight.t()
+        h = torch.relu(self.fc2(h * gate) + low.float())
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+class NoGradGate(nn.Module):
+    """A gate computed under ``torch.no_grad()``: fx traces it without the block (so fc2 would
+    train), which the tracing check catches, and tier 2 keeps it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.fc1(x)
+        with torch.no_grad():
+            gate = torch.sigmoid(self.fc2(h))
+        h = h * gate
+        return {"a": self.a(h), "b": self.b(h)}

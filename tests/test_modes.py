@@ -42,3 +42,57 @@ def test_training_dependent_glue(tmp_path, tier, layers):
         want = reference(x)
         for task in ("a", "b"):
             assert torch.equal(model(x=x)[task], want[task])
+
+
+@pytest.mark.parametrize("layers", [["fc1"], ["fc2"]])
+def test_autocast_and_no_grad_regions_are_kept(tmp_path, layers):
+    """torch.export wraps code under ``torch.autocast``/``torch.no_grad`` in higher-order ops;
+    tier 2 inlines them as enter/exit calls: same outputs, same (absent) gradients, the autocast
+    region follows the input's device type, and stream batching never moves ops across them.
+    fc2 is called and its weight also read directly before the call: branching it gives each
+    task's direct read its own copy."""
+    spec = write_spec(tmp_path, "contexts", model={"factory": "tests.models:ContextRegions"},
+                      inputs=[{"name": "x", "shape": [3, 6]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": layers},
+                      trace={"tier": "export"})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(spec, out)
+    source = (out / "model.py").read_text()
+    enter = "torch.amp.autocast_mode._enter_autocast(\n            device_type, torch.bfloat16"
+    assert "device_type = device.type" in source and enter in source
+    assert "submod" not in source and "higher_order" not in source
+    for forward in source.split("\n    def ")[1:]:
+        for start, end in [("_set_grad_enabled(False)", "_set_grad_enabled(is_grad_enabled)"),
+                           ("_enter_autocast(", "_exit_autocast(")]:
+            if start in forward:
+                assert "run_streams(" not in forward[forward.index(start):forward.index(end)]
+    if layers == ["fc1"]:
+        assert "run_streams(" in source  # fc2 batched, after the autocast block
+    else:
+        assert "self.fc2.a.weight" in source and "self.fc2.weight" not in source
+    model, reference = reconfx.load(out), compiled.prepared.model
+    x = torch.randn(5, 6)
+    for module in (model, reference):
+        module.train()
+        sum(o.sum() for o in module(x=x).values()).backward()
+    assert reference.scale.grad is None and model.scale.grad is None  # only used under no_grad
+    for head in ("a", "b"):
+        grads = [getattr(m, head).weight.grad for m in (model, reference)]
+        assert torch.allclose(*grads, atol=1e-6)
+    if layers == ["fc2"]:  # fc1 shared: both tasks' gradients (bf16 matmuls round per task)
+        assert torch.allclose(model.fc1.weight.grad, reference.fc1.weight.grad, atol=1e-2)
+
+
+def test_no_grad_block_that_fx_drops_sends_tracing_to_tier_2(tmp_path):
+    spec = write_spec(tmp_path, "nograd", model={"factory": "tests.models:NoGradGate"},
+                      inputs=[{"name": "x", "shape": [3, 6]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc1"]})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(spec, out)
+    traced = compiled.prepared.traced
+    assert traced.tier == "export"
+    assert "parameter 'fc2.weight' gets a gradient in the traced graph only" in traced.notes[0]
+    model = reconfx.load(out)
+    model.train()
+    sum(o.sum() for o in model(x=torch.randn(4, 6)).values()).backward()
+    assert model.fc2.weight.grad is None and model.fc1.a.weight.grad is not None
