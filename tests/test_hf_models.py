@@ -36,9 +36,39 @@ CASES = {
                  ["backbone.encoder.stages.1.layers.0.*"]),
 }
 
+TOKEN_CONFIG = dict(vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=64)
+# More architectures, run on demand (`make test-slow`): each has its own tracing or emitting
+# trouble (shared ALBERT layers, 95-character module paths, T5's relative attention bias, ...).
+MORE_CASES = {
+    "albert": ("AlbertModel", dict(TOKEN_CONFIG, embedding_size=16), TOKENS,
+               "last_hidden_state",
+               ["backbone.encoder.albert_layer_groups.0.albert_layers.0.attention.dense"]),
+    "deit": ("DeiTModel", dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2,
+                               num_attention_heads=2, intermediate_size=64), IMAGE,
+             "last_hidden_state", ["backbone.layers.1.attention.q_proj"]),
+    "mobilebert": ("MobileBertModel", dict(TOKEN_CONFIG, embedding_size=16,
+                                           intra_bottleneck_size=16), TOKENS,
+                   "last_hidden_state", ["backbone.encoder.layer.1.attention.self.query"]),
+    "distilbert": ("DistilBertModel", dict(vocab_size=100, dim=32, n_layers=2, n_heads=2,
+                                           hidden_dim=64, max_position_embeddings=64), TOKENS,
+                   "last_hidden_state", ["backbone.transformer.layer.1.attention.q_lin"]),
+    "roberta": ("RobertaModel", TOKEN_CONFIG, TOKENS, "last_hidden_state",
+                ["backbone.encoder.layer.1.attention.self.query"]),
+    "electra": ("ElectraModel", dict(TOKEN_CONFIG, embedding_size=16), TOKENS,
+                "last_hidden_state", ["backbone.encoder.layer.0.output.dense"]),
+    "qwen2": ("Qwen2Model", dict(vocab_size=100, hidden_size=32, intermediate_size=64,
+                                 num_hidden_layers=2, num_attention_heads=2,
+                                 num_key_value_heads=1, max_position_embeddings=64), TOKENS,
+              "last_hidden_state", ["backbone.layers.1.self_attn.q_proj"]),
+    "t5": ("T5EncoderModel", dict(vocab_size=100, d_model=32, d_kv=16, num_heads=2,
+                                  num_layers=2, d_ff=64), TOKENS, "last_hidden_state",
+           ["backbone.encoder.block.1.layer.0.SelfAttention.q"]),
+}
+
 
 def hf_spec(tmp_path, case, tasks=2):
-    arch, config, inputs, feature, layers = CASES[case]
+    arch, config, inputs, feature, layers = {**CASES, **MORE_CASES}[case]
     token_level = feature == "last_hidden_state"
     heads = [{"name": "a", "head": {"out_features": 3, "pool": "none" if case == "bert"
                                     else ("cls" if token_level else "none")}},
@@ -60,6 +90,16 @@ def test_hf_backbone(tmp_path, case, tasks):
     assert compiled.prepared.traced.tier == "export"
     assert compiled.branched.layers
     assert all(layer.name.startswith("backbone.") for layer in compiled.branched.layers)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(MORE_CASES))
+def test_more_hf_backbones(tmp_path, case):
+    compiled = compile_and_verify(hf_spec(tmp_path, case, tasks=3), tmp_path / "out")
+    assert compiled.prepared.traced.tier == "export"
+    assert [layer.name for layer in compiled.branched.layers] == [
+        layer.name for layer in compiled.prepared.layers
+        if any(layer.matches(p) for p in MORE_CASES[case][4])]
 
 
 def test_backbone_weights_are_kept(tmp_path):
