@@ -24,7 +24,10 @@ class Cost:
 
 
 def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
-    with preserved(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+    """FLOPs of one eval-mode forward. Counted with autograd on: the counter's module tracker
+    hooks every module input that requires grad, and under ``torch.no_grad`` a view of a
+    parameter handed to a submodule requires grad but has no gradient edge to hook."""
+    with preserved(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
         model.eval()(**example)
     return int(counter.get_total_flops())
 

@@ -213,3 +213,19 @@ class NoGradGate(nn.Module):
             gate = torch.sigmoid(self.fc2(h))
         h = h * gate
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class LayerScale(nn.Module):
+    """A parameter scaling a shared layer's output through a view (PoolFormer's layer scale):
+    with fc branched, the batched region after it gets the view as an input, and under
+    ``torch.no_grad`` that view requires grad but has no gradient edge."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mix = nn.Linear(6, 8), nn.Linear(8, 8)
+        self.gamma = nn.Parameter(torch.linspace(0.5, 1.5, 8))
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.mix(self.fc(x)) * self.gamma.unsqueeze(0)
+        return {"a": self.a(h), "b": self.b(h)}

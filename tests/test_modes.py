@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import reconfx
+from reconfx.batching import regions_of
 from reconfx.zoo import TrainingGlue
 from tests.support import compile_and_verify, write_spec
 
@@ -96,3 +97,18 @@ def test_no_grad_block_that_fx_drops_sends_tracing_to_tier_2(tmp_path):
     model.train()
     sum(o.sum() for o in model(x=torch.randn(4, 6)).values()).backward()
     assert model.fc2.weight.grad is None and model.fc1.a.weight.grad is not None
+
+
+def test_report_counts_flops_when_a_submodule_gets_a_parameter_view(tmp_path):
+    """The report's FLOP count hooks every module's inputs; a parameter view passed to a
+    submodule (here the batched region after fc) used to break it. Linear layers count
+    2 * rows * in * out: fc 288, mix 384, heads 96 + 144 at the spec's batch of 3; branching
+    fc runs fc and mix once per task."""
+    spec = write_spec(tmp_path, "scaled", model={"factory": "tests.models:LayerScale"},
+                      inputs=[{"name": "x", "shape": [3, 6]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc"]})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(spec, out)
+    assert regions_of(compiled.branched.module)
+    report = (out / "report.md").read_text()
+    assert "- FLOPs per forward (example inputs): 912 -> 1,584 (+73.7%)" in report
