@@ -1,6 +1,8 @@
 """Models and data that once broke or must fail clearly; referenced by factory path from test
 specs."""
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -228,4 +230,33 @@ class LayerScale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.mix(self.fc(x)) * self.gamma.unsqueeze(0)
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+@dataclass
+class Settings:
+    width: int = 8
+
+
+class Rotary(nn.Module):
+    """A leaf built from a settings object (like HF's rotary embeddings from their config): its
+    constructor call has no source form."""
+
+    def __init__(self, settings: Settings):
+        super().__init__()
+        self.settings = settings
+        self.register_buffer("freq", torch.linspace(0.1, 1.0, settings.width))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h * torch.cos(self.freq)
+
+
+class Configured(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.rotary = nn.Linear(6, 8), Rotary(Settings(8))
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.rotary(self.fc(x))
         return {"a": self.a(h), "b": self.b(h)}

@@ -129,3 +129,21 @@ def test_weights_keep_every_empty_buffer_and_store_tied_tensors_once(tmp_path):
         assert sorted(f.keys()) == ["bias", "first", "second", "third", "tied.bias", "weight"]
         assert f.get_tensor("third").shape == (0, 4)
     load_model(module(), str(path), strict=True)
+
+
+def test_leaf_built_from_a_settings_object_comes_from_the_factory(tmp_path):
+    """A leaf whose constructor takes an object with no source form (HF's rotary embeddings
+    take the model config) is built in model.py by calling the spec's factory, and the report
+    says so."""
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "configured", model={"factory": "tests.models:Configured"},
+                      inputs=[{"name": "x", "shape": [3, 6]}], tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["fc"]})
+    out = tmp_path / "out"
+    compile_and_verify(path, out)  # parity of the reloaded model.py included
+    source = (out / "model.py").read_text()
+    assert 'self.rotary = _from_factory("rotary")' in source
+    assert "model = tests.models.Configured()" in source
+    assert "builds them by calling the spec's factory:\n\n- `rotary`\n" in (
+        out / "report.md").read_text()

@@ -151,7 +151,10 @@ def constructor(m: nn.Module) -> Constructor | None:
     if values is None:
         return None
     for simplify in (True, False):
-        args = _call(m, values, simplify)
+        try:
+            args = _call(m, values, simplify)
+        except TypeError:  # an argument with no source form (e.g. a model config object)
+            return None
         built = _build(cls, f"{prefix}({', '.join(args)})", namespace)
         if built is not None and _same_structure(m, built):
             return Constructor(prefix, tuple(args), import_line)
