@@ -41,7 +41,14 @@ from torch.utils._pytree import tree_flatten
 
 from reconfx.aten import plain_calls
 from reconfx.emit.render import identifier
-from reconfx.graph import CONTEXT_SWITCHES, REGIONS, DualGraphModule, region_call, targets
+from reconfx.graph import (
+    CONTEXT_SWITCHES,
+    REGIONS,
+    DualGraphModule,
+    record,
+    region_call,
+    targets,
+)
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
 # CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
@@ -172,26 +179,6 @@ def regions_of(module: nn.Module) -> list[StreamRegion]:
 
 
 # -- planning ----------------------------------------------------------------------------------
-class _Recorder(fx.Interpreter):
-    def __init__(self, module: nn.Module, graph: fx.Graph):
-        super().__init__(module, graph=graph)
-        self.values: dict[fx.Node, Any] = {}
-
-    def run_node(self, n: fx.Node) -> Any:
-        out = super().run_node(n)
-        self.values[n] = out
-        return out
-
-
-def _record(module: nn.Module, graph: fx.Graph, example: dict[str, torch.Tensor]
-            ) -> dict[fx.Node, Any]:
-    rec = _Recorder(module, graph)
-    names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
-    with torch.no_grad():
-        rec.run(*(example[name] for name in names))
-    return rec.values
-
-
 def _kind(a: Any, b: Any) -> str:
     """How a value depends on the batch size, from its values at two batch sizes: ``batched``
     (a tensor whose axis 0 alone changes), ``inner`` (a tensor whose one other axis alone
@@ -334,7 +321,7 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
     if not groups:
         return []
     origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
-    values = [_record(module, graph, ex) for ex in examples]
+    values = [record(module, graph, ex) for ex in examples]
     kind = {n: _kind(values[0].get(n), values[1].get(n)) for n in graph.nodes}
 
     candidates: dict[str, _Group] = {}

@@ -83,11 +83,15 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
                 reach = params if training and i == 0 else {}
                 want, want_reach = run_reaching(model, example, training, reach,
                                                 lambda out: task_outputs(out, task_paths))
-                got, got_reach = run_reaching(traced, example, training, reach)
+                batch = next(iter(example.values())).shape[0]
+                mode = "train" if training else "eval"
+                try:
+                    got, got_reach = run_reaching(traced, example, training, reach)
+                except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
+                    return (f"the traced graph fails in {mode} mode at batch {batch} where the "
+                            f"model runs ({type(exc).__name__}: {exc})")
                 bad = compare(want, got, 0.0)
                 if bad:
-                    batch = next(iter(example.values())).shape[0]
-                    mode = "train" if training else "eval"
                     return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
                             f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
                 for name in reach:

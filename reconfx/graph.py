@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Iterator
+from collections.abc import Container, Iterator
 from typing import Any
 
 import networkx as nx
@@ -176,3 +176,22 @@ def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
 def unique_parameters(module: nn.Module) -> int:
     """Parameter count with tied parameters counted once."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())
+
+
+def record(module: nn.Module, graph: fx.Graph, example: dict[str, Any],
+           keep: Container[fx.Node] | None = None) -> dict[fx.Node, Any]:
+    """Run ``graph`` on ``example`` (by placeholder name, under ``torch.no_grad``) and return
+    the value of every node, or of the nodes in ``keep``."""
+    values: dict[fx.Node, Any] = {}
+
+    class Recorder(fx.Interpreter):
+        def run_node(self, n: fx.Node) -> Any:
+            out = super().run_node(n)
+            if keep is None or n in keep:
+                values[n] = out
+            return out
+
+    names = [str(n.target) for n in graph.nodes if n.op == "placeholder"]
+    with torch.no_grad():
+        Recorder(module, graph=graph).run(*(example[name] for name in names))
+    return values

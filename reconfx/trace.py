@@ -32,7 +32,7 @@ import torch
 from torch import fx, nn
 
 from reconfx.errors import ModelError, TraceError
-from reconfx.graph import DualGraphModule, output_node, prune, resolve, same_graph
+from reconfx.graph import DualGraphModule, output_node, prune, record, resolve, same_graph
 from reconfx.tree import key_str
 
 CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
@@ -212,7 +212,7 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: di
         model.train(was_training)
     flat = ep.module()
     _inline_wrapped(flat)
-    return _relift(model, flat, list(example), notes, leaves)
+    return _relift(model, flat, example, training, notes, leaves)
 
 
 def _copy_in(sub: fx.GraphModule, gm: fx.GraphModule, prefix: str, operands: Sequence[Any]
@@ -309,8 +309,10 @@ def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Modul
     return None
 
 
-def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
-            notes: list[str], leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
+def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Tensor],
+            training: bool, notes: list[str], leaves: Sequence[str] = ()
+            ) -> tuple[fx.Graph, dict[str, Any]]:
+    input_names = list(example)
     modules = dict(model.named_modules())
     own_state = {path: {id(t) for t in list(m.parameters()) + list(m.buffers())}
                  for path, m in modules.items()}
@@ -347,10 +349,16 @@ def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
         if (len(tensor_inputs) == 1 and len(outputs) == 1 and len(inputs) == 1
                 and _single_input_forward(modules[path])):
             calls[key] = (tensor_inputs[0], outputs[0])
-            relifted.update({n: key for n in members})
         elif outputs:  # (a call whose result nothing uses is dead code and is dropped)
             notes.append(f"'{path}' ({type(modules[path]).__name__}) is kept as aten ops: its call "
                          f"takes {len(inputs)} input(s) and gives {len(outputs)} output(s)")
+    for key in _unfaithful(flat, calls, groups, modules, group_path, example, training):
+        del calls[key]
+        notes.append(f"'{group_path[key]}' ({type(modules[group_path[key]]).__name__}) is kept "
+                     "as aten ops: called on the one tensor its ops read, it computes something "
+                     "else (its forward takes other arguments in the model)")
+    for key in calls:
+        relifted.update({n: key for n in groups[key]})
 
     # Condense each re-lifted group to one vertex and order topologically, stable by position.
     position = {n: i for i, n in enumerate(nodes)}
@@ -399,6 +407,49 @@ def _relift(model: nn.Module, flat: fx.GraphModule, input_names: list[str],
     output.meta["flat_outputs"] = [env.get(n, n) if isinstance(n, fx.Node) else n
                                    for n in out_flat]
     return graph, attrs
+
+
+def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]],
+                groups: dict[str, list[fx.Node]], modules: dict[str, nn.Module],
+                group_path: dict[str, str], example: dict[str, torch.Tensor],
+                training: bool) -> list[str]:
+    """The re-lift candidates whose module, called on the value of the one tensor its recorded
+    ops read, does not reproduce those ops' result bit-exactly (same seed). A module's ops may
+    read one tensor while its forward takes another: OPT's positional embedding is called with
+    the attention mask and recomputes positions from it unless given ``position_ids``."""
+    from reconfx.checks import preserved
+
+    if not calls:
+        return []
+    bad = []
+    # (train-mode BatchNorm updates running statistics: restored; the global RNG is untouched)
+    with preserved(flat, modules[""]), torch.random.fork_rng(devices=[]), torch.no_grad():
+        values = record(flat, flat.graph, example, {arg for arg, _ in calls.values()})
+        for key, (arg, out) in calls.items():
+            torch.manual_seed(0)
+            want = _run_ops(flat, groups[key], {arg: values[arg]})[out]
+            module = modules[group_path[key]].train(training)
+            torch.manual_seed(0)
+            try:
+                got = module(values[arg])
+            except Exception:
+                got = None
+            if not (isinstance(got, torch.Tensor) and got.shape == want.shape
+                    and got.dtype == want.dtype and torch.equal(got, want)):
+                bad.append(key)
+    return bad
+
+
+def _run_ops(gm: fx.GraphModule, nodes: list[fx.Node], env: dict[fx.Node, Any]
+             ) -> dict[fx.Node, Any]:
+    """Run call_function ``nodes`` in order on the values in ``env`` (the others they read are
+    ``gm``'s attributes); returns ``env`` with their results."""
+    def fetch(a: fx.Node) -> Any:
+        return env[a] if a in env else resolve(gm, str(a.target))
+
+    for n in nodes:
+        env[n] = n.target(*fx.node.map_arg(n.args, fetch), **fx.node.map_arg(n.kwargs, fetch))
+    return env
 
 
 def _single_input_forward(module: nn.Module) -> bool:

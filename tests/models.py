@@ -260,3 +260,31 @@ class Configured(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.rotary(self.fc(x))
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class OffsetPositions(nn.Embedding):
+    """OPT's positional embedding: called with the attention mask, it derives the positions
+    from it unless given ``position_ids``; its own ops read only the positions."""
+
+    def __init__(self, positions: int, dim: int):
+        super().__init__(positions + 2, dim)
+
+    def forward(self, mask: torch.Tensor, position_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if position_ids is None:
+            position_ids = torch.cumsum(mask, dim=1) - 1
+        return super().forward(position_ids + 2)
+
+
+class PositionsFromMask(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed, self.positions = nn.Embedding(50, 8), OffsetPositions(64, 8)
+        self.fc = nn.Linear(8, 8)
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = torch.ones_like(ids)
+        positions = torch.cumsum(mask, dim=1) - 1
+        h = self.fc(self.embed(ids) + self.positions(mask, position_ids=positions)).mean(1)
+        return {"a": self.a(h), "b": self.b(h)}

@@ -62,3 +62,23 @@ def test_dropout_is_active_in_train_and_off_in_eval(tmp_path, tier, layers):
     torch.manual_seed(0)
     first = model(tokens=tokens)["sequence"]
     assert not torch.equal(first, model(tokens=tokens)["sequence"])
+
+
+def test_leaf_whose_ops_read_another_tensor_than_its_argument_stays_aten_ops(tmp_path):
+    """torch.export records a leaf's ops; re-lifting calls the leaf on the one tensor they read.
+    OPT's positional embedding reads the positions it is given by keyword but takes the mask
+    as its argument, so that call would compute something else: it stays as its aten ops."""
+    path = write_spec(tmp_path, "positions", model={"factory": "tests.models:PositionsFromMask"},
+                      inputs=[{"name": "ids", "shape": [2, 8], "dtype": "int64", "high": 50,
+                               "dynamic": [0, 1]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc"]},
+                      trace={"tier": "export"})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(path, out)
+    traced = compiled.prepared.traced
+    assert traced.tier == "export"
+    assert any(note.startswith("'positions' (OffsetPositions) is kept as aten ops: called on")
+               for note in traced.notes)
+    called = {str(n.target) for n in traced.module.graph.nodes if n.op == "call_module"}
+    assert called == {"embed", "fc", "a", "b"}
+    assert "self.positions.weight" in (out / "model.py").read_text()
