@@ -138,12 +138,37 @@ def example_inputs(inputs: list[InputSpec], seed: int = 0, batch: int | None = N
     return out
 
 
+def run_example(model: nn.Module, example: dict[str, torch.Tensor], spec: Spec,
+                spec_path: str | Path, grown: bool = False) -> Any:
+    """``model(**example)`` in eval mode under ``torch.no_grad``; an exception is the model's or
+    the inputs' fault, reported as a ModelError naming the inputs."""
+    try:
+        with torch.no_grad():
+            return model.eval()(**example)
+    except Exception as exc:
+        first = str(exc).splitlines()[0][:300] if str(exc) else ""
+        shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
+                           for k, v in example.items())
+        if grown:
+            dynamic = "; ".join(f"{i.name}: {list(i.dynamic)}" for i in spec.inputs if i.dynamic)
+            raise ModelError(
+                f"the model runs on the example inputs but raises {type(exc).__name__} when "
+                f"their dynamic axes ({dynamic}) are one longer ({shapes}): {first}",
+                where=f"{spec_path}: inputs", fix="mark as dynamic only the axes whose size "
+                "may change, or let the model accept other sizes") from None
+        raise ModelError(f"the model raises {type(exc).__name__} on the example inputs ({shapes}):"
+                         f" {first}", where=f"{spec_path}: inputs",
+                         fix="check the inputs' names, shapes, dtypes and value ranges against "
+                         "the model's forward, and the factory's arguments") from None
+
+
 def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
     """The multi-task model the spec describes, in eval mode, weights from its checkpoint."""
     where = f"{spec_path}: {'model' if spec.model is not None else 'backbone'}"
     model = call_factory(spec.factory, where)
     if spec.backbone is not None:
         example = example_inputs(spec.inputs, seed=spec.train.seed)
+        run_example(model, example, spec, spec_path)
         heads = {t.name: t.head for t in spec.tasks}
         model = attach_heads(model, spec.backbone.feature, heads, example,
                              f"{where}.feature")

@@ -22,7 +22,13 @@ from tqdm import tqdm
 
 from reconfx import artifacts, distributed
 from reconfx.batching import batch_streams, regions_of
-from reconfx.build import build_model, call_data_factory, example_inputs, task_paths
+from reconfx.build import (
+    build_model,
+    call_data_factory,
+    example_inputs,
+    run_example,
+    task_paths,
+)
 from reconfx.checks import (
     Check,
     check_emit,
@@ -93,8 +99,8 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
     model = build_model(s, loaded.path)
     examples = spec_examples(s)
-    with torch.no_grad():
-        output = model(**examples[0])
+    output = run_example(model, examples[0], s, loaded.path)
+    run_example(model, examples[1], s, loaded.path, grown=True)
     paths, ignored = task_paths(s, output, str(loaded.path))
     dynamic = {i.name: list(i.dynamic) for i in s.inputs}
     traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,

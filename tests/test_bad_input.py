@@ -200,3 +200,36 @@ def test_task_names_must_be_usable_as_attributes(tmp_path, capsys, name):
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 2
     assert_one_line(err, "tasks[0].name")
+
+
+@pytest.mark.parametrize("inputs, needles", [
+    # the MLP takes 1 x 12 x 12 images: three channels are the spec's fault, not an internal
+    # error
+    ([{"name": "image", "shape": [2, 3, 12, 12]}],
+     ["inputs: the model raises RuntimeError on the example inputs (image [2, 3, 12, 12] "
+      "float32)", "check the inputs' names"]),
+    # a misspelled input name reaches forward() as an unexpected keyword
+    ([{"name": "img", "shape": [2, 1, 12, 12]}],
+     ["the model raises TypeError", "img [2, 1, 12, 12]", "unexpected keyword argument 'img'"]),
+    # the height is fixed by the first Linear's input features: it cannot be dynamic
+    ([{"name": "image", "shape": [2, 1, 12, 12], "dynamic": [0, 2]}],
+     ["the model runs on the example inputs but raises RuntimeError when their dynamic axes "
+      "(image: [0, 2]) are one longer (image [3, 1, 13, 12] float32)",
+      "mark as dynamic only the axes whose size may change"]),
+])
+def test_model_that_fails_on_the_spec_inputs(tmp_path, capsys, inputs, needles):
+    path = write_spec(tmp_path, model={"factory": "tests.models:DigitsMLP"}, inputs=inputs,
+                      tasks=TASKS, select={"layers": ["trunk"]})
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, f"{path}: inputs: ", *needles)
+
+
+def test_backbone_that_fails_on_the_spec_inputs(tmp_path, capsys):
+    path = write_spec(tmp_path, backbone={**RESNET, "feature": "output"},
+                      inputs=[{"name": "image", "shape": [2, 3, 12, 12]}],
+                      tasks=[{"name": "left", "head": {"out_features": 2}},
+                             {"name": "right", "head": {"out_features": 2}}])
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, f"{path}: inputs: the model raises RuntimeError on the example inputs")
