@@ -8,6 +8,7 @@ round differently) and their buffers are restored afterwards, so checking never 
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -85,8 +86,9 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
                                                 lambda out: task_outputs(out, task_paths))
                 batch = next(iter(example.values())).shape[0]
                 mode = "train" if training else "eval"
-                try:
-                    got, got_reach = run_reaching(traced, example, training, reach)
+                try:  # (fx prints the generated code's traceback to stderr before raising)
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        got, got_reach = run_reaching(traced, example, training, reach)
                 except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
                     return (f"the traced graph fails in {mode} mode at batch {batch} where the "
                             f"model runs ({type(exc).__name__}: {exc})")

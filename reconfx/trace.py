@@ -561,7 +561,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         except TierFailure as exc:
             failures.append(exc)
     if coarse is not None:
-        coarse.notes.append("torch.export failed too, so the coarse fx leaves are kept")
+        coarse.notes.append(f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})")
         return coarse
     raise _trace_error(failures)
 

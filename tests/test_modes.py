@@ -112,3 +112,26 @@ def test_report_counts_flops_when_a_submodule_gets_a_parameter_view(tmp_path):
     assert regions_of(compiled.branched.module)
     report = (out / "report.md").read_text()
     assert "- FLOPs per forward (example inputs): 912 -> 1,584 (+73.7%)" in report
+
+
+def test_traced_graph_that_raises_is_a_mismatch_and_prints_nothing(capsys):
+    """A traced graph with a batch size baked in fails where the model runs: the check says so
+    (so the next tier is tried) instead of raising, and fx's own dump of the generated code's
+    traceback does not reach the user's terminal."""
+    from torch import fx, nn
+
+    from reconfx.checks import traced_matches
+
+    class Flatten(nn.Module):
+        def forward(self, x):
+            return {"a": x.reshape(x.shape[0], -1)}
+
+    baked = fx.GraphModule(Flatten(), fx.symbolic_trace(Flatten()).graph)
+    node = next(n for n in baked.graph.nodes if n.target == "reshape")
+    node.args = (node.args[0], 2, 12)  # what a tracer that specialised the batch would keep
+    baked.recompile()
+    examples = [{"x": torch.randn(2, 3, 4)}, {"x": torch.randn(3, 3, 4)}]
+    message = traced_matches(Flatten(), baked, {"a": "a"}, examples)
+    assert message == ("the traced graph fails in eval mode at batch 3 where the model runs "
+                       "(RuntimeError: shape '[2, 12]' is invalid for input of size 36)")
+    assert capsys.readouterr().err == ""
