@@ -180,8 +180,15 @@ def _keep_spec_placeholders(graph: fx.Graph, input_names: Sequence[str]) -> None
     placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
     for name, node in placeholders.items():
         if name not in input_names:
+            # fx checks a fixed non-None argument against its value: arg == value -> _assert
+            for check in [u for u in node.users if u.target is operator.eq
+                          and all(a.target is torch._assert for a in u.users)]:
+                for assertion in list(check.users):
+                    graph.erase_node(assertion)
+                graph.erase_node(check)
             if node.users:
-                raise ModelError(f"forward() argument '{name}' is used but not in the spec")
+                raise ModelError(f"forward() argument '{name}' is used but not in the spec",
+                                 fix="add it to the spec's inputs")
             graph.erase_node(node)
     anchor = next(n for n in graph.nodes if n.op != "placeholder")
     for name in input_names:
@@ -500,6 +507,26 @@ def _set_task_outputs(graph: fx.Graph, task_paths: dict[str, str], flat_paths: l
     graph.lint()
 
 
+# Attributes a GraphModule sets on itself besides its class's: a submodule, parameter or buffer
+# of the same name at the model's top level cannot be copied into the traced graph module.
+_GRAPH_MODULE_STATE = {"meta", "_graph", "_code", "_tracer_cls", "_tracer_extras",
+                       "train_graph", "eval_graph"}
+
+
+def check_top_level_names(model: nn.Module, fix: str = "rename them, or give the model as a "
+                          "`backbone:` tapped at its output or an output field (its modules "
+                          "then live under 'backbone.')") -> None:
+    members = [*model.named_children(), *model.named_parameters(recurse=False),
+               *model.named_buffers(recurse=False)]
+    taken = sorted(name for name, _ in members
+                   if name in _GRAPH_MODULE_STATE or hasattr(DualGraphModule, name))
+    if taken:
+        raise ModelError(
+            f"the model's top-level attribute(s) {', '.join(repr(n) for n in taken)} have the "
+            "name of a torch.fx GraphModule attribute, so the traced graph module cannot hold "
+            "them", fix=fix)
+
+
 def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[str, str],
           dynamic: dict[str, list[int]] | None = None, tier: str = "auto",
           leaves: Sequence[str] = (), verify_with: dict[str, torch.Tensor] | None = None,
@@ -514,6 +541,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
     """
     from reconfx.checks import traced_matches
 
+    check_top_level_names(model)
     dynamic = dynamic if dynamic is not None else {name: [0] for name in example}
     input_names = list(example)
     failures: list[TierFailure] = []

@@ -288,3 +288,16 @@ class PositionsFromMask(nn.Module):
         positions = torch.cumsum(mask, dim=1) - 1
         h = self.fc(self.embed(ids) + self.positions(mask, position_ids=positions)).mean(1)
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class GraphNamed(nn.Module):
+    """A top-level submodule named like a GraphModule attribute (a GNN's ``graph`` encoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.graph, self.meta = nn.Linear(4, 8), nn.Linear(4, 8)
+        self.head_a, self.head_b = nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.graph(x) + self.meta(x)
+        return {"a": self.head_a(h), "b": self.head_b(h)}

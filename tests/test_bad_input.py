@@ -233,3 +233,35 @@ def test_backbone_that_fails_on_the_spec_inputs(tmp_path, capsys):
     code, _, err = run_cli(capsys, "inspect", str(path))
     assert code == 2
     assert_one_line(err, f"{path}: inputs: the model raises RuntimeError on the example inputs")
+
+
+def test_top_level_names_a_graph_module_reserves(tmp_path, capsys):
+    path = write_spec(tmp_path, model={"factory": "tests.models:GraphNamed"},
+                      inputs=[{"name": "x", "shape": [2, 4]}], tasks=[{"name": "a"}, {"name": "b"}])
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "top-level attribute(s) 'graph', 'meta' have the name of a torch.fx "
+                    "GraphModule attribute", "give the model as a `backbone:` tapped at its "
+                    "output or an output field")
+    tapped = write_spec(tmp_path, "tapped", inputs=[{"name": "x", "shape": [2, 4]}],
+                        backbone={"factory": "tests.models:GraphNamed", "feature": "graph"},
+                        tasks=[{"name": "a", "head": {"out_features": 2}},
+                               {"name": "b", "head": {"out_features": 3}}])
+    code, _, err = run_cli(capsys, "inspect", str(tapped))
+    assert code == 2
+    assert_one_line(err, "'graph', 'meta' have the name", "instead of 'graph'")
+
+
+def test_reserved_top_level_names_work_inside_a_backbone(tmp_path):
+    """The fix the error names: as a backbone tapped at an output field, the same modules live
+    under 'backbone.'."""
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "wrapped",
+                      backbone={"factory": "tests.models:GraphNamed", "feature": "a"},
+                      inputs=[{"name": "x", "shape": [2, 4]}],
+                      tasks=[{"name": "a", "head": {"out_features": 2}},
+                             {"name": "b", "head": {"out_features": 3}}],
+                      select={"layers": ["backbone.graph"]})
+    compiled = compile_and_verify(path, tmp_path / "out")
+    assert [layer.name for layer in compiled.branched.layers] == ["backbone.graph"]
