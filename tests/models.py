@@ -301,3 +301,17 @@ class GraphNamed(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.graph(x) + self.meta(x)
         return {"a": self.head_a(h), "b": self.head_b(h)}
+
+
+class DoubleNet(nn.Module):
+    """Layers in float64 (a model moved with ``.double()``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mid = nn.Linear(5, 7), nn.Linear(7, 7)
+        self.a, self.b = nn.Linear(7, 1), nn.Linear(7, 2)
+        self.double()
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.mid(torch.relu(self.fc(x))))
+        return {"a": self.a(h), "b": self.b(h)}

@@ -147,3 +147,15 @@ def test_leaf_built_from_a_settings_object_comes_from_the_factory(tmp_path):
     assert "model = tests.models.Configured()" in source
     assert "builds them by calling the spec's factory:\n\n- `rotary`\n" in (
         out / "report.md").read_text()
+
+
+def test_layers_in_another_dtype_get_a_dtype_argument(tmp_path):
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "double", model={"factory": "tests.models:DoubleNet"},
+                      inputs=[{"name": "x", "shape": [3, 5], "dtype": "float64"}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc"]})
+    compile_and_verify(path, tmp_path / "out")  # parity of the reloaded model.py included
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.mid = nn.Linear(7, 7, dtype=torch.float64)" in source
+    assert "nn.Linear(5, 7, dtype=torch.float64)" in source and "_from_factory" not in source

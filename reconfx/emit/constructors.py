@@ -134,6 +134,19 @@ def _same_structure(a: nn.Module, b: nn.Module) -> bool:
     return not (is_torch_nn(a) and a.extra_repr() != b.extra_repr())
 
 
+def _dtype(m: nn.Module) -> torch.dtype | None:
+    """The ``dtype=`` a factory-kwargs constructor needs: the one floating dtype of the module's
+    own tensors when it is not the default (a layer moved to float64 or bfloat16)."""
+    floating = {t.dtype for t in m.state_dict().values() if t.is_floating_point()}
+    if len(floating) != 1 or floating == {torch.get_default_dtype()}:
+        return None
+    try:
+        accepts = "dtype" in inspect.signature(type(m).__init__).parameters
+    except (TypeError, ValueError):
+        return None
+    return next(iter(floating)) if accepts else None
+
+
 def is_torch_nn(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn")
 
@@ -150,6 +163,9 @@ def constructor(m: nn.Module) -> Constructor | None:
     values = HANDLERS[cls](m) if cls in HANDLERS else _generic(m)
     if values is None:
         return None
+    dtype = _dtype(m)
+    if dtype is not None:
+        values = {**values, "dtype": dtype}
     for simplify in (True, False):
         try:
             args = _call(m, values, simplify)
