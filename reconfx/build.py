@@ -149,14 +149,15 @@ def run_example(model: nn.Module, example: dict[str, torch.Tensor], spec: Spec,
         first = str(exc).splitlines()[0][:300] if str(exc) else ""
         shapes = ", ".join(f"{k} {list(v.shape)} {str(v.dtype).removeprefix('torch.')}"
                            for k, v in example.items())
-        if grown:
-            dynamic = "; ".join(f"{i.name}: {list(i.dynamic)}" for i in spec.inputs if i.dynamic)
+        dynamic = "; ".join(f"{i.name}: {list(i.dynamic)}" for i in spec.inputs if i.dynamic)
+        if grown and dynamic:
             raise ModelError(
                 f"the model runs on the example inputs but raises {type(exc).__name__} when "
                 f"their dynamic axes ({dynamic}) are one longer ({shapes}): {first}",
                 where=f"{spec_path}: inputs", fix="mark as dynamic only the axes whose size "
                 "may change, or let the model accept other sizes") from None
-        raise ModelError(f"the model raises {type(exc).__name__} on the example inputs ({shapes}):"
+        raise ModelError(f"the model raises {type(exc).__name__} on the example inputs ({shapes}"
+                         f"{', second draw' if grown else ''}):"
                          f" {first}", where=f"{spec_path}: inputs",
                          fix="check the inputs' names, shapes, dtypes and value ranges against "
                          "the model's forward, and the factory's arguments") from None

@@ -315,3 +315,16 @@ class DoubleNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = torch.relu(self.mid(torch.relu(self.fc(x))))
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class DefaultScale(nn.Module):
+    """A forward argument the spec does not give, used with its default value."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.mid = nn.Linear(4, 8), nn.Linear(8, 8)
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor, scale: float = 2.0) -> dict[str, torch.Tensor]:
+        h = self.mid(torch.relu(self.fc(x)) * scale)
+        return {"a": self.a(h), "b": self.b(h)}

@@ -82,3 +82,17 @@ def test_leaf_whose_ops_read_another_tensor_than_its_argument_stays_aten_ops(tmp
     called = {str(n.target) for n in traced.module.graph.nodes if n.op == "call_module"}
     assert called == {"embed", "fc", "a", "b"}
     assert "self.positions.weight" in (out / "model.py").read_text()
+
+
+def test_forward_argument_left_out_of_the_spec_keeps_its_default(tmp_path):
+    """fx fixes an argument the spec does not give to its default and guards it with an assert
+    on a placeholder; the compiled model takes only the spec's inputs and uses the default."""
+    path = write_spec(tmp_path, "scaled", model={"factory": "tests.models:DefaultScale"},
+                      inputs=[{"name": "x", "shape": [2, 4]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc"]})
+    out = tmp_path / "out"
+    compiled = compile_and_verify(path, out)
+    assert compiled.prepared.traced.tier == "fx"
+    source = (out / "model.py").read_text()
+    assert "def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:" in source
+    assert "relu * 2.0" in source
