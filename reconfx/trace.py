@@ -435,6 +435,8 @@ def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]],
         rng = torch.get_rng_state()  # (set_rng_state is far cheaper than manual_seed)
         for key, (arg, out) in calls.items():
             torch.set_rng_state(rng)
+            # (re-run, not read from the recording: dropout must draw what the module call
+            # draws, and an in-place op later in the graph may have changed the recorded value)
             want = _run_ops(flat, groups[key], {arg: values[arg]})[out]
             module = modules[group_path[key]].train(training)
             torch.set_rng_state(rng)
