@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator, Sequence
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -262,9 +263,16 @@ def check_isolation(compiled: nn.Module, example: dict[str, torch.Tensor],
 
 
 def check_emit(emitted: nn.Module, compiled: nn.Module,
-               examples: Sequence[dict[str, torch.Tensor]], expected_params: int) -> Check:
+               examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
+               original: nn.Module | None = None, task_paths: dict[str, str] | None = None,
+               rename: Callable[[str], str | None] = str, atol: float = 0.0) -> Check:
     """I4: the emitted source with its weights reproduces the compiled model, same parameter
-    count as the original plus (T-1) x the branched layers."""
+    count as the original plus (T-1) x the branched layers. It must also compute the same
+    function for other weights: every floating parameter and buffer is perturbed the same way in
+    the emitted model and in ``original`` (a compiled tensor matched to the original's through
+    ``rename``; compared within ``atol``, I1's tolerance), so a value derived from the weights
+    and baked into the graph or the source is caught. Without ``original`` (weights trained
+    since, so they are no longer the original's) the reference is the compiled model."""
     from reconfx.graph import unique_parameters
 
     count = unique_parameters(emitted)
@@ -280,4 +288,50 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
                     mode = "train" if training else "eval"
                     raise CheckError(f"I4 emit parity failed: task '{bad[0]}' differs in {mode} "
                                      f"mode by {bad[1]:.3g}")
-    return Check("I4 emit parity", f"bit-exact in eval and train mode; {count} parameters")
+    if original is None:
+        reference, outputs, rename, atol = compiled, dict, str, 0.0
+    else:
+        reference, outputs = original, lambda out: task_outputs(out, task_paths or {})
+    with preserved(reference, emitted), perturbed(reference), perturbed(emitted, rename):
+        bad = compare(outputs(run(reference, examples[0], False)),
+                      run(emitted, examples[0], False), atol)
+    if bad:
+        against = "the compiled model" if original is None else "the original model"
+        raise CheckError(
+            f"I4 emit parity failed: with every weight perturbed, task '{bad[0]}' differs from "
+            f"{against} by {bad[1]:.3g} (a value derived from the weights is fixed in the graph "
+            "or the source)", fix="report this model as a reconfx bug")
+    return Check("I4 emit parity", f"bit-exact in eval and train mode, and the same function as "
+                 f"{'the compiled' if original is None else 'the original'} model with every "
+                 f"weight perturbed; {count} parameters")
+
+
+@contextlib.contextmanager
+def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> Iterator[None]:
+    """Scale every floating parameter and buffer by exp(0.1 r) (parameters also shifted by
+    0.01 r'), restored on exit. The noise is drawn from a seed derived from the tensor's name
+    (the smallest of its names, through ``rename``), so two models with the same names, or names
+    ``rename`` maps to the same, get the same perturbation; a tensor ``rename`` maps to None is
+    left as it is. Signs are kept (variances stay positive)."""
+    names: dict[int, list[str]] = {}
+    tensors: dict[int, torch.Tensor] = {}
+    for name, t in [*module.named_parameters(remove_duplicate=False),
+                    *module.named_buffers(remove_duplicate=False)]:
+        renamed = rename(name)
+        if t.is_floating_point() and renamed is not None:
+            names.setdefault(id(t), []).append(renamed)
+            tensors[id(t)] = t
+    saved = {key: t.detach().clone() for key, t in tensors.items()}
+    try:
+        with torch.no_grad():
+            for key, t in tensors.items():
+                generator = torch.Generator().manual_seed(zlib.crc32(min(names[key]).encode()))
+                noise = torch.randn((2, *t.shape), generator=generator).to(t.device, t.dtype)
+                t.mul_(torch.exp(0.1 * noise[0]))
+                if isinstance(t, nn.Parameter):
+                    t.add_(0.01 * noise[1])
+        yield
+    finally:
+        with torch.no_grad():
+            for key, t in tensors.items():
+                t.copy_(saved[key])

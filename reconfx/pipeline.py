@@ -12,7 +12,7 @@ import copy
 import difflib
 import json
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -438,12 +438,9 @@ def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
                    drop_last=len(dataset) > s.data.batch_size, world=distributed.world())
 
 
-def task_containers(branched: Branched) -> set[str]:
-    return {p for layer in branched.layers for p in layer.paths} | set(branched.per_task_norms)
-
-
-def emit_sources(compiled: Compiled) -> tuple[str, str, str, list[str]]:
-    """``model.py``, ``original.py``, ``branch.diff`` text and leaves built by the factory."""
+def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
+    """``model.py``, ``original.py``, ``branch.diff`` text and how model.py builds each module
+    (path -> constructor / restored / factory)."""
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)
@@ -461,13 +458,13 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, list[str]]:
     scores = compiled.scores or {}
     notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
              else " (selected in the spec)" for layer in branched.layers}
-    model_py = emit_python(branched.module, name, doc_model, task_containers(branched), notes,
+    model_py = emit_python(branched.module, name, doc_model, branched.containers, notes,
                            factory)
     original_py = emit_python(prepared.traced.module, name, doc_original, set(), None, factory)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
         "original.py", "model.py"))
-    return model_py.source, original_py.source, diff, model_py.factory_leaves
+    return model_py.source, original_py.source, diff, model_py.built
 
 
 def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
@@ -560,13 +557,29 @@ def tune_batching(compiled: Compiled, progress: bool = False) -> None:
     compiled.tuning = tune(compiled.branched.module, examples, s.branch.tune_repeats, progress)
 
 
+def _renaming(branched: Branched, original: nn.Module) -> Callable[[str], str | None]:
+    """Compiled tensor name -> the smallest of the original's names for that tensor (tied
+    tensors have several; a task's copy may keep only some of them), None for tensors the
+    original does not have (constants the tracer lifted)."""
+    names: dict[int, list[str]] = {}
+    for name, tensor in [*original.named_parameters(remove_duplicate=False),
+                         *original.named_buffers(remove_duplicate=False)]:
+        names.setdefault(id(tensor), []).append(name)
+    canonical = {name: min(group) for group in names.values() for name in group}
+
+    def rename(name: str) -> str | None:
+        return canonical.get(branched.original_name(name))
+
+    return rename
+
+
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False
            ) -> list[Path]:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     tune_batching(compiled, progress)
     name = class_name(s.name)
-    model_py, original_py, diff, factory_leaves = emit_sources(compiled)
+    model_py, original_py, diff, built = emit_sources(compiled)
     with artifacts.Staging(out_dir) as staging:
         staging.write_text("model.py", model_py)
         staging.write_text("original.py", original_py)
@@ -577,7 +590,12 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         original_params = unique_parameters(prepared.traced.module)
         expected = original_params + branched.added_params
         reloaded = artifacts.load_emitted(staging.path, name)
-        compiled.checks.append(check_emit(reloaded, branched.module, prepared.examples, expected))
+        # After `run` the weights are trained: the compiled model is the reference then.
+        original = prepared.model if command == "compile" else None
+        compiled.checks.append(check_emit(
+            reloaded, branched.module, prepared.examples, expected, original,
+            prepared.task_paths, _renaming(branched, prepared.model),
+            1e-5 if regions_of(branched.module) else 0.0))
         example = prepared.examples[0]
         lat = latencies([prepared.traced.module, branched.module], example)
         report = compile_report(
@@ -585,7 +603,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             branched.layers, branched.per_task_norms, branched.shared_norms,
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
-            compiled.checks, prepared.traced.ignored_outputs, factory_leaves, compiled.warnings,
+            compiled.checks, prepared.traced.ignored_outputs, built, compiled.warnings,
             batching_section(regions_of(branched.module), compiled.tuning))
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)

@@ -77,7 +77,7 @@ def percent(new: float, old: float) -> str:
 def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
                    original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
-                   factory_leaves: list[str], warnings: list[str], batching: list[str]
+                   built: dict[str, str], warnings: list[str], batching: list[str]
                    ) -> str:
     names = {layer.name for layer in branched}
     lines = [f"# reconfx {command}: {name}", "",
@@ -99,10 +99,7 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
     if ignored:
         lines += ["", "## Ignored outputs", "",
                   f"- the model also returns {', '.join(ignored)}, which no task uses"]
-    if factory_leaves:
-        lines += ["", "## Built by the factory", "",
-                  "These leaves have no constructor reconfx can write; model.py builds them by "
-                  "calling the spec's factory:", "", *[f"- `{p}`" for p in factory_leaves]]
+    lines += built_section(built)
     lines += ["", "## Branched layers", ""]
     rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)] for b in branched]
     lines.append(markdown_table(["layer", "type", "params per copy", "tasks"], rows)
@@ -117,6 +114,23 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
     lines += ["", "## All layers", "",
               markdown_table(LAYER_HEADERS, layer_rows(layers, names)), ""]
     return "\n".join(lines)
+
+
+def built_section(built: dict[str, str]) -> list[str]:
+    """How model.py's ``__init__`` builds the modules it creates: counts, and the paths of those
+    not built by their own class's constructor."""
+    by_how = {how: [p for p, h in built.items() if h == how]
+              for how in ("constructor", "restored", "factory")}
+    lines = ["", "## How model.py builds its modules", "",
+             f"- {len(by_how['constructor'])} by their own class's constructor"]
+    if by_how["restored"]:
+        lines.append(f"- {len(by_how['restored'])} restored from their recorded attributes and "
+                     "tensors (no constructor call rebuilds them): "
+                     + ", ".join(f"`{p}`" for p in by_how["restored"]))
+    if by_how["factory"]:
+        lines.append(f"- {len(by_how['factory'])} by calling the spec's factory (an attribute has "
+                     "no source form): " + ", ".join(f"`{p}`" for p in by_how["factory"]))
+    return lines
 
 
 def batching_section(regions: Sequence[StreamRegion], tuning: Sequence[Tuned]) -> list[str]:

@@ -41,6 +41,20 @@ class Branched:
     def added_params(self) -> int:
         return (len(self.tasks) - 1) * sum(layer.num_params for layer in self.layers)
 
+    @property
+    def containers(self) -> set[str]:
+        """Paths of the modules replaced by per-task containers (``<path>.<task>``)."""
+        return {p for layer in self.layers for p in layer.paths} | set(self.per_task_norms)
+
+    def original_name(self, name: str) -> str:
+        """The original model's name of a compiled tensor (``fc.left.weight`` -> ``fc.weight``)."""
+        for path in self.containers:
+            if name.startswith(path + "."):
+                task, _, rest = name[len(path) + 1:].partition(".")
+                if task in self.tasks:
+                    return f"{path}.{rest}" if rest else path
+        return name
+
 
 def has_running_stats(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats

@@ -262,6 +262,30 @@ class Configured(nn.Module):
         return {"a": self.a(h), "b": self.b(h)}
 
 
+class PowerLeaf(nn.Module):
+    """A leaf holding a function made at run time: it has no source form, so neither a
+    constructor call nor restoring rebuilds it, and model.py falls back to the factory."""
+
+    def __init__(self, power: int):
+        super().__init__()
+        self.fn = lambda h: h**power
+        self.scale = nn.Parameter(torch.ones(8))
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.fn(h) * self.scale
+
+
+class WithPowerLeaf(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.power = nn.Linear(6, 8), PowerLeaf(2)
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.power(self.fc(x))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
 class OffsetPositions(nn.Embedding):
     """OPT's positional embedding: called with the attention mask, it derives the positions
     from it unless given ``position_ids``; its own ops read only the positions."""

@@ -131,10 +131,9 @@ def test_weights_keep_every_empty_buffer_and_store_tied_tensors_once(tmp_path):
     load_model(module(), str(path), strict=True)
 
 
-def test_leaf_built_from_a_settings_object_comes_from_the_factory(tmp_path):
-    """A leaf whose constructor takes an object with no source form (HF's rotary embeddings
-    take the model config) is built in model.py by calling the spec's factory, and the report
-    says so."""
+def test_leaf_built_from_a_settings_object_gets_the_object_in_source(tmp_path):
+    """A leaf whose constructor takes a settings object (HF's rotary embeddings take the model
+    config) is built with that object rebuilt from its fields."""
     from tests.support import compile_and_verify
 
     path = write_spec(tmp_path, "configured", model={"factory": "tests.models:Configured"},
@@ -143,9 +142,25 @@ def test_leaf_built_from_a_settings_object_comes_from_the_factory(tmp_path):
     out = tmp_path / "out"
     compile_and_verify(path, out)  # parity of the reloaded model.py included
     source = (out / "model.py").read_text()
-    assert 'self.rotary = _from_factory("rotary")' in source
-    assert "model = tests.models.Configured()" in source
-    assert "builds them by calling the spec's factory:\n\n- `rotary`\n" in (
+    assert "        self.rotary = Rotary(Settings(width=8))\n" in source
+    assert "from tests.models import Rotary, Settings\n" in source
+    assert "_from_factory" not in source
+
+
+def test_leaf_without_any_source_form_comes_from_the_factory(tmp_path):
+    """The last resort: a leaf holding a function made at run time is built in model.py by
+    calling the spec's factory, and the report says so."""
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "power", model={"factory": "tests.models:WithPowerLeaf"},
+                      inputs=[{"name": "x", "shape": [3, 6]}], tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["fc"]})
+    out = tmp_path / "out"
+    compile_and_verify(path, out)
+    source = (out / "model.py").read_text()
+    assert 'self.power = _from_factory("power")' in source
+    assert "model = tests.models.WithPowerLeaf()" in source
+    assert "- 1 by calling the spec's factory (an attribute has no source form): `power`\n" in (
         out / "report.md").read_text()
 
 

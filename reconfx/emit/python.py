@@ -24,7 +24,16 @@ from torch import fx, nn
 
 from reconfx.aten import Spelling, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
-from reconfx.emit.constructors import constructor
+from reconfx.emit.constructors import (
+    RESTORE_HELPER,
+    RESTORE_IMPORTS,
+    Constructor,
+    constructor,
+    container,
+    restored,
+    tensor_source,
+)
+from reconfx.emit.merge import merge_modes
 from reconfx.emit.render import (
     LINE,
     assign,
@@ -55,7 +64,9 @@ _RESERVED = set(dir(builtins)) | {"self", "torch", "nn", "F", "operator", "math"
 @dataclass
 class Emitted:
     source: str
-    factory_leaves: list[str] = field(default_factory=list)  # leaves built by the user's factory
+    # module path -> how __init__ builds it: "constructor" (its class's), "restored" (from its
+    # recorded state, see reconfx.emit.constructors) or "factory" (the spec's, the last resort)
+    built: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -113,7 +124,8 @@ class PythonEmitter:
         self.factory = factory
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
-        self.factory_leaves: list[str] = []
+        self.built: dict[str, str] = {}
+        self.nesting = 0  # extra indentation levels (a forward body rendered inside an if)
         self._tie_cache: list[tuple[str, str]] | None = None
         self.regions = sorted({id(r): r for r in self.module.modules()
                                if isinstance(r, StreamRegion)}.values(), key=lambda r: r.method)
@@ -137,27 +149,43 @@ class PythonEmitter:
     def _leaf_expr(self, path: str, obj: Any) -> str:
         if isinstance(obj, nn.Parameter):
             grad = "" if obj.requires_grad else ", requires_grad=False"
-            return f"nn.Parameter({_empty(obj)}{grad})"
+            return f"nn.Parameter({tensor_source(obj, recorded=False)}{grad})"
         if isinstance(obj, torch.Tensor):
-            return _empty(obj)
-        built = constructor(obj)
+            return _buffer(obj)
+        built = self._built(path, obj)
         if built is None:
             if self.factory is None:
                 raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
                                  fix="register a handler in reconfx.emit.constructors.HANDLERS")
-            self.factory_leaves.append(path)
+            self.built[path] = "factory"
             return f'_from_factory("{path}")'
-        if built.import_line:
-            self.imports.add(built.import_line)
         return built.call
 
+    def _built(self, path: str, obj: nn.Module) -> Constructor | None:
+        """The module's constructor call, else the restoring helper's (its imports noted)."""
+        built = constructor(obj) or restored(obj, self._member)
+        if built is not None:
+            self.imports.update(built.imports)
+            self.built[path] = built.how
+        return built
+
+    def _member(self, name: str, value: Any) -> Constructor | str | None:
+        """A restored module's parameter, buffer or child (None: it has no source form)."""
+        if isinstance(value, nn.Parameter):
+            return self._leaf_expr(name, value)
+        if isinstance(value, torch.Tensor):
+            return tensor_source(value)
+        built = (container(value, self._member) or constructor(value)
+                 or restored(value, self._member))
+        if built is not None:
+            self.imports.update(built.imports)
+        return built
+
     def _leaf_line(self, access: str, path: str, obj: Any) -> str:
-        built = None if isinstance(obj, torch.Tensor) else constructor(obj)
+        built = None if isinstance(obj, torch.Tensor) else self._built(path, obj)
         if built is None:
             return assign(self._indent(2), access, self._leaf_expr(path, obj))
-        if built.import_line:
-            self.imports.add(built.import_line)
-        return statement(self._indent(2), access, f"{built.head}(", list(built.args))
+        return statement(self._indent(2), access, f"{built.head}(", built.arguments())
 
     def _init_lines(self) -> list[str]:
         lines: list[str] = []
@@ -373,36 +401,23 @@ class PythonEmitter:
             self.imports.add(f"import {module}")
         return qualified
 
-    @staticmethod
-    def _indent(level: int) -> str:
-        return "    " * level
+    def _indent(self, level: int) -> str:
+        return "    " * (level + self.nesting)
 
     # -- whole file ----------------------------------------------------------------------------
     def emit(self) -> Emitted:
         self._collect()
         init = self._init_lines()
         if self.module.dual:
-            fwd = self._forward(self.module.train_graph, "_forward_train") + [""]
-            fwd += self._forward(self.module.eval_graph, "_forward_eval")
-            params = ["self", *_signature_line(self.module.train_graph).split(", ")]
-            why = ("Evaluation runs task streams through shared layers together (stream "
-                   "batching); training one stream at a time." if self.regions
-                   else "The traced glue differs between training and evaluation.")
-            fwd = [
-                statement(self._indent(1), "", "def forward(", params,
-                          ") -> dict[str, torch.Tensor]:"),
-                comment(self._indent(2), why),
-                "        if self.training:",
-                f"            return self._forward_train({_call_args(self.module.train_graph)})",
-                f"        return self._forward_eval({_call_args(self.module.train_graph)})",
-                "",
-                *fwd,
-            ]
+            fwd = self._one_forward()
         else:
             fwd = self._forward(self.module.train_graph, "forward")
         for region in self.regions:
             fwd += ["", *self._forward(region.body, region.method, region)]
-        helper = ["", *self._factory_helper()] if self.factory_leaves else []
+        helper = ["", *self._factory_helper()] if "factory" in self.built.values() else []
+        if "restored" in self.built.values():
+            self.imports.update(RESTORE_IMPORTS)
+            helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
         if self.regions:
             self.imports.add("from collections.abc import Callable, Sequence")
             for function in (streams_per_call, run_streams):
@@ -411,7 +426,21 @@ class PythonEmitter:
         out += ["", f"class {self.class_name}(nn.Module):",
                 "    def __init__(self) -> None:", "        super().__init__()", *init, "",
                 *fwd, ""]
-        return Emitted("\n".join(out), list(self.factory_leaves))
+        return Emitted("\n".join(out), dict(self.built))
+
+    def _one_forward(self) -> list[str]:
+        """``forward`` for a model whose train and eval graphs differ, each difference written
+        once where it is, on ``self.training`` (see :mod:`reconfx.emit.merge`)."""
+        graphs = (self.module.train_graph, self.module.eval_graph)
+        train, eval_ = (self._forward(graph, "forward") for graph in graphs)
+        self.nesting = 1
+        try:
+            train_nested, eval_nested = (self._forward(graph, "forward") for graph in graphs)
+        finally:
+            self.nesting = 0
+        body = merge_modes(train[1:], eval_[1:], train_nested[1:], eval_nested[1:],
+                           self._indent(2))
+        return [train[0], *body]
 
     def _factory_helper(self) -> list[str]:
         assert self.factory is not None
@@ -484,11 +513,10 @@ def _leaf_paths(tree: _Tree, prefix: str = "") -> list[str]:
     return out
 
 
-def _empty(t: torch.Tensor) -> str:
-    """Storage of the right shape and dtype; the values come from the weights file."""
-    shape = ", ".join(str(int(s)) for s in t.shape) if t.dim() else "()"
-    dtype = "" if t.dtype == torch.float32 else f", dtype={t.dtype}"
-    return f"torch.empty({shape}{dtype})"
+def _buffer(t: torch.Tensor) -> str:
+    """A buffer's value as the class computes it, so the model runs before its weights load
+    (the weights file holds the value; zeros where no expression is found)."""
+    return tensor_source(t) or tensor_source(torch.zeros_like(t, device="cpu"))
 
 
 def _base_name(node: fx.Node) -> str:
@@ -523,19 +551,12 @@ def _operand(value: Any, name_of: Any) -> str:
     return text
 
 
-def _signature_line(graph: fx.Graph) -> str:
-    return ", ".join(f"{n.target}: torch.Tensor" for n in graph.nodes if n.op == "placeholder")
-
-
-def _call_args(graph: fx.Graph) -> str:
-    return ", ".join(str(n.target) for n in graph.nodes if n.op == "placeholder")
-
-
 def _sorted_imports(imports: set[str]) -> list[str]:
     """isort's layout: standard library, installed packages, then the rest (the user's own
-    modules), each section with plain imports before from-imports, sections blank-separated."""
+    modules), each section with plain imports before from-imports, sections blank-separated;
+    the names one module gives joined into one from-import."""
     sections: dict[int, list[str]] = {0: [], 1: [], 2: []}
-    for line in imports:
+    for line in _joined(imports):
         sections[_section(line.split()[1].split(".")[0])].append(line)
     out: list[str] = []
     for lines in sections.values():
@@ -544,6 +565,22 @@ def _sorted_imports(imports: set[str]) -> list[str]:
             froms = sorted(i for i in lines if i.startswith("from "))
             out += ([""] if out else []) + plain + froms
     return out
+
+
+def _joined(imports: set[str]) -> list[str]:
+    names: dict[str, set[str]] = {}
+    lines = [i for i in imports if not i.startswith("from ")]
+    for line in imports:
+        if line.startswith("from "):
+            module, _, imported = line.removeprefix("from ").partition(" import ")
+            names.setdefault(module, set()).update(n.strip() for n in imported.split(","))
+    for module, found in names.items():
+        ordered = sorted(found, key=lambda n: (not n.isupper(), not n[:1].isupper(), n))
+        text = f"from {module} import {', '.join(ordered)}"
+        if len(text) > LINE:
+            text = f"from {module} import (\n" + "".join(f"    {n},\n" for n in ordered) + ")"
+        lines.append(text)
+    return lines
 
 
 def _section(top: str) -> int:

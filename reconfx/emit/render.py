@@ -6,6 +6,7 @@ import keyword
 import math
 import textwrap
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,10 +33,21 @@ def identifier(text: str, limit: int = NAME) -> str:
     return f"{name}_" if keyword.iskeyword(name) else name
 
 
+@dataclass(frozen=True)
+class Source:
+    """A value that has source text of its own (a class, a function, a settings object), with the
+    import lines that text needs."""
+
+    text: str
+    imports: tuple[str, ...] = ()
+
+
 def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str:
     """Source text for a constant, or for a graph node through ``name_of``."""
     if name_of is not None and isinstance(value, torch.fx.Node):
         return name_of(value)
+    if isinstance(value, Source):
+        return value.text
     if isinstance(value, bool) or value is None:
         return repr(value)
     if isinstance(value, float):

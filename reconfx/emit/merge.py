@@ -1,0 +1,80 @@
+"""One ``forward`` from the train-mode and eval-mode renderings of a dual graph.
+
+The two renderings are lists of statements (each element one statement, possibly over several
+lines). Statements both modes share are written once; where they differ, the difference appears
+where it is: a statement that differs in one token becomes ``dropout_p=0.1 if self.training else
+0.0``, and other runs become ``if self.training: ... else: ...``. Each mode executes exactly the
+statements of its own rendering, in order, so the merged method computes what each graph does.
+"""
+
+from __future__ import annotations
+
+import difflib
+import io
+import tokenize
+
+from reconfx.emit.render import LINE
+
+_OPEN_ARG = {"(", ",", "=", "["}
+_CLOSE_ARG = {")", ",", "]"}
+
+
+def merge_modes(train: list[str], eval_: list[str], train_nested: list[str],
+                eval_nested: list[str], indent: str) -> list[str]:
+    """The statements of one method body. ``train``/``eval_`` are the two renderings at the
+    body's indentation, ``*_nested`` the same statements rendered one level deeper (for the
+    bodies of ``if self.training:``), ``indent`` the body's indentation."""
+    out: list[str] = []
+    matcher = difflib.SequenceMatcher(a=train, b=eval_, autojunk=False)
+    for tag, i1, i2, j1, j2 in matcher.get_opcodes():
+        if tag == "equal":
+            out += train[i1:i2]
+            continue
+        if i2 - i1 == j2 - j1:  # the same statements with a token changed: inline where each is
+            inline = [_inline(a, b) for a, b in zip(train[i1:i2], eval_[j1:j2], strict=True)]
+            if all(inline):
+                out += inline
+                continue
+        if i2 > i1:
+            out += [f"{indent}if self.training:", *train_nested[i1:i2]]
+        if j2 > j1:
+            out += [f"{indent}{'else:' if i2 > i1 else 'if not self.training:'}",
+                    *eval_nested[j1:j2]]
+    return out
+
+
+def _inline(train: str, eval_: str) -> str | None:
+    """``train`` with its one differing token written ``A if self.training else B``, or None
+    when the statements differ in more than one token or the result does not fit."""
+    a, b = _tokens(train), _tokens(eval_)
+    if a is None or b is None or len(a) != len(b):
+        return None
+    differing = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x[0] != y[0]]
+    if len(differing) != 1 or not (_constant(a[differing[0]]) and _constant(b[differing[0]])):
+        return None
+    i = differing[0]
+    (text_a, start, end, _kind), (text_b, *_rest) = a[i], b[i]
+    expression = f"{text_a} if self.training else {text_b}"
+    bare = a[i - 1][0] in _OPEN_ARG and i + 1 < len(a) and a[i + 1][0] in _CLOSE_ARG
+    merged = train[:start] + (expression if bare else f"({expression})") + train[end:]
+    return merged if all(len(line) <= LINE for line in merged.splitlines()) else None
+
+
+def _constant(token: tuple[str, int, int, int]) -> bool:
+    """A literal operand: a number, a string, True, False or None."""
+    return token[3] in (tokenize.NUMBER, tokenize.STRING) or token[0] in ("True", "False", "None")
+
+
+def _tokens(text: str) -> list[tuple[str, int, int, int]] | None:
+    """(text, start offset, end offset, type) of each significant token."""
+    starts = [0]
+    for line in text.splitlines(keepends=True):
+        starts.append(starts[-1] + len(line))
+    try:
+        found = list(tokenize.generate_tokens(io.StringIO(text).readline))
+    except (tokenize.TokenError, SyntaxError):
+        return None
+    skipped = {tokenize.NEWLINE, tokenize.NL, tokenize.COMMENT, tokenize.INDENT,
+               tokenize.DEDENT, tokenize.ENDMARKER}
+    return [(t.string, starts[t.start[0] - 1] + t.start[1], starts[t.end[0] - 1] + t.end[1],
+             t.type) for t in found if t.type not in skipped]
