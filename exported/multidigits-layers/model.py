@@ -107,9 +107,8 @@ class MultidigitsLayers(nn.Module):
         layer3_0_conv1 = self.layer3[0].conv1(layer2_0_relu_1)
         layer3_0_bn1 = self.layer3[0].bn1(layer3_0_conv1)
         layer3_0_relu = self.layer3[0].relu(layer3_0_bn1)
-        # branch point: layer3.0.conv2 (selected in the spec) -> task 'left'
+        # branch point: layer3.0.conv2 (selected in the spec); one copy per task from here
         layer3_0_conv2_left = self.layer3[0].conv2.left(layer3_0_relu)
-        # branch point: layer3.0.conv2 (selected in the spec) -> task 'right'
         layer3_0_conv2_right = self.layer3[0].conv2.right(layer3_0_relu)
         layer3_0_bn2_left = self.layer3[0].bn2.left(layer3_0_conv2_left)
         layer3_0_bn2_right = self.layer3[0].bn2.right(layer3_0_conv2_right)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.aten import Spelling, spelling
+from reconfx.aten import Spelling, packet, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
 from reconfx.emit.constructors import (
     RESTORE_HELPER,
@@ -36,12 +36,13 @@ from reconfx.emit.constructors import (
 from reconfx.emit.merge import merge_modes
 from reconfx.emit.render import (
     LINE,
+    LOCAL,
     assign,
     bracketed,
     chain,
     comment,
-    identifier,
     infix,
+    local_name,
     render_arg,
     render_index,
     render_value,
@@ -278,6 +279,8 @@ class PythonEmitter:
         with ``region`` the region's body for one stream, returning its outputs."""
         names: dict[fx.Node, str] = {}
         taken = set()
+        room = _suffix_room(graph)
+        commented: set[str] = set()  # branch points already commented
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for n in placeholders:
             names[n] = str(n.target)
@@ -309,8 +312,12 @@ class PythonEmitter:
             if region_call(node):
                 lines += self._region_call_lines(node, names, taken, name_of)
                 continue
-            names[node] = _fresh(_base_name(node), taken)
-            comment = self._comment(node)
+            same = _identity_input(node)
+            if same is not None:  # x + 0 and the like: the value keeps its name
+                names[node] = name_of(same)
+                continue
+            names[node] = _fresh(_base_name(node), taken, room)
+            comment = self._comment(node, commented)
             if comment:
                 lines.append(comment)
             # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
@@ -331,7 +338,7 @@ class PythonEmitter:
         lhs = []
         for i in range(width):
             if i in items:
-                names[items[i]] = _fresh(_base_name(items[i]), taken)
+                names[items[i]] = _fresh(_base_name(items[i]), taken, _suffix_room(node.graph))
                 lhs.append(names[items[i]])
             else:
                 lhs.append("_")
@@ -347,13 +354,15 @@ class PythonEmitter:
         names_lines = [f"{ind}(", *(f"{ind}    {name}," for name in lhs)]
         return [note, *names_lines, statement(ind, ")", "run_streams(", call)]
 
-    def _comment(self, node: fx.Node) -> str | None:
-        meta = node.meta.get("reconfx", {})
-        layer = meta.get("branch_point")
-        if layer is None:
+    def _comment(self, node: fx.Node, commented: set[str]) -> str | None:
+        """One comment per branch point, before the first task's first use of the layer."""
+        layer = node.meta.get("reconfx", {}).get("branch_point")
+        if layer is None or layer in commented:
             return None
+        commented.add(layer)
         note = self.branch_notes.get(layer, "")
-        return comment(self._indent(2), f"branch point: {layer}{note} -> task '{meta['task']}'")
+        return comment(self._indent(2), f"branch point: {layer}{note}; one copy per task from "
+                       "here")
 
     def _node_line(self, node: fx.Node, lhs: str, name_of: Any) -> str:
         ind = self._indent(2)
@@ -363,6 +372,9 @@ class PythonEmitter:
         if node.op == "call_method":
             return statement(ind, lhs, f"{args[0]}.{node.target}(", args[1:])
         target = node.target
+        if packet(target) == "slice" and not node.kwargs and isinstance(node.args[0], fx.Node):
+            return assign(ind, lhs, f"{_operand(node.args[0], name_of)}"
+                                    f"[{render_index(_slice_index(node.args[1:]), name_of)}]")
         plain = spelling(node)
         if plain is not None:
             return self._plain_line(plain, node, lhs, name_of)
@@ -519,29 +531,90 @@ def _buffer(t: torch.Tensor) -> str:
     return tensor_source(t) or tensor_source(torch.zeros_like(t, device="cpu"))
 
 
-def _base_name(node: fx.Node) -> str:
+def _base_name(node: fx.Node) -> tuple[str, str]:
+    """The name a node's value gets (from its module path) and its task suffix (``_left``)."""
     meta = node.meta.get("reconfx", {})
     base = meta.get("name", node.name)
     task = meta.get("task")
-    return f"{base}_{task}" if task and not base.endswith(f"_{task}") else base
+    if not task:
+        return base, ""
+    return base.removesuffix(f"_{task}"), f"_{task}"
 
 
-def _fresh(base: str, taken: set[str]) -> str:
-    name = identifier(base)
+def _fresh(base: tuple[str, str], taken: set[str], room: int = 0) -> str:
+    """A new local name: the base shortened to leave ``room`` for the longest task suffix (so
+    every task's name is shortened alike and parallel lines align), a counter before the
+    suffix where the name is taken."""
+    stem, suffix = base
+    name = local_name(stem, LOCAL - room if suffix else LOCAL)
     if name in _RESERVED:
         name = f"{name}_"
-    candidate, n = name, 1
+    candidate, n = name + suffix, 1
     while candidate in taken:
-        candidate = f"{name}_{n}"
+        candidate = f"{name}_{n}{suffix}"
         n += 1
     taken.add(candidate)
     return candidate
 
 
+def _suffix_room(graph: fx.Graph) -> int:
+    tasks = {n.meta.get("reconfx", {}).get("task") for n in graph.nodes}
+    return max((len(t) + 1 for t in tasks if t), default=0)
+
+
 def _call_arguments(node: fx.Node, name_of: Any) -> list[str]:
-    """A call node's arguments as source, long lists and tuples one item per line."""
+    """A call node's arguments as source, long lists and tuples one item per line; an aten
+    op's keyword arguments equal to its schema's defaults (``pin_memory=False``) left out."""
+    defaults = {}
+    if isinstance(node.target, torch._ops.OpOverload):
+        defaults = {a.name: a.default_value for a in node.target._schema.arguments
+                    if a.has_default_value()}
+    kwargs = {k: v for k, v in node.kwargs.items()
+              if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
     return [render_arg(a, name_of) for a in node.args] + [
-        f"{k}={render_arg(v, name_of)}" for k, v in node.kwargs.items()]
+        f"{k}={render_arg(v, name_of)}" for k, v in kwargs.items()]
+
+
+_END = 2**63 - 1  # the "to the end" of an aten slice
+
+
+def _slice_index(args: tuple[Any, ...]) -> tuple[slice, ...]:
+    """``aten.slice(x, dim, start, end, step)``'s arguments as the index ``x[:, start:end]``
+    (which dispatches to the same op)."""
+    dim, start, end, step = (list(args) + [0, None, None, 1][len(args):])[:4]
+    start = None if start == 0 else start
+    end = None if end is None or (isinstance(end, int) and end >= _END) else end
+    return (*[slice(None)] * dim, slice(start, end, None if step == 1 else step))
+
+
+def _identity_input(node: fx.Node) -> fx.Node | None:
+    """The input of an aten op that returns its input's value unchanged (``x + 0``, ``x * 1``)
+    in the same dtype and shape, when nothing modifies the result in place (then it could
+    share the input's name); else None."""
+    name = packet(node.target) if node.op == "call_function" else None
+    neutral = {"add": 0, "sub": 0, "mul": 1, "div": 1}
+    if name not in neutral or len(node.args) != 2 or node.kwargs:
+        return None
+    source, other = node.args
+    if not isinstance(source, fx.Node) or isinstance(other, bool) or other != neutral[name]:
+        return None
+    mine, theirs = node.meta.get("val"), source.meta.get("val")
+    if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or (
+            mine.dtype != theirs.dtype or mine.shape != theirs.shape):
+        return None
+    if any(_may_mutate(u) for u in [*node.users, *source.users]):
+        return None
+    return source
+
+
+def _may_mutate(node: fx.Node) -> bool:
+    """Whether a call may change a tensor argument in place (an in-place op, any module)."""
+    if node.op == "call_module":
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = getattr(node.target, "__name__", str(node.target))
+    return name.endswith("_") and not name.endswith("__")
 
 
 def _operand(value: Any, name_of: Any) -> str:

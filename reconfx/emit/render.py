@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 LINE = 99
-NAME = 48  # the longest local or method name written; longer ones keep their tail
+NAME = 48  # the longest method name written; longer ones keep their tail
+LOCAL = 32  # the longest local name written (before a task suffix), see local_name
 
 
 def identifier(text: str, limit: int = NAME) -> str:
@@ -40,6 +41,27 @@ class Source:
 
     text: str
     imports: tuple[str, ...] = ()
+
+
+def local_name(text: str, limit: int = LOCAL) -> str:
+    """A local variable's name from a module path (``backbone_encoder_layer_5_attention_self_
+    view``): when too long, the words before the last index are dropped but the index and the
+    word it numbers are kept (``layer_5``), then words after it from the left, so the name still
+    says which layer it belongs to (``layer_5_self_view``); without an index, :func:`identifier`
+    keeps the tail."""
+    name = identifier(text, limit=len(text) + 1)
+    words = name.split("_")
+    if len(name) <= limit:
+        return name
+    indices = [i for i, w in enumerate(words[:-1]) if w.isdigit() and i > 0]
+    if indices:
+        head, rest = words[indices[-1] - 1:indices[-1] + 1], words[indices[-1] + 1:]
+        while len(rest) > 1 and len("_".join(head + rest)) > limit:
+            rest.pop(0)
+        shortened = "_".join(head + rest)
+        if len(shortened) <= limit and not shortened[0].isdigit():
+            return shortened
+    return identifier(name, limit)
 
 
 def render_value(value: Any, name_of: Callable[[Any], str] | None = None) -> str:
