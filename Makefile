@@ -41,7 +41,7 @@ check-example: $(VENV)/.installed
 	rm -rf .example-check
 
 example: $(VENV)/.installed
-	$(VENV)/bin/reconfx compile $(EXAMPLE_SPEC)
+	$(VENV)/bin/reconfx compile $(EXAMPLE_SPEC) --force  # the folder holds the committed files only
 
 bench: $(VENV)/.installed
 	$(PY) bench/compile_time.py

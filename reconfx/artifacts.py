@@ -11,7 +11,6 @@ stays a mix of two commands' files.
 from __future__ import annotations
 
 import contextlib
-import errno
 import glob
 import hashlib
 import importlib.util
@@ -22,6 +21,7 @@ import platform
 import re
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +29,31 @@ import torch
 from torch import nn
 
 from reconfx.errors import ModelError, OutputError
+from reconfx.outdir import (
+    JOURNAL,
+    MARKER,
+    STAGING_PREFIX,
+    finish_stale,
+    output_error,
+    repairing,
+)
 
 MANIFEST = "manifest.json"
-JOURNAL = ".commit"  # in a staging folder: the files to move, written before the first move
 
 
 class Staging:
-    """Files written under ``<dir>/.staging-<pid>`` and committed together."""
+    """Files written under ``<dir>/.staging-<unique>`` and committed together. The caller holds
+    the folder's lock (:func:`reconfx.outdir.writing`); a marker file tells reconfx's staging
+    folders from anything else of that name."""
 
     def __init__(self, out_dir: Path):
         self.out_dir = out_dir.resolve()
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            _remove_stale(self.out_dir)
-            self.path = self.out_dir / f".staging-{os.getpid()}"
-            shutil.rmtree(self.path, ignore_errors=True)
-            self.path.mkdir()
+            self.path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
+            (self.path / MARKER).write_bytes(b"")
         except OSError as exc:
-            raise _output_error(exc, self.out_dir) from None
+            raise output_error(exc, self.out_dir) from None
         self.files: dict[str, None] = {}
 
     def write_text(self, name: str, text: str) -> Path:
@@ -68,7 +75,7 @@ class Staging:
         try:
             writer(path)
         except Exception as exc:
-            raise _output_error(_io_error(exc), self.out_dir) from None
+            raise output_error(_io_error(exc), self.out_dir) from None
         self.files[name] = None
         return path
 
@@ -80,7 +87,7 @@ class Staging:
                 os.replace(self.path / name, self.out_dir / name)
                 done.append(self.out_dir / name)
         except OSError as exc:
-            raise _output_error(exc, self.out_dir) from None
+            raise output_error(exc, self.out_dir) from None
         finally:
             shutil.rmtree(self.path, ignore_errors=True)
         return done
@@ -109,7 +116,7 @@ def replace_file(path: Path, writer: Any) -> None:
         writer(temporary)
         os.replace(temporary, path)
     except Exception as exc:
-        raise _output_error(_io_error(exc), path.parent) from None
+        raise output_error(_io_error(exc), path.parent) from None
     finally:
         temporary.unlink(missing_ok=True)
 
@@ -159,20 +166,6 @@ def replace_text(path: Path, text: str) -> None:
     replace_file(path, lambda p: p.write_text(text, encoding="utf-8"))
 
 
-def _remove_stale(out_dir: Path) -> None:
-    """Staging folders left by a killed run (their process is gone): a commit that had begun
-    (the journal exists) is finished, anything else is removed."""
-    for folder in out_dir.glob(".staging-*"):
-        pid = folder.name.removeprefix(".staging-")
-        if pid.isdigit() and not _alive(int(pid)):
-            journal = folder / JOURNAL
-            if journal.is_file():
-                for name in journal.read_text(encoding="utf-8").splitlines():
-                    if name and (folder / name).is_file():
-                        os.replace(folder / name, out_dir / name)
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -193,14 +186,6 @@ def _io_error(exc: Exception) -> OSError:
         raise exc
     code = int(found.group(1))
     return OSError(code, os.strerror(code))
-
-
-def _output_error(exc: OSError, out_dir: Path) -> OutputError:
-    reasons = {errno.ENOSPC: "the disk is full", errno.EACCES: "permission denied",
-               errno.EROFS: "the file system is read-only", errno.EPERM: "permission denied"}
-    reason = reasons.get(exc.errno or 0, exc.strerror or str(exc))
-    return OutputError(f"cannot write the output folder {out_dir}: {reason}",
-                       where="export.dir", fix="choose a writable folder with free space")
 
 
 def sha256(path: Path) -> str:
@@ -251,21 +236,42 @@ def import_source(path: Path, class_name: str) -> type[nn.Module]:
 
 def load(directory: str | Path) -> nn.Module:
     """The emitted model in ``directory`` (``model.py`` + ``weights.safetensors``), in eval mode.
+    Loading imports ``model.py``, which is code: both files are first checked against the
+    sha256 sums ``manifest.json`` records, and nothing is imported when either differs.
 
     >>> model = reconfx.load("exported/multidigits-resnet")       # doctest: +SKIP
     >>> model(image=torch.rand(1, 1, 12, 12))["left"].shape        # doctest: +SKIP
     torch.Size([1, 10])
     """
-    directory = Path(directory)
-    with contextlib.suppress(OSError):  # finish a commit a killed command left half done
-        _remove_stale(directory)
+    directory = Path(directory).resolve()
+    with contextlib.suppress(OSError), repairing(directory) as free:
+        if free:  # finish a commit a killed command left half done
+            finish_stale(directory)
     try:
         manifest = json.loads((directory / MANIFEST).read_text())
-        name = manifest["class_name"]
+        name, files = manifest["class_name"], manifest.get("files", {})
     except (OSError, ValueError, KeyError, TypeError):
         raise ModelError(f"{directory} has no readable {MANIFEST}",
                          fix="point at a folder written by `reconfx compile`") from None
+    for file in ("model.py", "weights.safetensors"):
+        verify(directory, file, files)
     return load_emitted(directory, name)
+
+
+def verify(directory: Path, name: str, files: Any) -> None:
+    """``directory/name`` must exist and match the sha256 the manifest records for it."""
+    path = directory / name
+    entry = files.get(name) if isinstance(files, dict) else None
+    expected = entry.get("sha256") if isinstance(entry, dict) else None
+    if not path.is_file():
+        raise ModelError(f"{path} is missing", fix="re-run `reconfx compile` or `reconfx run`")
+    if expected is None:
+        raise ModelError(f"{directory / MANIFEST} records no sha256 for {name}",
+                         fix="re-run `reconfx compile` or `reconfx run` to write the folder again")
+    if sha256(path) != expected:
+        raise ModelError(f"{path} differs from the sha256 {MANIFEST} records for it (changed "
+                         "since reconfx wrote it); nothing was imported or loaded",
+                         fix="re-run `reconfx compile` or `reconfx run`, or restore the file")
 
 
 def load_emitted(directory: Path, class_name: str) -> nn.Module:

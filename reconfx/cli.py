@@ -79,7 +79,8 @@ def cmd_profile(args: argparse.Namespace) -> int:
     from reconfx.pipeline import profile_spec
 
     _say(args, f"profiling {args.spec} ...")
-    done = profile_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume)
+    done = profile_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume,
+                        force=args.force)
     for note in done.notes:
         _say(args, note)
     scores = done.result.scores()
@@ -115,7 +116,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     from reconfx.pipeline import run_spec
 
     _say(args, f"running {args.spec}: profile -> select -> branch -> train -> evaluate -> emit")
-    compiled = run_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume)
+    compiled = run_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume,
+                        force=args.force)
     for note in compiled.notes:
         _say(args, note)
     for line in compiled.results:
@@ -140,7 +142,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
     from reconfx.pipeline import compile_spec
 
     _say(args, f"compiling {args.spec} ...")
-    compiled = compile_spec(args.spec, args.out, progress=not args.quiet)
+    compiled = compile_spec(args.spec, args.out, progress=not args.quiet, force=args.force)
     branched = compiled.branched
     _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
                f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")
@@ -181,14 +183,17 @@ def parser() -> argparse.ArgumentParser:
     for name, text, run in (
             ("profile", "train briefly and count gradient conflicts per layer", cmd_profile),
             ("run", "profile, select, branch, train, evaluate and emit", cmd_run)):
-        _command(sub, name, text, run).add_argument(
+        command = _command(sub, name, text, run)
+        command.add_argument(
             "--resume", action="store_true", help="continue an interrupted run from "
             "export.dir/checkpoints/resume.pt (same spec): the result equals an uninterrupted "
             "run's")
+        _force(command)
     e = _command(sub, "eval", "evaluate the emitted model in export.dir on a data split",
                  cmd_eval, quiet=False)
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
-    _command(sub, "compile", "trace, branch, check invariants, write model.py etc.", cmd_compile)
+    _force(_command(sub, "compile", "trace, branch, check invariants, write model.py etc.",
+                    cmd_compile))
     x = _command(sub, "export", "write model.onnx from the model.py and weights in export.dir",
                  cmd_export)
     x.add_argument("--format", choices=["onnx"], default="onnx")
@@ -209,6 +214,11 @@ def _command(sub: argparse._SubParsersAction, name: str, help: str, run: Any,
         p.add_argument("--quiet", action="store_true", help="no progress bars, only errors")
     p.set_defaults(run=run)
     return p
+
+
+def _force(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--force", action="store_true", help="write into an existing folder that "
+                   "reconfx did not make (never the root, home or working directory)")
 
 
 DISTRIBUTED = ("profile", "run")  # the commands that run on several ranks under torchrun

@@ -64,6 +64,13 @@ class OutputError(ReconfxError):
     exit_code = 1
 
 
+class FolderRefused(OutputError):
+    """The output folder is not reconfx's to write (it holds the user's files, or it is the root,
+    home or working directory), or another command is writing it; nothing was written."""
+
+    exit_code = 2
+
+
 class TrainingError(ReconfxError):
     """Profiling or training cannot go on: a non-finite loss or gradient, a model whose outputs
     do not fit its targets."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx import artifacts, distributed
+from reconfx import artifacts, distributed, outdir
 from reconfx.batching import batch_streams, regions_of
 from reconfx.build import (
     build_model,
@@ -118,15 +118,21 @@ def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
 
 
 def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = False) -> Compiled:
-    """Trace, branch the selected layers, check I1-I4 and write the artifacts."""
-    prepared = prepare(spec)
-    s = prepared.loaded.spec
-    out = Path(out_dir) if out_dir is not None else s.export_dir()
-    compiled = branch_checked(prepared, stored_scores(out))
-    compiled.out_dir = out
-    compiled.written = _write(compiled, compiled.out_dir, progress=progress)
+                 progress: bool = False, force: bool = False) -> Compiled:
+    """Trace, branch the selected layers, check I1-I4 and write the artifacts (into a folder
+    reconfx owns, unless ``force``; see :mod:`reconfx.outdir`)."""
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
+        prepared = prepare(loaded)
+        compiled = branch_checked(prepared, stored_scores(out))
+        compiled.out_dir = out
+        compiled.written = _write(compiled, compiled.out_dir, progress=progress)
     return compiled
+
+
+def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
+    """``--out`` when given, else the spec's ``export.dir``."""
+    return Path(out_dir) if out_dir is not None else loaded.spec.export_dir()
 
 
 def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compiled:
@@ -173,15 +179,20 @@ SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
 
 
 def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-             progress: bool = True, resume: bool = False) -> Compiled:
+             progress: bool = True, resume: bool = False, force: bool = False) -> Compiled:
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    prepared = prepare(spec)
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    with outdir.writing(output_dir(loaded, out_dir), "run", force) as out:
+        return _run(loaded, out, progress, resume)
+
+
+def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compiled:
+    prepared = prepare(loaded)
     loaded, s = prepared.loaded, prepared.loaded.spec
     require_data(loaded, "run")
     w = join(loaded)
     progress = progress and w.main
-    out = Path(out_dir) if out_dir is not None else s.export_dir()
     checkpoint = open_checkpoint(loaded, out, "run", resume)
     initial = copy.deepcopy(prepared.traced.module.state_dict())
     result = None
@@ -405,12 +416,17 @@ def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[s
 
 
 def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = True, resume: bool = False) -> Profiled:
+                 progress: bool = True, resume: bool = False, force: bool = False) -> Profiled:
     """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
     is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    prepared = prepare(spec)
-    loaded, s = prepared.loaded, prepared.loaded.spec
-    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out:
+        return _profile(loaded, out, progress, resume)
+
+
+def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Profiled:
+    prepared = prepare(loaded)
+    s = loaded.spec
     require_data(loaded, "profiling")
     w = join(loaded)
     checkpoint = open_checkpoint(loaded, out, "profile", resume)
@@ -512,7 +528,13 @@ def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None
     if task is not None and task not in s.task_names:
         raise SpecError(f"no task named '{task}'", where="--task",
                         fix=f"one of {', '.join(s.task_names)}")
-    out = Path(out_dir) if out_dir is not None else s.export_dir()
+    with outdir.writing(output_dir(loaded, out_dir), "export") as out:
+        return _export(loaded, out, task, provider)
+
+
+def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | None
+            ) -> OnnxExport:
+    s = loaded.spec
     model = artifacts.load(out)
     examples = spec_examples(s)
     name = "model.onnx" if task is None else f"model.{task}.onnx"

@@ -14,12 +14,19 @@ import reconfx
 from reconfx.batching import regions_of
 from reconfx.build import example_inputs, task_outputs
 from reconfx.graph import unique_parameters
+from reconfx.outdir import LOCK
 from reconfx.pipeline import Compiled, branch_model, compile_spec, emit_sources, prepare
 from reconfx.select import select_layers
 
 CHECKS = ["I1 init parity", "I2 sharing", "I3 isolation", "I4 emit parity"]
 ARTIFACTS = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md",
              "manifest.json"]
+
+
+def listing(folder: Path) -> list[str]:
+    """The names in an output folder, sorted, without reconfx's lock file (kept between
+    commands: removing a lock file another process may have opened would break the lock)."""
+    return sorted(p.name for p in folder.iterdir() if p.name != LOCK)
 
 
 def write_spec(folder: Path, name: str = "case", **fields: Any) -> Path:
@@ -35,7 +42,7 @@ def compile_and_verify(spec_path: Path, out: Path) -> Compiled:
     assert [c.name for c in compiled.checks] == CHECKS
     spec = compiled.prepared.loaded.spec
     onnx = ["model.onnx"] if "onnx" in spec.export.formats else []
-    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS + onnx)
+    assert listing(out) == sorted(ARTIFACTS + onnx)
     tasks = len(spec.tasks)
     original = unique_parameters(compiled.prepared.traced.module)
     added = (tasks - 1) * sum(layer.num_params for layer in compiled.branched.layers)

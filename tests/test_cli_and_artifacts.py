@@ -10,7 +10,7 @@ import torch
 import reconfx
 from reconfx import pipeline
 from reconfx.cli import main
-from tests.support import ARTIFACTS, write_spec
+from tests.support import ARTIFACTS, listing, write_spec
 
 RESNET = {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 3, "width": 8}}
 IMAGE = [{"name": "image", "shape": [2, 1, 12, 12]}]
@@ -86,7 +86,7 @@ def test_failed_compile_leaves_earlier_files_intact(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         pipeline.compile_spec(spec(tmp_path, ["layer3.*"]), out)
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
-    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)  # no staging left over
+    assert listing(out) == sorted(ARTIFACTS)  # no staging left over
     assert reconfx.load(out) is not None
 
 
@@ -97,13 +97,16 @@ def test_python_dash_m_entry_point(tmp_path):
 
 
 def test_staging_left_by_a_killed_run_is_removed(tmp_path):
+    from reconfx.outdir import MARKER
+
     out = tmp_path / "out"
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True).stdout.strip()
     (out / f".staging-{dead}").mkdir(parents=True)
+    (out / f".staging-{dead}" / MARKER).write_bytes(b"")  # reconfx's staging folders carry it
     (out / f".staging-{dead}" / "model.py").write_text("half-written")
     pipeline.compile_spec(spec(tmp_path), out)
-    assert sorted(p.name for p in out.iterdir()) == sorted(ARTIFACTS)
+    assert listing(out) == sorted(ARTIFACTS)
 
 
 def test_weights_keep_every_empty_buffer_and_store_tied_tensors_once(tmp_path):

@@ -13,7 +13,7 @@ import reconfx
 from reconfx.build import example_inputs
 from reconfx.cli import main
 from reconfx.emit import onnx as onnx_emit
-from tests.support import write_spec
+from tests.support import listing, write_spec
 from tests.test_hf_models import hf_spec
 from tests.test_minilm import minilm_spec
 from tests.test_sequence_models import encoder_spec
@@ -160,7 +160,7 @@ def test_failed_check_is_an_error_and_keeps_earlier_files(tmp_path, monkeypatch,
     spec = resnet_spec(tmp_path)
     out = tmp_path / "out"
     reconfx.compile_spec(spec, out)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {name: (out / name).read_bytes() for name in listing(out)}
     monkeypatch.setattr(onnx_emit, "ATOL", 0.0)
     monkeypatch.setattr(onnx_emit, "RTOL", 0.0)  # float differences now fail the check
     assert main(["compile", str(spec), "--quiet"]) == 1
@@ -168,7 +168,7 @@ def test_failed_check_is_an_error_and_keeps_earlier_files(tmp_path, monkeypatch,
     assert "no ONNX exporter produced a model that passes the checks" in err
     assert "dynamo: onnxruntime differs from PyTorch" in err
     assert "torchscript: onnxruntime differs from PyTorch" in err
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert {name: (out / name).read_bytes() for name in listing(out)} == before
 
 
 def test_input_and_task_with_one_name_is_a_spec_error(tmp_path, capsys):
@@ -206,4 +206,4 @@ def test_an_op_without_onnx_translation_is_named(tmp_path, capsys):
     assert "torchscript: UnsupportedOperatorError: Exporting the operator 'aten::linalg_svdvals' " \
            "to ONNX opset version 18 is not supported" in err
     assert "replace that op" in err
-    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+    assert not (tmp_path / "out").exists() or not listing(tmp_path / "out")

@@ -7,7 +7,7 @@ import torch
 import reconfx
 from reconfx.cli import main
 from reconfx.data import multidigits
-from tests.support import ARTIFACTS, assert_ruff_clean, write_spec
+from tests.support import ARTIFACTS, assert_ruff_clean, listing, write_spec
 
 
 def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=None):
@@ -30,7 +30,7 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     spec = run_spec_file(tmp_path, {"top_k": 4})
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.iterdir()) == sorted(
+    assert listing(out) == sorted(
         ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints"])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
                                                                        "last.safetensors"]

@@ -1,0 +1,160 @@
+"""The output folder is the user's: reconfx writes only into folders it owns, never moves or
+deletes anything outside them, runs no code whose hash does not match its manifest, and lets one
+command write a folder at a time (each hostile folder is built by the test itself)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import reconfx
+from reconfx import outdir, pipeline
+from reconfx.cli import main
+from reconfx.errors import FolderRefused, ModelError
+from tests.support import ARTIFACTS, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def spec_for(tmp_path: Path, out: Path, layers: tuple[str, ...] = ("layer4.*",),
+             name: str = "folder") -> Path:
+    folder = tmp_path / f"spec-{name}"
+    folder.mkdir(exist_ok=True)
+    return write_spec(folder, name, model={"factory": "reconfx.zoo:small_resnet",
+                                           "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": list(layers)}, export={"dir": str(out)})
+
+
+def cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
+    code = main(args)
+    return code, capsys.readouterr().err.splitlines()
+
+
+def test_a_folder_holding_the_users_files_is_refused_without_force(tmp_path, capsys):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "model.py").write_text("my own model\n")
+    (out / "notes.txt").write_text("keep me\n")
+    code, err = cli(["compile", str(spec_for(tmp_path, out)), "--quiet"], capsys)
+    assert code == 2 and err == [
+        f"reconfx: error: export.dir: the output folder {out} holds files reconfx did not write "
+        "(model.py, notes.txt) (fix: choose a new or empty folder, or pass --force to "
+        "write into this one (files reconfx produces would replace same-named files there))"]
+    assert sorted(p.name for p in out.iterdir()) == ["model.py", "notes.txt"]
+    assert (out / "model.py").read_text() == "my own model\n"
+    assert cli(["compile", str(spec_for(tmp_path, out)), "--quiet", "--force"], capsys)[0] == 0
+    assert (out / "notes.txt").read_text() == "keep me\n"
+    # once reconfx has written it (its manifest says so), the folder is reconfx's
+    assert cli(["compile", str(spec_for(tmp_path, out)), "--quiet"], capsys)[0] == 0
+
+
+@pytest.mark.parametrize("where", ["root", "home", "cwd"])
+def test_root_home_and_working_directory_are_refused_even_with_force(tmp_path, monkeypatch,
+                                                                     where):
+    monkeypatch.chdir(tmp_path)
+    folder = {"root": Path("/"), "home": Path.home(), "cwd": Path(".")}[where]
+    with pytest.raises(FolderRefused, match="refusing to write into .* even with --force"):
+        outdir.check_owned(folder, force=True)
+
+
+def test_a_new_or_empty_folder_and_reconfx_working_files_are_owned(tmp_path):
+    assert outdir.owned(tmp_path / "new") and outdir.owned(tmp_path)
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "resume.pt").write_bytes(b"")
+    (tmp_path / outdir.LOCK).write_bytes(b"")
+    assert outdir.owned(tmp_path)  # an interrupted run's checkpoint, before any manifest
+    (tmp_path / "checkpoints" / "mine.ckpt").write_bytes(b"")
+    assert not outdir.owned(tmp_path)
+
+
+def hostile_staging(out: Path, name: str, journal: list[str]) -> Path:
+    folder = out / name
+    folder.mkdir()
+    (folder / outdir.MARKER).write_bytes(b"")
+    (folder / outdir.JOURNAL).write_text("".join(f"{n}\n" for n in journal))
+    return folder
+
+
+def test_journal_entries_that_leave_the_folder_are_never_followed(tmp_path):
+    out = tmp_path / "out"
+    pipeline.compile_spec(spec_for(tmp_path, out))
+    before = {name: (out / name).read_bytes() for name in ARTIFACTS}
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim.txt").write_text("not reconfx's\n")
+    (out / "decoy.txt").write_text("inside\n")
+    hostile_staging(out, ".staging-1", ["../escaped.txt", "../outside/victim.txt",
+                                        "link/victim.txt", "/etc/hostname"])
+    (out / ".staging-1" / "link").symlink_to(outside)
+    (out / ".staging-2").symlink_to(outside)  # a staging "folder" that is a link outside
+    (out / ".staging-3").mkdir()  # no marker: not reconfx's, left alone
+    reconfx.load(out)
+    assert not (tmp_path / "escaped.txt").exists()
+    assert (outside / "victim.txt").read_text() == "not reconfx's\n"
+    assert sorted(p.name for p in outside.iterdir()) == ["victim.txt"]
+    assert not (out / ".staging-1").exists() and (out / ".staging-3").is_dir()
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
+
+
+def test_an_edited_model_py_or_swapped_weights_run_nothing(tmp_path, capsys):
+    out, other = tmp_path / "out", tmp_path / "other"
+    spec = spec_for(tmp_path, out)
+    pipeline.compile_spec(spec)
+    pipeline.compile_spec(spec_for(tmp_path, other, ("layer3.*",), name="other"))
+    marker = tmp_path / "ran"
+    model_py = out / "model.py"
+    original = model_py.read_text()
+    model_py.write_text(original + f"\nopen({str(marker)!r}, 'w').close()\n")
+    with pytest.raises(ModelError, match=r"model.py differs from the sha256 manifest.json "
+                                         r"records for it .* nothing was imported"):
+        reconfx.load(out)
+    code, err = cli(["export", str(spec), "--quiet"], capsys)
+    assert code == 2 and "differs from the sha256" in err[0]
+    assert not marker.exists()
+    model_py.write_text(original)
+    (out / "weights.safetensors").write_bytes((other / "weights.safetensors").read_bytes())
+    with pytest.raises(ModelError, match="weights.safetensors differs from the sha256"):
+        reconfx.load(out)
+
+
+def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
+    out = tmp_path / "out"
+    spec = spec_for(tmp_path, out)
+    pipeline.compile_spec(spec)
+    holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
+        import sys, time
+        from reconfx import outdir
+        with outdir.writing({str(out)!r}, "run"):
+            print("locked", flush=True)
+            time.sleep(60)
+    """)], cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        code, err = cli(["compile", str(spec), "--quiet"], capsys)
+        assert code == 2 and err == [
+            f"reconfx: error: export.dir: another reconfx command is writing {out} (pid "
+            f"{holder.pid} on {os.uname().nodename}: reconfx run) (fix: wait for it to "
+            "finish, or use another folder)"]
+    finally:
+        holder.kill()
+        holder.wait()
+    # the lock went with its process, whatever its process id means here
+    assert cli(["compile", str(spec), "--quiet"], capsys)[0] == 0
+
+
+def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
+    """A staging folder named after a live process id (as another PID namespace's writer's
+    would be) is finished once its folder's lock is free."""
+    out = tmp_path / "out"
+    pipeline.compile_spec(spec_for(tmp_path, out))
+    staged = hostile_staging(out, f".staging-{os.getpid()}", ["report.md"])
+    (staged / "report.md").write_text("the new report\n")
+    reconfx.load(out)
+    assert (out / "report.md").read_text() == "the new report\n" and not staged.exists()
