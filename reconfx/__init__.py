@@ -7,17 +7,32 @@
 
 __version__ = "0.1.0"
 
-from reconfx.artifacts import load
-from reconfx.emit.onnx import export_onnx as emit_onnx
-from reconfx.emit.onnx import onnx_session
-from reconfx.emit.python import emit_python
-from reconfx.errors import ReconfxError
-from reconfx.layers import inventory
-from reconfx.pipeline import compile_spec, prepare
-from reconfx.rewrite import branch
-from reconfx.select import select_layers as select
-from reconfx.spec import load_spec
-from reconfx.trace import trace
+import importlib
+from typing import Any
+
+# Public names, imported when first used: `import reconfx` and `reconfx --help` stay light (no
+# torch import), so the command line answers at once and handles Ctrl-C from its first line.
+_PUBLIC = {
+    "load": ("reconfx.artifacts", "load"), "emit_onnx": ("reconfx.emit.onnx", "export_onnx"),
+    "onnx_session": ("reconfx.emit.onnx", "onnx_session"),
+    "emit_python": ("reconfx.emit.python", "emit_python"),
+    "ReconfxError": ("reconfx.errors", "ReconfxError"),
+    "inventory": ("reconfx.layers", "inventory"),
+    "compile_spec": ("reconfx.pipeline", "compile_spec"),
+    "prepare": ("reconfx.pipeline", "prepare"),
+    "branch": ("reconfx.rewrite", "branch"), "select": ("reconfx.select", "select_layers"),
+    "load_spec": ("reconfx.spec", "load_spec"), "trace": ("reconfx.trace", "trace"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _PUBLIC:
+        raise AttributeError(f"module 'reconfx' has no attribute '{name}'")
+    module, attribute = _PUBLIC[name]
+    value = getattr(importlib.import_module(module), attribute)
+    globals()[name] = value
+    return value
+
 
 __all__ = [
     "ReconfxError", "branch", "compile_spec", "emit_onnx", "emit_python", "inventory", "load",

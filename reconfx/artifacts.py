@@ -20,8 +20,11 @@ import pickle
 import platform
 import re
 import shutil
+import signal
 import sys
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -80,16 +83,20 @@ class Staging:
         return path
 
     def commit(self) -> list[Path]:
+        """Move every staged file into place: all of them, even when Ctrl-C or SIGTERM arrives
+        meanwhile (both are held back until the last move; SIGKILL leaves the journal, which the
+        next command or reader replays)."""
         done = []
-        try:
-            replace_text(self.path / JOURNAL, "".join(f"{name}\n" for name in self.files))
-            for name in self.files:
-                os.replace(self.path / name, self.out_dir / name)
-                done.append(self.out_dir / name)
-        except OSError as exc:
-            raise output_error(exc, self.out_dir) from None
-        finally:
-            shutil.rmtree(self.path, ignore_errors=True)
+        with signals_held():
+            try:
+                replace_text(self.path / JOURNAL, "".join(f"{name}\n" for name in self.files))
+                for name in self.files:
+                    os.replace(self.path / name, self.out_dir / name)
+                    done.append(self.out_dir / name)
+            except OSError as exc:
+                raise output_error(exc, self.out_dir) from None
+            finally:
+                shutil.rmtree(self.path, ignore_errors=True)
         return done
 
     def abort(self) -> None:
@@ -100,6 +107,27 @@ class Staging:
 
     def __exit__(self, *exc: object) -> None:
         self.abort()
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM that arrive within the block take effect when it ends (their handlers
+    only note them meanwhile; Python runs signal handlers in the main thread, whichever thread
+    the OS delivers a signal to, which a signal mask would not cover). Outside the main thread,
+    where handlers cannot be set, a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {number: signal.signal(number, lambda got, _frame: received.append(got))
+                for number in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler if handler is not None else signal.SIG_DFL)
+        if received:
+            signal.raise_signal(received[0])
 
 
 def replace_file(path: Path, writer: Any) -> None:

@@ -67,8 +67,30 @@ def call_data_factory(data: Any, split: str, seed: int, where: str) -> Any:
                          where=f"{where}.kwargs", fix="check the factory's arguments") from None
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ModelError(f"data factory '{data.factory}' returned {type(dataset).__name__}, "
-                         "not a Dataset", where=f"{where}.factory")
+                         "not a map-style Dataset (with len() and indexing)",
+                         where=f"{where}.factory", fix="return a torch.utils.data.Dataset; "
+                         "an IterableDataset can be wrapped in a list of its items")
+    if len(dataset) == 0:
+        raise ModelError(f"data factory '{data.factory}' returned an empty '{split}' split",
+                         where=f"{where}.kwargs", fix="check the factory's size or split "
+                         "arguments: every split reconfx reads needs items")
+    try:
+        item = dataset[0]
+    except Exception:
+        return dataset  # the loader reports a failing item, naming the batch it belongs to
+    if not (isinstance(item, tuple | list) and len(item) == 2
+            and all(isinstance(part, dict) for part in item)):
+        raise ModelError(f"data factory '{data.factory}': items of the '{split}' split are "
+                         f"{_describe(item)}, not (inputs, targets) pairs of dicts",
+                         where=f"{where}.factory", fix="return ({input name: tensor}, "
+                         "{task name: tensor}) from __getitem__")
     return dataset
+
+
+def _describe(item: Any) -> str:
+    if isinstance(item, tuple | list):
+        return f"{type(item).__name__}s of {', '.join(type(x).__name__ for x in item[:3])}"
+    return f"{type(item).__name__}s"
 
 
 def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -224,16 +225,25 @@ def _force(p: argparse.ArgumentParser) -> None:
 DISTRIBUTED = ("profile", "run")  # the commands that run on several ranks under torchrun
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    from reconfx import distributed
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
 
-    args = parser().parse_args(argv)
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _terminate)
     rank = ""
-    if distributed.launched():
-        rank = f"rank {os.environ.get('RANK', '?')}: "
-        if os.environ.get("RANK", "0") != "0":
-            args.quiet = True  # rank 0 prints progress and results
     try:
+        args = parser().parse_args(argv)
+        from reconfx import distributed
+
+        if distributed.launched():
+            rank = f"rank {os.environ.get('RANK', '?')}: "
+            if os.environ.get("RANK", "0") != "0":
+                args.quiet = True  # rank 0 prints progress and results
         if rank and args.command not in DISTRIBUTED + ("validate", "schema"):
             raise SpecError(f"`reconfx {args.command}` runs in one process; only "
                             f"{' and '.join(DISTRIBUTED)} run on several ranks",
@@ -242,10 +252,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ReconfxError as exc:
         print(f"reconfx: error: {rank}{exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("reconfx: interrupted; earlier output files are unchanged (profile and run "
-              "continue with --resume)", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # on a line of its own, also after a progress bar
+        start = "\n" if sys.stderr.isatty() else ""
+        name = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"{start}reconfx: {name}; the output folder holds a complete set of files (this "
+              "command's only if it had finished writing them); profile and run continue with "
+              "--resume", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
     except Exception as exc:  # a bug in reconfx: one line unless asked for the traceback
         if os.environ.get("RECONFX_DEBUG"):
             raise
@@ -254,7 +268,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "RECONFX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1
     finally:
-        distributed.finish()
+        if "reconfx.distributed" in sys.modules:
+            sys.modules["reconfx.distributed"].finish()
 
 
 if __name__ == "__main__":

@@ -352,3 +352,26 @@ class DefaultScale(nn.Module):
     def forward(self, x: torch.Tensor, scale: float = 2.0) -> dict[str, torch.Tensor]:
         h = self.mid(torch.relu(self.fc(x)) * scale)
         return {"a": self.a(h), "b": self.b(h)}
+
+
+def broken_split(split: str, seed: int, broken: str = "val", how: str = "empty", **kwargs):
+    """MultiDigits with one split broken: ``empty``, an ``iterable`` dataset, or ``tuples``
+    (items as bare tuples of tensors instead of (inputs, targets) dicts)."""
+    from reconfx.data import multidigits
+
+    base = multidigits(split, seed, **kwargs)
+    if split != broken:
+        return base
+    if how == "empty":
+        return torch.utils.data.Subset(base, [])
+    if how == "iterable":
+        return IterableDigits(base)
+    return [(x["image"], y["left"], y["right"]) for x, y in (base[i] for i in range(4))]
+
+
+class IterableDigits(torch.utils.data.IterableDataset):
+    def __init__(self, base):
+        self.base = base
+
+    def __iter__(self):
+        return iter(self.base[i] for i in range(len(self.base)))

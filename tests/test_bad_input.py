@@ -265,3 +265,27 @@ def test_reserved_top_level_names_work_inside_a_backbone(tmp_path):
                       select={"layers": ["backbone.graph"]})
     compiled = compile_and_verify(path, tmp_path / "out")
     assert [layer.name for layer in compiled.branched.layers] == ["backbone.graph"]
+
+
+@pytest.mark.parametrize(("split", "how", "needles"), [
+    ("val", "empty", ["data.kwargs", "returned an empty 'val' split", "fix: check the factory's"]),
+    ("test", "empty", ["returned an empty 'test' split"]),
+    ("train", "empty", ["returned an empty 'train' split"]),
+    ("train", "iterable", ["data.factory", "returned IterableDigits, not a map-style Dataset"]),
+    ("val", "tuples", ["data.factory", "items of the 'val' split are tuples of Tensor, Tensor, "
+                       "Tensor, not (inputs, targets) pairs of dicts"]),
+])
+def test_broken_data_splits_are_one_line_errors(tmp_path, capsys, split, how, needles):
+    """An empty split used to train nothing and report 0.0000 (or 'best val 0.0000'); other
+    shapes of data were internal errors."""
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE,
+                      tasks=[{"name": "left", "loss": "cross_entropy"},
+                             {"name": "right", "loss": "cross_entropy"}],
+                      data={"factory": "tests.models:broken_split",
+                            "kwargs": {"broken": split, "how": how, "size": 64},
+                            "batch_size": 16},
+                      select={"layers": ["layer4.*"]}, train={"epochs": 1},
+                      export={"dir": str(tmp_path / "out")})
+    code, _out, err = run_cli(capsys, "run", str(path), "--quiet")
+    assert code == 2
+    assert_one_line(err, "tests.models:broken_split", *needles)

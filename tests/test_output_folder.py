@@ -158,3 +158,69 @@ def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
     (staged / "report.md").write_text("the new report\n")
     reconfx.load(out)
     assert (out / "report.md").read_text() == "the new report\n" and not staged.exists()
+
+
+def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
+    """``reconfx ARGS`` in a fresh process after running ``patch`` (which arranges a signal)."""
+    script = textwrap.dedent(patch) + textwrap.dedent(f"""
+        import sys
+        from reconfx.cli import main
+        sys.exit(main({args!r}))
+    """)
+    return subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_sigterm_ends_with_one_line_and_exit_143_leaving_the_folder_as_it_was(tmp_path):
+    out = tmp_path / "out"
+    pipeline.compile_spec(spec_for(tmp_path, out))
+    before = {name: (out / name).read_bytes() for name in ARTIFACTS}
+    done = run_patched("""
+        import os, signal
+        from reconfx import pipeline
+        real = pipeline.emit_sources
+        def emit_sources(*args, **kwargs):
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        pipeline.emit_sources = emit_sources
+    """, ["compile", str(spec_for(tmp_path, out, ("layer3.*",), name="term")), "--quiet"])
+    assert done.returncode == 143
+    assert done.stderr.splitlines() == [
+        "reconfx: terminated (SIGTERM); the output folder holds a complete set of files (this "
+        "command's only if it had finished writing them); profile and run continue with "
+        "--resume"]
+    assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
+    assert not list(out.glob(".staging-*"))
+
+
+def test_ctrl_c_between_two_commit_moves_still_completes_the_commit(tmp_path):
+    """The signal waits until the last file is moved: the folder holds the new compile's files
+    only, never a new model.py beside the old weights."""
+    out, clean = tmp_path / "out", tmp_path / "clean"
+    pipeline.compile_spec(spec_for(tmp_path, out))
+    spec = spec_for(tmp_path, out, ("layer3.*",), name="again")
+    done = run_patched("""
+        import os, signal
+        real, moves = os.replace, []
+        def replace(source, target):
+            real(source, target)
+            moves.append(target)
+            if str(target).endswith("model.py"):  # the journal went first
+                os.kill(os.getpid(), signal.SIGINT)
+        os.replace = replace
+    """, ["compile", str(spec), "--quiet"])
+    assert done.returncode == 130 and len(done.stderr.splitlines()) == 1, done.stderr
+    assert not list(out.glob(".staging-*"))
+    pipeline.compile_spec(spec_for(tmp_path, clean, ("layer3.*",), name="again"))
+    for name in ("model.py", "original.py", "branch.diff", "weights.safetensors"):
+        assert (out / name).read_bytes() == (clean / name).read_bytes(), name
+    reconfx.load(out)
+
+
+def test_the_command_line_starts_without_torch():
+    """Heavy imports happen inside commands: `reconfx --help` answers at once, and Ctrl-C is
+    handled from the first instruction of main()."""
+    done = subprocess.run([sys.executable, "-c", "import sys, reconfx.cli; "
+                           "print('torch' in sys.modules)"], cwd=ROOT, capture_output=True,
+                          text=True, check=True)
+    assert done.stdout == "False\n"

@@ -1,0 +1,115 @@
+"""What the emitted source looks like on a fixed set of models: line counts, how each module is
+built, and how long the emitted class takes to construct next to the original.
+
+* ``minilm``: the README's MiniLM spec (pretrained all-MiniLM-L6-v2, last encoder layer
+  branched; tier 2); targets ``model.py`` <= 250 lines, ``branch.diff`` <= 80;
+* ``resnet50``: a ResNet-50-sized CNN (``reconfx.zoo:BottleneckResNet``) with its last stage
+  branched (tier 1); target ``model.py`` <= 200 lines;
+* ``library``: ``tests.library:LibraryNet``, modules written like a third-party library
+  (subclasses of torch.nn classes with their own signatures, class arguments, settings objects,
+  a module no constructor call rebuilds); targets: no factory call in ``model.py``, the emitted
+  class constructed in <= 1.5x the original's time.
+
+Construction times are medians of ``--repeats`` constructions of each, alternated. Run:
+``.venv/bin/python bench/emission.py [--models minilm,resnet50,library] [--repeats 5]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import yaml
+
+from reconfx.artifacts import import_source
+from reconfx.build import build_model
+from reconfx.pipeline import compile_spec
+from reconfx.spec import class_name
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.library for `library`
+
+SPECS = {
+    "minilm": {
+        "backbone": {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"},
+        "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 30522,
+                    "dynamic": [0, 1]}],
+        "tasks": [{"name": "ner", "head": {"type": "linear", "out_features": 9}},
+                  {"name": "sentiment", "head": {"type": "mlp", "hidden": [64],
+                                                 "out_features": 2, "pool": "mean"}}],
+        "select": {"layers": ["backbone.encoder.layer.5.*"]},
+    },
+    "resnet50": {
+        "model": {"factory": "reconfx.zoo:BottleneckResNet"},
+        "inputs": [{"name": "image", "shape": [2, 3, 64, 64]}],
+        "tasks": [{"name": "left"}, {"name": "right"}],
+        "select": {"layers": ["layer4.*"]},
+    },
+    "library": {
+        "model": {"factory": "tests.library:LibraryNet"},
+        "inputs": [{"name": "image", "shape": [2, 3, 8, 8]}],
+        "tasks": [{"name": "a"}, {"name": "b"}],
+        "select": {"layers": ["block.conv2.*", "attention.proj", "mixer", "scale"]},
+    },
+}
+TARGETS = {"minilm": "model.py <= 250, branch.diff <= 80", "resnet50": "model.py <= 200",
+           "library": "no factory call, build <= 1.5x"}
+
+
+def median_times(builders: list[Callable[[], object]], repeats: int) -> list[float]:
+    times: list[list[float]] = [[] for _ in builders]
+    for _ in range(repeats):
+        for i, build in enumerate(builders):
+            start = time.perf_counter()
+            build()
+            times[i].append(time.perf_counter() - start)
+    return [statistics.median(t) for t in times]
+
+
+def measure(name: str, folder: Path, repeats: int) -> list[str]:
+    spec_path = folder / f"{name}.yaml"
+    spec_path.write_text(yaml.safe_dump({"name": name, **SPECS[name],
+                                         "export": {"formats": ["python"]}}, sort_keys=False))
+    out = folder / name
+    start = time.perf_counter()
+    compiled = compile_spec(spec_path, out)
+    seconds = time.perf_counter() - start
+    lines = {f: (out / f).read_text().count("\n") for f in ("model.py", "original.py",
+                                                            "branch.diff")}
+    source = (out / "model.py").read_text()
+    emitted = import_source(out / "model.py", class_name(name))
+    spec, path = compiled.prepared.loaded.spec, compiled.prepared.loaded.path
+    original_s, emitted_s = median_times([lambda: build_model(spec, path), emitted], repeats)
+    report = (out / "report.md").read_text()
+    built = report.split("## How model.py builds its modules\n\n", 1)[1].split("\n\n", 1)[0]
+    counts = "; ".join(line.removeprefix("- ").split(" (")[0].split(":")[0]
+                       for line in built.splitlines())
+    return [name, str(lines["model.py"]), str(lines["original.py"]), str(lines["branch.diff"]),
+            str(source.count("_from_factory(")), counts,
+            f"{emitted_s * 1e3:.1f} / {original_s * 1e3:.1f} ms ({emitted_s / original_s:.2f}x)",
+            f"{seconds:.0f} s", TARGETS[name]]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(SPECS))
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    headers = ["model", "model.py", "original.py", "branch.diff", "factory calls",
+               "modules built", "construct emitted / original", "compile", "target"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            rows.append(measure(name, Path(tmp), args.repeats))
+            print(" | ".join(rows[-1]), flush=True)
+    print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
