@@ -24,7 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,15 +33,19 @@ from torch import nn
 
 from reconfx.errors import ModelError, OutputError
 from reconfx.outdir import (
+    CHECKPOINTS,
     JOURNAL,
     MARKER,
+    REMOVALS,
     STAGING_PREFIX,
+    apply_journal,
     finish_stale,
     output_error,
     repairing,
 )
 
 MANIFEST = "manifest.json"
+PROFILE = ("conflicts.json", "conflicts.png")  # the conflict profile compile selects by
 
 
 class Staging:
@@ -82,22 +86,29 @@ class Staging:
         self.files[name] = None
         return path
 
-    def commit(self) -> list[Path]:
-        """Move every staged file into place: all of them, even when Ctrl-C or SIGTERM arrives
-        meanwhile (both are held back until the last move; SIGKILL leaves the journal, which the
-        next command or reader replays)."""
-        done = []
+    def commit(self, remove: Sequence[str] = ()) -> list[Path]:
+        """Move every staged file into place, then remove ``remove`` (what an earlier model
+        left): all of it, even when Ctrl-C or SIGTERM arrives meanwhile (both are held back
+        until the end; SIGKILL leaves the journal, which the next command or reader replays)."""
         with signals_held():
             try:
+                replace_text(self.path / REMOVALS, "".join(f"{name}\n" for name in remove))
                 replace_text(self.path / JOURNAL, "".join(f"{name}\n" for name in self.files))
-                for name in self.files:
-                    os.replace(self.path / name, self.out_dir / name)
-                    done.append(self.out_dir / name)
+                return apply_journal(self.path, self.out_dir)
             except OSError as exc:
                 raise output_error(exc, self.out_dir) from None
             finally:
                 shutil.rmtree(self.path, ignore_errors=True)
-        return done
+
+    def commit_with_manifest(self, command: str, spec_path: Path, spec_sha: str, seed: int,
+                             files: list[str], class_name: str, new_model: bool = False
+                             ) -> list[Path]:
+        """Write ``manifest.json`` for ``files`` (see :func:`manifest_text`) and commit,
+        removing what the manifest says the new set replaces."""
+        text, removed = manifest_text(self.out_dir, self.path, command, spec_path, spec_sha,
+                                      seed, files, class_name, new_model)
+        self.write_text(MANIFEST, text)
+        return self.commit(removed)
 
     def abort(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
@@ -233,19 +244,47 @@ def versions() -> dict[str, str]:
 
 
 def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, spec_sha: str,
-                  seed: int, files: list[str], class_name: str) -> str:
-    """The merged manifest: earlier entries of other commands are kept."""
+                  seed: int, files: list[str], class_name: str, new_model: bool = False
+                  ) -> tuple[str, list[str]]:
+    """The manifest after a command's commit, and the files it removes. A command that writes a
+    new model (``new_model``: compile, run) removes every earlier file it does not write again,
+    and ``checkpoints`` unless it writes them itself, so the folder holds one model's result;
+    compile keeps the conflict profile (the scores it selects by; its "branched" flags stay
+    those of the command that profiled). Other commands add their entries; files derived from
+    the model (ONNX) are recorded with the model's hash. Only files that exist are listed."""
     old: dict[str, Any] = {}
     try:
         old = json.loads((out_dir / MANIFEST).read_text())
     except (OSError, ValueError):
         old = {}
     entries = dict(old.get("files", {})) if isinstance(old.get("files"), dict) else {}
+    entries = {k: v for k, v in entries.items() if (out_dir / k).is_file()}
+    removed: list[str] = []
+    if new_model:
+        kept = {k: v for k, v in entries.items() if command == "compile" and k in PROFILE}
+        removed = sorted(set(entries) - set(kept) - set(files) - {MANIFEST})
+        if command != "run" and (out_dir / CHECKPOINTS).is_dir():
+            removed.append(CHECKPOINTS)
+        entries = kept
+    model = _model_sha(out_dir, staged, files)
     for name in files:
         entries[name] = {"command": command, "sha256": sha256(staged / name)}
+        if name.endswith(".onnx") and model is not None:
+            entries[name]["model_sha256"] = model
     data = {"class_name": class_name, "spec": {"path": str(spec_path.resolve()),
             "sha256": spec_sha}, "seed": seed, "versions": versions(), "files": entries}
-    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    return json.dumps(data, indent=2, sort_keys=True) + "\n", removed
+
+
+def _model_sha(out_dir: Path, staged: Path, files: list[str]) -> str | None:
+    """One hash of model.py and the weights (the staged ones when this command writes them)."""
+    digest = hashlib.sha256()
+    for name in ("model.py", "weights.safetensors"):
+        path = staged / name if name in files else out_dir / name
+        if not path.is_file():
+            return None
+        digest.update(sha256(path).encode())
+    return digest.hexdigest()
 
 
 def import_source(path: Path, class_name: str) -> type[nn.Module]:

@@ -31,6 +31,7 @@ LOCK = ".reconfx.lock"
 STAGING_PREFIX = ".staging-"
 JOURNAL = ".commit"  # in a staging folder: the files to move, written before the first move
 MARKER = ".reconfx-staging"  # in a staging folder: reconfx made it
+REMOVALS = ".remove"  # in a staging folder: what the commit removes after its moves
 CHECKPOINTS = "checkpoints"
 _CHECKPOINT_FILES = ("resume.pt", "best.safetensors", "last.safetensors")
 _HELD: dict[Path, int] = {}  # folders this process holds the lock of -> the lock's descriptor
@@ -163,19 +164,40 @@ def repairing(folder: Path) -> Iterator[bool]:
 def finish_stale(out_dir: Path) -> None:
     """Staging folders left by killed commands (the caller holds the folder's lock, so no other
     writer exists): a commit that had begun (the journal exists) is finished, anything else is
-    removed. Only folders carrying reconfx's marker are touched, a journal entry is moved only
-    when it is a plain file name (no ``..``, no path, no link), and nothing outside ``out_dir``
-    is ever moved or deleted."""
+    removed. Only folders carrying reconfx's marker are touched."""
     for folder in out_dir.glob(f"{STAGING_PREFIX}*"):
         if folder.is_symlink() or not folder.is_dir() or not (folder / MARKER).is_file():
             continue
-        journal = folder / JOURNAL
-        if journal.is_file() and not journal.is_symlink():
-            for name in journal.read_text(encoding="utf-8").splitlines():
-                staged = folder / name
-                if _plain_name(name) and staged.is_file() and not staged.is_symlink():
-                    os.replace(staged, out_dir / name)
+        if (folder / JOURNAL).is_file() and not (folder / JOURNAL).is_symlink():
+            apply_journal(folder, out_dir)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def apply_journal(folder: Path, out_dir: Path) -> list[Path]:
+    """Carry out a staging folder's journal: move each staged file listed in it into
+    ``out_dir``, then remove what its removal list names (files an earlier model left, and
+    ``checkpoints``). A name is used only when it is a plain name (no ``..``, no path), a staged
+    file only when it is no link, so nothing outside ``out_dir`` is ever moved or deleted."""
+    moved = []
+    for name in _names(folder / JOURNAL):
+        staged = folder / name
+        if staged.is_file() and not staged.is_symlink():
+            os.replace(staged, out_dir / name)
+            moved.append(out_dir / name)
+    for name in _names(folder / REMOVALS):
+        target = out_dir / name
+        if target.is_dir() and not target.is_symlink():
+            if name == CHECKPOINTS:
+                shutil.rmtree(target)
+        elif target.is_file() or target.is_symlink():
+            target.unlink()
+    return moved
+
+
+def _names(listing: Path) -> list[str]:
+    if not listing.is_file() or listing.is_symlink():
+        return []
+    return [n for n in listing.read_text(encoding="utf-8").splitlines() if _plain_name(n)]
 
 
 def _plain_name(name: str) -> bool:

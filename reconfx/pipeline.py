@@ -437,10 +437,8 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     if w.main:  # every rank holds the same counters
         with artifacts.Staging(out) as staging:
             files = write_conflicts(staging, result, {layer.name for layer in chosen})
-            staging.write_text("manifest.json", artifacts.manifest_text(
-                staging.out_dir, staging.path, "profile", loaded.path, loaded.sha256,
-                s.train.seed, files, class_name(s.name)))
-            written = staging.commit()
+            written = staging.commit_with_manifest("profile", loaded.path, loaded.sha256,
+                                                   s.train.seed, files, class_name(s.name))
         checkpoint.clear()
     w.barrier()
     notes = [checkpoint.note] if checkpoint.note else []
@@ -545,10 +543,8 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | Non
         text = report.read_text(encoding="utf-8") if report.is_file() else ""
         staging.write_text("report.md", replace_section(text, "## ONNX", exported.report()))
         files.append("report.md")
-        staging.write_text("manifest.json", artifacts.manifest_text(
-            staging.out_dir, staging.path, "export", loaded.path, loaded.sha256, s.train.seed,
-            files, class_name(s.name)))
-        written = staging.commit()
+        written = staging.commit_with_manifest("export", loaded.path, loaded.sha256,
+                                               s.train.seed, files, class_name(s.name))
     exported.path = next(p for p in written if p.name == name)
     return exported
 
@@ -641,7 +637,6 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         if compiled.profile is not None:
             files += write_conflicts(staging, compiled.profile,
                                      {layer.name for layer in branched.layers})
-        staging.write_text("manifest.json", artifacts.manifest_text(
-            staging.out_dir, staging.path, command, prepared.loaded.path,
-            prepared.loaded.sha256, s.train.seed, files, name))
-        return staging.commit()
+        return staging.commit_with_manifest(command, prepared.loaded.path,
+                                            prepared.loaded.sha256, s.train.seed, files, name,
+                                            new_model=True)

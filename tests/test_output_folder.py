@@ -4,6 +4,7 @@ command write a folder at a time (each hostile folder is built by the test itsel
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -11,12 +12,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import yaml
 
 import reconfx
 from reconfx import outdir, pipeline
 from reconfx.cli import main
 from reconfx.errors import FolderRefused, ModelError
-from tests.support import ARTIFACTS, write_spec
+from tests.support import ARTIFACTS, listing, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -224,3 +226,35 @@ def test_the_command_line_starts_without_torch():
                            "print('torch' in sys.modules)"], cwd=ROOT, capture_output=True,
                           text=True, check=True)
     assert done.stdout == "False\n"
+
+
+def test_a_folder_holds_one_models_result(tmp_path, capsys):
+    """After `run` (with ONNX), `export --task left` and a `compile` of other layers (python
+    only), nothing of the earlier model is left: no model.onnx or model.left.onnx of the old
+    weights, no checkpoints; the manifest lists exactly the files present. Files derived from a
+    model record its hash."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, "seq", model={"factory": "reconfx.zoo:small_resnet",
+                                              "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [4, 1, 12, 12]}],
+                      tasks=[{"name": "left", "loss": "cross_entropy"},
+                             {"name": "right", "loss": "cross_entropy"}],
+                      data={"factory": "reconfx.data:multidigits", "kwargs": {"size": 64},
+                            "batch_size": 16},
+                      select={"layers": ["layer4.*"]}, train={"epochs": 1},
+                      export={"formats": ["python", "onnx"], "dir": str(out)})
+    assert cli(["run", str(spec), "--quiet"], capsys)[0] == 0
+    assert cli(["export", str(spec), "--task", "left", "--quiet"], capsys)[0] == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    model_hash = manifest["files"]["model.left.onnx"]["model_sha256"]
+    assert manifest["files"]["model.onnx"]["model_sha256"] == model_hash
+    assert (out / "checkpoints" / "best.safetensors").is_file()
+    fields = yaml.safe_load(spec.read_text())
+    fields.update(select={"layers": ["layer3.*"]}, export={"formats": ["python"], "dir": str(out)})
+    other = write_spec(tmp_path, **fields)
+    assert cli(["compile", str(other), "--quiet"], capsys)[0] == 0
+    present = listing(out)
+    assert present == sorted(ARTIFACTS)
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert sorted(manifest["files"]) == sorted(set(ARTIFACTS) - {"manifest.json"})
+    assert {e["command"] for e in manifest["files"].values()} == {"compile"}
