@@ -26,7 +26,7 @@ import tempfile
 import threading
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch import nn
@@ -185,7 +185,7 @@ def save_weights(module: nn.Module, path: Path) -> None:
     save_file(tensors, str(path), metadata={"format": "pt"})
 
 
-def torch_load_safely(path: Path) -> Any:
+def torch_load_safely(path: Path | BinaryIO) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers only. A pickle that names
     any other Python object is refused, never executed; every failure is a ``ValueError`` with a
     one-line reason."""

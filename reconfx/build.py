@@ -4,6 +4,7 @@ from the model's outputs to tasks."""
 from __future__ import annotations
 
 import importlib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -56,8 +57,10 @@ def call_factory(factory: FactorySpec, where: str) -> nn.Module:
     return model
 
 
-def call_data_factory(data: Any, split: str, seed: int, where: str) -> Any:
-    """``data.factory(split, seed, **kwargs)``: a Dataset of (inputs, targets) dicts."""
+def call_data_factory(data: Any, split: str, seed: int, where: str,
+                      inputs: Sequence[Any] = ()) -> Any:
+    """``data.factory(split, seed, **kwargs)``: a Dataset of (inputs, targets) dicts, whose
+    first item is checked against the spec's ``inputs`` (names, dtypes, fixed axes)."""
     fn = resolve_factory(data.factory, f"{where}.factory")
     try:
         dataset = fn(split=split, seed=seed, **data.kwargs)
@@ -84,7 +87,33 @@ def call_data_factory(data: Any, split: str, seed: int, where: str) -> Any:
                          f"{_describe(item)}, not (inputs, targets) pairs of dicts",
                          where=f"{where}.factory", fix="return ({input name: tensor}, "
                          "{task name: tensor}) from __getitem__")
+    for spec in inputs:
+        problem = _input_problem(item[0].get(spec.name), spec)
+        if problem:
+            raise ModelError(f"data factory '{data.factory}': input '{spec.name}' of the "
+                             f"'{split}' split {problem}", where=f"{where}.factory",
+                             fix=f"make the factory return what inputs[] declares for "
+                             f"'{spec.name}', or change its declaration")
     return dataset
+
+
+def _input_problem(value: Any, spec: Any) -> str | None:
+    """What is wrong with one item's input against its declaration (None: nothing)."""
+    if value is None:
+        return "is missing from its items"
+    if not isinstance(value, torch.Tensor):
+        return f"is a {type(value).__name__}, not a tensor"
+    dtype = str(value.dtype).removeprefix("torch.")
+    if dtype != spec.dtype:
+        return f"is {dtype}, and the spec declares {spec.dtype}"
+    if value.dim() != len(spec.shape) - 1:
+        return (f"has shape {tuple(value.shape)} per item, and the spec's shape {spec.shape} "
+                f"(batch first) means {len(spec.shape) - 1} axes per item")
+    for axis, size in enumerate(spec.shape[1:], start=1):
+        if axis not in spec.dynamic and value.shape[axis - 1] != size:
+            return (f"has shape {tuple(value.shape)} per item, and the spec's shape "
+                    f"{spec.shape} fixes axis {axis} at {size}")
+    return None
 
 
 def _describe(item: Any) -> str:

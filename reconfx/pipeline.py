@@ -256,7 +256,8 @@ def train_compiled(compiled: Compiled, progress: bool = True,
     maps split names to data sets already built (the experiment reuses them)."""
     loaded, s = compiled.prepared.loaded, compiled.prepared.loaded.spec
     where = str(loaded.path)
-    data = data or {split: call_data_factory(s.data, split, s.train.seed, f"{where}: data")
+    data = data or {split: call_data_factory(s.data, split, s.train.seed, f"{where}: data",
+                                                   s.inputs)
                     for split in ("train", "val", "test")}
     module = compiled.branched.module
     shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
@@ -307,7 +308,7 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
     require_data(loaded, "eval")
     metrics = metric_functions(list(s.tasks), where)
     model = artifacts.load(Path(out_dir) if out_dir is not None else s.export_dir())
-    data = call_data_factory(s.data, split, s.train.seed, f"{where}: data")
+    data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
     values = evaluate(model, data, s.task_names, metrics)
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
@@ -385,7 +386,7 @@ def profile_prepared(prepared: Prepared, progress: bool,
         return result
     loss_fns = loss_functions(list(s.tasks), where)
     aggregate = aggregator(s.train.aggregator, len(s.tasks), where)
-    dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data")
+    dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data", s.inputs)
     torch.manual_seed(s.train.seed)
     module = prepared.traced.module
     params = [p for p in module.parameters() if p.requires_grad]
@@ -493,7 +494,8 @@ def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
     cases = [(f"example {sizes(examples[0])}", examples[0]),
              (f"example {sizes(examples[1])}", examples[1])]
     if s.data is not None:
-        dataset = call_data_factory(s.data, "test", s.train.seed, f"{loaded.path}: data")
+        dataset = call_data_factory(s.data, "test", s.train.seed, f"{loaded.path}: data",
+                                    s.inputs)
         inputs, _targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16)))
         cases.append((f"test data, {len(next(iter(inputs.values())))} items", inputs))
     return cases

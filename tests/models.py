@@ -355,8 +355,8 @@ class DefaultScale(nn.Module):
 
 
 def broken_split(split: str, seed: int, broken: str = "val", how: str = "empty", **kwargs):
-    """MultiDigits with one split broken: ``empty``, an ``iterable`` dataset, or ``tuples``
-    (items as bare tuples of tensors instead of (inputs, targets) dicts)."""
+    """MultiDigits with one split broken: ``empty``, an ``iterable`` dataset, ``tuples`` (items
+    as bare tuples of tensors instead of (inputs, targets) dicts) or ``float64`` images."""
     from reconfx.data import multidigits
 
     base = multidigits(split, seed, **kwargs)
@@ -366,6 +366,8 @@ def broken_split(split: str, seed: int, broken: str = "val", how: str = "empty",
         return torch.utils.data.Subset(base, [])
     if how == "iterable":
         return IterableDigits(base)
+    if how == "float64":
+        return [({"image": x["image"].double()}, y) for x, y in (base[i] for i in range(4))]
     return [(x["image"], y["left"], y["right"]) for x, y in (base[i] for i in range(4))]
 
 

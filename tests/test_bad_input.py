@@ -274,10 +274,13 @@ def test_reserved_top_level_names_work_inside_a_backbone(tmp_path):
     ("train", "iterable", ["data.factory", "returned IterableDigits, not a map-style Dataset"]),
     ("val", "tuples", ["data.factory", "items of the 'val' split are tuples of Tensor, Tensor, "
                        "Tensor, not (inputs, targets) pairs of dicts"]),
+    ("train", "float64", ["data.factory", "input 'image' of the 'train' split is float64, and "
+                          "the spec declares float32", "fix: make the factory return what "
+                          "inputs[] declares for 'image'"]),
 ])
 def test_broken_data_splits_are_one_line_errors(tmp_path, capsys, split, how, needles):
     """An empty split used to train nothing and report 0.0000 (or 'best val 0.0000'); other
-    shapes of data were internal errors."""
+    shapes of data, and float64 images for a float32 model, were internal errors."""
     path = write_spec(tmp_path, model=RESNET, inputs=IMAGE,
                       tasks=[{"name": "left", "loss": "cross_entropy"},
                              {"name": "right", "loss": "cross_entropy"}],

@@ -203,8 +203,10 @@ def resume_spec(folder: Path) -> Path:
 
 
 def resume_state(path: Path) -> dict | None:
+    from reconfx.train.resume import stored_state
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        return stored_state(path)
     except Exception:  # not there yet, or being replaced
         return None
 
@@ -250,8 +252,8 @@ def test_resume_refuses_a_checkpoint_of_another_spec_or_command(tmp_path, capsys
     spec = digits_spec(tmp_path, train={"epochs": 1, "checkpoint_every": 4})
     folder = tmp_path / "out" / "checkpoints"
     folder.mkdir(parents=True)
-    torch.save({"format": 1, "command": "run", "spec_sha256": "0" * 64, "phase": "train"},
-               folder / "resume.pt")
+    torch.save({"format": 2, "command": "run", "spec_sha256": "0" * 64, "digest": "",
+                "payload": torch.zeros(0, dtype=torch.uint8)}, folder / "resume.pt")
     code, err = run_cli(["run", str(spec), "--quiet", "--resume"], capsys)
     assert code == 2 and err == [
         f"reconfx: error: {folder / 'resume.pt'}: the checkpoint was written for a different "
@@ -259,6 +261,28 @@ def test_resume_refuses_a_checkpoint_of_another_spec_or_command(tmp_path, capsys
         "--resume)"]
     code, err = run_cli(["profile", str(spec), "--quiet", "--resume"], capsys)
     assert code == 2 and "written by `reconfx run`, not `profile`" in err[0]
+
+
+def test_a_resume_checkpoint_changed_after_writing_is_refused(tmp_path):
+    """resume.pt carries a sha256 over the spec's hash and its state: a state swapped in (the
+    same spec and command, a plausible step) is refused instead of trusted."""
+    import io
+
+    from reconfx.errors import SpecError
+    from reconfx.train.resume import Checkpoint
+
+    spec_sha = "1" * 64
+    Checkpoint(tmp_path, "run", spec_sha, every=1).save("train", {"step": 3})
+    assert Checkpoint(tmp_path, "run", spec_sha, every=1, resume=True).state["step"] == 3
+    data = torch.load(tmp_path / "resume.pt", weights_only=True)
+    forged = io.BytesIO()
+    torch.save({"phase": "train", "step": 999}, forged)
+    payload = torch.frombuffer(bytearray(forged.getvalue()), dtype=torch.uint8)
+    torch.save({**data, "payload": payload}, tmp_path / "resume.pt")
+    with pytest.raises(SpecError, match="content does not match the hash it carries"):
+        Checkpoint(tmp_path, "run", spec_sha, every=1, resume=True)
+    with pytest.raises(SpecError, match="written for a different version of the spec"):
+        Checkpoint(tmp_path, "run", "2" * 64, every=1, resume=True)
 
 
 class Payload:

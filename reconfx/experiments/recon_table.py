@@ -140,7 +140,8 @@ class Experiment:
             seeded = with_settings(self.loaded, train={"seed": seed})
             prepared = prepare(seeded)
             initial = copy.deepcopy(prepared.traced.module.state_dict())
-            data = {split: call_data_factory(seeded.spec.data, split, seed, "data")
+            data = {split: call_data_factory(seeded.spec.data, split, seed, "data",
+                                                seeded.spec.inputs)
                     for split in ("train", "val", "test")}
             for task in tasks:
                 bar.set_postfix_str(f"seed {seed} single-task {task}")

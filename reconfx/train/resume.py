@@ -12,6 +12,8 @@ uninterrupted run produces. The file is removed when the command has written its
 
 from __future__ import annotations
 
+import hashlib
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from reconfx.artifacts import replace_file, torch_load_safely
 from reconfx.distributed import World
 from reconfx.errors import ModelError, SpecError
 
-FORMAT = 1
+FORMAT = 2  # 2: the state is a payload of bytes with a sha256 over the spec's hash and them
 FILE = "resume.pt"
 
 
@@ -169,8 +171,12 @@ class Checkpoint:
         return self.every > 0 and step % self.every == 0
 
     def save(self, phase: str, state: dict[str, Any]) -> None:
+        buffer = io.BytesIO()
+        torch.save({"phase": phase, **self.extra, **state}, buffer)
+        payload = buffer.getvalue()
         data = {"format": FORMAT, "command": self.command, "spec_sha256": self.spec_sha256,
-                "phase": phase, **self.extra, **state}
+                "digest": _digest(self.spec_sha256, payload),
+                "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
         replace_file(self.path, lambda p: torch.save(data, p))
 
     def clear(self) -> None:
@@ -196,4 +202,34 @@ class Checkpoint:
             raise SpecError("the checkpoint was written for a different version of the spec",
                             where=where, fix="restore the spec, or delete the checkpoint and "
                             "run without --resume")
-        return data
+        payload = _bytes(data.get("payload"))
+        if payload is None or data.get("digest") != _digest(self.spec_sha256, payload):
+            raise SpecError("the checkpoint's content does not match the hash it carries "
+                            "(changed since reconfx wrote it)", where=where,
+                            fix="delete it and run without --resume")
+        try:
+            state = torch_load_safely(io.BytesIO(payload))
+        except ValueError as exc:
+            raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
+                            fix="delete it and run without --resume") from None
+        return state
+
+
+def stored_state(path: Path) -> dict[str, Any]:
+    """The state a resume file holds, unverified (for inspection; resuming verifies it)."""
+    payload = _bytes(torch_load_safely(path).get("payload"))
+    if payload is None:
+        raise ValueError(f"{path} holds no resume state")
+    return torch_load_safely(io.BytesIO(payload))
+
+
+def _bytes(payload: Any) -> bytes | None:
+    """The state's bytes (stored as a uint8 tensor: torch's weights-only loading refuses
+    pickled ``bytes``)."""
+    if not isinstance(payload, torch.Tensor) or payload.dtype != torch.uint8 or payload.dim() != 1:
+        return None
+    return payload.numpy().tobytes()
+
+
+def _digest(spec_sha256: str, payload: bytes) -> str:
+    return hashlib.sha256(spec_sha256.encode() + payload).hexdigest()
