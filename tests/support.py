@@ -29,6 +29,18 @@ def listing(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.name != LOCK)
 
 
+def resnet_spec(tmp_path: Path, layers: list[str], out: Path, name: str = "kill") -> Path:
+    """A spec compiling the small ResNet with ``layers`` branched into ``out``, in a folder of
+    its own per name and layer set."""
+    folder = tmp_path / f"spec-{name}-{'-'.join(layers).replace('*', 'x')}"
+    folder.mkdir(exist_ok=True)
+    return write_spec(folder, name, model={"factory": "reconfx.zoo:small_resnet",
+                                           "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": layers}, export={"dir": str(out)})
+
+
 def write_spec(folder: Path, name: str = "case", **fields: Any) -> Path:
     path = folder / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"name": name, **fields}, sort_keys=False))

@@ -18,20 +18,9 @@ import reconfx
 from reconfx import outdir, pipeline
 from reconfx.cli import main
 from reconfx.errors import FolderRefused, ModelError
-from tests.support import ARTIFACTS, listing, write_spec
+from tests.support import ARTIFACTS, listing, resnet_spec, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def spec_for(tmp_path: Path, out: Path, layers: tuple[str, ...] = ("layer4.*",),
-             name: str = "folder") -> Path:
-    folder = tmp_path / f"spec-{name}"
-    folder.mkdir(exist_ok=True)
-    return write_spec(folder, name, model={"factory": "reconfx.zoo:small_resnet",
-                                           "kwargs": {"width": 8}},
-                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
-                      tasks=[{"name": "left"}, {"name": "right"}],
-                      select={"layers": list(layers)}, export={"dir": str(out)})
 
 
 def cli(args: list[str], capsys: pytest.CaptureFixture) -> tuple[int, list[str]]:
@@ -44,17 +33,18 @@ def test_a_folder_holding_the_users_files_is_refused_without_force(tmp_path, cap
     out.mkdir()
     (out / "model.py").write_text("my own model\n")
     (out / "notes.txt").write_text("keep me\n")
-    code, err = cli(["compile", str(spec_for(tmp_path, out)), "--quiet"], capsys)
+    spec = str(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    code, err = cli(["compile", spec, "--quiet"], capsys)
     assert code == 2 and err == [
         f"reconfx: error: export.dir: the output folder {out} holds files reconfx did not write "
         "(model.py, notes.txt) (fix: choose a new or empty folder, or pass --force to "
         "write into this one (files reconfx produces would replace same-named files there))"]
     assert sorted(p.name for p in out.iterdir()) == ["model.py", "notes.txt"]
     assert (out / "model.py").read_text() == "my own model\n"
-    assert cli(["compile", str(spec_for(tmp_path, out)), "--quiet", "--force"], capsys)[0] == 0
+    assert cli(["compile", spec, "--quiet", "--force"], capsys)[0] == 0
     assert (out / "notes.txt").read_text() == "keep me\n"
     # once reconfx has written it (its manifest says so), the folder is reconfx's
-    assert cli(["compile", str(spec_for(tmp_path, out)), "--quiet"], capsys)[0] == 0
+    assert cli(["compile", spec, "--quiet"], capsys)[0] == 0
 
 
 @pytest.mark.parametrize("where", ["root", "home", "cwd"])
@@ -86,7 +76,7 @@ def hostile_staging(out: Path, name: str, journal: list[str]) -> Path:
 
 def test_journal_entries_that_leave_the_folder_are_never_followed(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(spec_for(tmp_path, out))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -107,9 +97,9 @@ def test_journal_entries_that_leave_the_folder_are_never_followed(tmp_path):
 
 def test_an_edited_model_py_or_swapped_weights_run_nothing(tmp_path, capsys):
     out, other = tmp_path / "out", tmp_path / "other"
-    spec = spec_for(tmp_path, out)
+    spec = resnet_spec(tmp_path, ["layer4.*"], out, "folder")
     pipeline.compile_spec(spec)
-    pipeline.compile_spec(spec_for(tmp_path, other, ("layer3.*",), name="other"))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], other, "other"))
     marker = tmp_path / "ran"
     model_py = out / "model.py"
     original = model_py.read_text()
@@ -128,7 +118,7 @@ def test_an_edited_model_py_or_swapped_weights_run_nothing(tmp_path, capsys):
 
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "out"
-    spec = spec_for(tmp_path, out)
+    spec = resnet_spec(tmp_path, ["layer4.*"], out, "folder")
     pipeline.compile_spec(spec)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
@@ -155,7 +145,7 @@ def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
     """A staging folder named after a live process id (as another PID namespace's writer's
     would be) is finished once its folder's lock is free."""
     out = tmp_path / "out"
-    pipeline.compile_spec(spec_for(tmp_path, out))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     staged = hostile_staging(out, f".staging-{os.getpid()}", ["report.md"])
     (staged / "report.md").write_text("the new report\n")
     reconfx.load(out)
@@ -175,7 +165,7 @@ def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
 
 def test_sigterm_ends_with_one_line_and_exit_143_leaving_the_folder_as_it_was(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(spec_for(tmp_path, out))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     done = run_patched("""
         import os, signal
@@ -185,7 +175,7 @@ def test_sigterm_ends_with_one_line_and_exit_143_leaving_the_folder_as_it_was(tm
             os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
         pipeline.emit_sources = emit_sources
-    """, ["compile", str(spec_for(tmp_path, out, ("layer3.*",), name="term")), "--quiet"])
+    """, ["compile", str(resnet_spec(tmp_path, ["layer3.*"], out, "term")), "--quiet"])
     assert done.returncode == 143
     assert done.stderr.splitlines() == [
         "reconfx: terminated (SIGTERM); the output folder holds a complete set of files (this "
@@ -199,8 +189,8 @@ def test_ctrl_c_between_two_commit_moves_still_completes_the_commit(tmp_path):
     """The signal waits until the last file is moved: the folder holds the new compile's files
     only, never a new model.py beside the old weights."""
     out, clean = tmp_path / "out", tmp_path / "clean"
-    pipeline.compile_spec(spec_for(tmp_path, out))
-    spec = spec_for(tmp_path, out, ("layer3.*",), name="again")
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    spec = resnet_spec(tmp_path, ["layer3.*"], out, "again")
     done = run_patched("""
         import os, signal
         real, moves = os.replace, []
@@ -213,7 +203,7 @@ def test_ctrl_c_between_two_commit_moves_still_completes_the_commit(tmp_path):
     """, ["compile", str(spec), "--quiet"])
     assert done.returncode == 130 and len(done.stderr.splitlines()) == 1, done.stderr
     assert not list(out.glob(".staging-*"))
-    pipeline.compile_spec(spec_for(tmp_path, clean, ("layer3.*",), name="again"))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean, "again"))
     for name in ("model.py", "original.py", "branch.diff", "weights.safetensors"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     reconfx.load(out)

@@ -27,7 +27,7 @@ from reconfx.layers import Layer
 from reconfx.train.aggregators import aggregator
 from reconfx.train.resume import Batches
 from reconfx.train.step import MultiTaskStep
-from tests.support import ARTIFACTS, write_spec
+from tests.support import ARTIFACTS, resnet_spec, write_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 MLP = "tests.models:DigitsMLP"
@@ -351,16 +351,6 @@ KILLER = textwrap.dedent("""
 """)
 
 
-def compile_spec_for(tmp_path: Path, layers: list[str], out: Path, name: str = "kill") -> Path:
-    folder = tmp_path / f"spec-{'-'.join(layers).replace('*', 'x')}"
-    folder.mkdir(exist_ok=True)
-    return write_spec(folder, name, model={"factory": "reconfx.zoo:small_resnet",
-                                           "kwargs": {"width": 8}},
-                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
-                      tasks=[{"name": "left"}, {"name": "right"}],
-                      select={"layers": layers}, export={"dir": str(out)})
-
-
 def killed(mode: str, spec: Path) -> subprocess.CompletedProcess:
     done = subprocess.run([sys.executable, "-c", KILLER, mode, "compile", str(spec), "--quiet"],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -370,9 +360,9 @@ def killed(mode: str, spec: Path) -> subprocess.CompletedProcess:
 
 def test_killed_mid_write_leaves_the_previous_artifacts_intact(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(compile_spec_for(tmp_path, ["layer4.*"], out))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
-    killed("mid-write", compile_spec_for(tmp_path, ["layer3.*"], out))
+    killed("mid-write", resnet_spec(tmp_path, ["layer3.*"], out))
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
     assert len(list(out.glob(".staging-*"))) == 1  # the dead process's half-written folder
     assert reconfx.load(out) is not None
@@ -381,9 +371,9 @@ def test_killed_mid_write_leaves_the_previous_artifacts_intact(tmp_path):
 
 def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
-    pipeline.compile_spec(compile_spec_for(tmp_path, ["layer4.*"], out))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
-    killed("mid-commit", compile_spec_for(tmp_path, ["layer3.*"], out))
+    killed("mid-commit", resnet_spec(tmp_path, ["layer3.*"], out))
     changed = [name for name in ARTIFACTS if (out / name).read_bytes() != before[name]]
     # model.py and original.py (the same for both selections) moved, then the process died:
     # branch.diff and the weights are still the old compile's
@@ -391,7 +381,7 @@ def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     assert len(list(out.glob(".staging-*"))) == 1
     model = reconfx.load(out)  # finishes the commit: every file is the new compile's
     assert not list(out.glob(".staging-*"))
-    pipeline.compile_spec(compile_spec_for(tmp_path, ["layer3.*"], clean))
+    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean))
     for name in ("model.py", "original.py", "branch.diff", "weights.safetensors"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     assert sorted(model.state_dict()) == sorted(reconfx.load(clean).state_dict())
@@ -427,7 +417,7 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
 
 def test_disk_full_and_permission_denied_are_one_line_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
-    spec = compile_spec_for(tmp_path, ["layer4.*"], out)
+    spec = resnet_spec(tmp_path, ["layer4.*"], out)
     pipeline.compile_spec(spec)
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     import safetensors.torch
@@ -445,7 +435,7 @@ def test_disk_full_and_permission_denied_are_one_line_errors(tmp_path, capsys, m
     monkeypatch.undo()
     if not refuses_writes(Path("/sys")):
         pytest.skip("needs a folder the OS refuses to write (/sys)")
-    denied = compile_spec_for(tmp_path, ["layer3.*"], Path("/sys/reconfx-test"), name="deny")
+    denied = resnet_spec(tmp_path, ["layer3.*"], Path("/sys/reconfx-test"), name="deny")
     code, err = run_cli(["compile", str(denied), "--quiet"], capsys)
     assert code == 1 and len(err) == 1 and err[0].startswith(
         "reconfx: error: export.dir: cannot write the output folder /sys/reconfx-test: "
