@@ -9,7 +9,8 @@ from torch import nn
 
 from reconfx.build import example_inputs
 from reconfx.checks import check_emit
-from reconfx.emit.constructors import constructor, differences, restored, tensor_source
+from reconfx.emit.constructors import constructor, differences
+from reconfx.emit.restore import restored, tensor_source
 from reconfx.errors import CheckError
 from reconfx.graph import unique_parameters
 from reconfx.spec import InputSpec

@@ -9,20 +9,14 @@ children's types (``BatchNormAct2d(16, act_layer=nn.Hardswish)``). Every call is
 evaluated on the meta device, and the module it builds must match the original in its whole
 subtree (module names and types, parameter and buffer shapes, each module's plain attributes).
 
-A module whose constructor cannot be recovered is *restored* instead: a helper in ``model.py``
-creates it without calling ``__init__`` and sets its recorded attributes, tensors and children
-(each built the same way), so ``model.py`` never needs the code that built the original.
+A module whose constructor cannot be recovered is *restored* instead (:mod:`reconfx.emit.restore`);
+values passed to constructors get their source forms from :mod:`reconfx.emit.sources`.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import enum
-import functools
-import importlib
 import inspect
 import itertools
-import keyword
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -30,10 +24,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reconfx.emit.render import LINE, Source, bracketed, render_arg, render_value
+from reconfx.emit.render import LINE, Source, bracketed, render_value
+from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
 
 HANDLERS: dict[type[nn.Module], Callable[[nn.Module], dict[str, Any]]] = {}
-PLAIN = (int, float, bool, str, tuple, type(None), torch.dtype, torch.device)
 # A required argument is searched among this many of the instance's values at most, and at most
 # two required arguments are searched together (each trial is one build on the meta device).
 _MAX_VALUES, _MAX_MISSING = 24, 2
@@ -159,7 +153,7 @@ def _call(m: nn.Module, values: dict[str, Any], simplify: bool) -> list[str]:
             value = value[0]
         if p is not None and p.default is not inspect.Parameter.empty and _equal(value, p.default):
             continue
-        value = _sourced(value)
+        value = sourced(value)
         required = p is not None and p.default is inspect.Parameter.empty and p.kind in (
             p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
         if required and not keywords:
@@ -181,7 +175,7 @@ def _equal(a: Any, b: Any) -> bool:
 _INTERNAL = set(vars(nn.Module()))  # nn.Module's own bookkeeping (_parameters, training, hooks)
 
 
-def _attributes(m: nn.Module) -> dict[str, Any]:
+def own_attributes(m: nn.Module) -> dict[str, Any]:
     """The instance's own recorded attributes, besides its tensors and children."""
     return {k: v for k, v in vars(m).items() if k not in _INTERNAL}
 
@@ -191,7 +185,7 @@ def _own_differences(a: nn.Module, b: nn.Module) -> int:
     (transformers' ``_is_hf_initialized``), which a rebuild need not reproduce."""
     count = 0
     other = vars(b)
-    for key, value in _attributes(a).items():
+    for key, value in own_attributes(a).items():
         if key.startswith("_"):
             continue
         comparable = isinstance(value, PLAIN) or isinstance(value, type) or callable(value)
@@ -241,112 +235,6 @@ def is_torch_nn(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn")
 
 
-def class_source(cls: type) -> Source | None:
-    """``nn.Conv2d`` for torch.nn's classes, else the name imported from its public module (the
-    shortest parent package that exports the same object), or None when not importable."""
-    if getattr(nn, cls.__name__, None) is cls and cls.__module__.startswith("torch.nn"):
-        return Source(f"nn.{cls.__name__}")
-    return _importable(cls)
-
-
-def _importable(obj: Any) -> Source | None:
-    module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
-    if not module or not name.isidentifier() or module == "__main__":
-        return None
-    if module.startswith("torch") and _resolves(module, name, obj):
-        return Source(f"{module}.{name}", ("import torch",))
-    parts = module.split(".")
-    for end in range(1, len(parts) + 1):  # the public path: timm.layers, not timm.layers.norm
-        candidate = ".".join(parts[:end])
-        if _resolves(candidate, name, obj):
-            return Source(name, (f"from {candidate} import {name}",))
-    return None
-
-
-def _resolves(module: str, name: str, obj: Any) -> bool:
-    try:
-        return getattr(importlib.import_module(module), name, None) is obj
-    except Exception:
-        return False
-
-
-def _sourced(value: Any) -> Any:
-    """``value``, or its :class:`Source` when it is a class, a function or a settings object
-    (so it renders); raises TypeError when it has no source form."""
-    if isinstance(value, PLAIN + (Source,)) and not isinstance(value, tuple):
-        return value
-    if isinstance(value, tuple | list):
-        return type(value)(_sourced(v) for v in value)
-    if isinstance(value, dict):
-        return {k: _sourced(v) for k, v in value.items()}
-    source = object_source(value)
-    if source is None:
-        raise TypeError(f"no source form for {type(value).__name__}")
-    return source
-
-
-def object_source(value: Any) -> Source | None:
-    """Source for a class, a function or enum member importable by name, or a settings object
-    (a dataclass or a class with ``to_dict``, such as a Hugging Face config) rebuilt from its
-    fields and verified to compare equal."""
-    if isinstance(value, type):
-        return class_source(value)
-    if isinstance(value, enum.Enum):
-        cls = _importable(type(value))
-        return cls and Source(f"{cls.text}.{value.name}", cls.imports)
-    if inspect.isfunction(value) or inspect.isbuiltin(value) or isinstance(
-            value, functools.partial | torch._ops.OpOverload):
-        return None if isinstance(value, functools.partial) else _importable(value)
-    return _settings_source(value)
-
-
-def _settings_source(value: Any) -> Source | None:
-    cls = _importable(type(value))
-    if cls is None:
-        return None
-    if dataclasses.is_dataclass(value):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
-    elif callable(getattr(value, "to_dict", None)):
-        fields = value.to_dict()
-    else:
-        return None
-    try:
-        items = {k: _sourced(v) for k, v in fields.items()}
-        args = [f"{k}={render_value(v)}" for k, v in items.items() if str(k).isidentifier()]
-    except TypeError:
-        return None
-    if len(args) != len(items):
-        return None
-    text = f"{cls.text}({', '.join(args)})"
-    imports = set(cls.imports) | {i for v in items.values() for i in _imports_of(v)}
-    namespace = _namespace(imports)
-    try:
-        rebuilt = eval(text, namespace)  # noqa: S307 - text we generated
-    except Exception:
-        return None
-    same = rebuilt.to_dict() == fields if hasattr(rebuilt, "to_dict") else rebuilt == value
-    return Source(text, tuple(sorted(imports))) if same else None
-
-
-def _imports_of(value: Any) -> set[str]:
-    if isinstance(value, Source):
-        return set(value.imports)
-    if isinstance(value, tuple | list):
-        return {i for v in value for i in _imports_of(v)}
-    if isinstance(value, dict):
-        return {i for v in value.values() for i in _imports_of(v)}
-    return set()
-
-
-def _namespace(imports: set[str] | tuple[str, ...]) -> dict[str, Any]:
-    namespace: dict[str, Any] = {"torch": torch, "nn": nn}
-    for line in imports:
-        if line.startswith("from "):
-            _from, module, _import, name = line.split()
-            namespace[name] = getattr(importlib.import_module(module), name)
-    return namespace
-
-
 def constructor(m: nn.Module) -> Constructor | None:
     """A verified constructor call for ``m``, or None when no form rebuilds it exactly."""
     cls = type(m)
@@ -388,7 +276,7 @@ def _own_values(m: nn.Module) -> list[Any]:
     """Candidate values for a required argument: the instance's plain attribute values and their
     items, and its own tensors' sizes."""
     found: list[Any] = []
-    for value in _attributes(m).values():
+    for value in own_attributes(m).values():
         if isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
             found += [value, *value]
         elif isinstance(value, int | float) and not isinstance(value, bool):
@@ -446,7 +334,7 @@ def _imports(head: Source, values: dict[str, Any]) -> tuple[str, ...]:
     found = set(head.imports)
     for value in values.values():
         try:
-            found |= _imports_of(_sourced(value))
+            found |= imports_of(sourced(value))
         except TypeError:
             pass
     return tuple(sorted(found))
@@ -474,119 +362,9 @@ def _build(call: str, imports: tuple[str, ...]) -> nn.Module | None:
     if key not in _BUILT:
         try:
             with torch.device("meta"):
-                _BUILT[key] = eval(call, _namespace(imports))  # noqa: S307 - text we generated
+                _BUILT[key] = eval(call, namespace(imports))  # noqa: S307 - text we generated
         except Exception:
             _BUILT[key] = None
     return _BUILT[key]
 
 
-# -- restoring a module from its recorded state -------------------------------------------------
-
-RESTORE_HELPER = '''\
-def _restored(cls: type, attributes: dict[str, Any], **members: Any) -> nn.Module:
-    """A ``cls`` set up from its recorded attributes, parameters, buffers and submodules, for a
-    class whose constructor arguments cannot be read back from an instance (``__init__`` is not
-    called). A buffer that is not saved with the weights is passed as ``("transient", value)``."""
-    module = cls.__new__(cls)
-    nn.Module.__init__(module)
-    module.__dict__.update(attributes)
-    for name, value in members.items():
-        if isinstance(value, tuple):
-            module.register_buffer(name, value[1], persistent=False)
-        elif isinstance(value, torch.Tensor) and not isinstance(value, nn.Parameter):
-            module.register_buffer(name, value)
-        else:
-            setattr(module, name, value)
-    return module
-'''
-RESTORE_IMPORTS = ("from typing import Any",)
-
-
-def restored(m: nn.Module, member: Callable[[str, Any], Any]) -> Constructor | None:
-    """The restoring helper's call for ``m``: its class, its recorded attributes, and each of
-    its parameters, buffers and children as ``member(name, value)`` gives it (source text or a
-    :class:`Constructor`; None: it has no form). None when the class is not importable or an
-    attribute has no source form."""
-    head = class_source(type(m))
-    if head is None:
-        return None
-    try:
-        attributes = {k: _sourced(v) for k, v in _attributes(m).items()}
-    except TypeError:
-        return None
-    imports = set(head.imports) | _imports_of(list(attributes.values()))
-    args: list[Any] = [head.text, render_arg(attributes)]
-    persistent = set(m.state_dict(keep_vars=True))
-    members = {**m._parameters, **m._buffers, **m._modules}
-    unnamed = []  # members whose names are no keywords ("0" in a list-like module)
-    for name, value in members.items():
-        built = "None" if value is None else member(name, value)
-        if built is None:
-            return None
-        if isinstance(built, Constructor):
-            imports.update(built.imports)
-        if name in m._buffers and name not in persistent:
-            built = Bracket('("transient", ', (built,), ")")
-        if name.isidentifier() and not keyword.iskeyword(name):
-            args.append((f"{name}=", built))
-        else:
-            unnamed.append((f"{render_value(name)}: ", built))
-    if unnamed:
-        args.append(("**", Bracket("{", tuple(unnamed), "}")))
-    return Constructor("_restored", tuple(args), tuple(sorted(imports)), how="restored")
-
-
-def container(m: nn.Module, member: Callable[[str, Any], Any]) -> Constructor | None:
-    """``nn.Sequential(a, b)``, ``nn.ModuleList([a, b])`` or ``nn.ModuleDict({...})`` from its
-    children as ``member(name, child)`` gives them; None for anything else."""
-    if type(m) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
-        return None
-    items = {name: member(name, child) for name, child in m._modules.items()}
-    if None in items.values():
-        return None
-    imports = {i for v in items.values() if isinstance(v, Constructor) for i in v.imports}
-    head, found = f"nn.{type(m).__name__}", tuple(sorted(imports))
-    if isinstance(m, nn.Sequential):
-        return Constructor(head, tuple(items.values()), found)
-    if isinstance(m, nn.ModuleList):
-        return Constructor(head, (Bracket("[", tuple(items.values()), "]"),), found)
-    entries = tuple((f"{render_value(k)}: ", v) for k, v in items.items())
-    return Constructor(head, (Bracket("{", entries, "}"),), found)
-
-
-def tensor_source(t: torch.Tensor, recorded: bool = True) -> str | None:
-    """A tensor's value as an expression the class computes (``torch.arange(512).view(1, 512)``,
-    ``torch.zeros(4)``), a literal for a small one, or None; ``recorded=False`` asks only for
-    storage of the right shape and dtype (the value comes from the weights file)."""
-    shape = ", ".join(str(int(s)) for s in t.shape) if t.dim() else "()"
-    size = f"({shape},)" if t.dim() == 1 else (f"({shape})" if t.dim() else "()")
-    view = "" if t.dim() == 1 else f".view({shape})"
-    if not recorded or t.is_meta:
-        return f"torch.empty({shape}{_dtype_arg(t, torch.float32)})"
-    flat = t.detach().reshape(-1).cpu()
-    if not flat.numel():
-        return f"torch.empty({shape}{_dtype_arg(t, torch.float32)})"
-    if flat.is_complex():
-        return None
-    if bool((flat == flat[0]).all()):
-        first = flat[0].item()
-        if first in (0, 1):
-            name = "zeros" if first == 0 else "ones"
-            return f"torch.{name}({shape}{_dtype_arg(t, torch.float32)})"
-        return f"torch.full({size}, {render_value(first)}{_dtype_arg(t, _inferred(first))})"
-    if torch.equal(flat, torch.arange(flat.numel(), dtype=flat.dtype)):
-        return f"torch.arange({flat.numel()}{_dtype_arg(t, torch.int64)}){view}"
-    if flat.numel() <= 16:
-        values = flat.tolist()
-        literal = render_arg(values, width=LINE - 40)  # one value a line when long
-        return f"torch.tensor({literal}{_dtype_arg(t, _inferred(values[0]))}){view}"
-    return None
-
-
-def _inferred(value: Any) -> torch.dtype:
-    """The dtype torch gives a tensor made from this Python number."""
-    return torch.tensor(value).dtype
-
-
-def _dtype_arg(t: torch.Tensor, inferred: torch.dtype) -> str:
-    return "" if t.dtype == inferred else f", dtype={t.dtype}"

@@ -24,15 +24,7 @@ from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
-from reconfx.emit.constructors import (
-    RESTORE_HELPER,
-    RESTORE_IMPORTS,
-    Constructor,
-    constructor,
-    container,
-    restored,
-    tensor_source,
-)
+from reconfx.emit.constructors import Constructor, constructor
 from reconfx.emit.merge import merge_modes
 from reconfx.emit.render import (
     LINE,
@@ -47,6 +39,13 @@ from reconfx.emit.render import (
     render_index,
     render_value,
     statement,
+)
+from reconfx.emit.restore import (
+    RESTORE_HELPER,
+    RESTORE_IMPORTS,
+    container,
+    restored,
+    tensor_source,
 )
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, region_call, resolve
@@ -154,13 +153,15 @@ class PythonEmitter:
         if isinstance(obj, torch.Tensor):
             return _buffer(obj)
         built = self._built(path, obj)
-        if built is None:
-            if self.factory is None:
-                raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
-                                 fix="register a handler in reconfx.emit.constructors.HANDLERS")
-            self.built[path] = "factory"
-            return f'_from_factory("{path}")'
-        return built.call
+        return built.call if built is not None else self._from_factory(path, obj)
+
+    def _from_factory(self, path: str, obj: nn.Module) -> str:
+        """The last resort: the module taken from a model the spec's factory builds."""
+        if self.factory is None:
+            raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
+                             fix="register a handler in reconfx.emit.constructors.HANDLERS")
+        self.built[path] = "factory"
+        return f'_from_factory("{path}")'
 
     def _built(self, path: str, obj: nn.Module) -> Constructor | None:
         """The module's constructor call, else the restoring helper's (its imports noted)."""
@@ -183,9 +184,11 @@ class PythonEmitter:
         return built
 
     def _leaf_line(self, access: str, path: str, obj: Any) -> str:
-        built = None if isinstance(obj, torch.Tensor) else self._built(path, obj)
-        if built is None:
+        if isinstance(obj, torch.Tensor):
             return assign(self._indent(2), access, self._leaf_expr(path, obj))
+        built = self._built(path, obj)
+        if built is None:
+            return assign(self._indent(2), access, self._from_factory(path, obj))
         return statement(self._indent(2), access, f"{built.head}(", built.arguments())
 
     def _init_lines(self) -> list[str]:
