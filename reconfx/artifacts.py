@@ -266,9 +266,10 @@ def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, sp
         if command != "run" and (out_dir / CHECKPOINTS).is_dir():
             removed.append(CHECKPOINTS)
         entries = kept
-    model = _model_sha(out_dir, staged, files)
     for name in files:
         entries[name] = {"command": command, "sha256": sha256(staged / name)}
+    model = _model_sha(entries)
+    for name in files:
         if name.endswith(".onnx") and model is not None:
             entries[name]["model_sha256"] = model
     data = {"class_name": class_name, "spec": {"path": str(spec_path.resolve()),
@@ -276,15 +277,14 @@ def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, sp
     return json.dumps(data, indent=2, sort_keys=True) + "\n", removed
 
 
-def _model_sha(out_dir: Path, staged: Path, files: list[str]) -> str | None:
-    """One hash of model.py and the weights (the staged ones when this command writes them)."""
-    digest = hashlib.sha256()
-    for name in ("model.py", "weights.safetensors"):
-        path = staged / name if name in files else out_dir / name
-        if not path.is_file():
-            return None
-        digest.update(sha256(path).encode())
-    return digest.hexdigest()
+def _model_sha(entries: dict[str, Any]) -> str | None:
+    """One hash of model.py and the weights, from the manifest's sums of the two (each file is
+    read once: by the command writing it, or by ``load`` verifying it)."""
+    found = [entries.get(name) for name in ("model.py", "weights.safetensors")]
+    sums = [entry.get("sha256") if isinstance(entry, dict) else None for entry in found]
+    if not all(isinstance(value, str) for value in sums):
+        return None
+    return hashlib.sha256("".join(sums).encode()).hexdigest()
 
 
 def import_source(path: Path, class_name: str) -> type[nn.Module]:

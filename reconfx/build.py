@@ -58,7 +58,7 @@ def call_factory(factory: FactorySpec, where: str) -> nn.Module:
 
 
 def call_data_factory(data: Any, split: str, seed: int, where: str,
-                      inputs: Sequence[Any] = ()) -> Any:
+                      inputs: Sequence[InputSpec] = ()) -> Any:
     """``data.factory(split, seed, **kwargs)``: a Dataset of (inputs, targets) dicts, whose
     first item is checked against the spec's ``inputs`` (names, dtypes, fixed axes)."""
     fn = resolve_factory(data.factory, f"{where}.factory")
@@ -97,7 +97,7 @@ def call_data_factory(data: Any, split: str, seed: int, where: str,
     return dataset
 
 
-def _input_problem(value: Any, spec: Any) -> str | None:
+def _input_problem(value: Any, spec: InputSpec) -> str | None:
     """What is wrong with one item's input against its declaration (None: nothing)."""
     if value is None:
         return "is missing from its items"

@@ -94,7 +94,7 @@ class Compiled:
 
 def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     """Build the model the spec names, trace it and take its layer inventory."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     s = loaded.spec
     torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
     model = build_model(s, loaded.path)
@@ -121,13 +121,18 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
                  progress: bool = False, force: bool = False) -> Compiled:
     """Trace, branch the selected layers, check I1-I4 and write the artifacts (into a folder
     reconfx owns, unless ``force``; see :mod:`reconfx.outdir`)."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
         prepared = prepare(loaded)
         compiled = branch_checked(prepared, stored_scores(out))
         compiled.out_dir = out
         compiled.written = _write(compiled, compiled.out_dir, progress=progress)
     return compiled
+
+
+def loaded_spec(spec: LoadedSpec | str | Path) -> LoadedSpec:
+    """The spec, loaded from its file unless it already is."""
+    return spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
 
 
 def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
@@ -182,7 +187,7 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
              progress: bool = True, resume: bool = False, force: bool = False) -> Compiled:
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     with outdir.writing(output_dir(loaded, out_dir), "run", force) as out:
         return _run(loaded, out, progress, resume)
 
@@ -257,7 +262,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
     loaded, s = compiled.prepared.loaded, compiled.prepared.loaded.spec
     where = str(loaded.path)
     data = data or {split: call_data_factory(s.data, split, s.train.seed, f"{where}: data",
-                                                   s.inputs)
+                                             s.inputs)
                     for split in ("train", "val", "test")}
     module = compiled.branched.module
     shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
@@ -303,11 +308,11 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
                   split: str = "test") -> tuple[dict[str, float], float | None]:
     """Each task's metric of the emitted model in the output folder, and delta-m when the spec
     gives every task's single-task baseline."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     s, where = loaded.spec, str(loaded.path)
     require_data(loaded, "eval")
     metrics = metric_functions(list(s.tasks), where)
-    model = artifacts.load(Path(out_dir) if out_dir is not None else s.export_dir())
+    model = artifacts.load(output_dir(loaded, out_dir))
     data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
     values = evaluate(model, data, s.task_names, metrics)
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
@@ -420,7 +425,7 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
                  progress: bool = True, resume: bool = False, force: bool = False) -> Profiled:
     """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
     is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out:
         return _profile(loaded, out, progress, resume)
 
@@ -523,7 +528,7 @@ def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None
     """``reconfx export``: ONNX from the model.py and weights already in the output folder
     (``model.onnx``, or ``model.<task>.onnx`` with only that task's output and what it needs);
     its section of report.md is replaced, nothing else is touched."""
-    loaded = spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
+    loaded = loaded_spec(spec)
     s = loaded.spec
     if task is not None and task not in s.task_names:
         raise SpecError(f"no task named '{task}'", where="--task",
