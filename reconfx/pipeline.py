@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import difflib
+import functools
 import json
 import textwrap
 from collections.abc import Callable, Iterator
@@ -20,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx import artifacts, distributed, outdir
+from reconfx import artifacts, calls, distributed, outdir
 from reconfx.batching import batch_streams, regions_of
 from reconfx.build import (
     build_model,
@@ -37,6 +38,7 @@ from reconfx.checks import (
     check_sharing,
 )
 from reconfx.distributed import World
+from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, emit_python
 from reconfx.errors import CheckError, SpecError
@@ -106,6 +108,7 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
                    verify_with=examples[1], class_name=class_name(s.name))
     traced.ignored_outputs = ignored
+    calls.annotate(traced.module, model, examples[0])
     layers = inventory(traced.module, s.task_names)
     return Prepared(loaded, model, traced, layers, paths, examples)
 
@@ -478,9 +481,14 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
     scores = compiled.scores or {}
     notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
              else " (selected in the spec)" for layer in branched.layers}
-    model_py = emit_python(branched.module, name, doc_model, branched.containers, notes,
-                           factory)
-    original_py = emit_python(prepared.traced.module, name, doc_original, set(), None, factory)
+    called = functools.partial(calls.collapse, model=prepared.model,
+                               examples=prepared.examples)
+    settings = settings_in(prepared.model)
+    model_py = emit_python(called(branched.module, containers=branched.containers), name,
+                           doc_model, branched.containers, notes, factory, settings)
+    # The original with the same submodules called whole, so the diff shows only the surgery.
+    original_py = emit_python(called(prepared.traced.module, containers=branched.containers),
+                              name, doc_original, set(), None, factory, settings)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
         "original.py", "model.py"))
@@ -598,6 +606,14 @@ def _renaming(branched: Branched, original: nn.Module) -> Callable[[str], str | 
     return rename
 
 
+def _state_for(emitted: nn.Module, compiled: nn.Module) -> dict[str, torch.Tensor]:
+    """The compiled model's state dict without the buffers that the emitted model's classes
+    compute and keep out of their state dicts (non-persistent, such as position ids); I4 then
+    checks they hold the same values."""
+    computed = {n for n, _ in emitted.named_buffers()} - set(emitted.state_dict())
+    return {k: v for k, v in compiled.state_dict().items() if k not in computed}
+
+
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False
            ) -> list[Path]:
     prepared, branched = compiled.prepared, compiled.branched
@@ -610,7 +626,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         staging.write_text("original.py", original_py)
         staging.write_text("branch.diff", diff)
         emitted = artifacts.import_source(staging.path / "model.py", name)()
-        emitted.load_state_dict(branched.module.state_dict(), strict=True)
+        emitted.load_state_dict(_state_for(emitted, branched.module), strict=True)
         staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
         original_params = unique_parameters(prepared.traced.module)
         expected = original_params + branched.added_params

@@ -377,3 +377,48 @@ class IterableDigits(torch.utils.data.IterableDataset):
 
     def __iter__(self):
         return iter(self.base[i] for i in range(len(self.base)))
+
+
+class CallBlock(nn.Module):
+    """A block taking a mask, a keyword-only constant and a default it is not given, and
+    returning a tuple (like a transformer layer)."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(width, width), nn.LayerNorm(width)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, *, scale: float = 1.0,
+                cache: object = None) -> tuple[torch.Tensor, torch.Tensor]:
+        y = self.norm(self.fc(x) * scale)
+        if mask is not None:
+            y = y * mask
+        return y, y.mean(-1)
+
+
+class Pair(nn.Module):
+    """Takes two tensors; called on two equal values, which argument is which cannot be told
+    from the values, so the call stays written out."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return self.fc(a) - b
+
+
+class CallNet(nn.Module):
+    """Three blocks on a chain; the last one's result and its second output feed the heads."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList([CallBlock(width) for _ in range(3)])
+        self.pair = Pair(width)
+        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = (x > -100).float()
+        h = self.pair(x, x * 1.0)
+        for i, block in enumerate(self.blocks):
+            h, summary = block(h, mask, scale=0.5 * (i + 1))
+        return {"a": self.a(h), "b": self.b(h + summary.unsqueeze(-1))}

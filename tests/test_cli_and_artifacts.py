@@ -145,7 +145,7 @@ def test_leaf_built_from_a_settings_object_gets_the_object_in_source(tmp_path):
     out = tmp_path / "out"
     compile_and_verify(path, out)  # parity of the reloaded model.py included
     source = (out / "model.py").read_text()
-    assert "        self.rotary = Rotary(Settings(width=8))\n" in source
+    assert "        self.rotary = Rotary(Settings())\n" in source  # (width=8: its default)
     assert "from tests.models import Rotary, Settings\n" in source
     assert "_from_factory" not in source
 

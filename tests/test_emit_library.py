@@ -32,17 +32,21 @@ def compiled_library(tmp_path_factory):
 
 def test_library_modules_are_built_by_their_own_classes(compiled_library):
     source = (compiled_library / "model.py").read_text()
-    assert "from tests.library import BatchNormAct2d, LayerNorm2d, MixerSettings, ParsedScale, " \
-           "ScaledMixer\n" in source
+    names = ["BatchNormAct2d", "ConvNormAct", "LayerNorm2d", "MixerSettings", "ParsedScale",
+             "RepConv", "ScaledMixer", "SqueezeExcite"]
+    assert "from tests.library import (\n" + "".join(f"    {n},\n" for n in names) + ")\n" \
+        in source
     for line in [
-        "self.stem = nn.ModuleList([nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16)])",
+        # untouched submodules are built (and called) whole, by their own classes
+        "self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), LayerNorm2d(16))",
         "self.stem_act = BatchNormAct2d(16, act_layer=nn.Hardswish)",  # the argument searched
-        "self.reps[1].identity = BatchNormAct2d(16, apply_act=False)",
-        "self.reps[0].reparam_conv = nn.Conv2d(16, 16, 3, padding=1)",  # re-parameterised
-        "self.block.se.act = nn.Hardswish(inplace=True)",
+        "self.block.conv1 = ConvNormAct(16, 16)",  # arguments found in the submodules
+        "self.block.se = SqueezeExcite(16)",
+        "    RepConv(16, act_layer=nn.SiLU),",
         '"a": ScaledMixer(MixerSettings(width=16, expansion=2, layer_scale=0.01)),',
     ]:
         assert f"        {line}\n" in source, line
+    assert "        reps = self.reps(stem_act)\n" in source
     assert "_from_factory" not in source and "tests.library.LibraryNet" not in source
 
 
@@ -53,8 +57,13 @@ def test_a_module_no_constructor_call_rebuilds_is_restored_from_its_state(compil
                 {"width": 16, "groups": 2},
                 scale=nn.Parameter(torch.empty(16, 1, 1)),
             ),''' in source
+    # A re-parameterised block no longer matches what its constructor builds.
+    assert """                RepConv,
+                {},
+                act=nn.ReLU(),
+                reparam_conv=nn.Conv2d(16, 16, 3, padding=1),""" in source
     report = (compiled_library / "report.md").read_text()
-    assert "## How model.py builds its modules\n\n- 24 by their own class's constructor\n" \
+    assert "## How model.py builds its modules\n\n- 12 by their own class's constructor\n" \
            "- 1 restored from their recorded attributes and tensors (no constructor call " \
            "rebuilds them): `scale`\n" in report
 

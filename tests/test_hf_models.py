@@ -135,7 +135,7 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
     # One forward: the attention call (its dropout) differs between the modes, written once
     # where it is used.
     assert source.count("    def forward(") == 1 and "_forward_" not in source
-    assert re.search(r"        if self.training:\n            \w*dot_product_attention = \(",
+    assert re.search(r"        if self.training:\n            \w*dot_product_attention\w* = \(",
                      source)
 
 

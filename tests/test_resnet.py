@@ -53,9 +53,10 @@ def test_skip_connection_feeds_every_stream(tmp_path):
     out = tmp_path / "out"
     compile_and_verify(resnet_spec(tmp_path, BRANCH_SETS["block-output"]), out)
     source = (out / "model.py").read_text()
-    # The shared downsample result is added to both task streams.
-    assert "layer3_0_add_left = layer3_0_bn2_left + layer3_0_downsample_1" in source
-    assert "layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample_1" in source
+    # The shared downsample (called as the module it is) is added to both task streams.
+    assert "layer3_0_downsample = self.layer3[0].downsample(layer2)" in source
+    assert "layer3_0_add_left = layer3_0_bn2_left + layer3_0_downsample\n" in source
+    assert "layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample\n" in source
 
 
 def test_diff_touches_only_the_branched_part(tmp_path):

@@ -9,6 +9,8 @@ Weights: safetensors.torch.load_model(model, "weights.safetensors").
 import torch
 from torch import nn
 
+from reconfx.zoo import BasicBlock
+
 
 class MultidigitsLayers(nn.Module):
     def __init__(self) -> None:
@@ -16,25 +18,12 @@ class MultidigitsLayers(nn.Module):
         self.conv1 = nn.Conv2d(1, 16, 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(16)
         self.relu = nn.ReLU(inplace=True)
-        self.layer1 = nn.ModuleList([nn.Module()])
-        self.layer1[0].conv1 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.layer1[0].bn1 = nn.BatchNorm2d(16)
-        self.layer1[0].relu = nn.ReLU(inplace=True)
-        self.layer1[0].conv2 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
-        self.layer1[0].bn2 = nn.BatchNorm2d(16)
-        self.layer2 = nn.ModuleList([nn.Module()])
-        self.layer2[0].downsample = nn.ModuleList([
-            nn.Conv2d(16, 32, 1, stride=2, bias=False), nn.BatchNorm2d(32)
-        ])
-        self.layer2[0].conv1 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.layer2[0].bn1 = nn.BatchNorm2d(32)
-        self.layer2[0].relu = nn.ReLU(inplace=True)
-        self.layer2[0].conv2 = nn.Conv2d(32, 32, 3, padding=1, bias=False)
-        self.layer2[0].bn2 = nn.BatchNorm2d(32)
+        self.layer1 = nn.Sequential(BasicBlock(16, 16))
+        self.layer2 = nn.Sequential(BasicBlock(16, 32, stride=2))
         self.layer3 = nn.ModuleList([nn.Module()])
-        self.layer3[0].downsample = nn.ModuleList([
+        self.layer3[0].downsample = nn.Sequential(
             nn.Conv2d(32, 64, 1, stride=2, bias=False), nn.BatchNorm2d(64)
-        ])
+        )
         self.layer3[0].conv1 = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
         self.layer3[0].bn1 = nn.BatchNorm2d(64)
         self.layer3[0].relu = nn.ReLU(inplace=True)
@@ -86,25 +75,10 @@ class MultidigitsLayers(nn.Module):
         conv1 = self.conv1(image)
         bn1 = self.bn1(conv1)
         relu = self.relu(bn1)
-        layer1_0_conv1 = self.layer1[0].conv1(relu)
-        layer1_0_bn1 = self.layer1[0].bn1(layer1_0_conv1)
-        layer1_0_relu = self.layer1[0].relu(layer1_0_bn1)
-        layer1_0_conv2 = self.layer1[0].conv2(layer1_0_relu)
-        layer1_0_bn2 = self.layer1[0].bn2(layer1_0_conv2)
-        layer1_0_add = layer1_0_bn2 + relu
-        layer1_0_relu_1 = self.layer1[0].relu(layer1_0_add)
-        layer2_0_downsample_0 = self.layer2[0].downsample[0](layer1_0_relu_1)
-        layer2_0_downsample_1 = self.layer2[0].downsample[1](layer2_0_downsample_0)
-        layer2_0_conv1 = self.layer2[0].conv1(layer1_0_relu_1)
-        layer2_0_bn1 = self.layer2[0].bn1(layer2_0_conv1)
-        layer2_0_relu = self.layer2[0].relu(layer2_0_bn1)
-        layer2_0_conv2 = self.layer2[0].conv2(layer2_0_relu)
-        layer2_0_bn2 = self.layer2[0].bn2(layer2_0_conv2)
-        layer2_0_add = layer2_0_bn2 + layer2_0_downsample_1
-        layer2_0_relu_1 = self.layer2[0].relu(layer2_0_add)
-        layer3_0_downsample_0 = self.layer3[0].downsample[0](layer2_0_relu_1)
-        layer3_0_downsample_1 = self.layer3[0].downsample[1](layer3_0_downsample_0)
-        layer3_0_conv1 = self.layer3[0].conv1(layer2_0_relu_1)
+        layer1 = self.layer1(relu)
+        layer2 = self.layer2(layer1)
+        layer3_0_downsample = self.layer3[0].downsample(layer2)
+        layer3_0_conv1 = self.layer3[0].conv1(layer2)
         layer3_0_bn1 = self.layer3[0].bn1(layer3_0_conv1)
         layer3_0_relu = self.layer3[0].relu(layer3_0_bn1)
         # branch point: layer3.0.conv2 (selected in the spec); one copy per task from here
@@ -112,8 +86,8 @@ class MultidigitsLayers(nn.Module):
         layer3_0_conv2_right = self.layer3[0].conv2.right(layer3_0_relu)
         layer3_0_bn2_left = self.layer3[0].bn2.left(layer3_0_conv2_left)
         layer3_0_bn2_right = self.layer3[0].bn2.right(layer3_0_conv2_right)
-        layer3_0_add_left = layer3_0_bn2_left + layer3_0_downsample_1
-        layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample_1
+        layer3_0_add_left = layer3_0_bn2_left + layer3_0_downsample
+        layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample
         layer3_0_relu_1_left = self.layer3[0].relu(layer3_0_add_left)
         layer3_0_relu_1_right = self.layer3[0].relu(layer3_0_add_right)
         layer4_0_downsample_0_left = self.layer4[0].downsample[0].left(layer3_0_relu_1_left)

@@ -15,9 +15,10 @@ values passed to constructors get their source forms from :mod:`reconfx.emit.sou
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -235,8 +236,10 @@ def is_torch_nn(m: nn.Module) -> bool:
     return type(m).__module__.startswith("torch.nn")
 
 
-def constructor(m: nn.Module) -> Constructor | None:
-    """A verified constructor call for ``m``, or None when no form rebuilds it exactly."""
+def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | None:
+    """A verified constructor call for ``m``, or None when no form rebuilds it exactly.
+    ``settings``: settings objects of the model ``m`` belongs to (a Hugging Face model's
+    config), tried for a required argument ``m`` does not keep (``BertLayer(config)``)."""
     cls = type(m)
     head = class_source(cls)
     if head is None:
@@ -246,7 +249,7 @@ def constructor(m: nn.Module) -> Constructor | None:
     if dtype is not None:
         values = {**values, "dtype": dtype}
     best: tuple[int, dict[str, Any]] | None = None
-    for candidate in _filled(m, values):
+    for candidate in _filled(m, values, settings):
         found = _verified(m, head, candidate)
         if found is not None:
             return found
@@ -258,32 +261,55 @@ def constructor(m: nn.Module) -> Constructor | None:
     return _verified(m, head, _searched(m, head, best[1], best[0]))
 
 
-def _filled(m: nn.Module, values: dict[str, Any]) -> Iterator[dict[str, Any]]:
-    """``values``, or with its missing required arguments taken from the instance's own values
-    (each assignment in turn)."""
+def _filled(m: nn.Module, values: dict[str, Any], settings: Sequence[Any] = ()
+            ) -> Iterator[dict[str, Any]]:
+    """``values``, or with its missing required arguments taken from the settings objects in
+    and around the instance, then its own values (each assignment in turn)."""
     missing = [k for k, v in values.items() if v is _MISSING]
     if not missing:
         yield values
         return
-    pool = _own_values(m)[: _MAX_VALUES if len(missing) == 1 else _MAX_VALUES // 3]
+    found = settings_in(m) + [s for s in settings if all(s is not f for f in settings_in(m))]
+    pool = (found + _own_values(m))[: _MAX_VALUES if len(missing) == 1 else _MAX_VALUES // 3]
     if len(missing) > _MAX_MISSING or not pool:
         return
     for chosen in itertools.product(pool, repeat=len(missing)):
         yield {**values, **dict(zip(missing, chosen, strict=True))}
 
 
+def is_settings(value: Any) -> bool:
+    """A settings object: a dataclass instance or an object with ``to_dict`` (a Hugging Face
+    config), not a module or a tensor."""
+    if isinstance(value, type | nn.Module | torch.Tensor):
+        return False
+    return dataclasses.is_dataclass(value) or callable(getattr(value, "to_dict", None))
+
+
+def settings_in(m: nn.Module) -> list[Any]:
+    """The settings objects the modules of ``m``'s subtree keep, each once, outermost first."""
+    found: dict[int, Any] = {}
+    for sub in m.modules():
+        for value in own_attributes(sub).values():
+            if is_settings(value):
+                found.setdefault(id(value), value)
+    return list(found.values())
+
+
 def _own_values(m: nn.Module) -> list[Any]:
-    """Candidate values for a required argument: the instance's plain attribute values and their
-    items, and its own tensors' sizes."""
+    """Candidate values for a required argument: the plain attribute values (and their items)
+    of the instance, then of its submodules, and its own then its submodules' tensors' sizes."""
     found: list[Any] = []
-    for value in own_attributes(m).values():
-        if isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
-            found += [value, *value]
-        elif isinstance(value, int | float) and not isinstance(value, bool):
-            found.append(value)
-    for tensor in itertools.chain(m._parameters.values(), m._buffers.values()):
-        if tensor is not None:
-            found += list(tensor.shape)
+    modules = list(m.modules())
+    for sub in modules:
+        for value in own_attributes(sub).values():
+            if isinstance(value, tuple) and value and all(isinstance(v, int) for v in value):
+                found += [value, *value]
+            elif isinstance(value, int | float) and not isinstance(value, bool):
+                found.append(value)
+    for sub in modules:
+        for tensor in itertools.chain(sub._parameters.values(), sub._buffers.values()):
+            if tensor is not None:
+                found += list(tensor.shape)
     unique = list(dict.fromkeys((type(v), v) for v in found))
     return [v for _t, v in unique][:_MAX_VALUES]
 
@@ -309,15 +335,21 @@ def _searched(m: nn.Module, head: Source, values: dict[str, Any], score: int
 
 
 def _options(m: nn.Module, values: dict[str, Any]) -> list[tuple[str, Any]]:
+    """Values to try for arguments the instance does not keep: its submodules' types for a
+    class-valued one, the other value of a flag, the instance's integers for an integer one
+    (``kernel=1``)."""
     types = list(dict.fromkeys(type(sub) for _n, sub in m.named_modules() if sub is not m))
+    ints = [v for v in _own_values(m) if type(v) is int][:_MAX_VALUES // 3]
     options = []
     for p in _signature(type(m)):
         if p.name in values:
             continue
         if isinstance(p.default, type) or p.default is None:
             options += [(p.name, t) for t in types]
-        elif isinstance(p.default, bool):
+        if isinstance(p.default, bool):
             options.append((p.name, not p.default))
+        elif type(p.default) is int or p.default is None:
+            options += [(p.name, v) for v in ints if v != p.default]
     return options
 
 

@@ -10,12 +10,15 @@ gives byte-identical text.
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import importlib.util
 import inspect
 import keyword
 import operator
+import re
 import sys
 import textwrap
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +27,7 @@ from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
-from reconfx.emit.constructors import Constructor, constructor
+from reconfx.emit.constructors import Bracket, Constructor, constructor
 from reconfx.emit.merge import merge_modes
 from reconfx.emit.render import (
     LINE,
@@ -47,6 +50,7 @@ from reconfx.emit.restore import (
     restored,
     tensor_source,
 )
+from reconfx.emit.sources import SETTINGS
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, region_call, resolve
 
@@ -58,6 +62,7 @@ _INFIX = {
     operator.le: "<=", operator.gt: ">", operator.ge: ">=",
 }
 _UNARY = {operator.neg: "-", operator.pos: "+", operator.invert: "~", operator.not_: "not "}
+_HOIST = 60  # a settings object's source longer than this is written once, as a constant
 _RESERVED = set(dir(builtins)) | {"self", "torch", "nn", "F", "operator", "math"}
 
 
@@ -115,13 +120,15 @@ def _access(root: _Tree, path: str) -> str:
 class PythonEmitter:
     def __init__(self, module: DualGraphModule, class_name: str, doc: str,
                  task_containers: set[str], branch_notes: dict[str, str] | None = None,
-                 factory: FactorySource | None = None):
+                 factory: FactorySource | None = None, settings: Sequence[Any] = ()):
         self.module = module
         self.class_name = class_name
         self.doc = doc
         self.task_containers = task_containers
         self.branch_notes = branch_notes or {}
         self.factory = factory
+        self.settings = settings
+        self.constants: dict[str, str] = {}  # settings source text -> its constant's name
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
         self.built: dict[str, str] = {}
@@ -165,23 +172,48 @@ class PythonEmitter:
 
     def _built(self, path: str, obj: nn.Module) -> Constructor | None:
         """The module's constructor call, else the restoring helper's (its imports noted)."""
-        built = constructor(obj) or restored(obj, self._member)
-        if built is not None:
-            self.imports.update(built.imports)
+        built = self._member(path, obj)
+        if isinstance(built, Constructor):
             self.built[path] = built.how
-        return built
+            return built
+        return None
 
     def _member(self, name: str, value: Any) -> Constructor | str | None:
-        """A restored module's parameter, buffer or child (None: it has no source form)."""
+        """A module, or a restored module's parameter, buffer or child (None: it has no source
+        form); a long settings object in it written as its module-level constant."""
         if isinstance(value, nn.Parameter):
             return self._leaf_expr(name, value)
         if isinstance(value, torch.Tensor):
             return tensor_source(value)
-        built = (container(value, self._member) or constructor(value)
+        built = (container(value, self._member) or constructor(value, self.settings)
                  or restored(value, self._member))
-        if built is not None:
-            self.imports.update(built.imports)
-        return built
+        if built is None:
+            return None
+        self.imports.update(built.imports)
+        return self._hoisted(built)
+
+    def _hoisted(self, value: Any) -> Any:
+        """``value`` (a constructor, its arguments) with each long settings object's source text
+        replaced by the name of a module-level constant holding it (``BERT_CONFIG``)."""
+        if isinstance(value, Constructor):
+            return dataclasses.replace(value, args=tuple(self._hoisted(a) for a in value.args))
+        if isinstance(value, Bracket):
+            return dataclasses.replace(value, items=tuple(self._hoisted(a) for a in value.items))
+        if isinstance(value, tuple):
+            return tuple(self._hoisted(a) for a in value)
+        if not isinstance(value, str):
+            return value
+        for text, cls in SETTINGS.items():
+            if len(text) > _HOIST and text in value:
+                if text not in self.constants:
+                    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).upper()
+                    taken = set(self.constants.values())
+                    n = 1
+                    while (name if n == 1 else f"{name}_{n}") in taken:
+                        n += 1
+                    self.constants[text] = name if n == 1 else f"{name}_{n}"
+                value = value.replace(text, self.constants[text])
+        return value
 
     def _leaf_line(self, access: str, path: str, obj: Any) -> str:
         if isinstance(obj, torch.Tensor):
@@ -319,6 +351,8 @@ class PythonEmitter:
             if same is not None:  # x + 0 and the like: the value keeps its name
                 names[node] = name_of(same)
                 continue
+            if _folded(node):  # written with its one item taken: ``f(x)[0]``
+                continue
             names[node] = _fresh(_base_name(node), taken, room)
             comment = self._comment(node, commented)
             if comment:
@@ -369,6 +403,11 @@ class PythonEmitter:
 
     def _node_line(self, node: fx.Node, lhs: str, name_of: Any) -> str:
         ind = self._indent(2)
+        source = node.args[0] if node.args else None
+        if node.target is operator.getitem and isinstance(source, fx.Node) and _folded(source):
+            return statement(ind, lhs, f"{_access(self.tree, str(source.target))}(",
+                             _call_arguments(source, name_of),
+                             f")[{render_index(node.args[1], name_of)}]")
         args = _call_arguments(node, name_of)
         if node.op == "call_module":
             return statement(ind, lhs, f"{_access(self.tree, str(node.target))}(", args)
@@ -437,6 +476,11 @@ class PythonEmitter:
             self.imports.add("from collections.abc import Callable, Sequence")
             for function in (streams_per_call, run_streams):
                 helper += ["", *inspect.getsource(function).rstrip("\n").splitlines(), ""]
+        constants = [statement("", name, text[:text.index("(") + 1],
+                               _split_arguments(text[text.index("(") + 1:-1]), ")")
+                     for text, name in self.constants.items()]
+        if constants:  # (one blank line after the imports, two before a definition)
+            helper = [*constants, "", *helper] if helper else [*constants, ""]
         out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
         out += ["", f"class {self.class_name}(nn.Module):",
                 "    def __init__(self) -> None:", "        super().__init__()", *init, "",
@@ -474,6 +518,14 @@ class PythonEmitter:
             "    return model.get_submodule(path.removeprefix(prefix))",
             "",
         ]
+
+
+def _folded(node: fx.Node) -> bool:
+    """A module call whose result is only used by taking one item of it (``layer(x)[0]``)."""
+    users = list(node.users)
+    return (node.op == "call_module" and not region_call(node) and len(users) == 1
+            and users[0].op == "call_function" and users[0].target is operator.getitem
+            and users[0].args[0] is node and not isinstance(users[0].args[1], fx.Node))
 
 
 def _region_item(node: fx.Node) -> bool:
@@ -667,14 +719,33 @@ def _section(top: str) -> int:
     return 1 if "site-packages" in origin or "dist-packages" in origin else 2
 
 
+def _split_arguments(text: str) -> list[str]:
+    """The top-level comma-separated items of an argument list's source text."""
+    items, depth, start, quote = [], 0, 0, ""
+    for i, ch in enumerate(text):
+        if quote:
+            quote = "" if ch == quote and text[i - 1] != "\\" else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == "," and depth == 0:
+            items.append(text[start:i].strip())
+            start = i + 1
+    tail = text[start:].strip()
+    return items + ([tail] if tail else [])
+
+
 def emit_python(module: DualGraphModule, class_name: str, doc: str,
                 task_containers: set[str] | None = None,
                 branch_notes: dict[str, str] | None = None,
-                factory: FactorySource | None = None) -> Emitted:
+                factory: FactorySource | None = None, settings: Sequence[Any] = ()) -> Emitted:
     """Source text of a standalone ``nn.Module`` class reproducing ``module``.
 
     >>> emitted = emit_python(branched.module, "MyModel", "My model.")   # doctest: +SKIP
     >>> print(emitted.source)                                             # doctest: +SKIP
     """
     return PythonEmitter(module, class_name, doc, task_containers or set(), branch_notes,
-                         factory).emit()
+                         factory, settings).emit()

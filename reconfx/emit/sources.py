@@ -82,27 +82,84 @@ def _settings_source(value: Any) -> Source | None:
     cls = importable(type(value))
     if cls is None:
         return None
-    if dataclasses.is_dataclass(value):
-        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
-    elif callable(getattr(value, "to_dict", None)):
+    if callable(getattr(value, "to_dict", None)):  # (Hugging Face configs are dataclasses too)
         fields = value.to_dict()
+    elif dataclasses.is_dataclass(value):
+        fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
     else:
         return None
+    # Private fields are bookkeeping (a config's _name_or_path, the folder it was read from).
+    fields = {k: v for k, v in fields.items() if not str(k).startswith("_")}
+    defaults = _default_fields(type(value))
     try:
         items = {k: sourced(v) for k, v in fields.items()}
-        args = [f"{k}={render_value(v)}" for k, v in items.items() if str(k).isidentifier()]
+        args = [f"{k}={render_value(v)}" for k, v in items.items() if str(k).isidentifier()
+                and not (k in defaults and _same_value(defaults[k], fields[k]))]
     except TypeError:
         return None
-    if len(args) != len(items):
+    if any(not str(k).isidentifier() for k in items):
         return None
-    text = f"{cls.text}({', '.join(args)})"
     imports = set(cls.imports) | {i for v in items.values() for i in imports_of(v)}
+    rebuilt = _rebuilt(cls.text, args, imports)
+    if rebuilt is None or _public(rebuilt, fields) != fields:
+        return None
+    # Private settings outside the fields (a Hugging Face config's attention implementation,
+    # kept as ``_attn_implementation_internal``) are passed by their keyword when they differ.
+    for key in _state_differences(value, rebuilt):
+        args.append(f"{key.removesuffix('_internal')}={render_value(vars(value)[key])}")
+    if args and _state_differences(value, rebuilt):
+        rebuilt = _rebuilt(cls.text, args, imports)
+        if rebuilt is None or _public(rebuilt, fields) != fields or _state_differences(
+                value, rebuilt):
+            return None
+    text = f"{cls.text}({', '.join(args)})"
+    SETTINGS[text] = type(value).__name__
+    return Source(text, tuple(sorted(imports)))
+
+
+def _rebuilt(head: str, args: list[str], imports: set[str]) -> Any:
     try:
-        rebuilt = eval(text, namespace(imports))  # noqa: S307 - text we generated
+        return eval(f"{head}({', '.join(args)})", namespace(imports))  # noqa: S307 - ours
     except Exception:
         return None
-    same = rebuilt.to_dict() == fields if hasattr(rebuilt, "to_dict") else rebuilt == value
-    return Source(text, tuple(sorted(imports))) if same else None
+
+
+def _public(rebuilt: Any, fields: dict[str, Any]) -> dict[str, Any]:
+    if hasattr(rebuilt, "to_dict"):
+        return {k: v for k, v in rebuilt.to_dict().items() if not str(k).startswith("_")}
+    return {k: getattr(rebuilt, k, None) for k in fields}
+
+
+def _state_differences(value: Any, rebuilt: Any) -> list[str]:
+    """Plain instance attributes (besides a path the settings were read from) that differ."""
+    mine, theirs = vars(value), vars(rebuilt)
+    return [k for k, v in mine.items() if isinstance(v, PLAIN) and not isinstance(v, tuple)
+            and not k.endswith("name_or_path") and not _same_value(v, theirs.get(k))]
+
+
+# The source text of every settings object written so far -> its class name (the emitter
+# writes a long one once, as a module-level constant).
+SETTINGS: dict[str, str] = {}
+
+
+def _default_fields(cls: type) -> dict[str, Any]:
+    """The fields of ``cls()`` (the class's defaults), empty when it needs arguments."""
+    try:
+        default = cls()
+    except Exception:
+        return {}
+    if callable(getattr(default, "to_dict", None)):
+        return default.to_dict()
+    if dataclasses.is_dataclass(default):
+        return {f.name: getattr(default, f.name) for f in dataclasses.fields(default) if f.init}
+    return {}
+
+
+def _same_value(a: Any, b: Any) -> bool:
+    try:
+        return type(a) is type(b) and bool(a == b)
+    except Exception:
+        return False
 
 
 def imports_of(value: Any) -> set[str]:
