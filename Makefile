@@ -6,8 +6,8 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 SPEC ?= specs/multidigits.yaml
-EXAMPLE_SPEC := specs/multidigits-layers.yaml
-EXAMPLE_DIR := exported/multidigits-layers
+# The committed examples: specs/<name>.yaml compiled into exported/<name>/.
+EXAMPLES := multidigits-layers minilm
 
 .PHONY: demo test test-slow lint example check-example bench clean
 
@@ -31,17 +31,20 @@ test-slow: $(VENV)/.installed
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check reconfx tests bench exported
 
-# Regenerate the committed example and fail if it differs from what is committed.
+# Regenerate the committed examples and fail if one differs from what is committed.
 check-example: $(VENV)/.installed
 	rm -rf .example-check && mkdir -p .example-check
-	$(VENV)/bin/reconfx compile $(EXAMPLE_SPEC) --out .example-check --quiet
-	@for f in model.py original.py branch.diff; do \
-	  diff -u $(EXAMPLE_DIR)/$$f .example-check/$$f || { echo "exported example is stale: run 'make example'"; exit 1; }; \
+	@for e in $(EXAMPLES); do \
+	  $(VENV)/bin/reconfx compile specs/$$e.yaml --out .example-check/$$e --quiet || exit 1; \
+	  for f in model.py original.py branch.diff; do \
+	    diff -u exported/$$e/$$f .example-check/$$e/$$f || { echo "exported example $$e is stale: run 'make example'"; exit 1; }; \
+	  done; \
 	done
 	rm -rf .example-check
 
+# (--force: each folder holds the committed files only, no manifest)
 example: $(VENV)/.installed
-	$(VENV)/bin/reconfx compile $(EXAMPLE_SPEC) --force  # the folder holds the committed files only
+	@for e in $(EXAMPLES); do $(VENV)/bin/reconfx compile specs/$$e.yaml --force || exit 1; done
 
 bench: $(VENV)/.installed
 	$(PY) bench/compile_time.py

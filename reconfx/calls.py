@@ -20,18 +20,21 @@ same outputs, in both modes, on every example.
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
+import keyword
 import operator
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import networkx as nx
 import torch
 from torch import fx, nn
 
 from reconfx.checks import compare, preserved, run
-from reconfx.graph import DualGraphModule, prune, resolve
+from reconfx.graph import CONTEXT_SWITCHES, DualGraphModule, mutates, prune, resolve
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -292,35 +295,157 @@ class _Group:
     call: Call
     task: str | None
     nodes: dict[int, fx.Node]  # member index -> node
+    kind: str = "whole"  # or "stream": a submodule holding branched layers, per task stream
+
+
+MARK = "<task>"  # in a stream's body targets: the calling task's copy of a branched layer
+
+
+class TaskStream(nn.Module):
+    """A submodule holding branched layers, run for one task stream: ``stream(*inputs, task)``
+    runs its body graph (per mode; taken from one task's copy of the call, with :data:`MARK` in
+    place of the task in the targets of its branched layers). It shares the submodule's children
+    and tensors, so its state keeps the compiled model's names; the emitter writes it as a
+    generated class."""
+
+    def __init__(self, view: nn.Module, bodies: dict[str, fx.Graph], kind: str):
+        super().__init__()
+        for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
+            self.__dict__[slot] = view.__dict__[slot]
+        self.train_graph = bodies["train"]
+        self.eval_graph = bodies.get("eval", self.train_graph)
+        self.kind = kind  # the original submodule's class name
+
+    @property
+    def dual(self) -> bool:
+        return self.train_graph is not self.eval_graph
+
+    def graphs(self) -> Iterator[tuple[str, fx.Graph]]:
+        yield "train", self.train_graph
+        if self.dual:
+            yield "eval", self.eval_graph
+
+    def forward(self, *args: Any) -> Any:
+        graph = self.train_graph if self.training else self.eval_graph
+        return _StreamRun(self, graph, args[-1]).run(*args)
+
+
+class _StreamRun(fx.Interpreter):
+    def __init__(self, module: nn.Module, graph: fx.Graph, task: str):
+        super().__init__(module, graph=graph)
+        self.task = task
+
+    def call_module(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self.fetch_attr(str(target).replace(MARK, self.task))(*args, **kwargs)
+
+    def get_attr(self, target: Any, args: tuple, kwargs: dict) -> Any:
+        return self.fetch_attr(str(target).replace(MARK, self.task))
 
 
 def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
-             examples: Sequence[dict[str, torch.Tensor]]) -> DualGraphModule:
+             examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str] = ()
+             ) -> DualGraphModule:
     """``module`` with each annotated call of a submodule that holds no branched layer as one
     ``call_module`` node (the submodule rebuilt from ``model``'s, with ``module``'s tensors),
-    kept only if it computes exactly what ``module`` does; ``module`` itself is unchanged."""
+    and each task stream through a submodule holding branched layers as one call of a
+    :class:`TaskStream`, kept only if it computes exactly what ``module`` does; ``module``
+    itself is unchanged. The submodules holding one of ``opened`` are not called whole."""
     usable: dict[str, nn.Module | None] = {}
+    kinds: dict[str, str | None] = {}
 
-    def submodule(path: str) -> nn.Module | None:
-        if path not in usable:
-            usable[path] = None if any(_under(c, path) for c in containers) else (
-                _assembled(module, model, path))
-        return usable[path]
+    def kind_of(path: str) -> str | None:
+        if path not in kinds:
+            if any(under(c, path) for c in containers) or any(
+                    o != path and under(o, path) for o in opened):
+                kinds[path] = "stream" if _streamable(module, path) else None
+            else:
+                usable[path] = _assembled(module, model, path)
+                kinds[path] = None if usable[path] is None else "whole"
+        return kinds[path]
 
-    groups = {mode: _call_groups(graph, submodule) for mode, graph in module.graphs()}
+    groups = {mode: _call_groups(graph, kind_of) for mode, graph in module.graphs()}
     keys = sorted({k for found in groups.values() for k in found})
-    result = _built(module, groups, set(keys), usable)
+    # A stream must be found in every mode (its generated class has one forward).
+    keys = [k for k in keys if all(k in found for found in groups.values())
+            or next(g for found in groups.values() for g in found.get(k, []))
+            .kind == "whole"]
+    build = functools.partial(_built, module, groups, usable=usable, model=model,
+                              containers=containers)
+    result = build(set(keys))
     if result is not None and _computes_the_same(module, result, examples):
         return result
-    kept = {k for k in keys if (single := _built(module, groups, {k}, usable)) is not None
+    kept = {k for k in keys if (single := build({k})) is not None
             and _computes_the_same(module, single, examples)}
-    result = _built(module, groups, kept, usable) if kept else None
+    result = build(kept) if kept else None
     if result is not None and _computes_the_same(module, result, examples):
         return result
     return module
 
 
-def _under(path: str, prefix: str) -> bool:
+def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
+    """Order each graph of a branched model so that every task stream through a submodule
+    holding branched layers runs as one stretch, task after task (the branching pass clones
+    node by node, interleaving the tasks). Only the order in which random ops draw changes; the
+    emitted model, which calls such a submodule once per stream, then draws in the same order.
+    Graphs with in-place ops or grad-mode switches are left as they are."""
+    def kind_of(path: str) -> str | None:
+        holds = any(under(c, path) for c in containers)
+        return "stream" if holds and _streamable(module, path) else None
+
+    for _mode, graph in module.graphs():
+        if any(n.target in CONTEXT_SWITCHES or _in_place(n) for n in graph.nodes):
+            continue
+        vertex: dict[fx.Node, Any] = {}
+        for key, found in _call_groups(graph, kind_of).items():
+            for group in found:
+                for node in group.nodes.values():
+                    if node.meta["reconfx"].get("task"):
+                        vertex[node] = (key, group.task)
+        if vertex:
+            _reorder(graph, vertex)
+    module.train(module.training)  # (regenerates forward from the current graph)
+    module.recompile()
+
+
+def _in_place(node: fx.Node) -> bool:
+    """An op that changes a tensor in place (random ops, which ``mutates`` also counts, only
+    change the generator's state)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return mutates(node) and (name.endswith("_") and not name.endswith("__")
+                              or getattr(operator, name, None) is node.target)
+
+
+def _reorder(graph: fx.Graph, vertex: dict[fx.Node, Any]) -> None:
+    nodes = list(graph.nodes)
+    position = {n: i for i, n in enumerate(nodes)}
+    unit = {n: vertex.get(n, n) for n in nodes}
+    dag = nx.DiGraph()
+    first: dict[Any, int] = {}
+    for n in nodes:
+        dag.add_node(unit[n])
+        first.setdefault(unit[n], position[n])
+        for user in n.users:
+            if unit[user] != unit[n]:
+                dag.add_edge(unit[n], unit[user])
+    try:
+        order = list(nx.lexicographical_topological_sort(dag, key=lambda u: first[u]))
+    except nx.NetworkXUnfeasible:
+        return  # a stream's nodes are not one stretch of dataflow: leave the order
+    members: dict[Any, list[fx.Node]] = {}
+    for n in nodes:
+        members.setdefault(unit[n], []).append(n)
+    output = next(n for n in reversed(nodes) if n.op == "output")
+    for u in order:
+        for n in members[u]:
+            if n.op not in ("placeholder", "output"):
+                output.prepend(n)
+    graph.lint()
+
+
+def under(path: str, prefix: str) -> bool:
+    """``path`` is ``prefix`` or lies inside it."""
     return path == prefix or path.startswith(prefix + ".")
 
 
@@ -351,9 +476,22 @@ def _assembled(module: DualGraphModule, model: nn.Module, path: str) -> nn.Modul
     return sub
 
 
-def _call_groups(graph: fx.Graph, submodule: Any) -> dict[str, list[_Group]]:
-    """Each annotated call in ``graph`` whose submodule can be called as itself -> one group
-    per task stream (the stream's copies plus the shared members), outermost calls first."""
+def _streamable(module: DualGraphModule, path: str) -> bool:
+    """Whether the submodule at ``path`` can be a generated class: its members are named as
+    attributes can be."""
+    try:
+        view = resolve(module, path)
+    except AttributeError:
+        return False
+    names = [*view._modules, *view._parameters, *view._buffers]
+    return isinstance(view, nn.Module) and all(
+        n.isidentifier() and not keyword.iskeyword(n) for n in names)
+
+
+def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
+    """Each annotated call in ``graph`` whose submodule can be called as itself, or run per task
+    stream by a generated class -> one group per task stream (the stream's copies plus the
+    shared members), outermost calls first."""
     by_key: dict[str, list[fx.Node]] = {}
     calls: dict[str, Call] = {}
     for node in graph.nodes:
@@ -364,10 +502,13 @@ def _call_groups(graph: fx.Graph, submodule: Any) -> dict[str, list[_Group]]:
     claimed: set[fx.Node] = set()
     for key in sorted(by_key, key=lambda k: (calls[k].depth, k)):
         call, nodes = calls[key], by_key[key]
-        if claimed.intersection(nodes) or submodule(call.path) is None:
-            continue
+        kind = None if claimed.intersection(nodes) else kind_of(call.path)
         tasks = sorted({t for n in nodes if (t := n.meta["reconfx"].get("task"))})
         shared = [n for n in nodes if not n.meta["reconfx"].get("task")]
+        if kind == "stream" and (not tasks or any(n.op == "call_module" for n in shared)):
+            kind = None  # (a shared layer inside would run once per stream)
+        if kind is None:
+            continue
         streams = [(t, [n for n in nodes if n.meta["reconfx"].get("task") == t] + shared)
                    for t in tasks] or [(None, shared)]
         key_nodes = set(nodes)
@@ -380,7 +521,7 @@ def _call_groups(graph: fx.Graph, submodule: Any) -> dict[str, list[_Group]]:
             if any(u not in key_nodes for n in inner for u in n.users) or (
                     len(streams) > 1 and any(indexed[i] in shared for i in call.outputs)):
                 break
-            built.append(_Group(call, task, indexed))
+            built.append(_Group(call, task, indexed, kind))
         else:
             found[key] = built
             claimed.update(nodes)
@@ -388,8 +529,18 @@ def _call_groups(graph: fx.Graph, submodule: Any) -> dict[str, list[_Group]]:
 
 
 def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], keys: set[str],
-           usable: dict[str, nn.Module | None]) -> DualGraphModule | None:
+           usable: dict[str, nn.Module | None], model: nn.Module, containers: set[str]
+           ) -> DualGraphModule | None:
     """``module`` with the calls in ``keys`` collapsed, or None where one cannot be placed."""
+    usable = dict(usable)
+    for key in keys:
+        found = {mode: groups[mode][key] for mode in groups if key in groups[mode]}
+        first = next(iter(found.values()))[0]
+        if first.kind == "stream":
+            stream = _stream(module, model, containers, found)
+            if stream is None:
+                return None
+            usable[first.call.path] = stream
     graphs = {}
     for mode, graph in module.graphs():
         chosen = [g for k, found in groups[mode].items() if k in keys for g in found]
@@ -403,7 +554,7 @@ def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], 
             for n in g.nodes if n.op in ("call_module", "get_attr")}
     root: dict[str, Any] = {}
     for target in used:
-        inside = next((p for p in paths if _under(target, p)), None)
+        inside = next((p for p in paths if under(target, p)), None)
         try:
             root[target] = (resolve(module, target) if inside is None or target == inside
                             else resolve(usable[inside], target[len(inside) + 1:]))
@@ -462,7 +613,10 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
             return {k: filled(v) for k, v in value.items()}
         return value
 
-    node = new.call_module(call.path, filled(call.args), filled(call.kwargs))
+    if group.kind == "stream":
+        node = new.call_module(call.path, (*inputs, group.task))
+    else:
+        node = new.call_module(call.path, filled(call.args), filled(call.kwargs))
     meta = {"name": call.path.replace(".", "_")}
     if group.task:
         meta["task"] = group.task
@@ -471,12 +625,129 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
     if points:
         meta["branch_point"] = points[0]
     node.meta["reconfx"] = meta
-    for index, place in call.outputs.items():
+    places = call.outputs
+    if group.kind == "stream":  # the generated forward returns the used values, in order
+        used = sorted(places)
+        places = {i: () if len(used) == 1 else (j,) for j, i in enumerate(used)}
+    for index, place in places.items():
         value = node
+        # (several results are named after the values they are; one after the call)
+        name = group.nodes[index].meta.get("reconfx", {}).get("name") if len(places) > 1 else None
         for step in place:
             value = new.call_function(operator.getitem, (value, step))
-            value.meta["reconfx"] = dict(meta)
+            value.meta["reconfx"] = {**meta, "name": name or meta["name"]}
         env[group.nodes[index]] = value
+
+
+def _stream(module: DualGraphModule, model: nn.Module, containers: set[str],
+            found: dict[str, list[_Group]]) -> TaskStream | None:
+    """The stand-in for a submodule run per task stream, from the first task's group in each
+    mode, or None where its body reads something outside the submodule."""
+    group = next(iter(found.values()))[0]
+    path = group.call.path
+    inner = {c[len(path) + 1:] for c in containers if c.startswith(path + ".")}
+    bodies = {}
+    for mode, groups in found.items():
+        body = _body(groups[0], inner, _input_names(groups[0], model))
+        if body is None:
+            return None
+        bodies[mode] = body
+    return TaskStream(resolve(module, path), bodies, type(model.get_submodule(path)).__name__)
+
+
+def _input_names(group: _Group, model: nn.Module) -> list[str]:
+    """Names for the values flowing into a stream: the forward's parameter names where the
+    value was an argument, else the value's own name."""
+    call = group.call
+    names: list[str | None] = [None] * len(call.inputs)
+    try:
+        params = [p.name for p in inspect.signature(model.get_submodule(call.path).forward)
+                  .parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    except (TypeError, ValueError, AttributeError):
+        params = []
+    for j, value in enumerate(call.args):
+        if isinstance(value, Ref) and j < len(params):
+            names[value.index] = params[j]
+    for k, value in call.kwargs.items():
+        if isinstance(value, Ref):
+            names[value.index] = k
+    taken = {"self", "task"}
+    out = []
+    for i, (m, p) in enumerate(call.inputs):
+        node = group.nodes[m].all_input_nodes[p]
+        meta = node.meta.get("reconfx", {})
+        base = names[i] or str(meta.get("name", node.name)).removesuffix(f"_{meta.get('task')}")
+        base = re.sub(r"\W", "_", base) if base.isidentifier() is False else base
+        name, n = base, 1
+        while name in taken or keyword.iskeyword(name):
+            name, n = f"{base}_{n}", n + 1
+        taken.add(name)
+        out.append(name)
+    return out
+
+
+def _relative(target: str, path: str, inner: set[str], task: str) -> str | None:
+    """``target`` inside the submodule at ``path``, a branched layer's task copy written with
+    :data:`MARK`; None when it lies outside."""
+    if not target.startswith(path + "."):
+        return None
+    rel = target[len(path) + 1:]
+    for container in inner:
+        own = f"{container}.{task}"
+        if rel == own or rel.startswith(own + "."):
+            return f"{container}.{MARK}{rel[len(own):]}"
+    return rel
+
+
+def _body(group: _Group, inner: set[str], names: list[str]) -> fx.Graph | None:
+    call, task = group.call, group.task or ""
+    body = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for (m, p), name in zip(call.inputs, names, strict=True):
+        node = group.nodes[m].all_input_nodes[p]
+        if node in env:
+            continue
+        env[node] = body.placeholder(name)
+        env[node].meta["reconfx"] = {"name": name, "type": _type_name(node)}
+    body.placeholder("task").meta["reconfx"] = {"name": "task", "type": "str"}
+    prefix = call.path.replace(".", "_") + "_"
+    order = {n: i for i, n in enumerate(next(iter(group.nodes.values())).graph.nodes)}
+    for node in sorted(group.nodes.values(), key=order.__getitem__):
+        for arg in node.all_input_nodes:
+            if arg.op == "get_attr" and arg not in env:
+                target = _relative(str(arg.target), call.path, inner, task)
+                if target is None:
+                    return None
+                env[arg] = body.get_attr(target)
+                env[arg].meta = dict(arg.meta)
+        try:
+            new = body.node_copy(node, env.__getitem__)
+        except KeyError:
+            return None
+        if node.op == "call_module":
+            target = _relative(str(node.target), call.path, inner, task)
+            if target is None:
+                return None
+            new.target = target
+        meta = {k: v for k, v in node.meta.get("reconfx", {}).items()
+                if k not in ("task", "branch_point", "sites", "origin")}
+        if "name" in meta:
+            meta["name"] = str(meta["name"]).removesuffix(f"_{task}").removeprefix(prefix)
+        new.meta = {**node.meta, "reconfx": meta}
+        env[node] = new
+    outs = [env[group.nodes[i]] for i in sorted(call.outputs)]
+    body.output(outs[0] if len(outs) == 1 else tuple(outs))
+    body.lint()
+    return body
+
+
+def _type_name(node: fx.Node) -> str:
+    value = node.meta.get("val")
+    if isinstance(value, int | torch.SymInt) and not isinstance(value, bool):
+        return "int"
+    if isinstance(value, torch.device):
+        return "torch.device"
+    return "torch.Tensor"
 
 
 def _computes_the_same(module: DualGraphModule, other: DualGraphModule,

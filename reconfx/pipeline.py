@@ -180,6 +180,7 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
     if batching if batching is not None else s.branch.stream_batching != "off":
         branched.module = batch_streams(branched.module, prepared.examples[0],
                                         [i.name for i in s.inputs if 0 in i.dynamic])
+    calls.contiguous_streams(branched.module, branched.containers)
     return branched
 
 
@@ -484,11 +485,16 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
     called = functools.partial(calls.collapse, model=prepared.model,
                                examples=prepared.examples)
     settings = settings_in(prepared.model)
-    model_py = emit_python(called(branched.module, containers=branched.containers), name,
-                           doc_model, branched.containers, notes, factory, settings)
-    # The original with the same submodules called whole, so the diff shows only the surgery.
-    original_py = emit_python(called(prepared.traced.module, containers=branched.containers),
-                              name, doc_original, set(), None, factory, settings)
+    emitted = called(branched.module, containers=branched.containers)
+    model_py = emit_python(emitted, name, doc_model, branched.containers, notes, factory,
+                           settings)
+    # The original calls whole the submodules model.py calls whole or writes as generated
+    # classes, and writes out the rest, so the diff shows only the surgery.
+    streams = [path for path, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
+    inlined = {c for c in branched.containers if not any(calls.under(c, p) for p in streams)}
+    original_py = emit_python(called(prepared.traced.module, containers=inlined,
+                                     opened=streams), name, doc_original, set(), None, factory,
+                              settings)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
         "original.py", "model.py"))

@@ -408,7 +408,7 @@ class Pair(nn.Module):
 
 
 class CallNet(nn.Module):
-    """Three blocks on a chain; the last one's result and its second output feed the heads."""
+    """Three blocks on a chain; the last one's two outputs feed the heads."""
 
     def __init__(self, width: int = 8):
         super().__init__()
@@ -421,4 +421,5 @@ class CallNet(nn.Module):
         h = self.pair(x, x * 1.0)
         for i, block in enumerate(self.blocks):
             h, summary = block(h, mask, scale=0.5 * (i + 1))
-        return {"a": self.a(h), "b": self.b(h + summary.unsqueeze(-1))}
+        z = h + summary.unsqueeze(-1)
+        return {"a": self.a(z), "b": self.b(z)}

@@ -49,3 +49,65 @@ def test_calls_are_recorded_on_the_nodes_of_both_modes(compiled_calls):
         sites = {key for n in graph.nodes for key in n.meta.get("reconfx", {}).get("sites", {})}
         paths = {re.sub(r"@\d+$", "", key) for key in sites}
         assert {"blocks.0", "blocks.1", "blocks.2"} <= paths and "pair" not in paths
+
+
+@pytest.fixture(scope="module")
+def compiled_stream(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("stream")
+    path = write_spec(folder, "stream", model={"factory": "tests.models:CallNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.2.*"]})
+    compiled = compile_and_verify(path, folder / "out")
+    return compiled, folder / "out"
+
+
+def test_a_block_holding_branched_layers_is_a_generated_class(compiled_stream):
+    _compiled, out = compiled_stream
+    source = (out / "model.py").read_text()
+    assert "class BranchedCallBlock(nn.Module):\n" in source
+    # Its branched layers hold one copy per task; `task` picks the copy; it returns the two
+    # values the model uses after it.
+    assert 'self.fc = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})\n' in source
+    assert "def forward(self, x: torch.Tensor, mask: torch.Tensor, task: str) -> tuple[" in source
+    assert "fc = self.fc[task](x)" in source
+    assert "        return (mul_1, mean)\n" in source
+    # The model builds it where the block was and calls it once per task stream.
+    built = "self.blocks = nn.ModuleList([CallBlock(8), CallBlock(8), BranchedCallBlock()])"
+    assert built in source
+    assert 'blocks_2_mul_1_a, blocks_2_mean_a = self.blocks[2](blocks_1, float_, "a")\n' in source
+    assert 'blocks_2_mul_1_b, blocks_2_mean_b = self.blocks[2](blocks_1, float_, "b")\n' in source
+
+
+def test_the_original_calls_the_block_whole(compiled_stream):
+    _compiled, out = compiled_stream
+    original = (out / "original.py").read_text()
+    assert "blocks_2 = self.blocks[2](blocks_1, float_, scale=1.5)\n" in original
+    diff = (out / "branch.diff").read_text()
+    assert "-        self.blocks[0]" not in diff and "+class BranchedCallBlock" in diff
+
+
+def test_each_stream_runs_as_one_stretch_in_the_compiled_graph(compiled_stream):
+    """Dropout-free here, but the order is what makes random ops draw alike in the compiled
+    graph and in the generated class: task a's ops of the block all come before task b's."""
+    compiled, _out = compiled_stream
+    graph = compiled.branched.module.train_graph
+    tasks = [n.meta["reconfx"].get("task") for n in graph.nodes
+             if "blocks.2" in str(n.meta.get("nn_module_stack", {}))]
+    first_b = tasks.index("b")
+    assert "a" not in tasks[first_b:]
+
+
+def test_blocks_that_trace_alike_share_one_generated_class(tmp_path):
+    path = write_spec(tmp_path, "bottleneck",
+                      model={"factory": "reconfx.zoo:BottleneckResNet",
+                             "kwargs": {"width": 8, "blocks": [1, 1, 1, 3]}},
+                      inputs=[{"name": "image", "shape": [2, 3, 32, 32]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["layer4.*"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    # The first block (with its downsample) and the two identical ones after it.
+    assert source.count("(nn.Module):\n") == 3
+    assert re.search(r"self\.layer4 = nn\.ModuleList\(\[\s*BranchedBottleneck\(\),\s*"
+                     r"BranchedBottleneck2\(\),\s*BranchedBottleneck2\(\),?\s*\]\)", source)
+    assert "        layer3 = self.layer3(layer2)\n" in source

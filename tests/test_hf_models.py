@@ -134,7 +134,9 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
     source = (out / "model.py").read_text()
     # One forward: the attention call (its dropout) differs between the modes, written once
     # where it is used.
-    assert source.count("    def forward(") == 1 and "_forward_" not in source
+    # (one per class: the model's, and the class generated for the branched layer)
+    assert source.count("    def forward(") == source.count("(nn.Module):") == 2
+    assert "_forward_" not in source
     assert re.search(r"        if self.training:\n            \w*dot_product_attention\w* = \(",
                      source)
 

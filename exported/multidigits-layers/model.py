@@ -12,6 +12,52 @@ from torch import nn
 from reconfx.zoo import BasicBlock
 
 
+class BranchedBasicBlock(nn.Module):
+    """BasicBlock with branched layers, for one task stream: each branched layer holds one copy
+    per task (an nn.ModuleDict by task name) and `task` picks the copy.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.downsample = nn.ModuleList([nn.Module() for _ in range(2)])
+        # downsample.0: branched: one copy per task
+        self.downsample[0] = nn.ModuleDict({
+            "left": nn.Conv2d(64, 128, 1, stride=2, bias=False),
+            "right": nn.Conv2d(64, 128, 1, stride=2, bias=False),
+        })
+        # downsample.1: branched: one copy per task
+        self.downsample[1] = nn.ModuleDict({
+            "left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)
+        })
+        # conv1: branched: one copy per task
+        self.conv1 = nn.ModuleDict({
+            "left": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
+            "right": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
+        })
+        # bn1: branched: one copy per task
+        self.bn1 = nn.ModuleDict({"left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)})
+        self.relu = nn.ReLU(inplace=True)
+        # conv2: branched: one copy per task
+        self.conv2 = nn.ModuleDict({
+            "left": nn.Conv2d(128, 128, 3, padding=1, bias=False),
+            "right": nn.Conv2d(128, 128, 3, padding=1, bias=False),
+        })
+        # bn2: branched: one copy per task
+        self.bn2 = nn.ModuleDict({"left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)})
+
+    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
+        downsample_0 = self.downsample[0][task](x)
+        downsample_1 = self.downsample[1][task](downsample_0)
+        conv1 = self.conv1[task](x)
+        bn1 = self.bn1[task](conv1)
+        relu = self.relu(bn1)
+        conv2 = self.conv2[task](relu)
+        bn2 = self.bn2[task](conv2)
+        add = bn2 + downsample_1
+        relu_1 = self.relu(add)
+        return relu_1
+
+
 class MultidigitsLayers(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -36,36 +82,7 @@ class MultidigitsLayers(nn.Module):
         self.layer3[0].bn2 = nn.ModuleDict({
             "left": nn.BatchNorm2d(64), "right": nn.BatchNorm2d(64)
         })
-        self.layer4 = nn.ModuleList([nn.Module()])
-        self.layer4[0].downsample = nn.ModuleList([nn.Module() for _ in range(2)])
-        # layer4.0.downsample.0: branched: one copy per task
-        self.layer4[0].downsample[0] = nn.ModuleDict({
-            "left": nn.Conv2d(64, 128, 1, stride=2, bias=False),
-            "right": nn.Conv2d(64, 128, 1, stride=2, bias=False),
-        })
-        # layer4.0.downsample.1: branched: one copy per task
-        self.layer4[0].downsample[1] = nn.ModuleDict({
-            "left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)
-        })
-        # layer4.0.conv1: branched: one copy per task
-        self.layer4[0].conv1 = nn.ModuleDict({
-            "left": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
-            "right": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
-        })
-        # layer4.0.bn1: branched: one copy per task
-        self.layer4[0].bn1 = nn.ModuleDict({
-            "left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)
-        })
-        self.layer4[0].relu = nn.ReLU(inplace=True)
-        # layer4.0.conv2: branched: one copy per task
-        self.layer4[0].conv2 = nn.ModuleDict({
-            "left": nn.Conv2d(128, 128, 3, padding=1, bias=False),
-            "right": nn.Conv2d(128, 128, 3, padding=1, bias=False),
-        })
-        # layer4.0.bn2: branched: one copy per task
-        self.layer4[0].bn2 = nn.ModuleDict({
-            "left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)
-        })
+        self.layer4 = nn.ModuleList([BranchedBasicBlock()])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.Module()
         self.heads.left = nn.Linear(128, 10)
@@ -90,28 +107,10 @@ class MultidigitsLayers(nn.Module):
         layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample
         layer3_0_relu_1_left = self.layer3[0].relu(layer3_0_add_left)
         layer3_0_relu_1_right = self.layer3[0].relu(layer3_0_add_right)
-        layer4_0_downsample_0_left = self.layer4[0].downsample[0].left(layer3_0_relu_1_left)
-        layer4_0_downsample_0_right = self.layer4[0].downsample[0].right(layer3_0_relu_1_right)
-        layer4_0_downsample_1_left = self.layer4[0].downsample[1].left(layer4_0_downsample_0_left)
-        layer4_0_downsample_1_right = self.layer4[0].downsample[1].right(
-            layer4_0_downsample_0_right
-        )
-        layer4_0_conv1_left = self.layer4[0].conv1.left(layer3_0_relu_1_left)
-        layer4_0_conv1_right = self.layer4[0].conv1.right(layer3_0_relu_1_right)
-        layer4_0_bn1_left = self.layer4[0].bn1.left(layer4_0_conv1_left)
-        layer4_0_bn1_right = self.layer4[0].bn1.right(layer4_0_conv1_right)
-        layer4_0_relu_left = self.layer4[0].relu(layer4_0_bn1_left)
-        layer4_0_relu_right = self.layer4[0].relu(layer4_0_bn1_right)
-        layer4_0_conv2_left = self.layer4[0].conv2.left(layer4_0_relu_left)
-        layer4_0_conv2_right = self.layer4[0].conv2.right(layer4_0_relu_right)
-        layer4_0_bn2_left = self.layer4[0].bn2.left(layer4_0_conv2_left)
-        layer4_0_bn2_right = self.layer4[0].bn2.right(layer4_0_conv2_right)
-        layer4_0_add_left = layer4_0_bn2_left + layer4_0_downsample_1_left
-        layer4_0_add_right = layer4_0_bn2_right + layer4_0_downsample_1_right
-        layer4_0_relu_1_left = self.layer4[0].relu(layer4_0_add_left)
-        layer4_0_relu_1_right = self.layer4[0].relu(layer4_0_add_right)
-        avgpool_left = self.avgpool(layer4_0_relu_1_left)
-        avgpool_right = self.avgpool(layer4_0_relu_1_right)
+        layer4_0_left = self.layer4[0](layer3_0_relu_1_left, "left")
+        layer4_0_right = self.layer4[0](layer3_0_relu_1_right, "right")
+        avgpool_left = self.avgpool(layer4_0_left)
+        avgpool_right = self.avgpool(layer4_0_right)
         flatten_left = torch.flatten(avgpool_left, 1)
         flatten_right = torch.flatten(avgpool_right, 1)
         heads_left = self.heads.left(flatten_left)

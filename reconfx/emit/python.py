@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
 from reconfx.batching import StreamRegion, run_streams, streams_per_call
+from reconfx.calls import MARK, TaskStream
 from reconfx.emit.constructors import Bracket, Constructor, constructor
 from reconfx.emit.merge import merge_modes
 from reconfx.emit.render import (
@@ -52,7 +53,7 @@ from reconfx.emit.restore import (
 )
 from reconfx.emit.sources import SETTINGS
 from reconfx.errors import CheckError
-from reconfx.graph import DualGraphModule, region_call, resolve
+from reconfx.graph import DualGraphModule, output_node, region_call, resolve
 
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
@@ -107,6 +108,10 @@ def _access(root: _Tree, path: str) -> str:
     """``self.layer1[0].conv1`` for the path ``layer1.0.conv1``."""
     text, node = "self", root
     for part in path.split("."):
+        if part == MARK:  # the calling task's copy, in a generated class
+            text += "[task]"
+            node = next(iter(node.children.values()), _Tree())
+            continue
         if part not in node.children:  # inside a leaf: its own attributes (``.weight``)
             text += f".{part}" if part.isidentifier() else f"[{part}]"
             node = _Tree()
@@ -129,6 +134,8 @@ class PythonEmitter:
         self.factory = factory
         self.settings = settings
         self.constants: dict[str, str] = {}  # settings source text -> its constant's name
+        self.classes: dict[str, list[str]] = {}  # generated class -> its lines after the header
+        self.base = ""  # the path of the module this class stands for, with a dot
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
         self.built: dict[str, str] = {}
@@ -147,13 +154,24 @@ class PythonEmitter:
         for graph in self._graphs():
             for node in graph.nodes:
                 if node.op in ("call_module", "get_attr") and not region_call(node):
-                    target = str(node.target)
-                    node_tree = self.tree
-                    for part in target.split("."):
-                        node_tree = node_tree.child(part)
-                    node_tree.obj = resolve(self.module, target)
+                    for target in self._targets(str(node.target)):
+                        node_tree = self.tree
+                        for part in target.split("."):
+                            node_tree = node_tree.child(part)
+                        node_tree.obj = resolve(self.module, target)
+
+    def _targets(self, target: str) -> list[str]:
+        """``target``, or in a generated class's body every task's copy it stands for."""
+        if MARK not in target:
+            return [target]
+        container, _, rest = target.partition(f".{MARK}")
+        owner = resolve(self.module, container)
+        tasks = [*owner._modules, *owner._parameters]
+        return [f"{container}.{task}{rest}" for task in tasks]
 
     def _leaf_expr(self, path: str, obj: Any) -> str:
+        if isinstance(obj, TaskStream):
+            return f"{self._generated(path, obj)}()"
         if isinstance(obj, nn.Parameter):
             grad = "" if obj.requires_grad else ", requires_grad=False"
             return f"nn.Parameter({tensor_source(obj, recorded=False)}{grad})"
@@ -168,7 +186,31 @@ class PythonEmitter:
             raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
                              fix="register a handler in reconfx.emit.constructors.HANDLERS")
         self.built[path] = "factory"
-        return f'_from_factory("{path}")'
+        return f'_from_factory("{self.base}{path}")'
+
+    def _generated(self, path: str, stream: TaskStream) -> str:
+        """The name of the class generated for a submodule holding branched layers (one class
+        for all such submodules whose source is the same)."""
+        inner = {c[len(path) + 1:] for c in self.task_containers if c.startswith(path + ".")}
+        doc = (f"{stream.kind} with branched layers, for one task stream: each branched layer "
+               "holds one copy per task (an nn.ModuleDict by task name) and `task` picks the "
+               "copy.")
+        sub = PythonEmitter(stream, "", doc, inner, None, self.factory, self.settings)
+        sub.base, sub.constants = f"{self.base}{path}.", self.constants
+        sub._collect()
+        body = sub.class_lines()
+        self.imports |= sub.imports
+        self.built.update({f"{path}.{k}": how for k, how in sub.built.items()})
+        self.built[path] = "generated"
+        for name, lines in self.classes.items():
+            if lines == body:
+                return name
+        base, n = f"Branched{stream.kind}", 1
+        while (base if n == 1 else f"{base}{n}") in self.classes:
+            n += 1
+        name = base if n == 1 else f"{base}{n}"
+        self.classes[name] = body
+        return name
 
     def _built(self, path: str, obj: nn.Module) -> Constructor | None:
         """The module's constructor call, else the restoring helper's (its imports noted)."""
@@ -218,6 +260,8 @@ class PythonEmitter:
     def _leaf_line(self, access: str, path: str, obj: Any) -> str:
         if isinstance(obj, torch.Tensor):
             return assign(self._indent(2), access, self._leaf_expr(path, obj))
+        if isinstance(obj, TaskStream):
+            return assign(self._indent(2), access, f"{self._generated(path, obj)}()")
         built = self._built(path, obj)
         if built is None:
             return assign(self._indent(2), access, self._from_factory(path, obj))
@@ -316,6 +360,7 @@ class PythonEmitter:
         taken = set()
         room = _suffix_room(graph)
         commented: set[str] = set()  # branch points already commented
+        unpacked: set[fx.Node] = set()  # items of a call's result, named where it is made
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for n in placeholders:
             names[n] = str(n.target)
@@ -328,7 +373,9 @@ class PythonEmitter:
 
         params = ["self"] + [f"{names[n]}: {n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
                              for n in placeholders]
-        returns = "dict[str, torch.Tensor]" if region is None else "tuple[torch.Tensor, ...]"
+        result = output_node(graph).args[0]
+        returns = ("dict[str, torch.Tensor]" if isinstance(result, dict) else "torch.Tensor"
+                   if isinstance(result, fx.Node) else "tuple[torch.Tensor, ...]")
         lines = [statement(self._indent(1), "", f"def {method}(", params, f") -> {returns}:")]
         if region is not None:
             lines += _region_doc(region, self._indent(2))
@@ -341,8 +388,11 @@ class PythonEmitter:
                     lines.append(statement(self._indent(2), "", "return (", outs,
                                            ",)" if len(outs) == 1 else ")"))
                     continue
-                outs = [f'"{t}": {render_value(n, name_of)}' for t, n in node.args[0].items()]
-                lines.append(statement(self._indent(2), "", "return {", outs, "}"))
+                if isinstance(result, dict):
+                    outs = [f'"{t}": {render_value(n, name_of)}' for t, n in result.items()]
+                    lines.append(statement(self._indent(2), "", "return {", outs, "}"))
+                else:
+                    lines.append(f"{self._indent(2)}return {render_value(result, name_of)}")
                 continue
             if region_call(node):
                 lines += self._region_call_lines(node, names, taken, name_of)
@@ -351,7 +401,15 @@ class PythonEmitter:
             if same is not None:  # x + 0 and the like: the value keeps its name
                 names[node] = name_of(same)
                 continue
-            if _folded(node):  # written with its one item taken: ``f(x)[0]``
+            if _folded(node) or node in unpacked:  # written with the call (``f(x)[0]``)
+                continue
+            items = _unpacked(node, self.module)
+            if items:  # ``a, b = self.block(x, "left")``
+                unpacked.update(items)
+                lhs = [_fresh(_base_name(item), taken, room) for item in items]
+                names.update(zip(items, lhs, strict=True))
+                call = self._node_line(node, "", name_of).strip()
+                lines.append(f"{self._indent(2)}{', '.join(lhs)} = {call}")
                 continue
             names[node] = _fresh(_base_name(node), taken, room)
             comment = self._comment(node, commented)
@@ -459,8 +517,8 @@ class PythonEmitter:
         return "    " * (level + self.nesting)
 
     # -- whole file ----------------------------------------------------------------------------
-    def emit(self) -> Emitted:
-        self._collect()
+    def class_lines(self) -> list[str]:
+        """The class's docstring, ``__init__`` and methods (the lines after its header)."""
         init = self._init_lines()
         if self.module.dual:
             fwd = self._one_forward()
@@ -468,6 +526,21 @@ class PythonEmitter:
             fwd = self._forward(self.module.train_graph, "forward")
         for region in self.regions:
             fwd += ["", *self._forward(region.body, region.method, region)]
+        doc = [*_docstring(self.doc, "    "), ""] if self.doc and not self.class_name else []
+        return [*doc, "    def __init__(self) -> None:", "        super().__init__()", *init,
+                "", *fwd]
+
+    def emit(self) -> Emitted:
+        self._collect()
+        lines = self.class_lines()
+        for name, alias in self._aliased().items():  # an imported class named like ours
+            call = re.compile(rf"(?<![\w.]){re.escape(name)}(?=\()")
+            lines = [call.sub(alias, line) for line in lines]
+            self.classes = {k: [call.sub(alias, line) for line in body]
+                            for k, body in self.classes.items()}
+            self.constants = {call.sub(alias, text): n for text, n in self.constants.items()}
+        generated = [line for name, body in self.classes.items()
+                     for line in ["", "", f"class {name}(nn.Module):", *body]]
         helper = ["", *self._factory_helper()] if "factory" in self.built.values() else []
         if "restored" in self.built.values():
             self.imports.update(RESTORE_IMPORTS)
@@ -482,10 +555,26 @@ class PythonEmitter:
         if constants:  # (one blank line after the imports, two before a definition)
             helper = [*constants, "", *helper] if helper else [*constants, ""]
         out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
-        out += ["", f"class {self.class_name}(nn.Module):",
-                "    def __init__(self) -> None:", "        super().__init__()", *init, "",
-                *fwd, ""]
+        if generated:
+            out += generated[1:] + [""]
+        out += ["", f"class {self.class_name}(nn.Module):", *lines, ""]
         return Emitted("\n".join(out), dict(self.built))
+
+    def _aliased(self) -> dict[str, str]:
+        """Imported names that the classes this file defines would shadow -> the alias they are
+        imported as instead (``from reconfx.zoo import Bottleneck as Bottleneck_``)."""
+        ours = {self.class_name, *self.classes}
+        aliases = {}
+        for line in sorted(self.imports):
+            module, _, name = line.removeprefix("from ").partition(" import ")
+            if line.startswith("from ") and name in ours:
+                alias = f"{name}_"
+                while alias in ours:
+                    alias += "_"
+                self.imports.discard(line)
+                self.imports.add(f"from {module} import {name} as {alias}")
+                aliases[name] = alias
+        return aliases
 
     def _one_forward(self) -> list[str]:
         """``forward`` for a model whose train and eval graphs differ, each difference written
@@ -520,6 +609,25 @@ class PythonEmitter:
         ]
 
 
+def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
+    """The items of a generated class's call, in order, when each is taken once (its result is
+    then unpacked where it is made); else empty."""
+    if node.op != "call_module" or region_call(node):
+        return []
+    try:
+        stream = resolve(module, str(node.target))
+    except AttributeError:
+        return []
+    if not isinstance(stream, TaskStream):
+        return []
+    result = output_node(stream.train_graph).args[0]
+    users = sorted(node.users, key=lambda u: u.args[1] if len(u.args) > 1 else -1)
+    if not isinstance(result, tuple) or len(users) != len(result) or any(
+            u.target is not operator.getitem or u.args[1] != i for i, u in enumerate(users)):
+        return []
+    return users
+
+
 def _folded(node: fx.Node) -> bool:
     """A module call whose result is only used by taking one item of it (``layer(x)[0]``)."""
     users = list(node.users)
@@ -540,6 +648,13 @@ def _span(modules: list[str]) -> str:
 
 def _tuple_text(items: list[str]) -> str:
     return bracketed("(", items, ",)" if len(items) == 1 else ")")
+
+
+def _docstring(text: str, indent: str) -> list[str]:
+    lines = textwrap.wrap(text, width=LINE - len(indent) - 6)
+    if len(lines) == 1:
+        return [f'{indent}"""{lines[0]}"""']
+    return [f'{indent}"""{lines[0]}', *(f"{indent}{line}" for line in lines[1:]), f'{indent}"""']
 
 
 def _region_doc(region: StreamRegion, indent: str) -> list[str]:
