@@ -1,4 +1,5 @@
-"""Compile time of reconfx's passes: trace + branch + Python emit.
+"""Compile time of reconfx's passes: trace (with the module-call annotation) + branch + Python
+emit (with untouched submodules collapsed into calls and generated classes).
 
 * a ResNet-50-sized CNN (bottleneck blocks, 23.5M parameters, 108 layers) through tier 1 (fx),
   target <= 3 s excluding model construction;
@@ -21,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 
+from reconfx import calls
 from reconfx.emit.python import emit_python
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
@@ -66,12 +68,18 @@ def compile_once(model: torch.nn.Module, example: dict[str, torch.Tensor],
     clock = Clock()
     with timed_export(clock), clock.phase("total"):
         traced = trace(model, example, paths, dynamic, tier)
+        calls.annotate(traced.module, model, example)
         layers = inventory(traced.module, TASKS)
         chosen, _ = match_layers([x for x in layers if x.shared], pattern)
         branched = branch(traced.module, chosen, TASKS)
-        containers = {p for x in chosen for p in x.paths} | set(branched.per_task_norms)
-        emit_python(branched.module, "Bench", "Benchmark model.", containers)
-        emit_python(traced.module, "Bench", "Benchmark model.")
+        containers = branched.containers
+        calls.contiguous_streams(branched.module, containers)
+        emitted = calls.collapse(branched.module, model, containers, [example])
+        emit_python(emitted, "Bench", "Benchmark model.", containers)
+        streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
+        inlined = {c for c in containers if not any(calls.under(c, p) for p in streams)}
+        emit_python(calls.collapse(traced.module, model, inlined, [example], streams), "Bench",
+                    "Benchmark model.")
     return clock
 
 

@@ -10,7 +10,9 @@ built, and how long the emitted class takes to construct next to the original.
   a module no constructor call rebuilds); targets: no factory call in ``model.py``, the emitted
   class constructed in <= 1.5x the original's time.
 
-Construction times are medians of ``--repeats`` constructions of each, alternated. Run:
+Construction times are medians of ``--repeats`` constructions of each, alternated; eval-mode
+forward times (the spec's first example, ``torch.no_grad``) of the emitted model with its
+weights and of the compiled graph module are medians of 4 x ``--repeats`` alternated calls. Run:
 ``.venv/bin/python bench/emission.py [--models minilm,resnet50,library] [--repeats 5]``.
 """
 
@@ -24,9 +26,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import torch
 import yaml
 
-from reconfx.artifacts import import_source
+from reconfx.artifacts import import_source, load
 from reconfx.build import build_model
 from reconfx.pipeline import compile_spec
 from reconfx.spec import class_name
@@ -84,6 +87,13 @@ def measure(name: str, folder: Path, repeats: int) -> list[str]:
     emitted = import_source(out / "model.py", class_name(name))
     spec, path = compiled.prepared.loaded.spec, compiled.prepared.loaded.path
     original_s, emitted_s = median_times([lambda: build_model(spec, path), emitted], repeats)
+    loaded = load(out).eval()
+    module = compiled.branched.module.eval()
+    example = compiled.prepared.examples[0]
+    with torch.no_grad():
+        run_emitted, run_compiled = (lambda: loaded(**example)), (lambda: module(**example))
+        run_emitted(), run_compiled()  # warm-up
+        forward_e, forward_c = median_times([run_emitted, run_compiled], repeats * 4)
     report = (out / "report.md").read_text()
     built = report.split("## How model.py builds its modules\n\n", 1)[1].split("\n\n", 1)[0]
     counts = "; ".join(line.removeprefix("- ").split(" (")[0].split(":")[0]
@@ -91,6 +101,7 @@ def measure(name: str, folder: Path, repeats: int) -> list[str]:
     return [name, str(lines["model.py"]), str(lines["original.py"]), str(lines["branch.diff"]),
             str(source.count("_from_factory(")), counts,
             f"{emitted_s * 1e3:.1f} / {original_s * 1e3:.1f} ms ({emitted_s / original_s:.2f}x)",
+            f"{forward_e * 1e3:.2f} / {forward_c * 1e3:.2f} ms ({forward_e / forward_c:.2f}x)",
             f"{seconds:.0f} s", TARGETS[name]]
 
 
@@ -100,7 +111,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     headers = ["model", "model.py", "original.py", "branch.diff", "factory calls",
-               "modules built", "construct emitted / original", "compile", "target"]
+               "modules built", "construct emitted / original",
+               "eval forward emitted / compiled", "compile", "target"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):

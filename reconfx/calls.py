@@ -34,7 +34,14 @@ import torch
 from torch import fx, nn
 
 from reconfx.checks import compare, preserved, run
-from reconfx.graph import CONTEXT_SWITCHES, DualGraphModule, mutates, prune, resolve
+from reconfx.graph import (
+    CONTEXT_SWITCHES,
+    DualGraphModule,
+    TwoModes,
+    mutates,
+    prune,
+    resolve,
+)
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -301,33 +308,26 @@ class _Group:
 MARK = "<task>"  # in a stream's body targets: the calling task's copy of a branched layer
 
 
-class TaskStream(nn.Module):
+class TaskStream(TwoModes, nn.Module):
     """A submodule holding branched layers, run for one task stream: ``stream(*inputs, task)``
     runs its body graph (per mode; taken from one task's copy of the call, with :data:`MARK` in
     place of the task in the targets of its branched layers). It shares the submodule's children
     and tensors, so its state keeps the compiled model's names; the emitter writes it as a
     generated class."""
 
-    def __init__(self, view: nn.Module, bodies: dict[str, fx.Graph], kind: str):
+    def __init__(self, view: nn.Module, bodies: dict[str, fx.Graph], kind: str,
+                 per_task: bool = True):
         super().__init__()
         for slot in ("_modules", "_parameters", "_buffers", "_non_persistent_buffers_set"):
             self.__dict__[slot] = view.__dict__[slot]
         self.train_graph = bodies["train"]
         self.eval_graph = bodies.get("eval", self.train_graph)
         self.kind = kind  # the original submodule's class name
-
-    @property
-    def dual(self) -> bool:
-        return self.train_graph is not self.eval_graph
-
-    def graphs(self) -> Iterator[tuple[str, fx.Graph]]:
-        yield "train", self.train_graph
-        if self.dual:
-            yield "eval", self.eval_graph
+        self.per_task = per_task  # False: the unbranched model's code, called without a task
 
     def forward(self, *args: Any) -> Any:
         graph = self.train_graph if self.training else self.eval_graph
-        return _StreamRun(self, graph, args[-1]).run(*args)
+        return _StreamRun(self, graph, args[-1] if self.per_task else "").run(*args)
 
 
 class _StreamRun(fx.Interpreter):
@@ -349,13 +349,17 @@ def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
     ``call_module`` node (the submodule rebuilt from ``model``'s, with ``module``'s tensors),
     and each task stream through a submodule holding branched layers as one call of a
     :class:`TaskStream`, kept only if it computes exactly what ``module`` does; ``module``
-    itself is unchanged. The submodules holding one of ``opened`` are not called whole."""
+    itself is unchanged. The submodules at ``opened`` are written as their traced code (a
+    class of their own, as :class:`TaskStream` without a task) and those holding them are not
+    called whole: ``original.py`` thus mirrors the generated classes of ``model.py``."""
     usable: dict[str, nn.Module | None] = {}
     kinds: dict[str, str | None] = {}
 
     def kind_of(path: str) -> str | None:
         if path not in kinds:
-            if any(under(c, path) for c in containers) or any(
+            if path in opened:  # written as its traced code, as model.py writes it per task
+                kinds[path] = "traced" if _streamable(module, path) else None
+            elif any(under(c, path) for c in containers) or any(
                     o != path and under(o, path) for o in opened):
                 kinds[path] = "stream" if _streamable(module, path) else None
             else:
@@ -364,11 +368,10 @@ def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
         return kinds[path]
 
     groups = {mode: _call_groups(graph, kind_of) for mode, graph in module.graphs()}
-    keys = sorted({k for found in groups.values() for k in found})
     # A stream must be found in every mode (its generated class has one forward).
-    keys = [k for k in keys if all(k in found for found in groups.values())
-            or next(g for found in groups.values() for g in found.get(k, []))
-            .kind == "whole"]
+    kind = {k: gs[0].kind for found in groups.values() for k, gs in found.items()}
+    keys = sorted(k for k in kind
+                  if kind[k] == "whole" or all(k in found for found in groups.values()))
     build = functools.partial(_built, module, groups, usable=usable, model=model,
                               containers=containers)
     result = build(set(keys))
@@ -458,22 +461,17 @@ def _assembled(module: DualGraphModule, model: nn.Module, path: str) -> nn.Modul
         return None
     state = dict(module.named_parameters(remove_duplicate=False))
     state.update(module.named_buffers(remove_duplicate=False))
-    sub = copy.deepcopy(original)
-    persistent = set(sub.state_dict())
-    for name, tensor in [*sub.named_parameters(remove_duplicate=False),
-                         *sub.named_buffers(remove_duplicate=False)]:
+    persistent = set(original.state_dict(keep_vars=True))
+    memo: dict[int, Any] = {}  # the copy takes the compiled tensors instead of copying its own
+    for name, tensor in [*original.named_parameters(remove_duplicate=False),
+                         *original.named_buffers(remove_duplicate=False)]:
         full = f"{path}.{name}"
-        if full not in state:
-            if isinstance(tensor, nn.Parameter) or name in persistent:
-                return None
-            continue  # a non-persistent buffer the graph never reads: the class computes it
-        owner_path, _, attr = name.rpartition(".")
-        owner = sub.get_submodule(owner_path)
-        if attr in owner._parameters:
-            owner._parameters[attr] = state[full]
-        else:
-            owner._buffers[attr] = state[full]
-    return sub
+        if full in state:
+            memo[id(tensor)] = state[full]
+        elif isinstance(tensor, nn.Parameter) or name in persistent:
+            return None
+        # (else a non-persistent buffer the graph never reads: the class computes it)
+    return copy.deepcopy(original, memo)
 
 
 def _streamable(module: DualGraphModule, path: str) -> bool:
@@ -507,8 +505,9 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
         shared = [n for n in nodes if not n.meta["reconfx"].get("task")]
         if kind == "stream" and (not tasks or any(n.op == "call_module" for n in shared)):
             kind = None  # (a shared layer inside would run once per stream)
-        if kind is None:
+        if kind is None or kind == "traced" and tasks:
             continue
+        kind = "stream" if kind == "traced" else kind
         streams = [(t, [n for n in nodes if n.meta["reconfx"].get("task") == t] + shared)
                    for t in tasks] or [(None, shared)]
         key_nodes = set(nodes)
@@ -614,7 +613,7 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
         return value
 
     if group.kind == "stream":
-        node = new.call_module(call.path, (*inputs, group.task))
+        node = new.call_module(call.path, (*inputs, group.task) if group.task else tuple(inputs))
     else:
         node = new.call_module(call.path, filled(call.args), filled(call.kwargs))
     meta = {"name": call.path.replace(".", "_")}
@@ -652,7 +651,8 @@ def _stream(module: DualGraphModule, model: nn.Module, containers: set[str],
         if body is None:
             return None
         bodies[mode] = body
-    return TaskStream(resolve(module, path), bodies, type(model.get_submodule(path)).__name__)
+    return TaskStream(resolve(module, path), bodies, type(model.get_submodule(path)).__name__,
+                      group.task is not None)
 
 
 def _input_names(group: _Group, model: nn.Module) -> list[str]:
@@ -677,7 +677,7 @@ def _input_names(group: _Group, model: nn.Module) -> list[str]:
         node = group.nodes[m].all_input_nodes[p]
         meta = node.meta.get("reconfx", {})
         base = names[i] or str(meta.get("name", node.name)).removesuffix(f"_{meta.get('task')}")
-        base = re.sub(r"\W", "_", base) if base.isidentifier() is False else base
+        base = base if base.isidentifier() else re.sub(r"\W", "_", base)
         name, n = base, 1
         while name in taken or keyword.iskeyword(name):
             name, n = f"{base}_{n}", n + 1
@@ -709,7 +709,8 @@ def _body(group: _Group, inner: set[str], names: list[str]) -> fx.Graph | None:
             continue
         env[node] = body.placeholder(name)
         env[node].meta["reconfx"] = {"name": name, "type": _type_name(node)}
-    body.placeholder("task").meta["reconfx"] = {"name": "task", "type": "str"}
+    if group.task:
+        body.placeholder("task").meta["reconfx"] = {"name": "task", "type": "str"}
     prefix = call.path.replace(".", "_") + "_"
     order = {n: i for i, n in enumerate(next(iter(group.nodes.values())).graph.nodes)}
     for node in sorted(group.nodes.values(), key=order.__getitem__):

@@ -21,7 +21,24 @@ from torch import fx, nn
 from reconfx.aten import plain_calls
 
 
-class DualGraphModule(fx.GraphModule):
+class TwoModes:
+    """A module running ``train_graph`` in train mode and ``eval_graph`` in eval mode (one
+    object when they are the same)."""
+
+    train_graph: fx.Graph
+    eval_graph: fx.Graph
+
+    @property
+    def dual(self) -> bool:
+        return self.train_graph is not self.eval_graph
+
+    def graphs(self) -> Iterator[tuple[str, fx.Graph]]:
+        yield "train", self.train_graph
+        if self.dual:
+            yield "eval", self.eval_graph
+
+
+class DualGraphModule(TwoModes, fx.GraphModule):
     """A GraphModule holding a train graph and an eval graph over one set of submodules."""
 
     def __init__(self, root: nn.Module | dict[str, Any], train_graph: fx.Graph,
@@ -53,15 +70,6 @@ class DualGraphModule(fx.GraphModule):
         the graph itself keeps the aten ops)."""
         with plain_calls(self._graph):
             return super().recompile()
-
-    @property
-    def dual(self) -> bool:
-        return self.train_graph is not self.eval_graph
-
-    def graphs(self) -> Iterator[tuple[str, fx.Graph]]:
-        yield "train", self.train_graph
-        if self.dual:
-            yield "eval", self.eval_graph
 
     def train(self, mode: bool = True) -> DualGraphModule:
         super().train(mode)

@@ -120,13 +120,17 @@ def built_section(built: dict[str, str]) -> list[str]:
     """How model.py's ``__init__`` builds the modules it creates: counts, and the paths of those
     not built by their own class's constructor."""
     by_how = {how: [p for p, h in built.items() if h == how]
-              for how in ("constructor", "restored", "factory")}
+              for how in ("constructor", "restored", "factory", "generated")}
     lines = ["", "## How model.py builds its modules", "",
              f"- {len(by_how['constructor'])} by their own class's constructor"]
     if by_how["restored"]:
         lines.append(f"- {len(by_how['restored'])} restored from their recorded attributes and "
                      "tensors (no constructor call rebuilds them): "
                      + ", ".join(f"`{p}`" for p in by_how["restored"]))
+    if by_how["generated"]:
+        lines.append(f"- {len(by_how['generated'])} as a class generated for a submodule run per "
+                     "task stream (its own modules counted above): "
+                     + ", ".join(f"`{p}`" for p in by_how["generated"]))
     if by_how["factory"]:
         lines.append(f"- {len(by_how['factory'])} by calling the spec's factory (an attribute has "
                      "no source form): " + ", ".join(f"`{p}`" for p in by_how["factory"]))

@@ -8,14 +8,18 @@ import pytest
 from tests.support import compile_and_verify, write_spec
 
 
-@pytest.fixture(scope="module")
-def compiled_calls(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("calls")
-    path = write_spec(folder, "calls", model={"factory": "tests.models:CallNet"},
+def compiled_call_net(tmp_path_factory, name, layers):
+    folder = tmp_path_factory.mktemp(name)
+    path = write_spec(folder, name, model={"factory": "tests.models:CallNet"},
                       inputs=[{"name": "x", "shape": [3, 8]}],
-                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.2.fc"]})
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": layers})
     compiled = compile_and_verify(path, folder / "out")  # I1-I4, parity after reload, ruff
     return compiled, folder / "out"
+
+
+@pytest.fixture(scope="module")
+def compiled_calls(tmp_path_factory):
+    return compiled_call_net(tmp_path_factory, "calls", ["blocks.2.fc"])
 
 
 def test_untouched_blocks_are_called_with_the_models_arguments(compiled_calls):
@@ -53,12 +57,7 @@ def test_calls_are_recorded_on_the_nodes_of_both_modes(compiled_calls):
 
 @pytest.fixture(scope="module")
 def compiled_stream(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("stream")
-    path = write_spec(folder, "stream", model={"factory": "tests.models:CallNet"},
-                      inputs=[{"name": "x", "shape": [3, 8]}],
-                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.2.*"]})
-    compiled = compile_and_verify(path, folder / "out")
-    return compiled, folder / "out"
+    return compiled_call_net(tmp_path_factory, "stream", ["blocks.2.*"])
 
 
 def test_a_block_holding_branched_layers_is_a_generated_class(compiled_stream):
@@ -67,23 +66,38 @@ def test_a_block_holding_branched_layers_is_a_generated_class(compiled_stream):
     assert "class BranchedCallBlock(nn.Module):\n" in source
     # Its branched layers hold one copy per task; `task` picks the copy; it returns the two
     # values the model uses after it.
-    assert 'self.fc = nn.ModuleDict({"a": nn.Linear(8, 8), "b": nn.Linear(8, 8)})\n' in source
+    assert 'TASKS = ("a", "b")\n' in source
+    assert "self.fc = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})\n" in source
     assert "def forward(self, x: torch.Tensor, mask: torch.Tensor, task: str) -> tuple[" in source
     assert "fc = self.fc[task](x)" in source
     assert "        return (mul_1, mean)\n" in source
-    # The model builds it where the block was and calls it once per task stream.
+    # The model builds it where the block was and calls it once per task stream, after the
+    # branch point's comment.
+    assert "        # branch point: blocks.2.fc (selected in the spec); one copy per task" in source
     built = "self.blocks = nn.ModuleList([CallBlock(8), CallBlock(8), BranchedCallBlock()])"
     assert built in source
     assert 'blocks_2_mul_1_a, blocks_2_mean_a = self.blocks[2](blocks_1, float_, "a")\n' in source
     assert 'blocks_2_mul_1_b, blocks_2_mean_b = self.blocks[2](blocks_1, float_, "b")\n' in source
 
 
-def test_the_original_calls_the_block_whole(compiled_stream):
+def test_the_report_counts_the_generated_class(compiled_stream):
+    _compiled, out = compiled_stream
+    assert "- 1 as a class generated for a submodule run per task stream (its own modules " \
+           "counted above): `blocks.2`\n" in (out / "report.md").read_text()
+
+
+def test_the_original_writes_the_block_as_the_class_model_py_branches(compiled_stream):
     _compiled, out = compiled_stream
     original = (out / "original.py").read_text()
-    assert "blocks_2 = self.blocks[2](blocks_1, float_, scale=1.5)\n" in original
+    assert "class TracedCallBlock(nn.Module):\n" in original
+    assert "blocks_2_mul_1, blocks_2_mean = self.blocks[2](blocks_1, float_)\n" in original
+    # The diff shows the surgery: per-task copies, the task argument, one call per stream.
     diff = (out / "branch.diff").read_text()
-    assert "-        self.blocks[0]" not in diff and "+class BranchedCallBlock" in diff
+    assert "-        self.fc = nn.Linear(8, 8)\n" in diff
+    assert "+        self.fc = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})\n" in diff
+    assert "-        fc = self.fc(x)\n" in diff and "+        fc = self.fc[task](x)\n" in diff
+    changed = [line for line in diff.splitlines() if line[:1] in "+-"]
+    assert not [line for line in changed if "self.blocks[0](" in line or "Traced" in line[1:6]]
 
 
 def test_each_stream_runs_as_one_stretch_in_the_compiled_graph(compiled_stream):

@@ -43,7 +43,7 @@ def test_library_modules_are_built_by_their_own_classes(compiled_library):
         "self.block.conv1 = ConvNormAct(16, 16)",  # arguments found in the submodules
         "self.block.se = SqueezeExcite(16)",
         "    RepConv(16, act_layer=nn.SiLU),",
-        '"a": ScaledMixer(MixerSettings(width=16, expansion=2, layer_scale=0.01)),',
+        "    task: ScaledMixer(MixerSettings(width=16, expansion=2, layer_scale=0.01))",
     ]:
         assert f"        {line}\n" in source, line
     assert "        reps = self.reps(stem_act)\n" in source
@@ -52,11 +52,14 @@ def test_library_modules_are_built_by_their_own_classes(compiled_library):
 
 def test_a_module_no_constructor_call_rebuilds_is_restored_from_its_state(compiled_library):
     source = (compiled_library / "model.py").read_text()
-    assert '''            "a": _restored(
+    assert '''        self.scale = nn.ModuleDict({
+            task: _restored(
                 ParsedScale,
                 {"width": 16, "groups": 2},
                 scale=nn.Parameter(torch.empty(16, 1, 1)),
-            ),''' in source
+            )
+            for task in TASKS
+        })''' in source
     # A re-parameterised block no longer matches what its constructor builds.
     assert """                RepConv,
                 {},

@@ -137,8 +137,7 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
     # (one per class: the model's, and the class generated for the branched layer)
     assert source.count("    def forward(") == source.count("(nn.Module):") == 2
     assert "_forward_" not in source
-    assert re.search(r"        if self.training:\n            \w*dot_product_attention\w* = \(",
-                     source)
+    assert re.search(r"dropout_p=0\.\d+ if self\.training else 0\.0,\n", source)
 
 
 @pytest.mark.parametrize("case", ["bert", "llama"])

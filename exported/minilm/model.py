@@ -29,6 +29,7 @@ BERT_CONFIG = BertConfig(
     _experts_implementation="eager",
     model_type="bert",
 )
+TASKS = ("ner", "sentiment")
 
 
 class BranchedBertLayer(nn.Module):
@@ -40,42 +41,24 @@ class BranchedBertLayer(nn.Module):
         super().__init__()
         self.attention = nn.Module()
         self.attention.self = nn.Module()
-        # attention.self.query: branched: one copy per task
-        self.attention.self.query = nn.ModuleDict({
-            "ner": nn.Linear(384, 384), "sentiment": nn.Linear(384, 384)
-        })
-        # attention.self.key: branched: one copy per task
-        self.attention.self.key = nn.ModuleDict({
-            "ner": nn.Linear(384, 384), "sentiment": nn.Linear(384, 384)
-        })
-        # attention.self.value: branched: one copy per task
-        self.attention.self.value = nn.ModuleDict({
-            "ner": nn.Linear(384, 384), "sentiment": nn.Linear(384, 384)
-        })
+        self.attention.self.query = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
+        self.attention.self.key = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
+        self.attention.self.value = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
         self.attention.output = nn.Module()
-        # attention.output.dense: branched: one copy per task
-        self.attention.output.dense = nn.ModuleDict({
-            "ner": nn.Linear(384, 384), "sentiment": nn.Linear(384, 384)
-        })
+        self.attention.output.dense = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
         self.attention.output.dropout = nn.Dropout(p=0.1)
-        # attention.output.LayerNorm: branched: one copy per task
         self.attention.output.LayerNorm = nn.ModuleDict({
-            "ner": nn.LayerNorm(384, eps=1e-12), "sentiment": nn.LayerNorm(384, eps=1e-12)
+            task: nn.LayerNorm(384, eps=1e-12)
+            for task in TASKS
         })
         self.intermediate = nn.Module()
-        # intermediate.dense: branched: one copy per task
-        self.intermediate.dense = nn.ModuleDict({
-            "ner": nn.Linear(384, 1536), "sentiment": nn.Linear(384, 1536)
-        })
+        self.intermediate.dense = nn.ModuleDict({task: nn.Linear(384, 1536) for task in TASKS})
         self.output = nn.Module()
-        # output.dense: branched: one copy per task
-        self.output.dense = nn.ModuleDict({
-            "ner": nn.Linear(1536, 384), "sentiment": nn.Linear(1536, 384)
-        })
+        self.output.dense = nn.ModuleDict({task: nn.Linear(1536, 384) for task in TASKS})
         self.output.dropout = nn.Dropout(p=0.1)
-        # output.LayerNorm: branched: one copy per task
         self.output.LayerNorm = nn.ModuleDict({
-            "ner": nn.LayerNorm(384, eps=1e-12), "sentiment": nn.LayerNorm(384, eps=1e-12)
+            task: nn.LayerNorm(384, eps=1e-12)
+            for task in TASKS
         })
 
     def forward(
@@ -95,27 +78,14 @@ class BranchedBertLayer(nn.Module):
         attention_self_value = self.attention.self.value[task](hidden_states)
         attention_self_view_2 = attention_self_value.view([sym_size, sym_size_1, -1, 32])
         attention_self_transpose_2 = attention_self_view_2.transpose(1, 2)
-        if self.training:
-            scaled_dot_product_attention = (
-                torch.nn.functional.scaled_dot_product_attention(
-                    attention_self_transpose,
-                    attention_self_transpose_1,
-                    attention_self_transpose_2,
-                    backbone_expand,
-                    0.1,
-                    scale=0.1767766952966369,
-                )
-            )
-        else:
-            scaled_dot_product_attention = (
-                torch.nn.functional.scaled_dot_product_attention(
-                    attention_self_transpose,
-                    attention_self_transpose_1,
-                    attention_self_transpose_2,
-                    backbone_expand,
-                    scale=0.1767766952966369,
-                )
-            )
+        scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention(
+            attention_self_transpose,
+            attention_self_transpose_1,
+            attention_self_transpose_2,
+            backbone_expand,
+            dropout_p=0.1 if self.training else 0.0,
+            scale=0.1767766952966369,
+        )
         attention_self_reshape = scaled_dot_product_attention.reshape(
             [sym_size, -1, sym_size_1, 32]
         )

@@ -11,6 +11,8 @@ from torch import nn
 
 from reconfx.zoo import BasicBlock
 
+TASKS = ("left", "right")
+
 
 class BranchedBasicBlock(nn.Module):
     """BasicBlock with branched layers, for one task stream: each branched layer holds one copy
@@ -20,30 +22,22 @@ class BranchedBasicBlock(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.downsample = nn.ModuleList([nn.Module() for _ in range(2)])
-        # downsample.0: branched: one copy per task
         self.downsample[0] = nn.ModuleDict({
-            "left": nn.Conv2d(64, 128, 1, stride=2, bias=False),
-            "right": nn.Conv2d(64, 128, 1, stride=2, bias=False),
+            task: nn.Conv2d(64, 128, 1, stride=2, bias=False)
+            for task in TASKS
         })
-        # downsample.1: branched: one copy per task
-        self.downsample[1] = nn.ModuleDict({
-            "left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)
-        })
-        # conv1: branched: one copy per task
+        self.downsample[1] = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
         self.conv1 = nn.ModuleDict({
-            "left": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
-            "right": nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False),
+            task: nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False)
+            for task in TASKS
         })
-        # bn1: branched: one copy per task
-        self.bn1 = nn.ModuleDict({"left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)})
+        self.bn1 = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
         self.relu = nn.ReLU(inplace=True)
-        # conv2: branched: one copy per task
         self.conv2 = nn.ModuleDict({
-            "left": nn.Conv2d(128, 128, 3, padding=1, bias=False),
-            "right": nn.Conv2d(128, 128, 3, padding=1, bias=False),
+            task: nn.Conv2d(128, 128, 3, padding=1, bias=False)
+            for task in TASKS
         })
-        # bn2: branched: one copy per task
-        self.bn2 = nn.ModuleDict({"left": nn.BatchNorm2d(128), "right": nn.BatchNorm2d(128)})
+        self.bn2 = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
 
     def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
         downsample_0 = self.downsample[0][task](x)
@@ -73,15 +67,11 @@ class MultidigitsLayers(nn.Module):
         self.layer3[0].conv1 = nn.Conv2d(32, 64, 3, stride=2, padding=1, bias=False)
         self.layer3[0].bn1 = nn.BatchNorm2d(64)
         self.layer3[0].relu = nn.ReLU(inplace=True)
-        # layer3.0.conv2: branched: one copy per task
         self.layer3[0].conv2 = nn.ModuleDict({
-            "left": nn.Conv2d(64, 64, 3, padding=1, bias=False),
-            "right": nn.Conv2d(64, 64, 3, padding=1, bias=False),
+            task: nn.Conv2d(64, 64, 3, padding=1, bias=False)
+            for task in TASKS
         })
-        # layer3.0.bn2: branched: one copy per task
-        self.layer3[0].bn2 = nn.ModuleDict({
-            "left": nn.BatchNorm2d(64), "right": nn.BatchNorm2d(64)
-        })
+        self.layer3[0].bn2 = nn.ModuleDict({task: nn.BatchNorm2d(64) for task in TASKS})
         self.layer4 = nn.ModuleList([BranchedBasicBlock()])
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.Module()

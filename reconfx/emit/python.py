@@ -136,6 +136,9 @@ class PythonEmitter:
         self.constants: dict[str, str] = {}  # settings source text -> its constant's name
         self.classes: dict[str, list[str]] = {}  # generated class -> its lines after the header
         self.base = ""  # the path of the module this class stands for, with a dot
+        self.spelled: dict[str, set[str]] = {}  # see _mode_arguments
+        result = output_node(module.train_graph).args[0]
+        self.tasks = tuple(result) if isinstance(result, dict) else ()  # the model's tasks
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
         self.built: dict[str, str] = {}
@@ -194,9 +197,10 @@ class PythonEmitter:
         inner = {c[len(path) + 1:] for c in self.task_containers if c.startswith(path + ".")}
         doc = (f"{stream.kind} with branched layers, for one task stream: each branched layer "
                "holds one copy per task (an nn.ModuleDict by task name) and `task` picks the "
-               "copy.")
+               "copy." if stream.per_task else f"{stream.kind} as traced, written out to "
+               "compare with the class model.py generates for it.")
         sub = PythonEmitter(stream, "", doc, inner, None, self.factory, self.settings)
-        sub.base, sub.constants = f"{self.base}{path}.", self.constants
+        sub.base, sub.constants, sub.tasks = f"{self.base}{path}.", self.constants, self.tasks
         sub._collect()
         body = sub.class_lines()
         self.imports |= sub.imports
@@ -205,7 +209,7 @@ class PythonEmitter:
         for name, lines in self.classes.items():
             if lines == body:
                 return name
-        base, n = f"Branched{stream.kind}", 1
+        base, n = f"{'Branched' if stream.per_task else 'Traced'}{stream.kind}", 1
         while (base if n == 1 else f"{base}{n}") in self.classes:
             n += 1
         name = base if n == 1 else f"{base}{n}"
@@ -312,11 +316,25 @@ class PythonEmitter:
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
         # Each copy is built like the original layer at ``path`` (its weights come from the file).
-        items = [f'"{task}": {self._leaf_expr(path, child.obj)}'
-                 for task, child in node.children.items()]
+        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
+        items = [f'"{task}": {text}' for task, text in built.items()]
         params = all(isinstance(c.obj, nn.Parameter) for c in node.children.values())
         head = "nn.ParameterDict({" if params else "nn.ModuleDict({"
         ties = self._tie_lines(scope=path)
+        if len(set(built.values())) == 1 and len(built) > 1 and not ties:
+            # the same copy for each task: ``nn.ModuleDict({task: nn.Linear(8, 8) for ...})``
+            tasks = tuple(built)
+            if tasks == self.tasks:
+                self.constants.setdefault(render_value(tasks), "TASKS")
+            names = "TASKS" if tasks == self.tasks else render_value(tasks)
+            ind, text = self._indent(2), built[tasks[0]]
+            line = f"{ind}{access} = {head}task: {text} for task in {names}}})"
+            if len(line) <= LINE and "\n" not in line:
+                return [line]
+            inner = ind + "    "
+            text = text.replace("\n", "\n" + inner)
+            return [f"{ind}{access} = {head}", f"{inner}task: {text}",
+                    f"{inner}for task in {names}", f"{ind}}})"]
         note = ("per-task running statistics; affine parameters shared" if ties
                 else "branched: one copy per task")
         return [comment(self._indent(2), f"{path}: {note}"),
@@ -405,6 +423,8 @@ class PythonEmitter:
                 continue
             items = _unpacked(node, self.module)
             if items:  # ``a, b = self.block(x, "left")``
+                note = self._comment(node, commented)
+                lines += [note] if note else []
                 unpacked.update(items)
                 lhs = [_fresh(_base_name(item), taken, room) for item in items]
                 names.update(zip(items, lhs, strict=True))
@@ -466,7 +486,7 @@ class PythonEmitter:
             return statement(ind, lhs, f"{_access(self.tree, str(source.target))}(",
                              _call_arguments(source, name_of),
                              f")[{render_index(node.args[1], name_of)}]")
-        args = _call_arguments(node, name_of)
+        args = _call_arguments(node, name_of, self._spelled(node))
         if node.op == "call_module":
             return statement(ind, lhs, f"{_access(self.tree, str(node.target))}(", args)
         if node.op == "call_method":
@@ -497,7 +517,7 @@ class PythonEmitter:
                          _operand(node.args[1], name_of))
         if plain.kind == "unary":
             return assign(ind, lhs, f"{plain.name}{_operand(node.args[0], name_of)}")
-        args = _call_arguments(node, name_of)
+        args = _call_arguments(node, name_of, self._spelled(node))
         if plain.kind == "method":
             return statement(ind, lhs, f"{args[0]}.{plain.name}(", args[1:])
         return statement(ind, lhs, f"{plain.name}(", args)
@@ -551,7 +571,7 @@ class PythonEmitter:
                 helper += ["", *inspect.getsource(function).rstrip("\n").splitlines(), ""]
         constants = [statement("", name, text[:text.index("(") + 1],
                                _split_arguments(text[text.index("(") + 1:-1]), ")")
-                     for text, name in self.constants.items()]
+                     for text, name in sorted(self.constants.items(), key=lambda c: c[1])]
         if constants:  # (one blank line after the imports, two before a definition)
             helper = [*constants, "", *helper] if helper else [*constants, ""]
         out = [f'"""{self.doc}"""', "", *_sorted_imports(self.imports), "", *helper]
@@ -576,10 +596,14 @@ class PythonEmitter:
                 aliases[name] = alias
         return aliases
 
+    def _spelled(self, node: fx.Node) -> set[str]:
+        return self.spelled.get(node.meta.get("reconfx", {}).get("name", node.name), set())
+
     def _one_forward(self) -> list[str]:
         """``forward`` for a model whose train and eval graphs differ, each difference written
         once where it is, on ``self.training`` (see :mod:`reconfx.emit.merge`)."""
         graphs = (self.module.train_graph, self.module.eval_graph)
+        self.spelled = _mode_arguments(graphs)
         train, eval_ = (self._forward(graph, "forward") for graph in graphs)
         self.nesting = 1
         try:
@@ -621,11 +645,12 @@ def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
     if not isinstance(stream, TaskStream):
         return []
     result = output_node(stream.train_graph).args[0]
-    users = sorted(node.users, key=lambda u: u.args[1] if len(u.args) > 1 else -1)
-    if not isinstance(result, tuple) or len(users) != len(result) or any(
-            u.target is not operator.getitem or u.args[1] != i for i, u in enumerate(users)):
+    users = list(node.users)
+    if not isinstance(result, tuple) or any(
+            u.target is not operator.getitem or type(u.args[1]) is not int for u in users):
         return []
-    return users
+    users.sort(key=lambda u: u.args[1])
+    return users if [u.args[1] for u in users] == list(range(len(result))) else []
 
 
 def _folded(node: fx.Node) -> bool:
@@ -732,17 +757,60 @@ def _suffix_room(graph: fx.Graph) -> int:
     return max((len(t) + 1 for t in tasks if t), default=0)
 
 
-def _call_arguments(node: fx.Node, name_of: Any) -> list[str]:
+def _call_arguments(node: fx.Node, name_of: Any, spelled: set[str] = frozenset()) -> list[str]:
     """A call node's arguments as source, long lists and tuples one item per line; an aten
-    op's keyword arguments equal to its schema's defaults (``pin_memory=False``) left out."""
-    defaults = {}
+    op's keyword arguments equal to its schema's defaults (``pin_memory=False``) left out, except
+    those in ``spelled``, which are written by keyword from that one on (``dropout_p=0.0``)."""
+    defaults: dict[str, Any] = {}
+    args, kwargs = list(node.args), dict(node.kwargs)
     if isinstance(node.target, torch._ops.OpOverload):
-        defaults = {a.name: a.default_value for a in node.target._schema.arguments
-                    if a.has_default_value()}
-    kwargs = {k: v for k, v in node.kwargs.items()
-              if not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
-    return [render_arg(a, name_of) for a in node.args] + [
+        schema = node.target._schema.arguments
+        defaults = {a.name: a.default_value for a in schema if a.has_default_value()}
+        names = [a.name for a in schema]
+        first = min((names.index(n) for n in spelled if n in names), default=len(args))
+        if first < len(args) or spelled:
+            kwargs = {**dict(zip(names[first:len(args)], args[first:], strict=False)), **kwargs}
+            args = args[:first]
+            kwargs = {n: kwargs.get(n, defaults.get(n)) for n in names[first:]
+                      if n in kwargs or n in spelled}
+    kwargs = {k: v for k, v in kwargs.items() if k in spelled
+              or not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
+    return [render_arg(a, name_of) for a in args] + [
         f"{k}={render_arg(v, name_of)}" for k, v in kwargs.items()]
+
+
+def _reads_nodes(value: Any) -> bool:
+    found: list[fx.Node] = []
+    fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def _mode_arguments(graphs: tuple[fx.Graph, fx.Graph]) -> dict[str, set[str]]:
+    """For aten calls of the same name in the train and the eval graph: the schema arguments
+    that are constants differing between the two (one passing ``dropout_p=0.1``, the other
+    leaving it at its default), so both spell them and the difference is one token."""
+    found: list[dict[str, tuple[Any, dict[str, Any]]]] = []
+    for graph in graphs:
+        calls = {}
+        for node in graph.nodes:
+            if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
+                schema = node.target._schema.arguments
+                values = {a.name: a.default_value for a in schema if a.has_default_value()}
+                values.update(zip((a.name for a in schema), node.args, strict=False))
+                values.update(node.kwargs)
+                calls[node.meta.get("reconfx", {}).get("name", node.name)] = (node.target, values)
+        found.append(calls)
+    spelled: dict[str, set[str]] = {}
+    for name, (target, train) in found[0].items():
+        other = found[1].get(name)
+        if other is None or other[0] is not target:
+            continue
+        differing = {k for k in train.keys() | other[1].keys()
+                     if not _reads_nodes(train.get(k)) and not _reads_nodes(other[1].get(k))
+                     and train.get(k) != other[1].get(k)}
+        if differing:
+            spelled[name] = differing
+    return spelled
 
 
 _END = 2**63 - 1  # the "to the end" of an aten slice
