@@ -423,3 +423,19 @@ class CallNet(nn.Module):
             h, summary = block(h, mask, scale=0.5 * (i + 1))
         z = h + summary.unsqueeze(-1)
         return {"a": self.a(z), "b": self.b(z)}
+
+
+class ChainNet(nn.Module):
+    """Four blocks applied in a loop, as a transformer encoder applies its layers."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.blocks = nn.ModuleList([CallBlock(width) for _ in range(4)])
+        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        mask = (x > -100).float()
+        h = x
+        for block in self.blocks:
+            h = block(h, mask)[0]
+        return {"a": self.a(h), "b": self.b(h)}

@@ -125,3 +125,16 @@ def test_blocks_that_trace_alike_share_one_generated_class(tmp_path):
     assert re.search(r"self\.layer4 = nn\.ModuleList\(\[\s*BranchedBottleneck\(\),\s*"
                      r"BranchedBottleneck2\(\),\s*BranchedBottleneck2\(\),?\s*\]\)", source)
     assert "        layer3 = self.layer3(layer2)\n" in source
+
+
+def test_calls_of_a_module_lists_items_on_a_chain_are_a_loop(tmp_path):
+    path = write_spec(tmp_path, "chain", model={"factory": "tests.models:ChainNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.3.*"]})
+    compile_and_verify(path, tmp_path / "out")
+    for name in ("model.py", "original.py"):
+        source = (tmp_path / "out" / name).read_text()
+        assert "        blocks = x\n        for layer in self.blocks[:3]:\n" \
+               "            blocks = layer(blocks, float_)[0]\n" in source, name
+    assert 'blocks_3_a = self.blocks[3](blocks, float_, "a")' in (
+        tmp_path / "out" / "model.py").read_text()

@@ -143,18 +143,16 @@ class MinilmTwoTasks(nn.Module):
         backbone_unsqueeze_2 = backbone_unsqueeze_1.unsqueeze(3)
         backbone_ge = backbone_unsqueeze_2 >= 0
         backbone_expand = backbone_ge.expand([sym_size, -1, sym_size_1, sym_size_1])
-        backbone_encoder_layer_0 = self.backbone.encoder.layer[0](backbone_embeddings)
-        backbone_encoder_layer_1 = self.backbone.encoder.layer[1](backbone_encoder_layer_0)
-        backbone_encoder_layer_2 = self.backbone.encoder.layer[2](backbone_encoder_layer_1)
-        backbone_encoder_layer_3 = self.backbone.encoder.layer[3](backbone_encoder_layer_2)
-        backbone_encoder_layer_4 = self.backbone.encoder.layer[4](backbone_encoder_layer_3)
+        backbone_encoder_layer = backbone_embeddings
+        for layer in self.backbone.encoder.layer[:5]:
+            backbone_encoder_layer = layer(backbone_encoder_layer)
         # branch point: backbone.encoder.layer.5.attention.self.query (selected in the
         #   spec); one copy per task from here
         encoder_layer_5_ner = self.backbone.encoder.layer[5](
-            backbone_encoder_layer_4, sym_size, sym_size_1, backbone_expand, "ner"
+            backbone_encoder_layer, sym_size, sym_size_1, backbone_expand, "ner"
         )
         encoder_layer_5_sentiment = self.backbone.encoder.layer[5](
-            backbone_encoder_layer_4, sym_size, sym_size_1, backbone_expand, "sentiment"
+            backbone_encoder_layer, sym_size, sym_size_1, backbone_expand, "sentiment"
         )
         heads_ner = self.heads.ner(encoder_layer_5_ner)
         heads_sentiment = self.heads.sentiment(encoder_layer_5_sentiment)

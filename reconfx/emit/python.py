@@ -379,6 +379,7 @@ class PythonEmitter:
         room = _suffix_room(graph)
         commented: set[str] = set()  # branch points already commented
         unpacked: set[fx.Node] = set()  # items of a call's result, named where it is made
+        chains = _chains(graph, self.tree)
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for n in placeholders:
             names[n] = str(n.target)
@@ -419,6 +420,10 @@ class PythonEmitter:
             if same is not None:  # x + 0 and the like: the value keeps its name
                 names[node] = name_of(same)
                 continue
+            if node in chains:  # ``for layer in self.encoder.layer[:5]: h = layer(h)``
+                lines.append(self._loop_lines(chains[node], names, taken, room, name_of))
+                unpacked.update(chains[node])
+                continue
             if _folded(node) or node in unpacked:  # written with the call (``f(x)[0]``)
                 continue
             items = _unpacked(node, self.module)
@@ -438,6 +443,28 @@ class PythonEmitter:
             # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
             lines.append(self._node_line(node, names[node] if node.users else "", name_of))
         return lines
+
+    def _loop_lines(self, chain: list[fx.Node], names: dict[fx.Node, str], taken: set[str],
+                    room: int, name_of: Any) -> str:
+        """A chain of calls of a ``ModuleList``'s consecutive items as one loop (one statement
+        of the method, so both modes' renderings compare it whole)."""
+        calls = [n for n in chain if n.op == "call_module"]
+        container, _, first = str(calls[0].target).rpartition(".")
+        last = int(first) + len(calls)
+        size = len(_node_at(self.tree, container).children)
+        items = _access(self.tree, container)
+        if (int(first), last) != (0, size):
+            items += f"[{first if first != '0' else ''}:{last if last != size else ''}]"
+        ind, carried = self._indent(2), chain[-1]
+        var = _fresh((local_name(container.replace(".", "_"), LOCAL), ""), taken, room)
+        item = _fresh(("layer", ""), taken)
+        names[carried] = var
+        args = [var, *_call_arguments(calls[0], name_of)[1:]]
+        tail = (f")[{render_index(carried.args[1], name_of)}]" if carried.op == "call_function"
+                else ")")
+        return "\n".join([assign(ind, var, name_of(calls[0].args[0])),
+                          f"{ind}for {item} in {items}:",
+                          statement(ind + "    ", var, f"{item}(", args, tail)])
 
     def _region_call_lines(self, node: fx.Node, names: dict[fx.Node, str], taken: set[str],
                            name_of: Any) -> list[str]:
@@ -651,6 +678,69 @@ def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
         return []
     users.sort(key=lambda u: u.args[1])
     return users if [u.args[1] for u in users] == list(range(len(result))) else []
+
+
+def _node_at(tree: _Tree, path: str) -> _Tree:
+    for part in path.split("."):
+        tree = tree.children[part]
+    return tree
+
+
+def _chains(graph: fx.Graph, tree: _Tree) -> dict[fx.Node, list[fx.Node]]:
+    """First call -> the nodes of a chain of at least three calls of consecutive items of one
+    ``ModuleList``, next to each other in the graph, each taking the previous one's result (or
+    the same item of it) first and the same other arguments."""
+    nodes = [n for n in graph.nodes if n.op not in ("placeholder", "get_attr")]
+    chains: dict[fx.Node, list[fx.Node]] = {}
+    i = 0
+    while i < len(nodes):
+        chain, j = [nodes[i]], i
+        while True:
+            step = _chain_step(nodes, j, tree)
+            if step is None:
+                break
+            chain += nodes[j + 1:step + 1]
+            j = step
+        if _folded(nodes[j]):
+            chain.append(nodes[j + 1])  # (the item the last call's result is used for)
+        calls = [n for n in chain if n.op == "call_module"]
+        if len(calls) >= 3:
+            chains[chain[0]] = chain
+            i = j + 1
+        else:
+            i += 1
+    return chains
+
+
+def _chain_step(nodes: list[fx.Node], j: int, tree: _Tree) -> int | None:
+    """The position of the next call of a chain whose last call is at ``j``, None where the
+    chain ends."""
+    node = nodes[j]
+    if node.op != "call_module" or region_call(node):
+        return None
+    container, _, index = str(node.target).rpartition(".")
+    if not index.isdigit() or not container:
+        return None
+    try:
+        if _container_kind(_node_at(tree, container)) != "list":
+            return None
+    except KeyError:
+        return None
+    carried, k = node, j + 1
+    if _folded(node):
+        carried, k = nodes[j + 1], j + 2
+    if k >= len(nodes) or len(carried.users) != 1:
+        return None
+    nxt = nodes[k]
+    meta, nxt_meta = node.meta.get("reconfx", {}), nxt.meta.get("reconfx", {})
+    if (nxt.op != "call_module" or str(nxt.target) != f"{container}.{int(index) + 1}"
+            or not nxt.args or nxt.args[0] is not carried or nxt.args[1:] != node.args[1:]
+            or nxt.kwargs != node.kwargs or _folded(nxt) != _folded(node)
+            or meta.get("task") != nxt_meta.get("task") or "branch_point" in nxt_meta):
+        return None
+    if _folded(nxt) and next(iter(nxt.users)).args[1] != carried.args[1]:
+        return None  # (another item of the next result)
+    return k
 
 
 def _folded(node: fx.Node) -> bool:
