@@ -25,7 +25,7 @@ import inspect
 import keyword
 import operator
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -343,13 +343,26 @@ class _StreamRun(fx.Interpreter):
 
 
 def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
-             examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str] = ()
-             ) -> DualGraphModule:
+             examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str] = (),
+             buildable: Callable[[nn.Module], bool] = lambda _m: True) -> DualGraphModule:
+    """See :func:`_collapse`; ``module`` itself where collapsing fails (the source then writes
+    the submodules' ops)."""
+    try:
+        return _collapse(module, model, containers, examples, opened, buildable)
+    except Exception:
+        return module
+
+
+def _collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
+              examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str],
+              buildable: Callable[[nn.Module], bool]) -> DualGraphModule:
     """``module`` with each annotated call of a submodule that holds no branched layer as one
     ``call_module`` node (the submodule rebuilt from ``model``'s, with ``module``'s tensors),
     and each task stream through a submodule holding branched layers as one call of a
     :class:`TaskStream`, kept only if it computes exactly what ``module`` does; ``module``
-    itself is unchanged. The submodules at ``opened`` are written as their traced code (a
+    itself is unchanged. A submodule is called whole only where ``buildable`` says the source
+    can build it (else its own calls and ops are written). The submodules at ``opened`` are
+    written as their traced code (a
     class of their own, as :class:`TaskStream` without a task) and those holding them are not
     called whole: ``original.py`` thus mirrors the generated classes of ``model.py``."""
     usable: dict[str, nn.Module | None] = {}
@@ -364,6 +377,8 @@ def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
                 kinds[path] = "stream" if _streamable(module, path) else None
             else:
                 usable[path] = _assembled(module, model, path)
+                if usable[path] is not None and not buildable(usable[path]):
+                    usable[path] = None
                 kinds[path] = None if usable[path] is None else "whole"
         return kinds[path]
 

@@ -40,7 +40,7 @@ from reconfx.checks import (
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
-from reconfx.emit.python import FactorySource, emit_python
+from reconfx.emit.python import FactorySource, buildable, emit_python
 from reconfx.errors import CheckError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
@@ -108,7 +108,11 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
                    verify_with=examples[1], class_name=class_name(s.name))
     traced.ignored_outputs = ignored
-    calls.annotate(traced.module, model, examples[0])
+    try:
+        calls.annotate(traced.module, model, examples[0])
+    except Exception as exc:  # model.py then writes the submodules' ops instead of their calls
+        traced.notes.append("how the submodules were called could not be found "
+                            f"({type(exc).__name__}: {exc}); model.py writes out their ops")
     layers = inventory(traced.module, s.task_names)
     return Prepared(loaded, model, traced, layers, paths, examples)
 
@@ -482,9 +486,9 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
     scores = compiled.scores or {}
     notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
              else " (selected in the spec)" for layer in branched.layers}
-    called = functools.partial(calls.collapse, model=prepared.model,
-                               examples=prepared.examples)
     settings = settings_in(prepared.model)
+    called = functools.partial(calls.collapse, model=prepared.model, examples=prepared.examples,
+                               buildable=functools.partial(buildable, settings=settings))
     emitted = called(branched.module, containers=branched.containers)
     model_py = emit_python(emitted, name, doc_model, branched.containers, notes, factory,
                            settings)

@@ -7,6 +7,7 @@ the emission tests (tests/test_emit_library.py)."""
 from __future__ import annotations
 
 import dataclasses
+import enum
 
 import torch
 from torch import nn
@@ -217,3 +218,26 @@ class LibraryNet(nn.Module):
         x = self.scale(self.mixer(self.attention(self.block(self.reps(x)))))
         pooled = x.mean((2, 3))
         return {name: head(pooled) for name, head in self.heads.items()}
+
+
+class RepStack(nn.Module):
+    """A re-parameterised block inside a Sequential the surgery leaves untouched: the only
+    module restored from its state is nested in the Sequential's constructor call."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, width, 3, padding=1), RepConv(width))
+        self.body[1].reparameterize()
+        self.neck = nn.Linear(width, width)
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 2)})
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.neck(self.body(image).mean((2, 3)))
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+class Layout(str, enum.Enum):
+    """A setting that is a str and an enum member at once (timm's ``Format``)."""
+
+    NCHW = "NCHW"
+    NHWC = "NHWC"

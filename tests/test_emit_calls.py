@@ -138,3 +138,13 @@ def test_calls_of_a_module_lists_items_on_a_chain_are_a_loop(tmp_path):
                "            blocks = layer(blocks, float_)[0]\n" in source, name
     assert 'blocks_3_a = self.blocks[3](blocks, float_, "a")' in (
         tmp_path / "out" / "model.py").read_text()
+
+
+def test_a_block_the_source_cannot_build_whole_is_written_out(tmp_path):
+    path = write_spec(tmp_path, "lambda", model={"factory": "tests.models:LambdaNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["neck"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "_from_factory" not in source and "self.block(" not in source
+    assert "        block_fc = self.block.fc(x)\n" in source

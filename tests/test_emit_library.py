@@ -139,3 +139,21 @@ def test_emit_check_compares_with_the_original_for_other_weights():
     assert "perturbed" in check_emit(right, original, examples, count, original, paths).detail
     assert all(torch.equal(p, q) for p, q in zip(original.parameters(), right.parameters(),
                                                   strict=True))  # weights restored
+
+
+def test_a_module_restored_inside_a_submodule_built_whole_gets_the_helper(tmp_path):
+    path = write_spec(tmp_path, "repstack", model={"factory": "tests.library:RepStack"},
+                      inputs=[{"name": "image", "shape": [2, 3, 8, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["neck"]})
+    compile_and_verify(path, tmp_path / "out")  # model.py imports and runs
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "def _restored(cls: type" in source and "        body = self.body(image)\n" in source
+    assert "            _restored(\n                RepConv," in source
+
+
+def test_an_enum_member_that_is_a_str_is_written_as_the_member():
+    from reconfx.emit.render import render_value
+    from reconfx.emit.sources import sourced
+
+    assert render_value(sourced(library.Layout.NHWC)) == "Layout.NHWC"
+    assert render_value(sourced((library.Layout.NCHW, "NCHW"))) == '(Layout.NCHW, "NCHW")'

@@ -589,7 +589,7 @@ class PythonEmitter:
         generated = [line for name, body in self.classes.items()
                      for line in ["", "", f"class {name}(nn.Module):", *body]]
         helper = ["", *self._factory_helper()] if "factory" in self.built.values() else []
-        if "restored" in self.built.values():
+        if any("_restored(" in line for line in [*lines, *generated]):  # (also nested)
             self.imports.update(RESTORE_IMPORTS)
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
         if self.regions:
@@ -1009,6 +1009,18 @@ def _split_arguments(text: str) -> list[str]:
             start = i + 1
     tail = text[start:].strip()
     return items + ([tail] if tail else [])
+
+
+def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
+    """Whether ``model.py`` can build ``module`` without the spec's factory: by a constructor,
+    as a container, or restored, down to every member."""
+    def member(_name: str, value: Any) -> Any:
+        if isinstance(value, torch.Tensor):
+            return "tensor"
+        return (container(value, member) or constructor(value, settings)
+                or restored(value, member))
+
+    return member("", module) is not None
 
 
 def emit_python(module: DualGraphModule, class_name: str, doc: str,

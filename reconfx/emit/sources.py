@@ -51,8 +51,8 @@ def _resolves(module: str, name: str, obj: Any) -> bool:
 def sourced(value: Any) -> Any:
     """``value``, or its :class:`Source` when it is a class, a function or a settings object
     (so it renders); raises TypeError when it has no source form."""
-    if isinstance(value, PLAIN + (Source,)) and not isinstance(value, tuple):
-        return value
+    if isinstance(value, PLAIN + (Source,)) and not isinstance(value, tuple | enum.Enum):
+        return value  # (an enum member that is also a str is written as the member)
     if isinstance(value, tuple | list):
         return type(value)(sourced(v) for v in value)
     if isinstance(value, dict):
