@@ -617,11 +617,13 @@ def _renaming(branched: Branched, original: nn.Module) -> Callable[[str], str | 
 
 
 def _state_for(emitted: nn.Module, compiled: nn.Module) -> dict[str, torch.Tensor]:
-    """The compiled model's state dict without the buffers that the emitted model's classes
-    compute and keep out of their state dicts (non-persistent, such as position ids); I4 then
-    checks they hold the same values."""
-    computed = {n for n, _ in emitted.named_buffers()} - set(emitted.state_dict())
-    return {k: v for k, v in compiled.state_dict().items() if k not in computed}
+    """The compiled model's state under the emitted model's names. Left out: buffers the
+    emitted classes compute and keep out of their state dicts (non-persistent, such as position
+    ids) and constants the tracer lifted (``_tensor_constant0``) that a submodule called whole
+    computes itself; I4 then checks the emitted model computes the same, and its parameter
+    count."""
+    wanted = set(emitted.state_dict())
+    return {k: v for k, v in compiled.state_dict().items() if k in wanted}
 
 
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False

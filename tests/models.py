@@ -1,6 +1,7 @@
 """Models and data that once broke or must fail clearly; referenced by factory path from test
 specs."""
 
+import collections
 from dataclasses import dataclass
 
 import torch
@@ -458,6 +459,45 @@ class LambdaNet(nn.Module):
     def __init__(self, width: int = 8):
         super().__init__()
         self.block, self.neck = LambdaBlock(width), nn.Linear(width, width)
+        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.neck(self.block(x))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+class ConstBlock(nn.Module):
+    """Makes a tensor from constants in its forward, which tracing lifts into a constant of the
+    graph module (``_tensor_constant0``), as Swin's relative position index."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) + torch.linspace(0.0, 1.0, self.fc.out_features)
+
+
+class ConstNet(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.block, self.neck = ConstBlock(width), nn.Linear(width, width)
+        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.neck(self.block(x))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+class NamedSequentialNet(nn.Module):
+    """An untouched ``nn.Sequential`` whose children have names, not indices (timm's LeViT):
+    rebuilt as ``nn.Sequential(a, b)`` it would name them 0 and 1."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.block = nn.Sequential(collections.OrderedDict(
+            act=nn.Hardswish(), fc=nn.Linear(width, width)))
+        self.neck = nn.Linear(width, width)
         self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

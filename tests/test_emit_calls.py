@@ -148,3 +148,22 @@ def test_a_block_the_source_cannot_build_whole_is_written_out(tmp_path):
     source = (tmp_path / "out" / "model.py").read_text()
     assert "_from_factory" not in source and "self.block(" not in source
     assert "        block_fc = self.block.fc(x)\n" in source
+
+
+def test_a_constant_the_tracer_lifted_stays_with_the_block_called_whole(tmp_path):
+    path = write_spec(tmp_path, "const", model={"factory": "tests.models:ConstNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["neck"]})
+    compiled = compile_and_verify(path, tmp_path / "out")
+    assert any(k.startswith("_tensor_constant") for k in compiled.branched.module.state_dict())
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "        block = self.block(x)\n" in source and "_tensor_constant" not in source
+
+
+def test_a_sequential_with_named_children_keeps_their_names(tmp_path):
+    path = write_spec(tmp_path, "named", model={"factory": "tests.models:NamedSequentialNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["neck"]})
+    compile_and_verify(path, tmp_path / "out")  # the weights load by name
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "        block = self.block(x)\n" in source and "fc=nn.Linear(8, 8)" in source

@@ -1014,9 +1014,11 @@ def _split_arguments(text: str) -> list[str]:
 def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
     """Whether ``model.py`` can build ``module`` without the spec's factory: by a constructor,
     as a container, or restored, down to every member."""
-    def member(_name: str, value: Any) -> Any:
+    def member(_name: str, value: Any) -> Any:  # (as PythonEmitter._member decides)
+        if isinstance(value, nn.Parameter):
+            return "parameter"
         if isinstance(value, torch.Tensor):
-            return "tensor"
+            return tensor_source(value)
         return (container(value, member) or constructor(value, settings)
                 or restored(value, member))
 

@@ -78,6 +78,8 @@ def container(m: nn.Module, member: Callable[[str, Any], Any]) -> Constructor | 
     children as ``member(name, child)`` gives them; None for anything else."""
     if type(m) not in (nn.Sequential, nn.ModuleList, nn.ModuleDict):
         return None
+    if not isinstance(m, nn.ModuleDict) and list(m._modules) != [str(i) for i in range(len(m))]:
+        return None  # a Sequential with named children (restored instead, names kept)
     items = {name: member(name, child) for name, child in m._modules.items()}
     if None in items.values():
         return None
