@@ -455,15 +455,21 @@ class LambdaBlock(nn.Module):
         return self.act(self.fc(x))
 
 
-class LambdaNet(nn.Module):
-    def __init__(self, width: int = 8):
+class NeckNet(nn.Module):
+    """A block the surgery leaves untouched, a neck to branch, and two heads."""
+
+    def __init__(self, block: nn.Module, width: int = 8):
         super().__init__()
-        self.block, self.neck = LambdaBlock(width), nn.Linear(width, width)
+        self.block, self.neck = block, nn.Linear(width, width)
         self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.neck(self.block(x))
         return {"a": self.a(h), "b": self.b(h)}
+
+
+def LambdaNet() -> NeckNet:  # noqa: N802 - named like the models it stands beside
+    return NeckNet(LambdaBlock())
 
 
 class ConstBlock(nn.Module):
@@ -478,28 +484,12 @@ class ConstBlock(nn.Module):
         return self.fc(x) + torch.linspace(0.0, 1.0, self.fc.out_features)
 
 
-class ConstNet(nn.Module):
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.block, self.neck = ConstBlock(width), nn.Linear(width, width)
-        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.neck(self.block(x))
-        return {"a": self.a(h), "b": self.b(h)}
+def ConstNet() -> NeckNet:  # noqa: N802
+    return NeckNet(ConstBlock())
 
 
-class NamedSequentialNet(nn.Module):
+def NamedSequentialNet() -> NeckNet:  # noqa: N802
     """An untouched ``nn.Sequential`` whose children have names, not indices (timm's LeViT):
     rebuilt as ``nn.Sequential(a, b)`` it would name them 0 and 1."""
-
-    def __init__(self, width: int = 8):
-        super().__init__()
-        self.block = nn.Sequential(collections.OrderedDict(
-            act=nn.Hardswish(), fc=nn.Linear(width, width)))
-        self.neck = nn.Linear(width, width)
-        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.neck(self.block(x))
-        return {"a": self.a(h), "b": self.b(h)}
+    return NeckNet(nn.Sequential(collections.OrderedDict(act=nn.Hardswish(),
+                                                         fc=nn.Linear(8, 8))))
