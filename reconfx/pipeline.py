@@ -41,7 +41,7 @@ from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
-from reconfx.errors import CheckError, SpecError
+from reconfx.errors import CheckError, ModelError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profile import Profile, annotate, chart, load_scores, profile, restore_profile
@@ -551,7 +551,11 @@ def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None
     if task is not None and task not in s.task_names:
         raise SpecError(f"no task named '{task}'", where="--task",
                         fix=f"one of {', '.join(s.task_names)}")
-    with outdir.writing(output_dir(loaded, out_dir), "export") as out:
+    folder = output_dir(loaded, out_dir)
+    if not (folder / artifacts.MANIFEST).is_file():  # (before the lock creates the folder)
+        raise ModelError(f"{folder} holds no compiled model (no {artifacts.MANIFEST})",
+                         where="export.dir", fix="run `reconfx compile` (or `run`) first")
+    with outdir.writing(folder, "export") as out:
         return _export(loaded, out, task, provider)
 
 

@@ -248,3 +248,13 @@ def test_a_folder_holds_one_models_result(tmp_path, capsys):
     manifest = json.loads((out / "manifest.json").read_text())
     assert sorted(manifest["files"]) == sorted(set(ARTIFACTS) - {"manifest.json"})
     assert {e["command"] for e in manifest["files"].values()} == {"compile"}
+
+
+def test_export_to_a_folder_without_a_model_creates_nothing(tmp_path, capsys):
+    out = tmp_path / "not-yet" / "out"
+    spec = resnet_spec(tmp_path, ["layer4.*"], out)
+    code, err = cli(["export", str(spec), "--quiet"], capsys)
+    assert code == 2 and err == [
+        f"reconfx: error: export.dir: {out} holds no compiled model (no manifest.json) "
+        "(fix: run `reconfx compile` (or `run`) first)"]
+    assert not (tmp_path / "not-yet").exists()
