@@ -766,6 +766,7 @@ def _tuple_text(items: list[str]) -> str:
 
 
 def _docstring(text: str, indent: str) -> list[str]:
+    """``text`` as a docstring's lines at ``indent``, wrapped to the line width."""
     lines = textwrap.wrap(text, width=LINE - len(indent) - 6)
     if len(lines) == 1:
         return [f'{indent}"""{lines[0]}"""']
@@ -774,12 +775,8 @@ def _docstring(text: str, indent: str) -> list[str]:
 
 def _region_doc(region: StreamRegion, indent: str) -> list[str]:
     """The body method's docstring lines."""
-    text = (f"Shared layers {_span(region.modules_called)} for one task stream, or for several "
-            "concatenated along the batch axis (see run_streams).")
-    lines = textwrap.wrap(text, width=LINE - len(indent) - 6)
-    if len(lines) == 1:
-        return [f'{indent}"""{lines[0]}"""']
-    return [f'{indent}"""{lines[0]}', *(f"{indent}{line}" for line in lines[1:]), f'{indent}"""']
+    return _docstring(f"Shared layers {_span(region.modules_called)} for one task stream, or "
+                      "for several concatenated along the batch axis (see run_streams).", indent)
 
 
 def _under(path: str, prefix: str) -> bool:
