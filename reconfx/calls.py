@@ -61,7 +61,8 @@ class Call:
     that index reads it as its ``position``-th input node, in the graph and in every copy of
     the call the branching pass makes. ``args``/``kwargs`` are the call's arguments with
     :class:`Ref` in place of tensors; ``outputs`` maps each member whose value is used after
-    the call to where it sits in the call's result (``(0,)``: ``result[0]``)."""
+    the call to where it sits in the call's result (``(0,)``: ``result[0]``); ``items`` is the
+    length of a result that is a plain tuple (None otherwise)."""
 
     path: str
     key: str
@@ -71,6 +72,7 @@ class Call:
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
     outputs: dict[int, tuple[Any, ...]]
+    items: int | None = None
 
 
 # -- annotate --------------------------------------------------------------------------------------
@@ -278,8 +280,9 @@ def _matched(key: str, path: str, depth: int, members: list[fx.Node],
         if len({id(value) for _place, value in hits}) != 1:
             return None  # nowhere, or equal values in two places: which one is read is unknown
         outputs[index] = hits[0][0]
+    items = len(result) if type(result) is tuple else None
     return Call(path, key, len(members), depth, tuple(located), arg_template, kwarg_template,
-                outputs)
+                outputs, items)
 
 
 def _places(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -302,7 +305,8 @@ class _Group:
     call: Call
     task: str | None
     nodes: dict[int, fx.Node]  # member index -> node
-    kind: str = "whole"  # or "stream": a submodule holding branched layers, per task stream
+    kind: str = "whole"  # "stream": a submodule holding branched layers, per task stream;
+    # "copies": a submodule all of whose layers are branched, the task's copy of it called whole
 
 
 MARK = "<task>"  # in a stream's body targets: the calling task's copy of a branched layer
@@ -328,6 +332,12 @@ class TaskStream(TwoModes, nn.Module):
     def forward(self, *args: Any) -> Any:
         graph = self.train_graph if self.training else self.eval_graph
         return _StreamRun(self, graph, args[-1] if self.per_task else "").run(*args)
+
+
+class TaskCopies(nn.ModuleDict):
+    """A submodule all of whose layers are branched, as one copy of the whole submodule per task
+    (keyed by task name), each built by the original's class; the emitter writes it as
+    ``nn.ModuleDict({task: Block(...) for task in TASKS})``."""
 
 
 class _StreamRun(fx.Interpreter):
@@ -360,7 +370,9 @@ def _collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
     ``call_module`` node (the submodule rebuilt from ``model``'s, with ``module``'s tensors),
     and each task stream through a submodule holding branched layers as one call of a
     :class:`TaskStream`, kept only if it computes exactly what ``module`` does; ``module``
-    itself is unchanged. A submodule is called whole only where ``buildable`` says the source
+    itself is unchanged. A submodule all of whose layers are branched becomes a
+    :class:`TaskCopies`, its task's copy called whole per stream, where the source can build it.
+    A submodule is called whole only where ``buildable`` says the source
     can build it (else its own calls and ops are written). The submodules at ``opened`` are
     written as their traced code (a
     class of their own, as :class:`TaskStream` without a task) and those holding them are not
@@ -372,9 +384,12 @@ def _collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
         if path not in kinds:
             if path in opened:  # written as its traced code, as model.py writes it per task
                 kinds[path] = "traced" if _streamable(module, path) else None
-            elif any(under(c, path) for c in containers) or any(
-                    o != path and under(o, path) for o in opened):
+            elif any(o != path and under(o, path) for o in opened):
                 kinds[path] = "stream" if _streamable(module, path) else None
+            elif any(under(c, path) for c in containers):
+                usable[path] = _copies(module, model, path, containers, buildable)
+                kinds[path] = ("copies" if usable[path] is not None
+                               else "stream" if _streamable(module, path) else None)
             else:
                 usable[path] = _assembled(module, model, path)
                 if usable[path] is not None and not buildable(usable[path]):
@@ -467,9 +482,11 @@ def under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
 
 
-def _assembled(module: DualGraphModule, model: nn.Module, path: str) -> nn.Module | None:
+def _assembled(module: DualGraphModule, model: nn.Module, path: str,
+               compiled_name: Callable[[str], str] = str) -> nn.Module | None:
     """A copy of ``model``'s submodule at ``path`` holding ``module``'s tensors (so ties and
-    trained values carry over), or None when ``module`` lacks some of its state."""
+    trained values carry over), or None when ``module`` lacks some of its state. A tensor's
+    name in ``module`` is ``compiled_name`` of its name in ``model``."""
     try:
         original = model.get_submodule(path)
     except AttributeError:
@@ -480,13 +497,53 @@ def _assembled(module: DualGraphModule, model: nn.Module, path: str) -> nn.Modul
     memo: dict[int, Any] = {}  # the copy takes the compiled tensors instead of copying its own
     for name, tensor in [*original.named_parameters(remove_duplicate=False),
                          *original.named_buffers(remove_duplicate=False)]:
-        full = f"{path}.{name}"
+        full = compiled_name(f"{path}.{name}")
         if full in state:
             memo[id(tensor)] = state[full]
         elif isinstance(tensor, nn.Parameter) or name in persistent:
             return None
         # (else a non-persistent buffer the graph never reads: the class computes it)
     return copy.deepcopy(original, memo)
+
+
+def _copies(module: DualGraphModule, model: nn.Module, path: str, containers: set[str],
+            buildable: Callable[[nn.Module], bool]) -> TaskCopies | None:
+    """The submodule at ``path`` as one copy of the original per task, each holding that task's
+    copies of the branched layers; None unless every tensor in it belongs to a branched layer
+    (a shared one would be trained apart per task), no tensor is shared between tasks, and the
+    source can build each copy."""
+    inner = sorted(c for c in containers if under(c, path) and c != path)
+    if not inner or path in containers:
+        return None
+    try:
+        view = resolve(module, path)
+        holders = [resolve(module, c) for c in inner]
+    except AttributeError:
+        return None
+    tasks = [tuple(h._modules) or tuple(h._parameters) for h in holders]
+    if not tasks[0] or any(t != tasks[0] for t in tasks):
+        return None
+    owner: dict[int, str] = {}
+    for name, tensor in [*view.named_parameters(remove_duplicate=False),
+                         *view.named_buffers(remove_duplicate=False)]:
+        full = f"{path}.{name}"
+        task = next((t for c in inner for t in tasks[0] if under(full, f"{c}.{t}")), None)
+        if task is None or owner.setdefault(id(tensor), task) != task:
+            return None
+
+    def named(task: str) -> Callable[[str], str]:
+        def compiled_name(name: str) -> str:
+            c = next((c for c in inner if under(name, c)), None)
+            return name if c is None else f"{c}.{task}{name[len(c):]}"
+        return compiled_name
+
+    copies = {}
+    for task in tasks[0]:
+        built = _assembled(module, model, path, named(task))
+        if built is None or not buildable(built):
+            return None
+        copies[task] = built
+    return TaskCopies(copies)
 
 
 def _streamable(module: DualGraphModule, path: str) -> bool:
@@ -518,7 +575,8 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
         kind = None if claimed.intersection(nodes) else kind_of(call.path)
         tasks = sorted({t for n in nodes if (t := n.meta["reconfx"].get("task"))})
         shared = [n for n in nodes if not n.meta["reconfx"].get("task")]
-        if kind == "stream" and (not tasks or any(n.op == "call_module" for n in shared)):
+        if kind in ("stream", "copies") and (
+                not tasks or any(n.op == "call_module" for n in shared)):
             kind = None  # (a shared layer inside would run once per stream)
         if kind is None or kind == "traced" and tasks:
             continue
@@ -581,6 +639,9 @@ def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], 
     finally:
         for region in regions:  # the new module binds them to itself
             region.bind(module)
+    for path in paths:  # (the graphs call the copies inside: install their holder itself)
+        if isinstance(usable[path], TaskCopies):
+            fx.graph_module._assign_attr(usable[path], result, path)
     result.train(module.training)
     return result
 
@@ -629,9 +690,13 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
 
     if group.kind == "stream":
         node = new.call_module(call.path, (*inputs, group.task) if group.task else tuple(inputs))
+    elif group.kind == "copies":
+        node = new.call_module(f"{call.path}.{group.task}", filled(call.args), filled(call.kwargs))
     else:
         node = new.call_module(call.path, filled(call.args), filled(call.kwargs))
-    meta = {"name": call.path.replace(".", "_")}
+    meta: dict[str, Any] = {"name": call.path.replace(".", "_")}
+    if group.kind != "stream" and call.items is not None:
+        meta["items"] = call.items  # (the emitter unpacks a result whose items are all used)
     if group.task:
         meta["task"] = group.task
     points = [n.meta["reconfx"]["branch_point"] for n in group.nodes.values()

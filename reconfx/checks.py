@@ -265,14 +265,16 @@ def check_isolation(compiled: nn.Module, example: dict[str, torch.Tensor],
 def check_emit(emitted: nn.Module, compiled: nn.Module,
                examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
                original: nn.Module | None = None, task_paths: dict[str, str] | None = None,
-               rename: Callable[[str], str | None] = str, atol: float = 0.0) -> Check:
+               rename: Callable[[str], str | None] = str, atol: float = 0.0,
+               compiled_name: Callable[[str], str] = str) -> Check:
     """I4: the emitted source with its weights reproduces the compiled model, same parameter
     count as the original plus (T-1) x the branched layers. It must also compute the same
     function for other weights: every floating parameter and buffer is perturbed the same way in
     the emitted model and in ``original`` (a compiled tensor matched to the original's through
     ``rename``; compared within ``atol``, I1's tolerance), so a value derived from the weights
     and baked into the graph or the source is caught. Without ``original`` (weights trained
-    since, so they are no longer the original's) the reference is the compiled model."""
+    since, so they are no longer the original's) the reference is the compiled model, whose name
+    for an emitted tensor is ``compiled_name`` of it."""
     from reconfx.graph import unique_parameters
 
     count = unique_parameters(emitted)
@@ -289,7 +291,7 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
                     raise CheckError(f"I4 emit parity failed: task '{bad[0]}' differs in {mode} "
                                      f"mode by {bad[1]:.3g}")
     if original is None:
-        reference, outputs, rename, atol = compiled, dict, str, 0.0
+        reference, outputs, rename, atol = compiled, dict, compiled_name, 0.0
     else:
         reference, outputs = original, lambda out: task_outputs(out, task_paths or {})
     with preserved(reference, emitted), perturbed(reference), perturbed(emitted, rename):

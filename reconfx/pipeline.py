@@ -466,9 +466,22 @@ def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
                    drop_last=len(dataset) > s.data.batch_size, world=distributed.world())
 
 
-def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
-    """``model.py``, ``original.py``, ``branch.diff`` text and how model.py builds each module
-    (path -> constructor / restored / factory)."""
+@dataclass
+class Sources:
+    """The emitted review files, how model.py builds each module (path -> constructor /
+    restored / factory / generated) and the compiled model's name of each tensor model.py
+    names differently (a submodule copied whole per task: ``layer4.left.conv1.weight`` for the
+    compiled ``layer4.conv1.left.weight``)."""
+
+    model_py: str
+    original_py: str
+    diff: str
+    built: dict[str, str]
+    compiled_names: dict[str, str]
+
+
+def emit_sources(compiled: Compiled) -> Sources:
+    """``model.py``, ``original.py`` and ``branch.diff`` for ``compiled``."""
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)
@@ -490,19 +503,40 @@ def emit_sources(compiled: Compiled) -> tuple[str, str, str, dict[str, str]]:
     called = functools.partial(calls.collapse, model=prepared.model, examples=prepared.examples,
                                buildable=functools.partial(buildable, settings=settings))
     emitted = called(branched.module, containers=branched.containers)
-    model_py = emit_python(emitted, name, doc_model, branched.containers, notes, factory,
-                           settings)
-    # The original calls whole the submodules model.py calls whole or writes as generated
-    # classes, and writes out the rest, so the diff shows only the surgery.
-    streams = [path for path, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
-    inlined = {c for c in branched.containers if not any(calls.under(c, p) for p in streams)}
+    copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
+    streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
+    model_py = emit_python(
+        emitted, name, doc_model,
+        {c for c in branched.containers if not any(calls.under(c, p) for p in copies)}
+        | set(copies), notes, factory, settings)
+    # The original calls whole the submodules model.py calls whole or copies per task, writes
+    # out the rest, and writes as classes of their own those model.py writes as generated
+    # classes, so the diff shows only the surgery.
+    inlined = {c for c in branched.containers
+               if not any(calls.under(c, p) for p in [*streams, *copies])}
     original_py = emit_python(called(prepared.traced.module, containers=inlined,
                                      opened=streams), name, doc_original, set(), None, factory,
                               settings)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
         "original.py", "model.py"))
-    return model_py.source, original_py.source, diff, model_py.built
+    return Sources(model_py.source, original_py.source, diff, model_py.built,
+                   _compiled_names(emitted, branched.module))
+
+
+def _compiled_names(emitted: nn.Module, compiled: nn.Module) -> dict[str, str]:
+    """Each tensor name of ``emitted`` (which holds the compiled tensors themselves) that the
+    compiled model names differently -> the compiled model's name."""
+    def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [*module.named_parameters(remove_duplicate=False),
+                *module.named_buffers(remove_duplicate=False)]
+
+    by_id: dict[int, str] = {}
+    for name, tensor in named(compiled):
+        by_id.setdefault(id(tensor), name)
+    own = {name for name, _t in named(compiled)}
+    return {name: by_id[id(tensor)] for name, tensor in named(emitted)
+            if name not in own and id(tensor) in by_id}
 
 
 def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
@@ -604,10 +638,12 @@ def tune_batching(compiled: Compiled, progress: bool = False) -> None:
     compiled.tuning = tune(compiled.branched.module, examples, s.branch.tune_repeats, progress)
 
 
-def _renaming(branched: Branched, original: nn.Module) -> Callable[[str], str | None]:
-    """Compiled tensor name -> the smallest of the original's names for that tensor (tied
+def _renaming(branched: Branched, original: nn.Module, compiled_names: dict[str, str]
+              ) -> Callable[[str], str | None]:
+    """Emitted tensor name -> the smallest of the original's names for that tensor (tied
     tensors have several; a task's copy may keep only some of them), None for tensors the
-    original does not have (constants the tracer lifted)."""
+    original does not have (constants the tracer lifted). ``compiled_names``: the compiled
+    name of each tensor the emitted model names differently."""
     names: dict[int, list[str]] = {}
     for name, tensor in [*original.named_parameters(remove_duplicate=False),
                          *original.named_buffers(remove_duplicate=False)]:
@@ -615,19 +651,21 @@ def _renaming(branched: Branched, original: nn.Module) -> Callable[[str], str | 
     canonical = {name: min(group) for group in names.values() for name in group}
 
     def rename(name: str) -> str | None:
-        return canonical.get(branched.original_name(name))
+        return canonical.get(branched.original_name(compiled_names.get(name, name)))
 
     return rename
 
 
-def _state_for(emitted: nn.Module, compiled: nn.Module) -> dict[str, torch.Tensor]:
-    """The compiled model's state under the emitted model's names. Left out: buffers the
+def _state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
+               ) -> dict[str, torch.Tensor]:
+    """The compiled model's state under the emitted model's names (``names``: the compiled
+    name of each the emitted model names differently). Left out: buffers the
     emitted classes compute and keep out of their state dicts (non-persistent, such as position
     ids) and constants the tracer lifted (``_tensor_constant0``) that a submodule called whole
     computes itself; I4 then checks the emitted model computes the same, and its parameter
     count."""
-    wanted = set(emitted.state_dict())
-    return {k: v for k, v in compiled.state_dict().items() if k in wanted}
+    state = compiled.state_dict()
+    return {k: state[names.get(k, k)] for k in emitted.state_dict() if names.get(k, k) in state}
 
 
 def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False
@@ -636,13 +674,14 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
     s = prepared.loaded.spec
     tune_batching(compiled, progress)
     name = class_name(s.name)
-    model_py, original_py, diff, built = emit_sources(compiled)
+    sources = emit_sources(compiled)
     with artifacts.Staging(out_dir) as staging:
-        staging.write_text("model.py", model_py)
-        staging.write_text("original.py", original_py)
-        staging.write_text("branch.diff", diff)
+        staging.write_text("model.py", sources.model_py)
+        staging.write_text("original.py", sources.original_py)
+        staging.write_text("branch.diff", sources.diff)
         emitted = artifacts.import_source(staging.path / "model.py", name)()
-        emitted.load_state_dict(_state_for(emitted, branched.module), strict=True)
+        emitted.load_state_dict(_state_for(emitted, branched.module, sources.compiled_names),
+                                strict=True)
         staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
         original_params = unique_parameters(prepared.traced.module)
         expected = original_params + branched.added_params
@@ -651,8 +690,9 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         original = prepared.model if command == "compile" else None
         compiled.checks.append(check_emit(
             reloaded, branched.module, prepared.examples, expected, original,
-            prepared.task_paths, _renaming(branched, prepared.model),
-            1e-5 if regions_of(branched.module) else 0.0))
+            prepared.task_paths, _renaming(branched, prepared.model, sources.compiled_names),
+            1e-5 if regions_of(branched.module) else 0.0,
+            lambda n: sources.compiled_names.get(n, n)))
         example = prepared.examples[0]
         lat = latencies([prepared.traced.module, branched.module], example)
         report = compile_report(
@@ -660,7 +700,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             branched.layers, branched.per_task_norms, branched.shared_norms,
             Cost(original_params, flops(prepared.traced.module, example), lat[0]),
             Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
-            compiled.checks, prepared.traced.ignored_outputs, built, compiled.warnings,
+            compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
             batching_section(regions_of(branched.module), compiled.tuning))
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)

@@ -89,10 +89,10 @@ def assert_deterministic(spec_path: Path, out: Path) -> None:
     prepared = prepare(spec_path)
     chosen = select_layers(prepared.layers, prepared.loaded.spec.select)
     again = Compiled(prepared, branch_model(prepared, chosen), [])
-    model_py, original_py, diff, _ = emit_sources(again)
-    assert (out / "model.py").read_text() == model_py
-    assert (out / "original.py").read_text() == original_py
-    assert (out / "branch.diff").read_text() == diff
+    sources = emit_sources(again)
+    assert (out / "model.py").read_text() == sources.model_py
+    assert (out / "original.py").read_text() == sources.original_py
+    assert (out / "branch.diff").read_text() == sources.diff
 
 
 def diff_lines(out: Path) -> tuple[list[str], list[str]]:

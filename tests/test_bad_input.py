@@ -132,7 +132,7 @@ def test_checkpoint_that_fits_is_loaded(tmp_path, capsys):
 
     weights = load_file(str(tmp_path / "o" / "weights.safetensors"))
     assert torch.equal(weights["conv1.weight"], model.conv1.weight)
-    assert torch.equal(weights["layer4.0.conv1.left.weight"], model.layer4[0].conv1.weight)
+    assert torch.equal(weights["layer4.left.0.conv1.weight"], model.layer4[0].conv1.weight)
 
 
 def test_layer_pattern_matching_nothing(tmp_path, capsys):

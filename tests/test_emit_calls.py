@@ -4,15 +4,16 @@ the model gave them (reconfx.calls), and writes out only what holds a branched l
 import re
 
 import pytest
+from safetensors import safe_open
 
 from tests.support import compile_and_verify, write_spec
 
 
-def compiled_call_net(tmp_path_factory, name, layers):
+def compiled_call_net(tmp_path_factory, name, layers, **fields):
     folder = tmp_path_factory.mktemp(name)
     path = write_spec(folder, name, model={"factory": "tests.models:CallNet"},
                       inputs=[{"name": "x", "shape": [3, 8]}],
-                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": layers})
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": layers}, **fields)
     compiled = compile_and_verify(path, folder / "out")  # I1-I4, parity after reload, ruff
     return compiled, folder / "out"
 
@@ -56,8 +57,45 @@ def test_calls_are_recorded_on_the_nodes_of_both_modes(compiled_calls):
 
 
 @pytest.fixture(scope="module")
+def compiled_copies(tmp_path_factory):
+    return compiled_call_net(tmp_path_factory, "copies", ["blocks.2.*"])
+
+
+def test_a_block_all_of_whose_layers_are_branched_is_copied_whole_per_task(compiled_copies):
+    _compiled, out = compiled_copies
+    source = (out / "model.py").read_text()
+    assert 'TASKS = ("a", "b")\n' in source
+    assert re.search(r"self\.blocks = nn\.ModuleList\(\[\s*CallBlock\(8\), CallBlock\(8\), "
+                     r"nn\.ModuleDict\(\{task: CallBlock\(8\) for task in TASKS\}\)\s*\]\)",
+                     source)
+    # Each task's copy is called as the model called the block, after one branch-point comment.
+    assert source.count("# branch point:") == 1
+    # (its tuple result unpacked where it is made, as every item is used)
+    for t in "ab":
+        assert f"blocks_2_mul_1_{t}, blocks_2_mean_{t} = self.blocks[2].{t}(blocks_1, float_, " \
+               "scale=1.5)\n" in source
+    assert source.count("(nn.Module):") == 1  # no generated class: the original's own class
+    # The weights file names each copy's tensors inside it.
+    with safe_open(str(out / "weights.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert {"blocks.2.a.fc.weight", "blocks.2.b.norm.bias"} <= keys
+    assert not any(k.startswith("blocks.2.fc") for k in keys)
+
+
+def test_the_original_calls_the_block_the_model_copies(compiled_copies):
+    _compiled, out = compiled_copies
+    diff = (out / "branch.diff").read_text()
+    changed = [line for line in diff.splitlines() if line[:1] in "+-" and line[:3] not in "+++---"]
+    assert "-        blocks_2_mul_1, blocks_2_mean = self.blocks[2](blocks_1, float_, scale=1.5)" \
+        in changed
+    assert not [line for line in changed if "self.blocks[0](" in line or "Traced" in line]
+
+
+@pytest.fixture(scope="module")
 def compiled_stream(tmp_path_factory):
-    return compiled_call_net(tmp_path_factory, "stream", ["blocks.2.*"])
+    # fc branched, the block's norm shared but run per task: a generated class
+    return compiled_call_net(tmp_path_factory, "stream", ["blocks.2.fc"],
+                             branch={"stream_batching": "off"})
 
 
 def test_a_block_holding_branched_layers_is_a_generated_class(compiled_stream):
@@ -68,8 +106,9 @@ def test_a_block_holding_branched_layers_is_a_generated_class(compiled_stream):
     # values the model uses after it.
     assert 'TASKS = ("a", "b")\n' in source
     assert "self.fc = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})\n" in source
+    assert "self.norm = nn.LayerNorm(8)\n" in source
     assert "def forward(self, x: torch.Tensor, mask: torch.Tensor, task: str) -> tuple[" in source
-    assert "fc = self.fc[task](x)" in source
+    assert "fc = self.fc[task](x)" in source and "norm = self.norm(mul)" in source
     assert "        return (mul_1, mean)\n" in source
     # The model builds it where the block was and calls it once per task stream, after the
     # branch point's comment.
@@ -112,12 +151,15 @@ def test_each_stream_runs_as_one_stretch_in_the_compiled_graph(compiled_stream):
 
 
 def test_blocks_that_trace_alike_share_one_generated_class(tmp_path):
+    # Each block of the last stage holds a branched layer beside shared ones run per task.
     path = write_spec(tmp_path, "bottleneck",
                       model={"factory": "reconfx.zoo:BottleneckResNet",
                              "kwargs": {"width": 8, "blocks": [1, 1, 1, 3]}},
                       inputs=[{"name": "image", "shape": [2, 3, 32, 32]}],
                       tasks=[{"name": "left"}, {"name": "right"}],
-                      select={"layers": ["layer4.*"]})
+                      select={"layers": ["layer4.0.conv1", "layer4.0.downsample.0",
+                                         "layer4.1.conv2", "layer4.2.conv2"]},
+                      branch={"stream_batching": "off"})
     compile_and_verify(path, tmp_path / "out")
     source = (tmp_path / "out" / "model.py").read_text()
     # The first block (with its downsample) and the two identical ones after it.
@@ -127,17 +169,34 @@ def test_blocks_that_trace_alike_share_one_generated_class(tmp_path):
     assert "        layer3 = self.layer3(layer2)\n" in source
 
 
+def test_a_stage_all_of_whose_layers_are_branched_is_copied_whole(tmp_path):
+    path = write_spec(tmp_path, "stage",
+                      model={"factory": "reconfx.zoo:BottleneckResNet",
+                             "kwargs": {"width": 8, "blocks": [1, 1, 1, 3]}},
+                      inputs=[{"name": "image", "shape": [2, 3, 32, 32]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["layer4.*"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert source.count("(nn.Module):\n") == 1
+    assert re.search(r"self\.layer4 = nn\.ModuleDict\(\{\s*task: nn\.Sequential\(\s*"
+                     r"Bottleneck\(", source), source
+    assert "        layer4_left = self.layer4.left(layer3)\n" in source
+    assert "        layer4_right = self.layer4.right(layer3)\n" in source
+
+
 def test_calls_of_a_module_lists_items_on_a_chain_are_a_loop(tmp_path):
     path = write_spec(tmp_path, "chain", model={"factory": "tests.models:ChainNet"},
                       inputs=[{"name": "x", "shape": [3, 8]}],
                       tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.3.*"]})
     compile_and_verify(path, tmp_path / "out")
-    for name in ("model.py", "original.py"):
-        source = (tmp_path / "out" / name).read_text()
-        assert "        blocks = x\n        for layer in self.blocks[:3]:\n" \
-               "            blocks = layer(blocks, float_)[0]\n" in source, name
-    assert 'blocks_3_a = self.blocks[3](blocks, float_, "a")' in (
-        tmp_path / "out" / "model.py").read_text()
+    model_py, original_py = ((tmp_path / "out" / name).read_text()
+                             for name in ("model.py", "original.py"))
+    assert "        blocks = x\n        for layer in self.blocks[:3]:\n" \
+           "            blocks = layer(blocks, float_)[0]\n" in model_py
+    assert 'blocks_3_a = self.blocks[3].a(blocks, float_)[0]' in model_py
+    assert "        blocks = x\n        for layer in self.blocks:\n" \
+           "            blocks = layer(blocks, float_)[0]\n" in original_py
 
 
 def test_a_block_the_source_cannot_build_whole_is_written_out(tmp_path):

@@ -66,7 +66,7 @@ def test_a_module_no_constructor_call_rebuilds_is_restored_from_its_state(compil
                 act=nn.ReLU(),
                 reparam_conv=nn.Conv2d(16, 16, 3, padding=1),""" in source
     report = (compiled_library / "report.md").read_text()
-    assert "## How model.py builds its modules\n\n- 12 by their own class's constructor\n" \
+    assert "## How model.py builds its modules\n\n- 11 by their own class's constructor\n" \
            "- 1 restored from their recorded attributes and tensors (no constructor call " \
            "rebuilds them): `scale`\n" in report
 

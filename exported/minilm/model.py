@@ -32,86 +32,6 @@ BERT_CONFIG = BertConfig(
 TASKS = ("ner", "sentiment")
 
 
-class BranchedBertLayer(nn.Module):
-    """BertLayer with branched layers, for one task stream: each branched layer holds one copy
-    per task (an nn.ModuleDict by task name) and `task` picks the copy.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.Module()
-        self.attention.self = nn.Module()
-        self.attention.self.query = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
-        self.attention.self.key = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
-        self.attention.self.value = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
-        self.attention.output = nn.Module()
-        self.attention.output.dense = nn.ModuleDict({task: nn.Linear(384, 384) for task in TASKS})
-        self.attention.output.dropout = nn.Dropout(p=0.1)
-        self.attention.output.LayerNorm = nn.ModuleDict({
-            task: nn.LayerNorm(384, eps=1e-12)
-            for task in TASKS
-        })
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.ModuleDict({task: nn.Linear(384, 1536) for task in TASKS})
-        self.output = nn.Module()
-        self.output.dense = nn.ModuleDict({task: nn.Linear(1536, 384) for task in TASKS})
-        self.output.dropout = nn.Dropout(p=0.1)
-        self.output.LayerNorm = nn.ModuleDict({
-            task: nn.LayerNorm(384, eps=1e-12)
-            for task in TASKS
-        })
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        sym_size: int,
-        sym_size_1: int,
-        backbone_expand: torch.Tensor,
-        task: str,
-    ) -> torch.Tensor:
-        attention_self_query = self.attention.self.query[task](hidden_states)
-        attention_self_view = attention_self_query.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose = attention_self_view.transpose(1, 2)
-        attention_self_key = self.attention.self.key[task](hidden_states)
-        attention_self_view_1 = attention_self_key.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose_1 = attention_self_view_1.transpose(1, 2)
-        attention_self_value = self.attention.self.value[task](hidden_states)
-        attention_self_view_2 = attention_self_value.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose_2 = attention_self_view_2.transpose(1, 2)
-        scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention(
-            attention_self_transpose,
-            attention_self_transpose_1,
-            attention_self_transpose_2,
-            backbone_expand,
-            dropout_p=0.1 if self.training else 0.0,
-            scale=0.1767766952966369,
-        )
-        attention_self_reshape = scaled_dot_product_attention.reshape(
-            [sym_size, -1, sym_size_1, 32]
-        )
-        attention_self_transpose_3 = attention_self_reshape.transpose(1, 2)
-        if self.training:
-            attention_self_contiguous = attention_self_transpose_3.contiguous()
-            attention_self_reshape_1 = attention_self_contiguous.reshape(
-                [sym_size, sym_size_1, -1]
-            )
-        else:
-            attention_self_reshape_1 = attention_self_transpose_3.reshape(
-                [sym_size, sym_size_1, -1]
-            )
-        attention_output_dense = self.attention.output.dense[task](attention_self_reshape_1)
-        attention_output_dropout = self.attention.output.dropout(attention_output_dense)
-        attention_output_add = attention_output_dropout + hidden_states
-        attention_output_LayerNorm = self.attention.output.LayerNorm[task](attention_output_add)
-        intermediate_dense = self.intermediate.dense[task](attention_output_LayerNorm)
-        intermediate_act_fn_gelu = torch.nn.functional.gelu(intermediate_dense)
-        output_dense = self.output.dense[task](intermediate_act_fn_gelu)
-        output_dropout = self.output.dropout(output_dense)
-        output_add = output_dropout + attention_output_LayerNorm
-        output_LayerNorm = self.output.LayerNorm[task](output_add)
-        return output_LayerNorm
-
-
 class MinilmTwoTasks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -124,7 +44,7 @@ class MinilmTwoTasks(nn.Module):
             BertLayer(BERT_CONFIG, layer_idx=2),
             BertLayer(BERT_CONFIG, layer_idx=3),
             BertLayer(BERT_CONFIG, layer_idx=4),
-            BranchedBertLayer(),
+            nn.ModuleDict({task: BertLayer(BERT_CONFIG, layer_idx=5) for task in TASKS}),
         ])
         self.heads = nn.Module()
         self.heads.ner = nn.Sequential(nn.Linear(384, 9))
@@ -133,26 +53,15 @@ class MinilmTwoTasks(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = input_ids.device
-        sym_size = input_ids.size(0)
-        sym_size_1 = input_ids.size(1)
         backbone_embeddings = self.backbone.embeddings(input_ids)
-        backbone_arange = torch.arange(sym_size_1, device=device, pin_memory=False)
-        backbone_unsqueeze = backbone_arange.unsqueeze(0)
-        backbone_unsqueeze_1 = backbone_unsqueeze.unsqueeze(1)
-        backbone_unsqueeze_2 = backbone_unsqueeze_1.unsqueeze(3)
-        backbone_ge = backbone_unsqueeze_2 >= 0
-        backbone_expand = backbone_ge.expand([sym_size, -1, sym_size_1, sym_size_1])
         backbone_encoder_layer = backbone_embeddings
         for layer in self.backbone.encoder.layer[:5]:
             backbone_encoder_layer = layer(backbone_encoder_layer)
         # branch point: backbone.encoder.layer.5.attention.self.query (selected in the
         #   spec); one copy per task from here
-        encoder_layer_5_ner = self.backbone.encoder.layer[5](
-            backbone_encoder_layer, sym_size, sym_size_1, backbone_expand, "ner"
-        )
-        encoder_layer_5_sentiment = self.backbone.encoder.layer[5](
-            backbone_encoder_layer, sym_size, sym_size_1, backbone_expand, "sentiment"
+        encoder_layer_5_ner = self.backbone.encoder.layer[5].ner(backbone_encoder_layer)
+        encoder_layer_5_sentiment = self.backbone.encoder.layer[5].sentiment(
+            backbone_encoder_layer
         )
         heads_ner = self.heads.ner(encoder_layer_5_ner)
         heads_sentiment = self.heads.sentiment(encoder_layer_5_sentiment)

@@ -5,8 +5,8 @@ The model before branching (tasks: ner, sentiment), for review against model.py.
 
 import torch
 from torch import nn
-from transformers import BertConfig, BertLayer
-from transformers.models.bert.modeling_bert import BertEmbeddings
+from transformers import BertConfig
+from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
 
 from reconfx.heads import Pool
 
@@ -25,91 +25,12 @@ BERT_CONFIG = BertConfig(
 )
 
 
-class TracedBertLayer(nn.Module):
-    """BertLayer as traced, written out to compare with the class model.py generates for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.attention = nn.Module()
-        self.attention.self = nn.Module()
-        self.attention.self.query = nn.Linear(384, 384)
-        self.attention.self.key = nn.Linear(384, 384)
-        self.attention.self.value = nn.Linear(384, 384)
-        self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(384, 384)
-        self.attention.output.dropout = nn.Dropout(p=0.1)
-        self.attention.output.LayerNorm = nn.LayerNorm(384, eps=1e-12)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(384, 1536)
-        self.output = nn.Module()
-        self.output.dense = nn.Linear(1536, 384)
-        self.output.dropout = nn.Dropout(p=0.1)
-        self.output.LayerNorm = nn.LayerNorm(384, eps=1e-12)
-
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        sym_size: int,
-        sym_size_1: int,
-        backbone_expand: torch.Tensor,
-    ) -> torch.Tensor:
-        attention_self_query = self.attention.self.query(hidden_states)
-        attention_self_view = attention_self_query.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose = attention_self_view.transpose(1, 2)
-        attention_self_key = self.attention.self.key(hidden_states)
-        attention_self_view_1 = attention_self_key.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose_1 = attention_self_view_1.transpose(1, 2)
-        attention_self_value = self.attention.self.value(hidden_states)
-        attention_self_view_2 = attention_self_value.view([sym_size, sym_size_1, -1, 32])
-        attention_self_transpose_2 = attention_self_view_2.transpose(1, 2)
-        scaled_dot_product_attention = torch.nn.functional.scaled_dot_product_attention(
-            attention_self_transpose,
-            attention_self_transpose_1,
-            attention_self_transpose_2,
-            backbone_expand,
-            dropout_p=0.1 if self.training else 0.0,
-            scale=0.1767766952966369,
-        )
-        attention_self_reshape = scaled_dot_product_attention.reshape(
-            [sym_size, -1, sym_size_1, 32]
-        )
-        attention_self_transpose_3 = attention_self_reshape.transpose(1, 2)
-        if self.training:
-            attention_self_contiguous = attention_self_transpose_3.contiguous()
-            attention_self_reshape_1 = attention_self_contiguous.reshape(
-                [sym_size, sym_size_1, -1]
-            )
-        else:
-            attention_self_reshape_1 = attention_self_transpose_3.reshape(
-                [sym_size, sym_size_1, -1]
-            )
-        attention_output_dense = self.attention.output.dense(attention_self_reshape_1)
-        attention_output_dropout = self.attention.output.dropout(attention_output_dense)
-        attention_output_add = attention_output_dropout + hidden_states
-        attention_output_LayerNorm = self.attention.output.LayerNorm(attention_output_add)
-        intermediate_dense = self.intermediate.dense(attention_output_LayerNorm)
-        intermediate_act_fn_gelu = torch.nn.functional.gelu(intermediate_dense)
-        output_dense = self.output.dense(intermediate_act_fn_gelu)
-        output_dropout = self.output.dropout(output_dense)
-        output_add = output_dropout + attention_output_LayerNorm
-        output_LayerNorm = self.output.LayerNorm(output_add)
-        return output_LayerNorm
-
-
 class MinilmTwoTasks(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.backbone = nn.Module()
         self.backbone.embeddings = BertEmbeddings(BERT_CONFIG)
-        self.backbone.encoder = nn.Module()
-        self.backbone.encoder.layer = nn.ModuleList([
-            BertLayer(BERT_CONFIG, layer_idx=0),
-            BertLayer(BERT_CONFIG, layer_idx=1),
-            BertLayer(BERT_CONFIG, layer_idx=2),
-            BertLayer(BERT_CONFIG, layer_idx=3),
-            BertLayer(BERT_CONFIG, layer_idx=4),
-            TracedBertLayer(),
-        ])
+        self.backbone.encoder = BertEncoder(BERT_CONFIG)
         self.heads = nn.Module()
         self.heads.ner = nn.Sequential(nn.Linear(384, 9))
         self.heads.sentiment = nn.Sequential(
@@ -117,22 +38,10 @@ class MinilmTwoTasks(nn.Module):
         )
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
-        device = input_ids.device
-        sym_size = input_ids.size(0)
-        sym_size_1 = input_ids.size(1)
         backbone_embeddings = self.backbone.embeddings(input_ids)
-        backbone_arange = torch.arange(sym_size_1, device=device, pin_memory=False)
-        backbone_unsqueeze = backbone_arange.unsqueeze(0)
-        backbone_unsqueeze_1 = backbone_unsqueeze.unsqueeze(1)
-        backbone_unsqueeze_2 = backbone_unsqueeze_1.unsqueeze(3)
-        backbone_ge = backbone_unsqueeze_2 >= 0
-        backbone_expand = backbone_ge.expand([sym_size, -1, sym_size_1, sym_size_1])
-        backbone_encoder_layer = backbone_embeddings
-        for layer in self.backbone.encoder.layer[:5]:
-            backbone_encoder_layer = layer(backbone_encoder_layer)
-        backbone_encoder_layer_5 = self.backbone.encoder.layer[5](
-            backbone_encoder_layer, sym_size, sym_size_1, backbone_expand
-        )
-        heads_ner = self.heads.ner(backbone_encoder_layer_5)
-        heads_sentiment = self.heads.sentiment(backbone_encoder_layer_5)
+        backbone_encoder = self.backbone.encoder(
+            backbone_embeddings, use_cache=False
+        )["last_hidden_state"]
+        heads_ner = self.heads.ner(backbone_encoder)
+        heads_sentiment = self.heads.sentiment(backbone_encoder)
         return {"ner": heads_ner, "sentiment": heads_sentiment}

@@ -14,44 +14,6 @@ from reconfx.zoo import BasicBlock
 TASKS = ("left", "right")
 
 
-class BranchedBasicBlock(nn.Module):
-    """BasicBlock with branched layers, for one task stream: each branched layer holds one copy
-    per task (an nn.ModuleDict by task name) and `task` picks the copy.
-    """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.downsample = nn.ModuleList([nn.Module() for _ in range(2)])
-        self.downsample[0] = nn.ModuleDict({
-            task: nn.Conv2d(64, 128, 1, stride=2, bias=False)
-            for task in TASKS
-        })
-        self.downsample[1] = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
-        self.conv1 = nn.ModuleDict({
-            task: nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False)
-            for task in TASKS
-        })
-        self.bn1 = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.ModuleDict({
-            task: nn.Conv2d(128, 128, 3, padding=1, bias=False)
-            for task in TASKS
-        })
-        self.bn2 = nn.ModuleDict({task: nn.BatchNorm2d(128) for task in TASKS})
-
-    def forward(self, x: torch.Tensor, task: str) -> torch.Tensor:
-        downsample_0 = self.downsample[0][task](x)
-        downsample_1 = self.downsample[1][task](downsample_0)
-        conv1 = self.conv1[task](x)
-        bn1 = self.bn1[task](conv1)
-        relu = self.relu(bn1)
-        conv2 = self.conv2[task](relu)
-        bn2 = self.bn2[task](conv2)
-        add = bn2 + downsample_1
-        relu_1 = self.relu(add)
-        return relu_1
-
-
 class MultidigitsLayers(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -72,7 +34,10 @@ class MultidigitsLayers(nn.Module):
             for task in TASKS
         })
         self.layer3[0].bn2 = nn.ModuleDict({task: nn.BatchNorm2d(64) for task in TASKS})
-        self.layer4 = nn.ModuleList([BranchedBasicBlock()])
+        self.layer4 = nn.ModuleDict({
+            task: nn.Sequential(BasicBlock(64, 128, stride=2))
+            for task in TASKS
+        })
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.Module()
         self.heads.left = nn.Linear(128, 10)
@@ -97,10 +62,10 @@ class MultidigitsLayers(nn.Module):
         layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample
         layer3_0_relu_1_left = self.layer3[0].relu(layer3_0_add_left)
         layer3_0_relu_1_right = self.layer3[0].relu(layer3_0_add_right)
-        layer4_0_left = self.layer4[0](layer3_0_relu_1_left, "left")
-        layer4_0_right = self.layer4[0](layer3_0_relu_1_right, "right")
-        avgpool_left = self.avgpool(layer4_0_left)
-        avgpool_right = self.avgpool(layer4_0_right)
+        layer4_left = self.layer4.left(layer3_0_relu_1_left)
+        layer4_right = self.layer4.right(layer3_0_relu_1_right)
+        avgpool_left = self.avgpool(layer4_left)
+        avgpool_right = self.avgpool(layer4_right)
         flatten_left = torch.flatten(avgpool_left, 1)
         flatten_right = torch.flatten(avgpool_right, 1)
         heads_left = self.heads.left(flatten_left)

@@ -9,33 +9,6 @@ from torch import nn
 from reconfx.zoo import BasicBlock
 
 
-class TracedBasicBlock(nn.Module):
-    """BasicBlock as traced, written out to compare with the class model.py generates for it."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.downsample = nn.ModuleList([
-            nn.Conv2d(64, 128, 1, stride=2, bias=False), nn.BatchNorm2d(128)
-        ])
-        self.conv1 = nn.Conv2d(64, 128, 3, stride=2, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(128)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(128, 128, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(128)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        downsample_0 = self.downsample[0](x)
-        downsample_1 = self.downsample[1](downsample_0)
-        conv1 = self.conv1(x)
-        bn1 = self.bn1(conv1)
-        relu = self.relu(bn1)
-        conv2 = self.conv2(relu)
-        bn2 = self.bn2(conv2)
-        add = bn2 + downsample_1
-        relu_1 = self.relu(add)
-        return relu_1
-
-
 class MultidigitsLayers(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -53,7 +26,7 @@ class MultidigitsLayers(nn.Module):
         self.layer3[0].relu = nn.ReLU(inplace=True)
         self.layer3[0].conv2 = nn.Conv2d(64, 64, 3, padding=1, bias=False)
         self.layer3[0].bn2 = nn.BatchNorm2d(64)
-        self.layer4 = nn.ModuleList([TracedBasicBlock()])
+        self.layer4 = nn.Sequential(BasicBlock(64, 128, stride=2))
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.heads = nn.Module()
         self.heads.left = nn.Linear(128, 10)
@@ -73,8 +46,8 @@ class MultidigitsLayers(nn.Module):
         layer3_0_bn2 = self.layer3[0].bn2(layer3_0_conv2)
         layer3_0_add = layer3_0_bn2 + layer3_0_downsample
         layer3_0_relu_1 = self.layer3[0].relu(layer3_0_add)
-        layer4_0 = self.layer4[0](layer3_0_relu_1)
-        avgpool = self.avgpool(layer4_0)
+        layer4 = self.layer4(layer3_0_relu_1)
+        avgpool = self.avgpool(layer4)
         flatten = torch.flatten(avgpool, 1)
         heads_left = self.heads.left(flatten)
         heads_right = self.heads.right(flatten)

@@ -284,7 +284,8 @@ class PythonEmitter:
 
     def _emit_children(self, node: _Tree, prefix: str, lines: list[str]) -> None:
         kind = _container_kind(node)
-        inline = kind == "list" and _inline_list(node, prefix, self.task_containers)
+        if kind == "list" and self._inline_list(node, prefix):
+            return  # (the list's own line builds its items)
         for name, child in node.children.items():
             path = f"{prefix}.{name}" if prefix else name
             access = _access(self.tree, path)
@@ -295,8 +296,7 @@ class PythonEmitter:
                 lines.append(statement(self._indent(2), "", f"{owner}.register_buffer(",
                                        [f'"{name}"', self._leaf_expr(path, child.obj)]))
             elif child.obj is not None:
-                if not inline:
-                    lines.append(self._leaf_line(access, path, child.obj))
+                lines.append(self._leaf_line(access, path, child.obj))
             else:
                 if kind != "list" or _container_kind(child) != "module":
                     lines.append(self._container_line(access, path, child))
@@ -304,8 +304,8 @@ class PythonEmitter:
 
     def _container_line(self, access: str, path: str, node: _Tree) -> str:
         kind = _container_kind(node)
-        if kind == "list" and _inline_list(node, path, self.task_containers):
-            items = [self._leaf_expr(f"{path}.{k}", c.obj) for k, c in node.children.items()]
+        if kind == "list" and self._inline_list(node, path):
+            items = [self._item_expr(f"{path}.{k}", c) for k, c in node.children.items()]
             return statement(self._indent(2), access, "nn.ModuleList([", items, "])")
         if kind == "list":
             count = len(node.children)
@@ -316,18 +316,11 @@ class PythonEmitter:
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
         # Each copy is built like the original layer at ``path`` (its weights come from the file).
-        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
-        items = [f'"{task}": {text}' for task, text in built.items()]
-        params = all(isinstance(c.obj, nn.Parameter) for c in node.children.values())
-        head = "nn.ParameterDict({" if params else "nn.ModuleDict({"
-        ties = self._tie_lines(scope=path)
-        if len(set(built.values())) == 1 and len(built) > 1 and not ties:
+        same = self._same_copies(path, node)
+        if same is not None:
             # the same copy for each task: ``nn.ModuleDict({task: nn.Linear(8, 8) for ...})``
-            tasks = tuple(built)
-            if tasks == self.tasks:
-                self.constants.setdefault(render_value(tasks), "TASKS")
-            names = "TASKS" if tasks == self.tasks else render_value(tasks)
-            ind, text = self._indent(2), built[tasks[0]]
+            head, text, names = same
+            ind = self._indent(2)
             line = f"{ind}{access} = {head}task: {text} for task in {names}}})"
             if len(line) <= LINE and "\n" not in line:
                 return [line]
@@ -335,10 +328,48 @@ class PythonEmitter:
             text = text.replace("\n", "\n" + inner)
             return [f"{ind}{access} = {head}", f"{inner}task: {text}",
                     f"{inner}for task in {names}", f"{ind}}})"]
+        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
+        items = [f'"{task}": {text}' for task, text in built.items()]
+        ties = self._tie_lines(scope=path)
         note = ("per-task running statistics; affine parameters shared" if ties
                 else "branched: one copy per task")
         return [comment(self._indent(2), f"{path}: {note}"),
-                statement(self._indent(2), access, head, items, "})"), *ties]
+                statement(self._indent(2), access, self._dict_head(node), items, "})"), *ties]
+
+    def _same_copies(self, path: str, node: _Tree) -> tuple[str, str, str] | None:
+        """(``nn.ModuleDict({``, the copy's constructor, ``TASKS``) where every task's copy is
+        built the same way and none shares a tensor with another; else None."""
+        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
+        if len(set(built.values())) != 1 or len(built) < 2 or self._tie_lines(scope=path):
+            return None
+        tasks = tuple(built)
+        if tasks == self.tasks:
+            self.constants.setdefault(render_value(tasks), "TASKS")
+        names = "TASKS" if tasks == self.tasks else render_value(tasks)
+        return self._dict_head(node), built[tasks[0]], names
+
+    @staticmethod
+    def _dict_head(node: _Tree) -> str:
+        params = all(isinstance(c.obj, nn.Parameter) for c in node.children.values())
+        return "nn.ParameterDict({" if params else "nn.ModuleDict({"
+
+    def _inline_list(self, node: _Tree, path: str) -> bool:
+        """A ModuleList whose items are all plain leaves, or copies per task each built the same
+        way, is written as one ``nn.ModuleList([...])``."""
+        def inline(key: str, child: _Tree) -> bool:
+            if f"{path}.{key}" not in self.task_containers:
+                return child.obj is not None
+            return (child.obj is None and all(c.obj is not None for c in child.children.values())
+                    and self._same_copies(f"{path}.{key}", child) is not None)
+
+        return all(inline(k, c) for k, c in node.children.items())
+
+    def _item_expr(self, path: str, node: _Tree) -> str:
+        """A ModuleList item written inline: a leaf's constructor, or one copy per task."""
+        if node.obj is not None:
+            return self._leaf_expr(path, node.obj)
+        head, text, names = self._same_copies(path, node)
+        return f"{head}task: {text} for task in {names}}})"
 
     def _tie_lines(self, scope: str | None = None) -> list[str]:
         """``self.b.weight = self.a.weight`` where separately built leaves share a Parameter;
@@ -661,23 +692,26 @@ class PythonEmitter:
 
 
 def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
-    """The items of a generated class's call, in order, when each is taken once (its result is
-    then unpacked where it is made); else empty."""
+    """The items of a module call's tuple result (a generated class's, or one whose length the
+    call's annotation recorded), in order, when each is taken once (its result is then unpacked
+    where it is made); else empty."""
     if node.op != "call_module" or region_call(node):
         return []
     try:
         stream = resolve(module, str(node.target))
     except AttributeError:
         return []
-    if not isinstance(stream, TaskStream):
-        return []
-    result = output_node(stream.train_graph).args[0]
+    if isinstance(stream, TaskStream):
+        result = output_node(stream.train_graph).args[0]
+        items = len(result) if isinstance(result, tuple) else None
+    else:
+        items = node.meta.get("reconfx", {}).get("items")
     users = list(node.users)
-    if not isinstance(result, tuple) or any(
+    if items is None or any(
             u.target is not operator.getitem or type(u.args[1]) is not int for u in users):
         return []
     users.sort(key=lambda u: u.args[1])
-    return users if [u.args[1] for u in users] == list(range(len(result))) else []
+    return users if [u.args[1] for u in users] == list(range(items)) else []
 
 
 def _node_at(tree: _Tree, path: str) -> _Tree:
@@ -781,12 +815,6 @@ def _region_doc(region: StreamRegion, indent: str) -> list[str]:
 
 def _under(path: str, prefix: str) -> bool:
     return path == prefix or path.startswith(prefix + ".")
-
-
-def _inline_list(node: _Tree, path: str, task_containers: set[str]) -> bool:
-    """A ModuleList whose items are all plain leaves is written as one ``nn.ModuleList([...])``."""
-    return all(c.obj is not None and f"{path}.{k}" not in task_containers
-               for k, c in node.children.items())
 
 
 def _owning_leaf(name: str, leaves: set[str]) -> str:
