@@ -31,6 +31,9 @@ METHODS = {
     "masked_fill": "masked_fill", "gather": "gather", "repeat": "repeat",
     "expand_as": "expand_as", "clone": "clone", "amax": "amax", "select": "select",
     "chunk": "chunk", "split": "split", "unbind": "unbind", "unflatten": "unflatten",
+    "new_ones": "new_ones", "new_zeros": "new_zeros", "new_full": "new_full",
+    "new_empty": "new_empty", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
+    "clamp": "clamp", "abs": "abs", "any": "any", "all": "all", "index_select": "index_select",
 }
 # aten packet -> torch function
 FUNCTIONS = {
@@ -44,8 +47,9 @@ FUNCTIONS = {
 }
 # aten packet -> infix operator (two positional arguments, no keyword such as alpha)
 INFIX = {"add": "+", "sub": "-", "mul": "*", "div": "/", "eq": "==", "ne": "!=", "lt": "<",
-         "le": "<=", "gt": ">", "ge": ">=", "matmul": "@"}
-UNARY = {"neg": "-"}
+         "le": "<=", "gt": ">", "ge": ">=", "matmul": "@", "__and__": "&", "__or__": "|",
+         "__xor__": "^", "bitwise_and": "&", "bitwise_or": "|", "bitwise_xor": "^"}
+UNARY = {"neg": "-", "bitwise_not": "~"}
 
 
 def packet(op: object) -> str | None:
@@ -72,7 +76,8 @@ def spelling(node: fx.Node) -> Spelling | None:
         return Spelling("infix", INFIX[name])
     if name in UNARY and len(node.args) == 1 and not node.kwargs:
         return Spelling("unary", UNARY[name])
-    method = METHODS.get(name) or (name if name.endswith("_") and hasattr(torch.Tensor, name)
+    method = METHODS.get(name) or (name if name.endswith("_") and not name.startswith("_")
+                                   and hasattr(torch.Tensor, name)
                                    else None)  # in-place ops: x.mul_(0.5)
     if name == "to" and "layout" in node.kwargs:  # Tensor.to takes no layout
         method = None
@@ -85,7 +90,8 @@ def spelling(node: fx.Node) -> Spelling | None:
 
 _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,
               "==": operator.eq, "!=": operator.ne, "<": operator.lt, "<=": operator.le,
-              ">": operator.gt, ">=": operator.ge, "@": operator.matmul}
+              ">": operator.gt, ">=": operator.ge, "@": operator.matmul, "&": operator.and_,
+              "|": operator.or_, "^": operator.xor}
 
 
 def _callable(s: Spelling) -> tuple[str, Any]:
@@ -93,7 +99,7 @@ def _callable(s: Spelling) -> tuple[str, Any]:
     if s.kind == "method":
         return "call_method", s.name
     if s.kind == "unary":
-        return "call_function", operator.neg
+        return "call_function", operator.neg if s.name == "-" else operator.invert
     if s.kind == "infix":
         return "call_function", _OPERATORS[s.name]
     obj: Any = torch

@@ -20,7 +20,8 @@ def test_indices_use_slice_syntax():
 
     assert render_index((slice(None), 0), str) == ":, 0"
     assert render_index(slice(1, None, 2), str) == "1::2"
-    assert render_index((slice(None),), str) == ":,"
+    assert render_index((slice(None),), str) == ":"  # x[:], not x[:,]
+    assert render_index((0,), str) == "0,"  # (a 1-tuple key of a mapping stays one)
 
 
 def test_long_names_keep_their_tail_and_stay_identifiers():

@@ -889,7 +889,8 @@ def _call_arguments(node: fx.Node, name_of: Any, spelled: set[str] = frozenset()
             kwargs = {n: kwargs.get(n, defaults.get(n)) for n in names[first:]
                       if n in kwargs or n in spelled}
     kwargs = {k: v for k, v in kwargs.items() if k in spelled
-              or not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])}
+              or not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])
+              and not (k == "pin_memory" and v is False)}  # (False and None mean the same)
     return [render_arg(a, name_of) for a in args] + [
         f"{k}={render_arg(v, name_of)}" for k, v in kwargs.items()]
 
@@ -941,16 +942,24 @@ def _slice_index(args: tuple[Any, ...]) -> tuple[slice, ...]:
 
 
 def _identity_input(node: fx.Node) -> fx.Node | None:
-    """The input of an aten op that returns its input's value unchanged (``x + 0``, ``x * 1``)
-    in the same dtype and shape, when nothing modifies the result in place (then it could
+    """The input of an aten op that returns its input's value unchanged (``x + 0``, ``x * 1``,
+    ``x[:]``) in the same dtype and shape, when nothing modifies the result in place (then it could
     share the input's name); else None."""
     name = packet(node.target) if node.op == "call_function" else None
     neutral = {"add": 0, "sub": 0, "mul": 1, "div": 1}
-    if name not in neutral or len(node.args) != 2 or node.kwargs:
+    if name == "slice" and node.args and isinstance(node.args[0], fx.Node) and not node.kwargs:
+        # x[:] along one axis: start 0, end past the axis, step 1
+        _dim, start, end, step = (*node.args[1:], None, None, None, None)[:4]
+        if start not in (None, 0) or step not in (None, 1) or (
+                end is not None and not (isinstance(end, int) and end >= 2**62)):
+            return None
+        source = node.args[0]
+    elif name not in neutral or len(node.args) != 2 or node.kwargs:
         return None
-    source, other = node.args
-    if not isinstance(source, fx.Node) or isinstance(other, bool) or other != neutral[name]:
-        return None
+    else:
+        source, other = node.args
+        if not isinstance(source, fx.Node) or isinstance(other, bool) or other != neutral[name]:
+            return None
     mine, theirs = node.meta.get("val"), source.meta.get("val")
     if not isinstance(mine, torch.Tensor) or not isinstance(theirs, torch.Tensor) or (
             mine.dtype != theirs.dtype or mine.shape != theirs.shape):

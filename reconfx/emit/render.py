@@ -153,11 +153,14 @@ def _slice(value: slice, name_of: Callable[[Any], str] | None) -> str:
 
 
 def render_index(index: Any, name_of: Callable[[Any], str]) -> str:
-    """``x[:, 0]`` instead of ``x[(slice(None, None, None), 0)]``."""
+    """``x[:, 0]`` instead of ``x[(slice(None, None, None), 0)]``; ``x[:]`` for
+    ``x[(slice(None),)]``."""
     items = index if isinstance(index, tuple) and index else (index,)
     text = ", ".join(_slice(i, name_of) if isinstance(i, slice) else render_value(i, name_of)
                      for i in items)
-    return text if len(items) > 1 or not isinstance(index, tuple) else f"{text},"
+    if len(items) > 1 or not isinstance(index, tuple) or isinstance(items[0], slice):
+        return text  # (``x[(slice(None),)]`` is ``x[:]``: only a tensor takes a slice)
+    return f"{text},"
 
 
 def statement(indent: str, lhs: str, opener: str, args: list[str], closer: str = ")") -> str:
