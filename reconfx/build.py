@@ -12,15 +12,11 @@ import torch
 from torch import nn
 
 from reconfx.artifacts import torch_load_safely
+from reconfx.data.padding import padded_data
 from reconfx.errors import ModelError, SpecError
 from reconfx.heads import attach_heads
-from reconfx.spec import FactorySpec, InputSpec, Spec
+from reconfx.spec import DTYPES, FactorySpec, InputSpec, Spec
 from reconfx.tree import is_sequence_root, output_leaves
-
-_DTYPES = {
-    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
-    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
-}
 
 
 def resolve_factory(text: str, where: str) -> Any:
@@ -79,8 +75,8 @@ def call_data_factory(data: Any, split: str, seed: int, where: str,
                          "arguments: every split reconfx reads needs items")
     try:
         item = dataset[0]
-    except Exception:
-        return dataset  # the loader reports a failing item, naming the batch it belongs to
+    except Exception:  # the loader reports a failing item, naming the batch it belongs to
+        return padded_data(dataset, inputs, where.rsplit(": ", 1)[0])
     if not (isinstance(item, tuple | list) and len(item) == 2
             and all(isinstance(part, dict) for part in item)):
         raise ModelError(f"data factory '{data.factory}': items of the '{split}' split are "
@@ -88,13 +84,15 @@ def call_data_factory(data: Any, split: str, seed: int, where: str,
                          where=f"{where}.factory", fix="return ({input name: tensor}, "
                          "{task name: tensor}) from __getitem__")
     for spec in inputs:
+        if spec.mask_of is not None and spec.name not in item[0]:
+            continue  # (the loader builds it)
         problem = _input_problem(item[0].get(spec.name), spec)
         if problem:
             raise ModelError(f"data factory '{data.factory}': input '{spec.name}' of the "
                              f"'{split}' split {problem}", where=f"{where}.factory",
                              fix=f"make the factory return what inputs[] declares for "
                              f"'{spec.name}', or change its declaration")
-    return dataset
+    return padded_data(dataset, inputs, where.rsplit(": ", 1)[0])
 
 
 def _input_problem(value: Any, spec: InputSpec) -> str | None:
@@ -171,8 +169,12 @@ def example_inputs(inputs: list[InputSpec], seed: int = 0, batch: int | None = N
             shape[axis] += grow
         if batch is not None:
             shape[0] = batch
-        dtype = _DTYPES[spec.dtype]
-        if dtype.is_floating_point:
+        dtype = DTYPES[spec.dtype]
+        if spec.mask_of is not None:  # a padding mask: the first row full, then shorter ones
+            lengths = torch.randint(1, shape[1] + 1, (shape[0],), generator=gen)
+            lengths[0] = shape[1]
+            out[spec.name] = (torch.arange(shape[1]) < lengths[:, None]).to(dtype)
+        elif dtype.is_floating_point:
             value = torch.rand(shape, generator=gen)
             if spec.low is not None or spec.high is not None:
                 low = spec.low if spec.low is not None else 0.0
@@ -220,10 +222,12 @@ def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
     model = call_factory(spec.factory, where)
     if spec.backbone is not None:
         example = example_inputs(spec.inputs, seed=spec.train.seed)
-        run_example(model, example, spec, spec_path)
+        given = [i.name for i in spec.inputs if i.to_backbone]
+        run_example(model, {k: example[k] for k in given}, spec, spec_path)
         heads = {t.name: t.head for t in spec.tasks}
         model = attach_heads(model, spec.backbone.feature, heads, example,
-                             f"{where}.feature")
+                             f"{where}.feature",
+                             None if len(given) == len(spec.inputs) else given)
     return model.eval()
 
 

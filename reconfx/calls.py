@@ -628,8 +628,9 @@ def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], 
     for target in used:
         inside = next((p for p in paths if under(target, p)), None)
         try:
-            root[target] = (resolve(module, target) if inside is None or target == inside
-                            else resolve(usable[inside], target[len(inside) + 1:]))
+            root[target] = (resolve(module, target) if inside is None else usable[inside]
+                            if target == inside else
+                            resolve(usable[inside], target[len(inside) + 1:]))
         except AttributeError:
             return None  # the graph still reads a constant the tracer lifted into the call
     root.update({p: usable[p] for p in paths})

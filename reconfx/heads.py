@@ -23,7 +23,9 @@ class Pool(nn.Module):
     """Reduce a feature before a head: ``mean``/``max`` over ``dims``, or ``cls`` (first token).
 
     The axes are fixed when the head is built (from the feature's rank), so the forward has no
-    shape-dependent Python branch and traces into plain tensor ops.
+    shape-dependent Python branch and traces into plain tensor ops. With a padding ``mask``
+    (batch, seq) of a (batch, seq, dim) feature, ``mean`` and ``max`` leave out the positions
+    where it is 0, so padding a batch does not change the result.
     """
 
     def __init__(self, mode: str, dims: tuple[int, ...]):
@@ -34,10 +36,16 @@ class Pool(nn.Module):
     def extra_repr(self) -> str:
         return f"{self.mode!r}, dims={self.dims}"
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         if self.mode == "cls":
             return x[:, 0]
-        return x.mean(self.dims) if self.mode == "mean" else x.amax(self.dims)
+        if mask is None:
+            return x.mean(self.dims) if self.mode == "mean" else x.amax(self.dims)
+        keep = (mask != 0).unsqueeze(-1)
+        if self.mode == "max":
+            return x.masked_fill(~keep, torch.finfo(x.dtype).min).amax(1)
+        weight = keep.to(x.dtype)
+        return (x * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
 def pool_dims(rank: int) -> tuple[int, ...]:
@@ -46,8 +54,10 @@ def pool_dims(rank: int) -> tuple[int, ...]:
 
 
 def build_head(spec: HeadSpec, in_features: int, rank: int) -> nn.Sequential:
+    """The head's layers; a pool first unless the head pools with a mask (then the model pools
+    before calling it, see :class:`MultiTaskModel`)."""
     layers: list[nn.Module] = []
-    if spec.pool != "none":
+    if spec.pool != "none" and spec.mask is None:
         layers.append(Pool(spec.pool, pool_dims(rank)))
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
@@ -62,24 +72,37 @@ def build_head(spec: HeadSpec, in_features: int, rank: int) -> nn.Sequential:
 class MultiTaskModel(nn.Module):
     """``backbone`` followed by one head per task; returns a dict keyed by task name.
 
-    Use :func:`multitask_model`: both tracers need ``forward`` to name each input, so the class
-    is specialised to the spec's input names.
+    The backbone gets the inputs named in ``backbone_inputs`` (all when None). A task pooling
+    with a padding mask has its :class:`Pool` in ``pools`` (called with the feature and the mask
+    input named in ``masks``) before its head. Use :func:`multitask_model`: both tracers need
+    ``forward`` to name each input, so the class is specialised to the spec's input names.
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None):
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
+                 pools: dict[str, tuple[Pool, str]] | None = None,
+                 backbone_inputs: Sequence[str] | None = None):
         super().__init__()
         self.backbone = backbone
+        if pools:
+            self.pools = nn.ModuleDict({task: pool for task, (pool, _mask) in pools.items()})
         self.heads = nn.ModuleDict(heads)
         self.field = field
+        self.masks = {task: mask for task, (_pool, mask) in (pools or {}).items()}
+        self.backbone_inputs = None if backbone_inputs is None else list(backbone_inputs)
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        out = self.backbone(**inputs)
+        given = inputs if self.backbone_inputs is None else {
+            k: v for k, v in inputs.items() if k in self.backbone_inputs}
+        out = self.backbone(**given)
         feature = out if self.field is None else _field(out, self.field)
-        return {name: head(feature) for name, head in self.heads.items()}
+        return {name: head(self.pools[name](feature, inputs[self.masks[name]])
+                           if name in self.masks else feature)
+                for name, head in self.heads.items()}
 
 
 def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
-                    input_names: Sequence[str]) -> MultiTaskModel:
+                    input_names: Sequence[str], pools: dict[str, tuple[Pool, str]] | None = None,
+                    backbone_inputs: Sequence[str] | None = None) -> MultiTaskModel:
     """A :class:`MultiTaskModel` whose ``forward`` takes exactly ``input_names``."""
     names = [n for n in input_names if n.isidentifier()]
     if len(names) != len(input_names):
@@ -89,7 +112,7 @@ def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str
     namespace: dict[str, Any] = {}
     exec(compile(source, "<reconfx multitask forward>", "exec"), namespace)  # noqa: S102
     cls = type("MultiTaskModel", (MultiTaskModel,), {"forward": namespace["forward"]})
-    return cls(backbone, heads, field)
+    return cls(backbone, heads, field, pools, backbone_inputs)
 
 
 def _field(out: Any, name: str) -> Any:
@@ -97,21 +120,37 @@ def _field(out: Any, name: str) -> Any:
 
 
 def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
-                 example: dict[str, torch.Tensor], where: str) -> MultiTaskModel:
-    """Build the multi-task model; head input sizes come from one run on the example inputs."""
-    backbone, field = _tap(backbone, feature, example, where)
+                 example: dict[str, torch.Tensor], where: str,
+                 backbone_inputs: Sequence[str] | None = None) -> MultiTaskModel:
+    """Build the multi-task model; head input sizes come from one run on the example inputs.
+    The backbone gets the inputs in ``backbone_inputs`` (all when None)."""
+    given = {k: v for k, v in example.items() if backbone_inputs is None or k in backbone_inputs}
+    backbone, field = _tap(backbone, feature, given, where)
     with torch.no_grad():
         was_training = backbone.training
-        out = backbone.eval()(**example)
+        out = backbone.eval()(**given)
         backbone.train(was_training)
     value = out if field is None else _field(out, field)
     if not isinstance(value, torch.Tensor):
         raise ModelError(f"feature '{feature}' is a {type(value).__name__}, not a tensor",
                          where=where, fix="tap a tensor-valued field or module")
+    pools = {}
+    for name, spec in heads.items():
+        if spec.mask is None:
+            continue
+        mask = example[spec.mask]
+        if value.dim() != 3 or tuple(mask.shape) != tuple(value.shape[:2]):
+            raise ModelError(
+                f"task '{name}' pools with mask '{spec.mask}' of shape {tuple(mask.shape)}, "
+                f"which does not mark the positions of the feature of shape "
+                f"{tuple(value.shape)} (a mask is (batch, seq) for a (batch, seq, dim) feature)",
+                where=where, fix="tap a per-token feature, or drop the head's mask")
+        pools[name] = (Pool(spec.pool, pool_dims(value.dim())), spec.mask)
     built = {name: build_head(spec, value.shape[-1] if spec.pool in ("none", "cls")
                               or value.dim() != 4 else value.shape[1], value.dim())
              for name, spec in heads.items()}
-    return multitask_model(backbone, built, field, list(example))
+    return multitask_model(backbone, built, field, list(example), pools,
+                           None if backbone_inputs is None else list(backbone_inputs))
 
 
 def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],

@@ -37,6 +37,7 @@ from reconfx.checks import (
     check_parity,
     check_sharing,
 )
+from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
@@ -553,7 +554,8 @@ def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
     if s.data is not None:
         dataset = call_data_factory(s.data, "test", s.train.seed, f"{loaded.path}: data",
                                     s.inputs)
-        inputs, _targets = next(iter(torch.utils.data.DataLoader(dataset, batch_size=16)))
+        inputs, _targets = next(iter(torch.utils.data.DataLoader(
+            dataset, batch_size=16, collate_fn=collate_of(dataset))))
         cases.append((f"test data, {len(next(iter(inputs.values())))} items", inputs))
     return cases
 

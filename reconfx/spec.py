@@ -96,6 +96,10 @@ class HeadSpec(_Strict):
     out_features: PositiveInt
     hidden: list[PositiveInt] = Field(default_factory=list, description="mlp hidden sizes")
     pool: Literal["none", "mean", "max", "cls"] = "none"
+    mask: str | None = Field(
+        default=None, description="with pool mean or max: the input holding the padding mask "
+        "of a (batch, seq, dim) feature (1 at real tokens, 0 at padding); masked positions are "
+        "left out of the pool")
     dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
@@ -104,10 +108,17 @@ class HeadSpec(_Strict):
             raise ValueError("hidden sizes are for type: mlp; a linear head has none")
         if self.type == "mlp" and not self.hidden:
             raise ValueError("an mlp head needs at least one hidden size, e.g. hidden: [256]")
+        if self.mask is not None and self.pool not in ("mean", "max"):
+            raise ValueError(f"a mask applies to pool: mean or max, and this head's pool is "
+                             f"{self.pool} (a cls or per-token head needs none)")
         return self
 
 
 _DTYPES = Literal["float32", "float64", "float16", "bfloat16", "int64", "int32", "bool"]
+DTYPES = {
+    "float32": torch.float32, "float64": torch.float64, "float16": torch.float16,
+    "bfloat16": torch.bfloat16, "int64": torch.int64, "int32": torch.int32, "bool": torch.bool,
+}
 
 
 class InputSpec(_Strict):
@@ -121,6 +132,15 @@ class InputSpec(_Strict):
     )
     low: float | None = Field(default=None, description="lowest example value (int inputs)")
     high: float | None = Field(default=None, description="example values stay below this")
+    pad: float | None = Field(
+        default=None, description="value the data loader pads this input's items with where "
+        "their sizes differ within a batch (0 for token ids); without it such a batch is refused")
+    mask_of: str | None = Field(
+        default=None, description="this input is the padding mask of the named input: 1 where "
+        "that input has data, 0 where it was padded; built by the loader where items lack it")
+    to_backbone: bool = Field(
+        default=True, description="the backbone (or model) receives this input as the keyword "
+        "argument of its name; false for an input only a head's mask reads")
 
     @model_validator(mode="after")
     def _check(self) -> InputSpec:
@@ -131,13 +151,17 @@ class InputSpec(_Strict):
         for axis in self.dynamic:
             if axis >= len(self.shape):
                 raise ValueError(f"dynamic axis {axis} is outside shape {self.shape}")
-        if self.dtype.startswith("int") and self.high is None:
+        if self.dtype.startswith("int") and self.high is None and self.mask_of is None:
             raise ValueError(
                 "integer inputs need 'high' (exclusive upper bound of example values; "
                 "token ids must stay below the vocabulary size)"
             )
         if self.low is not None and self.high is not None and self.low >= self.high:
             raise ValueError(f"low ({self.low}) must be below high ({self.high})")
+        if self.mask_of is not None and (len(self.shape) < 2 or self.dtype.startswith("float")
+                                         and self.dtype != "float32"):
+            raise ValueError("a mask (mask_of) has a (batch, seq) shape and an int, bool or "
+                             "float32 dtype")
         return self
 
 
@@ -324,6 +348,30 @@ class Spec(_Strict):
             raise ValueError(f"with a backbone every task needs a head; missing: {headless}")
         if self.model is not None and len(headless) != len(self.tasks):
             raise ValueError("task heads are built only for a 'backbone'; a 'model' has its own")
+        names = [i.name for i in self.inputs]
+        for i, spec in enumerate(self.inputs):
+            if spec.mask_of is not None and spec.mask_of not in set(names) - {spec.name}:
+                raise ValueError(f"inputs[{i}].mask_of: '{spec.mask_of}' is not another input "
+                                 f"(inputs: {', '.join(names)})")
+        for i, task in enumerate(self.tasks):
+            if task.head is not None and task.head.mask is not None and \
+                    task.head.mask not in names:
+                raise ValueError(f"tasks[{i}].head.mask: '{task.head.mask}' is not an input "
+                                 f"(inputs: {', '.join(names)}); declare the mask as an input, "
+                                 "e.g. {name: attention_mask, mask_of: input_ids}")
+        if not any(i.to_backbone for i in self.inputs):
+            raise ValueError("every input has to_backbone: false; the model needs at least one")
+        if self.model is not None and not all(i.to_backbone for i in self.inputs):
+            raise ValueError("to_backbone: false is for a 'backbone' with heads; a 'model' "
+                             "receives every input")
+        for i, spec in enumerate(self.inputs):
+            source = next((s for s in self.inputs if s.name == spec.mask_of), None)
+            if source is not None and (spec.shape != source.shape[:2]
+                                       or set(spec.dynamic) != set(source.dynamic) & {0, 1}):
+                raise ValueError(f"inputs[{i}]: mask '{spec.name}' has shape {spec.shape} and "
+                                 f"dynamic axes {spec.dynamic}; as the mask of "
+                                 f"'{source.name}' it needs shape {source.shape[:2]} and "
+                                 f"dynamic {sorted(set(source.dynamic) & {0, 1})}")
         return self
 
     @property

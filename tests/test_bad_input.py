@@ -292,3 +292,29 @@ def test_broken_data_splits_are_one_line_errors(tmp_path, capsys, split, how, ne
     code, _out, err = run_cli(capsys, "run", str(path), "--quiet")
     assert code == 2
     assert_one_line(err, "tests.models:broken_split", *needles)
+
+
+TEXT = {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"}
+IDS = {"name": "input_ids", "shape": [2, 8], "dtype": "int64", "high": 30522, "dynamic": [0, 1]}
+MASK = {"name": "attention_mask", "shape": [2, 8], "dtype": "int64", "dynamic": [0, 1],
+        "mask_of": "input_ids"}
+
+
+@pytest.mark.parametrize(("inputs", "head", "needles"), [
+    ([IDS], {"out_features": 2, "pool": "mean", "mask": "attention_mask"},
+     ["tasks[1].head.mask: 'attention_mask' is not an input (inputs: input_ids)",
+      "mask_of: input_ids"]),
+    ([IDS, MASK], {"out_features": 2, "pool": "cls", "mask": "attention_mask"},
+     ["tasks[1].head: a mask applies to pool: mean or max"]),
+    ([IDS, {**MASK, "mask_of": "attention_mask"}], {"out_features": 2},
+     ["inputs[1].mask_of: 'attention_mask' is not another input"]),
+    ([IDS, {**MASK, "shape": [2, 9]}], {"out_features": 2},
+     ["inputs[1]: mask 'attention_mask' has shape [2, 9]", "needs shape [2, 8]"]),
+])
+def test_masks_that_do_not_fit_the_inputs(tmp_path, capsys, inputs, head, needles):
+    path = write_spec(tmp_path, backbone=TEXT, inputs=inputs,
+                      tasks=[{"name": "ner", "head": {"out_features": 3}},
+                             {"name": "sentiment", "head": head}])
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, str(path), *needles)

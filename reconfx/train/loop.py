@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.artifacts import replace_file, save_weights
+from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.errors import TrainingError
 from reconfx.layers import Layer
@@ -50,7 +51,8 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
         dataset = torch.utils.data.Subset(dataset, range(w.rank, len(dataset), w.size))
     sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # metric totals, item counts
     device = next(module.parameters()).device
-    for inputs, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+    for inputs, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size,
+                                                       collate_fn=collate_of(dataset)):
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
         for i, (task, (_name, metric)) in enumerate(zip(tasks, metrics, strict=True)):

@@ -10,12 +10,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reconfx.data.padding import IGNORE
 from reconfx.errors import SpecError
 
 
 def _flat(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Token-level logits (batch, seq, classes) against (batch, seq) labels, flattened."""
     return (out.flatten(0, -2), y.flatten()) if out.dim() > 2 else (out, y)
+
+
+def _labelled(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """As :func:`_flat`, without the positions labelled IGNORE (padding)."""
+    out, y = _flat(out, y)
+    keep = y != IGNORE
+    return out[keep], y[keep]
 
 
 LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
@@ -59,8 +67,9 @@ class Metric:
 
 
 METRICS: dict[str, Metric] = {
-    "accuracy": Metric(lambda out, y: (_flat(out, y)[0].argmax(-1) == _flat(out, y)[1]).sum(),
-                       lambda out, y: _flat(out, y)[1].numel(), True),
+    "accuracy": Metric(lambda out, y: (_labelled(out, y)[0].argmax(-1)
+                                       == _labelled(out, y)[1]).sum(),
+                       lambda out, y: _labelled(out, y)[1].numel(), True),
     "mse": Metric(lambda out, y: ((out - y.to(out.dtype).view_as(out)) ** 2).sum(),
                   lambda out, y: out.numel(), False),
     "mae": Metric(lambda out, y: (out - y.to(out.dtype).view_as(out)).abs().sum(),

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from reconfx.artifacts import replace_file, torch_load_safely
+from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.errors import ModelError, SpecError
 
@@ -61,13 +62,16 @@ class Batches:
             self.batch_size, self.drop_last)
         shards = _Shards(sampler, self.index, self.world)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=shards,
-                                             generator=self.generator)
+                                             generator=self.generator,
+                                             collate_fn=collate_of(self.dataset))
         batches = iter(loader)
         while True:
             try:
                 batch = next(batches)
             except StopIteration:
                 break
+            except ModelError:  # (padding refused a batch: the message names the spec field)
+                raise
             except Exception as exc:  # the data set's own code failed: name it, one line
                 first = (str(exc).strip().splitlines() or [""])[0][:300]
                 raise ModelError(f"loading batch {self.index + 1} of epoch {self.epoch + 1} "
