@@ -23,11 +23,16 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
+    from reconfx.build import resolve_factory
     from reconfx.spec import load_spec_file
 
     loaded = load_spec_file(args.spec)
     s = loaded.spec
     source = "model" if s.model is not None else "backbone"
+    # (imported, not called: a missing package or misspelt name fails here, not at `run`)
+    resolve_factory(s.factory.factory, f"{loaded.path}: {source}.factory")
+    if s.data is not None:
+        resolve_factory(s.data.factory, f"{loaded.path}: data.factory")
     print(f"{loaded.path}: ok ('{s.name}': {source} {s.factory.factory}, "
           f"{len(s.inputs)} input(s), tasks {', '.join(s.task_names)})")
     return 0

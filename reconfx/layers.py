@@ -40,8 +40,15 @@ class Layer:
         return self.modules + self.params
 
     def matches(self, pattern: str) -> bool:
+        """``pattern`` is one of the layer's paths, a glob matching one, or a module holding
+        it (``encoder.layer.5`` means every layer under it)."""
         return any(p == pattern or fnmatch.fnmatchcase(p, pattern)
+                   or pattern and not is_glob(pattern) and p.startswith(pattern + ".")
                    for p in (self.name, *self.paths))
+
+
+def is_glob(pattern: str) -> bool:
+    return any(c in pattern for c in "*?[")
 
 
 def _owner(target: str) -> str:

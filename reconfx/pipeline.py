@@ -55,7 +55,7 @@ from reconfx.report import (
     markdown_table,
 )
 from reconfx.rewrite import Branched, branch
-from reconfx.select import select_layers
+from reconfx.select import check_patterns, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.trace import Traced, trace
 from reconfx.train.aggregators import aggregator
@@ -101,6 +101,7 @@ def prepare(spec: LoadedSpec | str | Path) -> Prepared:
     s = loaded.spec
     torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
     model = build_model(s, loaded.path)
+    check_patterns(s.select, model, str(loaded.path))
     examples = spec_examples(s)
     output = run_example(model, examples[0], s, loaded.path)
     run_example(model, examples[1], s, loaded.path, grown=True)

@@ -3,11 +3,15 @@ mechanism). Candidates are the shared layers, narrowed by ``include``/``exclude`
 
 from __future__ import annotations
 
+import difflib
+import fnmatch
 import math
 import warnings
 
+from torch import nn
+
 from reconfx.errors import SelectionError
-from reconfx.layers import Layer, match_layers
+from reconfx.layers import Layer, is_glob, match_layers
 from reconfx.spec import SelectSpec
 
 
@@ -93,3 +97,27 @@ def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
             where=f"{where}: select.layers",
             fix="run `reconfx inspect SPEC` for the layer paths")
     return chosen
+
+
+def check_patterns(spec: SelectSpec | None, model: nn.Module, where: str = "spec") -> None:
+    """Before tracing: each name or glob in ``select.layers``, ``include`` and ``exclude`` must
+    name a module or parameter of the built model (a module stands for every layer under it);
+    one naming nothing is refused with the closest names."""
+    if spec is None:
+        return
+    names = [n for n, _m in model.named_modules() if n]
+    names += [n for n, _p in model.named_parameters()]
+    for field in ("layers", "include", "exclude"):
+        for pattern in getattr(spec, field) or []:
+            if any(n == pattern or fnmatch.fnmatchcase(n, pattern)
+                   or not is_glob(pattern) and n.startswith(pattern + ".") for n in names):
+                continue
+            plain = pattern.rstrip(".*") if is_glob(pattern) else pattern
+            close = difflib.get_close_matches(plain, [n for n, _m in model.named_modules() if n],
+                                              n=3, cutoff=0.6)
+            hint = f"did you mean {', '.join(repr(c) for c in close)}? " if close else ""
+            raise SelectionError(
+                f"pattern '{pattern}' names no module or parameter of the model",
+                where=f"{where}: select.{field}",
+                fix=f"{hint}a module path stands for every layer under it; `reconfx inspect "
+                    "SPEC` lists the layers")

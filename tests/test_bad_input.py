@@ -135,13 +135,43 @@ def test_checkpoint_that_fits_is_loaded(tmp_path, capsys):
     assert torch.equal(weights["layer4.left.0.conv1.weight"], model.layer4[0].conv1.weight)
 
 
-def test_layer_pattern_matching_nothing(tmp_path, capsys):
+def test_layer_pattern_matching_nothing(tmp_path, capsys, monkeypatch):
+    from reconfx import pipeline
+
+    traced = []
+    monkeypatch.setattr(pipeline, "trace", lambda *a, **k: traced.append(1))
     path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
-                      select={"layers": ["layer9.*"]})
+                      select={"layers": ["layr4.*"]})
     code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
     assert code == 2
-    assert_one_line(err, "select.layers", "pattern 'layer9.*' matches no shared layer",
-                    "reconfx inspect")
+    assert_one_line(err, "select.layers", "pattern 'layr4.*' names no module or parameter of "
+                    "the model", "did you mean 'layer4'", "reconfx inspect")
+    assert not traced  # refused before tracing
+
+
+def test_include_naming_nothing_is_refused_before_tracing(tmp_path, capsys):
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
+                      select={"layers": ["layer4"], "exclude": ["layer4.0.bn9"]})
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert_one_line(err, "select.exclude", "pattern 'layer4.0.bn9'", "did you mean")
+
+
+@pytest.mark.parametrize(("field", "factory", "needle"), [
+    ("model", "no_such_package.models:build", "cannot import 'no_such_package.models'"),
+    ("model", "reconfx.zoo:no_such_model", "'reconfx.zoo' has no attribute 'no_such_model'"),
+    ("data", "no_such_package.data:load", "cannot import 'no_such_package.data'"),
+])
+def test_validate_imports_the_factories_it_names(tmp_path, capsys, field, factory, needle):
+    fields = {"model": {**RESNET}, "inputs": IMAGE, "tasks": TASKS}
+    if field == "model":
+        fields["model"]["factory"] = factory
+    else:
+        fields["data"] = {"factory": factory}
+    path = write_spec(tmp_path, **fields)
+    code, _, err = run_cli(capsys, "validate", str(path))
+    assert code == 2
+    assert_one_line(err, f"{path}: {field}.factory", needle)
 
 
 def test_layer_used_by_one_task_only(tmp_path, capsys):

@@ -91,3 +91,12 @@ def test_random_is_seeded_and_needs_no_profile(layers):
 def test_scores_from_another_model_are_refused(layers):
     with pytest.raises(SelectionError, match="no score for 24 candidate"):
         select_layers(layers, SelectSpec(top_k=2), scores={"fc": 3})
+
+
+def test_a_module_path_selects_every_shared_layer_under_it(layers):
+    by_module = select_layers(layers, SelectSpec(layers=["layer4"]))
+    by_glob = select_layers(layers, SelectSpec(layers=["layer4.*"]))
+    assert [layer.name for layer in by_module] == [layer.name for layer in by_glob]
+    assert len(by_module) > 1 and all(layer.name.startswith("layer4.") for layer in by_module)
+    # (a path is not a prefix of another name: layer4 does not take a layer4x)
+    assert not [layer for layer in layers if layer.matches("layer")]
