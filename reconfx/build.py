@@ -38,16 +38,21 @@ def resolve_factory(text: str, where: str) -> Any:
 
 
 def call_factory(factory: FactorySpec, where: str) -> nn.Module:
-    fn = resolve_factory(factory.factory, f"{where}.factory")
+    text, kwargs = factory.call
+    field = f"{where}.{factory.source}"
+    fn = resolve_factory(text, field)
     try:
-        model = fn(**factory.kwargs)
+        model = fn(**kwargs)
+    except ModelError as exc:  # (hf / timm loading: the message says what is wrong)
+        raise ModelError(exc.message, where=field, fix=exc.fix) from None
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
-        raise ModelError(f"factory '{factory.factory}' raised {type(exc).__name__}: {first}",
-                         where=f"{where}.kwargs", fix="check the factory's arguments") from None
+        raise ModelError(f"factory '{text}' raised {type(exc).__name__}: {first}",
+                         where=f"{where}.kwargs" if factory.factory else field,
+                         fix="check the factory's arguments") from None
     if not isinstance(model, nn.Module):
-        raise ModelError(f"factory '{factory.factory}' returned {type(model).__name__}, "
-                         "not a torch.nn.Module", where=f"{where}.factory")
+        raise ModelError(f"factory '{text}' returned {type(model).__name__}, "
+                         "not a torch.nn.Module", where=field)
     if factory.checkpoint is not None:
         load_checkpoint(model, factory.checkpoint, f"{where}.checkpoint")
     return model

@@ -30,10 +30,13 @@ def cmd_validate(args: argparse.Namespace) -> int:
     s = loaded.spec
     source = "model" if s.model is not None else "backbone"
     # (imported, not called: a missing package or misspelt name fails here, not at `run`)
-    resolve_factory(s.factory.factory, f"{loaded.path}: {source}.factory")
+    text, _kwargs = s.factory.call
+    resolve_factory(text, f"{loaded.path}: {source}.{s.factory.source}")
     if s.data is not None:
         resolve_factory(s.data.factory, f"{loaded.path}: data.factory")
-    print(f"{loaded.path}: ok ('{s.name}': {source} {s.factory.factory}, "
+    named = {"factory": text, "hf": f"hf {s.factory.hf.path if s.factory.hf else ''}",
+             "timm": f"timm {s.factory.timm.name if s.factory.timm else ''}"}[s.factory.source]
+    print(f"{loaded.path}: ok ('{s.name}': {source} {named}, "
           f"{len(s.inputs)} input(s), tasks {', '.join(s.task_names)})")
     return 0
 

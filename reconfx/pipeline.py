@@ -487,7 +487,7 @@ def emit_sources(compiled: Compiled) -> Sources:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)
-    factory = FactorySource(s.factory.factory, dict(s.factory.kwargs),
+    factory = FactorySource(*s.factory.call,
                             "backbone." if s.backbone is not None else "")
     tasks = ", ".join(s.task_names)
     layer_names = ", ".join(layer.name for layer in branched.layers) or "none"

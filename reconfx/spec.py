@@ -52,10 +52,34 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-class FactorySpec(_Strict):
-    """A callable named ``"package.module:callable"``, called with ``kwargs``."""
+class HFSource(_Strict):
+    """A Hugging Face ``transformers`` model, loaded with ``from_pretrained(path,
+    local_files_only=True, **kwargs)``: reconfx never downloads."""
 
-    factory: str = Field(pattern=_FACTORY, description='"package.module:callable"')
+    path: str = Field(description="a local folder (config.json and weights), or a model id "
+                      "already in the local Hugging Face cache")
+    class_: str = Field(default="AutoModel", alias="class", pattern=_IDENTIFIER,
+                        description="the transformers class: AutoModel, BertModel, ...")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class TimmSource(_Strict):
+    """A ``timm`` model by name, created with ``pretrained=False`` (no download); its weights
+    come from the factory's ``checkpoint``."""
+
+    name: str = Field(description="a timm model name, e.g. convnext_atto")
+    kwargs: dict[str, Any] = Field(default_factory=dict)
+
+
+class FactorySpec(_Strict):
+    """Where the model comes from: a callable named ``"package.module:callable"``, called with
+    ``kwargs``; or ``hf`` (a Hugging Face model loaded offline); or ``timm`` (a timm model by
+    name). ``checkpoint`` is loaded after construction."""
+
+    factory: str | None = Field(default=None, pattern=_FACTORY,
+                                description='"package.module:callable"')
+    hf: HFSource | None = None
+    timm: TimmSource | None = None
     kwargs: dict[str, Any] = Field(default_factory=dict)
     checkpoint: Path | None = Field(
         default=None, description="state dict to load after construction: .pt/.pth or .safetensors"
@@ -67,6 +91,33 @@ class FactorySpec(_Strict):
         if path is not None and path.suffix not in {".pt", ".pth", ".safetensors"}:
             raise ValueError(f"checkpoint must end in .pt, .pth or .safetensors, got '{path.name}'")
         return path
+
+    @model_validator(mode="after")
+    def _one_source(self) -> FactorySpec:
+        given = [k for k in ("factory", "hf", "timm") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of factory (\"package.module:callable\"), hf "
+                             "({path: <folder>}) or timm ({name: <model name>})"
+                             + (f"; got {', '.join(given)}" if given else ""))
+        if self.kwargs and self.factory is None:
+            raise ValueError(f"kwargs go inside {given[0]}: {{..., kwargs: {{...}}}}")
+        return self
+
+    @property
+    def source(self) -> str:
+        """The field naming the model: ``factory``, ``hf`` or ``timm``."""
+        return "hf" if self.hf is not None else "timm" if self.timm is not None else "factory"
+
+    @property
+    def call(self) -> tuple[str, dict[str, Any]]:
+        """The callable that builds the model, as ``"package.module:callable"``, and its
+        keyword arguments."""
+        if self.hf is not None:
+            return "reconfx.zoo:hf_pretrained", {"path": self.hf.path, "cls": self.hf.class_,
+                                                 **self.hf.kwargs}
+        if self.timm is not None:
+            return "reconfx.zoo:timm_model", {"name": self.timm.name, **self.timm.kwargs}
+        return str(self.factory), dict(self.kwargs)
 
 
 class ModelSpec(FactorySpec):

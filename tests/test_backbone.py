@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import reconfx
+from reconfx.errors import ModelError
 from reconfx.zoo import SingleTaskCNN
 from tests.support import compile_and_verify, write_spec
 
@@ -62,3 +63,104 @@ def test_tap_a_graph_node_name(tmp_path):
                                   tmp_path / "out")
     names = [layer.name for layer in compiled.prepared.layers]
     assert not any(name.startswith("backbone.block") for name in names)  # cut after stem.2
+
+
+# -- loading by name -----------------------------------------------------------------------------
+def hf_folder_spec(tmp_path, hf, **fields):
+    return write_spec(tmp_path, "byname", backbone={"hf": hf, "feature": "last_hidden_state"},
+                      inputs=[{"name": "input_ids", "shape": [2, 8], "dtype": "int64",
+                               "high": 30522, "dynamic": [0, 1]}],
+                      tasks=[{"name": "ner", "head": {"out_features": 9}},
+                             {"name": "sentiment", "head": {"out_features": 2, "pool": "mean"}}],
+                      select={"layers": ["backbone.encoder.layer.5"]}, **fields)
+
+
+def test_a_hugging_face_folder_is_loaded_by_path_offline(tmp_path):
+    from reconfx.zoo import minilm, minilm_path
+
+    out = tmp_path / "out"
+    compiled = compile_and_verify(hf_folder_spec(tmp_path, {"path": str(minilm_path())}), out)
+    # the module path selected every layer of the last encoder layer
+    assert len(compiled.branched.layers) == 8
+    assert all(layer.name.startswith("backbone.encoder.layer.5.")
+               for layer in compiled.branched.layers)
+    pretrained = minilm().state_dict()
+    loaded = reconfx.load(out).state_dict()
+    assert torch.equal(loaded["backbone.embeddings.word_embeddings.weight"],
+                       pretrained["embeddings.word_embeddings.weight"])
+    assert torch.equal(loaded["backbone.encoder.layer.5.ner.output.dense.weight"],
+                       pretrained["encoder.layer.5.output.dense.weight"])
+
+
+@pytest.mark.parametrize(("hf", "needles"), [
+    ({"path": "/nonexistent/model"}, ["backbone.hf: cannot load '/nonexistent/model' offline",
+                                      "never downloads"]),
+    ({"path": "some-org/not-in-the-cache"}, ["cannot load 'some-org/not-in-the-cache' offline"]),
+    ({"path": ".", "class": "NoSuchModel"}, ["transformers has no model class 'NoSuchModel'"]),
+])
+def test_a_hugging_face_model_that_cannot_be_loaded_offline_is_one_line(tmp_path, capsys, hf,
+                                                                        needles):
+    from reconfx.cli import main
+
+    code = main(["compile", str(hf_folder_spec(tmp_path, hf)), "--out", str(tmp_path / "o")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and err[0].startswith("reconfx: error: "), err
+    for needle in needles:
+        assert needle in err[0]
+
+
+def test_a_timm_model_is_created_without_download_and_takes_the_checkpoint(tmp_path,
+                                                                          monkeypatch):
+    import sys
+    import types
+
+    from reconfx.build import call_factory
+    from reconfx.spec import BackboneSpec
+    from reconfx.zoo import SingleTaskCNN
+
+    made = []
+
+    def create_model(name, pretrained=False, **kwargs):
+        made.append((name, pretrained, kwargs))
+        return SingleTaskCNN(**kwargs)
+
+    monkeypatch.setitem(sys.modules, "timm", types.SimpleNamespace(create_model=create_model))
+    reference = SingleTaskCNN(num_classes=5)
+    torch.save(reference.state_dict(), tmp_path / "w.pt")
+    spec = BackboneSpec(timm={"name": "tiny_cnn", "kwargs": {"num_classes": 5}},
+                        checkpoint=tmp_path / "w.pt")
+    model = call_factory(spec, "spec: backbone")
+    assert made == [("tiny_cnn", False, {"num_classes": 5})]
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                 reference.state_dict().values(), strict=True))
+    with pytest.raises(ModelError, match="spec: backbone.timm: timm's pretrained=True downloads"):
+        call_factory(BackboneSpec(timm={"name": "x", "kwargs": {"pretrained": True}}),
+                     "spec: backbone")
+
+
+def test_timm_that_cannot_be_imported_is_one_line(monkeypatch):
+    import sys
+
+    from reconfx.build import call_factory
+    from reconfx.spec import BackboneSpec
+
+    monkeypatch.setitem(sys.modules, "timm", None)  # import timm raises ImportError
+    with pytest.raises(ModelError, match=r"spec: backbone.timm: timm cannot be imported .*"
+                                         r"fix: pip install timm"):
+        call_factory(BackboneSpec(timm={"name": "convnext_atto"}), "spec: backbone")
+
+
+@pytest.mark.parametrize(("backbone", "needle"), [
+    ({"factory": "reconfx.zoo:minilm", "hf": {"path": "x"}}, "got factory, hf"),
+    ({"hf": {"path": "x"}, "kwargs": {"a": 1}}, "kwargs go inside hf"),
+    ({"feature": "output"}, "give exactly one of factory"),
+])
+def test_a_backbone_names_exactly_one_source(tmp_path, capsys, backbone, needle):
+    from reconfx.cli import main
+
+    path = write_spec(tmp_path, backbone=backbone, inputs=[{"name": "x", "shape": [2, 4]}],
+                      tasks=[{"name": "a", "head": {"out_features": 2}},
+                             {"name": "b", "head": {"out_features": 2}}])
+    assert main(["validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1
