@@ -632,7 +632,10 @@ def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Gr
         for i, out in enumerate(region.outputs):
             for j, task in enumerate(region.tasks):
                 item = new.call_function(operator.getitem, (call, i * len(region.tasks) + j))
-                item.meta["reconfx"] = dict(out[task].meta.get("reconfx", {}))
+                # (its name and task, not the module call it was part of: that call's ops
+                # now run inside the region, so it cannot be written as one call)
+                item.meta["reconfx"] = {k: v for k, v in out[task].meta.get("reconfx", {}).items()
+                                        if k != "sites"}
                 env[out[task]] = item
     _drop_unused(new)
     new.lint()

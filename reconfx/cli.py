@@ -42,6 +42,11 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_schema(args: argparse.Namespace) -> int:
+    if args.markdown:
+        from reconfx.specdoc import render
+
+        print(render(), end="")
+        return 0
     from reconfx.spec import json_schema
 
     print(json.dumps(json_schema(), indent=2))
@@ -148,10 +153,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
+    from reconfx.cost import selection_lines
     from reconfx.pipeline import compile_spec
 
     _say(args, f"compiling {args.spec} ...")
     compiled = compile_spec(args.spec, args.out, progress=not args.quiet, force=args.force)
+    for line in selection_lines(compiled.selection) if compiled.selection else []:
+        _say(args, line)
     branched = compiled.branched
     _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
                f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")
@@ -184,6 +192,8 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("spec", type=Path)
     v.set_defaults(run=cmd_validate)
     sc = sub.add_parser("schema", help="print the spec's JSON Schema")
+    sc.add_argument("--markdown", action="store_true",
+                    help="the spec reference as Markdown instead (docs/spec.md)")
     sc.set_defaults(run=cmd_schema)
     i = sub.add_parser("inspect", help="list the model's layers (path, type, params, tasks)")
     i.add_argument("spec", type=Path)

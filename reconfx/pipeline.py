@@ -37,6 +37,7 @@ from reconfx.checks import (
     check_parity,
     check_sharing,
 )
+from reconfx.cost import CostModel, Selection, selection_lines
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
@@ -93,6 +94,7 @@ class Compiled:
     warnings: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # e.g. where a resumed run picked up
     tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
+    selection: Selection | None = None  # the chosen layers, their scores and cost
 
 
 def prepare(spec: LoadedSpec | str | Path) -> Prepared:
@@ -152,10 +154,12 @@ def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
 def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compiled:
     """Select, branch and check I1-I3 against the original model."""
     s = prepared.loaded.spec
+    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
     chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
-                           len(s.tasks))
+                           len(s.tasks), cost)
+    selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module))
     branched = branch_model(prepared, chosen)
-    warnings = []
+    warnings = [selection.warning()] if selection.warning() else []
     try:
         parity = check_parity(prepared.model, branched.module, prepared.task_paths,
                               prepared.examples, 1e-5 if regions_of(branched.module) else 0.0)
@@ -174,7 +178,7 @@ def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compile
         check_sharing(branched.module, branched.copies),
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
-    return Compiled(prepared, branched, checks, scores, warnings=warnings)
+    return Compiled(prepared, branched, checks, scores, warnings=warnings, selection=selection)
 
 
 def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None = None
@@ -190,7 +194,7 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
     return branched
 
 
-SCORE_POLICIES = ("top_k", "fraction", "param_budget", "min_score")
+SCORE_POLICIES = ("top_k", "fraction", "param_budget", "flops_budget", "min_score")
 
 
 def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
@@ -217,6 +221,8 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, result.scores() if result else None)
+    if progress and compiled.selection is not None:  # before training commits to it
+        print("\n".join(selection_lines(compiled.selection)), flush=True)
     compiled.out_dir = out
     compiled.notes += [checkpoint.note] if checkpoint.note else []
     compiled.warnings += result.warnings() if result is not None else []
@@ -447,8 +453,9 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     w = join(loaded)
     checkpoint = open_checkpoint(loaded, out, "profile", resume)
     result = profile_prepared(prepared, progress and w.main, checkpoint)
+    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
     chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
-                           len(s.tasks)) if s.select is not None else []
+                           len(s.tasks), cost) if s.select is not None else []
     written: list[Path] = []
     if w.main:  # every rank holds the same counters
         with artifacts.Staging(out) as staging:
@@ -698,13 +705,18 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             lambda n: sources.compiled_names.get(n, n)))
         example = prepared.examples[0]
         lat = latencies([prepared.traced.module, branched.module], example)
+        if compiled.selection is not None:  # (exact: see reconfx.cost)
+            before = compiled.selection.flops
+            after = before + compiled.selection.added_flops
+        else:
+            before, after = flops(prepared.traced.module, example), flops(branched.module, example)
         report = compile_report(
             command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
             branched.layers, branched.per_task_norms, branched.shared_norms,
-            Cost(original_params, flops(prepared.traced.module, example), lat[0]),
-            Cost(unique_parameters(branched.module), flops(branched.module, example), lat[1]),
+            Cost(original_params, before, lat[0]),
+            Cost(unique_parameters(branched.module), after, lat[1]),
             compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
-            batching_section(regions_of(branched.module), compiled.tuning))
+            batching_section(regions_of(branched.module), compiled.tuning), compiled.selection)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)
         if "onnx" in s.export.formats:

@@ -17,6 +17,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -117,8 +118,11 @@ class Profile:
     steps: int
     counter: ConflictCounter
 
-    def scores(self) -> dict[str, int]:
-        return dict(zip((x.name for x in self.layers), self.counter.scores(), strict=True))
+    def scores(self) -> Scores:
+        names = [x.name for x in self.layers]
+        valid = self.counter.valid.sum((1, 2)).tolist()
+        return Scores(zip(names, self.counter.scores(), strict=True),
+                      valid=dict(zip(names, map(int, valid), strict=True)))
 
     def unreached(self, index: int) -> list[str]:
         """Tasks whose gradient never reached layer ``index`` (zero or absent at every step):
@@ -233,9 +237,26 @@ def annotate(module: DualGraphModule, result: Profile) -> None:
                 node.meta.setdefault("reconfx", {})["conflict"] = data[name]
 
 
-def load_scores(path: Path) -> dict[str, int]:
+class Scores(dict):
+    """Conflict score by layer name; ``valid``: the observations each score is out of (pairs
+    of tasks x steps where both gradients reached the layer)."""
+
+    def __init__(self, *args: Any, valid: dict[str, int] | None = None):
+        super().__init__(*args)
+        self.valid = valid or {}
+
+    def describe(self, name: str) -> str:
+        """``12 / 100`` (conflicts / valid observations), or the score alone."""
+        if name not in self:
+            return "–"
+        return f"{self[name]} / {self.valid[name]}" if name in self.valid else str(self[name])
+
+
+def load_scores(path: Path) -> Scores:
     data = json.loads(path.read_text())
-    return {row["name"]: int(row["score"]) for row in data["layers"]}
+    return Scores(((row["name"], int(row["score"])) for row in data["layers"]),
+                  valid={row["name"]: int(row["valid_pairs"]) for row in data["layers"]
+                         if "valid_pairs" in row})
 
 
 def chart(result: Profile, branched: set[str], path: Path) -> None:

@@ -11,6 +11,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from reconfx.batching import BUDGET_BYTES, StreamRegion
 from reconfx.checks import Check, preserved
+from reconfx.cost import Selection
 from reconfx.layers import Layer
 from reconfx.timing import alternating_medians
 from reconfx.tuning import Tuned
@@ -77,8 +78,8 @@ def percent(new: float, old: float) -> str:
 def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
                    original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
-                   built: dict[str, str], warnings: list[str], batching: list[str]
-                   ) -> str:
+                   built: dict[str, str], warnings: list[str], batching: list[str],
+                   selection: Selection | None = None) -> str:
     names = {layer.name for layer in branched}
     lines = [f"# reconfx {command}: {name}", "",
              f"- tracing tier: `{tier}`",
@@ -101,9 +102,14 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
                   f"- the model also returns {', '.join(ignored)}, which no task uses"]
     lines += built_section(built)
     lines += ["", "## Branched layers", ""]
-    rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)] for b in branched]
-    lines.append(markdown_table(["layer", "type", "params per copy", "tasks"], rows)
-                 if rows else "none")
+    if selection is not None and selection.layers:
+        lines += [markdown_table(Selection.HEADERS, selection.rows()), "",
+                  f"- cost of the selection: {selection.summary()}"]
+    else:
+        rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)]
+                for b in branched]
+        lines.append(markdown_table(["layer", "type", "params per copy", "tasks"], rows)
+                     if rows else "none")
     lines += batching
     if per_task_norms or shared_norms:
         lines += ["", "## Normalisation statistics", ""]

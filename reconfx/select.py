@@ -10,6 +10,7 @@ import warnings
 
 from torch import nn
 
+from reconfx.cost import CostModel
 from reconfx.errors import SelectionError
 from reconfx.layers import Layer, is_glob, match_layers
 from reconfx.spec import SelectSpec
@@ -26,14 +27,17 @@ def candidates(layers: list[Layer], spec: SelectSpec) -> list[Layer]:
 
 
 def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "spec",
-                  scores: dict[str, int] | None = None, tasks: int = 2) -> list[Layer]:
+                  scores: dict[str, int] | None = None, tasks: int = 2,
+                  cost: CostModel | None = None) -> list[Layer]:
     """The layers to branch, in graph order.
 
     Score-based policies rank the candidates by conflict score (``scores``, from a profile),
     ties broken by graph order: ``top_k`` takes the first k (all, with a warning, when k exceeds
     the candidates), ``fraction`` the first ceil(f × candidates), ``param_budget`` the longest
     prefix of the ranking whose added parameters ((T−1) × the layers' parameters) stay within the
-    given percent of the shared parameters, ``min_score`` every candidate scoring at least that.
+    given percent of the shared parameters, ``flops_budget`` the longest prefix whose FLOP
+    increase (``cost``) stays within the given percent of the original's FLOPs, ``min_score``
+    every candidate scoring at least that.
     ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them.
     """
     if spec is None:
@@ -75,6 +79,15 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "sp
             if added > budget:
                 break
             chosen.append(layer)
+    elif policy == "flops_budget":
+        if cost is None:
+            raise ValueError("select.flops_budget needs the cost model")
+        limit = spec.flops_budget / 100 * cost.total
+        chosen = []
+        for layer in ranked:
+            if cost.extra_flops([*chosen, layer]) > limit:
+                break
+            chosen.append(layer)
     else:
         chosen = [layer for layer in ranked if scores[layer.name] >= spec.min_score]
     return sorted(chosen, key=lambda layer: layer.order)
@@ -107,6 +120,8 @@ def check_patterns(spec: SelectSpec | None, model: nn.Module, where: str = "spec
         return
     names = [n for n, _m in model.named_modules() if n]
     names += [n for n, _p in model.named_parameters()]
+    if any("." not in n for n, _p in model.named_parameters()):
+        names.append("root")  # (the layer of the parameters the model itself holds)
     for field in ("layers", "include", "exclude"):
         for pattern in getattr(spec, field) or []:
             if any(n == pattern or fnmatch.fnmatchcase(n, pattern)

@@ -73,7 +73,8 @@ def test_resnet_exports_with_named_outputs_and_dynamic_batch(tmp_path, tasks):
     assert (out / "model.onnx").is_file()
     assert json.loads((out / "manifest.json").read_text())["files"]["model.onnx"]["command"] \
         == "compile"
-    assert compiled.warnings == []
+    # (layer3 on: the cost warning says most of the model runs once per task; nothing else)
+    assert [w for w in compiled.warnings if not w.startswith("branching at 'layer3")] == []
     assert_exported(out, {"image": torch.randn(7, 1, 12, 12)}, tasks, {"image": [0]})
     rows = report_rows(out)
     cases = 3 if len(tasks) == 2 else 2  # example, second batch size, test data when present

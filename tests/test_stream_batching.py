@@ -235,7 +235,7 @@ def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
     compiled = compile_spec(encoder_spec(tmp_path, "eval", onnx=False), tmp_path / "out")
     assert regions_of(compiled.branched.module) == []
     assert compiled.checks[0].detail.startswith("bit-exact")
-    (warning,) = compiled.warnings
+    (warning,) = [w for w in compiled.warnings if not w.startswith("branching at")]
     assert warning.startswith("stream batching turned off: with it, I1 init parity failed")
     assert "run_streams" not in (tmp_path / "out" / "model.py").read_text()
 

@@ -1,0 +1,154 @@
+"""What a selection costs before it is made.
+
+Branching runs every shared op downstream of a branched layer once per task that uses it
+instead of once. So the FLOP increase of a selection is exact from one count per node of the
+unbranched graph: the sum, over the ops reachable from the selected layers, of (tasks using the
+op - 1) x the op's FLOPs. One eval-mode forward on the example inputs counts them; stream
+batching changes when the copies run, not how many FLOPs they take.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from reconfx.checks import preserved
+from reconfx.graph import DualGraphModule, output_node
+from reconfx.layers import Layer
+
+
+class _Counting(fx.Interpreter):
+    def __init__(self, module: DualGraphModule, graph: fx.Graph):
+        super().__init__(module, graph=graph)
+        self.flops: dict[fx.Node, int] = {}
+
+    def run_node(self, n: fx.Node) -> Any:
+        with FlopCounterMode(display=False) as counter:
+            result = super().run_node(n)
+        self.flops[n] = int(counter.get_total_flops())
+        return result
+
+
+@dataclass
+class CostModel:
+    """Per-node FLOPs of the unbranched eval graph and how many tasks use each node."""
+
+    flops: dict[fx.Node, int]
+    uses: dict[fx.Node, int]
+    nodes: dict[str, list[fx.Node]]  # target (module or parameter path) -> the nodes using it
+    total: int
+    tasks: int
+
+    @classmethod
+    def measure(cls, module: DualGraphModule, example: dict[str, torch.Tensor]) -> CostModel:
+        graph = module.eval_graph
+        counting = _Counting(module, graph)
+        with preserved(module), torch.enable_grad():  # (see reconfx.report.flops)
+            module.eval()
+            counting.run(*(example[str(n.target)] for n in graph.nodes if n.op == "placeholder"))
+        result = output_node(graph).args[0]
+        reach: dict[fx.Node, set[str]] = {}
+        for task, out in (result.items() if isinstance(result, dict) else []):
+            stack = [out]
+            while stack:
+                node = stack.pop()
+                if task not in reach.setdefault(node, set()):
+                    reach[node].add(task)
+                    stack.extend(node.all_input_nodes)
+        nodes: dict[str, list[fx.Node]] = {}
+        for node in graph.nodes:
+            if node.op in ("call_module", "get_attr"):
+                nodes.setdefault(str(node.target), []).append(node)
+        return cls(counting.flops, {n: len(t) for n, t in reach.items()}, nodes,
+                   sum(counting.flops.values()), len(result) if isinstance(result, dict) else 1)
+
+    def extra_flops(self, layers: Iterable[Layer]) -> int:
+        """FLOPs the branched model runs on top of the original's, with ``layers`` branched."""
+        start = [n for layer in layers for p in layer.paths for n in self.nodes.get(p, [])]
+        seen: set[fx.Node] = set()
+        while start:
+            node = start.pop()
+            if node not in seen:
+                seen.add(node)
+                start.extend(node.users)
+        return sum((self.uses.get(n, 1) - 1) * self.flops.get(n, 0) for n in seen)
+
+    def responsible(self, layers: list[Layer]) -> Layer | None:
+        """The selected layer whose own branching costs the most FLOPs (the earliest one, where
+        one branch point's cost contains the others')."""
+        return max(layers, key=lambda layer: (self.extra_flops([layer]), -layer.order),
+                   default=None)
+
+
+@dataclass
+class Selection:
+    """The chosen layers with their scores and what branching them costs, for the terminal,
+    the report and the early-branching warning."""
+
+    layers: list[Layer]
+    scores: dict[str, int] | None
+    params: int  # the original's
+    added_params: int
+    flops: int  # the original's, per forward on the example inputs
+    added_flops: int
+    per_task_share: float  # of the original's FLOPs, what runs once per task after branching
+    responsible: Layer | None
+
+    @classmethod
+    def of(cls, layers: list[Layer], scores: dict[str, int] | None, cost: CostModel,
+           params: int) -> Selection:
+        added = cost.extra_flops(layers)
+        share = added / ((cost.tasks - 1) * cost.total) if cost.total and cost.tasks > 1 else 0.0
+        return cls(layers, scores, params, (cost.tasks - 1) * sum(x.num_params for x in layers),
+                   cost.total, added, share, cost.responsible(layers))
+
+    def score(self, layer: Layer) -> str:
+        describe = getattr(self.scores, "describe", None)
+        if describe is not None:
+            return describe(layer.name)
+        return str(self.scores[layer.name]) if self.scores and layer.name in self.scores else "–"
+
+    def rows(self) -> list[list[str]]:
+        return [[f"`{x.name}`", x.type, self.score(x), f"{x.num_params:,}", ", ".join(x.tasks)]
+                for x in self.layers]
+
+    HEADERS = ["layer", "type", "conflicts / observations", "params per copy", "tasks"]
+
+    def summary(self) -> str:
+        return (f"+{self.added_params:,} parameters (+{_percent(self.added_params, self.params)}"
+                f"), +{self.added_flops:,} FLOPs per forward "
+                f"(+{_percent(self.added_flops, self.flops)}); "
+                f"{100 * self.per_task_share:.0f}% of the model runs once per task")
+
+    def warning(self) -> str | None:
+        """Where most of the network runs once per task, which layer makes it so."""
+        if self.per_task_share <= 0.5 or self.responsible is None:
+            return None
+        return (f"branching at '{self.responsible.name}' makes "
+                f"{100 * self.per_task_share:.0f}% of the model's FLOPs run once per task "
+                f"(+{_percent(self.added_flops, self.flops)} FLOPs for "
+                f"+{_percent(self.added_params, self.params)} parameters): select later layers, "
+                "or bound the cost with select.flops_budget")
+
+
+def _percent(part: int, whole: int) -> str:
+    return f"{100 * part / whole:.1f}%" if whole else "n/a"
+
+
+def selection_lines(selection: Selection, limit: int = 8) -> list[str]:
+    """The terminal's short table of the chosen layers and the selection's cost."""
+    from reconfx.report import table
+
+    if not selection.layers:
+        return ["selected no layer"]
+    rows = [[r[0].strip("`"), r[1], r[2], r[3]] for r in selection.rows()]
+    shown = rows[:limit] + ([[f"... {len(rows) - limit} more", "", "", ""]]
+                            if len(rows) > limit else [])
+    return [f"selected {len(rows)} layer(s):",
+            *("  " + line.rstrip() for line in table(Selection.HEADERS[:4], shown).splitlines()),
+            f"  cost: {selection.summary()}"]
