@@ -60,7 +60,8 @@ class HFSource(_Strict):
                       "already in the local Hugging Face cache")
     class_: str = Field(default="AutoModel", alias="class", pattern=_IDENTIFIER,
                         description="the transformers class: AutoModel, BertModel, ...")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        description="keyword arguments of from_pretrained",default_factory=dict)
 
 
 class TimmSource(_Strict):
@@ -68,7 +69,8 @@ class TimmSource(_Strict):
     come from the factory's ``checkpoint``."""
 
     name: str = Field(description="a timm model name, e.g. convnext_atto")
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    kwargs: dict[str, Any] = Field(
+        description="keyword arguments of timm.create_model",default_factory=dict)
 
 
 class FactorySpec(_Strict):
@@ -78,9 +80,10 @@ class FactorySpec(_Strict):
 
     factory: str | None = Field(default=None, pattern=_FACTORY,
                                 description='"package.module:callable"')
-    hf: HFSource | None = None
-    timm: TimmSource | None = None
-    kwargs: dict[str, Any] = Field(default_factory=dict)
+    hf: HFSource | None = Field(default=None, description="a Hugging Face model loaded offline")
+    timm: TimmSource | None = Field(default=None, description="a timm model by name")
+    kwargs: dict[str, Any] = Field(
+        description="keyword arguments of factory",default_factory=dict)
     checkpoint: Path | None = Field(
         default=None, description="state dict to load after construction: .pt/.pth or .safetensors"
     )
@@ -132,7 +135,9 @@ class BackboneSpec(FactorySpec):
     node name; reconfx tries them in that order.
     """
 
-    feature: str = "output"
+    feature: str = Field(
+        default="output", description="what to tap: output, an output field, a submodule path or a "
+        "graph node name")
 
 
 class HeadSpec(_Strict):
@@ -143,15 +148,19 @@ class HeadSpec(_Strict):
     takes the first token, ``none`` keeps the feature as it is (token-level heads).
     """
 
-    type: Literal["linear", "mlp"] = "linear"
-    out_features: PositiveInt
+    type: Literal["linear", "mlp"] = Field(
+        default="linear", description="linear, or mlp with hidden sizes")
+    out_features: PositiveInt = Field(description="the head's output size (classes)")
     hidden: list[PositiveInt] = Field(default_factory=list, description="mlp hidden sizes")
-    pool: Literal["none", "mean", "max", "cls"] = "none"
+    pool: Literal["none", "mean", "max", "cls"] = Field(
+        default="none", description="mean or max over the sequence or spatial axes, cls (first "
+        "token), or none (per-token heads)")
     mask: str | None = Field(
         default=None, description="with pool mean or max: the input holding the padding mask "
         "of a (batch, seq, dim) feature (1 at real tokens, 0 at padding); masked positions are "
         "left out of the pool")
-    dropout: float = Field(default=0.0, ge=0.0, lt=1.0)
+    dropout: float = Field(
+        description="dropout before the head's first linear layer",default=0.0, ge=0.0, lt=1.0)
 
     @model_validator(mode="after")
     def _hidden_only_for_mlp(self) -> HeadSpec:
@@ -175,9 +184,11 @@ DTYPES = {
 class InputSpec(_Strict):
     """One model input, passed to the model as a keyword argument named ``name``."""
 
-    name: str = Field(pattern=_IDENTIFIER)
-    shape: list[PositiveInt] = Field(min_length=1)
-    dtype: _DTYPES = "float32"
+    name: str = Field(
+        description="the keyword argument's name (a Python identifier)",pattern=_IDENTIFIER)
+    shape: list[PositiveInt] = Field(
+        description="the example input's shape, batch first",min_length=1)
+    dtype: _DTYPES = Field(default="float32", description="the input's dtype")
     dynamic: list[NonNegativeInt] = Field(
         default_factory=lambda: [0], description="axes that may change size (default: the batch)"
     )
@@ -217,13 +228,17 @@ class InputSpec(_Strict):
 
 
 class TaskSpec(_Strict):
-    name: str = Field(pattern=_IDENTIFIER)
+    name: str = Field(
+        description="the task's name (a Python identifier); the output key a model returns it "
+        "under",
+        pattern=_IDENTIFIER)
     loss: str | None = Field(default=None, description="e.g. cross_entropy, mse")
     metric: str | None = Field(default=None, description="e.g. accuracy, mae")
     output: str | None = Field(
         default=None, description='path of this task\'s output in the model output, "key.path"'
     )
-    head: HeadSpec | None = None
+    head: HeadSpec | None = Field(
+        default=None, description="with backbone: the head built for this task")
     baseline: float | None = Field(default=None, description="single-task metric, for delta-m")
 
     @field_validator("name")
@@ -235,36 +250,55 @@ class TaskSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    factory: str = Field(pattern=_FACTORY)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    batch_size: PositiveInt = 128
+    factory: str = Field(
+        description="package.module:callable, called as factory(split=..., seed=..., **kwargs) for "
+        "the splits train, val and test",
+        pattern=_FACTORY)
+    kwargs: dict[str, Any] = Field(
+        description="keyword arguments of factory",default_factory=dict)
+    batch_size: PositiveInt = Field(
+        default=128, description="items per batch (profile, train, eval)")
 
 
 class ProfileSpec(_Strict):
-    steps: PositiveInt = 300
+    steps: PositiveInt = Field(
+        default=300, description="training steps the profile measures per-task gradients over")
     threshold: float = Field(default=-0.1, ge=-1.0, le=1.0, description="S: conflict if cos < S")
 
 
 class RandomSelect(_Strict):
-    k: PositiveInt
-    seed: int = 0
+    k: PositiveInt = Field(description="how many layers to draw")
+    seed: int = Field(default=0, description="the draw's seed")
 
 
 class SelectSpec(_Strict):
     """Which shared layers to branch: exactly one policy, after include/exclude narrowing."""
 
-    top_k: PositiveInt | None = None
-    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    top_k: PositiveInt | None = Field(
+        default=None, description="the k candidates with the highest conflict scores")
+    fraction: float | None = Field(
+        description="the ceil(fraction x candidates) highest-scoring candidates",
+        default=None, gt=0.0, le=1.0)
     param_budget: PositiveFloat | None = Field(
         default=None, description="percent of the shared parameters the copies may add"
     )
-    min_score: float | None = None
+    flops_budget: PositiveFloat | None = Field(
+        default=None, description="percent of the original's FLOPs per forward the branched "
+        "model may add (everything after a branch point runs once per task)"
+    )
+    min_score: float | None = Field(
+        default=None, description="every candidate scoring at least this")
     layers: list[str] | None = Field(
         default=None, description="exact layer paths or glob patterns; needs no profile"
     )
-    random: RandomSelect | None = None
-    include: list[str] = Field(default_factory=list)
-    exclude: list[str] = Field(default_factory=list)
+    random: RandomSelect | None = Field(
+        default=None, description="k candidates drawn at random (an ablation; needs no profile)")
+    include: list[str] = Field(
+        description="names or globs narrowing the candidates (a module path stands for every layer "
+        "under it)",
+        default_factory=list)
+    exclude: list[str] = Field(
+        description="names or globs removed from the candidates",default_factory=list)
 
     @model_validator(mode="after")
     def _one_policy(self) -> SelectSpec:
@@ -283,7 +317,8 @@ class SelectSpec(_Strict):
         return next(name for name in POLICIES if getattr(self, name) is not None)
 
 
-POLICIES = ("top_k", "fraction", "param_budget", "min_score", "layers", "random")
+POLICIES = ("top_k", "fraction", "param_budget", "flops_budget", "min_score", "layers",
+            "random")
 
 
 class BranchSpec(_Strict):
@@ -319,8 +354,12 @@ class SparseSpec(_Strict):
     """Sparse training: each output neuron of the encoder keeps ``per_neuron_k`` (or ``fraction``
     of its) largest-magnitude input connections trainable; exactly one of the two."""
 
-    per_neuron_k: PositiveInt | None = None
-    fraction: float | None = Field(default=None, gt=0.0, le=1.0)
+    per_neuron_k: PositiveInt | None = Field(
+        default=None, description="keep the K largest-magnitude weights per output neuron "
+        "trainable")
+    fraction: float | None = Field(
+        description="keep this fraction of each weight tensor's entries trainable",
+        default=None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one(self) -> SparseSpec:
@@ -330,18 +369,30 @@ class SparseSpec(_Strict):
 
 
 class TrainSpec(_Strict):
-    aggregator: str = "ew"
-    optimizer: Literal["adam", "adamw", "sgd"] = "adam"
-    lr: PositiveFloat = 1e-3
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    epochs: PositiveInt = 10
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    aggregator: str = Field(
+        default="ew", description="how per-task gradients combine: ew, pcgrad, cagrad, mgda, "
+        "graddrop, imtlg, alignedmtl, upgrad, dualproj, nashmtl")
+    optimizer: Literal["adam", "adamw", "sgd"] = Field(
+        default="adam", description="adam, adamw, or sgd with momentum 0.9")
+    lr: PositiveFloat = Field(default=1e-3, description="learning rate")
+    weight_decay: float = Field(
+        description="weight decay",default=0.0, ge=0.0)
+    epochs: PositiveInt = Field(default=10, description="passes over the train split")
+    seed: int = Field(
+        default=0, description="seeds the model's initialisation, the example inputs, the data "
+        "order and the data factory")
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        default="auto", description="auto: CUDA when visible, else CPU")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="bf16/fp16: autocast for forward and losses (fp16 with "
         "dynamic loss scaling); parameters, gradients and statistics stay float32")
-    init: Literal["initial", "profiled"] = "initial"
-    sparse: SparseSpec | None = None
+    init: Literal["initial", "profiled"] = Field(
+        default="initial", description="initial: run retrains the branched model from the weights "
+        "it had before profiling (the paper's protocol); profiled: it continues from the profiled "
+        "ones")
+    sparse: SparseSpec | None = Field(
+        default=None, description="sparse training: only some weight entries of the shared encoder "
+        "train")
     checkpoint_every: NonNegativeInt = Field(
         default=200, description="steps between resume checkpoints of profile and run "
         "(checkpoints/resume.pt; training also saves at every epoch's end); 0: epoch ends only")
@@ -357,33 +408,52 @@ class DistributedSpec(_Strict):
 
 
 class ExportSpec(_Strict):
-    formats: list[Literal["python", "onnx"]] = Field(default_factory=lambda: ["python"])
+    formats: list[Literal["python", "onnx"]] = Field(
+        description="python (model.py, weights) and onnx (model.onnx)",
+        default_factory=lambda: ["python"])
     dir: Path | None = Field(default=None, description="default: exported/<spec name>")
 
 
 class TraceSpec(_Strict):
     """Tracing options. ``tier: auto`` tries fx first and falls back to torch.export."""
 
-    tier: Literal["auto", "fx", "export"] = "auto"
+    tier: Literal["auto", "fx", "export"] = Field(
+        default="auto", description="auto: fx where it traces and checks, else torch.export")
     leaves: list[str] = Field(
         default_factory=list, description="module paths (globs) to keep as opaque leaves"
     )
 
 
 class Spec(_Strict):
-    name: str = Field(pattern=r"^[A-Za-z0-9][\w.-]*$")
-    model: ModelSpec | None = None
-    backbone: BackboneSpec | None = None
-    inputs: list[InputSpec] = Field(min_length=1)
-    tasks: list[TaskSpec] = Field(min_length=2)
-    data: DataSpec | None = None
-    profile: ProfileSpec = Field(default_factory=ProfileSpec)
-    select: SelectSpec | None = None
-    branch: BranchSpec = Field(default_factory=BranchSpec)
-    train: TrainSpec = Field(default_factory=TrainSpec)
-    export: ExportSpec = Field(default_factory=ExportSpec)
-    trace: TraceSpec = Field(default_factory=TraceSpec)
-    distributed: DistributedSpec = Field(default_factory=DistributedSpec)
+    name: str = Field(
+        description="names the output folder (exported/<name> by default) and the emitted class",
+        pattern=r"^[A-Za-z0-9][\w.-]*$")
+    model: ModelSpec | None = Field(
+        default=None, description="a multi-task model; give this or backbone")
+    backbone: BackboneSpec | None = Field(
+        default=None, description="a single-task backbone to convert, with one head per task; give "
+        "this or model")
+    inputs: list[InputSpec] = Field(
+        description="the model's inputs, in the order forward takes them",min_length=1)
+    tasks: list[TaskSpec] = Field(
+        description="at least two tasks",min_length=2)
+    data: DataSpec | None = Field(
+        default=None, description="the data set profile, run and eval read; compile needs none")
+    profile: ProfileSpec = Field(
+        description="the conflict-profiling pass",default_factory=ProfileSpec)
+    select: SelectSpec | None = Field(
+        default=None, description="which shared layers to branch; none: branch nothing")
+    branch: BranchSpec = Field(
+        description="how the branched model runs",default_factory=BranchSpec)
+    train: TrainSpec = Field(
+        description="training of run (and of profile's short run)",default_factory=TrainSpec)
+    export: ExportSpec = Field(
+        description="where and in which formats the compiled model is written",
+        default_factory=ExportSpec)
+    trace: TraceSpec = Field(
+        description="how the model is traced",default_factory=TraceSpec)
+    distributed: DistributedSpec = Field(
+        description="settings for runs launched with torchrun",default_factory=DistributedSpec)
 
     @model_validator(mode="after")
     def _consistent(self) -> Spec:

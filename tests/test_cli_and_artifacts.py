@@ -177,3 +177,20 @@ def test_layers_in_another_dtype_get_a_dtype_argument(tmp_path):
     source = (tmp_path / "out" / "model.py").read_text()
     assert "self.mid = nn.Linear(7, 7, dtype=torch.float64)" in source
     assert "nn.Linear(5, 7, dtype=torch.float64)" in source and "_from_factory" not in source
+
+
+def test_the_spec_reference_in_docs_is_generated_from_the_models():
+    """docs/spec.md is `reconfx schema --markdown`: every field, its type, default and
+    description, so the reference cannot drift from what validate accepts."""
+    from pathlib import Path
+
+    from reconfx.spec import Spec
+    from reconfx.specdoc import render
+
+    text = render()
+    committed = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+    assert committed == text, "docs/spec.md is stale: run `reconfx schema --markdown > " \
+                              "docs/spec.md`"
+    for name in Spec.model_fields:
+        assert f"| `{name}` |" in text
+    assert "| `mask_of` |" in text and "| `flops_budget` |" in text and "| `class` |" in text
