@@ -153,13 +153,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from reconfx.cost import selection_lines
     from reconfx.pipeline import compile_spec
 
     _say(args, f"compiling {args.spec} ...")
     compiled = compile_spec(args.spec, args.out, progress=not args.quiet, force=args.force)
-    for line in selection_lines(compiled.selection) if compiled.selection else []:
-        _say(args, line)
     branched = compiled.branched
     _say(args, f"tier {compiled.prepared.traced.tier}; branched {len(branched.layers)} layer(s) "
                f"for {len(branched.tasks)} tasks (+{branched.added_params:,} parameters)")

@@ -58,6 +58,7 @@ from reconfx.report import (
 from reconfx.rewrite import Branched, branch
 from reconfx.select import check_patterns, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
+from reconfx.stages import QUIET, Stages
 from reconfx.trace import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, delta_m, evaluate, fit
@@ -97,28 +98,38 @@ class Compiled:
     selection: Selection | None = None  # the chosen layers, their scores and cost
 
 
-def prepare(spec: LoadedSpec | str | Path) -> Prepared:
+def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
     """Build the model the spec names, trace it and take its layer inventory."""
     loaded = loaded_spec(spec)
     s = loaded.spec
-    torch.manual_seed(s.train.seed)  # the factory's random initialisation is part of the spec
-    model = build_model(s, loaded.path)
-    check_patterns(s.select, model, str(loaded.path))
-    examples = spec_examples(s)
-    output = run_example(model, examples[0], s, loaded.path)
-    run_example(model, examples[1], s, loaded.path, grown=True)
-    paths, ignored = task_paths(s, output, str(loaded.path))
-    dynamic = {i.name: list(i.dynamic) for i in s.inputs}
-    traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
-                   verify_with=examples[1], class_name=class_name(s.name))
-    traced.ignored_outputs = ignored
-    try:
-        calls.annotate(traced.module, model, examples[0])
-    except Exception as exc:  # model.py then writes the submodules' ops instead of their calls
-        traced.notes.append("how the submodules were called could not be found "
-                            f"({type(exc).__name__}: {exc}); model.py writes out their ops")
+    with stages("building the model", lambda: f"built {type(model).__name__} "
+                f"({unique_parameters(model):,} parameters)"):
+        torch.manual_seed(s.train.seed)  # the factory's random initialisation is in the spec
+        model = build_model(s, loaded.path)
+        check_patterns(s.select, model, str(loaded.path))
+        examples = spec_examples(s)
+        output = run_example(model, examples[0], s, loaded.path)
+        run_example(model, examples[1], s, loaded.path, grown=True)
+        paths, ignored = task_paths(s, output, str(loaded.path))
+    with stages("tracing", lambda: _traced_line(traced)):
+        dynamic = {i.name: list(i.dynamic) for i in s.inputs}
+        traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
+                       verify_with=examples[1], class_name=class_name(s.name))
+        traced.ignored_outputs = ignored
+        try:
+            calls.annotate(traced.module, model, examples[0])
+        except Exception as exc:  # model.py then writes the submodules' ops, not their calls
+            traced.notes.append("how the submodules were called could not be found "
+                                f"({type(exc).__name__}: {exc}); model.py writes out their ops")
     layers = inventory(traced.module, s.task_names)
     return Prepared(loaded, model, traced, layers, paths, examples)
+
+
+def _traced_line(traced: Traced) -> str:
+    tier = {"fx": "torch.fx (tier 1)", "export": "torch.export (tier 2)",
+            "fx-coarse": "torch.fx with coarse leaves"}.get(traced.tier, traced.tier)
+    why = next((n for n in traced.notes if n.startswith("tier 2 used")), None)
+    return f"traced with {tier}" + (f"; {why[:160]}" if why else "")
 
 
 def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
@@ -131,13 +142,15 @@ def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
 def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
                  progress: bool = False, force: bool = False) -> Compiled:
     """Trace, branch the selected layers, check I1-I4 and write the artifacts (into a folder
-    reconfx owns, unless ``force``; see :mod:`reconfx.outdir`)."""
+    reconfx owns, unless ``force``; see :mod:`reconfx.outdir`). With ``progress``, each stage
+    is printed as it starts and finishes."""
     loaded = loaded_spec(spec)
+    stages = Stages(progress)
     with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
-        prepared = prepare(loaded)
-        compiled = branch_checked(prepared, stored_scores(out))
+        prepared = prepare(loaded, stages)
+        compiled = branch_checked(prepared, stored_scores(out), stages)
         compiled.out_dir = out
-        compiled.written = _write(compiled, compiled.out_dir, progress=progress)
+        compiled.written = _write(compiled, compiled.out_dir, progress=progress, stages=stages)
     return compiled
 
 
@@ -151,13 +164,21 @@ def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
     return Path(out_dir) if out_dir is not None else loaded.spec.export_dir()
 
 
-def branch_checked(prepared: Prepared, scores: dict[str, int] | None) -> Compiled:
+def branch_checked(prepared: Prepared, scores: dict[str, int] | None,
+                   stages: Stages = QUIET) -> Compiled:
     """Select, branch and check I1-I3 against the original model."""
     s = prepared.loaded.spec
-    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
-    chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
-                           len(s.tasks), cost)
-    selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module))
+    with stages("selecting", lambda: "\n  ".join(selection_lines(selection))):
+        cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
+        chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
+                               len(s.tasks), cost)
+        selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module))
+    with stages("branching and checking I1-I3", "branched; I1-I3 hold"):
+        return _branched_and_checked(prepared, chosen, scores, selection)
+
+
+def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
+                          scores: dict[str, int] | None, selection: Selection) -> Compiled:
     branched = branch_model(prepared, chosen)
     warnings = [selection.warning()] if selection.warning() else []
     try:
@@ -207,7 +228,8 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
 
 
 def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compiled:
-    prepared = prepare(loaded)
+    stages = Stages(progress)
+    prepared = prepare(loaded, stages)
     loaded, s = prepared.loaded, prepared.loaded.spec
     require_data(loaded, "run")
     w = join(loaded)
@@ -220,9 +242,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
         checkpoint.extra["profile"] = result.counter.state_dict()
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
-    compiled = branch_checked(prepared, result.scores() if result else None)
-    if progress and compiled.selection is not None:  # before training commits to it
-        print("\n".join(selection_lines(compiled.selection)), flush=True)
+    compiled = branch_checked(prepared, result.scores() if result else None, stages)
     compiled.out_dir = out
     compiled.notes += [checkpoint.note] if checkpoint.note else []
     compiled.warnings += result.warnings() if result is not None else []
@@ -240,7 +260,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
         compiled.results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
                                 "global batch sharded, per-task gradients all-reduced")
     if w.main:  # the other ranks hold the same weights and counters
-        compiled.written = _write(compiled, compiled.out_dir, "run", progress)
+        compiled.written = _write(compiled, compiled.out_dir, "run", progress, stages)
         checkpoint.clear()
     w.barrier()
     return compiled
@@ -447,7 +467,7 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
 
 
 def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Profiled:
-    prepared = prepare(loaded)
+    prepared = prepare(loaded, Stages(progress))
     s = loaded.spec
     require_data(loaded, "profiling")
     w = join(loaded)
@@ -678,31 +698,34 @@ def _state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
     return {k: state[names.get(k, k)] for k in emitted.state_dict() if names.get(k, k) in state}
 
 
-def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False
-           ) -> list[Path]:
+def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False,
+           stages: Stages = QUIET) -> list[Path]:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     tune_batching(compiled, progress)
     name = class_name(s.name)
-    sources = emit_sources(compiled)
+    with stages("emitting model.py", lambda: "emitted model.py "
+                f"({len(sources.model_py.splitlines())} lines) and original.py"):
+        sources = emit_sources(compiled)
     with artifacts.Staging(out_dir) as staging:
         staging.write_text("model.py", sources.model_py)
         staging.write_text("original.py", sources.original_py)
         staging.write_text("branch.diff", sources.diff)
-        emitted = artifacts.import_source(staging.path / "model.py", name)()
-        emitted.load_state_dict(_state_for(emitted, branched.module, sources.compiled_names),
-                                strict=True)
-        staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
-        original_params = unique_parameters(prepared.traced.module)
-        expected = original_params + branched.added_params
-        reloaded = artifacts.load_emitted(staging.path, name)
-        # After `run` the weights are trained: the compiled model is the reference then.
-        original = prepared.model if command == "compile" else None
-        compiled.checks.append(check_emit(
-            reloaded, branched.module, prepared.examples, expected, original,
-            prepared.task_paths, _renaming(branched, prepared.model, sources.compiled_names),
-            1e-5 if regions_of(branched.module) else 0.0,
-            lambda n: sources.compiled_names.get(n, n)))
+        with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
+            emitted = artifacts.import_source(staging.path / "model.py", name)()
+            emitted.load_state_dict(_state_for(emitted, branched.module, sources.compiled_names),
+                                    strict=True)
+            staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
+            original_params = unique_parameters(prepared.traced.module)
+            expected = original_params + branched.added_params
+            reloaded = artifacts.load_emitted(staging.path, name)
+            # After `run` the weights are trained: the compiled model is the reference then.
+            original = prepared.model if command == "compile" else None
+            compiled.checks.append(check_emit(
+                reloaded, branched.module, prepared.examples, expected, original,
+                prepared.task_paths, _renaming(branched, prepared.model, sources.compiled_names),
+                1e-5 if regions_of(branched.module) else 0.0,
+                lambda n: sources.compiled_names.get(n, n)))
         example = prepared.examples[0]
         lat = latencies([prepared.traced.module, branched.module], example)
         if compiled.selection is not None:  # (exact: see reconfx.cost)
@@ -720,8 +743,10 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)
         if "onnx" in s.export.formats:
-            exported = onnx_for_spec(prepared.loaded, reloaded, staging.path / "model.onnx",
-                                     prepared.examples)
+            with stages("exporting ONNX", lambda: f"exported model.onnx ({exported.exporter} "
+                        f"exporter), I5 holds on {exported.provider}"):
+                exported = onnx_for_spec(prepared.loaded, reloaded, staging.path / "model.onnx",
+                                         prepared.examples)
             results += ["", *exported.report()]
             files += [staging.adopt(p.name).name for p in staging.path.glob("model.onnx*")]
         if results:

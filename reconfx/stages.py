@@ -4,6 +4,7 @@ finishes, with its time (``compiling ...`` is no longer followed by minutes of s
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 from collections.abc import Callable, Iterator
 
@@ -13,7 +14,7 @@ class Stages:
     then ``  traced with fx (0.4 s)``; nothing when disabled (``--quiet``, other ranks)."""
 
     def __init__(self, enabled: bool = False):
-        self.enabled = enabled
+        self.enabled = enabled and os.environ.get("RANK", "0") == "0"  # (one rank speaks)
         self.times: dict[str, float] = {}
 
     @contextlib.contextmanager
@@ -27,7 +28,8 @@ class Stages:
         self.times[doing] = seconds
         if self.enabled:
             text = done() if callable(done) else (done or f"{doing}: done")
-            print(f"  {text} ({seconds:.1f} s)", flush=True)
+            first, _, rest = text.partition("\n")  # (a table after the first line)
+            print(f"  {first} ({seconds:.1f} s)" + (f"\n{rest}" if rest else ""), flush=True)
 
 
 QUIET = Stages(False)

@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ import reconfx
 from reconfx import pipeline
 from reconfx.cli import main
 from tests.support import ARTIFACTS, listing, write_spec
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RESNET = {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 3, "width": 8}}
 IMAGE = [{"name": "image", "shape": [2, 1, 12, 12]}]
@@ -28,8 +31,9 @@ def test_validate_ok(tmp_path, capsys):
         capsys.readouterr().out
 
 
-def test_default_spec_validates(capsys):
-    assert main(["validate", "specs/multidigits.yaml"]) == 0
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "specs").glob("*.yaml")))
+def test_every_bundled_spec_validates(capsys, name):
+    assert main(["validate", str(ROOT / "specs" / name)]) == 0
 
 
 def test_schema_is_json_with_the_fixed_fields(capsys):
@@ -72,6 +76,26 @@ def test_compile_prints_absolute_paths_and_load_gives_the_model(tmp_path, capsys
     assert manifest["versions"]["torch"] == torch.__version__
     model = reconfx.load(out)
     assert set(model(image=torch.randn(1, 1, 12, 12))) == {"left", "right"}
+
+
+def test_compile_prints_each_stage_as_it_starts_and_finishes_with_its_time(tmp_path, capsys):
+    import re
+
+    assert main(["compile", str(spec(tmp_path)), "--out", str(tmp_path / "out")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    stages = [line for line in lines if line.startswith("  ") and not line.startswith("    ")]
+    timed = r" \(\d+\.\d s\)$"
+    expected = [("building the model ...", r"built SmallResNet \(\d[\d,]* parameters\)"),
+                ("tracing ...", r"traced with torch\.fx \(tier 1\)"),
+                ("selecting ...", r"selected \d+ layer\(s\):"),
+                ("branching and checking I1-I3 ...", r"branched; I1-I3 hold"),
+                ("emitting model.py ...", r"emitted model\.py \(\d+ lines\) and original\.py"),
+                ("checking I4 (the emitted model against the compiled one) ...", r"I4 holds")]
+    for start, done in expected:
+        at = stages.index(f"  {start}")
+        assert re.fullmatch(f"  {done}{timed}", stages[at + 1]), stages[at + 1]
+    assert main(["compile", str(spec(tmp_path)), "--out", str(tmp_path / "out"), "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_failed_compile_leaves_earlier_files_intact(tmp_path, monkeypatch):
@@ -182,13 +206,11 @@ def test_layers_in_another_dtype_get_a_dtype_argument(tmp_path):
 def test_the_spec_reference_in_docs_is_generated_from_the_models():
     """docs/spec.md is `reconfx schema --markdown`: every field, its type, default and
     description, so the reference cannot drift from what validate accepts."""
-    from pathlib import Path
-
     from reconfx.spec import Spec
     from reconfx.specdoc import render
 
     text = render()
-    committed = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+    committed = (ROOT / "docs" / "spec.md").read_text()
     assert committed == text, "docs/spec.md is stale: run `reconfx schema --markdown > " \
                               "docs/spec.md`"
     for name in Spec.model_fields:
