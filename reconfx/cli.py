@@ -248,6 +248,20 @@ def _terminate(signum: int, frame: Any) -> None:
     raise Terminated
 
 
+def _first_line(exc: BaseException) -> str:
+    return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+
+
+def out_of_memory(exc: BaseException) -> bool:
+    """An allocation failed: Python's MemoryError, CUDA's OutOfMemoryError, or the CPU
+    allocator's RuntimeError."""
+    text = str(exc).lower()
+    return isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError" or (
+        isinstance(exc, RuntimeError) and ("not enough memory" in text
+                                           or "can't allocate memory" in text
+                                           or "out of memory" in text))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _terminate)
     rank = ""
@@ -278,7 +292,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as exc:  # a bug in reconfx: one line unless asked for the traceback
         if os.environ.get("RECONFX_DEBUG"):
             raise
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        if out_of_memory(exc):
+            print(f"reconfx: error: {rank}ran out of memory ({type(exc).__name__}: "
+                  f"{_first_line(exc)[:200]}) (fix: give smaller example shapes in "
+                  "inputs[].shape, as the example batch need not be the training batch, or a "
+                  "smaller data.batch_size)", file=sys.stderr)
+            return 1
+        first = _first_line(exc)
         print(f"reconfx: internal error: {rank}{type(exc).__name__}: {first} (set "
               "RECONFX_DEBUG=1 for the traceback)", file=sys.stderr)
         return 1

@@ -24,6 +24,7 @@ from reconfx import pipeline
 from reconfx.cli import main
 from reconfx.errors import ModelError, TrainingError
 from reconfx.layers import Layer
+from reconfx.spec import load_spec_file
 from reconfx.train.aggregators import aggregator
 from reconfx.train.resume import Batches
 from reconfx.train.step import MultiTaskStep
@@ -283,6 +284,51 @@ def test_a_resume_checkpoint_changed_after_writing_is_refused(tmp_path):
         Checkpoint(tmp_path, "run", spec_sha, every=1, resume=True)
     with pytest.raises(SpecError, match="written for a different version of the spec"):
         Checkpoint(tmp_path, "run", "2" * 64, every=1, resume=True)
+
+
+@pytest.mark.parametrize("broken", ["missing part", "wrong shape", "no step"])
+def test_a_resume_checkpoint_that_does_not_fit_the_run_is_one_line(tmp_path, capsys, broken):
+    """A resume.pt whose hash matches (written by reconfx for this spec, or forged with the
+    hash recomputed) but whose state does not fit the model is refused in one line naming the
+    file, before training goes on from a half-loaded state."""
+    from reconfx.train.resume import Checkpoint
+
+    spec = digits_spec(tmp_path, train={"epochs": 1, "checkpoint_every": 4},
+                       select={"layers": ["layer4.*"]})
+    loaded = load_spec_file(spec)
+    folder = tmp_path / "out" / "checkpoints"
+    folder.mkdir(parents=True)
+    state = {"step": 2, "rng": {"torch": torch.get_rng_state()},
+             "model": {"conv1.weight": torch.zeros(3)}}
+    if broken == "missing part":
+        del state["model"]
+    if broken == "no step":
+        del state["step"]
+    Checkpoint(folder, "run", loaded.sha256, every=1).save("train", state)
+    code, err = run_cli(["run", str(spec), "--quiet", "--resume"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith("reconfx: error: ") and "checkpoints/resume.pt: the resume " \
+        "checkpoint " in err[0]
+    assert {"missing part": "does not fit this run (no 'model')",
+            "wrong shape": "does not fit this run (RuntimeError: Error(s) in loading",
+            "no step": "holds no phase and step"}[broken] in err[0]
+    assert "(fix: delete it and run without --resume)" in err[0]
+
+
+def test_running_out_of_memory_is_one_line_naming_the_example_shapes(tmp_path, capsys,
+                                                                      monkeypatch):
+    """An allowed example (up to 2^28 elements per input) that does not fit in memory: the
+    message is the one torch's CPU allocator raises."""
+    def allocate(*_args, **_kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: not "
+                           "enough memory: you tried to allocate 1073741824 bytes.")
+
+    monkeypatch.setattr(pipeline, "spec_examples", allocate)
+    code, err = run_cli(["compile", str(digits_spec(tmp_path, select={"layers": ["layer4.*"]})),
+                         "--quiet"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith("reconfx: error: ran out of memory (RuntimeError: [enforce fail")
+    assert "fix: give smaller example shapes in inputs[].shape" in err[0]
 
 
 class Payload:

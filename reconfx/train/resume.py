@@ -139,11 +139,20 @@ def snapshot(parts: dict[str, Any], step: int) -> dict[str, Any]:
 
 
 def restore(parts: dict[str, Any], state: dict[str, Any]) -> int:
-    """Load a :func:`snapshot` back into ``parts``; returns the step it was taken after."""
-    for name, part in parts.items():
-        part.load_state_dict(state[name])
-    set_rng_state(state["rng"])
-    return int(state["step"])
+    """Load a :func:`snapshot` back into ``parts``; returns the step it was taken after. A
+    state that does not fit (a missing part, a tensor of another shape or kind) is refused in
+    one line, before training goes on from a half-loaded state."""
+    try:
+        for name, part in parts.items():
+            part.load_state_dict(state[name])
+        set_rng_state(state["rng"])
+        return int(state["step"])
+    except (KeyError, RuntimeError, TypeError, ValueError, IndexError, AttributeError) as exc:
+        cause = f"no '{exc.args[0]}'" if isinstance(exc, KeyError) else \
+            f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        raise SpecError(f"the resume checkpoint does not fit this run ({cause})",
+                        where=f"checkpoints/{FILE}", fix="delete it and run without --resume"
+                        ) from None
 
 
 class Checkpoint:
@@ -216,6 +225,10 @@ class Checkpoint:
         except ValueError as exc:
             raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
                             fix="delete it and run without --resume") from None
+        if not isinstance(state, dict) or not isinstance(state.get("phase"), str) or \
+                not isinstance(state.get("step"), int):
+            raise SpecError("the resume checkpoint holds no phase and step", where=where,
+                            fix="delete it and run without --resume")
         return state
 
 
