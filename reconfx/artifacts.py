@@ -11,6 +11,7 @@ stays a mix of two commands' files.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import hashlib
 import importlib.util
@@ -19,6 +20,7 @@ import os
 import pickle
 import platform
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -143,21 +145,43 @@ def signals_held() -> Iterator[None]:
 
 def replace_file(path: Path, writer: Any) -> None:
     """Write one file atomically: ``writer`` fills a temporary name beside it, then
-    ``os.replace`` moves it into place, so a killed process never leaves half a file (and the
-    half-written temporaries of killed processes are removed the next time)."""
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    ``os.replace`` moves it into place, so a killed process never leaves half a file. The
+    writer holds an exclusive ``flock`` on its temporary while it writes, so the half-written
+    temporaries of killed processes, whose locks the kernel released, are removed the next
+    time; liveness is the lock's, not a process id's (which another PID namespace or a
+    reused PID would get wrong)."""
+    temporary = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp")
+    held = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-            pid = stale.name[len(path.name) + 2:-4]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
+            _remove_unlocked(stale)
+        held = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
+        fcntl.flock(held, fcntl.LOCK_EX)
         writer(temporary)
         os.replace(temporary, path)
     except Exception as exc:
         raise output_error(_io_error(exc), path.parent) from None
     finally:
         temporary.unlink(missing_ok=True)
+        if held is not None:
+            os.close(held)
+
+
+def _remove_unlocked(path: Path) -> None:
+    """Delete a temporary no live writer holds locked."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # gone already
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return  # a writer is still filling it
+    else:
+        path.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
@@ -203,16 +227,6 @@ def torch_load_safely(path: Path | BinaryIO) -> Any:
 
 def replace_text(path: Path, text: str) -> None:
     replace_file(path, lambda p: p.write_text(text, encoding="utf-8"))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _io_error(exc: Exception) -> OSError:

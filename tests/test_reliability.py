@@ -462,6 +462,28 @@ def test_checkpoint_killed_mid_write_keeps_the_previous_one(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["last.safetensors"]
 
 
+def test_a_live_writers_temporary_is_kept_and_a_dead_ones_removed_whatever_its_pid(tmp_path):
+    """Whether a temporary's writer still runs is decided by its flock, not by a process id:
+    a reader in another PID namespace, or a reused PID, cannot delete a live writer's file."""
+    import fcntl
+
+    from reconfx.artifacts import replace_text
+
+    path = tmp_path / "report.md"
+    live = tmp_path / ".report.md.0123456789ab.tmp"  # (no PID in the name at all)
+    live.write_text("being written")
+    fd = os.open(live, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_EX)  # a writer elsewhere holds it
+    try:
+        replace_text(path, "one")
+        assert live.read_text() == "being written"
+    finally:
+        os.close(fd)  # the writer dies: the kernel drops its lock
+    replace_text(path, "two")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.md"]
+    assert path.read_text() == "two"
+
+
 def test_disk_full_and_permission_denied_are_one_line_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     spec = resnet_spec(tmp_path, ["layer4.*"], out)
