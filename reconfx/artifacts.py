@@ -157,7 +157,8 @@ def replace_file(path: Path, writer: Any) -> None:
         for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
             _remove_unlocked(stale)
         held = os.open(temporary, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666)
-        fcntl.flock(held, fcntl.LOCK_EX)
+        with contextlib.suppress(OSError):  # (no lock support: its temporary is never removed)
+            fcntl.flock(held, fcntl.LOCK_EX)
         writer(temporary)
         os.replace(temporary, path)
     except Exception as exc:
@@ -177,7 +178,7 @@ def _remove_unlocked(path: Path) -> None:
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        return  # a writer is still filling it
+        return  # a writer is still filling it (or locks are unsupported: keep it)
     else:
         path.unlink(missing_ok=True)
     finally:
