@@ -420,16 +420,24 @@ def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
     holding branched layers runs as one stretch, task after task (the branching pass clones
     node by node, interleaving the tasks). Only the order in which random ops draw changes; the
     emitted model, which calls such a submodule once per stream, then draws in the same order.
-    Graphs with in-place ops or grad-mode switches are left as they are."""
+    Only streams found whole in every mode are reordered; graphs with in-place ops or grad-mode
+    switches are left as they are."""
     def kind_of(path: str) -> str | None:
         holds = any(under(c, path) for c in containers)
         return "stream" if holds and _streamable(module, path) else None
 
-    for _mode, graph in module.graphs():
-        if any(n.target in CONTEXT_SWITCHES or _in_place(n) for n in graph.nodes):
-            continue
+    if any(n.target in CONTEXT_SWITCHES or _in_place(n)
+           for _mode, graph in module.graphs() for n in graph.nodes):
+        return  # (both modes keep one order, so their forwards stay one)
+    found_in = {mode: _call_groups(graph, kind_of) for mode, graph in module.graphs()}
+    # Only a stream found whole in every mode becomes a generated class's call (see collapse);
+    # reordering another would only make the two modes' graphs differ in order.
+    complete = set.intersection(*(set(found) for found in found_in.values()))
+    for mode, graph in module.graphs():
         vertex: dict[fx.Node, Any] = {}
-        for key, found in _call_groups(graph, kind_of).items():
+        for key, found in found_in[mode].items():
+            if key not in complete:
+                continue
             for group in found:
                 for node in group.nodes.values():
                     if node.meta["reconfx"].get("task"):

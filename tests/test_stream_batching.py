@@ -221,6 +221,24 @@ def test_three_streams_with_a_shared_attention_mask(tmp_path):
                for m in r.modules_called)
 
 
+def test_the_two_modes_differ_in_the_forward_only_where_a_region_runs(tmp_path):
+    """A block holding branched layers next to a shared ReLU that eval mode batches: the train
+    graph keeps the same order as the eval graph (nothing is gained by reordering a stream that
+    is not written as a class), so model.py's forward switches on the mode only around the
+    regions (and the train-mode ops a region covers), never op by op the other way round."""
+    path = write_spec(tmp_path, "block", model={"factory": "reconfx.zoo:small_resnet",
+                                                "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["bn1", "layer1.0.conv1", "layer1.0.bn1",
+                                         "layer1.0.conv2", "layer1.0.bn2"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    forward = source[source.index("    def forward("):]
+    assert forward.count("run_streams(") >= 1
+    assert "if not self.training:" not in forward  # (there were 9 before)
+
+
 def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
     """Should a batched region not reproduce the model on the check's inputs, the compile keeps
     the unbatched model (bit-exact) and says so, rather than failing or shipping it."""
