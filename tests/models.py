@@ -493,3 +493,18 @@ def NamedSequentialNet() -> NeckNet:  # noqa: N802
     rebuilt as ``nn.Sequential(a, b)`` it would name them 0 and 1."""
     return NeckNet(nn.Sequential(collections.OrderedDict(act=nn.Hardswish(),
                                                          fc=nn.Linear(8, 8))))
+
+
+class TokenEncoder(nn.Module):
+    """A single-task token encoder taking token ids only (no attention mask): a padding mask
+    declared in the spec goes to the heads, not to it. Position-wise, so padding cannot change
+    the real tokens' features."""
+
+    def __init__(self, vocab: int = 50, dim: int = 8):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.mix(self.embed(input_ids))))

@@ -164,3 +164,27 @@ def test_token_accuracy_leaves_out_padding():
     labels = torch.tensor([[1, 1, IGNORE]])
     accuracy = METRICS["accuracy"]
     assert int(accuracy.total(logits, labels)) == 1 and accuracy.count(logits, labels) == 2
+
+
+def test_a_mask_only_the_heads_read_stays_out_of_the_backbone(tmp_path):
+    path = write_spec(tmp_path, "heads-only",
+                      backbone={"factory": "tests.models:TokenEncoder"},
+                      inputs=[{**IDS, "high": 50, "shape": [2, 6]},
+                              {**MASK, "shape": [2, 6], "to_backbone": False}],
+                      tasks=[{"name": "tag", "head": {"out_features": 3}},
+                             {"name": "mean", "head": {"out_features": 2, "pool": "mean",
+                                                       "mask": "attention_mask"}},
+                             {"name": "top", "head": {"out_features": 2, "pool": "max",
+                                                      "mask": "attention_mask"}}],
+                      select={"layers": ["backbone.out"]})
+    result = compile_and_verify(path, tmp_path / "out")
+    ids = torch.tensor([[3, 4, 5, 0, 0, 0], [7, 8, 9, 10, 11, 12]])
+    mask = (ids != 0).long()
+    for model in (result.branched.module, reconfx.load(tmp_path / "out")):
+        with torch.no_grad():
+            batched = model.eval()(input_ids=ids, attention_mask=mask)
+            alone = model(input_ids=ids[:1, :3], attention_mask=mask[:1, :3])
+        for task in ("mean", "top"):
+            assert torch.allclose(batched[task][0], alone[task][0], atol=1e-6, rtol=0)
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.backbone.embed(input_ids)" in source  # the backbone never sees the mask
