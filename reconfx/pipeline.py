@@ -46,7 +46,16 @@ from reconfx.emit.python import FactorySource, buildable, emit_python
 from reconfx.errors import CheckError, ModelError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profile import Profile, annotate, chart, load_scores, profile, restore_profile
+from reconfx.profile import (
+    Profile,
+    annotate,
+    chart,
+    chart_of,
+    load_scores,
+    profile,
+    rebranched,
+    restore_profile,
+)
 from reconfx.report import (
     Cost,
     batching_section,
@@ -753,9 +762,17 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
                                     + "\n\n## Checks", 1)
         staging.write_text("report.md", report)
+        chosen = {layer.name for layer in branched.layers}
         if compiled.profile is not None:
-            files += write_conflicts(staging, compiled.profile,
-                                     {layer.name for layer in branched.layers})
+            files += write_conflicts(staging, compiled.profile, chosen)
+        elif compiled.scores is not None and (out_dir / CONFLICTS).is_file():
+            # compile selected other layers by an earlier profile: its flags and chart follow
+            stored = json.loads((out_dir / CONFLICTS).read_text())
+            data = rebranched(stored, chosen)
+            if data != stored:
+                staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
+                staging.write_with("conflicts.png", lambda p: chart_of(data, p))
+                files += [CONFLICTS, "conflicts.png"]
         return staging.commit_with_manifest(command, prepared.loaded.path,
                                             prepared.loaded.sha256, s.train.seed, files, name,
                                             new_model=True)

@@ -261,21 +261,40 @@ def load_scores(path: Path) -> Scores:
 
 def chart(result: Profile, branched: set[str], path: Path) -> None:
     """conflicts.png: per-layer S-conflict count in graph order, branched layers highlighted."""
+    draw_chart([x.name for x in result.layers], result.counter.scores(), result.tasks,
+               result.threshold, result.steps, branched, path)
+
+
+def rebranched(data: dict, branched: set[str]) -> dict:
+    """A ``conflicts.json``'s content with ``branched`` as its layers' flags (``compile``
+    selecting other layers from an earlier profile)."""
+    layers = [{**row, "branched": row["name"] in branched} for row in data["layers"]]
+    return {**data, "layers": layers}
+
+
+def chart_of(data: dict, path: Path) -> None:
+    """conflicts.png from a ``conflicts.json``'s content."""
+    rows = data["layers"]
+    draw_chart([row["name"] for row in rows], [int(row["score"]) for row in rows],
+               list(data["tasks"]), float(data["threshold"]), int(data["steps"]),
+               {row["name"] for row in rows if row.get("branched")}, path)
+
+
+def draw_chart(names: list[str], scores: list[int], tasks: list[str], threshold: float,
+               steps: int, branched: set[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = [x.name for x in result.layers]
-    scores = result.counter.scores()
     colors = ["tab:red" if n in branched else "tab:blue" for n in names]
     width = max(6.0, min(40.0, 0.22 * len(names)))
     fig, ax = plt.subplots(figsize=(width, 4.0))
     ax.bar(range(len(names)), scores, color=colors)
     ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    pairs = math.comb(len(result.tasks), 2)
-    ax.set_ylabel(f"conflicts (cos < {result.threshold})")
-    ax.set_title(f"conflict score per shared layer over {result.steps} steps x {pairs} task "
+    pairs = math.comb(len(tasks), 2)
+    ax.set_ylabel(f"conflicts (cos < {threshold})")
+    ax.set_title(f"conflict score per shared layer over {steps} steps x {pairs} task "
                  "pair(s); red: branched")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -138,6 +138,31 @@ def test_profile_command_writes_scores_and_compile_uses_them(tmp_path, capsys):
     assert manifest["files"]["model.py"]["command"] == "compile"
 
 
+def test_compile_selecting_other_layers_rewrites_the_profiles_branched_flags(tmp_path):
+    """A folder holds one model's result: after `compile` picks other layers from the stored
+    profile, conflicts.json and its chart mark the layers this model branched."""
+    import yaml
+
+    spec = multidigits_spec(tmp_path, steps=10, select={"top_k": 5})
+    assert main(["profile", str(spec), "--quiet"]) == 0
+    out = tmp_path / "out"
+    before = json.loads((out / "conflicts.json").read_text())
+    chart = (out / "conflicts.png").read_bytes()
+    fields = yaml.safe_load(spec.read_text())
+    spec.write_text(yaml.safe_dump({**fields, "select": {"top_k": 2}}))
+    assert main(["compile", str(spec), "--quiet"]) == 0
+    after = json.loads((out / "conflicts.json").read_text())
+    ranked = sorted(before["layers"], key=lambda r: (-r["score"], before["layers"].index(r)))
+    assert {r["name"] for r in after["layers"] if r["branched"]} == \
+        {r["name"] for r in ranked[:2]}
+    assert [{k: v for k, v in r.items() if k != "branched"} for r in after["layers"]] == \
+        [{k: v for k, v in r.items() if k != "branched"} for r in before["layers"]]
+    assert (out / "conflicts.png").read_bytes() != chart
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["files"]["conflicts.json"]["command"] == "compile"
+    assert "branched layers: 2 of 24 shared" in (out / "report.md").read_text()
+
+
 def test_profile_needs_data_and_losses(tmp_path, capsys):
     spec = write_spec(tmp_path, "nodata", model={"factory": "reconfx.zoo:small_resnet"},
                       inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
