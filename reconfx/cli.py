@@ -167,7 +167,8 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from reconfx.pipeline import export_spec
 
-    exported = export_spec(args.spec, args.out, args.task, args.provider)
+    exported = export_spec(args.spec, args.out, args.task, args.provider,
+                           progress=not getattr(args, "quiet", False))
     _say(args, f"exported with the {exported.exporter} exporter; onnxruntime on "
                f"{exported.provider}")
     for name, why in exported.rejected.items():

@@ -615,7 +615,8 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
 
 
 def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                task: str | None = None, provider: str | None = None) -> OnnxExport:
+                task: str | None = None, provider: str | None = None,
+                progress: bool = False) -> OnnxExport:
     """``reconfx export``: ONNX from the model.py and weights already in the output folder
     (``model.onnx``, or ``model.<task>.onnx`` with only that task's output and what it needs);
     its section of report.md is replaced, nothing else is touched."""
@@ -629,17 +630,21 @@ def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None
         raise ModelError(f"{folder} holds no compiled model (no {artifacts.MANIFEST})",
                          where="export.dir", fix="run `reconfx compile` (or `run`) first")
     with outdir.writing(folder, "export") as out:
-        return _export(loaded, out, task, provider)
+        return _export(loaded, out, task, provider, Stages(progress))
 
 
-def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | None
-            ) -> OnnxExport:
+def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | None,
+            stages: Stages = QUIET) -> OnnxExport:
     s = loaded.spec
-    model = artifacts.load(out)
+    with stages("loading model.py and its weights", "loaded (verified against manifest.json)"):
+        model = artifacts.load(out)
     examples = spec_examples(s)
     name = "model.onnx" if task is None else f"model.{task}.onnx"
     with artifacts.Staging(out) as staging:
-        exported = onnx_for_spec(loaded, model, staging.path / name, examples, task, provider)
+        with stages(f"exporting {name}", lambda: f"exported {name} ({exported.exporter} "
+                    f"exporter), I5 holds on {exported.provider}"):
+            exported = onnx_for_spec(loaded, model, staging.path / name, examples, task,
+                                     provider)
         files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
         report = out / "report.md"
         text = report.read_text(encoding="utf-8") if report.is_file() else ""
