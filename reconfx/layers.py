@@ -40,15 +40,19 @@ class Layer:
         return self.modules + self.params
 
     def matches(self, pattern: str) -> bool:
-        """``pattern`` is one of the layer's paths, a glob matching one, or a module holding
-        it (``encoder.layer.5`` means every layer under it)."""
-        return any(p == pattern or fnmatch.fnmatchcase(p, pattern)
-                   or pattern and not is_glob(pattern) and p.startswith(pattern + ".")
-                   for p in (self.name, *self.paths))
+        """``pattern`` names one of the layer's paths (see :func:`path_matches`)."""
+        return any(path_matches(p, pattern) for p in (self.name, *self.paths))
 
 
 def is_glob(pattern: str) -> bool:
     return any(c in pattern for c in "*?[")
+
+
+def path_matches(path: str, pattern: str) -> bool:
+    """``pattern`` is ``path``, a glob matching it, or a module holding it (``encoder.layer.5``
+    stands for everything under it)."""
+    return (path == pattern or fnmatch.fnmatchcase(path, pattern)
+            or bool(pattern) and not is_glob(pattern) and path.startswith(pattern + "."))
 
 
 def _owner(target: str) -> str:

@@ -4,7 +4,6 @@ mechanism). Candidates are the shared layers, narrowed by ``include``/``exclude`
 from __future__ import annotations
 
 import difflib
-import fnmatch
 import math
 import warnings
 
@@ -12,7 +11,7 @@ from torch import nn
 
 from reconfx.cost import CostModel
 from reconfx.errors import SelectionError
-from reconfx.layers import Layer, is_glob, match_layers
+from reconfx.layers import Layer, is_glob, match_layers, path_matches
 from reconfx.spec import SelectSpec
 
 
@@ -124,8 +123,7 @@ def check_patterns(spec: SelectSpec | None, model: nn.Module, where: str = "spec
         names.append("root")  # (the layer of the parameters the model itself holds)
     for field in ("layers", "include", "exclude"):
         for pattern in getattr(spec, field) or []:
-            if any(n == pattern or fnmatch.fnmatchcase(n, pattern)
-                   or not is_glob(pattern) and n.startswith(pattern + ".") for n in names):
+            if any(path_matches(n, pattern) for n in names):
                 continue
             plain = pattern.rstrip(".*") if is_glob(pattern) else pattern
             close = difflib.get_close_matches(plain, [n for n, _m in model.named_modules() if n],

@@ -75,8 +75,7 @@ class Collate:
     def _input(self, name: str, values: list[Any]) -> torch.Tensor:
         pad = 0 if name in self.masks else self.pads.get(name)
         if not _ragged(values):
-            return torch.stack(values) if isinstance(values[0], torch.Tensor) else \
-                torch.as_tensor(values)
+            return _stacked(values)
         if pad is None:
             field = self.fields.get(name, "inputs")
             raise ModelError(
@@ -90,14 +89,18 @@ class Collate:
 
 def _target(name: str, values: list[Any], where: str) -> torch.Tensor:
     if not _ragged(values):
-        return torch.stack(values) if isinstance(values[0], torch.Tensor) else \
-            torch.as_tensor(values)
+        return _stacked(values)
     if any(v.is_floating_point() for v in values):
         raise ModelError(f"targets of task '{name}' have items of different shapes in one batch "
                          f"({_shapes(values)}); only integer labels are padded (with {IGNORE})",
                          where=f"{where}: data.factory",
                          fix="return integer labels per position, or targets of one shape")
     return padded(values, IGNORE)
+
+
+def _stacked(values: list[Any]) -> torch.Tensor:
+    """Items of one shape as a batch (tensors stacked, numbers as a tensor)."""
+    return torch.stack(values) if isinstance(values[0], torch.Tensor) else torch.as_tensor(values)
 
 
 def _ragged(values: list[Any]) -> bool:
