@@ -217,6 +217,10 @@ def torch_load_safely(path: Path | BinaryIO) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        if not _looks_pickled(path) or re.search(r"invalid load key|truncated|ran out of input",
+                                                 str(exc), re.IGNORECASE):
+            raise ValueError("it is not a torch checkpoint (no readable pickle data: truncated "
+                             "or another kind of file)") from None
         found = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
         what = f"a reference to {found.group(1)}" if found else "Python objects besides tensors"
         raise ValueError(f"it holds {what}, which a weights-only load refuses (unpickling it "
@@ -224,6 +228,16 @@ def torch_load_safely(path: Path | BinaryIO) -> Any:
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise ValueError(f"{type(exc).__name__}: {first}") from None
+
+
+def _looks_pickled(source: Path | BinaryIO) -> bool:
+    """Whether the data starts as torch's zip format or a pickle (protocol 2 or later) does;
+    random bytes do not (a hostile pickle does, and is described as such)."""
+    if not isinstance(source, Path):
+        return True
+    with open(source, "rb") as handle:
+        head = handle.read(2)
+    return head == b"PK" or head[:1] == b"\x80"
 
 
 def replace_text(path: Path, text: str) -> None:

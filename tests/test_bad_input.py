@@ -121,6 +121,33 @@ def test_checkpoint_with_mismatched_keys_and_shapes(tmp_path, capsys, suffix):
                     "1 unexpected key(s) (e.g. extra.weight)", "shape mismatch")
 
 
+@pytest.mark.parametrize(("name", "content", "needle"), [
+    ("garbage.pt", bytes(range(256)) * 4, "it is not a torch checkpoint (no readable pickle"),
+    ("zeros.pt", bytes(64), "it is not a torch checkpoint (no readable pickle"),
+    ("cut.pt", None, "cannot read checkpoint"),
+    ("cut.safetensors", None, "Error while deserializing header"),
+])
+def test_a_truncated_or_garbage_checkpoint_is_one_line(tmp_path, capsys, name, content,
+                                                        needle):
+    ckpt = tmp_path / name
+    if content is None:  # a real checkpoint cut short
+        whole = tmp_path / f"whole{ckpt.suffix}"
+        state = small_resnet(num_classes=3, width=8).state_dict()
+        if ckpt.suffix == ".pt":
+            torch.save(state, whole)
+        else:
+            from safetensors.torch import save_file
+
+            save_file(state, str(whole))
+        content = whole.read_bytes()[:300]
+    ckpt.write_bytes(content)
+    path = write_spec(tmp_path, model={**RESNET, "checkpoint": str(ckpt)}, inputs=IMAGE,
+                      tasks=TASKS)
+    code, _, err = run_cli(capsys, "inspect", str(path))
+    assert code == 2
+    assert_one_line(err, "model.checkpoint", needle)
+
+
 def test_checkpoint_that_fits_is_loaded(tmp_path, capsys):
     model = small_resnet(num_classes=3, width=8)
     torch.save(model.state_dict(), tmp_path / "ok.pt")
