@@ -142,6 +142,7 @@ class PythonEmitter:
         self.imports: set[str] = {"import torch", "from torch import nn"}
         self.tree = _Tree()
         self.built: dict[str, str] = {}
+        self._copies: dict[str, dict[str, str]] = {}  # see _copy_exprs
         self.nesting = 0  # extra indentation levels (a forward body rendered inside an if)
         self._tie_cache: list[tuple[str, str]] | None = None
         self.regions = sorted({id(r): r for r in self.module.modules()
@@ -328,7 +329,7 @@ class PythonEmitter:
             text = text.replace("\n", "\n" + inner)
             return [f"{ind}{access} = {head}", f"{inner}task: {text}",
                     f"{inner}for task in {names}", f"{ind}}})"]
-        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
+        built = self._copy_exprs(path, node)
         items = [f'"{task}": {text}' for task, text in built.items()]
         ties = self._tie_lines(scope=path)
         note = ("per-task running statistics; affine parameters shared" if ties
@@ -336,10 +337,18 @@ class PythonEmitter:
         return [comment(self._indent(2), f"{path}: {note}"),
                 statement(self._indent(2), access, self._dict_head(node), items, "})"), *ties]
 
+    def _copy_exprs(self, path: str, node: _Tree) -> dict[str, str]:
+        """Each task's copy at ``path`` as source, written once per path (a constructor is
+        searched for and verified)."""
+        if path not in self._copies:
+            self._copies[path] = {task: self._leaf_expr(path, child.obj)
+                                  for task, child in node.children.items()}
+        return self._copies[path]
+
     def _same_copies(self, path: str, node: _Tree) -> tuple[str, str, str] | None:
         """(``nn.ModuleDict({``, the copy's constructor, ``TASKS``) where every task's copy is
         built the same way and none shares a tensor with another; else None."""
-        built = {task: self._leaf_expr(path, child.obj) for task, child in node.children.items()}
+        built = self._copy_exprs(path, node)
         if len(set(built.values())) != 1 or len(built) < 2 or self._tie_lines(scope=path):
             return None
         tasks = tuple(built)
