@@ -39,6 +39,7 @@ from reconfx.graph import (
     DualGraphModule,
     TwoModes,
     mutates,
+    named_tensors,
     prune,
     resolve,
 )
@@ -499,12 +500,10 @@ def _assembled(module: DualGraphModule, model: nn.Module, path: str,
         original = model.get_submodule(path)
     except AttributeError:
         return None
-    state = dict(module.named_parameters(remove_duplicate=False))
-    state.update(module.named_buffers(remove_duplicate=False))
+    state = dict(named_tensors(module))
     persistent = set(original.state_dict(keep_vars=True))
     memo: dict[int, Any] = {}  # the copy takes the compiled tensors instead of copying its own
-    for name, tensor in [*original.named_parameters(remove_duplicate=False),
-                         *original.named_buffers(remove_duplicate=False)]:
+    for name, tensor in named_tensors(original):
         full = compiled_name(f"{path}.{name}")
         if full in state:
             memo[id(tensor)] = state[full]
@@ -532,8 +531,7 @@ def _copies(module: DualGraphModule, model: nn.Module, path: str, containers: se
     if not tasks[0] or any(t != tasks[0] for t in tasks):
         return None
     owner: dict[int, str] = {}
-    for name, tensor in [*view.named_parameters(remove_duplicate=False),
-                         *view.named_buffers(remove_duplicate=False)]:
+    for name, tensor in named_tensors(view):
         full = f"{path}.{name}"
         task = next((t for c in inner for t in tasks[0] if under(full, f"{c}.{t}")), None)
         if task is None or owner.setdefault(id(tensor), task) != task:

@@ -19,6 +19,7 @@ from torch import nn
 
 from reconfx.build import task_outputs
 from reconfx.errors import CheckError
+from reconfx.graph import named_tensors
 
 STOCHASTIC_OPS = ("dropout", "bernoulli", "rand", "native_dropout", "scaled_dot_product")
 
@@ -317,8 +318,7 @@ def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> I
     left as it is. Signs are kept (variances stay positive)."""
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
-    for name, t in [*module.named_parameters(remove_duplicate=False),
-                    *module.named_buffers(remove_duplicate=False)]:
+    for name, t in named_tensors(module):
         renamed = rename(name)
         if t.is_floating_point() and renamed is not None:
             names.setdefault(id(t), []).append(renamed)

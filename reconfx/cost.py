@@ -18,7 +18,7 @@ from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
 from reconfx.checks import preserved
-from reconfx.graph import DualGraphModule, output_node
+from reconfx.graph import DualGraphModule, node_tasks, task_outputs
 from reconfx.layers import Layer
 
 
@@ -51,21 +51,12 @@ class CostModel:
         with preserved(module), torch.enable_grad():  # (see reconfx.report.flops)
             module.eval()
             counting.run(*(example[str(n.target)] for n in graph.nodes if n.op == "placeholder"))
-        result = output_node(graph).args[0]
-        reach: dict[fx.Node, set[str]] = {}
-        for task, out in (result.items() if isinstance(result, dict) else []):
-            stack = [out]
-            while stack:
-                node = stack.pop()
-                if task not in reach.setdefault(node, set()):
-                    reach[node].add(task)
-                    stack.extend(node.all_input_nodes)
         nodes: dict[str, list[fx.Node]] = {}
         for node in graph.nodes:
             if node.op in ("call_module", "get_attr"):
                 nodes.setdefault(str(node.target), []).append(node)
-        return cls(counting.flops, {n: len(t) for n, t in reach.items()}, nodes,
-                   sum(counting.flops.values()), len(result) if isinstance(result, dict) else 1)
+        return cls(counting.flops, {n: len(t) for n, t in node_tasks(graph).items()}, nodes,
+                   sum(counting.flops.values()), len(task_outputs(graph)))
 
     def extra_flops(self, layers: Iterable[Layer]) -> int:
         """FLOPs the branched model runs on top of the original's, with ``layers`` branched."""
@@ -76,7 +67,7 @@ class CostModel:
             if node not in seen:
                 seen.add(node)
                 start.extend(node.users)
-        return sum((self.uses.get(n, 1) - 1) * self.flops.get(n, 0) for n in seen)
+        return sum(max(self.uses.get(n, 1) - 1, 0) * self.flops.get(n, 0) for n in seen)
 
     def responsible(self, layers: list[Layer]) -> Layer | None:
         """The selected layer whose own branching costs the most FLOPs (the earliest one, where

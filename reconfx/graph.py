@@ -181,6 +181,13 @@ def same_graph(a: fx.Graph, b: fx.Graph) -> bool:
     return a.python_code("self").src == b.python_code("self").src
 
 
+def named_tensors(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """Every parameter and buffer of ``module`` under each of its names (a tied tensor once per
+    name)."""
+    return [*module.named_parameters(remove_duplicate=False),
+            *module.named_buffers(remove_duplicate=False)]
+
+
 def unique_parameters(module: nn.Module) -> int:
     """Parameter count with tied parameters counted once."""
     return sum(p.numel() for p in {id(p): p for p in module.parameters()}.values())

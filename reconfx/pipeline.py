@@ -44,7 +44,7 @@ from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
 from reconfx.errors import CheckError, ModelError, SpecError
-from reconfx.graph import unique_parameters
+from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profile import (
     Profile,
@@ -189,7 +189,8 @@ def branch_checked(prepared: Prepared, scores: dict[str, int] | None,
 def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
                           scores: dict[str, int] | None, selection: Selection) -> Compiled:
     branched = branch_model(prepared, chosen)
-    warnings = [selection.warning()] if selection.warning() else []
+    warning = selection.warning()
+    warnings = [warning] if warning else []
     try:
         parity = check_parity(prepared.model, branched.module, prepared.task_paths,
                               prepared.examples, 1e-5 if regions_of(branched.module) else 0.0)
@@ -565,15 +566,11 @@ def emit_sources(compiled: Compiled) -> Sources:
 def _compiled_names(emitted: nn.Module, compiled: nn.Module) -> dict[str, str]:
     """Each tensor name of ``emitted`` (which holds the compiled tensors themselves) that the
     compiled model names differently -> the compiled model's name."""
-    def named(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [*module.named_parameters(remove_duplicate=False),
-                *module.named_buffers(remove_duplicate=False)]
-
     by_id: dict[int, str] = {}
-    for name, tensor in named(compiled):
+    for name, tensor in named_tensors(compiled):
         by_id.setdefault(id(tensor), name)
-    own = {name for name, _t in named(compiled)}
-    return {name: by_id[id(tensor)] for name, tensor in named(emitted)
+    own = {name for name, _t in named_tensors(compiled)}
+    return {name: by_id[id(tensor)] for name, tensor in named_tensors(emitted)
             if name not in own and id(tensor) in by_id}
 
 
@@ -689,8 +686,7 @@ def _renaming(branched: Branched, original: nn.Module, compiled_names: dict[str,
     original does not have (constants the tracer lifted). ``compiled_names``: the compiled
     name of each tensor the emitted model names differently."""
     names: dict[int, list[str]] = {}
-    for name, tensor in [*original.named_parameters(remove_duplicate=False),
-                         *original.named_buffers(remove_duplicate=False)]:
+    for name, tensor in named_tensors(original):
         names.setdefault(id(tensor), []).append(name)
     canonical = {name: min(group) for group in names.values() for name in group}
 

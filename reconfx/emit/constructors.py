@@ -27,6 +27,7 @@ from torch import nn
 
 from reconfx.emit.render import LINE, Source, bracketed, render_value
 from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
+from reconfx.graph import named_tensors
 
 HANDLERS: dict[type[nn.Module], Callable[[nn.Module], dict[str, Any]]] = {}
 # A required argument is searched among this many of the instance's values at most, and at most
@@ -214,9 +215,7 @@ def differences(a: nn.Module, b: nn.Module) -> int:
 
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
-    tensors = itertools.chain(m.named_parameters(remove_duplicate=False),
-                              m.named_buffers(remove_duplicate=False))
-    return {k: (tuple(v.shape), v.dtype) for k, v in tensors}
+    return {k: (tuple(v.shape), v.dtype) for k, v in named_tensors(m)}
 
 
 def _dtype(m: nn.Module) -> torch.dtype | None:
