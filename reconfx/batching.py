@@ -21,15 +21,14 @@ Exactness rule (per op, for the mode the graph runs in):
 
 Cost rule (deterministic): a batched call of a region may hold at most ``BUDGET_BYTES`` in its
 largest intermediate value, or as much as the region's weights where those are larger (run one
-stream at a time, every stream reads all of them again; joined, once); :func:`run_streams` turns
-that into a row cap at run time (the batch size is only known then), concatenating as many
-streams per call as fit, or none.
+stream at a time, every stream reads all of them again; joined, once). That gives a row cap,
+checked at run time (the batch size is only known then): the streams run joined in one call
+where they fit under it, else one by one (:func:`fits`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import heapq
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -45,9 +44,12 @@ from reconfx.graph import (
     CONTEXT_SWITCHES,
     REGIONS,
     DualGraphModule,
+    mutates,
     record,
     region_call,
+    reorder,
     targets,
+    unit_order,
 )
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
@@ -103,33 +105,36 @@ class Region:
         return max(1, max(BUDGET_BYTES, self.weight_bytes) // max(self.bytes_per_row, 1))
 
 
+def fits(rows: int, max_rows: int | None) -> bool:
+    """Whether one call of a region may hold ``rows`` rows: all the task streams joined run as
+    one call when they fit under the cap ``max_rows`` (None: no cap; 0: never), else each
+    stream runs on its own."""
+    return max_rows is None or 0 < max_rows and rows <= max_rows
+
+
 def streams_per_call(streams: int, rows: int, max_rows: int | None) -> int:
-    """How many of ``streams`` task streams of ``rows`` rows each one call holds when a call
-    may hold at most ``max_rows`` rows (None: all of them); at least one."""
-    return streams if max_rows is None else max(1, min(streams, max_rows // max(rows, 1)))
+    """How many of ``streams`` task streams of ``rows`` rows each one call holds: all of them
+    or one (see :func:`fits`)."""
+    return streams if fits(streams * rows, max_rows) else 1
 
 
 def run_streams(body: Callable[..., tuple], streams: Sequence[tuple], repeated: tuple,
                 shared: tuple, max_rows: int | None) -> tuple:
-    """Run ``body`` for each task stream, concatenating streams along the batch axis so that one
-    call holds at most ``max_rows`` rows (None: all streams in one call). ``repeated`` are the
-    shared inputs that scale with the batch: tensors with a batch axis (repeated once per stream
-    in a call) and sizes such as ``batch * heads`` (multiplied by the streams in a call);
-    ``shared`` are the others. Returns every stream's outputs, output by output."""
-    per_call = streams_per_call(len(streams), streams[0][0].shape[0], max_rows)
-    results: list[tuple] = []
-    for start in range(0, len(streams), per_call):
-        group = streams[start:start + per_call]
-        if len(group) == 1:
-            results.append(body(*group[0], *repeated, *shared))
-            continue
-        joined = [torch.cat(values) for values in zip(*group, strict=True)]
-        again = [torch.cat([value] * len(group)) if isinstance(value, torch.Tensor) and value.dim()
-                 else value * len(group) for value in repeated]
-        outs = body(*joined, *again, *shared)
-        parts = [out.unflatten(0, (len(group), -1)).unbind(0) for out in outs]
-        results += [tuple(part[i] for part in parts) for i in range(len(group))]
-    return tuple(out for i in range(len(results[0])) for out in (r[i] for r in results))
+    """Run ``body`` for each task stream: all streams joined along the batch axis in one call
+    where they fit under ``max_rows`` (see :func:`fits`), else one call per stream.
+    ``repeated`` are the shared inputs that scale with the batch: tensors with a batch axis
+    (repeated once per stream when joined) and sizes such as ``batch * heads`` (multiplied by
+    the streams); ``shared`` are the others. Returns every stream's outputs, output by output."""
+    n = len(streams)
+    if n == 1 or not fits(n * streams[0][0].shape[0], max_rows):
+        results = [body(*stream, *repeated, *shared) for stream in streams]
+        return tuple(out for i in range(len(results[0])) for out in (r[i] for r in results))
+    joined = [torch.cat(values) for values in zip(*streams, strict=True)]
+    again = [torch.cat([value] * n) if isinstance(value, torch.Tensor) and value.dim()
+             else value * n for value in repeated]
+    # (not .chunk: exporters would fix the batch size its chunks depend on)
+    return tuple(part for out in body(*joined, *again, *shared)
+                 for part in out.unflatten(0, (n, -1)).unbind(0))
 
 
 class StreamRegion(nn.Module):
@@ -656,35 +661,13 @@ def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
     def unit(n: fx.Node) -> Any:
         return ("r", unit_of[n]) if n in unit_of else ("n", n)
 
-    index = {n: i for i, n in enumerate(graph.nodes)}
     first: dict[Any, int] = {}
-    preds: dict[Any, set[Any]] = {}
-    for n in graph.nodes:
-        u = unit(n)
-        first.setdefault(u, index[n])
-        preds.setdefault(u, set())
-        for a in n.all_input_nodes:
-            if unit(a) != u:
-                preds[u].add(unit(a))
-    users: dict[Any, set[Any]] = {u: set() for u in preds}
-    for u, ps in preds.items():
-        for p in ps:
-            users[p].add(u)
-    waiting = {u: len(ps) for u, ps in preds.items()}
-    ready = [(first[u], i, u) for i, u in enumerate(preds) if waiting[u] == 0]
-    heapq.heapify(ready)
-    out = []
-    tie = len(preds)
-    while ready:
-        _f, _i, u = heapq.heappop(ready)
-        out.append(u[1])  # the node, or the region's index
-        for v in users[u]:
-            waiting[v] -= 1
-            if waiting[v] == 0:
-                tie += 1
-                heapq.heappush(ready, (first[v], tie, v))
-    if len(out) != len(preds):
+    for i, n in enumerate(graph.nodes):
+        first.setdefault(unit(n), i)
+    order = unit_order(graph, unit, first.__getitem__)
+    if order is None:
         raise RuntimeError("stream batching: regions are not convex")
+    out = [u[1] for u in order]  # the node, or the region's index
     # Placeholders first, output last, as fx requires.
     out.sort(key=lambda u: 0 if isinstance(u, fx.Node) and u.op == "placeholder" else (
         2 if isinstance(u, fx.Node) and u.op == "output" else 1))
@@ -706,9 +689,9 @@ def _drop_unused(graph: fx.Graph) -> None:
 def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
                   batch_inputs: Sequence[str]) -> DualGraphModule:
     """``module`` with its eval graph's exact regions batched (a new module over the same
-    submodules), or ``module`` itself when no region qualifies. ``batch_inputs`` are the inputs
-    whose axis 0 is the batch; the example is also run one item larger to see what depends on
-    the batch."""
+    submodules; its train graph ordered like the eval graph, see :func:`_align`), or ``module``
+    itself when no region qualifies. ``batch_inputs`` are the inputs whose axis 0 is the batch;
+    the example is also run one item larger to see what depends on the batch."""
     if not batch_inputs:
         return module
     grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
@@ -722,8 +705,31 @@ def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
         return module
     objs = targets(module)
     eval_graph = apply(module.eval_graph, regions, objs)
+    _align(module.train_graph, eval_graph, regions)
     batched = DualGraphModule(objs, module.train_graph, eval_graph, type(module).__name__)
     return batched.train(was_training)
+
+
+def _align(train: fx.Graph, batched: fx.Graph, regions: list[Region]) -> None:
+    """Order ``train`` (the unbatched graph the regions were planned on) like the batched eval
+    graph: each region's ops where the region's call is, op by op and within an op task by task
+    (as the emitted source writes the streams one by one), everything else in the eval graph's
+    order, so that the two modes' code differs only at the regions. Only independent ops change
+    places (random ops: the order the streams draw in); graphs with in-place ops or grad-mode
+    switches keep their order."""
+    if any(n.target in CONTEXT_SWITCHES or mutates(n) for n in train.nodes):
+        return
+    position = {n.name: (i,) for i, n in enumerate(batched.nodes)}
+    at = {n.meta["reconfx"]["region"]: position[n.name] for n in batched.nodes if region_call(n)}
+    for region in regions:  # (the planned graph's nodes: the train graph's by name)
+        for t, task in enumerate(region.tasks):
+            for k, node in enumerate(region.nodes[task]):
+                position[node.name] = (*at[region.name], k, t)
+    key: dict[fx.Node, tuple[int, ...]] = {}
+    last: tuple[int, ...] = (-1,)
+    for n in train.nodes:  # a node the eval graph lacks stays after the one before it
+        key[n] = last = position.get(n.name, (*last, 1))
+    reorder(train, lambda n: n, key.__getitem__)
 
 
 def one_call_per_region(module: nn.Module) -> contextlib.AbstractContextManager[None]:

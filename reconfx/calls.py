@@ -29,7 +29,6 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import fx, nn
 
@@ -41,6 +40,7 @@ from reconfx.graph import (
     mutates,
     named_tensors,
     prune,
+    reorder,
     resolve,
 )
 
@@ -460,30 +460,13 @@ def _in_place(node: fx.Node) -> bool:
 
 
 def _reorder(graph: fx.Graph, vertex: dict[fx.Node, Any]) -> None:
-    nodes = list(graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
-    unit = {n: vertex.get(n, n) for n in nodes}
-    dag = nx.DiGraph()
+    """Each stream's nodes as one stretch (left as it is where they are not one stretch of
+    dataflow), every unit as early as its first node was."""
+    position = {n: i for i, n in enumerate(graph.nodes)}
     first: dict[Any, int] = {}
-    for n in nodes:
-        dag.add_node(unit[n])
-        first.setdefault(unit[n], position[n])
-        for user in n.users:
-            if unit[user] != unit[n]:
-                dag.add_edge(unit[n], unit[user])
-    try:
-        order = list(nx.lexicographical_topological_sort(dag, key=lambda u: first[u]))
-    except nx.NetworkXUnfeasible:
-        return  # a stream's nodes are not one stretch of dataflow: leave the order
-    members: dict[Any, list[fx.Node]] = {}
-    for n in nodes:
-        members.setdefault(unit[n], []).append(n)
-    output = next(n for n in reversed(nodes) if n.op == "output")
-    for u in order:
-        for n in members[u]:
-            if n.op not in ("placeholder", "output"):
-                output.prepend(n)
-    graph.lint()
+    for n in graph.nodes:
+        first.setdefault(vertex.get(n, n), position[n])
+    reorder(graph, lambda n: vertex.get(n, n), first.__getitem__)
 
 
 def under(path: str, prefix: str) -> bool:

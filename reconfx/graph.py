@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Container, Iterator
+from collections.abc import Callable, Container, Hashable, Iterator
 from typing import Any
 
 import networkx as nx
@@ -130,6 +130,43 @@ def to_networkx(graph: fx.Graph) -> nx.DiGraph:
         for user in node.users:
             g.add_edge(node, user)
     return g
+
+
+def unit_order(graph: fx.Graph, unit: Callable[[fx.Node], Hashable],
+               key: Callable[[Hashable], Any]) -> list[Hashable] | None:
+    """The units of ``graph`` (``unit(node)`` groups nodes; a node may be its own unit) in a
+    topological order of the dataflow between them, the smallest ``key`` first among the units
+    ready; None when units depend on each other both ways (a unit is not convex)."""
+    dag = nx.DiGraph()
+    for n in graph.nodes:
+        dag.add_node(unit(n))
+        for user in n.users:
+            if unit(user) != unit(n):
+                dag.add_edge(unit(n), unit(user))
+    try:
+        return list(nx.lexicographical_topological_sort(dag, key=key))
+    except nx.NetworkXUnfeasible:
+        return None
+
+
+def reorder(graph: fx.Graph, unit: Callable[[fx.Node], Hashable],
+            key: Callable[[Hashable], Any]) -> bool:
+    """Put ``graph``'s nodes in :func:`unit_order` (a unit's nodes together, in their order),
+    placeholders first; False (and ``graph`` unchanged) when there is no such order."""
+    nodes = list(graph.nodes)
+    order = unit_order(graph, unit, key)
+    if order is None:
+        return False
+    members: dict[Hashable, list[fx.Node]] = {}
+    for n in nodes:
+        members.setdefault(unit(n), []).append(n)
+    output = output_node(graph)
+    for u in order:
+        for n in members[u]:
+            if n.op not in ("placeholder", "output"):
+                output.prepend(n)
+    graph.lint()
+    return True
 
 
 def node_tasks(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:

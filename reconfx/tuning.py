@@ -3,8 +3,8 @@
 The default cost rule (:mod:`reconfx.batching`) gives each region a row cap from the sizes of its
 largest intermediate value and its weights. Tuning replaces that cap by one chosen from timings on
 this machine: at each tuning batch size the model runs once to capture every region's inputs,
-then each region alone is timed with every distinct number of streams per call (all streams in
-one call, ..., each stream on its own), the options called alternately, median of ``repeats``.
+then each region alone is timed both ways (all streams joined in one call, each stream on its
+own), the two called alternately, median of ``repeats``.
 The cap kept is the one whose choices at the tuning batch sizes add up to the least time relative
 to the fastest option at each size (the rule's cap wins ties). Timings and choices go into the
 report; the result depends on the machine, so it is never the default.
@@ -40,8 +40,8 @@ class Tuned:
 
 
 def per_call_options(streams: int) -> list[int]:
-    """Streams per call that give distinct numbers of calls (4 streams: 1, 2, 4)."""
-    return sorted({-(-streams // calls) for calls in range(1, streams + 1)})
+    """The streams one call of a region may hold: each on its own, or all joined."""
+    return sorted({1, streams})
 
 
 def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeats: int,
@@ -50,9 +50,7 @@ def tune(module: nn.Module, examples: dict[int, dict[str, torch.Tensor]], repeat
     set each region's row cap to the best measured one and return the measurements."""
     regions = regions_of(module)
     results = [Tuned(r.method, len(r.tasks), r.max_rows) for r in regions]
-    options = {(r, b): sorted({*per_call_options(len(r.tasks)),
-                               streams_per_call(len(r.tasks), b, r.max_rows)})
-               for r in regions for b in examples}  # the rule's choice is timed too
+    options = {(r, b): per_call_options(len(r.tasks)) for r in regions for b in examples}
     total = sum(len(o) for o in options.values())
     with preserved(module), tqdm(total=total, desc="tuning stream batching",
                                  disable=not progress, leave=False) as bar:
@@ -105,12 +103,9 @@ def _time_options(region: StreamRegion, args: tuple, batch: int, options: list[i
 
 
 def best_rows(result: Tuned) -> int:
-    """The cap whose choices at the measured batch sizes cost the least relative time, among
-    the caps whose every choice was measured."""
+    """The cap whose choices at the measured batch sizes cost the least relative time."""
     candidates = [result.rule_rows] + sorted({k * max(b, 1) for b, times in result.times.items()
                                               for k in times})
-    candidates = [c for c in candidates
-                  if all(result.choice(b, c) in times for b, times in result.times.items())]
 
     def cost(rows: int) -> float:
         return sum(times[result.choice(b, rows)] / min(times.values())

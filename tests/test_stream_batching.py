@@ -24,7 +24,7 @@ from reconfx.tuning import Tuned, best_rows, per_call_options
 from tests.support import compile_and_verify, write_spec
 
 
-def test_run_streams_caps_the_rows_of_one_call():
+def test_run_streams_joins_all_streams_or_runs_them_one_by_one():
     streams = [(torch.randn(8, 3),) for _ in range(4)]
     bias = torch.randn(8, 3)  # shared, with a batch axis: repeated per stream in a call
     calls = []
@@ -34,8 +34,9 @@ def test_run_streams_caps_the_rows_of_one_call():
         return x * scale + b, x.sum(1)
 
     want = [body(s[0], bias, 8, 2.0) for s in streams]
-    for max_rows, shapes in [(None, [(32, 32)]), (16, [(16, 16)] * 2), (31, [(24, 24), (8, 8)]),
-                             (4, [(8, 8)] * 4)]:
+    # Joined where all four streams (32 rows) fit under the cap; else each on its own.
+    for max_rows, shapes in [(None, [(32, 32)]), (32, [(32, 32)]), (31, [(8, 8)] * 4),
+                             (4, [(8, 8)] * 4), (0, [(8, 8)] * 4)]:
         calls.clear()
         got = run_streams(body, streams, (bias, 8), (2.0,), max_rows)
         assert calls == shapes, max_rows
@@ -93,8 +94,12 @@ def test_transformer_streams_run_as_one_batch_and_keep_the_invariants(tmp_path):
     assert not [n for n in module.eval_graph.nodes if n.op == "get_attr" and not n.users]
     assert compiled.checks[0].detail.startswith("atol 1e-05, eval and train mode")
     source = (out / "model.py").read_text()
-    assert "def run_streams(" in source and f"def {region.method}(" in source
+    assert "def fits(" in source and "torch.cat(" in source
+    assert ".unflatten(0, (2, -1)).unbind()" in source
     assert f'self.stream_rows = {{"{region.method}": {region.max_rows}}}' in source
+    # One switch per region: training and an eval batch too large run the streams one by one.
+    assert source.count("if self.training or not fits(") == 1
+    assert "if not self.training" not in source and "else:\n" in source
     report = (out / "report.md").read_text()
     assert "exported by the dynamo exporter" in report  # I5 (dynamic batch) with batching on
 
@@ -162,7 +167,7 @@ def test_batching_off_is_bit_exact_and_unbatched(tmp_path):
     compiled = compile_and_verify(encoder_spec(tmp_path, "off", onnx=False), out)
     assert regions_of(compiled.branched.module) == []
     assert compiled.checks[0].detail.startswith("bit-exact")
-    assert "run_streams" not in (out / "model.py").read_text()
+    assert "fits(" not in (out / "model.py").read_text()
 
 
 def test_batch_mixing_glue_stays_per_stream(tmp_path):
@@ -235,7 +240,8 @@ def test_the_two_modes_differ_in_the_forward_only_where_a_region_runs(tmp_path):
     compile_and_verify(path, tmp_path / "out")
     source = (tmp_path / "out" / "model.py").read_text()
     forward = source[source.index("    def forward("):]
-    assert forward.count("run_streams(") >= 1
+    assert forward.count("if self.training or not fits(") >= 1
+    assert forward.count("if self.training") == forward.count("if self.training or not fits(")
     assert "if not self.training:" not in forward  # (there were 9 before)
 
 
@@ -255,28 +261,26 @@ def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
     assert compiled.checks[0].detail.startswith("bit-exact")
     (warning,) = [w for w in compiled.warnings if not w.startswith("branching at")]
     assert warning.startswith("stream batching turned off: with it, I1 init parity failed")
-    assert "run_streams" not in (tmp_path / "out" / "model.py").read_text()
+    assert "fits(" not in (tmp_path / "out" / "model.py").read_text()
 
 
 def test_tuned_cap_is_the_measured_best():
-    # Batching pays at batches 1 and 16 and loses at 128: any cap in [64, 255] gives that; the
-    # smallest such candidate is kept. The rule's cap (16) runs streams alone at batch 16.
-    times = {1: {1: 3.0, 2: 2.0, 4: 1.0}, 16: {1: 5.0, 2: 4.0, 4: 3.0},
-             128: {1: 10.0, 2: 12.0, 4: 15.0}}
+    # Joining the four streams pays at batches 1 and 16 and loses at 128: any cap in [64, 511]
+    # gives that; the smallest such candidate is kept. The rule's cap (16) runs the streams one
+    # by one at batch 16.
+    times = {1: {1: 3.0, 4: 1.0}, 16: {1: 5.0, 4: 3.0}, 128: {1: 10.0, 4: 15.0}}
     tuned = Tuned("shared_x", streams=4, rule_rows=16, times=times)
-    assert per_call_options(4) == [1, 2, 4] and per_call_options(5) == [1, 2, 3, 5]
+    assert per_call_options(4) == [1, 4] and per_call_options(1) == [1]
     tuned.rows = best_rows(tuned)
     assert tuned.rows == 64
     assert [tuned.choice(b) for b in times] == [4, 4, 1]
     assert [tuned.choice(b, tuned.rule_rows) for b in times] == [4, 1, 1]
     # Measurements that cannot tell the options apart keep the rule's cap.
-    flat = Tuned("shared_x", 4, 16, times={b: dict.fromkeys([1, 2, 4], 1.0) for b in times})
+    flat = Tuned("shared_x", 4, 16, times={b: dict.fromkeys([1, 4], 1.0) for b in times})
     assert best_rows(flat) == 16
-    # A cap is kept only if every choice it makes was timed: 10 rows would put 3 streams of
-    # batch 3 in a call, which was not measured; 12 gives the measured best at both sizes.
-    odd = Tuned("shared_x", 4, 1, times={3: dict.fromkeys([1, 2, 4], 1.0),
-                                         5: {1: 2.0, 2: 1.0, 4: 3.0}})
-    assert best_rows(odd) == 12
+    # Equal at batch 3, joining pays at batch 5: the smallest cap that joins 4 x 5 rows.
+    odd = Tuned("shared_x", 4, 1, times={3: dict.fromkeys([1, 4], 1.0), 5: {1: 2.0, 4: 1.0}})
+    assert best_rows(odd) == 20
 
 
 def test_alternating_medians_interleave_and_leave_out_the_warm_up():

@@ -5,6 +5,8 @@ lines). Statements both modes share are written once; where they differ, the dif
 where it is: a statement that differs in one token becomes ``dropout_p=0.1 if self.training else
 0.0``, and other runs become ``if self.training: ... else: ...``. Each mode executes exactly the
 statements of its own rendering, in order, so the merged method computes what each graph does.
+An eval-mode choice between the train-mode statements and another way to compute them (stream
+batching, :class:`Alternatives`) is written once: ``if self.training or not fits(...): ...``.
 """
 
 from __future__ import annotations
@@ -13,10 +15,31 @@ import difflib
 import io
 import tokenize
 
-from reconfx.emit.render import LINE
+from reconfx.emit.render import LINE, statement
 
 _OPEN_ARG = {"(", ",", "=", "["}
 _CLOSE_ARG = {")", ",", "]"}
+
+
+class Alternatives(str):
+    """The statement ``if <test>: <then> else: <otherwise>`` (its text, at ``indent``), with its
+    parts kept so that :func:`merge_modes` can fold it into the train-mode statements that equal
+    ``then``. ``test`` is ``opener`` + ``args`` + ``)``, a call wrapped like any other."""
+
+    indent: str
+    opener: str
+    args: list[str]
+    then: list[str]
+    otherwise: list[str]
+
+    def __new__(cls, indent: str, opener: str, args: list[str], then: list[str],
+                otherwise: list[str]) -> Alternatives:
+        text = "\n".join([statement(indent, "", f"if {opener}", args, "):"), *then,
+                          f"{indent}else:", *otherwise])
+        made = super().__new__(cls, text)
+        made.indent, made.opener, made.args = indent, opener, args
+        made.then, made.otherwise = then, otherwise
+        return made
 
 
 def merge_modes(train: list[str], eval_: list[str], train_nested: list[str],
@@ -30,6 +53,10 @@ def merge_modes(train: list[str], eval_: list[str], train_nested: list[str],
         if tag == "equal":
             out += train[i1:i2]
             continue
+        folded = _folded(train_nested[i1:i2], eval_[j1:j2])
+        if folded:
+            out += folded
+            continue
         if i2 - i1 == j2 - j1:  # the same statements with a token changed: inline where each is
             inline = [_inline(a, b) for a, b in zip(train[i1:i2], eval_[j1:j2], strict=True)]
             if all(inline):
@@ -41,6 +68,22 @@ def merge_modes(train: list[str], eval_: list[str], train_nested: list[str],
             out += [f"{indent}{'else:' if i2 > i1 else 'if not self.training:'}",
                     *eval_nested[j1:j2]]
     return out
+
+
+def _folded(train: list[str], eval_: list[str]) -> list[str]:
+    """``eval_``, one :class:`Alternatives` whose first branch is ``train`` (statement by
+    statement equal, or differing in one token written inline), with train mode sent there
+    too; empty when it is not that."""
+    if len(eval_) != 1 or not isinstance(eval_[0], Alternatives):
+        return []
+    choice = eval_[0]
+    if len(train) != len(choice.then):
+        return []
+    then = [a if a == b else _inline(a, b) for a, b in zip(train, choice.then, strict=True)]
+    if not all(then):
+        return []
+    return [statement(choice.indent, "", f"if self.training or {choice.opener}", choice.args,
+                      "):"), *then, f"{choice.indent}else:", *choice.otherwise]
 
 
 def _inline(train: str, eval_: str) -> str | None:

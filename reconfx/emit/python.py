@@ -26,10 +26,10 @@ import torch
 from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
-from reconfx.batching import StreamRegion, run_streams, streams_per_call
+from reconfx.batching import StreamRegion, fits
 from reconfx.calls import MARK, TaskStream
 from reconfx.emit.constructors import Bracket, Constructor, constructor
-from reconfx.emit.merge import merge_modes
+from reconfx.emit.merge import Alternatives, merge_modes
 from reconfx.emit.render import (
     LINE,
     LOCAL,
@@ -120,6 +120,37 @@ def _access(root: _Tree, path: str) -> str:
         text += f"[{part}]" if kind == "list" else (f'["{part}"]' if kind == "dict" else f".{part}")
         node = node.children[part]
     return text
+
+
+@dataclass
+class _Scope:
+    """The names of one method body being written: each value's local name, the names taken,
+    and the task suffix of values whose nodes carry no task (a region's ops written for one
+    stream)."""
+
+    tree: _Tree
+    chains: dict[fx.Node, list[fx.Node]]
+    room: int  # see _suffix_room
+    suffix: str = ""
+    names: dict[fx.Node, str] = field(default_factory=dict)
+    taken: set[str] = field(default_factory=set)
+    commented: set[str] = field(default_factory=set)  # branch points already commented
+    unpacked: set[fx.Node] = field(default_factory=set)  # items named where they are made
+    unused: set[fx.Node] = field(default_factory=set)  # values computed but read by nobody
+
+    def name_of(self, node: fx.Node) -> str:
+        if node.op == "get_attr":
+            return chain(_access(self.tree, str(node.target)))
+        return self.names[node]
+
+    def fresh(self, node: fx.Node) -> str:
+        stem, suffix = _base_name(node)
+        return _fresh((stem, suffix or self.suffix), self.taken, self.room)
+
+    def inner(self, suffix: str, taken: set[str] | None = None) -> _Scope:
+        """A scope for a region body's ops (no chains: a body holds no loop of its own)."""
+        return _Scope(self.tree, {}, self.room, suffix, taken=self.taken if taken is None
+                      else taken, commented=self.commented)
 
 
 class PythonEmitter:
@@ -278,8 +309,9 @@ class PythonEmitter:
         lines += self._tie_lines()
         if self.regions:
             rows = [f'"{r.method}": {render_value(r.max_rows)}' for r in self.regions]
-            lines += [comment(self._indent(2), "Stream batching: the most rows one call of each "
-                              "shared region takes (None: all task streams in one call)."),
+            lines += [comment(self._indent(2), "Stream batching (eval mode): each shared region "
+                              "runs the task streams joined along the batch axis while they "
+                              "hold at most this many rows together (None: always; 0: never)."),
                       statement(self._indent(2), "self.stream_rows", "{", rows, "}")]
         return lines
 
@@ -410,82 +442,62 @@ class PythonEmitter:
         return any(_under(a, s) and _under(b, s) for s in self.task_containers)
 
     # -- forward -------------------------------------------------------------------------------
-    def _forward(self, graph: fx.Graph, method: str, region: StreamRegion | None = None
-                 ) -> list[str]:
-        """``method``'s source: forward (or a train/eval variant) returning the task dict, or
-        with ``region`` the region's body for one stream, returning its outputs."""
-        names: dict[fx.Node, str] = {}
-        taken = set()
-        room = _suffix_room(graph)
-        commented: set[str] = set()  # branch points already commented
-        unpacked: set[fx.Node] = set()  # items of a call's result, named where it is made
-        chains = _chains(graph, self.tree)
+    def _forward(self, graph: fx.Graph, method: str) -> list[str]:
+        """``method``'s source: forward (or a train/eval variant) returning the task dict."""
+        scope = _Scope(self.tree, _chains(graph, self.tree), _suffix_room(graph))
         placeholders = [n for n in graph.nodes if n.op == "placeholder"]
         for n in placeholders:
-            names[n] = str(n.target)
-            taken.add(str(n.target))
-
-        def name_of(node: fx.Node) -> str:
-            if node.op == "get_attr":
-                return chain(_access(self.tree, str(node.target)))
-            return names[node]
-
-        params = ["self"] + [f"{names[n]}: {n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
+            scope.names[n] = str(n.target)
+            scope.taken.add(str(n.target))
+        params = ["self"] + [f"{scope.names[n]}: "
+                             f"{n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
                              for n in placeholders]
         result = output_node(graph).args[0]
         returns = ("dict[str, torch.Tensor]" if isinstance(result, dict) else "torch.Tensor"
                    if isinstance(result, fx.Node) else "tuple[torch.Tensor, ...]")
         lines = [statement(self._indent(1), "", f"def {method}(", params, f") -> {returns}:")]
-        if region is not None:
-            lines += _region_doc(region, self._indent(2))
         for node in graph.nodes:
             if node.op in ("placeholder", "get_attr") or _region_item(node):
                 continue
             if node.op == "output":
-                if region is not None:
-                    outs = [render_value(n, name_of) for n in node.args[0]]
-                    lines.append(statement(self._indent(2), "", "return (", outs,
-                                           ",)" if len(outs) == 1 else ")"))
-                    continue
                 if isinstance(result, dict):
-                    outs = [f'"{t}": {render_value(n, name_of)}' for t, n in result.items()]
+                    outs = [f'"{t}": {render_value(n, scope.name_of)}' for t, n in result.items()]
                     lines.append(statement(self._indent(2), "", "return {", outs, "}"))
                 else:
-                    lines.append(f"{self._indent(2)}return {render_value(result, name_of)}")
-                continue
-            if region_call(node):
-                lines += self._region_call_lines(node, names, taken, name_of)
-                continue
-            same = _identity_input(node)
-            if same is not None:  # x + 0 and the like: the value keeps its name
-                names[node] = name_of(same)
-                continue
-            if node in chains:  # ``for layer in self.encoder.layer[:5]: h = layer(h)``
-                lines.append(self._loop_lines(chains[node], names, taken, room, name_of))
-                unpacked.update(chains[node])
-                continue
-            if _folded(node) or node in unpacked:  # written with the call (``f(x)[0]``)
-                continue
-            items = _unpacked(node, self.module)
-            if items:  # ``a, b = self.block(x, "left")``
-                note = self._comment(node, commented)
-                lines += [note] if note else []
-                unpacked.update(items)
-                lhs = [_fresh(_base_name(item), taken, room) for item in items]
-                names.update(zip(items, lhs, strict=True))
-                call = self._node_line(node, "", name_of).strip()
-                lines.append(f"{self._indent(2)}{', '.join(lhs)} = {call}")
-                continue
-            names[node] = _fresh(_base_name(node), taken, room)
-            comment = self._comment(node, commented)
-            if comment:
-                lines.append(comment)
-            # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
-            lines.append(self._node_line(node, names[node] if node.users else "", name_of))
+                    lines.append(f"{self._indent(2)}return {render_value(result, scope.name_of)}")
+            elif region_call(node):
+                lines.append(self._region(node, scope))
+            else:
+                lines += self._statement(node, scope)
         return lines
 
-    def _loop_lines(self, chain: list[fx.Node], names: dict[fx.Node, str], taken: set[str],
-                    room: int, name_of: Any) -> str:
+    def _statement(self, node: fx.Node, scope: _Scope) -> list[str]:
+        """The statement(s) computing ``node``, its value named in ``scope`` (none where the
+        value keeps another's name or is written with the call it comes from)."""
+        same = _identity_input(node)
+        if same is not None:  # x + 0 and the like: the value keeps its name
+            scope.names[node] = scope.name_of(same)
+            return []
+        if node in scope.chains:  # ``for layer in self.encoder.layer[:5]: h = layer(h)``
+            scope.unpacked.update(scope.chains[node])
+            return [self._loop_lines(scope.chains[node], scope)]
+        if _folded(node) or node in scope.unpacked:  # written with the call (``f(x)[0]``)
+            return []
+        note = self._comment(node, scope.commented)
+        lines = [note] if note else []
+        items = _unpacked(node, self.module)
+        if items:  # ``a, b = self.block(x, "left")``
+            scope.unpacked.update(items)
+            lhs = [scope.fresh(item) for item in items]
+            scope.names.update(zip(items, lhs, strict=True))
+            call = self._node_line(node, "", scope.name_of).strip()
+            return [*lines, f"{self._indent(2)}{', '.join(lhs)} = {call}"]
+        scope.names[node] = scope.fresh(node)
+        # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
+        used = node.users and node not in scope.unused
+        return [*lines, self._node_line(node, scope.names[node] if used else "", scope.name_of)]
+
+    def _loop_lines(self, chain: list[fx.Node], scope: _Scope) -> str:
         """A chain of calls of a ``ModuleList``'s consecutive items as one loop (one statement
         of the method, so both modes' renderings compare it whole)."""
         calls = [n for n in chain if n.op == "call_module"]
@@ -496,45 +508,96 @@ class PythonEmitter:
         if (int(first), last) != (0, size):
             items += f"[{first if first != '0' else ''}:{last if last != size else ''}]"
         ind, carried = self._indent(2), chain[-1]
-        var = _fresh((local_name(container.replace(".", "_"), LOCAL), ""), taken, room)
-        item = _fresh(("layer", ""), taken)
-        names[carried] = var
-        args = [var, *_call_arguments(calls[0], name_of)[1:]]
-        tail = (f")[{render_index(carried.args[1], name_of)}]" if carried.op == "call_function"
-                else ")")
-        return "\n".join([assign(ind, var, name_of(calls[0].args[0])),
+        var = _fresh((local_name(container.replace(".", "_"), LOCAL), ""), scope.taken,
+                     scope.room)
+        item = _fresh(("layer", ""), scope.taken)
+        scope.names[carried] = var
+        args = [var, *_call_arguments(calls[0], scope.name_of)[1:]]
+        tail = (f")[{render_index(carried.args[1], scope.name_of)}]"
+                if carried.op == "call_function" else ")")
+        return "\n".join([assign(ind, var, scope.name_of(calls[0].args[0])),
                           f"{ind}for {item} in {items}:",
                           statement(ind + "    ", var, f"{item}(", args, tail)])
 
-    def _region_call_lines(self, node: fx.Node, names: dict[fx.Node, str], taken: set[str],
-                           name_of: Any) -> list[str]:
-        """``a_left, a_right = run_streams(self.shared_x, [(x_left,), (x_right,)], ...)``."""
+    def _region(self, node: fx.Node, scope: _Scope) -> Alternatives:
+        """A stream-batched region's call as ``if not fits(rows, cap): <each task stream's
+        ops> else: <the streams joined: torch.cat, the ops once, chunk>``, its outputs named
+        as the region's results are."""
         region: StreamRegion = resolve(self.module, str(node.target))
-        n_in, n_rep, _n_shared = region.counts
-        streams = len(region.tasks)
-        args = [render_value(a, name_of) for a in node.args]
-        per_stream = [_tuple_text(args[i * n_in:(i + 1) * n_in]) for i in range(streams)]
-        rest = args[streams * n_in:]
-        items = {u.args[1]: u for u in node.users}
-        width = max(items) + 1 if items else 0
-        lhs = []
-        for i in range(width):
-            if i in items:
-                names[items[i]] = _fresh(_base_name(items[i]), taken, _suffix_room(node.graph))
-                lhs.append(names[items[i]])
-            else:
-                lhs.append("_")
-        call = [f"self.{region.method}", bracketed("[", per_stream, "]"),
-                _tuple_text(rest[:n_rep]), _tuple_text(rest[n_rep:]),
-                f'self.stream_rows["{region.method}"]']
-        note = comment(self._indent(2), f"{_span(region.modules_called)}: shared, run for the "
-                       f"task streams {', '.join(region.tasks)} together (stream batching)")
+        body, tasks, (n_in, n_rep, _n_shared) = region.body, region.tasks, region.counts
+        inputs = [n for n in body.nodes if n.op == "placeholder"]
+        outputs = output_node(body).args[0]
+        ops = [n for n in body.nodes if n.op not in ("placeholder", "output", "get_attr")]
+        args = [render_value(a, scope.name_of) for a in node.args]
+        rest = args[len(tasks) * n_in:]
+        results = {u.args[1]: u for u in node.users}
         ind = self._indent(2)
-        lhs_text = ", ".join(lhs) if len(lhs) > 1 else f"{lhs[0]},"
-        if len(f"{ind}{lhs_text} = run_streams(") <= LINE - 8:
-            return [note, statement(ind, lhs_text, "run_streams(", call)]
-        names_lines = [f"{ind}(", *(f"{ind}    {name}," for name in lhs)]
-        return [note, *names_lines, statement(ind, ")", "run_streams(", call)]
+        self.nesting += 1
+        try:
+            streams = []  # one stream after another, op by op (as the train graph has them)
+            scopes = [scope.inner(f"_{task}") for task in tasks]
+            for t, inner in enumerate(scopes):
+                inner.names.update(zip(inputs, args[t * n_in:(t + 1) * n_in] + rest,
+                                       strict=True))
+                inner.unused.update(o for k, o in enumerate(outputs)
+                                    if k * len(tasks) + t not in results and len(o.users) == 1)
+            for op in ops:
+                for inner in scopes:
+                    streams += self._statement(op, inner)
+            for k, out in enumerate(outputs):
+                for t, inner in enumerate(scopes):
+                    if k * len(tasks) + t in results:
+                        scope.names[results[k * len(tasks) + t]] = inner.name_of(out)
+            joined = [comment(self._indent(2), f"{_span(region.modules_called)}: shared; the "
+                              f"task streams {', '.join(tasks)} run joined along the batch "
+                              "axis (stream batching)")]
+            # (its names are visible only in this branch: later names need not avoid them)
+            together = scope.inner("", taken=set(scope.taken))
+            joined += self._joined_inputs(together, inputs, args, len(tasks), n_in, n_rep)
+            for op in ops:
+                joined += self._statement(op, together)
+            for k, out in enumerate(outputs):
+                names = [scope.names[results[k * len(tasks) + t]]
+                         if k * len(tasks) + t in results else "_" for t in range(len(tasks))]
+                # (not .chunk: exporters would fix the batch size its chunks depend on)
+                split = f"{together.name_of(out)}.unflatten(0, ({len(tasks)}, -1)).unbind()"
+                line = f"{self._indent(2)}{', '.join(names)} = {split}"
+                joined.append(line if len(line) <= LINE else statement(
+                    self._indent(2), "", "(", names, f") = {split}"))
+        finally:
+            self.nesting -= 1
+        rows = f"{len(tasks)} * {args[0]}.shape[0]"
+        return Alternatives(ind, "not fits(", [rows, f'self.stream_rows["{region.method}"]'],
+                            streams, joined)
+
+    def _joined_inputs(self, scope: _Scope, inputs: list[fx.Node], args: list[str],
+                       streams: int, n_in: int, n_rep: int) -> list[str]:
+        """The region's inputs for all streams joined: each stream input concatenated, each
+        shared input with a batch axis repeated per stream (a size multiplied), the rest as
+        they are."""
+        lines = []
+        rest = args[streams * n_in:]
+        for i, param in enumerate(inputs):
+            if i >= n_in + n_rep:
+                scope.names[param] = rest[i - n_in]
+                continue
+            ind = self._indent(2)
+            if i < n_in:
+                name = scope.fresh(param)
+                parts = [args[t * n_in + i] for t in range(streams)]
+            else:  # named after the value it repeats (``mask_joined``)
+                value = rest[i - n_in]
+                stem = value if value.isidentifier() else _base_name(param)[0]
+                name = _fresh((local_name(f"{stem}_joined", LOCAL), ""), scope.taken)
+                parts = [value] * streams
+            scope.names[param] = name
+            if i >= n_in and param.meta.get("reconfx", {}).get("type") not in (
+                    None, "torch.Tensor"):  # a size such as ``batch * heads``
+                lines.append(infix(ind, name, parts[0], "*", str(streams)))
+                continue
+            width = LINE - len(ind) - 16
+            lines.append(statement(ind, name, "torch.cat(", [bracketed("[", parts, "]", width)]))
+        return lines
 
     def _comment(self, node: fx.Node, commented: set[str]) -> str | None:
         """One comment per branch point, before the first task's first use of the layer."""
@@ -611,8 +674,6 @@ class PythonEmitter:
             fwd = self._one_forward()
         else:
             fwd = self._forward(self.module.train_graph, "forward")
-        for region in self.regions:
-            fwd += ["", *self._forward(region.body, region.method, region)]
         doc = [*_docstring(self.doc, "    "), ""] if self.doc and not self.class_name else []
         return [*doc, "    def __init__(self) -> None:", "        super().__init__()", *init,
                 "", *fwd]
@@ -633,9 +694,7 @@ class PythonEmitter:
             self.imports.update(RESTORE_IMPORTS)
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
         if self.regions:
-            self.imports.add("from collections.abc import Callable, Sequence")
-            for function in (streams_per_call, run_streams):
-                helper += ["", *inspect.getsource(function).rstrip("\n").splitlines(), ""]
+            helper += ["", *inspect.getsource(fits).rstrip("\n").splitlines(), ""]
         constants = [statement("", name, text[:text.index("(") + 1],
                                _split_arguments(text[text.index("(") + 1:-1]), ")")
                      for text, name in sorted(self.constants.items(), key=lambda c: c[1])]
@@ -670,7 +729,7 @@ class PythonEmitter:
         """``forward`` for a model whose train and eval graphs differ, each difference written
         once where it is, on ``self.training`` (see :mod:`reconfx.emit.merge`)."""
         graphs = (self.module.train_graph, self.module.eval_graph)
-        self.spelled = _mode_arguments(graphs)
+        self.spelled = _mode_arguments(graphs[:1], [graphs[1], *(r.body for r in self.regions)])
         train, eval_ = (self._forward(graph, "forward") for graph in graphs)
         self.nesting = 1
         try:
@@ -804,22 +863,12 @@ def _span(modules: list[str]) -> str:
     return modules[0] if len(modules) == 1 else f"{modules[0]} ... {modules[-1]}"
 
 
-def _tuple_text(items: list[str]) -> str:
-    return bracketed("(", items, ",)" if len(items) == 1 else ")")
-
-
 def _docstring(text: str, indent: str) -> list[str]:
     """``text`` as a docstring's lines at ``indent``, wrapped to the line width."""
     lines = textwrap.wrap(text, width=LINE - len(indent) - 6)
     if len(lines) == 1:
         return [f'{indent}"""{lines[0]}"""']
     return [f'{indent}"""{lines[0]}', *(f"{indent}{line}" for line in lines[1:]), f'{indent}"""']
-
-
-def _region_doc(region: StreamRegion, indent: str) -> list[str]:
-    """The body method's docstring lines."""
-    return _docstring(f"Shared layers {_span(region.modules_called)} for one task stream, or "
-                      "for several concatenated along the batch axis (see run_streams).", indent)
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -897,11 +946,18 @@ def _call_arguments(node: fx.Node, name_of: Any, spelled: set[str] = frozenset()
             args = args[:first]
             kwargs = {n: kwargs.get(n, defaults.get(n)) for n in names[first:]
                       if n in kwargs or n in spelled}
+            while args and _default(args[-1], defaults.get(names[len(args) - 1], _END)):
+                args.pop()  # (a trailing ``None`` another mode leaves out)
     kwargs = {k: v for k, v in kwargs.items() if k in spelled
-              or not (k in defaults and type(v) is type(defaults[k]) and v == defaults[k])
+              or not (k in defaults and _default(v, defaults[k]))
               and not (k == "pin_memory" and v is False)}  # (False and None mean the same)
     return [render_arg(a, name_of) for a in args] + [
         f"{k}={render_arg(v, name_of)}" for k, v in kwargs.items()]
+
+
+def _default(value: Any, default: Any) -> bool:
+    """``value`` is a schema default's value (of its type: ``0`` is not ``False``)."""
+    return not _reads_nodes(value) and type(value) is type(default) and value == default
 
 
 def _reads_nodes(value: Any) -> bool:
@@ -910,14 +966,16 @@ def _reads_nodes(value: Any) -> bool:
     return bool(found)
 
 
-def _mode_arguments(graphs: tuple[fx.Graph, fx.Graph]) -> dict[str, set[str]]:
-    """For aten calls of the same name in the train and the eval graph: the schema arguments
-    that are constants differing between the two (one passing ``dropout_p=0.1``, the other
-    leaving it at its default), so both spell them and the difference is one token."""
+def _mode_arguments(train: Sequence[fx.Graph], eval_: Sequence[fx.Graph]
+                    ) -> dict[str, set[str]]:
+    """For aten calls of the same name in the train and the eval graphs (a forward's, and
+    the region bodies written inside it): the schema arguments that are constants differing
+    between the two (one passing ``dropout_p=0.1``, the other leaving it at its default), so
+    both spell them and the difference is one token."""
     found: list[dict[str, tuple[Any, dict[str, Any]]]] = []
-    for graph in graphs:
+    for graphs in (train, eval_):
         calls = {}
-        for node in graph.nodes:
+        for node in (n for graph in graphs for n in graph.nodes):
             if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload):
                 schema = node.target._schema.arguments
                 values = {a.name: a.default_value for a in schema if a.has_default_value()}
