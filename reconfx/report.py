@@ -126,7 +126,7 @@ def built_section(built: dict[str, str]) -> list[str]:
     """How model.py's ``__init__`` builds the modules it creates: counts, and the paths of those
     not built by their own class's constructor."""
     by_how = {how: [p for p, h in built.items() if h == how]
-              for how in ("constructor", "restored", "factory", "generated")}
+              for how in ("constructor", "restored", "factory", "generated", "traced")}
     lines = ["", "## How model.py builds its modules", "",
              f"- {len(by_how['constructor'])} by their own class's constructor"]
     if by_how["restored"]:
@@ -137,9 +137,14 @@ def built_section(built: dict[str, str]) -> list[str]:
         lines.append(f"- {len(by_how['generated'])} as a class generated for a submodule run per "
                      "task stream (its own modules counted above): "
                      + ", ".join(f"`{p}`" for p in by_how["generated"]))
+    if by_how["traced"]:
+        lines.append(f"- {len(by_how['traced'])} as a class holding its own traced code (an "
+                     "attribute has no source form, so no call of its class rebuilds it): "
+                     + ", ".join(f"`{p}`" for p in by_how["traced"]))
     if by_how["factory"]:
         lines.append(f"- {len(by_how['factory'])} by calling the spec's factory (an attribute has "
-                     "no source form): " + ", ".join(f"`{p}`" for p in by_how["factory"]))
+                     "no source form and fx cannot trace its code): "
+                     + ", ".join(f"`{p}`" for p in by_how["factory"]))
     return lines
 
 

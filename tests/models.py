@@ -265,7 +265,7 @@ class Configured(nn.Module):
 
 class PowerLeaf(nn.Module):
     """A leaf holding a function made at run time: it has no source form, so neither a
-    constructor call nor restoring rebuilds it, and model.py falls back to the factory."""
+    constructor call nor restoring rebuilds it, and model.py writes its traced code."""
 
     def __init__(self, power: int):
         super().__init__()
@@ -276,10 +276,21 @@ class PowerLeaf(nn.Module):
         return self.fn(h) * self.scale
 
 
+class BranchingPowerLeaf(PowerLeaf):
+    """PowerLeaf whose forward branches on a tensor's value: fx cannot trace it either, so
+    model.py falls back to calling the spec's factory."""
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        if bool(h.sum() > 0):
+            return self.fn(h) * self.scale
+        return self.fn(h) * -self.scale
+
+
 class WithPowerLeaf(nn.Module):
-    def __init__(self):
+    def __init__(self, branching: bool = False):
         super().__init__()
-        self.fc, self.power = nn.Linear(6, 8), PowerLeaf(2)
+        self.fc = nn.Linear(6, 8)
+        self.power = (BranchingPowerLeaf if branching else PowerLeaf)(2)
         self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:

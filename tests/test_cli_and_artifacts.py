@@ -174,9 +174,10 @@ def test_leaf_built_from_a_settings_object_gets_the_object_in_source(tmp_path):
     assert "_from_factory" not in source
 
 
-def test_leaf_without_any_source_form_comes_from_the_factory(tmp_path):
-    """The last resort: a leaf holding a function made at run time is built in model.py by
-    calling the spec's factory, and the report says so."""
+def test_leaf_without_any_source_form_is_written_as_its_traced_code(tmp_path):
+    """A leaf holding a function made at run time (no constructor call or restoring rebuilds
+    it) becomes a class holding its own traced code; model.py never calls the factory, and I4
+    holds with every weight perturbed."""
     from tests.support import compile_and_verify
 
     path = write_spec(tmp_path, "power", model={"factory": "tests.models:WithPowerLeaf"},
@@ -185,10 +186,30 @@ def test_leaf_without_any_source_form_comes_from_the_factory(tmp_path):
     out = tmp_path / "out"
     compile_and_verify(path, out)
     source = (out / "model.py").read_text()
+    assert "class TracedPowerLeaf(nn.Module):" in source
+    assert "        self.power = TracedPowerLeaf()\n" in source
+    assert "        pow_1 = h ** 2\n        mul = pow_1 * self.scale\n" in source
+    assert "_from_factory" not in source and "tests.models" not in source
+    assert ("- 1 as a class holding its own traced code (an attribute has no source form, so no "
+            "call of its class rebuilds it): `power`\n") in (out / "report.md").read_text()
+
+
+def test_untraceable_leaf_without_any_source_form_comes_from_the_factory(tmp_path):
+    """The last resort: such a leaf whose forward fx cannot trace either (it branches on a
+    value) is built in model.py by calling the spec's factory, and the report says so."""
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "power", model={"factory": "tests.models:WithPowerLeaf",
+                                                 "kwargs": {"branching": True}},
+                      inputs=[{"name": "x", "shape": [3, 6]}], tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["fc"]})
+    out = tmp_path / "out"
+    compile_and_verify(path, out)
+    source = (out / "model.py").read_text()
     assert 'self.power = _from_factory("power")' in source
-    assert "model = tests.models.WithPowerLeaf()" in source
-    assert "- 1 by calling the spec's factory (an attribute has no source form): `power`\n" in (
-        out / "report.md").read_text()
+    assert "model = tests.models.WithPowerLeaf(branching=True)" in source
+    assert ("- 1 by calling the spec's factory (an attribute has no source form and fx cannot "
+            "trace its code): `power`\n") in (out / "report.md").read_text()
 
 
 def test_layers_in_another_dtype_get_a_dtype_argument(tmp_path):

@@ -10,6 +10,8 @@ gives byte-identical text.
 from __future__ import annotations
 
 import builtins
+import contextlib
+import copy
 import dataclasses
 import importlib.util
 import inspect
@@ -53,7 +55,8 @@ from reconfx.emit.restore import (
 )
 from reconfx.emit.sources import SETTINGS
 from reconfx.errors import CheckError
-from reconfx.graph import DualGraphModule, output_node, region_call, resolve
+from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
+from reconfx.trace import leaf_tracer
 
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
@@ -71,7 +74,9 @@ _RESERVED = set(dir(builtins)) | {"self", "torch", "nn", "F", "operator", "math"
 class Emitted:
     source: str
     # module path -> how __init__ builds it: "constructor" (its class's), "restored" (from its
-    # recorded state, see reconfx.emit.constructors) or "factory" (the spec's, the last resort)
+    # recorded state, see reconfx.emit.restore), "generated" (a class for a submodule run per
+    # task stream), "traced" (a class holding its traced code: nothing rebuilds it) or "factory"
+    # (the spec's, the last resort for a module fx cannot trace either)
     built: dict[str, str] = field(default_factory=dict)
 
 
@@ -213,7 +218,17 @@ class PythonEmitter:
         if isinstance(obj, torch.Tensor):
             return _buffer(obj)
         built = self._built(path, obj)
-        return built.call if built is not None else self._from_factory(path, obj)
+        return built.call if built is not None else self._unbuildable(path, obj)
+
+    def _unbuildable(self, path: str, obj: nn.Module) -> str:
+        """A module no constructor call or restoring rebuilds (an attribute has no source form):
+        a class generated from its own traced code, else (untraceable) the spec's factory."""
+        bodies = _traced(obj)
+        if bodies is not None:
+            stream = TaskStream(obj, bodies, type(obj).__name__, per_task=False)
+            with contextlib.suppress(Exception):  # (unless what it reads has no form either)
+                return f"{self._generated(path, stream, traced=True)}()"
+        return self._from_factory(path, obj)
 
     def _from_factory(self, path: str, obj: nn.Module) -> str:
         """The last resort: the module taken from a model the spec's factory builds."""
@@ -223,21 +238,23 @@ class PythonEmitter:
         self.built[path] = "factory"
         return f'_from_factory("{self.base}{path}")'
 
-    def _generated(self, path: str, stream: TaskStream) -> str:
-        """The name of the class generated for a submodule holding branched layers (one class
-        for all such submodules whose source is the same)."""
+    def _generated(self, path: str, stream: TaskStream, traced: bool = False) -> str:
+        """The name of the class generated for a submodule holding branched layers, or written
+        as its ``traced`` code (one class for all such submodules whose source is the same)."""
         inner = {c[len(path) + 1:] for c in self.task_containers if c.startswith(path + ".")}
         doc = (f"{stream.kind} with branched layers, for one task stream: each branched layer "
                "holds one copy per task (an nn.ModuleDict by task name) and `task` picks the "
-               "copy." if stream.per_task else f"{stream.kind} as traced, written out to "
-               "compare with the class model.py generates for it.")
+               "copy." if stream.per_task else f"{stream.kind}'s forward as traced: the module "
+               "holds a value with no source form, so no call of its class rebuilds it."
+               if traced else f"{stream.kind} as traced, written out to compare with the "
+               "class model.py generates for it.")
         sub = PythonEmitter(stream, "", doc, inner, None, self.factory, self.settings)
         sub.base, sub.constants, sub.tasks = f"{self.base}{path}.", self.constants, self.tasks
         sub._collect()
         body = sub.class_lines()
         self.imports |= sub.imports
         self.built.update({f"{path}.{k}": how for k, how in sub.built.items()})
-        self.built[path] = "generated"
+        self.built[path] = "traced" if traced else "generated"
         for name, lines in self.classes.items():
             if lines == body:
                 return name
@@ -300,7 +317,7 @@ class PythonEmitter:
             return assign(self._indent(2), access, f"{self._generated(path, obj)}()")
         built = self._built(path, obj)
         if built is None:
-            return assign(self._indent(2), access, self._from_factory(path, obj))
+            return assign(self._indent(2), access, self._unbuildable(path, obj))
         return statement(self._indent(2), access, f"{built.head}(", built.arguments())
 
     def _init_lines(self) -> list[str]:
@@ -891,6 +908,24 @@ def _leaf_paths(tree: _Tree, prefix: str = "") -> list[str]:
         path = f"{prefix}.{name}" if prefix else name
         out += [path] if child.obj is not None else _leaf_paths(child, path)
     return out
+
+
+def _traced(module: nn.Module) -> dict[str, fx.Graph] | None:
+    """``module``'s forward traced by fx in each mode (one graph when they are the same), its
+    submodules kept as calls by reconfx's leaf rule; None when fx cannot trace it."""
+    was = module.training
+    bodies = {}
+    try:
+        for mode in ("train", "eval"):
+            module.train(mode == "train")
+            bodies[mode] = leaf_tracer().trace(copy.copy(module))
+    except Exception:
+        return None
+    finally:
+        module.train(was)
+    if same_graph(bodies["train"], bodies["eval"]):
+        del bodies["eval"]
+    return bodies
 
 
 def _buffer(t: torch.Tensor) -> str:
