@@ -8,12 +8,17 @@ built, and how long the emitted class takes to construct next to the original.
 * ``library``: ``tests.library:LibraryNet``, modules written like a third-party library
   (subclasses of torch.nn classes with their own signatures, class arguments, settings objects,
   a module no constructor call rebuilds); targets: no factory call in ``model.py``, the emitted
-  class constructed in <= 1.5x the original's time.
+  class constructed in <= 1.5x the original's time;
+* ``minilm-mid``: the same MiniLM with encoder layer 2 branched, so that layers 3-5 are shared
+  after the branch point and stream-batched in eval mode;
+* ``demo``: the demo's small ResNet (``specs/multidigits.yaml``) with the 12 layers its profile
+  picks branched, stream-batched in five regions.
 
 Construction times are medians of ``--repeats`` constructions of each, alternated; eval-mode
 forward times (the spec's first example, ``torch.no_grad``) of the emitted model with its
 weights and of the compiled graph module are medians of 4 x ``--repeats`` alternated calls. Run:
-``.venv/bin/python bench/emission.py [--models minilm,resnet50,library] [--repeats 5]``.
+``.venv/bin/python bench/emission.py [--models minilm,resnet50,library,minilm-mid,demo]
+[--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,23 @@ SPECS = {
         "tasks": [{"name": "left"}, {"name": "right"}],
         "select": {"layers": ["layer4.*"]},
     },
+    "minilm-mid": {
+        "backbone": {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"},
+        "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 30522,
+                    "dynamic": [0, 1]}],
+        "tasks": [{"name": "ner", "head": {"type": "linear", "out_features": 9}},
+                  {"name": "sentiment", "head": {"type": "mlp", "hidden": [64],
+                                                 "out_features": 2, "pool": "mean"}}],
+        "select": {"layers": ["backbone.encoder.layer.2.*"]},
+    },
+    "demo": {
+        "model": {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10}},
+        "inputs": [{"name": "image", "shape": [8, 1, 12, 12]}],
+        "tasks": [{"name": "left"}, {"name": "right"}],
+        "select": {"layers": ["bn1", "layer1.0.conv1", "layer1.0.bn1", "layer1.0.conv2",
+                              "layer1.0.bn2", "layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2",
+                              "layer2.0.bn2", "layer3.0.bn1", "layer3.0.bn2", "layer4.0.bn1"]},
+    },
     "library": {
         "model": {"factory": "tests.library:LibraryNet"},
         "inputs": [{"name": "image", "shape": [2, 3, 8, 8]}],
@@ -60,7 +82,8 @@ SPECS = {
     },
 }
 TARGETS = {"minilm": "model.py <= 250, branch.diff <= 80", "resnet50": "model.py <= 200",
-           "library": "no factory call, build <= 1.5x"}
+           "library": "no factory call, build <= 1.5x", "minilm-mid": "(stream batching)",
+           "demo": "(stream batching)"}
 
 
 def median_times(builders: list[Callable[[], object]], repeats: int) -> list[float]:

@@ -29,6 +29,7 @@ where they fit under it, else one by one (:func:`fits`).
 from __future__ import annotations
 
 import contextlib
+import copy
 import operator
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -44,7 +45,7 @@ from reconfx.graph import (
     CONTEXT_SWITCHES,
     REGIONS,
     DualGraphModule,
-    mutates,
+    in_place,
     record,
     region_call,
     reorder,
@@ -156,6 +157,29 @@ class StreamRegion(nn.Module):
     def bind(self, root: nn.Module) -> None:
         object.__setattr__(self, "_root", root)
 
+    def with_body(self, body: fx.Graph) -> tuple[StreamRegion, list[int]] | None:
+        """A copy running ``body`` instead (the same ops, some as calls of whole submodules of
+        the module it is bound to) without the inputs ``body`` no longer reads (it erases their
+        placeholders), and the positions of the call's arguments it keeps; None where it reads
+        no stream input."""
+        placeholders = [n for n in body.nodes if n.op == "placeholder"]
+        n_in, n_rep, _n_shared = self.counts
+        used = [bool(p.users) for p in placeholders]
+        if not any(used[:n_in]):
+            return None
+        streams = len(self.tasks)
+        kept = [t * n_in + i for t in range(streams) for i in range(n_in) if used[i]] + [
+            streams * n_in + j for j, u in enumerate(used[n_in:]) if u]
+        for placeholder, u in zip(placeholders, used, strict=True):
+            if not u:
+                body.erase_node(placeholder)
+        new = copy.copy(self)
+        new.body, new._fn = body, _compiled(body)
+        new.counts = (sum(used[:n_in]), sum(used[n_in:n_in + n_rep]), sum(used[n_in + n_rep:]))
+        new.modules_called = list(dict.fromkeys(
+            str(n.target) for n in body.nodes if n.op == "call_module"))
+        return new, kept
+
     def run(self, *args: Any) -> tuple:
         return self._fn(self._root, *args)
 
@@ -261,8 +285,10 @@ def _op_allowed(node: fx.Node, module: nn.Module, training: bool) -> bool:
         return False  # not per-sample, or in place
     if name in ("dropout", "native_dropout"):  # random unless off: p == 0 or not training
         return _arg(node, 1, ("p",), 0.5) == 0 or not _arg(node, 2, ("training", "train"), True)
-    if "scaled_dot_product" in name:
-        return _arg(node, 3, ("dropout_p",), 0.0) == 0
+    if "scaled_dot_product" in name:  # (the fused CPU op takes dropout_p before its mask)
+        at = [a.name for a in node.target._schema.arguments].index("dropout_p") if isinstance(
+            node.target, torch._ops.OpOverload) else 4  # F.scaled_dot_product_attention's
+        return _arg(node, at, ("dropout_p",), 0.0) == 0
     return True
 
 
@@ -436,6 +462,7 @@ def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
     ``torch.autocast()``): collapsing it into one call would move its ops across the switch."""
     region_of: dict[str, int] = {}  # origin -> region id
     members: list[list[_Group]] = []
+    joined: dict[int, int] = {}  # a region merged into another -> that one
     deps: dict[fx.Node, frozenset[int]] = {}  # regions a node depends on (transitively)
     origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
     segment: dict[fx.Node, int] = {}  # how many switches come before the node
@@ -443,6 +470,24 @@ def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
     for node in graph.nodes:
         count += node.op == "call_function" and node.target in CONTEXT_SWITCHES
         segment[node] = count
+
+    def root(rid: int) -> int:
+        while rid in joined:
+            rid = joined[rid]
+        return rid
+
+    def region(n: fx.Node) -> int | None:
+        origin = origin_of.get(n)
+        return root(region_of[origin]) if origin in region_of else None
+
+    def convex(ids: set[int], inputs: list[fx.Node]) -> bool:
+        """No input from outside the regions ``ids`` (and the group joining them) depends on
+        them."""
+        for rid in ids:
+            inputs = inputs + [n for g in members[rid] for clone in g.task_nodes.values()
+                               for n in clone.all_input_nodes]
+        return all(region(n) in ids or not {root(d) for d in deps[n]} & ids for n in inputs)
+
     for node in graph.nodes:
         ups: set[int] = set()
         for arg in node.all_input_nodes:
@@ -457,15 +502,21 @@ def _grow(graph: fx.Graph, groups: dict[str, dict[str, fx.Node]],
         tasks = tuple(group.task_nodes)
         if len({segment[n] for n in group.task_nodes.values()}) != 1:
             continue
-        inside = {region_of[o] for k, o in group.inputs if k == "stream" and o in region_of
-                  and segment[members[region_of[o]][0].task_nodes[tasks[0]]] == segment[node]}
+        inside = {root(region_of[o]) for k, o in group.inputs if k == "stream"
+                  and o in region_of and tuple(members[root(region_of[o])][0].task_nodes) == tasks
+                  and segment[members[root(region_of[o])][0].task_nodes[tasks[0]]]
+                  == segment[node]}
         inputs = [n for clone in group.task_nodes.values() for n in clone.all_input_nodes]
         chosen = None
-        for rid in sorted(inside, reverse=True):
+        if len(inside) > 1 and convex(inside, inputs):  # (attention joins its q, k and v)
+            chosen = min(inside)
+            for rid in inside - {chosen}:
+                members[chosen] += members[rid]
+                members[rid] = []
+                joined[rid] = chosen
+        for rid in sorted(inside, reverse=True) if chosen is None else ():
             # Joining keeps the region convex: no input from outside it depends on it.
-            outside = [n for n in inputs if region_of.get(origin_of.get(n)) != rid]
-            if tuple(members[rid][0].task_nodes) == tasks and all(
-                    rid not in deps[n] for n in outside):
+            if convex({rid}, inputs):
                 chosen = rid
                 break
         if chosen is None:
@@ -712,23 +763,23 @@ def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
 
 def _align(train: fx.Graph, batched: fx.Graph, regions: list[Region]) -> None:
     """Order ``train`` (the unbatched graph the regions were planned on) like the batched eval
-    graph: each region's ops where the region's call is, op by op and within an op task by task
-    (as the emitted source writes the streams one by one), everything else in the eval graph's
-    order, so that the two modes' code differs only at the regions. Only independent ops change
-    places (random ops: the order the streams draw in); graphs with in-place ops or grad-mode
-    switches keep their order."""
-    if any(n.target in CONTEXT_SWITCHES or mutates(n) for n in train.nodes):
+    graph: each region's ops where the region's call is, one stream after another (as the
+    emitted source writes the streams one by one, a whole submodule's call per stream where it
+    can), everything else in the eval graph's order, so that the two modes' code differs only
+    at the regions. Only independent ops change places (random ops: the order the streams draw
+    in); graphs with in-place ops or grad-mode switches keep their order."""
+    if any(n.target in CONTEXT_SWITCHES or in_place(n) for n in train.nodes):
         return
     position = {n.name: (i,) for i, n in enumerate(batched.nodes)}
     at = {n.meta["reconfx"]["region"]: position[n.name] for n in batched.nodes if region_call(n)}
     for region in regions:  # (the planned graph's nodes: the train graph's by name)
         for t, task in enumerate(region.tasks):
             for k, node in enumerate(region.nodes[task]):
-                position[node.name] = (*at[region.name], k, t)
+                position[node.name] = (*at[region.name], t, k)
     key: dict[fx.Node, tuple[int, ...]] = {}
-    last: tuple[int, ...] = (-1,)
-    for n in train.nodes:  # a node the eval graph lacks stays after the one before it
-        key[n] = last = position.get(n.name, (*last, 1))
+    for n in train.nodes:  # a node the eval graph lacks goes right after its inputs
+        key[n] = position.get(n.name) or (*max((key[a] for a in n.all_input_nodes),
+                                                default=(-1,)), 1)
     reorder(train, lambda n: n, key.__getitem__)
 
 

@@ -32,12 +32,13 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.batching import StreamRegion
 from reconfx.checks import compare, preserved, run
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
     TwoModes,
-    mutates,
+    in_place,
     named_tensors,
     prune,
     reorder,
@@ -427,7 +428,7 @@ def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
         holds = any(under(c, path) for c in containers)
         return "stream" if holds and _streamable(module, path) else None
 
-    if any(n.target in CONTEXT_SWITCHES or _in_place(n)
+    if any(n.target in CONTEXT_SWITCHES or in_place(n)
            for _mode, graph in module.graphs() for n in graph.nodes):
         return  # (both modes keep one order, so their forwards stay one)
     found_in = {mode: _call_groups(graph, kind_of) for mode, graph in module.graphs()}
@@ -447,16 +448,6 @@ def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
             _reorder(graph, vertex)
     module.train(module.training)  # (regenerates forward from the current graph)
     module.recompile()
-
-
-def _in_place(node: fx.Node) -> bool:
-    """An op that changes a tensor in place (random ops, which ``mutates`` also counts, only
-    change the generator's state)."""
-    if isinstance(node.target, torch._ops.OpOverload):
-        return node.target._schema.is_mutable
-    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return mutates(node) and (name.endswith("_") and not name.endswith("__")
-                              or getattr(operator, name, None) is node.target)
 
 
 def _reorder(graph: fx.Graph, vertex: dict[fx.Node, Any]) -> None:
@@ -610,8 +601,11 @@ def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], 
             return None
     paths = {g.call.path for found in groups.values() for k, gs in found.items() if k in keys
              for g in gs}
-    regions = [r for r in module.modules() if hasattr(r, "bind") and hasattr(r, "body")]
-    used = {str(n.target) for g in [*graphs.values(), *(r.body for r in regions)]
+    whole = {g.call.path for found in groups.values() for k, gs in found.items() if k in keys
+             for g in gs if g.kind == "whole"}
+    regions = {t: r for t, r in module.named_modules() if isinstance(r, StreamRegion)}
+    bodies = {target: _whole_calls(region.body, whole) for target, region in regions.items()}
+    used = {str(n.target) for g in [*graphs.values(), *bodies.values()]
             for n in g.nodes if n.op in ("call_module", "get_attr")}
     root: dict[str, Any] = {}
     for target in used:
@@ -623,17 +617,36 @@ def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], 
         except AttributeError:
             return None  # the graph still reads a constant the tracer lifted into the call
     root.update({p: usable[p] for p in paths})
+    # A region calls whole the submodules the forward calls whole (its own copy: the region
+    # object is the compiled module's too), with only the inputs it still reads.
+    for target, region in regions.items():
+        narrowed = region.with_body(bodies[target]) if bodies[target] is not region.body else None
+        root[target] = region if narrowed is None else narrowed[0]
+        if narrowed is not None:
+            for graph in graphs.values():
+                for node in graph.find_nodes(op="call_module", target=target):
+                    node.args = tuple(node.args[i] for i in narrowed[1])
+                prune(graph)
     try:
         result = DualGraphModule(root, graphs["train"], graphs.get("eval", graphs["train"]),
                                  type(module).__name__)
     finally:
-        for region in regions:  # the new module binds them to itself
+        for region in regions.values():  # the new module binds them to itself
             region.bind(module)
     for path in paths:  # (the graphs call the copies inside: install their holder itself)
         if isinstance(usable[path], TaskCopies):
             fx.graph_module._assign_attr(usable[path], result, path)
     result.train(module.training)
     return result
+
+
+def _whole_calls(body: fx.Graph, paths: set[str]) -> fx.Graph:
+    """A stream-batching region's body with each call of a submodule at ``paths`` that it holds
+    whole as one ``call_module`` node (``body`` itself where there is none)."""
+    found = _call_groups(body, lambda path: "whole" if path in paths else None)
+    chosen = [g for groups in found.values() for g in groups]
+    collapsed = _collapsed(body, chosen) if chosen else None
+    return body if collapsed is None else collapsed
 
 
 def _collapsed(graph: fx.Graph, chosen: list[_Group]) -> fx.Graph | None:

@@ -204,6 +204,16 @@ def mutates(node: fx.Node) -> bool:
     return False
 
 
+def in_place(node: fx.Node) -> bool:
+    """An op that changes a tensor in place (random ops, which ``mutates`` also counts, only
+    change the generator's state)."""
+    if isinstance(node.target, torch._ops.OpOverload):
+        return node.target._schema.is_mutable
+    name = str(node.target) if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return mutates(node) and (name.endswith("_") and not name.endswith("__")
+                              or getattr(operator, name, None) is node.target)
+
+
 def prune(graph: fx.Graph) -> None:
     """Remove nodes nothing uses, keeping in-place ops (fx's own pass needs an owning module
     for call_module nodes and drops in-place method calls)."""

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import reconfx
+from reconfx.batching import regions_of
 from reconfx.zoo import minilm
 from tests.support import compile_and_verify, write_spec
 
@@ -39,3 +40,23 @@ def test_pretrained_minilm(tmp_path, layers):
     ids = torch.randint(0, 30522, (3, 11))
     assert model(input_ids=ids)["ner"].shape == (3, 11, 9)
     assert model(input_ids=ids)["sentiment"].shape == (3, 2)
+
+
+def test_shared_layers_after_the_branch_point_are_called_whole(tmp_path):
+    """Layer 2 branched: layers 3-5, shared, run once per task stream. Eval mode joins the
+    streams through all three (attention with its mask included: one region), and model.py
+    calls them whole in a loop, per stream in training (and for an eval batch over the row cap)
+    and once on the joined streams in eval: one switch on the mode, no op of theirs written
+    out."""
+    out = tmp_path / "out"
+    compiled = compile_and_verify(minilm_spec(tmp_path, ["backbone.encoder.layer.2.*"]), out)
+    (region,) = regions_of(compiled.branched.module)
+    assert region.modules_called[0] == "backbone.encoder.layer.3.attention.self.query"
+    assert region.modules_called[-1] == "backbone.encoder.layer.5.output.LayerNorm"
+    source = (out / "model.py").read_text()
+    forward = source[source.index("    def forward("):]
+    assert forward.count("if self.training") == 1
+    assert "if self.training or not fits(" in forward
+    assert forward.count("for layer in self.backbone.encoder.layer[3:]:") == 3
+    assert "scaled_dot_product_attention" not in forward
+    assert len(source.splitlines()) < 110

@@ -23,18 +23,20 @@ _CLOSE_ARG = {")", ",", "]"}
 
 class Alternatives(str):
     """The statement ``if <test>: <then> else: <otherwise>`` (its text, at ``indent``), with its
-    parts kept so that :func:`merge_modes` can fold it into the train-mode statements that equal
-    ``then``. ``test`` is ``opener`` + ``args`` + ``)``, a call wrapped like any other."""
+    parts kept so that :func:`merge_modes` can fold it into the train-mode statements that run
+    the same ops: ``if self.training or <test>: ... else: ...``. ``test`` is ``opener`` +
+    ``args`` + ``)``, a call wrapped like any other; ``then`` holds its first branch's statements
+    one and two levels deeper than ``indent`` (see :func:`merge_modes`)."""
 
     indent: str
     opener: str
     args: list[str]
-    then: list[str]
+    then: list[list[str]]
     otherwise: list[str]
 
-    def __new__(cls, indent: str, opener: str, args: list[str], then: list[str],
+    def __new__(cls, indent: str, opener: str, args: list[str], then: list[list[str]],
                 otherwise: list[str]) -> Alternatives:
-        text = "\n".join([statement(indent, "", f"if {opener}", args, "):"), *then,
+        text = "\n".join([statement(indent, "", f"if {opener}", args, "):"), *then[0],
                           f"{indent}else:", *otherwise])
         made = super().__new__(cls, text)
         made.indent, made.opener, made.args = indent, opener, args
@@ -42,48 +44,38 @@ class Alternatives(str):
         return made
 
 
-def merge_modes(train: list[str], eval_: list[str], train_nested: list[str],
-                eval_nested: list[str], indent: str) -> list[str]:
-    """The statements of one method body. ``train``/``eval_`` are the two renderings at the
-    body's indentation, ``*_nested`` the same statements rendered one level deeper (for the
-    bodies of ``if self.training:``), ``indent`` the body's indentation."""
+def merge_modes(train: list[list[str]], eval_: list[list[str]], indent: str) -> list[str]:
+    """The statements of one method body. ``train[k]``/``eval_[k]`` are the two modes'
+    renderings ``k`` levels deeper than the body's indentation ``indent`` (k = 0, 1, for the
+    bodies of ``if self.training:``; train's also 2, for the first branch of a folded
+    :class:`Alternatives`)."""
     out: list[str] = []
-    matcher = difflib.SequenceMatcher(a=train, b=eval_, autojunk=False)
+    matcher = difflib.SequenceMatcher(a=train[0], b=eval_[0], autojunk=False)
     for tag, i1, i2, j1, j2 in matcher.get_opcodes():
         if tag == "equal":
-            out += train[i1:i2]
-            continue
-        folded = _folded(train_nested[i1:i2], eval_[j1:j2])
-        if folded:
-            out += folded
+            out += train[0][i1:i2]
             continue
         if i2 - i1 == j2 - j1:  # the same statements with a token changed: inline where each is
-            inline = [_inline(a, b) for a, b in zip(train[i1:i2], eval_[j1:j2], strict=True)]
+            inline = [_inline(a, b) for a, b in zip(train[0][i1:i2], eval_[0][j1:j2],
+                                                     strict=True)]
             if all(inline):
                 out += inline
                 continue
+        if j2 - j1 == 1 and isinstance(eval_[0][j1], Alternatives) and len(train) > 2:
+            # train mode runs the ops of the first branch: both go there, differing inside
+            choice = eval_[0][j1]
+            inner = merge_modes([lines[i1:i2] for lines in train[1:]], choice.then,
+                                choice.indent + "    ")
+            out += [statement(choice.indent, "", f"if self.training or {choice.opener}",
+                              choice.args, "):"), *inner, f"{choice.indent}else:",
+                    *choice.otherwise]
+            continue
         if i2 > i1:
-            out += [f"{indent}if self.training:", *train_nested[i1:i2]]
+            out += [f"{indent}if self.training:", *train[1][i1:i2]]
         if j2 > j1:
             out += [f"{indent}{'else:' if i2 > i1 else 'if not self.training:'}",
-                    *eval_nested[j1:j2]]
+                    *eval_[1][j1:j2]]
     return out
-
-
-def _folded(train: list[str], eval_: list[str]) -> list[str]:
-    """``eval_``, one :class:`Alternatives` whose first branch is ``train`` (statement by
-    statement equal, or differing in one token written inline), with train mode sent there
-    too; empty when it is not that."""
-    if len(eval_) != 1 or not isinstance(eval_[0], Alternatives):
-        return []
-    choice = eval_[0]
-    if len(train) != len(choice.then):
-        return []
-    then = [a if a == b else _inline(a, b) for a, b in zip(train, choice.then, strict=True)]
-    if not all(then):
-        return []
-    return [statement(choice.indent, "", f"if self.training or {choice.opener}", choice.args,
-                      "):"), *then, f"{choice.indent}else:", *choice.otherwise]
 
 
 def _inline(train: str, eval_: str) -> str | None:

@@ -142,6 +142,7 @@ class _Scope:
     commented: set[str] = field(default_factory=set)  # branch points already commented
     unpacked: set[fx.Node] = field(default_factory=set)  # items named where they are made
     unused: set[fx.Node] = field(default_factory=set)  # values computed but read by nobody
+    loop_items: set[str] = field(default_factory=set)  # names only loops bind (``layer``)
 
     def name_of(self, node: fx.Node) -> str:
         if node.op == "get_attr":
@@ -152,10 +153,11 @@ class _Scope:
         stem, suffix = _base_name(node)
         return _fresh((stem, suffix or self.suffix), self.taken, self.room)
 
-    def inner(self, suffix: str, taken: set[str] | None = None) -> _Scope:
-        """A scope for a region body's ops (no chains: a body holds no loop of its own)."""
-        return _Scope(self.tree, {}, self.room, suffix, taken=self.taken if taken is None
-                      else taken, commented=self.commented)
+    def inner(self, suffix: str, chains: dict[fx.Node, list[fx.Node]],
+              taken: set[str] | None = None) -> _Scope:
+        """A scope for a region body's ops (``chains``: the body's loops)."""
+        return _Scope(self.tree, chains, self.room, suffix, taken=self.taken if taken is None
+                      else taken, commented=self.commented, loop_items=self.loop_items)
 
 
 class PythonEmitter:
@@ -525,9 +527,13 @@ class PythonEmitter:
         if (int(first), last) != (0, size):
             items += f"[{first if first != '0' else ''}:{last if last != size else ''}]"
         ind, carried = self._indent(2), chain[-1]
-        var = _fresh((local_name(container.replace(".", "_"), LOCAL), ""), scope.taken,
+        suffix = _base_name(carried)[1] or scope.suffix  # (a task stream's loop: its task's)
+        var = _fresh((local_name(container.replace(".", "_"), LOCAL), suffix), scope.taken,
                      scope.room)
-        item = _fresh(("layer", ""), scope.taken)
+        if "layer" not in scope.taken:  # (every loop rebinds it: one name serves them all)
+            scope.loop_items.add("layer")
+        item = "layer" if "layer" in scope.loop_items else _fresh(("layer", ""), scope.taken)
+        scope.taken.add(item)
         scope.names[carried] = var
         args = [var, *_call_arguments(calls[0], scope.name_of)[1:]]
         tail = (f")[{render_index(carried.args[1], scope.name_of)}]"
@@ -549,27 +555,42 @@ class PythonEmitter:
         rest = args[len(tasks) * n_in:]
         results = {u.args[1]: u for u in node.users}
         ind = self._indent(2)
-        self.nesting += 1
-        try:
-            streams = []  # one stream after another, op by op (as the train graph has them)
-            scopes = [scope.inner(f"_{task}") for task in tasks]
+        chains = _chains(body, self.tree)
+
+        def one_by_one(scope: _Scope) -> list[str]:
+            """Each stream's ops, one stream after another (as the train graph has them), the
+            region's results named in ``scope``."""
+            lines = []
+            scopes = [scope.inner(f"_{task}", chains=chains) for task in tasks]
             for t, inner in enumerate(scopes):
                 inner.names.update(zip(inputs, args[t * n_in:(t + 1) * n_in] + rest,
                                        strict=True))
                 inner.unused.update(o for k, o in enumerate(outputs)
                                     if k * len(tasks) + t not in results and len(o.users) == 1)
-            for op in ops:
-                for inner in scopes:
-                    streams += self._statement(op, inner)
+            for inner in scopes:
+                for op in ops:
+                    lines += self._statement(op, inner)
             for k, out in enumerate(outputs):
                 for t, inner in enumerate(scopes):
                     if k * len(tasks) + t in results:
                         scope.names[results[k * len(tasks) + t]] = inner.name_of(out)
+            return lines
+
+        self.nesting += 2  # (also one level deeper, for merge_modes: the same names)
+        try:
+            deeper = one_by_one(dataclasses.replace(scope, names=dict(scope.names),
+                                                    taken=set(scope.taken),
+                                                    commented=set(scope.commented)))
+        finally:
+            self.nesting -= 2
+        self.nesting += 1
+        try:
+            streams = one_by_one(scope)
             joined = [comment(self._indent(2), f"{_span(region.modules_called)}: shared; the "
                               f"task streams {', '.join(tasks)} run joined along the batch "
                               "axis (stream batching)")]
             # (its names are visible only in this branch: later names need not avoid them)
-            together = scope.inner("", taken=set(scope.taken))
+            together = scope.inner("", taken=set(scope.taken), chains=chains)
             joined += self._joined_inputs(together, inputs, args, len(tasks), n_in, n_rep)
             for op in ops:
                 joined += self._statement(op, together)
@@ -585,7 +606,7 @@ class PythonEmitter:
             self.nesting -= 1
         rows = f"{len(tasks)} * {args[0]}.shape[0]"
         return Alternatives(ind, "not fits(", [rows, f'self.stream_rows["{region.method}"]'],
-                            streams, joined)
+                            [streams, deeper], joined)
 
     def _joined_inputs(self, scope: _Scope, inputs: list[fx.Node], args: list[str],
                        streams: int, n_in: int, n_rep: int) -> list[str]:
@@ -745,17 +766,19 @@ class PythonEmitter:
     def _one_forward(self) -> list[str]:
         """``forward`` for a model whose train and eval graphs differ, each difference written
         once where it is, on ``self.training`` (see :mod:`reconfx.emit.merge`)."""
-        graphs = (self.module.train_graph, self.module.eval_graph)
-        self.spelled = _mode_arguments(graphs[:1], [graphs[1], *(r.body for r in self.regions)])
-        train, eval_ = (self._forward(graph, "forward") for graph in graphs)
-        self.nesting = 1
+        self.spelled = _mode_arguments([self.module.train_graph],
+                                       [self.module.eval_graph, *(r.body for r in self.regions)])
+        renderings: dict[fx.Graph, list[list[str]]] = {}
         try:
-            train_nested, eval_nested = (self._forward(graph, "forward") for graph in graphs)
+            for graph, depth in ((self.module.train_graph, 3), (self.module.eval_graph, 2)):
+                for self.nesting in range(depth):  # (at each depth an if block may need)
+                    renderings.setdefault(graph, []).append(self._forward(graph, "forward"))
         finally:
             self.nesting = 0
-        body = merge_modes(train[1:], eval_[1:], train_nested[1:], eval_nested[1:],
+        train, eval_ = renderings[self.module.train_graph], renderings[self.module.eval_graph]
+        body = merge_modes([lines[1:] for lines in train], [lines[1:] for lines in eval_],
                            self._indent(2))
-        return [train[0], *body]
+        return [train[0][0], *body]
 
     def _factory_helper(self) -> list[str]:
         assert self.factory is not None
