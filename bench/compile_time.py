@@ -26,7 +26,7 @@ from reconfx import calls
 from reconfx.emit.python import emit_python
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
-from reconfx.trace import trace
+from reconfx.tracing import trace
 from reconfx.zoo import BottleneckResNet, hf_model
 
 TASKS = ["left", "right"]

@@ -35,7 +35,7 @@ from profile_overhead import bert_small, resnet18  # noqa: E402
 
 from reconfx import distributed  # noqa: E402
 from reconfx.layers import inventory  # noqa: E402
-from reconfx.trace import trace  # noqa: E402
+from reconfx.tracing import trace  # noqa: E402
 from reconfx.train.aggregators import aggregator  # noqa: E402
 from reconfx.train.step import MultiTaskStep, block_layout  # noqa: E402
 from reconfx.zoo import SmallResNet  # noqa: E402

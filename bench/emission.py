@@ -36,7 +36,7 @@ import yaml
 
 from reconfx.artifacts import import_source, load
 from reconfx.build import build_model
-from reconfx.pipeline import compile_spec
+from reconfx.commands import compile_spec
 from reconfx.spec import class_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.library for `library`

@@ -1,7 +1,7 @@
 """End-to-end ``reconfx compile`` (python format, no training) against its own core, in one run.
 
 The core is trace (with the module-call annotation) + branch + Python emit, timed exactly as
-``bench/compile_time.py`` does. The end-to-end figure is ``pipeline.compile_spec`` on a spec
+``bench/compile_time.py`` does. The end-to-end figure is ``commands.compile_spec`` on a spec
 describing the same model and selection: building the model from its factory, running the
 examples, tracing with the tier's own checks, the cost model, I1-I3, emission, I4 (with
 perturbed weights), latency and the report, writing the folder. Target (issue #21): end to end
@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compile_time import TASKS, compile_once  # noqa: E402
 
-from reconfx import pipeline  # noqa: E402
+from reconfx import commands, pipeline  # noqa: E402
 from reconfx.build import build_model  # noqa: E402
 from reconfx.spec import load_spec_file  # noqa: E402
 from reconfx.stages import Stages  # noqa: E402
@@ -72,11 +72,11 @@ def core(loaded) -> float:
 
 def end_to_end(loaded, out: Path, stages: Stages) -> float:
     start = time.perf_counter()
-    with pipeline.outdir.writing(out, "compile", True) as folder:
+    with commands.outdir.writing(out, "compile", True) as folder:
         prepared = pipeline.prepare(loaded, stages)
         compiled = pipeline.branch_checked(prepared, None, stages)
         compiled.out_dir = folder
-        pipeline._write(compiled, folder, stages=stages)
+        commands._write(compiled, folder, stages=stages)
     return time.perf_counter() - start
 
 

@@ -38,7 +38,7 @@ from reconfx.heads import HeadSpec, attach_heads  # noqa: E402
 from reconfx.layers import inventory, match_layers  # noqa: E402
 from reconfx.rewrite import branch  # noqa: E402
 from reconfx.timing import alternating_medians  # noqa: E402
-from reconfx.trace import trace  # noqa: E402
+from reconfx.tracing import trace  # noqa: E402
 from reconfx.zoo import SmallResNet, hf_model  # noqa: E402
 
 SEQ = 32

@@ -22,7 +22,7 @@ import yaml
 
 import reconfx
 from reconfx.build import example_inputs
-from reconfx.pipeline import compile_spec
+from reconfx.commands import compile_spec
 
 TOKENS = {"name": "input_ids", "dtype": "int64", "dynamic": [0, 1]}
 MODELS = {

@@ -27,10 +27,10 @@ import time
 import torch
 import torch.nn.functional as F
 
+from reconfx.conflicts import ConflictCounter
 from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory
-from reconfx.profile import ConflictCounter
-from reconfx.trace import trace
+from reconfx.tracing import trace
 from reconfx.train.step import GradientBuffer
 from reconfx.zoo import SmallResNet, hf_model
 

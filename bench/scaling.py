@@ -28,7 +28,7 @@ from reconfx.graph import unique_parameters
 from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory
 from reconfx.rewrite import branch
-from reconfx.trace import trace
+from reconfx.tracing import trace
 from reconfx.zoo import BottleneckResNet, hf_model
 
 FRACTIONS = (0.0, 0.25, 0.5, 1.0)

@@ -69,7 +69,7 @@ from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
 from reconfx.timing import alternating_medians
-from reconfx.trace import trace
+from reconfx.tracing import trace
 from reconfx.tuning import captured_inputs, tune
 from reconfx.zoo import EncoderClassifier, SmallResNet, hf_model
 

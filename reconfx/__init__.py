@@ -13,15 +13,15 @@ from typing import Any
 # Public names, imported when first used: `import reconfx` and `reconfx --help` stay light (no
 # torch import), so the command line answers at once and handles Ctrl-C from its first line.
 _PUBLIC = {
-    "load": ("reconfx.artifacts", "load"), "emit_onnx": ("reconfx.emit.onnx", "export_onnx"),
-    "onnx_session": ("reconfx.emit.onnx", "onnx_session"),
+    "load_spec": ("reconfx.spec", "load_spec"), "prepare": ("reconfx.pipeline", "prepare"),
+    "trace": ("reconfx.tracing", "trace"), "inventory": ("reconfx.layers", "inventory"),
+    "profile": ("reconfx.pipeline", "profile_prepared"),
+    "select": ("reconfx.selection", "select_layers"), "branch": ("reconfx.rewrite", "branch"),
     "emit_python": ("reconfx.emit.python", "emit_python"),
-    "ReconfxError": ("reconfx.errors", "ReconfxError"),
-    "inventory": ("reconfx.layers", "inventory"),
-    "compile_spec": ("reconfx.pipeline", "compile_spec"),
-    "prepare": ("reconfx.pipeline", "prepare"),
-    "branch": ("reconfx.rewrite", "branch"), "select": ("reconfx.select", "select_layers"),
-    "load_spec": ("reconfx.spec", "load_spec"), "trace": ("reconfx.trace", "trace"),
+    "export_onnx": ("reconfx.emit.onnx", "export_onnx"),
+    "onnx_session": ("reconfx.emit.onnx", "onnx_session"),
+    "compile_spec": ("reconfx.commands", "compile_spec"), "run": ("reconfx.commands", "run_spec"),
+    "load": ("reconfx.artifacts", "load"), "ReconfxError": ("reconfx.errors", "ReconfxError"),
 }
 
 
@@ -35,6 +35,6 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ReconfxError", "branch", "compile_spec", "emit_onnx", "emit_python", "inventory", "load",
-    "load_spec", "onnx_session", "prepare", "select", "trace",
+    "ReconfxError", "branch", "compile_spec", "emit_python", "export_onnx", "inventory", "load",
+    "load_spec", "onnx_session", "prepare", "profile", "run", "select", "trace",
 ]

@@ -44,6 +44,7 @@ from reconfx.emit.render import identifier
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     REGIONS,
+    Bound,
     DualGraphModule,
     in_place,
     record,
@@ -52,23 +53,13 @@ from reconfx.graph import (
     targets,
     unit_order,
 )
+from reconfx.kinds import exact_module
 
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
 # CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
 # bigger working set costs more than the calls it saves (0.6x at 6 MiB for a transformer layer).
 BUDGET_BYTES = 2 * 1024 * 1024
 RTOL, ATOL = 1e-4, 1e-5
-
-_ANY_MODE = (
-    nn.Linear, nn.Bilinear, nn.modules.conv._ConvNd, nn.LayerNorm, nn.GroupNorm, nn.RMSNorm,
-    nn.Embedding, nn.Identity, nn.Flatten, nn.Unflatten, nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Tanh, nn.Sigmoid, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Hardswish,
-    nn.Hardsigmoid, nn.Hardtanh, nn.Softplus, nn.Softmax, nn.LogSoftmax, nn.PReLU,
-    nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AvgPoolNd,
-    nn.modules.pooling._AdaptiveAvgPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd,
-    nn.Upsample, nn.PixelShuffle, nn.modules.padding._ConstantPadNd,
-)
-_EVAL_ONLY = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm)
 
 # Per-sample glue: function / method / aten names (in-place variants excluded separately).
 _GLUE = frozenset("""
@@ -138,7 +129,7 @@ def run_streams(body: Callable[..., tuple], streams: Sequence[tuple], repeated: 
                  for part in out.unflatten(0, (n, -1)).unbind(0))
 
 
-class StreamRegion(nn.Module):
+class StreamRegion(Bound):
     """A region's ``call_module``: its body (one stream's ops, on the graph's own modules) run by
     :func:`run_streams`. It owns no parameters; ``bind`` points it at the module it belongs to."""
 
@@ -152,10 +143,6 @@ class StreamRegion(nn.Module):
         self.bytes_per_row, self.weight_bytes = region.bytes_per_row, region.weight_bytes
         self.max_rows: int | None = region.max_rows
         self._fn = _compiled(region.body)
-        object.__setattr__(self, "_root", None)
-
-    def bind(self, root: nn.Module) -> None:
-        object.__setattr__(self, "_root", root)
 
     def with_body(self, body: fx.Graph) -> tuple[StreamRegion, list[int]] | None:
         """A copy running ``body`` instead (the same ops, some as calls of whole submodules of
@@ -247,25 +234,6 @@ def _name(op: Any) -> str:
     if isinstance(op, torch._ops.OpOverload):
         return op.overloadpacket.__name__
     return str(getattr(op, "__name__", op))
-
-
-def exact_module(module: nn.Module, training: bool) -> bool:
-    """The module (and everything in it) computes each sample on its own in this mode."""
-    for sub in module.modules():
-        if type(sub).__module__.split(".")[0] != "torch":
-            return False
-        if isinstance(sub, nn.modules.batchnorm._BatchNorm):
-            if training or sub.running_mean is None:
-                return False
-        elif isinstance(sub, nn.MultiheadAttention):
-            if not sub.batch_first or (training and sub.dropout > 0):
-                return False
-        elif isinstance(sub, _EVAL_ONLY):
-            if training and getattr(sub, "p", 0.0) > 0:
-                return False
-        elif not isinstance(sub, _ANY_MODE):
-            return False
-    return True
 
 
 def _arg(node: fx.Node, index: int, names: tuple[str, ...], default: Any) -> Any:

@@ -261,8 +261,3 @@ def task_paths(spec: Spec, output: Any, where: str = "spec") -> tuple[dict[str, 
         paths[task.name] = path
     ignored = [p for p in leaves if p not in paths.values()]
     return paths, ignored
-
-
-def task_outputs(output: Any, paths: dict[str, str]) -> dict[str, torch.Tensor]:
-    leaves = output_leaves(output)
-    return {task: leaves[path] for task, path in paths.items()}

@@ -33,7 +33,6 @@ import torch
 from torch import fx, nn
 
 from reconfx.batching import StreamRegion
-from reconfx.checks import compare, preserved, run
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
@@ -44,6 +43,7 @@ from reconfx.graph import (
     reorder,
     resolve,
 )
+from reconfx.modes import compare, preserved, run
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -195,7 +195,7 @@ def _eager_calls(model: nn.Module, example: dict[str, torch.Tensor], training: b
 def _graph_values(module: DualGraphModule, graph: fx.Graph, example: dict[str, torch.Tensor],
                   training: bool) -> dict[fx.Node, Any]:
     """Every node's value (tensors cloned when computed) in one run of ``graph`` from the
-    random state :func:`reconfx.checks.run` starts the eager model from."""
+    random state :func:`reconfx.modes.run` starts the eager model from."""
     values: dict[fx.Node, Any] = {}
 
     class Recorder(fx.Interpreter):

@@ -1,25 +1,25 @@
 """Invariant checks (DESIGN.md §2): I1 init parity, I2 sharing, I3 isolation, I4 emit parity.
 
 Each check returns a :class:`Check` for the report, or raises :class:`CheckError` naming the task,
-mode and largest difference. Models are run with autograd enabled (fused no-grad fast paths
-round differently) and their buffers are restored afterwards, so checking never changes state.
+mode and largest difference. Models are run by :func:`reconfx.modes.run`, so checking never
+changes state.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import nn
 
-from reconfx.build import task_outputs
 from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
+from reconfx.kinds import dropout_attr
+from reconfx.modes import compare, preserved, run
+from reconfx.tree import task_outputs
 
 STOCHASTIC_OPS = ("dropout", "bernoulli", "rand", "native_dropout", "scaled_dot_product")
 
@@ -28,114 +28,6 @@ STOCHASTIC_OPS = ("dropout", "bernoulli", "rand", "native_dropout", "scaled_dot_
 class Check:
     name: str
     detail: str
-
-
-@contextlib.contextmanager
-def preserved(*modules: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BN running statistics) and the training flags on exit."""
-    saved = [(m, {k: b.clone() for k, b in m.named_buffers()},
-              {n: s.training for n, s in m.named_modules()}) for m in modules]
-    try:
-        yield
-    finally:
-        for module, buffers, modes in saved:
-            with torch.no_grad():
-                for name, buf in module.named_buffers():
-                    buf.copy_(buffers[name])
-            for name, sub in module.named_modules():
-                sub.training = modes[name]
-
-
-def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
-    """One forward pass from a fixed RNG state; in train mode the running statistics it updates
-    are restored, so every comparison starts from the same state."""
-    return run_reaching(model, example, training, {}, seed=seed)[0]
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    if a.shape != b.shape:
-        return float("inf")
-    if not a.is_floating_point():
-        return 0.0 if torch.equal(a, b) else float("inf")
-    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
-
-
-def compare(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
-            atol: float) -> tuple[str, float] | None:
-    """The first task whose output differs by more than ``atol`` (0 means bit-exact)."""
-    for task, want in expected.items():
-        got = actual[task]
-        exact = atol == 0.0
-        if exact and (got.shape != want.shape or not torch.equal(got, want)):
-            return task, max_diff(want, got)
-        if not exact and max_diff(want, got) > atol:
-            return task, max_diff(want, got)
-    return None
-
-
-def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],
-                   examples: Sequence[dict[str, torch.Tensor] | None]) -> str | None:
-    """None when the traced graph reproduces the eager model bit-exactly in both modes on all
-    examples (the second has another batch size, catching shapes baked into the graph), and its
-    outputs' gradient reaches the same parameters (checked once, in train mode)."""
-    shared = {id(q) for q in traced.parameters()}
-    params = {n: q for n, q in model.named_parameters() if q.requires_grad and id(q) in shared}
-    with preserved(model, traced):
-        for i, example in enumerate(filter(None, examples)):
-            for training in (False, True):
-                reach = params if training and i == 0 else {}
-                want, want_reach = run_reaching(model, example, training, reach,
-                                                lambda out: task_outputs(out, task_paths))
-                batch = next(iter(example.values())).shape[0]
-                mode = "train" if training else "eval"
-                try:  # (fx prints the generated code's traceback to stderr before raising)
-                    with contextlib.redirect_stderr(io.StringIO()):
-                        got, got_reach = run_reaching(traced, example, training, reach)
-                except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
-                    return (f"the traced graph fails in {mode} mode at batch {batch} where the "
-                            f"model runs ({type(exc).__name__}: {exc})")
-                bad = compare(want, got, 0.0)
-                if bad:
-                    return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
-                            f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
-                for name in reach:
-                    if None not in (want_reach[name], got_reach[name]) and (
-                            want_reach[name] != got_reach[name]):
-                        return (f"the parameter '{name}' gets a gradient in the "
-                                f"{'traced graph' if got_reach[name] else 'model'} only (code "
-                                "under torch.no_grad() or similar that the tracer does not "
-                                "record)")
-    return None
-
-
-def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: bool,
-                 params: dict[str, nn.Parameter], outputs: Any = None, seed: int = 0
-                 ) -> tuple[Any, dict[str, bool | None]]:
-    """:func:`run` (its result mapped by ``outputs``), and for each of ``params`` whether the
-    outputs' gradient reaches it (fx does not record ``torch.no_grad()`` blocks, so a traced
-    graph can train what the model keeps fixed; None when backward fails); computed before the
-    buffers are restored, which backward may need."""
-    model.train(training)
-    torch.manual_seed(seed)
-    with preserved(model) if training else contextlib.nullcontext():
-        out = model(**example)
-        out = outputs(out) if outputs is not None else out
-        loss = [o.float().sum() for o in out.values() if o.requires_grad] if params else []
-        if not loss:
-            return out, dict.fromkeys(params, False)
-        try:
-            grads = torch.autograd.grad(sum(loss), list(params.values()), allow_unused=True)
-        except RuntimeError:  # the model cannot backpropagate (an in-place op on a saved input)
-            return out, dict.fromkeys(params, None)
-        return out, {name: g is not None for name, g in zip(params, grads, strict=True)}
-
-
-def _dropout_attr(module: nn.Module) -> str | None:
-    if isinstance(module, nn.modules.dropout._DropoutNd):
-        return "p"
-    if isinstance(module, nn.MultiheadAttention | nn.RNNBase):
-        return "dropout"
-    return None
 
 
 @contextlib.contextmanager
@@ -149,7 +41,7 @@ def without_dropout(paths: Sequence[str], *models: nn.Module) -> Iterator[None]:
                 sub = model.get_submodule(path)
             except AttributeError:
                 continue
-            attr = _dropout_attr(sub)
+            attr = dropout_attr(sub)
             if attr and getattr(sub, attr):
                 changed.append((sub, attr, getattr(sub, attr)))
                 setattr(sub, attr, 0.0)
@@ -176,7 +68,7 @@ def random_after_branch(module: nn.Module) -> tuple[list[str], list[str], list[s
             target = str(node.target)
             leaf = module.get_submodule(target)
             path = target.removesuffix(f".{task}")
-            subs = [sub for sub, m in leaf.named_modules() if _dropout_attr(m)]
+            subs = [sub for sub, m in leaf.named_modules() if dropout_attr(m)]
             modules += [f"{path}.{sub}".rstrip(".") for sub in subs]
             compiled += [f"{target}.{sub}".rstrip(".") for sub in subs]
         elif node.op in ("call_function", "call_method"):

@@ -1,4 +1,4 @@
-"""The `reconfx` command line: a thin layer over :mod:`reconfx.pipeline`.
+"""The `reconfx` command line: a thin layer over :mod:`reconfx.commands`.
 
 Errors are printed as one line (file, field, fix); exit code 2 for bad input, 1 for failures.
 """
@@ -54,9 +54,11 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import prepare, stored_scores
-    from reconfx.report import LAYER_HEADERS, layer_rows, table
-    from reconfx.select import select_layers
+    from reconfx.commands import stored_scores
+    from reconfx.pipeline import prepare
+    from reconfx.report import LAYER_HEADERS, layer_rows
+    from reconfx.selection import select_layers
+    from reconfx.tables import table
 
     prepared = prepare(args.spec)
     s = prepared.loaded.spec
@@ -90,7 +92,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_profile(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import profile_spec
+    from reconfx.commands import profile_spec
 
     _say(args, f"profiling {args.spec} ...")
     done = profile_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume,
@@ -127,7 +129,7 @@ def _warn(warnings: list[str]) -> None:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import run_spec
+    from reconfx.commands import run_spec
 
     _say(args, f"running {args.spec}: profile -> select -> branch -> train -> evaluate -> emit")
     compiled = run_spec(args.spec, args.out, progress=not args.quiet, resume=args.resume,
@@ -142,7 +144,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import evaluate_spec
+    from reconfx.commands import evaluate_spec
 
     values, delta = evaluate_spec(args.spec, args.out, args.split)
     for task, value in values.items():
@@ -153,7 +155,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import compile_spec
+    from reconfx.commands import compile_spec
 
     _say(args, f"compiling {args.spec} ...")
     compiled = compile_spec(args.spec, args.out, progress=not args.quiet, force=args.force)
@@ -165,7 +167,7 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from reconfx.pipeline import export_spec
+    from reconfx.commands import export_spec
 
     exported = export_spec(args.spec, args.out, args.task, args.provider,
                            progress=not getattr(args, "quiet", False))

@@ -17,9 +17,10 @@ import torch
 from torch import fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from reconfx.checks import preserved
 from reconfx.graph import DualGraphModule, node_tasks, task_outputs
 from reconfx.layers import Layer
+from reconfx.modes import preserved
+from reconfx.tables import table
 
 
 class _Counting(fx.Interpreter):
@@ -133,7 +134,6 @@ def _percent(part: int, whole: int) -> str:
 
 def selection_lines(selection: Selection, limit: int = 8) -> list[str]:
     """The terminal's short table of the chosen layers and the selection's cost."""
-    from reconfx.report import table
 
     if not selection.layers:
         return ["selected no layer"]

@@ -38,6 +38,18 @@ class TwoModes:
             yield "eval", self.eval_graph
 
 
+class Bound(nn.Module):
+    """A submodule whose code reads other submodules of the graph module it is installed in
+    (a stream-batching region's body): that module binds it to itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        object.__setattr__(self, "_root", None)  # (not a submodule: that would be a cycle)
+
+    def bind(self, root: nn.Module) -> None:
+        object.__setattr__(self, "_root", root)
+
+
 class DualGraphModule(TwoModes, fx.GraphModule):
     """A GraphModule holding a train graph and an eval graph over one set of submodules."""
 
@@ -51,7 +63,7 @@ class DualGraphModule(TwoModes, fx.GraphModule):
         self.train_graph = train_graph
         self.eval_graph = eval_graph
         for sub in self.modules():
-            if hasattr(sub, "bind") and hasattr(sub, "body"):  # a stream-batching region
+            if isinstance(sub, Bound):
                 sub.bind(self)
         self.train(self.training)
 
@@ -112,6 +124,23 @@ def resolve(module: nn.Module, target: str) -> Any:
     for part in target.split("."):
         obj = getattr(obj, part)
     return obj
+
+
+def listing(graph: fx.Graph) -> list[str]:
+    """The graph one line per node, ``name = target(args)`` (for docs/passes.md and tests;
+    fx's own ``print_tabular`` needs the tabulate package and shows less compactly)."""
+    lines = []
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            lines.append(f"{node.name} = input")
+        elif node.op == "output":
+            lines.append(f"return {node.args[0]}")
+        else:
+            target = node.target if node.op != "call_function" else getattr(
+                node.target, "__name__", str(node.target))
+            args = [*map(str, node.args), *(f"{k}={v}" for k, v in node.kwargs.items())]
+            lines.append(f"{node.name} = {target}({', '.join(args)})")
+    return lines
 
 
 def output_node(graph: fx.Graph) -> fx.Node:

@@ -169,7 +169,7 @@ def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],
 def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
             where: str) -> nn.Module:
     """Trace the backbone with fx and make ``feature`` (module path or node) its only output."""
-    from reconfx.trace import check_top_level_names, leaf_tracer
+    from reconfx.tracing import check_top_level_names, leaf_tracer
 
     check_top_level_names(backbone, fix=f"tap the backbone's output or an output field instead "
                           f"of '{feature}', or rename them")

@@ -1,17 +1,16 @@
-"""The passes in order; the only module that knows them all.
+"""The passes composed in memory, in order: the only module that knows them all.
 
-``prepare`` builds and traces the model a spec names; ``compile_spec`` selects, branches, checks
-invariants I1-I4 and writes ``model.py``, ``original.py``, ``branch.diff``,
-``weights.safetensors``, ``report.md`` and ``manifest.json`` atomically.
+``prepare`` builds and traces the model a spec names; ``branch_checked`` selects, branches and
+checks invariants I1-I3; ``profile_prepared`` and ``train_compiled`` train; ``emit_sources``
+writes the review files' text. :mod:`reconfx.commands` runs them for the command line and writes
+the output folders.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
 import difflib
 import functools
-import json
 import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -21,7 +20,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx import artifacts, calls, distributed, outdir
+from reconfx import calls, distributed
 from reconfx.batching import batch_streams, regions_of
 from reconfx.build import (
     build_model,
@@ -32,7 +31,6 @@ from reconfx.build import (
 )
 from reconfx.checks import (
     Check,
-    check_emit,
     check_isolation,
     check_parity,
     check_sharing,
@@ -43,42 +41,28 @@ from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
-from reconfx.errors import CheckError, ModelError, SpecError
+from reconfx.errors import CheckError, SpecError
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profile import (
+from reconfx.profiling import (
     Profile,
     annotate,
-    chart,
-    chart_of,
-    load_scores,
     profile,
-    rebranched,
     restore_profile,
 )
-from reconfx.report import (
-    Cost,
-    batching_section,
-    compile_report,
-    flops,
-    latencies,
-    markdown_table,
-)
 from reconfx.rewrite import Branched, branch
-from reconfx.select import check_patterns, select_layers
+from reconfx.selection import check_patterns, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
-from reconfx.trace import Traced, trace
+from reconfx.tracing import Traced, trace
 from reconfx.train.aggregators import aggregator
-from reconfx.train.loop import FitResult, delta_m, evaluate, fit
+from reconfx.train.loop import FitResult, evaluate, fit
 from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
 from reconfx.train.precision import resolve_device
 from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
 from reconfx.tuning import Tuned, tune
-
-CONFLICTS = "conflicts.json"
 
 
 @dataclass
@@ -148,29 +132,9 @@ def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
             example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
 
 
-def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = False, force: bool = False) -> Compiled:
-    """Trace, branch the selected layers, check I1-I4 and write the artifacts (into a folder
-    reconfx owns, unless ``force``; see :mod:`reconfx.outdir`). With ``progress``, each stage
-    is printed as it starts and finishes."""
-    loaded = loaded_spec(spec)
-    stages = Stages(progress)
-    with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
-        prepared = prepare(loaded, stages)
-        compiled = branch_checked(prepared, stored_scores(out), stages)
-        compiled.out_dir = out
-        compiled.written = _write(compiled, compiled.out_dir, progress=progress, stages=stages)
-    return compiled
-
-
 def loaded_spec(spec: LoadedSpec | str | Path) -> LoadedSpec:
     """The spec, loaded from its file unless it already is."""
     return spec if isinstance(spec, LoadedSpec) else load_spec_file(spec)
-
-
-def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
-    """``--out`` when given, else the spec's ``export.dir``."""
-    return Path(out_dir) if out_dir is not None else loaded.spec.export_dir()
 
 
 def branch_checked(prepared: Prepared, scores: dict[str, int] | None,
@@ -228,65 +192,11 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
 SCORE_POLICIES = ("top_k", "fraction", "param_budget", "flops_budget", "min_score")
 
 
-def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-             progress: bool = True, resume: bool = False, force: bool = False) -> Compiled:
-    """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
-    saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    loaded = loaded_spec(spec)
-    with outdir.writing(output_dir(loaded, out_dir), "run", force) as out:
-        return _run(loaded, out, progress, resume)
-
-
-def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compiled:
-    stages = Stages(progress)
-    prepared = prepare(loaded, stages)
-    loaded, s = prepared.loaded, prepared.loaded.spec
-    require_data(loaded, "run")
-    w = join(loaded)
-    progress = progress and w.main
-    checkpoint = open_checkpoint(loaded, out, "run", resume)
-    initial = copy.deepcopy(prepared.traced.module.state_dict())
-    result = None
-    if s.select is not None and s.select.policy in SCORE_POLICIES:
-        result = profile_prepared(prepared, progress, checkpoint)
-        checkpoint.extra["profile"] = result.counter.state_dict()
-        if s.train.init == "initial":  # the paper's protocol: retrain from the same start
-            prepared.traced.module.load_state_dict(initial)
-    compiled = branch_checked(prepared, result.scores() if result else None, stages)
-    compiled.out_dir = out
-    compiled.notes += [checkpoint.note] if checkpoint.note else []
-    compiled.warnings += result.warnings() if result is not None else []
-    trained = train_compiled(compiled, progress, checkpoints=out / "checkpoints",
-                             resume=checkpoint)
-    compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test, result,
-                                  trained.shared)
-    if trained.sparse is not None:
-        sparse = trained.sparse
-        compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
-                                f"the encoder's weight entries trainable ({len(sparse.entries)} "
-                                "weight tensors masked, heads and 1-D parameters fully trained)")
-    compiled.profile = result
-    if w.active:
-        compiled.results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
-                                "global batch sharded, per-task gradients all-reduced")
-    if w.main:  # the other ranks hold the same weights and counters
-        compiled.written = _write(compiled, compiled.out_dir, "run", progress, stages)
-        checkpoint.clear()
-    w.barrier()
-    return compiled
-
-
 def join(loaded: LoadedSpec) -> World:
     """Join the torchrun process group when launched as one of several ranks."""
     s = loaded.spec
     return distributed.init(s.distributed.backend, s.distributed.timeout_s, s.train.device,
                             str(loaded.path))
-
-
-def open_checkpoint(loaded: LoadedSpec, out: Path, command: str, resume: bool) -> Checkpoint:
-    """The resume checkpoint of ``command`` in ``out/checkpoints`` (loaded with ``resume``)."""
-    return Checkpoint(out / "checkpoints", command, loaded.sha256,
-                      loaded.spec.train.checkpoint_every, resume)
 
 
 @dataclass
@@ -350,70 +260,6 @@ def encoder_mask(compiled: Compiled, s: Spec) -> SparseMask:
     return SparseMask(params, masks)
 
 
-def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                  split: str = "test") -> tuple[dict[str, float], float | None]:
-    """Each task's metric of the emitted model in the output folder, and delta-m when the spec
-    gives every task's single-task baseline."""
-    loaded = loaded_spec(spec)
-    s, where = loaded.spec, str(loaded.path)
-    require_data(loaded, "eval")
-    metrics = metric_functions(list(s.tasks), where)
-    model = artifacts.load(output_dir(loaded, out_dir))
-    data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
-    values = evaluate(model, data, s.task_names, metrics)
-    baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
-    named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
-    delta = delta_m(values, baselines, named) if len(baselines) == len(s.tasks) else None
-    return values, delta
-
-
-def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float],
-               result: Profile | None, shared: list[Layer]) -> list[str]:
-    """report.md lines for run: test metrics, delta-m, conflict share before and after."""
-    named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
-    lines = ["## Training and evaluation", "",
-             f"- aggregator `{s.train.aggregator}`, {s.train.epochs} epoch(s), optimiser "
-             f"{s.train.optimizer} (lr {s.train.lr}), best validation epoch "
-             f"{fitted.best_epoch + 1}", ""]
-    rows = [[t, name, f"{test[t]:.4f}", f"{fitted.best.get(t, float('nan')):.4f}"]
-            for t, (name, _m) in zip(s.task_names, metrics, strict=True)]
-    lines.append(markdown_table(["task", "metric", "test", "best val"], rows))
-    baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
-    if len(baselines) == len(s.tasks):
-        lines += ["", f"- delta-m vs the single-task baselines in the spec: "
-                      f"{delta_m(test, baselines, named):+.2f}%"]
-    counter = fitted.conflicts
-    if result is not None and counter is not None and counter.valid.numel():
-        rest = {layer.name for layer in shared}
-        rows_before = [r for r in result.to_json()["layers"] if r["name"] in rest]
-        strong = sum((r["strong_share"] or 0) * r["valid_pairs"] for r in rows_before)
-        valid = sum(r["valid_pairs"] for r in rows_before)
-        after = int(counter.strong.sum()) / max(int(counter.valid.sum()), 1)
-        if valid:
-            lines += ["", f"- strongly conflicting gradient pairs (cos <= -0.01) in the "
-                          f"{len(rest)} remaining shared layers: {100 * strong / valid:.1f}% "
-                          f"while profiling the unbranched model ({result.steps} steps), "
-                          f"{100 * after:.1f}% while training the branched one "
-                          f"({counter.steps} steps)"]
-    return lines
-
-
-def stored_scores(out_dir: Path) -> dict[str, int] | None:
-    """Conflict scores from an earlier ``reconfx profile`` in ``out_dir``, if there is one."""
-    path = out_dir / CONFLICTS
-    return load_scores(path) if path.is_file() else None
-
-
-@dataclass
-class Profiled:
-    prepared: Prepared
-    result: Profile
-    chosen: list[Layer]
-    written: list[Path]
-    warnings: list[str]
-    notes: list[str]
-
-
 def require_data(loaded: LoadedSpec, command: str) -> None:
     if loaded.spec.data is None:
         raise SpecError(f"{command} trains on data, and the spec has none",
@@ -459,43 +305,6 @@ def profile_prepared(prepared: Prepared, progress: bool,
     bar.close()
     annotate(module, result)
     return result
-
-
-def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[str]) -> list[str]:
-    staging.write_text(CONFLICTS, json.dumps(result.to_json(branched), indent=1) + "\n")
-    staging.write_with("conflicts.png", lambda p: chart(result, branched, p))
-    return [CONFLICTS, "conflicts.png"]
-
-
-def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = True, resume: bool = False, force: bool = False) -> Profiled:
-    """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
-    is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
-    loaded = loaded_spec(spec)
-    with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out:
-        return _profile(loaded, out, progress, resume)
-
-
-def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Profiled:
-    prepared = prepare(loaded, Stages(progress))
-    s = loaded.spec
-    require_data(loaded, "profiling")
-    w = join(loaded)
-    checkpoint = open_checkpoint(loaded, out, "profile", resume)
-    result = profile_prepared(prepared, progress and w.main, checkpoint)
-    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
-    chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
-                           len(s.tasks), cost) if s.select is not None else []
-    written: list[Path] = []
-    if w.main:  # every rank holds the same counters
-        with artifacts.Staging(out) as staging:
-            files = write_conflicts(staging, result, {layer.name for layer in chosen})
-            written = staging.commit_with_manifest("profile", loaded.path, loaded.sha256,
-                                                   s.train.seed, files, class_name(s.name))
-        checkpoint.clear()
-    w.barrier()
-    notes = [checkpoint.note] if checkpoint.note else []
-    return Profiled(prepared, result, chosen, written, result.warnings(), notes)
 
 
 def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
@@ -611,59 +420,6 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
                        path, provider, every_task=task is None)
 
 
-def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                task: str | None = None, provider: str | None = None,
-                progress: bool = False) -> OnnxExport:
-    """``reconfx export``: ONNX from the model.py and weights already in the output folder
-    (``model.onnx``, or ``model.<task>.onnx`` with only that task's output and what it needs);
-    its section of report.md is replaced, nothing else is touched."""
-    loaded = loaded_spec(spec)
-    s = loaded.spec
-    if task is not None and task not in s.task_names:
-        raise SpecError(f"no task named '{task}'", where="--task",
-                        fix=f"one of {', '.join(s.task_names)}")
-    folder = output_dir(loaded, out_dir)
-    if not (folder / artifacts.MANIFEST).is_file():  # (before the lock creates the folder)
-        raise ModelError(f"{folder} holds no compiled model (no {artifacts.MANIFEST})",
-                         where="export.dir", fix="run `reconfx compile` (or `run`) first")
-    with outdir.writing(folder, "export") as out:
-        return _export(loaded, out, task, provider, Stages(progress))
-
-
-def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | None,
-            stages: Stages = QUIET) -> OnnxExport:
-    s = loaded.spec
-    with stages("loading model.py and its weights", "loaded (verified against manifest.json)"):
-        model = artifacts.load(out)
-    examples = spec_examples(s)
-    name = "model.onnx" if task is None else f"model.{task}.onnx"
-    with artifacts.Staging(out) as staging:
-        with stages(f"exporting {name}", lambda: f"exported {name} ({exported.exporter} "
-                    f"exporter), I5 holds on {exported.provider}"):
-            exported = onnx_for_spec(loaded, model, staging.path / name, examples, task,
-                                     provider)
-        files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
-        report = out / "report.md"
-        text = report.read_text(encoding="utf-8") if report.is_file() else ""
-        staging.write_text("report.md", replace_section(text, "## ONNX", exported.report()))
-        files.append("report.md")
-        written = staging.commit_with_manifest("export", loaded.path, loaded.sha256,
-                                               s.train.seed, files, class_name(s.name))
-    exported.path = next(p for p in written if p.name == name)
-    return exported
-
-
-def replace_section(text: str, heading: str, lines: list[str]) -> str:
-    """``text`` with the markdown section under ``heading`` replaced by ``lines`` (appended
-    when it has none)."""
-    body = "\n".join(lines).rstrip("\n") + "\n"
-    start = text.find(f"\n{heading}\n")
-    if start < 0:
-        return (text.rstrip("\n") + "\n\n" if text else "") + body
-    end = text.find("\n## ", start + 1)
-    return text[:start + 1] + body + ("\n" + text[end + 1:] if end >= 0 else "")
-
-
 def tune_batching(compiled: Compiled, progress: bool = False) -> None:
     """``stream_batching: tuned``: measure each region's streams per call at the spec's tuning
     batch sizes (only the spec's own batch when no input has a dynamic batch axis) and keep the
@@ -679,7 +435,7 @@ def tune_batching(compiled: Compiled, progress: bool = False) -> None:
     compiled.tuning = tune(compiled.branched.module, examples, s.branch.tune_repeats, progress)
 
 
-def _renaming(branched: Branched, original: nn.Module, compiled_names: dict[str, str]
+def original_names(branched: Branched, original: nn.Module, compiled_names: dict[str, str]
               ) -> Callable[[str], str | None]:
     """Emitted tensor name -> the smallest of the original's names for that tensor (tied
     tensors have several; a task's copy may keep only some of them), None for tensors the
@@ -696,7 +452,7 @@ def _renaming(branched: Branched, original: nn.Module, compiled_names: dict[str,
     return rename
 
 
-def _state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
+def state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
                ) -> dict[str, torch.Tensor]:
     """The compiled model's state under the emitted model's names (``names``: the compiled
     name of each the emitted model names differently). Left out: buffers the
@@ -708,72 +464,3 @@ def _state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
     return {k: state[names.get(k, k)] for k in emitted.state_dict() if names.get(k, k) in state}
 
 
-def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False,
-           stages: Stages = QUIET) -> list[Path]:
-    prepared, branched = compiled.prepared, compiled.branched
-    s = prepared.loaded.spec
-    tune_batching(compiled, progress)
-    name = class_name(s.name)
-    with stages("emitting model.py", lambda: "emitted model.py "
-                f"({len(sources.model_py.splitlines())} lines) and original.py"):
-        sources = emit_sources(compiled)
-    with artifacts.Staging(out_dir) as staging:
-        staging.write_text("model.py", sources.model_py)
-        staging.write_text("original.py", sources.original_py)
-        staging.write_text("branch.diff", sources.diff)
-        with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
-            emitted = artifacts.import_source(staging.path / "model.py", name)()
-            emitted.load_state_dict(_state_for(emitted, branched.module, sources.compiled_names),
-                                    strict=True)
-            staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
-            original_params = unique_parameters(prepared.traced.module)
-            expected = original_params + branched.added_params
-            reloaded = artifacts.load_emitted(staging.path, name)
-            # After `run` the weights are trained: the compiled model is the reference then.
-            original = prepared.model if command == "compile" else None
-            compiled.checks.append(check_emit(
-                reloaded, branched.module, prepared.examples, expected, original,
-                prepared.task_paths, _renaming(branched, prepared.model, sources.compiled_names),
-                1e-5 if regions_of(branched.module) else 0.0,
-                lambda n: sources.compiled_names.get(n, n)))
-        example = prepared.examples[0]
-        lat = latencies([prepared.traced.module, branched.module], example)
-        if compiled.selection is not None:  # (exact: see reconfx.cost)
-            before = compiled.selection.flops
-            after = before + compiled.selection.added_flops
-        else:
-            before, after = flops(prepared.traced.module, example), flops(branched.module, example)
-        report = compile_report(
-            command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
-            branched.layers, branched.per_task_norms, branched.shared_norms,
-            Cost(original_params, before, lat[0]),
-            Cost(unique_parameters(branched.module), after, lat[1]),
-            compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
-            batching_section(regions_of(branched.module), compiled.tuning), compiled.selection)
-        files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
-        results = list(compiled.results)
-        if "onnx" in s.export.formats:
-            with stages("exporting ONNX", lambda: f"exported model.onnx ({exported.exporter} "
-                        f"exporter), I5 holds on {exported.provider}"):
-                exported = onnx_for_spec(prepared.loaded, reloaded, staging.path / "model.onnx",
-                                         prepared.examples)
-            results += ["", *exported.report()]
-            files += [staging.adopt(p.name).name for p in staging.path.glob("model.onnx*")]
-        if results:
-            report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
-                                    + "\n\n## Checks", 1)
-        staging.write_text("report.md", report)
-        chosen = {layer.name for layer in branched.layers}
-        if compiled.profile is not None:
-            files += write_conflicts(staging, compiled.profile, chosen)
-        elif compiled.scores is not None and (out_dir / CONFLICTS).is_file():
-            # compile selected other layers by an earlier profile: its flags and chart follow
-            stored = json.loads((out_dir / CONFLICTS).read_text())
-            data = rebranched(stored, chosen)
-            if data != stored:
-                staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
-                staging.write_with("conflicts.png", lambda p: chart_of(data, p))
-                files += [CONFLICTS, "conflicts.png"]
-        return staging.commit_with_manifest(command, prepared.loaded.path,
-                                            prepared.loaded.sha256, s.train.seed, files, name,
-                                            new_model=True)

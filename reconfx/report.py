@@ -10,9 +10,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from reconfx.batching import BUDGET_BYTES, StreamRegion
-from reconfx.checks import Check, preserved
+from reconfx.checks import Check
 from reconfx.cost import Selection
 from reconfx.layers import Layer
+from reconfx.modes import preserved
+from reconfx.tables import markdown_table
 from reconfx.timing import alternating_medians
 from reconfx.tuning import Tuned
 
@@ -42,18 +44,6 @@ def latencies(models: Sequence[nn.Module], example: dict[str, torch.Tensor],
             model.eval()
         seconds = alternating_medians([lambda m=m: m(**example) for m in models], repeats, cuda)
     return [1e3 * s for s in seconds]
-
-
-def table(headers: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows, strict=False)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False))  # noqa: E731
-    return "\n".join([line(headers), line(["-" * w for w in widths]), *map(line, rows)])
-
-
-def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(out)
 
 
 def layer_rows(layers: list[Layer], branched: set[str],

@@ -23,6 +23,7 @@ import torch
 from torch import fx, nn
 
 from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, targets, task_outputs
+from reconfx.kinds import has_running_stats
 from reconfx.layers import Layer
 
 
@@ -54,10 +55,6 @@ class Branched:
                 if task in self.tasks:
                     return f"{path}.{rest}" if rest else path
         return name
-
-
-def has_running_stats(module: nn.Module) -> bool:
-    return isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
 
 
 def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:

@@ -27,3 +27,10 @@ def is_sequence_root(output: Any) -> bool:
     """True when the top level is a plain tuple/list (tasks are then matched by position)."""
     leaves, _ = pytree.tree_flatten_with_path(output)
     return bool(leaves) and bool(leaves[0][0]) and hasattr(leaves[0][0][0], "idx")
+
+
+def task_outputs(output: Any, paths: dict[str, str]) -> dict[str, Any]:
+    """Each task's value in a model's ``output`` (a tensor, or nested dicts, lists, tuples
+    and dataclasses of them), found by its path (see :func:`output_leaves`)."""
+    leaves = output_leaves(output)
+    return {task: leaves[path] for task, path in paths.items()}

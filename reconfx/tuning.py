@@ -20,7 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.batching import StreamRegion, regions_of, streams_per_call
-from reconfx.checks import preserved
+from reconfx.modes import preserved
 from reconfx.timing import alternating_medians
 
 

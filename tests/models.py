@@ -1,7 +1,10 @@
-"""Models and data that once broke or must fail clearly; referenced by factory path from test
-specs."""
+"""Models for the tests, referenced by factory path from test specs: small architectures that
+exercise one feature each (weight tying, learned tokens with attention, an LSTM, glue reading
+``self.training``, a single-task backbone), and models and data that once broke or must fail
+clearly."""
 
 import collections
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -519,3 +522,105 @@ class TokenEncoder(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.out(torch.relu(self.mix(self.embed(input_ids))))
+
+
+class SharedCallTwice(nn.Module):
+    """Weight tying (a): one module called at two places."""
+
+    def __init__(self, dim: int = 16, tasks: Sequence[str] = ("left", "right")):
+        super().__init__()
+        self.inp = nn.Linear(8, dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, 3) for t in tasks})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.proj(self.inp(x)))
+        h = self.norm(self.proj(h) + h)
+        return {name: head(h) for name, head in self.heads.items()}
+
+
+class TiedEmbedding(nn.Module):
+    """Weight tying (b): an embedding and an output projection share one Parameter."""
+
+    def __init__(self, vocab: int = 50, dim: int = 16):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.mixer = nn.Linear(dim, dim)
+        self.decoder = nn.Linear(dim, vocab, bias=False)
+        self.decoder.weight = self.embed.weight
+        self.classifier = nn.Linear(dim, 2)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.tanh(self.mixer(self.embed(tokens)))
+        return {"lm": self.decoder(h), "cls": self.classifier(h.mean(1))}
+
+
+class TokenAttention(nn.Module):
+    """A learned class token and position table read directly by the graph, plus attention."""
+
+    def __init__(self, dim: int = 16, heads: int = 2, tokens: int = 6, dropout: float = 0.0,
+                 tasks: Sequence[str] = ("a", "b", "c")):
+        super().__init__()
+        self.patch = nn.Linear(4, dim)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        self.attn = nn.MultiheadAttention(dim, heads, dropout=dropout, batch_first=True)
+        self.norm = nn.LayerNorm(dim)
+        self.heads = nn.ModuleDict({t: nn.Linear(dim, 2) for t in tasks})
+
+    def forward(self, patches: torch.Tensor) -> dict[str, torch.Tensor]:
+        x = self.patch(patches)
+        x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        a, _ = self.attn(x, x, x, need_weights=False)
+        x = self.norm(x + a)[:, 0]
+        return {name: head(x) for name, head in self.heads.items()}
+
+
+class LSTMTagger(nn.Module):
+    """Token tagging and sentence classification on top of an embedding + LSTM."""
+
+    def __init__(self, vocab: int = 40, dim: int = 16, hidden: int = 24, tags: int = 5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lstm = nn.LSTM(dim, hidden, num_layers=2, batch_first=True)
+        self.proj = nn.Linear(hidden, hidden)
+        self.tagger = nn.Linear(hidden, tags)
+        self.sentence = nn.Linear(hidden, 2)
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        out, _ = self.lstm(self.embed(tokens))
+        h = torch.relu(self.proj(out))
+        return {"tags": self.tagger(h), "sentence": self.sentence(h[:, -1])}
+
+
+class TrainingGlue(nn.Module):
+    """Glue outside any leaf that reads ``self.training`` (baked in by both tracing tiers)."""
+
+    def __init__(self, dim: int = 12):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.fc2 = nn.Linear(dim, dim)
+        self.out_a = nn.Linear(dim, 2)
+        self.out_b = nn.Linear(dim, 2)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.fc1(x)
+        h = h * 0.5 if self.training else h - 1.0
+        h = self.fc2(torch.relu(h))
+        return {"a": self.out_a(h), "b": self.out_b(h)}
+
+
+class SingleTaskCNN(nn.Module):
+    """A plain single-task classifier returning one tensor (a backbone to convert)."""
+
+    def __init__(self, num_classes: int = 10, width: int = 8):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, width, 3, padding=1), nn.BatchNorm2d(width),
+                                  nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+                                   nn.BatchNorm2d(2 * width), nn.ReLU())
+        self.classifier = nn.Linear(2 * width, num_classes)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.block(self.stem(image)).mean((2, 3)))

@@ -12,11 +12,13 @@ import yaml
 
 import reconfx
 from reconfx.batching import regions_of
-from reconfx.build import example_inputs, task_outputs
+from reconfx.build import example_inputs
+from reconfx.commands import compile_spec
 from reconfx.graph import unique_parameters
 from reconfx.outdir import LOCK
-from reconfx.pipeline import Compiled, branch_model, compile_spec, emit_sources, prepare
-from reconfx.select import select_layers
+from reconfx.pipeline import Compiled, branch_model, emit_sources, prepare
+from reconfx.selection import select_layers
+from reconfx.tree import task_outputs
 
 CHECKS = ["I1 init parity", "I2 sharing", "I3 isolation", "I4 emit parity"]
 ARTIFACTS = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md",

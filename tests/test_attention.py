@@ -9,7 +9,7 @@ from tests.support import compile_and_verify, write_spec
 
 def spec(tmp_path, layers, tier="auto"):
     return write_spec(tmp_path, "tokens",
-                      model={"factory": "reconfx.zoo:TokenAttention", "kwargs": {"dim": 8}},
+                      model={"factory": "tests.models:TokenAttention", "kwargs": {"dim": 8}},
                       inputs=[{"name": "patches", "shape": [2, 6, 4]}],
                       tasks=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
                       select={"layers": layers}, trace={"tier": tier})

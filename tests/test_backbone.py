@@ -5,12 +5,12 @@ import torch
 
 import reconfx
 from reconfx.errors import ModelError
-from reconfx.zoo import SingleTaskCNN
+from tests.models import SingleTaskCNN
 from tests.support import compile_and_verify, write_spec
 
 
 def backbone_spec(tmp_path, feature, heads, layers, checkpoint=None):
-    backbone = {"factory": "reconfx.zoo:SingleTaskCNN", "kwargs": {"width": 4},
+    backbone = {"factory": "tests.models:SingleTaskCNN", "kwargs": {"width": 4},
                 "feature": feature}
     if checkpoint:
         backbone["checkpoint"] = str(checkpoint)
@@ -116,7 +116,7 @@ def test_a_timm_model_is_created_without_download_and_takes_the_checkpoint(tmp_p
 
     from reconfx.build import call_factory
     from reconfx.spec import BackboneSpec
-    from reconfx.zoo import SingleTaskCNN
+    from tests.models import SingleTaskCNN
 
     made = []
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import reconfx
-from reconfx import pipeline
+from reconfx import commands
 from reconfx.cli import main
 from tests.support import ARTIFACTS, listing, write_spec
 
@@ -100,15 +100,15 @@ def test_compile_prints_each_stage_as_it_starts_and_finishes_with_its_time(tmp_p
 
 def test_failed_compile_leaves_earlier_files_intact(tmp_path, monkeypatch):
     out = tmp_path / "out"
-    pipeline.compile_spec(spec(tmp_path), out)
+    commands.compile_spec(spec(tmp_path), out)
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
 
     def broken_report(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(pipeline, "compile_report", broken_report)
+    monkeypatch.setattr(commands, "compile_report", broken_report)
     with pytest.raises(OSError):
-        pipeline.compile_spec(spec(tmp_path, ["layer3.*"]), out)
+        commands.compile_spec(spec(tmp_path, ["layer3.*"]), out)
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
     assert listing(out) == sorted(ARTIFACTS)  # no staging left over
     assert reconfx.load(out) is not None
@@ -129,7 +129,7 @@ def test_staging_left_by_a_killed_run_is_removed(tmp_path):
     (out / f".staging-{dead}").mkdir(parents=True)
     (out / f".staging-{dead}" / MARKER).write_bytes(b"")  # reconfx's staging folders carry it
     (out / f".staging-{dead}" / "model.py").write_text("half-written")
-    pipeline.compile_spec(spec(tmp_path), out)
+    commands.compile_spec(spec(tmp_path), out)
     assert listing(out) == sorted(ARTIFACTS)
 
 
@@ -237,3 +237,42 @@ def test_the_spec_reference_in_docs_is_generated_from_the_models():
     for name in Spec.model_fields:
         assert f"| `{name}` |" in text
     assert "| `mask_of` |" in text and "| `flops_budget` |" in text and "| `class` |" in text
+
+
+def test_public_names_are_functions_and_no_module_shadows_one():
+    """The API's names stay functions once every module of the package is imported (a module
+    named like one, imported later, would replace it on the package)."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    for info in pkgutil.walk_packages(reconfx.__path__, "reconfx."):
+        if not info.name.startswith(("reconfx.experiments", "reconfx.__main__")):
+            importlib.import_module(info.name)
+    for name in ("trace", "profile", "select", "branch", "emit_python", "export_onnx", "run",
+                 "load", "prepare", "inventory", "load_spec", "compile_spec"):
+        assert inspect.isfunction(getattr(reconfx, name)), name
+    assert set(reconfx.__all__) >= {"trace", "profile", "select", "run", "export_onnx"}
+
+
+def test_no_module_imports_one_that_imports_it_back():
+    """The package's imports (also those inside functions) form no cycle: each module can be
+    read knowing only the modules below it."""
+    import ast
+    from pathlib import Path
+
+    import networkx as nx
+
+    root = Path(reconfx.__file__).parent
+    graph = nx.DiGraph()
+    for path in root.rglob("*.py"):
+        name = ".".join(("reconfx", *path.relative_to(root).with_suffix("").parts))
+        name = name.removesuffix(".__init__")
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith(
+                    "reconfx.") and node.level == 0:
+                graph.add_edge(name, node.module)
+            elif isinstance(node, ast.Import):
+                graph.add_edges_from((name, a.name) for a in node.names
+                                     if a.name.startswith("reconfx."))
+    assert list(nx.simple_cycles(graph)) == []

@@ -6,9 +6,9 @@ import pytest
 from reconfx.cli import main
 from reconfx.cost import CostModel, Selection, selection_lines
 from reconfx.pipeline import branch_model, prepare
-from reconfx.profile import Scores
+from reconfx.profiling import Scores
 from reconfx.report import flops
-from reconfx.select import select_layers
+from reconfx.selection import select_layers
 from reconfx.spec import SelectSpec
 from tests.support import write_spec
 

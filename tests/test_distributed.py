@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from reconfx import distributed, pipeline
+from reconfx import commands, distributed, pipeline
 from reconfx.cli import main
 from reconfx.layers import inventory
 from reconfx.train.aggregators import aggregator
@@ -48,7 +48,7 @@ def test_two_processes_profile_and_train_like_one(tmp_path):
     the same global batches, the same selection, weights within 1e-5 after 2 epochs (16 steps +
     20 profiling steps), the same test metrics; rank 0 alone writes and reports."""
     one = mlp_spec(tmp_path / "one")
-    pipeline.run_spec(one, progress=False)
+    commands.run_spec(one, progress=False)
     two = mlp_spec(tmp_path / "two")
     done = subprocess.run([*TORCHRUN, "-m", "reconfx", "run", str(two), "--quiet"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300)

@@ -7,14 +7,14 @@ import torch
 
 import reconfx
 from reconfx.batching import regions_of
-from reconfx.zoo import TrainingGlue
+from tests.models import TrainingGlue
 from tests.support import compile_and_verify, write_spec
 
 
 @pytest.mark.parametrize("tier", ["fx", "export"])
 @pytest.mark.parametrize("layers", [["fc1"], ["fc2"]])
 def test_training_dependent_glue(tmp_path, tier, layers):
-    spec = write_spec(tmp_path, "glue", model={"factory": "reconfx.zoo:TrainingGlue"},
+    spec = write_spec(tmp_path, "glue", model={"factory": "tests.models:TrainingGlue"},
                       inputs=[{"name": "x", "shape": [3, 12]}],
                       tasks=[{"name": "a"}, {"name": "b"}], select={"layers": layers},
                       trace={"tier": tier})
@@ -120,7 +120,7 @@ def test_traced_graph_that_raises_is_a_mismatch_and_prints_nothing(capsys):
     traceback does not reach the user's terminal."""
     from torch import fx, nn
 
-    from reconfx.checks import traced_matches
+    from reconfx.tracing import traced_matches
 
     class Flatten(nn.Module):
         def forward(self, x):

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 import reconfx
-from reconfx import outdir, pipeline
+from reconfx import commands, outdir
 from reconfx.cli import main
 from reconfx.errors import FolderRefused, ModelError
 from tests.support import ARTIFACTS, listing, resnet_spec, write_spec
@@ -76,7 +76,7 @@ def hostile_staging(out: Path, name: str, journal: list[str]) -> Path:
 
 def test_journal_entries_that_leave_the_folder_are_never_followed(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     outside = tmp_path / "outside"
     outside.mkdir()
@@ -98,8 +98,8 @@ def test_journal_entries_that_leave_the_folder_are_never_followed(tmp_path):
 def test_an_edited_model_py_or_swapped_weights_run_nothing(tmp_path, capsys):
     out, other = tmp_path / "out", tmp_path / "other"
     spec = resnet_spec(tmp_path, ["layer4.*"], out, "folder")
-    pipeline.compile_spec(spec)
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], other, "other"))
+    commands.compile_spec(spec)
+    commands.compile_spec(resnet_spec(tmp_path, ["layer3.*"], other, "other"))
     marker = tmp_path / "ran"
     model_py = out / "model.py"
     original = model_py.read_text()
@@ -119,7 +119,7 @@ def test_an_edited_model_py_or_swapped_weights_run_nothing(tmp_path, capsys):
 def test_a_second_writer_fails_at_once_naming_the_holder(tmp_path, capsys):
     out = tmp_path / "out"
     spec = resnet_spec(tmp_path, ["layer4.*"], out, "folder")
-    pipeline.compile_spec(spec)
+    commands.compile_spec(spec)
     holder = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
         import sys, time
         from reconfx import outdir
@@ -145,7 +145,7 @@ def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
     """A staging folder named after a live process id (as another PID namespace's writer's
     would be) is finished once its folder's lock is free."""
     out = tmp_path / "out"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     staged = hostile_staging(out, f".staging-{os.getpid()}", ["report.md"])
     (staged / "report.md").write_text("the new report\n")
     reconfx.load(out)
@@ -165,16 +165,16 @@ def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
 
 def test_sigterm_ends_with_one_line_and_exit_143_leaving_the_folder_as_it_was(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     done = run_patched("""
         import os, signal
-        from reconfx import pipeline
-        real = pipeline.emit_sources
+        from reconfx import commands
+        real = commands.emit_sources
         def emit_sources(*args, **kwargs):
             os.kill(os.getpid(), signal.SIGTERM)
             return real(*args, **kwargs)
-        pipeline.emit_sources = emit_sources
+        commands.emit_sources = emit_sources
     """, ["compile", str(resnet_spec(tmp_path, ["layer3.*"], out, "term")), "--quiet"])
     assert done.returncode == 143
     assert done.stderr.splitlines() == [
@@ -189,7 +189,7 @@ def test_ctrl_c_between_two_commit_moves_still_completes_the_commit(tmp_path):
     """The signal waits until the last file is moved: the folder holds the new compile's files
     only, never a new model.py beside the old weights."""
     out, clean = tmp_path / "out", tmp_path / "clean"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
     spec = resnet_spec(tmp_path, ["layer3.*"], out, "again")
     done = run_patched("""
         import os, signal
@@ -203,7 +203,7 @@ def test_ctrl_c_between_two_commit_moves_still_completes_the_commit(tmp_path):
     """, ["compile", str(spec), "--quiet"])
     assert done.returncode == 130 and len(done.stderr.splitlines()) == 1, done.stderr
     assert not list(out.glob(".staging-*"))
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean, "again"))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean, "again"))
     for name in ("model.py", "original.py", "branch.diff", "weights.safetensors"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     reconfx.load(out)

@@ -8,8 +8,9 @@ import torch
 
 from reconfx.build import call_data_factory
 from reconfx.cli import main
+from reconfx.conflicts import ConflictCounter
 from reconfx.pipeline import prepare
-from reconfx.profile import ConflictCounter, profile
+from reconfx.profiling import profile
 from reconfx.train.objectives import loss_functions, make_optimizer
 from reconfx.train.resume import Batches
 from reconfx.train.step import CHUNK
@@ -174,7 +175,7 @@ def test_profile_needs_data_and_losses(tmp_path, capsys):
 def test_profile_with_a_gradient_manipulation_aggregator(tmp_path):
     spec = multidigits_spec(tmp_path, steps=4)
     spec.write_text(spec.read_text() + "train: {aggregator: pcgrad}\n")
-    from reconfx.pipeline import profile_spec
+    from reconfx.commands import profile_spec
 
     done = profile_spec(spec, progress=False)
     assert done.result.counter.steps == 4
@@ -187,7 +188,7 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
 
     from reconfx.layers import inventory
     from reconfx.rewrite import branch
-    from reconfx.select import select_layers
+    from reconfx.selection import select_layers
     from reconfx.spec import SelectSpec
 
     spec = multidigits_spec(tmp_path, width=16)

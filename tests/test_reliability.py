@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import reconfx
-from reconfx import pipeline
+from reconfx import commands, pipeline
 from reconfx.cli import main
 from reconfx.errors import ModelError, TrainingError
 from reconfx.layers import Layer
@@ -222,7 +222,7 @@ def test_run_killed_mid_phase_resumes_to_the_uninterrupted_result(tmp_path, phas
     """SIGKILL a `reconfx run` subprocess after its first checkpoint in ``phase``; `--resume`
     gives the same conflict counts, weights and test metrics as a run that was never stopped."""
     reference = tmp_path / "reference" / "out"
-    pipeline.run_spec(resume_spec(tmp_path / "reference"), progress=False)
+    commands.run_spec(resume_spec(tmp_path / "reference"), progress=False)
     spec = resume_spec(tmp_path / "resumed")
     out = tmp_path / "resumed" / "out"
     state_file = out / "checkpoints" / "resume.pt"
@@ -241,7 +241,7 @@ def test_run_killed_mid_phase_resumes_to_the_uninterrupted_result(tmp_path, phas
     assert seen is not None, f"the run ended before a {phase} checkpoint: {process.stderr.read()}"
     assert not (out / "weights.safetensors").exists()
     final = resume_state(state_file)  # the kill may land after one more checkpoint
-    done = pipeline.run_spec(spec, progress=False, resume=True)
+    done = commands.run_spec(spec, progress=False, resume=True)
     assert done.notes == [f"resuming from {state_file} ({final['phase']} step {final['step']})"]
     for name in ("weights.safetensors", "conflicts.json", "model.py"):
         assert (reference / name).read_bytes() == (out / name).read_bytes(), name
@@ -406,7 +406,7 @@ def killed(mode: str, spec: Path) -> subprocess.CompletedProcess:
 
 def test_killed_mid_write_leaves_the_previous_artifacts_intact(tmp_path):
     out = tmp_path / "out"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     killed("mid-write", resnet_spec(tmp_path, ["layer3.*"], out))
     assert {name: (out / name).read_bytes() for name in ARTIFACTS} == before
@@ -417,7 +417,7 @@ def test_killed_mid_write_leaves_the_previous_artifacts_intact(tmp_path):
 
 def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     out, clean = tmp_path / "out", tmp_path / "clean"
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out))
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     killed("mid-commit", resnet_spec(tmp_path, ["layer3.*"], out))
     changed = [name for name in ARTIFACTS if (out / name).read_bytes() != before[name]]
@@ -428,7 +428,7 @@ def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     assert len(list(out.glob(".staging-*"))) == 1
     model = reconfx.load(out)  # finishes the commit: every file is the new compile's
     assert not list(out.glob(".staging-*"))
-    pipeline.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean))
+    commands.compile_spec(resnet_spec(tmp_path, ["layer3.*"], clean))
     for name in ("model.py", "original.py", "branch.diff", "weights.safetensors"):
         assert (out / name).read_bytes() == (clean / name).read_bytes(), name
     assert sorted(model.state_dict()) == sorted(reconfx.load(clean).state_dict())
@@ -487,7 +487,7 @@ def test_a_live_writers_temporary_is_kept_and_a_dead_ones_removed_whatever_its_p
 def test_disk_full_and_permission_denied_are_one_line_errors(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     spec = resnet_spec(tmp_path, ["layer4.*"], out)
-    pipeline.compile_spec(spec)
+    commands.compile_spec(spec)
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     import safetensors.torch
 

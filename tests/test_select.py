@@ -6,7 +6,7 @@ import pytest
 
 from reconfx.errors import SelectionError
 from reconfx.pipeline import prepare
-from reconfx.select import select_layers
+from reconfx.selection import select_layers
 from reconfx.spec import SelectSpec
 from tests.support import write_spec
 

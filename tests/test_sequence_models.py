@@ -9,7 +9,7 @@ from tests.support import compile_and_verify, write_spec
 
 @pytest.mark.parametrize("layers", [["lstm"], ["proj"], ["embed", "lstm", "proj"]])
 def test_lstm_tagger(tmp_path, layers):
-    spec = write_spec(tmp_path, "lstm", model={"factory": "reconfx.zoo:LSTMTagger"},
+    spec = write_spec(tmp_path, "lstm", model={"factory": "tests.models:LSTMTagger"},
                       inputs=[{"name": "tokens", "shape": [2, 7], "dtype": "int64", "high": 40,
                                "dynamic": [0, 1]}],
                       tasks=[{"name": "tags"}, {"name": "sentence"}], select={"layers": layers})

@@ -15,11 +15,12 @@ from reconfx.batching import (
     regions_of,
     run_streams,
 )
-from reconfx.build import example_inputs, task_outputs
+from reconfx.build import example_inputs
+from reconfx.commands import compile_spec
 from reconfx.emit.onnx import onnx_session
 from reconfx.graph import region_call
-from reconfx.pipeline import compile_spec
 from reconfx.timing import alternating_medians
+from reconfx.tree import task_outputs
 from reconfx.tuning import Tuned, best_rows, per_call_options
 from tests.support import compile_and_verify, write_spec
 

@@ -8,7 +8,7 @@ import torch
 
 import reconfx
 from reconfx.build import example_inputs
-from reconfx.pipeline import compile_spec
+from reconfx.commands import compile_spec
 from tests.support import write_spec
 
 

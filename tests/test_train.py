@@ -12,7 +12,7 @@ from reconfx.errors import SpecError
 from reconfx.layers import inventory
 from reconfx.pipeline import prepare
 from reconfx.rewrite import branch
-from reconfx.select import select_layers
+from reconfx.selection import select_layers
 from reconfx.spec import TrainSpec
 from reconfx.train.aggregators import AGGREGATORS, aggregator
 from reconfx.train.loop import delta_m, evaluate, fit

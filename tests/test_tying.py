@@ -10,7 +10,7 @@ from tests.support import compile_and_verify, write_spec
 @pytest.mark.parametrize("layers", [["proj"], ["inp"], ["norm", "proj"]])
 def test_module_called_twice_is_one_layer_with_one_copy_per_task(tmp_path, tier, layers):
     spec = write_spec(tmp_path, "calltwice",
-                      model={"factory": "reconfx.zoo:SharedCallTwice", "kwargs": {"dim": 8}},
+                      model={"factory": "tests.models:SharedCallTwice", "kwargs": {"dim": 8}},
                       inputs=[{"name": "x", "shape": [3, 8]}],
                       tasks=[{"name": "left"}, {"name": "right"}],
                       select={"layers": layers}, trace={"tier": tier})
@@ -34,7 +34,7 @@ def test_module_called_twice_is_one_layer_with_one_copy_per_task(tmp_path, tier,
 @pytest.mark.parametrize("tier", ["fx", "export"])
 def test_tied_embedding_and_decoder_branch_together(tmp_path, tier):
     spec = write_spec(tmp_path, "tied",
-                      model={"factory": "reconfx.zoo:TiedEmbedding", "kwargs": {}},
+                      model={"factory": "tests.models:TiedEmbedding", "kwargs": {}},
                       inputs=[{"name": "tokens", "shape": [2, 5], "dtype": "int64", "high": 50}],
                       tasks=[{"name": "lm"}, {"name": "cls"}],
                       select={"layers": ["decoder"]}, trace={"tier": tier})

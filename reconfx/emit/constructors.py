@@ -28,6 +28,7 @@ from torch import nn
 from reconfx.emit.render import LINE, Source, bracketed, render_value
 from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
 from reconfx.graph import named_tensors
+from reconfx.kinds import is_torch_nn
 
 HANDLERS: dict[type[nn.Module], Callable[[nn.Module], dict[str, Any]]] = {}
 # A required argument is searched among this many of the instance's values at most, and at most
@@ -229,10 +230,6 @@ def _dtype(m: nn.Module) -> torch.dtype | None:
     except (TypeError, ValueError):
         return None
     return next(iter(floating)) if accepts else None
-
-
-def is_torch_nn(m: nn.Module) -> bool:
-    return type(m).__module__.startswith("torch.nn")
 
 
 def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | None:

@@ -56,7 +56,7 @@ from reconfx.emit.restore import (
 from reconfx.emit.sources import SETTINGS
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
-from reconfx.trace import leaf_tracer
+from reconfx.tracing import leaf_tracer
 
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",

@@ -46,7 +46,7 @@ from reconfx.pipeline import (
     require_data,
     train_compiled,
 )
-from reconfx.select import select_layers
+from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, SelectSpec, load_spec_file
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import delta_m, evaluate, fit

@@ -18,11 +18,11 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx.artifacts import replace_file, save_weights
+from reconfx.conflicts import ConflictCounter
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.errors import TrainingError
 from reconfx.layers import Layer
-from reconfx.profile import ConflictCounter
 from reconfx.spec import TrainSpec
 from reconfx.train.objectives import Metric, make_optimizer
 from reconfx.train.resume import Batches, Checkpoint, restore, snapshot

@@ -33,9 +33,10 @@ from torch import fx, nn
 
 from reconfx.errors import ModelError, TraceError
 from reconfx.graph import DualGraphModule, output_node, prune, record, resolve, same_graph
-from reconfx.tree import key_str
+from reconfx.kinds import is_leaf
+from reconfx.modes import compare, preserved, run_reaching
+from reconfx.tree import key_str, task_outputs
 
-CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)
 # Ops that only check shapes or guard export; they carry no data and are not kept.
 _DROPPED_TARGETS = {
     torch.ops.aten._assert_tensor_metadata.default,
@@ -53,29 +54,6 @@ class Traced:
     tier: str
     notes: list[str] = field(default_factory=list)
     ignored_outputs: list[str] = field(default_factory=list)
-
-
-def owns_state(module: nn.Module) -> bool:
-    return any(p is not None for p in module._parameters.values()) or any(
-        b is not None for b in module._buffers.values()
-    )
-
-
-def is_torch_nn(module: nn.Module) -> bool:
-    return type(module).__module__.startswith("torch.nn")
-
-
-def is_leaf(module: nn.Module) -> bool:
-    """Default leaf rule: a module that owns state directly and has no parameterised children,
-    or a torch.nn module that owns state or has no children (ReLU, Dropout, MultiheadAttention)."""
-    if isinstance(module, CONTAINERS):
-        return False
-    has_children = next(module.children(), None) is not None
-    if is_torch_nn(module):
-        return owns_state(module) or not has_children
-    return owns_state(module) and not any(
-        True for child in module.children() for _ in child.parameters()
-    )
 
 
 def parameterised_modules(module: nn.Module) -> int:
@@ -424,7 +402,6 @@ def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]],
     ops read, does not reproduce those ops' result bit-exactly (same seed). A module's ops may
     read one tensor while its forward takes another: OPT's positional embedding is called with
     the attention mask and recomputes positions from it unless given ``position_ids``."""
-    from reconfx.checks import preserved
 
     if not calls:
         return []
@@ -542,7 +519,6 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
     >>> t.tier                                                              # doctest: +SKIP
     'fx'
     """
-    from reconfx.checks import traced_matches
 
     check_top_level_names(model)
     dynamic = dynamic if dynamic is not None else {name: [0] for name in example}
@@ -715,3 +691,37 @@ def name_nodes(module: DualGraphModule) -> None:
             counts[base] = n + 1
             node.meta.setdefault("reconfx", {})["name"] = base if n == 0 else f"{base}_{n}"
 
+
+def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],
+                   examples: Sequence[dict[str, torch.Tensor] | None]) -> str | None:
+    """None when the traced graph reproduces the eager model bit-exactly in both modes on all
+    examples (the second has another batch size, catching shapes baked into the graph), and its
+    outputs' gradient reaches the same parameters (checked once, in train mode)."""
+    shared = {id(q) for q in traced.parameters()}
+    params = {n: q for n, q in model.named_parameters() if q.requires_grad and id(q) in shared}
+    with preserved(model, traced):
+        for i, example in enumerate(filter(None, examples)):
+            for training in (False, True):
+                reach = params if training and i == 0 else {}
+                want, want_reach = run_reaching(model, example, training, reach,
+                                                lambda out: task_outputs(out, task_paths))
+                batch = next(iter(example.values())).shape[0]
+                mode = "train" if training else "eval"
+                try:  # (fx prints the generated code's traceback to stderr before raising)
+                    with contextlib.redirect_stderr(io.StringIO()):
+                        got, got_reach = run_reaching(traced, example, training, reach)
+                except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
+                    return (f"the traced graph fails in {mode} mode at batch {batch} where the "
+                            f"model runs ({type(exc).__name__}: {exc})")
+                bad = compare(want, got, 0.0)
+                if bad:
+                    return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
+                            f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
+                for name in reach:
+                    if None not in (want_reach[name], got_reach[name]) and (
+                            want_reach[name] != got_reach[name]):
+                        return (f"the parameter '{name}' gets a gradient in the "
+                                f"{'traced graph' if got_reach[name] else 'model'} only (code "
+                                "under torch.no_grad() or similar that the tracer does not "
+                                "record)")
+    return None

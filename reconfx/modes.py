@@ -1,0 +1,81 @@
+"""Running a module in one training mode from a fixed random state, and comparing outputs.
+
+Every check that compares two models (tracing's acceptance, the invariants, collapsing calls,
+the cost model) runs them through :func:`run`: with autograd enabled (fused no-grad fast paths
+round differently), and with their buffers and training flags restored afterwards, so comparing
+never changes state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def preserved(*modules: nn.Module) -> Iterator[None]:
+    """Restore every buffer (BN running statistics) and the training flags on exit."""
+    saved = [(m, {k: b.clone() for k, b in m.named_buffers()},
+              {n: s.training for n, s in m.named_modules()}) for m in modules]
+    try:
+        yield
+    finally:
+        for module, buffers, modes in saved:
+            with torch.no_grad():
+                for name, buf in module.named_buffers():
+                    buf.copy_(buffers[name])
+            for name, sub in module.named_modules():
+                sub.training = modes[name]
+
+
+def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
+    """One forward pass from a fixed RNG state; in train mode the running statistics it updates
+    are restored, so every comparison starts from the same state."""
+    return run_reaching(model, example, training, {}, seed=seed)[0]
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    if a.shape != b.shape:
+        return float("inf")
+    if not a.is_floating_point():
+        return 0.0 if torch.equal(a, b) else float("inf")
+    return (a.detach().double() - b.detach().double()).abs().max().item() if a.numel() else 0.0
+
+
+def compare(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
+            atol: float) -> tuple[str, float] | None:
+    """The first task whose output differs by more than ``atol`` (0 means bit-exact)."""
+    for task, want in expected.items():
+        got = actual[task]
+        exact = atol == 0.0
+        if exact and (got.shape != want.shape or not torch.equal(got, want)):
+            return task, max_diff(want, got)
+        if not exact and max_diff(want, got) > atol:
+            return task, max_diff(want, got)
+    return None
+
+
+def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: bool,
+                 params: dict[str, nn.Parameter], outputs: Any = None, seed: int = 0
+                 ) -> tuple[Any, dict[str, bool | None]]:
+    """:func:`run` (its result mapped by ``outputs``), and for each of ``params`` whether the
+    outputs' gradient reaches it (fx does not record ``torch.no_grad()`` blocks, so a traced
+    graph can train what the model keeps fixed; None when backward fails); computed before the
+    buffers are restored, which backward may need."""
+    model.train(training)
+    torch.manual_seed(seed)
+    with preserved(model) if training else contextlib.nullcontext():
+        out = model(**example)
+        out = outputs(out) if outputs is not None else out
+        loss = [o.float().sum() for o in out.values() if o.requires_grad] if params else []
+        if not loss:
+            return out, dict.fromkeys(params, False)
+        try:
+            grads = torch.autograd.grad(sum(loss), list(params.values()), allow_unused=True)
+        except RuntimeError:  # the model cannot backpropagate (an in-place op on a saved input)
+            return out, dict.fromkeys(params, None)
+        return out, {name: g is not None for name, g in zip(params, grads, strict=True)}
