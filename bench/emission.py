@@ -41,31 +41,23 @@ from reconfx.spec import class_name
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.library for `library`
 
+MINILM = {
+    "backbone": {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"},
+    "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 30522,
+                "dynamic": [0, 1]}],
+    "tasks": [{"name": "ner", "head": {"type": "linear", "out_features": 9}},
+              {"name": "sentiment", "head": {"type": "mlp", "hidden": [64], "out_features": 2,
+                                             "pool": "mean"}}],
+}
 SPECS = {
-    "minilm": {
-        "backbone": {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"},
-        "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 30522,
-                    "dynamic": [0, 1]}],
-        "tasks": [{"name": "ner", "head": {"type": "linear", "out_features": 9}},
-                  {"name": "sentiment", "head": {"type": "mlp", "hidden": [64],
-                                                 "out_features": 2, "pool": "mean"}}],
-        "select": {"layers": ["backbone.encoder.layer.5.*"]},
-    },
+    "minilm": {**MINILM, "select": {"layers": ["backbone.encoder.layer.5.*"]}},
     "resnet50": {
         "model": {"factory": "reconfx.zoo:BottleneckResNet"},
         "inputs": [{"name": "image", "shape": [2, 3, 64, 64]}],
         "tasks": [{"name": "left"}, {"name": "right"}],
         "select": {"layers": ["layer4.*"]},
     },
-    "minilm-mid": {
-        "backbone": {"factory": "reconfx.zoo:minilm", "feature": "last_hidden_state"},
-        "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 30522,
-                    "dynamic": [0, 1]}],
-        "tasks": [{"name": "ner", "head": {"type": "linear", "out_features": 9}},
-                  {"name": "sentiment", "head": {"type": "mlp", "hidden": [64],
-                                                 "out_features": 2, "pool": "mean"}}],
-        "select": {"layers": ["backbone.encoder.layer.2.*"]},
-    },
+    "minilm-mid": {**MINILM, "select": {"layers": ["backbone.encoder.layer.2.*"]}},
     "demo": {
         "model": {"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10}},
         "inputs": [{"name": "image", "shape": [8, 1, 12, 12]}],
