@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import glob
 import hashlib
 import importlib.util
@@ -83,6 +84,7 @@ class Staging:
         path = self.path / name
         try:
             writer(path)
+            follow_umask(path)
         except Exception as exc:
             raise output_error(_io_error(exc), self.out_dir) from None
         self.files[name] = None
@@ -143,6 +145,25 @@ def signals_held() -> Iterator[None]:
             signal.raise_signal(received[0])
 
 
+@functools.cache
+def _file_mode() -> int:
+    """What ``open()`` gives a new file under this process's umask (read from /proc, else by
+    setting it and back, once)."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return 0o666 & ~int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def follow_umask(path: Path) -> None:
+    """Give a file a writer created (safetensors makes its files readable by their owner only)
+    the mode every other output file has: 0o666 less the umask."""
+    os.chmod(path, _file_mode())
+
+
 def replace_file(path: Path, writer: Any) -> None:
     """Write one file atomically: ``writer`` fills a temporary name beside it, then
     ``os.replace`` moves it into place, so a killed process never leaves half a file. The
@@ -160,6 +181,7 @@ def replace_file(path: Path, writer: Any) -> None:
         with contextlib.suppress(OSError):  # (no lock support: its temporary is never removed)
             fcntl.flock(held, fcntl.LOCK_EX)
         writer(temporary)
+        follow_umask(temporary)
         os.replace(temporary, path)
     except Exception as exc:
         raise output_error(_io_error(exc), path.parent) from None

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from reconfx import __version__
 from reconfx.errors import ReconfxError, SelectionError, SpecError
 
 
@@ -146,11 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from reconfx.commands import evaluate_spec
 
-    values, delta = evaluate_spec(args.spec, args.out, args.split)
-    for task, value in values.items():
-        print(f"{task}: {value:.4f}")
-    if delta is not None:
-        print(f"delta-m: {delta:+.2f}%")
+    for line in evaluate_spec(args.spec, args.out, args.split).lines():
+        print(line)
     return 0
 
 
@@ -187,6 +185,7 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="reconfx", description=(
         "Declarative model surgery for multi-task learning: branch the shared layers a spec "
         "names into per-task copies and emit readable PyTorch."))
+    p.add_argument("--version", action="version", version=f"reconfx {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     v = sub.add_parser("validate", help="check a spec without running it")
     v.add_argument("spec", type=Path)

@@ -50,7 +50,7 @@ from reconfx.report import Cost, batching_section, compile_report, flops, latenc
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name
 from reconfx.stages import QUIET, Stages
-from reconfx.tables import markdown_table
+from reconfx.tables import markdown_table, table
 from reconfx.train.loop import FitResult, delta_m, evaluate
 from reconfx.train.objectives import metric_functions
 from reconfx.train.resume import Checkpoint
@@ -102,7 +102,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
         checkpoint.extra["profile"] = result.counter.state_dict()
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
-    compiled = branch_checked(prepared, result.scores() if result else None, stages)
+    compiled = branch_checked(prepared, stages=stages)  # (by the scores profiling wrote)
     compiled.out_dir = out
     compiled.notes += [checkpoint.note] if checkpoint.note else []
     compiled.warnings += result.warnings() if result is not None else []
@@ -132,8 +132,26 @@ def open_checkpoint(loaded: LoadedSpec, out: Path, command: str, resume: bool) -
                       loaded.spec.train.checkpoint_every, resume)
 
 
+@dataclass
+class Evaluation:
+    """``reconfx eval``'s result: each task's metric name and value on the split, and delta-m
+    when the spec gives every task's single-task baseline."""
+
+    split: str
+    metrics: dict[str, tuple[str, float]]  # task -> (metric name, value)
+    delta_m: float | None
+
+    def lines(self) -> list[str]:
+        """The result as an aligned table for the terminal."""
+        rows = [[task, name, f"{value:.4f}"] for task, (name, value) in self.metrics.items()]
+        out = table(["task", "metric", self.split], rows).splitlines()
+        if self.delta_m is not None:
+            out.append(f"delta-m vs the single-task baselines in the spec: {self.delta_m:+.2f}%")
+        return out
+
+
 def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                  split: str = "test") -> tuple[dict[str, float], float | None]:
+                  split: str = "test") -> Evaluation:
     """Each task's metric of the emitted model in the output folder, and delta-m when the spec
     gives every task's single-task baseline."""
     loaded = loaded_spec(spec)
@@ -146,7 +164,8 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
     delta = delta_m(values, baselines, named) if len(baselines) == len(s.tasks) else None
-    return values, delta
+    return Evaluation(split, {t: (name, values[t]) for t, (name, _m)
+                              in zip(s.task_names, metrics, strict=True)}, delta)
 
 
 def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float],

@@ -141,18 +141,33 @@ def restore_profile(module: DualGraphModule, layers: list[Layer], tasks: list[st
     return Profile(candidates, tasks, threshold, counter.steps, counter)
 
 
-def annotate(module: DualGraphModule, result: Profile) -> None:
-    """Write each layer's statistics into ``node.meta["reconfx"]["conflict"]`` of its nodes."""
-    data = {row["name"]: {k: row[k] for k in ("score", "valid_pairs", "mean_cos",
-                                              "strong_share")}
-            for row in result.to_json()["layers"]}
-    by_target = {p: layer.name for layer in result.layers for p in layer.paths}
+def annotate(module: DualGraphModule, layers: list[Layer], scores: Scores) -> None:
+    """Write each layer's conflict score and valid observations into
+    ``node.meta["reconfx"]["conflict"]`` of its nodes, where selection and the emitter read them
+    (:func:`scores_in`); the scores come from a profile or an earlier one's conflicts.json."""
+    by_target = {p: layer.name for layer in layers for p in layer.paths if layer.name in scores}
     for _mode, graph in module.graphs():
         for node in graph.nodes:
             name = by_target.get(str(node.target)) if node.op in ("call_module",
                                                                    "get_attr") else None
             if name is not None:
-                node.meta.setdefault("reconfx", {})["conflict"] = data[name]
+                node.meta.setdefault("reconfx", {})["conflict"] = {
+                    "score": scores[name], "valid": scores.valid.get(name)}
+
+
+def scores_in(module: DualGraphModule, layers: list[Layer]) -> Scores | None:
+    """The conflict scores :func:`annotate` wrote on the layers' nodes, None when it wrote none."""
+    found: dict[str, dict] = {}
+    paths = {p: layer.name for layer in layers for p in layer.paths}
+    for _mode, graph in module.graphs():
+        for node in graph.nodes:
+            conflict = node.meta.get("reconfx", {}).get("conflict")
+            if conflict is not None and str(node.target) in paths:
+                found.setdefault(paths[str(node.target)], conflict)
+    if not found:
+        return None
+    return Scores({name: c["score"] for name, c in found.items()},
+                  valid={name: c["valid"] for name, c in found.items() if c["valid"] is not None})
 
 
 class Scores(dict):

@@ -276,3 +276,19 @@ def test_no_module_imports_one_that_imports_it_back():
                 graph.add_edges_from((name, a.name) for a in node.names
                                      if a.name.startswith("reconfx."))
     assert list(nx.simple_cycles(graph)) == []
+
+
+def test_every_output_file_follows_the_umask(tmp_path):
+    """weights.safetensors (safetensors creates its files readable by their owner only) gets
+    the same mode as every other output file: 0o666 less the umask."""
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-m", "reconfx", "compile", str(spec(tmp_path)),
+                           "--out", str(out), "--quiet"], capture_output=True, text=True,
+                          check=False, preexec_fn=lambda: os.umask(0o027))
+    assert done.returncode == 0, done.stderr
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
+    assert "weights.safetensors" in modes
+    assert {name: mode for name, mode in modes.items() if mode != 0o640} == {}

@@ -54,10 +54,12 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert accuracy > 0.3
     capsys.readouterr()
     assert main(["eval", str(spec)]) == 0
-    printed = capsys.readouterr().out
-    table = {line.split(":")[0]: line.split(":")[1].strip() for line in printed.splitlines()}
-    assert set(table) == {"left", "right", "delta-m"}
-    assert f"| left | accuracy | {float(table['left']):.4f} |" in report  # same numbers as run
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].split() == ["task", "metric", "test"]
+    rows = {line.split()[0]: line.split()[1:] for line in printed[2:4]}
+    assert set(rows) == {"left", "right"} and rows["left"][0] == "accuracy"
+    assert printed[4].startswith("delta-m vs the single-task baselines in the spec: ")
+    assert f"| left | accuracy | {float(rows['left'][1]):.4f} |" in report  # same as run
 
 
 def test_run_with_explicit_layers_and_sparse_training(tmp_path):

@@ -100,3 +100,31 @@ def test_a_module_path_selects_every_shared_layer_under_it(layers):
     assert len(by_module) > 1 and all(layer.name.startswith("layer4.") for layer in by_module)
     # (a path is not a prefix of another name: layer4 does not take a layer4x)
     assert not [layer for layer in layers if layer.matches("layer")]
+
+
+def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
+    """Conflict scores live on the graph's nodes (node.meta["reconfx"]["conflict"]): a profile,
+    or an earlier profile's conflicts.json, writes them there, and selection and the emitter
+    read them from there."""
+    from reconfx.pipeline import branch_checked
+    from reconfx.profiling import Scores, annotate, scores_in
+
+    spec = write_spec(tmp_path, "meta", model={"factory": "reconfx.zoo:small_resnet",
+                                               "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}], select={"top_k": 1},
+                      export={"formats": ["python"]})
+    prepared = prepare(spec)
+    pool = shared(prepared.layers)
+    scores = Scores({layer.name: i for i, layer in enumerate(pool)},
+                    valid={layer.name: 100 for layer in pool})
+    module = prepared.traced.module
+    assert scores_in(module, prepared.layers) is None
+    annotate(module, prepared.layers, scores)
+    top = pool[-1]
+    (node,) = [n for n in module.graph.nodes if str(n.target) == top.paths[0]]
+    assert node.meta["reconfx"]["conflict"] == {"score": len(pool) - 1, "valid": 100}
+    assert scores_in(module, prepared.layers) == scores
+    compiled = branch_checked(prepared)  # no scores given: those on the nodes
+    assert names(compiled.branched.layers) == [top.name]
+    assert compiled.selection.rows()[0][2] == f"{len(pool) - 1} / 100"
