@@ -137,9 +137,10 @@ def cmd_run(args: argparse.Namespace) -> int:
                         force=args.force)
     for note in compiled.notes:
         _say(args, note)
-    for line in compiled.results:
-        if line:
-            _say(args, line)
+    from reconfx.tables import for_terminal
+
+    for line in for_terminal(compiled.results):
+        _say(args, line)
     _report(args, compiled)
     return 0
 

@@ -7,10 +7,14 @@ Every command writes through a staging folder and commits only after its checks 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from reconfx import artifacts, outdir
 from reconfx.batching import regions_of
@@ -42,11 +46,11 @@ from reconfx.pipeline import (
 from reconfx.profiling import (
     Profile,
     chart,
-    chart_of,
     load_scores,
     rebranched,
+    strong_shares,
 )
-from reconfx.report import Cost, batching_section, compile_report, flops, latencies
+from reconfx.report import Cost, batching_section, compile_report, flops, latency
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name
 from reconfx.stages import QUIET, Stages
@@ -78,12 +82,26 @@ def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
     return Path(out_dir) if out_dir is not None else loaded.spec.export_dir()
 
 
+@contextlib.contextmanager
+def threads(count: int | None) -> Iterator[None]:
+    """``train.threads``: PyTorch's CPU threads set to ``count`` for the block (None: as
+    they are)."""
+    saved = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
              progress: bool = True, resume: bool = False, force: bool = False) -> Compiled:
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
-    with outdir.writing(output_dir(loaded, out_dir), "run", force) as out:
+    with outdir.writing(output_dir(loaded, out_dir), "run", force) as out, \
+            threads(loaded.spec.train.threads):
         return _run(loaded, out, progress, resume)
 
 
@@ -108,8 +126,12 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
     compiled.warnings += result.warnings() if result is not None else []
     trained = train_compiled(compiled, progress, checkpoints=out / "checkpoints",
                              resume=checkpoint)
-    compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test, result,
-                                  trained.shared)
+    counter = trained.fitted.conflicts
+    if result is not None and counter is not None and counter.valid.numel():
+        compiled.after_branching = strong_shares(result, counter,
+                                                 [layer.name for layer in trained.shared])
+    compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test,
+                                  compiled.after_branching)
     if trained.sparse is not None:
         sparse = trained.sparse
         compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
@@ -160,7 +182,8 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
     metrics = metric_functions(list(s.tasks), where)
     model = artifacts.load(output_dir(loaded, out_dir))
     data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
-    values = evaluate(model, data, s.task_names, metrics)
+    with threads(s.train.threads):
+        values = evaluate(model, data, s.task_names, metrics)
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
     delta = delta_m(values, baselines, named) if len(baselines) == len(s.tasks) else None
@@ -169,7 +192,7 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
 
 
 def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float],
-               result: Profile | None, shared: list[Layer]) -> list[str]:
+               after: dict | None) -> list[str]:
     """report.md lines for run: test metrics, delta-m, conflict share before and after."""
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
     lines = ["## Training and evaluation", "",
@@ -183,19 +206,12 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
     if len(baselines) == len(s.tasks):
         lines += ["", f"- delta-m vs the single-task baselines in the spec: "
                       f"{delta_m(test, baselines, named):+.2f}%"]
-    counter = fitted.conflicts
-    if result is not None and counter is not None and counter.valid.numel():
-        rest = {layer.name for layer in shared}
-        rows_before = [r for r in result.to_json()["layers"] if r["name"] in rest]
-        strong = sum((r["strong_share"] or 0) * r["valid_pairs"] for r in rows_before)
-        valid = sum(r["valid_pairs"] for r in rows_before)
-        after = int(counter.strong.sum()) / max(int(counter.valid.sum()), 1)
-        if valid:
-            lines += ["", f"- strongly conflicting gradient pairs (cos <= -0.01) in the "
-                          f"{len(rest)} remaining shared layers: {100 * strong / valid:.1f}% "
-                          f"while profiling the unbranched model ({result.steps} steps), "
-                          f"{100 * after:.1f}% while training the branched one "
-                          f"({counter.steps} steps)"]
+    if after is not None:
+        lines += ["", f"- strongly conflicting gradient pairs (cos <= -0.01) in the "
+                      f"{after['layers']} remaining shared layers: {100 * after['before']:.1f}% "
+                      f"while profiling the unbranched model ({after['profile_steps']} steps), "
+                      f"{100 * after['after']:.1f}% while training the branched one "
+                      f"({after['train_steps']} steps)"]
     return lines
 
 
@@ -215,9 +231,13 @@ class Profiled:
     notes: list[str]
 
 
-def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[str]) -> list[str]:
-    staging.write_text(CONFLICTS, json.dumps(result.to_json(branched), indent=1) + "\n")
-    staging.write_with("conflicts.png", lambda p: chart(result, branched, p))
+def write_conflicts(staging: artifacts.Staging, result: Profile, branched: set[str],
+                    after: dict | None = None) -> list[str]:
+    """conflicts.json and conflicts.png; ``after``: the strong-conflict shares before and after
+    branching (``run``), see :func:`reconfx.profiling.strong_shares`."""
+    data = result.to_json(branched) | ({"after_branching": after} if after else {})
+    staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
+    staging.write_with("conflicts.png", lambda p: chart(data, p))
     return [CONFLICTS, "conflicts.png"]
 
 
@@ -226,7 +246,8 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
     is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
-    with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out:
+    with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out, \
+            threads(loaded.spec.train.threads):
         return _profile(loaded, out, progress, resume)
 
 
@@ -334,7 +355,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
                 prepared.task_paths, rename, 1e-5 if regions_of(branched.module) else 0.0,
                 lambda n: sources.compiled_names.get(n, n)))
         example = prepared.examples[0]
-        lat = latencies([prepared.traced.module, branched.module], example)
+        ratio = latency(prepared.traced.module, branched.module, example)
         if compiled.selection is not None:  # (exact: see reconfx.cost)
             before = compiled.selection.flops
             after = before + compiled.selection.added_flops
@@ -343,8 +364,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         report = compile_report(
             command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
             branched.layers, branched.per_task_norms, branched.shared_norms,
-            Cost(original_params, before, lat[0]),
-            Cost(unique_parameters(branched.module), after, lat[1]),
+            Cost(original_params, before), Cost(unique_parameters(branched.module), after), ratio,
             compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
             batching_section(regions_of(branched.module), compiled.tuning), compiled.selection)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
@@ -362,14 +382,14 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         staging.write_text("report.md", report)
         chosen = {layer.name for layer in branched.layers}
         if compiled.profile is not None:
-            files += write_conflicts(staging, compiled.profile, chosen)
+            files += write_conflicts(staging, compiled.profile, chosen, compiled.after_branching)
         elif compiled.scores is not None and (out_dir / CONFLICTS).is_file():
             # compile selected other layers by an earlier profile: its flags and chart follow
             stored = json.loads((out_dir / CONFLICTS).read_text())
             data = rebranched(stored, chosen)
             if data != stored:
                 staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
-                staging.write_with("conflicts.png", lambda p: chart_of(data, p))
+                staging.write_with("conflicts.png", lambda p: chart(data, p))
                 files += [CONFLICTS, "conflicts.png"]
         return staging.commit_with_manifest(command, prepared.loaded.path,
                                             prepared.loaded.sha256, s.train.seed, files, name,

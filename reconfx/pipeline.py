@@ -84,6 +84,7 @@ class Compiled:
     notes: list[str] = field(default_factory=list)  # e.g. where a resumed run picked up
     tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
     selection: Selection | None = None  # the chosen layers, their scores and cost
+    after_branching: dict | None = None  # strong-conflict shares before/after branching (run)
 
 
 def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:

@@ -192,43 +192,87 @@ def load_scores(path: Path) -> Scores:
                          if "valid_pairs" in row})
 
 
-def chart(result: Profile, branched: set[str], path: Path) -> None:
-    """conflicts.png: per-layer S-conflict count in graph order, branched layers highlighted."""
-    draw_chart([x.name for x in result.layers], result.counter.scores(), result.tasks,
-               result.threshold, result.steps, branched, path)
+def strong_shares(result: Profile, counter: ConflictCounter, shared: list[str]) -> dict | None:
+    """The share of strongly conflicting gradient pairs (cos <= -0.01) in the layers that stay
+    shared after branching (``shared``, as ``counter`` orders them): while profiling the
+    unbranched model and while training the branched one; None when either saw none."""
+    rows = [r for r in result.to_json()["layers"] if r["name"] in set(shared)]
+    valid = sum(r["valid_pairs"] for r in rows)
+    after_valid = int(counter.valid.sum())
+    if not valid or not after_valid:
+        return None
+    return {"layers": len(shared), "profile_steps": result.steps, "train_steps": counter.steps,
+            "before": sum((r["strong_share"] or 0) * r["valid_pairs"] for r in rows) / valid,
+            "after": int(counter.strong.sum()) / after_valid}
 
 
 def rebranched(data: dict, branched: set[str]) -> dict:
     """A ``conflicts.json``'s content with ``branched`` as its layers' flags (``compile``
-    selecting other layers from an earlier profile)."""
+    selecting other layers from an earlier profile; the shares after an earlier branching no
+    longer apply)."""
     layers = [{**row, "branched": row["name"] in branched} for row in data["layers"]]
-    return {**data, "layers": layers}
+    return {k: v for k, v in data.items() if k != "after_branching"} | {"layers": layers}
 
 
-def chart_of(data: dict, path: Path) -> None:
-    """conflicts.png from a ``conflicts.json``'s content."""
-    rows = data["layers"]
-    draw_chart([row["name"] for row in rows], [int(row["score"]) for row in rows],
-               list(data["tasks"]), float(data["threshold"]), int(data["steps"]),
-               {row["name"] for row in rows if row.get("branched")}, path)
-
-
-def draw_chart(names: list[str], scores: list[int], tasks: list[str], threshold: float,
-               steps: int, branched: set[str], path: Path) -> None:
+def chart(data: dict, path: Path) -> None:
+    """conflicts.png from a ``conflicts.json``'s content: per shared layer (graph order) the
+    share of valid observations in which two tasks' gradients conflict (cos < S), one panel per
+    task pair (a heatmap beyond three pairs), branched layers in red; beside it, with
+    ``after_branching``, the strong-conflict share before and after branching."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
 
-    colors = ["tab:red" if n in branched else "tab:blue" for n in names]
-    width = max(6.0, min(40.0, 0.22 * len(names)))
-    fig, ax = plt.subplots(figsize=(width, 4.0))
-    ax.bar(range(len(names)), scores, color=colors)
-    ax.set_xticks(range(len(names)), names, rotation=90, fontsize=6)
-    pairs = math.comb(len(tasks), 2)
-    ax.set_ylabel(f"conflicts (cos < {threshold})")
-    ax.set_title(f"conflict score per shared layer over {steps} steps x {pairs} task "
-                 "pair(s); red: branched")
-    fig.tight_layout()
+    rows, after = data["layers"], data.get("after_branching")
+    names = [row["name"] for row in rows]
+    branched = [bool(row.get("branched")) for row in rows]
+    pairs = list(rows[0]["pairs"]) if rows else []
+    share = [[100 * row["pairs"][p]["conflicts"] / row["pairs"][p]["valid"]
+              if row["pairs"][p]["valid"] else math.nan for row in rows] for p in pairs]
+    heatmap = len(pairs) > 3
+    panels = 1 if heatmap else max(len(pairs), 1)
+    width = max(7.0, min(40.0, 0.3 * len(names) + 2.5)) + (3.0 if after else 0.0)
+    fig = plt.figure(figsize=(width, 2.6 * panels + 2.2), layout="constrained")
+    grid = fig.add_gridspec(panels, 2 if after else 1,
+                            width_ratios=[width - 3.0, 3.0] if after else [1])
+    axes = [fig.add_subplot(grid[i, 0]) for i in range(panels)]
+    red, blue = "tab:red", "tab:blue"
+    if heatmap:
+        image = axes[0].imshow(share, aspect="auto", cmap="Reds", vmin=0, vmax=100)
+        axes[0].set_yticks(range(len(pairs)), pairs, fontsize=8)
+        fig.colorbar(image, ax=axes[0], label=f"conflict share (%, cos < {data['threshold']})")
+    else:
+        for ax, pair, values in zip(axes, pairs, share, strict=True):
+            ax.bar(range(len(names)), values, color=[red if b else blue for b in branched])
+            ax.set_ylim(0, 125)  # (room for the legend above the bars)
+            ax.set_yticks(range(0, 101, 20))
+            ax.set_ylabel(f"% of observations\nwith cos < {data['threshold']}", fontsize=8)
+            ax.set_title(f"tasks {pair}", fontsize=9, loc="left")
+    for ax in axes:
+        ax.set_xticks(range(len(names)), names if ax is axes[-1] else [], rotation=90,
+                      fontsize=8)
+    for label, is_branched in zip(axes[-1].get_xticklabels(), branched, strict=True):
+        label.set_color(red if is_branched else "black")
+    if heatmap:
+        axes[-1].set_xlabel("shared layers in graph order; red names: branched (one copy per "
+                            "task)", fontsize=8)
+    else:
+        axes[0].legend(handles=[Patch(color=red, label="branched (one copy per task)"),
+                                Patch(color=blue, label="shared")], fontsize=8,
+                       loc="upper right", ncols=2)
+    fig.suptitle(f"Gradient conflicts per shared layer over {data['steps']} profiling steps",
+                 fontsize=11)
+    if after:
+        side = fig.add_subplot(grid[:, 1])
+        values = [100 * after["before"], 100 * after["after"]]
+        side.bar([0, 1], values, color=["tab:gray", red])
+        side.set_xticks([0, 1], ["profiling\n(unbranched)", "training\n(branched)"], fontsize=8)
+        for x, value in enumerate(values):
+            side.text(x, value, f"{value:.1f}%", ha="center", va="bottom", fontsize=8)
+        side.set_ylim(0, max(values + [1.0]) * 1.25)
+        side.set_title(f"strong conflicts (cos <= -0.01)\nin the {after['layers']} layers "
+                       "left shared", fontsize=9)
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -15,7 +15,7 @@ from reconfx.cost import Selection
 from reconfx.layers import Layer
 from reconfx.modes import preserved
 from reconfx.tables import markdown_table
-from reconfx.timing import alternating_medians
+from reconfx.timing import Ratio, interleaved_ratio
 from reconfx.tuning import Tuned
 
 
@@ -23,7 +23,6 @@ from reconfx.tuning import Tuned
 class Cost:
     params: int
     flops: int
-    latency_ms: float
 
 
 def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
@@ -35,15 +34,29 @@ def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
     return int(counter.get_total_flops())
 
 
-def latencies(models: Sequence[nn.Module], example: dict[str, torch.Tensor],
-              repeats: int = 7) -> list[float]:
-    """Median eval-mode forward time of each model in ms, measured interleaved."""
+def latency(original: nn.Module, compiled: nn.Module, example: dict[str, torch.Tensor],
+            rounds: int = 15) -> Ratio:
+    """The compiled model's eval-mode forward time over the original's on the example inputs,
+    from interleaved rounds (:func:`reconfx.timing.interleaved_ratio`)."""
     cuda = any(v.is_cuda for v in example.values() if isinstance(v, torch.Tensor))
-    with preserved(*models), torch.no_grad():
-        for model in models:
-            model.eval()
-        seconds = alternating_medians([lambda m=m: m(**example) for m in models], repeats, cuda)
-    return [1e3 * s for s in seconds]
+    with preserved(original, compiled), torch.no_grad():
+        original.eval()
+        compiled.eval()
+        return interleaved_ratio(lambda: original(**example), lambda: compiled(**example),
+                                 rounds, cuda)
+
+
+def latency_line(ratio: Ratio) -> str:
+    """report.md's latency line: the ratio with its spread, or why it is left out."""
+    spread = f"x{ratio.low:.2f}-x{ratio.high:.2f}"
+    if not ratio.clear:
+        return (f"- eval latency: not reported: the compiled/original time ratio varied "
+                f"{spread} between quartiles over {ratio.rounds} interleaved rounds, more than "
+                f"its median x{ratio.median:.2f} differs from x1 (this machine's noise; the FLOP "
+                "count above is exact)")
+    return (f"- eval latency (example inputs, {ratio.rounds} interleaved rounds): "
+            f"{ratio.a_ms:.3f} ms -> {ratio.b_ms:.3f} ms, x{ratio.median:.2f} (quartiles "
+            f"{spread})")
 
 
 def layer_rows(layers: list[Layer], branched: set[str],
@@ -67,7 +80,8 @@ def percent(new: float, old: float) -> str:
 
 def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
                    branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
-                   original: Cost, compiled: Cost, checks: list[Check], ignored: list[str],
+                   original: Cost, compiled: Cost, ratio: Ratio, checks: list[Check],
+                   ignored: list[str],
                    built: dict[str, str], warnings: list[str], batching: list[str],
                    selection: Selection | None = None) -> str:
     names = {layer.name for layer in branched}
@@ -79,9 +93,7 @@ def compile_report(command: str, name: str, tier: str, notes: list[str], layers:
              f"({percent(compiled.params, original.params)})",
              f"- FLOPs per forward (example inputs): {original.flops:,} -> {compiled.flops:,} "
              f"({percent(compiled.flops, original.flops)})",
-             f"- eval latency (example inputs, median): {original.latency_ms:.3f} ms -> "
-             f"{compiled.latency_ms:.3f} ms (x{compiled.latency_ms / original.latency_ms:.2f})",
-             "", "## Checks", ""]
+             latency_line(ratio), "", "## Checks", ""]
     lines += [f"- {c.name}: {c.detail}" for c in checks]
     if warnings:
         lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]

@@ -383,6 +383,11 @@ class TrainSpec(_Strict):
         "order and the data factory")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: CUDA when visible, else CPU")
+    threads: PositiveInt | None = Field(
+        default=None, description="CPU threads for profiling, training and evaluation "
+        "(torch.set_num_threads). A CPU kernel's float sums depend on how many threads split "
+        "them, and a conflict count near the threshold on those sums, so a spec whose results "
+        "must repeat on other machines fixes it; default: PyTorch's (one per core)")
     precision: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32", description="bf16/fp16: autocast for forward and losses (fp16 with "
         "dynamic loss scaling); parameters, gradients and statistics stay float32")

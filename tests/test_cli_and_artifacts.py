@@ -292,3 +292,16 @@ def test_every_output_file_follows_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file()}
     assert "weights.safetensors" in modes
     assert {name: mode for name, mode in modes.items() if mode != 0o640} == {}
+
+
+def test_report_lines_for_the_terminal():
+    """run prints its results (Markdown in report.md) as aligned text."""
+    from reconfx.tables import for_terminal
+
+    lines = ["## Training and evaluation", "", "- aggregator `pcgrad`, 3 epoch(s)", "",
+             "| task | metric | test |\n|---|---|---|\n| left | accuracy | 0.9287 |\n"
+             "| right | mse | 0.0153 |", "", "- delta-m: +1.00%"]
+    assert for_terminal(lines) == [
+        "Training and evaluation:", "- aggregator pcgrad, 3 epoch(s)",
+        "  task   metric    test", "  -----  --------  ------",
+        "  left   accuracy  0.9287", "  right  mse       0.0153", "- delta-m: +1.00%"]

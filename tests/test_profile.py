@@ -220,3 +220,29 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
 
     # Measured on this CPU: 79% before, 40% after.
     assert strong_share(after) < 0.7 * strong_share(before)
+
+
+@pytest.mark.parametrize("tasks", [2, 3, 4])
+def test_the_chart_draws_each_task_pair(tmp_path, tasks):
+    """One bar panel per task pair up to three pairs, a heatmap beyond; the strong-conflict
+    panel when conflicts.json has the shares after branching. (The PNG's pixels are looked at
+    by people; here its size follows the layout.)"""
+    import itertools
+
+    from PIL import Image
+
+    from reconfx.profiling import chart
+
+    names = [f"t{i}" for i in range(tasks)]
+    pairs = [f"{a}/{b}" for a, b in itertools.combinations(names, 2)]
+    rows = [{"name": f"layer{i}", "branched": i % 4 == 0,
+             "pairs": {p: {"conflicts": (7 * i) % 60, "valid": 60 if i != 3 else 0}
+                       for p in pairs}} for i in range(12)]
+    data = {"threshold": -0.1, "steps": 60, "tasks": names, "layers": rows}
+    chart(data, tmp_path / "plain.png")
+    chart(data | {"after_branching": {"layers": 9, "profile_steps": 60, "train_steps": 90,
+                                      "before": 0.7, "after": 0.3}}, tmp_path / "after.png")
+    plain, after = Image.open(tmp_path / "plain.png"), Image.open(tmp_path / "after.png")
+    panels = len(pairs) if len(pairs) <= 3 else 1
+    assert plain.size[1] == int(120 * (2.6 * panels + 2.2))  # height: one row per panel
+    assert after.size[0] == plain.size[0] + 360  # the side panel: 3 inches more
