@@ -132,6 +132,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
                                                  [layer.name for layer in trained.shared])
     compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test,
                                   compiled.after_branching)
+    compiled.history = trained.fitted.history
     if trained.sparse is not None:
         sparse = trained.sparse
         compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
@@ -195,10 +196,15 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
                after: dict | None) -> list[str]:
     """report.md lines for run: test metrics, delta-m, conflict share before and after."""
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
+    ran = fitted.stopped_after or s.train.epochs
+    stopped = (f" (stopped early: no better validation score in the last "
+               f"{s.train.early_stopping} epochs)" if fitted.stopped_after else "")
+    schedule = "" if s.train.schedule.kind == "constant" else f", {s.train.schedule.kind} schedule"
     lines = ["## Training and evaluation", "",
-             f"- aggregator `{s.train.aggregator}`, {s.train.epochs} epoch(s), optimiser "
-             f"{s.train.optimizer} (lr {s.train.lr}), best validation epoch "
-             f"{fitted.best_epoch + 1}", ""]
+             f"- aggregator `{s.train.aggregator}`, {ran} of {s.train.epochs} epoch(s){stopped}, "
+             f"optimiser {s.train.optimizer} (lr {s.train.lr}{schedule}), best validation "
+             f"epoch {fitted.best_epoch + 1}; per-epoch losses and validation metrics in "
+             "metrics.csv", ""]
     rows = [[t, name, f"{test[t]:.4f}", f"{fitted.best.get(t, float('nan')):.4f}"]
             for t, (name, _m) in zip(s.task_names, metrics, strict=True)]
     lines.append(markdown_table(["task", "metric", "test", "best val"], rows))
@@ -213,6 +219,16 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
                       f"{100 * after['after']:.1f}% while training the branched one "
                       f"({after['train_steps']} steps)"]
     return lines
+
+
+def metrics_csv(history: list[dict[str, float]]) -> str:
+    """``metrics.csv``: one row per epoch (its number, the learning rate at its end, each task's
+    mean training loss and validation metric)."""
+    columns = list(dict.fromkeys(k for row in history for k in row))
+    lines = [",".join(columns)]
+    lines += [",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in columns)
+              for row in history]
+    return "\n".join(lines) + "\n"
 
 
 def stored_scores(out_dir: Path) -> dict[str, int] | None:
@@ -380,6 +396,8 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
                                     + "\n\n## Checks", 1)
         staging.write_text("report.md", report)
+        if compiled.history:
+            files.append(staging.write_text("metrics.csv", metrics_csv(compiled.history)).name)
         chosen = {layer.name for layer in branched.layers}
         if compiled.profile is not None:
             files += write_conflicts(staging, compiled.profile, chosen, compiled.after_branching)

@@ -85,6 +85,7 @@ class Compiled:
     tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
     selection: Selection | None = None  # the chosen layers, their scores and cost
     after_branching: dict | None = None  # strong-conflict shares before/after branching (run)
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch (run: metrics.csv)
 
 
 def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:

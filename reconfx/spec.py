@@ -232,8 +232,19 @@ class TaskSpec(_Strict):
         description="the task's name (a Python identifier); the output key a model returns it "
         "under",
         pattern=_IDENTIFIER)
-    loss: str | None = Field(default=None, description="e.g. cross_entropy, mse")
-    metric: str | None = Field(default=None, description="e.g. accuracy, mae")
+    loss: str | None = Field(
+        default=None, description="cross_entropy, mse, l1, bce, or package.module:function "
+        "called as function(output, target) -> the batch's scalar loss")
+    metric: str | None = Field(
+        default=None, description="accuracy, mse, mae, or package.module:function called as "
+        "function(output, target) -> one value per item (averaged over the split); default: "
+        "the loss's usual metric")
+    higher_is_better: bool = Field(
+        default=True, description="the direction of a metric given as package.module:function "
+        "(the built-in metrics know theirs): which validation epoch is best, and delta-m's sign")
+    weight: PositiveFloat = Field(
+        default=1.0, description="multiplies the task's loss, and so its gradient, before the "
+        "aggregator combines the tasks' gradients (profiling and training)")
     output: str | None = Field(
         default=None, description='path of this task\'s output in the model output, "key.path"'
     )
@@ -368,6 +379,34 @@ class SparseSpec(_Strict):
         return self
 
 
+class ScheduleSpec(_Strict):
+    """The learning rate over training, stepped after every optimiser step: ``constant``, or
+    ``step`` (times ``gamma`` every ``every`` epochs), ``multistep`` (times ``gamma`` at each of
+    ``milestones``, in epochs) or ``cosine`` (down to 0 over all steps); with ``warmup_steps``,
+    first a linear rise from 0."""
+
+    kind: Literal["constant", "step", "multistep", "cosine"] = Field(
+        default="constant", description="how the rate decays")
+    every: PositiveInt = Field(default=1, description="step: epochs between decays")
+    milestones: list[PositiveInt] = Field(
+        default_factory=list, description="multistep: the epochs at which the rate decays")
+    gamma: PositiveFloat = Field(default=0.1, description="step, multistep: the decay factor")
+    warmup_steps: int = Field(
+        default=0, ge=0, description="steps of linear warm-up from 0 before the schedule")
+
+    @model_validator(mode="after")
+    def _fields_of_the_kind(self) -> ScheduleSpec:
+        if self.kind == "multistep" and not self.milestones:
+            raise ValueError("multistep needs milestones (epochs), e.g. milestones: [30, 60]")
+        given = {"every", "milestones", "gamma"} & self.model_fields_set
+        used = {"step": {"every", "gamma"}, "multistep": {"milestones", "gamma"}}.get(
+            self.kind, set())
+        if given - used:
+            raise ValueError(f"{', '.join(sorted(given - used))} do(es) not apply to "
+                             f"kind '{self.kind}': remove, or choose another kind")
+        return self
+
+
 class TrainSpec(_Strict):
     aggregator: str = Field(
         default="ew", description="how per-task gradients combine: ew, pcgrad, cagrad, mgda, "
@@ -383,6 +422,11 @@ class TrainSpec(_Strict):
         "order and the data factory")
     device: Literal["auto", "cpu", "cuda"] = Field(
         default="auto", description="auto: CUDA when visible, else CPU")
+    schedule: ScheduleSpec = Field(
+        default_factory=lambda: ScheduleSpec(), description="the learning rate over training")
+    early_stopping: PositiveInt | None = Field(
+        default=None, description="stop after this many epochs without a better validation "
+        "score (the best epoch's weights are kept either way)")
     threads: PositiveInt | None = Field(
         default=None, description="CPU threads for profiling, training and evaluation "
         "(torch.set_num_threads). A CPU kernel's float sums depend on how many threads split "

@@ -31,7 +31,10 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
     assert listing(out) == sorted(
-        ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints"])
+        ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints", "metrics.csv"])
+    rows = (out / "metrics.csv").read_text().splitlines()
+    assert rows[0] == "epoch,lr,loss/left,loss/right,val/left,val/right"
+    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3"]
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
                                                                        "last.safetensors"]
     report = (out / "report.md").read_text()

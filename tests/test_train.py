@@ -2,6 +2,7 @@
 T), task-specific copies their own task's gradient; every aggregator runs; training learns."""
 
 import copy
+import re
 
 import pytest
 import torch
@@ -179,3 +180,86 @@ def test_delta_m_signs_follow_the_metric_direction():
     metrics = {"a": METRICS["accuracy"], "b": METRICS["mae"]}
     # a: 0.90 vs 0.80 -> +12.5%; b: 0.5 vs 0.4 (lower is better) -> -25%
     assert delta_m({"a": 0.90, "b": 0.5}, {"a": 0.80, "b": 0.4}, metrics) == pytest.approx(-6.25)
+
+
+def test_learning_rate_schedules_step_after_every_optimiser_step():
+    from reconfx.spec import ScheduleSpec
+    from reconfx.train.objectives import make_schedule
+
+    def rates(spec, steps_per_epoch=4, epochs=3):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        schedule = make_schedule(optimizer, spec, steps_per_epoch, epochs)
+        seen = []
+        for _ in range(steps_per_epoch * epochs):
+            seen.append(round(optimizer.param_groups[0]["lr"], 6))
+            optimizer.step()
+            schedule.step()
+        return seen
+
+    assert rates(ScheduleSpec()) == [1.0] * 12
+    assert rates(ScheduleSpec(kind="step", every=1, gamma=0.5)) == [1.0] * 4 + [0.5] * 4 + [
+        0.25] * 4
+    assert rates(ScheduleSpec(kind="multistep", milestones=[2], gamma=0.1)) == [1.0] * 8 + [
+        0.1] * 4
+    cosine = rates(ScheduleSpec(kind="cosine"))
+    assert cosine[0] == 1.0 and cosine == sorted(cosine, reverse=True) and cosine[-1] < 0.02
+    assert rates(ScheduleSpec(kind="cosine", warmup_steps=4))[:4] == [0.25, 0.5, 0.75, 1.0]
+
+
+@pytest.mark.parametrize(("fields", "needle"), [
+    ({"kind": "multistep"}, "multistep needs milestones"),
+    ({"kind": "cosine", "gamma": 0.5}, "gamma do(es) not apply to kind 'cosine'"),
+])
+def test_schedule_fields_that_do_not_fit_are_refused(fields, needle):
+    from pydantic import ValidationError
+
+    from reconfx.spec import ScheduleSpec
+
+    with pytest.raises(ValidationError, match=re.escape(needle)):
+        ScheduleSpec(**fields)
+
+
+def test_task_weights_and_callables_from_the_spec(branched):
+    """``weight`` scales a task's loss (and so its gradient); ``loss`` and ``metric`` may name
+    functions; a custom metric's direction comes from ``higher_is_better``."""
+    from reconfx.spec import TaskSpec
+
+    s, compiled, data = branched
+    inputs, targets = batch(data)
+    out = compiled.module(**inputs)["left"]
+    plain, heavy, custom = loss_functions([
+        TaskSpec(name="a", loss="cross_entropy"),
+        TaskSpec(name="b", loss="cross_entropy", weight=2.5),
+        TaskSpec(name="c", loss="tests.models:squared_error")], "s")
+    assert torch.allclose(heavy(out, targets["left"]), 2.5 * plain(out, targets["left"]))
+    one_hot = torch.nn.functional.one_hot(targets["left"], 10).float()
+    assert torch.equal(custom(out, targets["left"]), ((out - one_hot) ** 2).mean())
+    ((name, metric),) = metric_functions([TaskSpec(
+        name="a", loss="cross_entropy", metric="tests.models:wrong_items",
+        higher_is_better=False)], "s")
+    assert name == "wrong_items" and not metric.higher_is_better
+    wrong = int((out.argmax(-1) != targets["left"]).sum())
+    assert metric.total(out, targets["left"]) == wrong
+    assert metric.count(out, targets["left"]) == 16
+    with pytest.raises(SpecError, match="has no attribute"):
+        loss_functions([TaskSpec(name="a", loss="tests.models:no_such_loss")], "s")
+
+
+def test_early_stopping_ends_training_once_validation_stops_improving(branched):
+    """A validation metric that never moves: patience 2 stops after epoch 3 of 10 and keeps
+    the first epoch's weights; the history and the schedule's rate are there per epoch."""
+    from reconfx.spec import TaskSpec
+
+    s, compiled, data = branched
+    module = copy.deepcopy(compiled.module)
+    shared = [x for x in inventory(module, s.task_names) if x.shared]
+    metrics = metric_functions([TaskSpec(name=t, loss="cross_entropy",
+                                         metric="tests.models:no_signal") for t in s.task_names],
+                               "s")
+    settings = TrainSpec(epochs=10, lr=1e-12, early_stopping=2,
+                         schedule={"kind": "step", "every": 1, "gamma": 0.5})
+    result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"), metrics,
+                 aggregator("ew", 2), data, data, settings, batch_size=64, progress=False)
+    assert result.stopped_after == 3 and len(result.history) == 3 and result.best_epoch == 0
+    assert [row["epoch"] for row in result.history] == [1, 2, 3]
+    assert [row["lr"] / 1e-12 for row in result.history] == pytest.approx([0.5, 0.25, 0.125])

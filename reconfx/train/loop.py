@@ -24,7 +24,7 @@ from reconfx.distributed import World
 from reconfx.errors import TrainingError
 from reconfx.layers import Layer
 from reconfx.spec import TrainSpec
-from reconfx.train.objectives import Metric, make_optimizer
+from reconfx.train.objectives import Metric, make_optimizer, make_schedule
 from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
 from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep, to_device
@@ -36,6 +36,7 @@ class FitResult:
     best_epoch: int = -1
     best: dict[str, float] = field(default_factory=dict)
     conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
+    stopped_after: int | None = None  # the epoch early stopping ended training after
 
 
 @torch.no_grad()
@@ -102,9 +103,10 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
     data = Batches(train_data, batch_size, settings.seed, world=w)
+    schedule = make_schedule(optimizer, settings.schedule, len(data), settings.epochs)
     run = _FitState(len(tasks))
-    parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "data": data,
-                             "scaler": step.scaler, "fit": run}
+    parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,
+                             "data": data, "scaler": step.scaler, "fit": run}
     if result.conflicts is not None:
         parts["counter"] = result.conflicts
     state = resume.phase("train") if resume is not None else None
@@ -119,6 +121,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
             except TrainingError as exc:
                 raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
                              f"{done + 1})") from None
+            schedule.step()
             done += 1
             run.summed = [a + b for a, b in zip(run.summed, step.values, strict=True)]
             bar.update(1)
@@ -127,7 +130,9 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
             if resume is not None and resume.due(done) and data.index < len(data) and w.main:
                 resume.save("train", snapshot(parts, done))
         bar.close()
-        row = {f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed, strict=True)}
+        row = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0],
+               **{f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed,
+                                                                     strict=True)}}
         run.summed = [0.0] * len(tasks)
         improved = False
         if val_data is not None:
@@ -144,6 +149,10 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
             save_checkpoint(module, checkpoints / "last.safetensors")
             if improved:
                 save_checkpoint(module, checkpoints / "best.safetensors")
+        if settings.early_stopping is not None and val_data is not None and (
+                epoch - run.best_epoch >= settings.early_stopping):
+            result.stopped_after = epoch + 1  # (no better validation score for that long)
+            break
         if resume is not None and epoch + 1 < settings.epochs and w.main:
             resume.save("train", snapshot(parts, done))
     if run.best_state is not None:

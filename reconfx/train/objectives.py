@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -10,8 +11,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reconfx.build import resolve_factory
 from reconfx.data.padding import IGNORE
 from reconfx.errors import SpecError
+from reconfx.spec import ScheduleSpec
 
 
 def _flat(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,16 +38,47 @@ LOSSES: dict[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = {
 
 
 def loss_functions(tasks: list, where: str) -> list[Callable]:
+    """Each task's loss, by name or ``package.module:function``, times the task's ``weight``."""
     fns = []
     for i, task in enumerate(tasks):
+        field = f"{where}: tasks[{i}].loss"
         if task.loss is None:
-            raise SpecError("profiling needs a loss for every task",
-                            where=f"{where}: tasks[{i}].loss", fix=f"one of {', '.join(LOSSES)}")
-        if task.loss not in LOSSES:
-            raise SpecError(f"unknown loss '{task.loss}'", where=f"{where}: tasks[{i}].loss",
-                            fix=f"one of {', '.join(LOSSES)}")
-        fns.append(LOSSES[task.loss])
+            raise SpecError("profiling needs a loss for every task", where=field,
+                            fix=f"one of {', '.join(LOSSES)}, or package.module:function")
+        if ":" in task.loss:
+            fn = resolve_factory(task.loss, field)
+        elif task.loss in LOSSES:
+            fn = LOSSES[task.loss]
+        else:
+            raise SpecError(f"unknown loss '{task.loss}'", where=field,
+                            fix=f"one of {', '.join(LOSSES)}, or package.module:function")
+        fns.append(fn if task.weight == 1.0 else _weighted(fn, task.weight))
     return fns
+
+
+def _weighted(fn: Callable, weight: float) -> Callable:
+    return lambda out, y: weight * fn(out, y)
+
+
+def make_schedule(optimizer: torch.optim.Optimizer, spec: ScheduleSpec, steps_per_epoch: int,
+                  epochs: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """``train.schedule`` as a scheduler stepped after every optimiser step."""
+    per_epoch = max(steps_per_epoch, 1)
+    total = max(per_epoch * epochs - spec.warmup_steps, 1)
+
+    def factor(step: int) -> float:
+        if step < spec.warmup_steps:
+            return (step + 1) / spec.warmup_steps
+        epoch = step // per_epoch
+        if spec.kind == "step":
+            return spec.gamma ** (epoch // spec.every)
+        if spec.kind == "multistep":
+            return spec.gamma ** sum(epoch >= m for m in spec.milestones)
+        if spec.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(step - spec.warmup_steps, total) / total))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
@@ -79,11 +113,23 @@ DEFAULT_METRIC = {"cross_entropy": "accuracy", "bce": "accuracy", "mse": "mse", 
 
 
 def metric_functions(tasks: list, where: str) -> list[tuple[str, Metric]]:
+    """Each task's metric, by name or ``package.module:function`` (one value per item)."""
     out = []
     for i, task in enumerate(tasks):
+        field = f"{where}: tasks[{i}].metric"
         name = task.metric or DEFAULT_METRIC.get(task.loss or "", None)
+        if name is not None and ":" in name:
+            out.append((name.rpartition(":")[2], _custom(resolve_factory(name, field),
+                                                         task.higher_is_better)))
+            continue
         if name not in METRICS:
-            raise SpecError(f"unknown metric '{name}'", where=f"{where}: tasks[{i}].metric",
-                            fix=f"one of {', '.join(METRICS)}")
+            raise SpecError(f"unknown metric '{name}'", where=field,
+                            fix=f"one of {', '.join(METRICS)}, or package.module:function")
         out.append((name, METRICS[name]))
     return out
+
+
+def _custom(fn: Callable, higher_is_better: bool) -> Metric:
+    """A metric from a function giving one value per item."""
+    return Metric(lambda out, y: torch.as_tensor(fn(out, y)).sum(),
+                  lambda out, y: torch.as_tensor(fn(out, y)).numel(), higher_is_better)
