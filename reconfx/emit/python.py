@@ -770,8 +770,11 @@ class PythonEmitter:
                                        [self.module.eval_graph, *(r.body for r in self.regions)])
         renderings: dict[fx.Graph, list[list[str]]] = {}
         try:
-            for graph, depth in ((self.module.train_graph, 3), (self.module.eval_graph, 2)):
-                for self.nesting in range(depth):  # (at each depth an if block may need)
+            # (at each depth an if block may need: train's third for a region's first branch)
+            train_depth = 3 if self.regions else 2
+            for graph, depth in ((self.module.train_graph, train_depth),
+                                 (self.module.eval_graph, 2)):
+                for self.nesting in range(depth):
                     renderings.setdefault(graph, []).append(self._forward(graph, "forward"))
         finally:
             self.nesting = 0
