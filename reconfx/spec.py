@@ -269,6 +269,9 @@ class DataSpec(_Strict):
         description="keyword arguments of factory",default_factory=dict)
     batch_size: PositiveInt = Field(
         default=128, description="items per batch (profile, train, eval)")
+    workers: int = Field(
+        default=0, ge=0, description="data-loader processes for training and profiling "
+        "(0: load in the main process); the batches and their order are the same")
 
 
 class ProfileSpec(_Strict):

@@ -174,21 +174,26 @@ def test_loss_that_rejects_output_and_target_is_a_model_error():
 # --- resume -----------------------------------------------------------------------------------
 
 
-def test_batches_follow_the_dataloader_order_and_resume_mid_epoch():
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batches_follow_the_dataloader_order_and_resume_mid_epoch(workers):
+    """The same batches in the same order with data-loader worker processes (data.workers),
+    and a position to resume from that counts the batches handed out, not those the workers
+    loaded ahead."""
     data = torch.utils.data.TensorDataset(torch.arange(50))
     reference = torch.utils.data.DataLoader(data, batch_size=8, shuffle=True,
                                             generator=torch.Generator().manual_seed(3))
     expected = [b[0].tolist() for _ in range(3) for b in reference]
-    stream = Batches(data, 8, 3)
+    stream = Batches(data, 8, 3, workers=workers)
     got = [b[0].tolist() for _ in range(3) for b in stream.epoch_batches()]
     assert got == expected
-    first = Batches(data, 8, 3)
+    first = Batches(data, 8, 3, workers=workers)
     taken = []
     for batch in first.epoch_batches():
         taken.append(batch[0].tolist())
         if len(taken) == 4:
             break
     state = first.state_dict()
+    assert state["index"] == 4
     resumed = Batches(data, 8, 99)
     resumed.load_state_dict(state)
     rest = [b[0].tolist() for b in resumed.epoch_batches()]

@@ -10,7 +10,8 @@ from reconfx.data import multidigits
 from tests.support import ARTIFACTS, assert_ruff_clean, listing, write_spec
 
 
-def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=None):
+def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=None,
+                  workers=0):
     return write_spec(
         tmp_path, "run",
         model={"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10, "width": 8}},
@@ -19,7 +20,7 @@ def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=
                {"name": "right", "loss": "cross_entropy", "metric": "accuracy",
                 "baseline": 0.5}],
         data={"factory": "reconfx.data:multidigits", "kwargs": {"size": 2048},
-              "batch_size": 64},
+              "batch_size": 64, "workers": workers},
         profile={"steps": 12, "threshold": -0.1}, select=select,
         train={"aggregator": aggregator, "epochs": 3, "lr": 3.0e-3, "init": init,
                "sparse": sparse},
@@ -74,7 +75,7 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
 
 def test_run_with_explicit_layers_and_sparse_training(tmp_path):
     spec = run_spec_file(tmp_path, {"layers": ["layer4.*"]}, aggregator="mgda",
-                         sparse={"fraction": 0.6})
+                         sparse={"fraction": 0.6}, workers=2)  # (two loader processes)
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
     assert not (out / "conflicts.json").exists()  # an explicit choice needs no profile

@@ -80,7 +80,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         settings: TrainSpec, batch_size: int, progress: bool = True,
         threshold: float | None = None, sparse: SparseMask | None = None,
         checkpoints: Path | None = None, resume: Checkpoint | None = None,
-        world: World | None = None) -> FitResult:
+        world: World | None = None, workers: int = 0) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
@@ -89,7 +89,8 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
     there, each atomically, after every epoch. With ``resume``, the full training state is saved
     every ``resume.every`` steps and at every epoch's end, and a state loaded from it (phase
     ``train``) is continued exactly. With several ranks (``world``) each trains on its shard of
-    every global batch and only rank 0 writes files and shows progress."""
+    every global batch and only rank 0 writes files and shows progress. ``workers``: data-loader
+    processes (the same batches)."""
     w = world or World()
     progress = progress and w.main
     torch.manual_seed(settings.seed)
@@ -102,7 +103,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
-    data = Batches(train_data, batch_size, settings.seed, world=w)
+    data = Batches(train_data, batch_size, settings.seed, world=w, workers=workers)
     schedule = make_schedule(optimizer, settings.schedule, len(data), settings.epochs)
     run = _FitState(len(tasks))
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,

@@ -12,6 +12,7 @@ uninterrupted run produces. The file is removed when the command has written its
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import io
 from collections.abc import Iterator
@@ -41,8 +42,9 @@ class Batches:
     (a last partial batch) is skipped on every rank."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int,
-                 drop_last: bool = False, world: World | None = None):
+                 drop_last: bool = False, world: World | None = None, workers: int = 0):
         self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.workers = workers  # (data-loader processes; the batches are the same)
         self.world = world or World()
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch, self.index = 0, 0
@@ -63,7 +65,8 @@ class Batches:
         shards = _Shards(sampler, self.index, self.world)
         loader = torch.utils.data.DataLoader(self.dataset, batch_sampler=shards,
                                              generator=self.generator,
-                                             collate_fn=collate_of(self.dataset))
+                                             collate_fn=collate_of(self.dataset),
+                                             num_workers=self.workers)
         batches = iter(loader)
         while True:
             try:
@@ -78,7 +81,8 @@ class Batches:
                                  f"failed: {type(exc).__name__}: {first}",
                                  where="data.factory", fix="fix the data set's __getitem__"
                                  ) from None
-            self.index, self.share = shards.position, shards.share
+            # (workers load ahead of what is handed out: the sampler's log, in order)
+            self.index, self.share = shards.handed.popleft()
             yield batch
         self.epoch, self.index = self.epoch + 1, 0
         self.start = self.generator.get_state()
@@ -98,21 +102,21 @@ class Batches:
 class _Shards:
     """A batch sampler without its first ``skip`` batches (their indices are still drawn, so the
     random generator advances exactly as in a full pass), yielding this rank's contiguous shard
-    of each global batch; ``position`` counts the global batches handed out."""
+    of each global batch; ``handed`` logs, for each shard it yields, how many global batches
+    of the epoch that completes and the shard's share of its global batch."""
 
     def __init__(self, sampler: torch.utils.data.BatchSampler, skip: int, world: World):
         self.sampler, self.skip, self.world = sampler, skip, world
-        self.position, self.share = skip, 1.0
+        self.handed: collections.deque[tuple[int, float]] = collections.deque()
 
     def __iter__(self) -> Iterator[list[int]]:
         for index, batch in enumerate(self.sampler):
             if index < self.skip:
                 continue
-            self.position = index + 1
             if len(batch) < self.world.size:
                 continue  # too small to give every rank an item
             start, stop = self.world.shard(len(batch))
-            self.share = (stop - start) / len(batch)
+            self.handed.append((index + 1, (stop - start) / len(batch)))
             yield batch[start:stop]
 
     def __len__(self) -> int:
