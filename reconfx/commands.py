@@ -223,11 +223,12 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
 
 def metrics_csv(history: list[dict[str, float]]) -> str:
     """``metrics.csv``: one row per epoch (its number, the learning rate at its end, each task's
-    mean training loss and validation metric)."""
+    mean training loss and validation metric, and the epoch's strongly conflicting gradient
+    pairs (cos <= -0.01) in the shared layers: count, valid observations, share)."""
     columns = list(dict.fromkeys(k for row in history for k in row))
     lines = [",".join(columns)]
-    lines += [",".join("" if row.get(c) is None else f"{row[c]:.6g}" for c in columns)
-              for row in history]
+    lines += [",".join("" if row.get(c) is None else str(row[c]) if isinstance(row[c], int)
+                       else f"{row[c]:.6g}" for c in columns) for row in history]
     return "\n".join(lines) + "\n"
 
 

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 import reconfx
@@ -33,9 +34,15 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     out = tmp_path / "out"
     assert listing(out) == sorted(
         ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints", "metrics.csv"])
-    rows = (out / "metrics.csv").read_text().splitlines()
-    assert rows[0] == "epoch,lr,loss/left,loss/right,val/left,val/right"
-    assert [row.split(",")[0] for row in rows[1:]] == ["1", "2", "3"]
+    rows = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()]
+    assert rows[0] == ["epoch", "lr", "loss/left", "loss/right", "conflict/strong",
+                       "conflict/valid", "conflict/strong_share", "val/left", "val/right"]
+    assert [row[0] for row in rows[1:]] == ["1", "2", "3"]
+    # The epochs' strong conflicts add up to the training total report.md gives.
+    strong, valid = (sum(int(row[i]) for row in rows[1:]) for i in (4, 5))
+    assert (f"{100 * strong / valid:.1f}% while training the branched one"
+            in (out / "report.md").read_text())
+    assert all(float(row[6]) == pytest.approx(int(row[4]) / int(row[5])) for row in rows[1:])
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
                                                                        "last.safetensors"]
     report = (out / "report.md").read_text()

@@ -135,6 +135,13 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                **{f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed,
                                                                      strict=True)}}
         run.summed = [0.0] * len(tasks)
+        if result.conflicts is not None:  # this epoch's strongly conflicting gradient pairs
+            strong = int(result.conflicts.strong.sum()) - sum(
+                int(r.get("conflict/strong", 0)) for r in run.history)
+            valid = int(result.conflicts.valid.sum()) - sum(
+                int(r.get("conflict/valid", 0)) for r in run.history)
+            row.update({"conflict/strong": strong, "conflict/valid": valid,
+                        "conflict/strong_share": strong / valid if valid else None})
         improved = False
         if val_data is not None:
             values = evaluate(module, val_data, tasks, metrics, world=w)
