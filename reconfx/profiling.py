@@ -196,13 +196,14 @@ def strong_shares(result: Profile, counter: ConflictCounter, shared: list[str]) 
     """The share of strongly conflicting gradient pairs (cos <= -0.01) in the layers that stay
     shared after branching (``shared``, as ``counter`` orders them): while profiling the
     unbranched model and while training the branched one; None when either saw none."""
-    rows = [r for r in result.to_json()["layers"] if r["name"] in set(shared)]
-    valid = sum(r["valid_pairs"] for r in rows)
+    names = set(shared)
+    rows = [i for i, layer in enumerate(result.layers) if layer.name in names]
+    valid = int(result.counter.valid[rows].sum())
     after_valid = int(counter.valid.sum())
     if not valid or not after_valid:
         return None
     return {"layers": len(shared), "profile_steps": result.steps, "train_steps": counter.steps,
-            "before": sum((r["strong_share"] or 0) * r["valid_pairs"] for r in rows) / valid,
+            "before": int(result.counter.strong[rows].sum()) / valid,
             "after": int(counter.strong.sum()) / after_valid}
 
 
