@@ -544,7 +544,7 @@ class PythonEmitter:
 
     def _region(self, node: fx.Node, scope: _Scope) -> Alternatives:
         """A stream-batched region's call as ``if not fits(rows, cap): <each task stream's
-        ops> else: <the streams joined: torch.cat, the ops once, chunk>``, its outputs named
+        ops> else: <the streams joined: torch.cat, the ops once, a split>``, its outputs named
         as the region's results are."""
         region: StreamRegion = resolve(self.module, str(node.target))
         body, tasks, (n_in, n_rep, _n_shared) = region.body, region.tasks, region.counts
