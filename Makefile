@@ -15,7 +15,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,dev,solvers,onnx]"
+	$(PY) -m pip install -q -e ".[hf,dev,solvers,onnx,tensorboard]"
 	touch $@
 
 # profile -> select -> branch -> train -> evaluate -> emit on the default spec (about a minute).

@@ -36,11 +36,11 @@ from torch import nn
 
 from reconfx.errors import ModelError, OutputError
 from reconfx.outdir import (
-    CHECKPOINTS,
     JOURNAL,
     MARKER,
     REMOVALS,
     STAGING_PREFIX,
+    WORKING,
     apply_journal,
     finish_stale,
     output_error,
@@ -105,12 +105,12 @@ class Staging:
                 shutil.rmtree(self.path, ignore_errors=True)
 
     def commit_with_manifest(self, command: str, spec_path: Path, spec_sha: str, seed: int,
-                             files: list[str], class_name: str, new_model: bool = False
-                             ) -> list[Path]:
+                             files: list[str], class_name: str, new_model: bool = False,
+                             working: tuple[str, ...] = ()) -> list[Path]:
         """Write ``manifest.json`` for ``files`` (see :func:`manifest_text`) and commit,
         removing what the manifest says the new set replaces."""
         text, removed = manifest_text(self.out_dir, self.path, command, spec_path, spec_sha,
-                                      seed, files, class_name, new_model)
+                                      seed, files, class_name, new_model, working)
         self.write_text(MANIFEST, text)
         return self.commit(removed)
 
@@ -295,11 +295,12 @@ def versions() -> dict[str, str]:
 
 
 def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, spec_sha: str,
-                  seed: int, files: list[str], class_name: str, new_model: bool = False
-                  ) -> tuple[str, list[str]]:
+                  seed: int, files: list[str], class_name: str, new_model: bool = False,
+                  working: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """The manifest after a command's commit, and the files it removes. A command that writes a
     new model (``new_model``: compile, run) removes every earlier file it does not write again,
-    and ``checkpoints`` unless it writes them itself, so the folder holds one model's result;
+    and the working folders (``checkpoints``, ``tensorboard``) it did not write itself
+    (``working``), so the folder holds one model's result;
     compile keeps the conflict profile (the scores it selects by; its "branched" flags stay
     those of the command that profiled). Other commands add their entries; files derived from
     the model (ONNX) are recorded with the model's hash. Only files that exist are listed."""
@@ -314,8 +315,8 @@ def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, sp
     if new_model:
         kept = {k: v for k, v in entries.items() if command == "compile" and k in PROFILE}
         removed = sorted(set(entries) - set(kept) - set(files) - {MANIFEST})
-        if command != "run" and (out_dir / CHECKPOINTS).is_dir():
-            removed.append(CHECKPOINTS)
+        removed += [name for name in WORKING
+                    if name not in working and (out_dir / name).is_dir()]
         entries = kept
     for name in files:
         entries[name] = {"command": command, "sha256": sha256(staged / name)}

@@ -25,6 +25,7 @@ from reconfx.emit.onnx import OnnxExport
 from reconfx.errors import ModelError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
+from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
     SCORE_POLICIES,
     Compiled,
@@ -58,6 +59,7 @@ from reconfx.tables import markdown_table, table
 from reconfx.train.loop import FitResult, delta_m, evaluate
 from reconfx.train.objectives import metric_functions
 from reconfx.train.resume import Checkpoint
+from reconfx.train.scalars import csv_text, require_tensorboard
 
 CONFLICTS = "conflicts.json"
 
@@ -100,6 +102,8 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
+    if loaded.spec.export.tensorboard:
+        require_tensorboard(str(loaded.path))
     with outdir.writing(output_dir(loaded, out_dir), "run", force) as out, \
             threads(loaded.spec.train.threads):
         return _run(loaded, out, progress, resume)
@@ -124,15 +128,16 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
     compiled.out_dir = out
     compiled.notes += [checkpoint.note] if checkpoint.note else []
     compiled.warnings += result.warnings() if result is not None else []
-    trained = train_compiled(compiled, progress, checkpoints=out / "checkpoints",
-                             resume=checkpoint)
+    board = out / TENSORBOARD if s.export.tensorboard else None
+    trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS,
+                             resume=checkpoint, tensorboard=board)
     counter = trained.fitted.conflicts
     if result is not None and counter is not None and counter.valid.numel():
         compiled.after_branching = strong_shares(result, counter,
                                                  [layer.name for layer in trained.shared])
     compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test,
                                   compiled.after_branching)
-    compiled.history = trained.fitted.history
+    compiled.fitted = trained.fitted
     if trained.sparse is not None:
         sparse = trained.sparse
         compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
@@ -219,17 +224,6 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
                       f"{100 * after['after']:.1f}% while training the branched one "
                       f"({after['train_steps']} steps)"]
     return lines
-
-
-def metrics_csv(history: list[dict[str, float]]) -> str:
-    """``metrics.csv``: one row per epoch (its number, the learning rate at its end, each task's
-    mean training loss and validation metric, and the epoch's strongly conflicting gradient
-    pairs (cos <= -0.01) in the shared layers: count, valid observations, share)."""
-    columns = list(dict.fromkeys(k for row in history for k in row))
-    lines = [",".join(columns)]
-    lines += [",".join("" if row.get(c) is None else str(row[c]) if isinstance(row[c], int)
-                       else f"{row[c]:.6g}" for c in columns) for row in history]
-    return "\n".join(lines) + "\n"
 
 
 def stored_scores(out_dir: Path) -> dict[str, int] | None:
@@ -349,6 +343,9 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
     s = prepared.loaded.spec
     tune_batching(compiled, progress)
     name = class_name(s.name)
+    # the working folders this command filled: run's checkpoints and TensorBoard scalars
+    working = ((CHECKPOINTS,) + ((TENSORBOARD,) if s.export.tensorboard else ())
+               if command == "run" else ())
     with stages("emitting model.py", lambda: "emitted model.py "
                 f"({len(sources.model_py.splitlines())} lines) and original.py"):
         sources = emit_sources(compiled)
@@ -397,8 +394,9 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
                                     + "\n\n## Checks", 1)
         staging.write_text("report.md", report)
-        if compiled.history:
-            files.append(staging.write_text("metrics.csv", metrics_csv(compiled.history)).name)
+        if compiled.fitted is not None:  # (run)
+            files.append(staging.write_text("metrics.csv", csv_text(compiled.fitted.history)).name)
+            files.append(staging.write_text("steps.csv", csv_text(compiled.fitted.steps)).name)
         chosen = {layer.name for layer in branched.layers}
         if compiled.profile is not None:
             files += write_conflicts(staging, compiled.profile, chosen, compiled.after_branching)
@@ -412,4 +410,4 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
                 files += [CONFLICTS, "conflicts.png"]
         return staging.commit_with_manifest(command, prepared.loaded.path,
                                             prepared.loaded.sha256, s.train.seed, files, name,
-                                            new_model=True)
+                                            new_model=True, working=working)

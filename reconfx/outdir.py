@@ -3,8 +3,9 @@ command writes it at a time.
 
 A folder is reconfx's when it is new or empty, when its ``manifest.json`` says reconfx wrote it,
 or when it holds nothing but reconfx's own working files (the lock, staging folders, resume
-checkpoints of an interrupted run). Anything else is refused unless the user passes ``force``;
-the file system root, the home folder and the working directory are refused even then.
+checkpoints of an interrupted run, TensorBoard event files). Anything else is refused unless
+the user passes ``force``; the file system root, the home folder and the working directory are
+refused even then.
 
 Every writing command holds an exclusive ``fcntl.flock`` on ``<folder>/.reconfx.lock`` for its
 whole run. The kernel drops the lock when the process ends, however it ends, so whether a
@@ -33,7 +34,15 @@ JOURNAL = ".commit"  # in a staging folder: the files to move, written before th
 MARKER = ".reconfx-staging"  # in a staging folder: reconfx made it
 REMOVALS = ".remove"  # in a staging folder: what the commit removes after its moves
 CHECKPOINTS = "checkpoints"
+TENSORBOARD = "tensorboard"
 _CHECKPOINT_FILES = ("resume.pt", "best.safetensors", "last.safetensors")
+# reconfx's working folders in an output folder, written while a command runs (not listed in
+# the manifest), each with the test a file inside must pass to be reconfx's
+WORKING = {
+    CHECKPOINTS: lambda name: name in _CHECKPOINT_FILES or (name.startswith(".")
+                                                           and name.endswith(".tmp")),
+    TENSORBOARD: lambda name: name.startswith("events.out.tfevents."),
+}
 _HELD: dict[Path, int] = {}  # folders this process holds the lock of -> the lock's descriptor
 
 
@@ -55,10 +64,9 @@ def _own_entry(entry: Path) -> bool:
     if entry.name == LOCK or (entry.name.startswith(STAGING_PREFIX) and entry.is_dir()
                               and not entry.is_symlink()):
         return True
-    if entry.name == CHECKPOINTS and entry.is_dir() and not entry.is_symlink():
-        return all(f.name in _CHECKPOINT_FILES or (f.name.startswith(".") and
-                                                   f.name.endswith(".tmp"))
-                   for f in entry.iterdir())
+    ours = WORKING.get(entry.name)
+    if ours is not None and entry.is_dir() and not entry.is_symlink():
+        return all(ours(f.name) and f.is_file() and not f.is_symlink() for f in entry.iterdir())
     return False
 
 
@@ -176,8 +184,9 @@ def finish_stale(out_dir: Path) -> None:
 def apply_journal(folder: Path, out_dir: Path) -> list[Path]:
     """Carry out a staging folder's journal: move each staged file listed in it into
     ``out_dir``, then remove what its removal list names (files an earlier model left, and
-    ``checkpoints``). A name is used only when it is a plain name (no ``..``, no path), a staged
-    file only when it is no link, so nothing outside ``out_dir`` is ever moved or deleted."""
+    working folders: ``checkpoints``, ``tensorboard``). A name is used only when it is a plain
+    name (no ``..``, no path), a staged file only when it is no link, so nothing outside
+    ``out_dir`` is ever moved or deleted."""
     moved = []
     for name in _names(folder / JOURNAL):
         staged = folder / name
@@ -187,7 +196,7 @@ def apply_journal(folder: Path, out_dir: Path) -> list[Path]:
     for name in _names(folder / REMOVALS):
         target = out_dir / name
         if target.is_dir() and not target.is_symlink():
-            if name == CHECKPOINTS:
+            if name in WORKING:
                 shutil.rmtree(target)
         elif target.is_file() or target.is_symlink():
             target.unlink()

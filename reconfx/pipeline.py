@@ -85,7 +85,7 @@ class Compiled:
     tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
     selection: Selection | None = None  # the chosen layers, their scores and cost
     after_branching: dict | None = None  # strong-conflict shares before/after branching (run)
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch (run: metrics.csv)
+    fitted: FitResult | None = None  # run's training (metrics.csv, steps.csv)
 
 
 def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
@@ -211,10 +211,12 @@ class Trained:
 
 def train_compiled(compiled: Compiled, progress: bool = True,
                    data: dict[str, torch.utils.data.Dataset] | None = None,
-                   checkpoints: Path | None = None, resume: Checkpoint | None = None) -> Trained:
+                   checkpoints: Path | None = None, resume: Checkpoint | None = None,
+                   tensorboard: Path | None = None) -> Trained:
     """Train the compiled model in place with the spec's training settings on ``train.device``
     (best validation epoch kept, conflicts of its shared layers counted, checkpoints written
-    to ``checkpoints``) and evaluate it on the test split; the model ends on the CPU. ``data``
+    to ``checkpoints``, TensorBoard scalars to ``tensorboard``) and evaluate it on the test
+    split; the model ends on the CPU. ``data``
     maps split names to data sets already built (the experiment reuses them)."""
     loaded, s = compiled.prepared.loaded, compiled.prepared.loaded.spec
     where = str(loaded.path)
@@ -230,7 +232,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
                      data["train"], data["val"], s.train, s.data.batch_size, progress,
                      s.profile.threshold, sparse, checkpoints, resume, distributed.world(),
-                     s.data.workers)
+                     s.data.workers, tensorboard)
         test = evaluate(module, data["test"], s.task_names, metrics,
                         world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)

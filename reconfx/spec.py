@@ -464,6 +464,10 @@ class ExportSpec(_Strict):
         description="python (model.py, weights) and onnx (model.onnx)",
         default_factory=lambda: ["python"])
     dir: Path | None = Field(default=None, description="default: exported/<spec name>")
+    tensorboard: bool = Field(
+        default=False, description="run: also write the training scalars (per-step losses and "
+        "learning rate, per-epoch metrics and conflict share) live as TensorBoard event files "
+        "in <dir>/tensorboard (needs the tensorboard extra)")
 
 
 class TraceSpec(_Strict):

@@ -62,6 +62,12 @@ def test_a_new_or_empty_folder_and_reconfx_working_files_are_owned(tmp_path):
     (tmp_path / "checkpoints" / "resume.pt").write_bytes(b"")
     (tmp_path / outdir.LOCK).write_bytes(b"")
     assert outdir.owned(tmp_path)  # an interrupted run's checkpoint, before any manifest
+    (tmp_path / "tensorboard").mkdir()
+    (tmp_path / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    assert outdir.owned(tmp_path)  # a run's live TensorBoard scalars
+    (tmp_path / "tensorboard" / "notes.txt").write_bytes(b"")
+    assert not outdir.owned(tmp_path)
+    (tmp_path / "tensorboard" / "notes.txt").unlink()
     (tmp_path / "checkpoints" / "mine.ckpt").write_bytes(b"")
     assert not outdir.owned(tmp_path)
 

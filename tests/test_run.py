@@ -6,13 +6,14 @@ import pytest
 import torch
 
 import reconfx
+from reconfx import outdir
 from reconfx.cli import main
 from reconfx.data import multidigits
 from tests.support import ARTIFACTS, assert_ruff_clean, listing, write_spec
 
 
 def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=None,
-                  workers=0):
+                  workers=0, tensorboard=False):
     return write_spec(
         tmp_path, "run",
         model={"factory": "reconfx.zoo:small_resnet", "kwargs": {"num_classes": 10, "width": 8}},
@@ -25,7 +26,7 @@ def run_spec_file(tmp_path, select, aggregator="pcgrad", init="initial", sparse=
         profile={"steps": 12, "threshold": -0.1}, select=select,
         train={"aggregator": aggregator, "epochs": 3, "lr": 3.0e-3, "init": init,
                "sparse": sparse},
-        export={"dir": str(tmp_path / "out")})
+        export={"dir": str(tmp_path / "out"), "tensorboard": tensorboard})
 
 
 def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys):
@@ -33,7 +34,8 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert main(["run", str(spec), "--quiet"]) == 0
     out = tmp_path / "out"
     assert listing(out) == sorted(
-        ARTIFACTS + ["conflicts.json", "conflicts.png", "checkpoints", "metrics.csv"])
+        ARTIFACTS + ["checkpoints", "conflicts.json", "conflicts.png", "metrics.csv",
+                     "steps.csv"])
     rows = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()]
     assert rows[0] == ["epoch", "lr", "loss/left", "loss/right", "conflict/strong",
                        "conflict/valid", "conflict/strong_share", "val/left", "val/right"]
@@ -43,6 +45,14 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
     assert (f"{100 * strong / valid:.1f}% while training the branched one"
             in (out / "report.md").read_text())
     assert all(float(row[6]) == pytest.approx(int(row[4]) / int(row[5])) for row in rows[1:])
+    # steps.csv: every step's learning rate and losses; each epoch's mean is metrics.csv's loss.
+    steps = [row.split(",") for row in (out / "steps.csv").read_text().splitlines()]
+    assert steps[0] == ["step", "epoch", "lr", "loss/left", "loss/right"]
+    assert [int(row[0]) for row in steps[1:]] == list(range(1, len(steps)))
+    for epoch, row in enumerate(rows[1:], 1):
+        losses = [float(s[3]) for s in steps[1:] if int(s[1]) == epoch]
+        assert len(losses) == (len(steps) - 1) // 3
+        assert sum(losses) / len(losses) == pytest.approx(float(row[2]), rel=1e-4)
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
                                                                        "last.safetensors"]
     report = (out / "report.md").read_text()
@@ -88,6 +98,70 @@ def test_run_with_explicit_layers_and_sparse_training(tmp_path):
     assert not (out / "conflicts.json").exists()  # an explicit choice needs no profile
     assert "- sparse training: 6" in (out / "report.md").read_text()
     assert torch.isfinite(next(iter(reconfx.load(out).parameters()))).all()
+
+
+def scalars(folder):
+    """TensorBoard's reading of the event files in ``folder``: tag -> [(step, value)]."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder), size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)]
+            for tag in events.Tags()["scalars"]}
+
+
+def test_run_writes_tensorboard_scalars_live_and_compile_clears_them(tmp_path):
+    spec = run_spec_file(tmp_path, {"layers": ["layer4.*"]}, aggregator="ew", tensorboard=True)
+    assert main(["run", str(spec), "--quiet"]) == 0
+    out = tmp_path / "out"
+    found = scalars(out / "tensorboard")
+    steps = [row.split(",") for row in (out / "steps.csv").read_text().splitlines()[1:]]
+    epochs = [row.split(",") for row in (out / "metrics.csv").read_text().splitlines()[1:]]
+    assert sorted(found) == sorted(["step/lr", "step/loss/left", "step/loss/right", "lr",
+                                    "loss/left", "loss/right", "val/left", "val/right",
+                                    "conflict/strong", "conflict/valid",
+                                    "conflict/strong_share"])
+    # every step's loss, and each epoch's row at the step that ended it, as the CSVs hold them
+    assert [s for s, _v in found["step/loss/left"]] == [int(row[0]) for row in steps]
+    assert [v for _s, v in found["step/loss/left"]] == pytest.approx(
+        [float(row[3]) for row in steps], rel=1e-5)  # (6 digits in the CSV, float32 in TB)
+    ends = [max(int(s[0]) for s in steps if s[1] == row[0]) for row in epochs]
+    assert [s for s, _v in found["val/right"]] == ends
+    assert [v for _s, v in found["val/right"]] == pytest.approx(
+        [float(row[-1]) for row in epochs], rel=1e-5)
+    assert outdir.owned(out) and "tensorboard" not in json.loads(
+        (out / "manifest.json").read_text())["files"]
+    assert main(["compile", str(spec), "--quiet"]) == 0  # a new model: old scalars go
+    assert not (out / "tensorboard").exists() and not (out / "checkpoints").exists()
+
+
+def test_a_resumed_run_keeps_the_scalars_up_to_its_step_and_drops_the_rest(tmp_path):
+    from reconfx.train.scalars import TensorBoard
+
+    first = TensorBoard(tmp_path)
+    for step in range(1, 11):
+        first.add(step, {"step": step, "loss/left": float(step)})
+    first.close()
+    resumed = TensorBoard(tmp_path, start=6)  # resumed from the state saved after step 6
+    for step in range(7, 9):
+        resumed.add(step, {"loss/left": -float(step)})
+    resumed.close()
+    assert scalars(tmp_path) == {"loss/left": [(s, float(s)) for s in range(1, 7)]
+                                 + [(7, -7.0), (8, -8.0)]}
+    TensorBoard(tmp_path).close()  # a fresh run starts afresh
+    assert scalars(tmp_path) == {}
+
+
+def test_tensorboard_without_its_package_is_a_spec_error_before_any_work(tmp_path,
+                                                                          monkeypatch, capsys):
+    import sys
+
+    spec = run_spec_file(tmp_path, {"top_k": 4}, tensorboard=True)
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    assert main(["run", str(spec), "--quiet"]) != 0
+    err = capsys.readouterr().err
+    assert "export.tensorboard" in err and "pip install 'reconfx[tensorboard]'" in err
+    assert not (tmp_path / "out").exists()
 
 
 def test_the_demo_recipe_repeats_exactly_whatever_threads_the_process_starts_with(tmp_path):

@@ -26,6 +26,7 @@ from reconfx.layers import Layer
 from reconfx.spec import TrainSpec
 from reconfx.train.objectives import Metric, make_optimizer, make_schedule
 from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
+from reconfx.train.scalars import logged_to
 from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep, to_device
 
@@ -37,6 +38,7 @@ class FitResult:
     best: dict[str, float] = field(default_factory=dict)
     conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
     stopped_after: int | None = None  # the epoch early stopping ended training after
+    steps: list[dict[str, float]] = field(default_factory=list)  # per step: lr + task losses
 
 
 @torch.no_grad()
@@ -80,7 +82,8 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         settings: TrainSpec, batch_size: int, progress: bool = True,
         threshold: float | None = None, sparse: SparseMask | None = None,
         checkpoints: Path | None = None, resume: Checkpoint | None = None,
-        world: World | None = None, workers: int = 0) -> FitResult:
+        world: World | None = None, workers: int = 0,
+        tensorboard: Path | None = None) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
     ``threshold``, conflict statistics of the shared layers are counted from the per-task
@@ -90,7 +93,9 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
     every ``resume.every`` steps and at every epoch's end, and a state loaded from it (phase
     ``train``) is continued exactly. With several ranks (``world``) each trains on its shard of
     every global batch and only rank 0 writes files and shows progress. ``workers``: data-loader
-    processes (the same batches)."""
+    processes (the same batches). Every step's learning rate and task losses are recorded
+    (``FitResult.steps``); with ``tensorboard`` (a folder) they and the epoch rows are written
+    there live as TensorBoard scalars (rank 0)."""
     w = world or World()
     progress = progress and w.main
     torch.manual_seed(settings.seed)
@@ -112,60 +117,71 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         parts["counter"] = result.conflicts
     state = resume.phase("train") if resume is not None else None
     done = restore(parts, state) if state is not None else 0
-    for epoch in range(data.epoch, settings.epochs):
-        module.train()
-        bar = tqdm(total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/"
-                   f"{settings.epochs}", disable=not progress, leave=False)
-        for inputs, targets in data.epoch_batches():
-            try:
-                step(inputs, targets, observe, data.share)
-            except TrainingError as exc:
-                raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
-                             f"{done + 1})") from None
-            schedule.step()
-            done += 1
-            run.summed = [a + b for a, b in zip(run.summed, step.values, strict=True)]
-            bar.update(1)
-            if progress and data.index % 10 == 1:
-                bar.set_postfix({t: f"{v:.3f}" for t, v in zip(tasks, step.values, strict=True)})
-            if resume is not None and resume.due(done) and data.index < len(data) and w.main:
+    with logged_to(tensorboard if w.main else None, done) as board:
+        for epoch in range(data.epoch, settings.epochs):
+            module.train()
+            bar = tqdm(total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/"
+                       f"{settings.epochs}", disable=not progress, leave=False)
+            for inputs, targets in data.epoch_batches():
+                try:
+                    step(inputs, targets, observe, data.share)
+                except TrainingError as exc:
+                    raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
+                                 f"{done + 1})") from None
+                lr = schedule.get_last_lr()[0]  # (the step's rate: the schedule moves after it)
+                schedule.step()
+                done += 1
+                losses = dict(zip(tasks, step.values, strict=True))
+                run.steps.append({"step": done, "epoch": epoch + 1, "lr": lr,
+                                  **{f"loss/{t}": v for t, v in losses.items()}})
+                if board is not None:
+                    board.add(done, run.steps[-1], prefix="step/")
+                run.summed = [a + b for a, b in zip(run.summed, step.values, strict=True)]
+                bar.update(1)
+                if progress and data.index % 10 == 1:
+                    bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()})
+                if resume is not None and resume.due(done) and data.index < len(data) and w.main:
+                    resume.save("train", snapshot(parts, done))
+            bar.close()
+            row = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0],
+                   **{f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed,
+                                                                         strict=True)}}
+            run.summed = [0.0] * len(tasks)
+            if result.conflicts is not None:  # this epoch's strongly conflicting gradient pairs
+                strong = int(result.conflicts.strong.sum()) - sum(
+                    int(r.get("conflict/strong", 0)) for r in run.history)
+                valid = int(result.conflicts.valid.sum()) - sum(
+                    int(r.get("conflict/valid", 0)) for r in run.history)
+                row.update({"conflict/strong": strong, "conflict/valid": valid,
+                            "conflict/strong_share": strong / valid if valid else None})
+            improved = False
+            if val_data is not None:
+                values = evaluate(module, val_data, tasks, metrics, world=w)
+                row.update({f"val/{t}": v for t, v in values.items()})
+                score = sum(v if m.higher_is_better else -v
+                            for v, (_n, m) in zip(values.values(), metrics, strict=True))
+                if run.best_score is None or score > run.best_score:
+                    run.best_score, run.best_epoch, improved = score, epoch, True
+                    run.best_state = copy.deepcopy(module.state_dict())
+                    run.best = values
+            run.history.append(row)
+            if board is not None:
+                board.add(done, row)
+            if checkpoints is not None and w.main:
+                save_checkpoint(module, checkpoints / "last.safetensors")
+                if improved:
+                    save_checkpoint(module, checkpoints / "best.safetensors")
+            if settings.early_stopping is not None and val_data is not None and (
+                    epoch - run.best_epoch >= settings.early_stopping):
+                result.stopped_after = epoch + 1  # (no better validation score for that long)
+                break
+            if resume is not None and epoch + 1 < settings.epochs and w.main:
                 resume.save("train", snapshot(parts, done))
-        bar.close()
-        row = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0],
-               **{f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed,
-                                                                     strict=True)}}
-        run.summed = [0.0] * len(tasks)
-        if result.conflicts is not None:  # this epoch's strongly conflicting gradient pairs
-            strong = int(result.conflicts.strong.sum()) - sum(
-                int(r.get("conflict/strong", 0)) for r in run.history)
-            valid = int(result.conflicts.valid.sum()) - sum(
-                int(r.get("conflict/valid", 0)) for r in run.history)
-            row.update({"conflict/strong": strong, "conflict/valid": valid,
-                        "conflict/strong_share": strong / valid if valid else None})
-        improved = False
-        if val_data is not None:
-            values = evaluate(module, val_data, tasks, metrics, world=w)
-            row.update({f"val/{t}": v for t, v in values.items()})
-            score = sum(v if m.higher_is_better else -v
-                        for v, (_n, m) in zip(values.values(), metrics, strict=True))
-            if run.best_score is None or score > run.best_score:
-                run.best_score, run.best_epoch, improved = score, epoch, True
-                run.best_state = copy.deepcopy(module.state_dict())
-                run.best = values
-        run.history.append(row)
-        if checkpoints is not None and w.main:
-            save_checkpoint(module, checkpoints / "last.safetensors")
-            if improved:
-                save_checkpoint(module, checkpoints / "best.safetensors")
-        if settings.early_stopping is not None and val_data is not None and (
-                epoch - run.best_epoch >= settings.early_stopping):
-            result.stopped_after = epoch + 1  # (no better validation score for that long)
-            break
-        if resume is not None and epoch + 1 < settings.epochs and w.main:
-            resume.save("train", snapshot(parts, done))
+
     if run.best_state is not None:
         module.load_state_dict(run.best_state)
     result.history, result.best_epoch, result.best = run.history, run.best_epoch, run.best
+    result.steps = run.steps
     return result
 
 
@@ -176,17 +192,20 @@ class _FitState:
     def __init__(self, tasks: int):
         self.summed = [0.0] * tasks
         self.history: list[dict[str, float]] = []
+        self.steps: list[dict[str, float]] = []
         self.best_score: float | None = None
         self.best_epoch = -1
         self.best: dict[str, float] = {}
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"summed": self.summed, "history": self.history, "best_score": self.best_score,
+        return {"summed": self.summed, "history": self.history, "steps": self.steps,
+                "best_score": self.best_score,
                 "best_epoch": self.best_epoch, "best": self.best, "best_state": self.best_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.summed, self.history = list(state["summed"]), list(state["history"])
+        self.steps = list(state.get("steps", []))
         self.best_score, self.best_epoch = state["best_score"], int(state["best_epoch"])
         self.best, self.best_state = dict(state["best"]), state["best_state"]
 
