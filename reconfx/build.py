@@ -13,7 +13,7 @@ from torch import nn
 
 from reconfx.artifacts import torch_load_safely
 from reconfx.data.padding import padded_data
-from reconfx.errors import ModelError, SpecError
+from reconfx.errors import ModelError, ReconfxError, SpecError
 from reconfx.heads import attach_heads
 from reconfx.spec import DTYPES, FactorySpec, InputSpec, Spec
 from reconfx.tree import is_sequence_root, output_leaves
@@ -65,6 +65,8 @@ def call_data_factory(data: Any, split: str, seed: int, where: str,
     fn = resolve_factory(data.factory, f"{where}.factory")
     try:
         dataset = fn(split=split, seed=seed, **data.kwargs)
+    except ReconfxError:  # (it says where and what to do itself)
+        raise
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"data factory '{data.factory}' raised {type(exc).__name__}: {first}",

@@ -205,14 +205,20 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
     stopped = (f" (stopped early: no better validation score in the last "
                f"{s.train.early_stopping} epochs)" if fitted.stopped_after else "")
     schedule = "" if s.train.schedule.kind == "constant" else f", {s.train.schedule.kind} schedule"
+    kept = (f"best validation epoch {fitted.best_epoch + 1}" if s.train.keep == "best" else
+            f"last epoch {fitted.kept_epoch + 1} (train.keep: last; best validation epoch "
+            f"{fitted.best_epoch + 1})")
+    every = s.train.conflict_every
+    sampled = (f"; conflicts counted every {every} steps ({-(-len(fitted.steps) // every)} "
+               f"of {len(fitted.steps)})" if every > 1 else "")
     lines = ["## Training and evaluation", "",
              f"- aggregator `{s.train.aggregator}`, {ran} of {s.train.epochs} epoch(s){stopped}, "
-             f"optimiser {s.train.optimizer} (lr {s.train.lr}{schedule}), best validation "
-             f"epoch {fitted.best_epoch + 1}; per-epoch losses and validation metrics in "
-             "metrics.csv", ""]
-    rows = [[t, name, f"{test[t]:.4f}", f"{fitted.best.get(t, float('nan')):.4f}"]
+             f"optimiser {s.train.optimizer} (lr {s.train.lr}{schedule}), weights of the {kept}; "
+             f"per-epoch losses and validation metrics in metrics.csv, per-step losses in "
+             f"steps.csv{sampled}", ""]
+    rows = [[t, name, f"{test[t]:.4f}", f"{fitted.kept.get(t, float('nan')):.4f}"]
             for t, (name, _m) in zip(s.task_names, metrics, strict=True)]
-    lines.append(markdown_table(["task", "metric", "test", "best val"], rows))
+    lines.append(markdown_table(["task", "metric", "test", "val"], rows))
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     if len(baselines) == len(s.tasks):
         lines += ["", f"- delta-m vs the single-task baselines in the spec: "

@@ -232,7 +232,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
                      data["train"], data["val"], s.train, s.data.batch_size, progress,
                      s.profile.threshold, sparse, checkpoints, resume, distributed.world(),
-                     s.data.workers, tensorboard)
+                     s.data.workers, tensorboard, s.data.drop_last)
         test = evaluate(module, data["test"], s.task_names, metrics,
                         world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)
@@ -312,11 +312,10 @@ def profile_prepared(prepared: Prepared, progress: bool,
 
 
 def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
-    """Profiling's endless shuffled batches, reproducible for the spec's seed (a last partial
-    batch is dropped unless the data set is smaller than a batch)."""
-    return Batches(dataset, s.data.batch_size, s.train.seed,
-                   drop_last=len(dataset) > s.data.batch_size, world=distributed.world(),
-                   workers=s.data.workers)
+    """Profiling's endless shuffled batches, reproducible for the spec's seed (``data.drop_last``
+    as in training)."""
+    return Batches(dataset, s.data.batch_size, s.train.seed, drop_last=s.data.drop_last,
+                   world=distributed.world(), workers=s.data.workers)
 
 
 @dataclass

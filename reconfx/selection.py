@@ -92,6 +92,30 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "sp
     return sorted(chosen, key=lambda layer: layer.order)
 
 
+def matched_random(pool: list[Layer], target: int, seed: int, tasks: int = 2,
+                   tolerance: float = 0.1, draws: int = 10_000) -> list[Layer]:
+    """Random layers whose added parameters ((T−1) × theirs) are within ``tolerance`` of
+    ``target`` (a parameter-matched ablation of a chosen set): each draw shuffles the pool
+    (seeded) and takes layers in that order, skipping any that would overshoot, until the sum
+    reaches the band; the first draw that lands in it is returned, in graph order."""
+    import random
+
+    rng = random.Random(seed)
+    low, high = (1 - tolerance) * target, (1 + tolerance) * target
+    for _ in range(draws):
+        order = rng.sample(pool, len(pool))
+        chosen, added = [], 0
+        for layer in order:
+            extra = (tasks - 1) * layer.num_params
+            if added + extra <= high:
+                chosen.append(layer)
+                added += extra
+            if added >= low:
+                return sorted(chosen, key=lambda layer: layer.order)
+    raise SelectionError(f"no random set of the {len(pool)} candidate layers adds "
+                         f"{target:,} parameters within {tolerance:.0%} in {draws} draws")
+
+
 def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
               where: str) -> list[Layer]:
     chosen, unmatched = match_layers(pool, spec.layers or [])

@@ -272,6 +272,11 @@ class DataSpec(_Strict):
     workers: int = Field(
         default=0, ge=0, description="data-loader processes for training and profiling "
         "(0: load in the main process); the batches and their order are the same")
+    drop_last: bool = Field(
+        default=True, description="training and profiling skip each epoch's last partial batch, "
+        "as reference training loops do (a small last batch right before every evaluation can "
+        "wreck a short SGD run with BatchNorm); kept when the split is smaller than one batch. "
+        "Evaluation always uses every item")
 
 
 class ProfileSpec(_Strict):
@@ -429,7 +434,14 @@ class TrainSpec(_Strict):
         default_factory=lambda: ScheduleSpec(), description="the learning rate over training")
     early_stopping: PositiveInt | None = Field(
         default=None, description="stop after this many epochs without a better validation "
-        "score (the best epoch's weights are kept either way)")
+        "score")
+    keep: Literal["best", "last"] = Field(
+        default="best", description="the weights run evaluates and emits: best (the best "
+        "validation epoch's) or last (the last epoch's, as the Recon paper's protocol reports)")
+    conflict_every: PositiveInt = Field(
+        default=1, description="training counts conflict statistics on every N-th step; with a "
+        "linear aggregator (ew) the other steps take one backward pass of the summed losses "
+        "instead of one per task (same update, about 1/T of the backward cost)")
     threads: PositiveInt | None = Field(
         default=None, description="CPU threads for profiling, training and evaluation "
         "(torch.set_num_threads). A CPU kernel's float sums depend on how many threads split "

@@ -72,7 +72,9 @@ class Bottleneck(nn.Module):
 
 
 class SmallResNet(nn.Module):
-    """A 4-stage ResNet with one head per task (the MultiDigits reference model)."""
+    """A 4-stage ResNet of basic blocks with one head per task (the MultiDigits reference
+    model). ``stem``: ``small`` (a 3×3 convolution) or ``imagenet`` (7×7 stride 2 and a 3×3
+    stride-2 max-pool, as torchvision's ResNets)."""
 
     def __init__(
         self,
@@ -81,9 +83,16 @@ class SmallResNet(nn.Module):
         in_channels: int = 1,
         width: int = 16,
         blocks: Sequence[int] = (1, 1, 1, 1),
+        stem: str = "small",
     ):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        if stem not in ("small", "imagenet"):
+            raise ValueError(f"stem must be 'small' or 'imagenet', got {stem!r}")
+        if stem == "small":
+            self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(in_channels, width, 7, stride=2, padding=3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
         self.bn1 = nn.BatchNorm2d(width)
         self.relu = nn.ReLU(inplace=True)
         stages, cin = [], width
@@ -99,6 +108,8 @@ class SmallResNet(nn.Module):
 
     def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
         x = self.relu(self.bn1(self.conv1(image)))
+        if hasattr(self, "maxpool"):
+            x = self.maxpool(x)
         x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
         x = torch.flatten(self.avgpool(x), 1)
         return {name: head(x) for name, head in self.heads.items()}
@@ -106,6 +117,15 @@ class SmallResNet(nn.Module):
 
 def small_resnet(**kwargs: Any) -> SmallResNet:
     return SmallResNet(**kwargs)
+
+
+def resnet18(num_classes: int = 10, tasks: Sequence[str] = DEFAULT_TASKS,
+             in_channels: int = 1) -> SmallResNet:
+    """The Recon paper's Multi-Fashion+MNIST model: a standard ResNet-18 (torchvision's layout:
+    7×7 stride-2 stem, max-pool, four stages of two basic blocks, 64-512 channels) on
+    ``in_channels`` channels, its 512-d pooled feature read by one linear head per task."""
+    return SmallResNet(num_classes, tasks, in_channels, width=64, blocks=(2, 2, 2, 2),
+                       stem="imagenet")
 
 
 class BottleneckResNet(nn.Module):

@@ -39,8 +39,13 @@ def test_grid_records_and_table(tmp_path, capsys):
     for name in ("ew", "pcgrad"):
         joint, recon, shared, random_k = (grid[name, v] for v in recon_table.VARIANTS)
         assert joint["branched"] == [] and joint["params"] == joint["original_params"]
-        assert len(recon["branched"]) == len(random_k["branched"]) == 5
+        assert joint["flops"] == joint["original_flops"] < recon["flops"]
+        assert len(recon["branched"]) == 5 and set(joint["scores"]) == set(joint["strong"])
         assert shared["branched"] == recon["branched"]  # same layers, other norm statistics
+        # The ablation is parameter-matched: random layers adding top-K's parameters +-10%.
+        added = [r["params"] - r["original_params"] for r in (recon, random_k)]
+        assert abs(added[1] - added[0]) <= 0.1 * added[0]
+        assert random_k["branched"] != recon["branched"]
         # The remaining shared layers are the joint model's shared layers minus the branched.
         assert set(recon["strong"]) == set(joint["strong"]) - set(recon["branched"])
         assert set(random_k["strong"]) == set(joint["strong"]) - set(random_k["branched"])
@@ -60,7 +65,8 @@ def test_grid_records_and_table(tmp_path, capsys):
     remaining = list(recon["strong"])
     before = (sum(joint["strong"][n][0] for n in remaining)
               / sum(joint["strong"][n][1] for n in remaining))
-    assert cells[6].startswith(f"{100 * before:.1f}% → ")
+    assert cells[7].startswith(f"{100 * before:.1f}% → ")
+    assert cells[6] == f"+{100 * (recon['flops'] / recon['original_flops'] - 1):.1f}"
     assert text.strip() in readme.read_text()
     assert readme.read_text().startswith("intro\n") and readme.read_text().endswith("\nrest\n")
     assert "old" not in readme.read_text()
@@ -68,6 +74,33 @@ def test_grid_records_and_table(tmp_path, capsys):
     capsys.readouterr()
     assert recon_table.main(args) == 0
     assert json.loads((out / "results.json").read_text())["rows"] == rows
+
+
+def test_score_consistency_between_seeds():
+    """Spearman's rho of the layers' scores and the top-K overlap, over every pair of seeds."""
+    scores = [{"a": 9, "b": 5, "c": 1, "d": 0}, {"a": 8, "b": 6, "c": 0, "d": 2},
+              {"a": 0, "b": 1, "c": 2, "d": 3}]
+    rows = [{"aggregator": "ew", "variant": "joint", "seed": i, "scores": p}
+            for i, p in enumerate(scores)]
+    line = recon_table.score_consistency(rows, k=2).splitlines()[2]
+    # pairs: (0,1) rho 0.8, top-2 {a,b} both; (0,2) rho -1, overlap 0; (1,2) rho -0.8, {a,b}
+    # vs {c,d}: 0
+    rhos, overlaps = [0.8, -1.0, -0.8], [100.0, 0.0, 0.0]
+    assert line == (f"| ew | 3 | {statistics.fmean(rhos):.2f} ± {statistics.stdev(rhos):.2f} | "
+                    f"{statistics.fmean(overlaps):.0f} ± {statistics.stdev(overlaps):.0f}% |")
+
+
+def test_matched_random_draws_layers_adding_the_target_parameters():
+    from reconfx.layers import Layer
+    from reconfx.selection import matched_random
+
+    pool = [Layer(f"l{i}", "Conv2d", (f"l{i}",), (), n, ("a", "b"), i)
+            for i, n in enumerate([100, 250, 400, 800, 1600, 3200])]
+    for seed in range(20):
+        chosen = matched_random(pool, 1000, seed)
+        assert 900 <= sum(layer.num_params for layer in chosen) <= 1100
+        assert [layer.order for layer in chosen] == sorted(layer.order for layer in chosen)
+    assert len({tuple(x.name for x in matched_random(pool, 1000, s)) for s in range(20)}) > 1
 
 
 def test_rejects_explicit_selection_and_unknown_aggregator(tmp_path, capsys):

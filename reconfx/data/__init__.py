@@ -2,5 +2,6 @@
 ``(inputs: dict[str, Tensor], targets: dict[str, Tensor])``."""
 
 from reconfx.data.multidigits import MultiDigits, multidigits
+from reconfx.data.multifashion import MultiFashionMNIST, multi_fashion_mnist
 
-__all__ = ["MultiDigits", "multidigits"]
+__all__ = ["MultiDigits", "MultiFashionMNIST", "multi_fashion_mnist", "multidigits"]

@@ -6,12 +6,16 @@ from the initial weights), then train from the same initial weights
 * ``joint``: the unbranched model;
 * ``reconfx``: the spec's selection (e.g. top-K by conflict score) branched, per-task norm stats;
 * ``reconfx-shared``: the same layers, with Recon's shared normalisation statistics;
-* ``random-k``: as many layers drawn at random (seeded), per-task norm stats (the ablation);
+* ``random``: random layers (seeded) whose added parameters are within 10% of ``reconfx``'s,
+  per-task norm stats (the ablation, parameter-matched);
 
 plus one single-task model per task (the Δm baselines). Every run sees the same batches in the
 same order for a seed. The conflict column is the share of strongly conflicting gradient pairs
 (cos ≤ −0.01) over the whole training run in the layers that stay shared in that variant,
-measured on the unbranched model (``joint``) and on the variant itself.
+measured on the unbranched model (``joint``) and on the variant itself. A second table gives,
+per aggregator, the Spearman rank correlation of the layers' conflict scores between seeds and
+the overlap of their top-K sets: whether the conflicting layers are a property of the
+architecture.
 
 Run: ``python -m reconfx.experiments.recon_table [--spec specs/multidigits.yaml]``. Results are
 kept in ``<out>/results.json`` after every run, so an interrupted experiment continues where it
@@ -37,6 +41,7 @@ from reconfx import artifacts
 from reconfx.build import call_data_factory
 from reconfx.errors import ReconfxError, SpecError
 from reconfx.graph import unique_parameters
+from reconfx.layers import Layer
 from reconfx.pipeline import (
     SCORE_POLICIES,
     Prepared,
@@ -46,13 +51,14 @@ from reconfx.pipeline import (
     require_data,
     train_compiled,
 )
-from reconfx.selection import select_layers
+from reconfx.report import flops
+from reconfx.selection import candidates, matched_random, select_layers
 from reconfx.spec import LoadedSpec, SelectSpec, load_spec_file
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, metric_functions
 
-VARIANTS = ("joint", "reconfx", "reconfx-shared", "random-k")
+VARIANTS = ("joint", "reconfx", "reconfx-shared", "random")
 AGGREGATORS = ("ew", "pcgrad", "cagrad", "mgda", "graddrop")
 START, END = "<!-- recon-table:start -->", "<!-- recon-table:end -->"
 
@@ -67,17 +73,16 @@ def with_settings(loaded: LoadedSpec, **changes: dict) -> LoadedSpec:
     return LoadedSpec(spec=s.model_copy(update=update), path=loaded.path, sha256=loaded.sha256)
 
 
-def variant_spec(loaded: LoadedSpec, variant: str, k: int, seed: int) -> LoadedSpec:
+def variant_spec(loaded: LoadedSpec, variant: str, random: list[Layer]) -> LoadedSpec:
+    """The spec of one variant; ``random`` holds the random variant's layers."""
     if variant == "joint":
         return with_settings(loaded, select=None)
     if variant == "reconfx-shared":
         return with_settings(loaded, branch={"norm_stats": "shared"})
-    if variant == "random-k":
-        s = loaded.spec
-        select = SelectSpec(random={"k": k, "seed": seed}, include=s.select.include,
-                            exclude=s.select.exclude)
-        return LoadedSpec(spec=s.model_copy(update={"select": select}), path=loaded.path,
-                          sha256=loaded.sha256)
+    if variant == "random":
+        select = SelectSpec(layers=[layer.name for layer in random])
+        return LoadedSpec(spec=loaded.spec.model_copy(update={"select": select}),
+                          path=loaded.path, sha256=loaded.sha256)
     return loaded
 
 
@@ -85,7 +90,8 @@ class Experiment:
     """Runs the grid for one spec, keeping every finished run in ``results.json``."""
 
     def __init__(self, spec: str | Path, out: Path, seeds: list[int], aggregators: list[str],
-                 epochs: int | None = None, size: int | None = None, progress: bool = True):
+                 epochs: int | None = None, size: int | None = None, progress: bool = True,
+                 variants: tuple[str, ...] = VARIANTS):
         loaded = load_spec_file(spec)
         s = loaded.spec
         where = str(loaded.path)
@@ -101,6 +107,7 @@ class Experiment:
         self.loaded = with_settings(loaded, data={"kwargs": kwargs},
                                     train={"epochs": epochs or s.train.epochs})
         self.out, self.seeds, self.aggregators = out, seeds, aggregators
+        self.variants = tuple(v for v in VARIANTS if v in variants)  # (joint always first)
         self.progress = progress
         # Finished runs are reused while everything that shapes them is unchanged (the export
         # section and the name are not part of that).
@@ -134,7 +141,7 @@ class Experiment:
 
     def run(self) -> list[dict]:
         tasks = self.loaded.spec.task_names
-        total = len(self.seeds) * (len(tasks) + len(self.aggregators) * (len(VARIANTS) + 1))
+        total = len(self.seeds) * (len(tasks) + len(self.aggregators) * (len(self.variants) + 1))
         bar = tqdm(total=total, desc="recon table", disable=not self.progress)
         for seed in self.seeds:
             seeded = with_settings(self.loaded, train={"seed": seed})
@@ -157,24 +164,30 @@ class Experiment:
 
     def _aggregator(self, seeded: LoadedSpec, prepared: Prepared, initial: dict, data: dict,
                     name: str, seed: int, bar: tqdm) -> None:
-        todo = [v for v in VARIANTS if not self._done(seed=seed, aggregator=name, variant=v)]
+        todo = [v for v in self.variants
+                if not self._done(seed=seed, aggregator=name, variant=v)]
         bar.set_postfix_str(f"seed {seed} {name} profile")
         if not todo:
-            bar.update(len(VARIANTS) + 1)
+            bar.update(len(self.variants) + 1)
             return
         loaded = with_settings(seeded, train={"aggregator": name})
         prepared.traced.module.load_state_dict(initial)
         scores = profile_prepared(replace(prepared, loaded=loaded), progress=False).scores()
         s = loaded.spec
-        k = len(select_layers(prepared.layers, s.select, str(loaded.path), scores, len(s.tasks)))
+        top = select_layers(prepared.layers, s.select, str(loaded.path), scores, len(s.tasks))
+        added = (len(s.tasks) - 1) * sum(layer.num_params for layer in top)
+        random = matched_random(candidates(prepared.layers, s.select), added, seed,
+                                len(s.tasks))
         bar.update(1)
-        for variant in VARIANTS:
+        for variant in self.variants:
             bar.set_postfix_str(f"seed {seed} {name} {variant}")
             if variant in todo:
                 prepared.traced.module.load_state_dict(initial)
-                chosen = replace(prepared, loaded=variant_spec(loaded, variant, k, seed))
-                self._record(self._train(chosen, scores, data), seed=seed, aggregator=name,
-                             variant=variant)
+                chosen = replace(prepared, loaded=variant_spec(loaded, variant, random))
+                row = self._train(chosen, scores, data)
+                if variant == "joint":
+                    row["scores"] = scores  # (the profile's, for the rank correlations)
+                self._record(row, seed=seed, aggregator=name, variant=variant)
             bar.update(1)
 
     def _record(self, row: dict, **key) -> None:
@@ -190,6 +203,8 @@ class Experiment:
             "branched": [layer.name for layer in compiled.branched.layers],
             "params": unique_parameters(compiled.branched.module),
             "original_params": unique_parameters(prepared.traced.module),
+            "flops": flops(compiled.branched.module, prepared.examples[0]),
+            "original_flops": flops(prepared.traced.module, prepared.examples[0]),
             "test": trained.test,
             "best_epoch": trained.fitted.best_epoch,
             "strong": {layer.name: [int(counter.strong[i].sum()), int(counter.valid[i].sum())]
@@ -240,7 +255,7 @@ def table(rows: list[dict], loaded: LoadedSpec) -> str:
               if r["variant"] == "single-task"}
     seeds = sorted({r["seed"] for r in rows})
     header = ["method", "variant", *(labels[t] for t in tasks), "Δm %",
-              "params +%", "strong conflicts, joint → variant", "seeds"]
+              "params +%", "FLOPs +%", "strong conflicts, joint → variant", "seeds"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     base = [statistics.fmean(v) for t in tasks
             if (v := [single[(seed, t)] for seed in seeds if (seed, t) in single])]
@@ -248,7 +263,8 @@ def table(rows: list[dict], loaded: LoadedSpec) -> str:
         lines.append("| single-task | one model per task | "
                      + " | ".join(_mean_std([single[(sd, t)] for sd in seeds if (sd, t) in single],
                                             100) for t in tasks)
-                     + f" | 0 | +{100 * (len(tasks) - 1):.0f} | – | {len(seeds)} |")
+                     + f" | 0 | +{100 * (len(tasks) - 1):.0f} | +{100 * (len(tasks) - 1):.0f} | "
+                     f"– | {len(seeds)} |")
     names = list(dict.fromkeys(r["aggregator"] for r in rows if "aggregator" in r))
     for name in names:
         for variant in VARIANTS:
@@ -269,14 +285,46 @@ def table(rows: list[dict], loaded: LoadedSpec) -> str:
                     after.append(a)
             added = [100 * (r["params"] - r["original_params"]) / r["original_params"]
                      for r in runs]
+            more = [100 * (r["flops"] - r["original_flops"]) / r["original_flops"]
+                    for r in runs if "flops" in r]
             conflict = (f"{_mean_std(before, 100, 1)}% → {_mean_std(after, 100, 1)}%"
                         if before and after else "–")
             cells = [name, variant,
                      *(_mean_std([r["test"][t] for r in runs], 100) for t in tasks),
                      _mean_std(deltas) if deltas else "–", f"+{statistics.fmean(added):.1f}",
-                     conflict, str(len(runs))]
+                     f"+{statistics.fmean(more):.1f}" if more else "–", conflict, str(len(runs))]
             lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    consistency = score_consistency(rows, s.select.top_k if s.select else None)
+    return "\n".join(lines) + ("\n\n" + consistency if consistency else "")
+
+
+def score_consistency(rows: list[dict], k: int | None) -> str:
+    """Per aggregator, over every pair of seeds: the Spearman rank correlation of the layers'
+    conflict scores and the overlap (shared / K) of the two top-K sets, mean ± std."""
+    from itertools import combinations
+
+    from scipy.stats import spearmanr
+
+    lines = []
+    for name in dict.fromkeys(r["aggregator"] for r in rows if "scores" in r):
+        profiles = [r["scores"] for r in rows if r.get("aggregator") == name and "scores" in r]
+        pairs = list(combinations(profiles, 2))
+        if not pairs:
+            continue
+        rhos, overlaps = [], []
+        for a, b in pairs:
+            layers = sorted(a)
+            rhos.append(float(spearmanr([a[n] for n in layers], [b[n] for n in layers])[0]))
+            if k:
+                top = [set(sorted(layers, key=lambda n, p=p: (-p[n], layers.index(n)))[:k])
+                       for p in (a, b)]
+                overlaps.append(len(top[0] & top[1]) / k)
+        lines.append(f"| {name} | {len(profiles)} | {_mean_std(rhos)} | "
+                     f"{_mean_std(overlaps, 100, 0) + '%' if overlaps else '–'} |")
+    if not lines:
+        return ""
+    return "\n".join(["| method | seeds | Spearman ρ of layer scores, seed pairs | top-K "
+                      "overlap |", "|---|---|---|---|", *lines])
 
 
 def write_readme(path: Path, text: str, command: str) -> None:
@@ -298,13 +346,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--aggregators", nargs="+", default=list(AGGREGATORS))
     parser.add_argument("--epochs", type=int, help="override train.epochs")
     parser.add_argument("--size", type=int, help="override data.kwargs.size (a quick run)")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
+                        help="which variants to train (joint is always trained: the conflict "
+                        "column's reference)")
     parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
     parser.add_argument("--readme", type=Path, help="write the table into this README")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
         experiment = Experiment(args.spec, args.out, args.seeds, args.aggregators, args.epochs,
-                                args.size, not args.quiet)
+                                args.size, not args.quiet, ("joint", *args.variants))
         rows = experiment.run()
         text = table(rows, experiment.loaded)
         print(text)
@@ -315,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"{' '.join(map(str, args.seeds))} --aggregators "
                        f"{' '.join(args.aggregators)}"
                        + (f" --epochs {args.epochs}" if args.epochs else "")
-                       + (f" --size {args.size}" if args.size else ""))
+                       + (f" --size {args.size}" if args.size else "")
+                       + (f" --variants {' '.join(args.variants)}"
+                          if tuple(args.variants) != VARIANTS else ""))
             write_readme(args.readme, text, command)
             print(f"wrote {args.readme.resolve()}", file=sys.stderr)
     except ReconfxError as exc:

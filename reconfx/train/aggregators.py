@@ -12,11 +12,27 @@ size whatever T is.
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from reconfx.errors import SpecError
+
+LINEAR = ("ew", "mean")  # the shared gradient is the sum of the task gradients
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    """``matrix (T×P) -> shared gradient (P)``, scaled by T. ``linear``: the result is the sum
+    of the rows, which one backward pass of the summed losses gives without the matrix."""
+
+    combine: Callable[[torch.Tensor], torch.Tensor]
+    linear: bool = False
+
+    def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
+        return self.combine(matrix) * matrix.shape[0]
+
 
 # name -> (torchjd class name, default keyword arguments, extra that installs its solver)
 AGGREGATORS: dict[str, tuple[str, dict[str, Any], str | None]] = {
@@ -34,9 +50,8 @@ AGGREGATORS: dict[str, tuple[str, dict[str, Any], str | None]] = {
 }
 
 
-def aggregator(name: str, tasks: int, where: str = "spec",
-               **kwargs: Any) -> Callable[[torch.Tensor], torch.Tensor]:
-    """A function ``matrix (T×P) -> shared gradient (P)``, already scaled by T."""
+def aggregator(name: str, tasks: int, where: str = "spec", **kwargs: Any) -> Aggregate:
+    """The function ``matrix (T×P) -> shared gradient (P)`` named ``name``, scaled by T."""
     key = name.lower()
     if key not in AGGREGATORS:
         raise SpecError(f"unknown aggregator '{name}'", where=f"{where}: train.aggregator",
@@ -53,8 +68,4 @@ def aggregator(name: str, tasks: int, where: str = "spec",
         raise SpecError(f"aggregator '{name}' needs the solver package {solver}",
                         where=f"{where}: train.aggregator",
                         fix="pip install 'reconfx[solvers]'") from None
-
-    def aggregate(matrix: torch.Tensor) -> torch.Tensor:
-        return combine(matrix) * matrix.shape[0]
-
-    return aggregate
+    return Aggregate(combine, linear=key in LINEAR)

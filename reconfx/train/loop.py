@@ -34,8 +34,10 @@ from reconfx.train.step import MultiTaskStep, to_device
 @dataclass
 class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss + metrics
-    best_epoch: int = -1
+    best_epoch: int = -1  # (0-based) the best validation epoch and its validation metrics
     best: dict[str, float] = field(default_factory=dict)
+    kept_epoch: int = -1  # the epoch whose weights the module ends with (train.keep) and ...
+    kept: dict[str, float] = field(default_factory=dict)  # ... its validation metrics
     conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
     stopped_after: int | None = None  # the epoch early stopping ended training after
     steps: list[dict[str, float]] = field(default_factory=list)  # per step: lr + task losses
@@ -83,19 +85,24 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         threshold: float | None = None, sparse: SparseMask | None = None,
         checkpoints: Path | None = None, resume: Checkpoint | None = None,
         world: World | None = None, workers: int = 0,
-        tensorboard: Path | None = None) -> FitResult:
+        tensorboard: Path | None = None, drop_last: bool = True) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
-    decay, epochs, seed, precision); at the end it holds the best epoch's weights. With
-    ``threshold``, conflict statistics of the shared layers are counted from the per-task
-    gradients the step computes anyway. With ``checkpoints``, ``best.safetensors`` (the best
-    validation epoch so far) and ``last.safetensors`` (the end of the latest epoch) are written
-    there, each atomically, after every epoch. With ``resume``, the full training state is saved
-    every ``resume.every`` steps and at every epoch's end, and a state loaded from it (phase
-    ``train``) is continued exactly. With several ranks (``world``) each trains on its shard of
-    every global batch and only rank 0 writes files and shows progress. ``workers``: data-loader
-    processes (the same batches). Every step's learning rate and task losses are recorded
-    (``FitResult.steps``); with ``tensorboard`` (a folder) they and the epoch rows are written
-    there live as TensorBoard scalars (rank 0)."""
+    decay, epochs, seed, precision); at the end it holds the best validation epoch's weights
+    (``keep: best``) or the last epoch's.
+
+    - ``threshold``: conflict statistics of the shared layers are counted from the per-task
+      gradients on every ``conflict_every``-th step.
+    - ``drop_last``: each epoch's last partial batch is skipped.
+    - ``checkpoints``: ``best.safetensors`` (the best validation epoch so far) and
+      ``last.safetensors`` (the end of the latest epoch) are written there, each atomically,
+      after every epoch.
+    - ``resume``: the full training state is saved every ``resume.every`` steps and at every
+      epoch's end, and a state loaded from it (phase ``train``) is continued exactly.
+    - ``world``: with several ranks each trains on its shard of every global batch and only rank
+      0 writes files and shows progress. ``workers``: data-loader processes (the same batches).
+    - Every step's learning rate and task losses are recorded (``FitResult.steps``); with
+      ``tensorboard`` (a folder) they and the epoch rows are written there live as TensorBoard
+      scalars (rank 0)."""
     w = world or World()
     progress = progress and w.main
     torch.manual_seed(settings.seed)
@@ -108,7 +115,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
                                            step.buffer.matrix.device)
     observe = result.conflicts.update if result.conflicts is not None else None
-    data = Batches(train_data, batch_size, settings.seed, world=w, workers=workers)
+    data = Batches(train_data, batch_size, settings.seed, drop_last, world=w, workers=workers)
     schedule = make_schedule(optimizer, settings.schedule, len(data), settings.epochs)
     run = _FitState(len(tasks))
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,
@@ -124,7 +131,8 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                        f"{settings.epochs}", disable=not progress, leave=False)
             for inputs, targets in data.epoch_batches():
                 try:
-                    step(inputs, targets, observe, data.share)
+                    counted = done % settings.conflict_every == 0
+                    step(inputs, targets, observe if counted else None, data.share)
                 except TrainingError as exc:
                     raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
                                  f"{done + 1})") from None
@@ -162,7 +170,8 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                             for v, (_n, m) in zip(values.values(), metrics, strict=True))
                 if run.best_score is None or score > run.best_score:
                     run.best_score, run.best_epoch, improved = score, epoch, True
-                    run.best_state = copy.deepcopy(module.state_dict())
+                    if settings.keep == "best":
+                        run.best_state = copy.deepcopy(module.state_dict())
                     run.best = values
             run.history.append(row)
             if board is not None:
@@ -178,10 +187,16 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
             if resume is not None and epoch + 1 < settings.epochs and w.main:
                 resume.save("train", snapshot(parts, done))
 
-    if run.best_state is not None:
+    if settings.keep == "best" and run.best_state is not None:
         module.load_state_dict(run.best_state)
     result.history, result.best_epoch, result.best = run.history, run.best_epoch, run.best
     result.steps = run.steps
+    if settings.keep == "best":
+        result.kept_epoch, result.kept = run.best_epoch, run.best
+    elif run.history:
+        result.kept_epoch = run.history[-1]["epoch"] - 1
+        result.kept = {t: run.history[-1][f"val/{t}"] for t in tasks
+                       if f"val/{t}" in run.history[-1]}
     return result
 
 

@@ -39,11 +39,14 @@ class Batches:
     With several ranks (``world``), every rank draws the same global batches and loads only its
     contiguous shard of each; ``share`` is the shard's fraction of the global batch (its weight
     in the gradient of the global mean loss). A global batch smaller than the number of ranks
-    (a last partial batch) is skipped on every rank."""
+    (a last partial batch) is skipped on every rank. ``drop_last`` drops each epoch's last partial
+    batch unless it is the only batch."""
 
     def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int,
                  drop_last: bool = False, world: World | None = None, workers: int = 0):
-        self.dataset, self.batch_size, self.drop_last = dataset, batch_size, drop_last
+        self.dataset, self.batch_size = dataset, batch_size
+        # (a split smaller than one batch keeps its only, partial batch)
+        self.drop_last = drop_last and len(dataset) > batch_size  # type: ignore[arg-type]
         self.workers = workers  # (data-loader processes; the batches are the same)
         self.world = world or World()
         self.generator = torch.Generator().manual_seed(seed)

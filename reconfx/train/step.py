@@ -154,7 +154,8 @@ class MultiTaskStep:
                  observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
                  share: float = 1.0) -> torch.Tensor:
         """One training step; ``observe`` sees the T×P matrix before aggregation and may return
-        each task's squared gradient norm (the conflict counter does). With several ranks,
+        each task's squared gradient norm (the conflict counter does). Without ``observe`` a
+        linear aggregator's step takes one backward pass of the summed losses. With several ranks,
         ``share`` is this rank's fraction of the global batch: the losses and gradients are
         all-reduced with that weight before anything reads them (:mod:`reconfx.distributed`).
         Returns the detached loss vector (global); ``self.values`` holds it on the host."""
@@ -164,25 +165,30 @@ class MultiTaskStep:
         shared, others = self.buffer.params, self.others
         other_grads = [torch.zeros_like(p) for p in others]
         scaled = self.scaler.scaled(losses)
-        for t in range(len(self.tasks)):
-            grads = torch.autograd.grad(scaled[t], shared + others,
-                                        retain_graph=t < len(self.tasks) - 1, allow_unused=True)
+        # Per-task gradients when something reads them; a linear aggregator's result (their
+        # sum) otherwise comes from one backward pass of the summed losses, in row 0.
+        per_task = observe is not None or not getattr(self.aggregate, "linear", False)
+        matrix = self.buffer.matrix if per_task else self.buffer.matrix[:1]
+        objectives = list(scaled) if per_task else [scaled.sum()]
+        for t, objective in enumerate(objectives):
+            grads = torch.autograd.grad(objective, shared + others,
+                                        retain_graph=t < len(objectives) - 1, allow_unused=True)
             self.buffer.write(t, grads[:len(shared)])
             for acc, g in zip(other_grads, grads[len(shared):], strict=True):
                 if g is not None:
                     acc += g
         local, losses = losses.detach(), losses.detach().clone()
-        self.world.reduce_(self.buffer.matrix, [losses, *other_grads], share)
-        if self.scaler.unscale([self.buffer.matrix, *other_grads]):
+        self.world.reduce_(matrix, [losses, *other_grads], share)
+        if self.scaler.unscale([matrix, *other_grads]):
             # fp16 overflow: the scale is halved and the step skipped, unless the loss itself
             # is not finite (then no scale helps)
             self.values = losses.tolist()
             if not all(map(math.isfinite, self.values)):
                 raise self._loss_fault(inputs, targets, rng, local)
             return losses
-        norms = observe(self.buffer.matrix) if observe is not None else None
+        norms = observe(matrix) if observe is not None else None
         if norms is None:
-            norms = self.buffer.matrix.sum(1)
+            norms = matrix.sum(1)
         rest = (torch.stack(torch._foreach_norm(other_grads)).sum() if other_grads
                 else losses.new_zeros(()))
         health = torch.cat([losses, norms.float(), rest.reshape(1).float()]).tolist()
@@ -190,9 +196,10 @@ class MultiTaskStep:
         if not all(map(math.isfinite, health)):
             if not all(map(math.isfinite, self.values)):
                 raise self._loss_fault(inputs, targets, rng, local)
-            raise self._gradient_fault(other_grads)
+            raise self._gradient_fault(other_grads, matrix, self.tasks if per_task else
+                                       [" + ".join(self.tasks)])
         if shared:
-            self.buffer.scatter(self.aggregate(self.buffer.matrix))
+            self.buffer.scatter(self.aggregate(matrix) if per_task else matrix[0])
         for p, g in zip(others, other_grads, strict=True):
             p.grad = g
         if self.sparse is not None:
@@ -213,13 +220,15 @@ class MultiTaskStep:
                            to_device(targets, self.device), self.tasks, self.values, rng,
                            lambda: autocast(self.device, self.precision))
 
-    def _gradient_fault(self, other_grads: list[torch.Tensor]) -> Exception:
+    def _gradient_fault(self, other_grads: list[torch.Tensor], matrix: torch.Tensor,
+                        tasks: list[str]) -> Exception:
+        """The first non-finite gradient entry named: the row of ``matrix`` (one per name in
+        ``tasks``) and the parameter."""
         named = {id(p): n for n, p in self.module.named_parameters()}
-        matrix = self.buffer.matrix
         rows = ((task, [(p, matrix[t, a:b]) for (a, b), p in zip(self.buffer.spans,
                                                                    self.buffer.params,
                                                                    strict=True)])
-                for t, task in enumerate(self.tasks))
+                for t, task in enumerate(tasks))
         return locate_gradient(named, rows, list(zip(self.others, other_grads, strict=True)),
                                self.values)
 
