@@ -132,9 +132,14 @@ def check_same(a: nn.Module, b: nn.Module, inputs: dict) -> None:
 
 
 def forward(model: nn.Module, inputs: dict) -> Callable[[], None]:
+    """One eval forward; on a GPU it waits for the kernels to finish."""
+    cuda = any(v.is_cuda for v in inputs.values())
+
     def run() -> None:
         with torch.no_grad():
             model(**inputs)
+        if cuda:
+            torch.cuda.synchronize()
     return run
 
 

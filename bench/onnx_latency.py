@@ -5,7 +5,11 @@ For each model: compile a spec with branched layers and ``export.formats: [pytho
 (``torch.no_grad``, eval mode) and an onnxruntime session of ``model.onnx`` on the same inputs at
 batch 1, 8 and 64, alternating the two, median of ``--repeats`` timed calls after warm-up.
 Reported: ms per call and the ratio onnxruntime / eager (target <= 1.0).
-Run: ``.venv/bin/python bench/onnx_latency.py [--provider cpu|cuda]``.
+
+``--variants`` re-exports each model as asked (``reconfx export --dtype/--optimize``) and times
+every variant's file against the same eager model: ``fp32`` (the default export), ``fp16``,
+``O1``/``O2``/``O3`` (onnxruntime's graph optimisations, saved), ``fp16-O2``.
+Run: ``.venv/bin/python bench/onnx_latency.py [--provider cpu|cuda] [--variants fp32 fp16 O2]``.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ import yaml
 
 import reconfx
 from reconfx.build import example_inputs
-from reconfx.commands import compile_spec
+from reconfx.commands import compile_spec, export_spec
 
 TOKENS = {"name": "input_ids", "dtype": "int64", "dynamic": [0, 1]}
 MODELS = {
@@ -64,6 +68,11 @@ MODELS = {
 }
 
 
+VARIANTS = {"fp32": {}, "fp16": {"dtype": "fp16"}, "O1": {"optimize": "O1"},
+            "O2": {"optimize": "O2"}, "O3": {"optimize": "O3"},
+            "fp16-O2": {"dtype": "fp16", "optimize": "O2"}}
+
+
 def timed_pair(eager, ort, repeats: int) -> tuple[float, float]:
     for _ in range(3):
         eager()
@@ -93,11 +102,13 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
     parser.add_argument("--provider", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["fp32"])
     args = parser.parse_args()
     print(f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, provider "
           f"{args.provider}, torch threads {torch.get_num_threads()}")
-    print("| model | export s | exporter | batch | eager ms | onnxruntime ms | ort / eager |")
-    print("|---|---|---|---|---|---|---|")
+    print("| model | variant | export s | exporter | batch | eager ms | onnxruntime ms | "
+          "ort / eager |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             spec = Path(tmp) / "spec.yaml"
@@ -105,23 +116,25 @@ def main() -> None:
                       "export": {"formats": ["python", "onnx"], "dir": str(Path(tmp) / "out")}}
             spec.write_text(yaml.safe_dump(fields, sort_keys=False))
             compiled = compile_spec(spec)
-            report = (Path(tmp) / "out" / "report.md").read_text()
-            line = next(x for x in report.splitlines() if x.startswith("- `model.onnx`"))
-            seconds = float(line.split(" in ")[1].split(" s,")[0])
-            exporter = line.split("exported by the ")[1].split(" exporter")[0]
             model = reconfx.load(Path(tmp) / "out").eval()
-            run = reconfx.onnx_session(Path(tmp) / "out" / "model.onnx", args.provider)
             device = "cuda" if args.provider == "cuda" else "cpu"
             model.to(device)
-            for batch in args.batches:
-                inputs = example_inputs(compiled.prepared.loaded.spec.inputs, seed=0,
-                                        batch=batch)
-                on_device = {k: v.to(device) for k, v in inputs.items()}
-
-                e, o = timed_pair(lambda m=model, x=on_device: eager_call(m, x),
-                                  lambda r=run, x=inputs: r(**x), args.repeats)
-                print(f"| {name} | {seconds:.1f} | {exporter} | {batch} | {e:.2f} | {o:.2f} | "
-                      f"{o / e:.2f} |", flush=True)
+            for variant in args.variants:
+                if variant != "fp32":
+                    export_spec(spec, options={**VARIANTS[variant], "provider": args.provider})
+                report = (Path(tmp) / "out" / "report.md").read_text()
+                line = next(x for x in report.splitlines() if x.startswith("- `model.onnx`"))
+                seconds = float(line.split(" in ")[1].split(" s,")[0])
+                exporter = line.split("exported by the ")[1].split(" exporter")[0]
+                run = reconfx.onnx_session(Path(tmp) / "out" / "model.onnx", args.provider)
+                for batch in args.batches:
+                    inputs = example_inputs(compiled.prepared.loaded.spec.inputs, seed=0,
+                                            batch=batch)
+                    on_device = {k: v.to(device) for k, v in inputs.items()}
+                    e, o = timed_pair(lambda m=model, x=on_device: eager_call(m, x),
+                                      lambda r=run, x=inputs: r(**x), args.repeats)
+                    print(f"| {name} | {variant} | {seconds:.1f} | {exporter} | {batch} | "
+                          f"{e:.2f} | {o:.2f} | {o / e:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -339,6 +339,7 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, nargs="+", default=[2, 4, 8])
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16, 128])
     parser.add_argument("--models", nargs="+", choices=list(MODELS), default=list(MODELS))
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the main table only)")
     parser.add_argument("--torch-compile", action="store_true")
     parser.add_argument("--train-step", action="store_true")
     parser.add_argument("--tuned", action="store_true",
@@ -353,8 +354,8 @@ def main() -> None:
                         help="the eager stack, T calls vs one joined call, beside the compiled "
                              "stack model (at each --tasks)")
     args = parser.parse_args()
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of "
-          f"{args.repeats}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.device}, "
+          f"median of {args.repeats}")
     tuned_head = (" rule / tuned", " / tuned", " | tuned speed-up", "---|") if args.tuned else (
         "", "", "", "")
     print("\n| model | T | batch | streams per call{} | forward ms unbatched / batched{} | "
@@ -364,12 +365,14 @@ def main() -> None:
         for t in args.tasks:
             tasks = [f"t{i}" for i in range(t)]
             unbatched, batched, make = pair(build, tasks)
+            unbatched, batched = unbatched.to(args.device), batched.to(args.device)
             models = [unbatched, batched]
             if args.tuned:
                 models.append(copy.deepcopy(batched))
-                tune(models[-1], {b: make(b) for b in args.batches}, args.repeats)
+                tune(models[-1], {b: {k: v.to(args.device) for k, v in make(b).items()}
+                                  for b in args.batches}, args.repeats)
             for batch in args.batches:
-                inputs = make(batch)
+                inputs = {k: v.to(args.device) for k, v in make(batch).items()}
                 with torch.no_grad():
                     want = unbatched(**inputs)
                     for model in models[1:]:

@@ -168,16 +168,21 @@ def cmd_compile(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from reconfx.commands import export_spec
 
-    exported = export_spec(args.spec, args.out, args.task, args.provider,
+    options = {"opset": args.opset, "dtype": args.dtype, "optimize": args.optimize,
+               "atol": args.atol, "rtol": args.rtol, "provider": args.provider}
+    exported = export_spec(args.spec, args.out, args.task, options,
                            progress=not getattr(args, "quiet", False))
     _say(args, f"exported with the {exported.exporter} exporter; onnxruntime on "
                f"{exported.provider}")
     for name, why in exported.rejected.items():
         _say(args, f"  not used: {name}: {why}")
+    for step in exported.steps:
+        _say(args, f"  {step}")
     worst = max(exported.comparisons, key=lambda c: c.max_abs)
-    _say(args, f"  I5 onnx parity: {len(exported.comparisons)} output comparison(s) within atol "
-               f"1e-4, rtol 1e-3 (largest abs diff {worst.max_abs:.3g}, {worst.task} on "
-               f"{worst.case})")
+    atol, rtol = exported.options.tolerances
+    _say(args, f"  I5 onnx parity ({exported.options.dtype}, opset {exported.options.opset}): "
+               f"{len(exported.comparisons)} output comparison(s) within atol {atol:g}, rtol "
+               f"{rtol:g} (largest abs diff {worst.max_abs:.3g}, {worst.task} on {worst.case})")
     _say(args, f"wrote {exported.path}")
     return 0
 
@@ -213,9 +218,19 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="test", choices=["train", "val", "test"])
     _force(_command(sub, "compile", "trace, branch, check invariants, write model.py etc.",
                     cmd_compile))
-    x = _command(sub, "export", "write model.onnx from the model.py and weights in export.dir",
-                 cmd_export)
+    x = _command(sub, "export", "write model.onnx from the model.py and weights in an output "
+                 "folder (SPEC: a spec, or the output folder itself)", cmd_export)
     x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--opset", type=int, default=None,
+                   help="ONNX opset, 17 to 21 (default: export.onnx.opset, 18)")
+    x.add_argument("--dtype", choices=["fp32", "fp16"], default=None,
+                   help="fp16: float16 weights and activations, float32 inputs and outputs")
+    x.add_argument("--optimize", choices=["O1", "O2", "O3"], default=None,
+                   help="onnxruntime graph optimisations, applied and saved")
+    x.add_argument("--atol", type=float, default=None,
+                   help="parity check's absolute tolerance (default 1e-4; fp16 1e-2)")
+    x.add_argument("--rtol", type=float, default=None,
+                   help="parity check's relative tolerance (default 1e-3; fp16 1e-2)")
     x.add_argument("--task", help="export only this task's output (model.<task>.onnx)")
     x.add_argument("--provider", choices=["cpu", "cuda"], default=None,
                    help="onnxruntime provider for the check (default: cuda when "

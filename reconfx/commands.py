@@ -13,6 +13,7 @@ import json
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -21,7 +22,7 @@ from reconfx.batching import regions_of
 from reconfx.build import call_data_factory
 from reconfx.checks import check_emit
 from reconfx.cost import CostModel
-from reconfx.emit.onnx import OnnxExport
+from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import ModelError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
@@ -53,7 +54,7 @@ from reconfx.profiling import (
 )
 from reconfx.report import Cost, batching_section, compile_report, flops, latency
 from reconfx.selection import select_layers
-from reconfx.spec import LoadedSpec, Spec, class_name
+from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
 from reconfx.tables import markdown_table, table
 from reconfx.train.loop import FitResult, delta_m, evaluate
@@ -290,26 +291,61 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     return Profiled(prepared, result, chosen, written, result.warnings(), notes)
 
 
-def export_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                task: str | None = None, provider: str | None = None,
+def export_spec(target: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+                task: str | None = None, options: dict[str, Any] | None = None,
                 progress: bool = False) -> OnnxExport:
-    """``reconfx export``: ONNX from the model.py and weights already in the output folder
+    """``reconfx export``: ONNX from the model.py and weights already in an output folder
     (``model.onnx``, or ``model.<task>.onnx`` with only that task's output and what it needs);
-    its section of report.md is replaced, nothing else is touched."""
-    loaded = loaded_spec(spec)
+    its section of report.md is replaced, nothing else is touched. ``target`` is the spec, or
+    the output folder itself (its manifest names the spec). ``options``: the opset, dtype,
+    optimize, atol, rtol and provider asked for (None: the spec's ``export.onnx``)."""
+    loaded, folder = spec_and_folder(target, out_dir)
     s = loaded.spec
     if task is not None and task not in s.task_names:
         raise SpecError(f"no task named '{task}'", where="--task",
                         fix=f"one of {', '.join(s.task_names)}")
-    folder = output_dir(loaded, out_dir)
+    given = {k: v for k, v in (options or {}).items() if v is not None}
+    OnnxOptions(**{**s.export.onnx.model_dump(), **given})  # (refuses bad flags before work)
     if not (folder / artifacts.MANIFEST).is_file():  # (before the lock creates the folder)
         raise ModelError(f"{folder} holds no compiled model (no {artifacts.MANIFEST})",
                          where="export.dir", fix="run `reconfx compile` (or `run`) first")
     with outdir.writing(folder, "export") as out:
-        return _export(loaded, out, task, provider, Stages(progress))
+        return _export(loaded, out, task, given, Stages(progress))
 
 
-def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | None,
+def spec_and_folder(target: LoadedSpec | str | Path, out_dir: str | Path | None
+                    ) -> tuple[LoadedSpec, Path]:
+    """The spec and output folder ``reconfx export TARGET`` means: TARGET a spec (the folder:
+    ``--out`` or its ``export.dir``), or an output folder whose manifest names its spec."""
+    if isinstance(target, LoadedSpec) or not Path(target).is_dir():
+        loaded = loaded_spec(target)
+        return loaded, output_dir(loaded, out_dir)
+    folder = Path(target)
+    manifest = folder / artifacts.MANIFEST
+    try:
+        recorded = json.loads(manifest.read_text())["spec"]
+        path, sha = Path(recorded["path"]), recorded["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        raise ModelError(f"{folder} is a folder without a readable {artifacts.MANIFEST} naming "
+                         "its spec", where=str(manifest),
+                         fix="pass the spec instead, or a folder written by `reconfx compile`"
+                         ) from None
+    if not path.is_file():
+        raise SpecError(f"the spec {path} that {manifest} names is gone", where=str(manifest),
+                        fix="pass the spec file itself: reconfx export SPEC --out FOLDER")
+    loaded = load_spec_file(path)
+    if loaded.sha256 != sha:
+        raise SpecError(f"the spec {path} changed since it wrote {folder} (its sha256 differs "
+                        f"from {manifest}'s)", where=str(path),
+                        fix="re-run `reconfx compile` with it, or pass the spec explicitly: "
+                            "reconfx export SPEC --out FOLDER")
+    if out_dir is not None and Path(out_dir).resolve() != folder.resolve():
+        raise SpecError("--out names another folder than the one given", where="--out",
+                        fix="give the folder once")
+    return loaded, folder
+
+
+def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, Any],
             stages: Stages = QUIET) -> OnnxExport:
     s = loaded.spec
     with stages("loading model.py and its weights", "loaded (verified against manifest.json)"):
@@ -320,7 +356,7 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, provider: str | Non
         with stages(f"exporting {name}", lambda: f"exported {name} ({exported.exporter} "
                     f"exporter), I5 holds on {exported.provider}"):
             exported = onnx_for_spec(loaded, model, staging.path / name, examples, task,
-                                     provider)
+                                     options)
         files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
         report = out / "report.md"
         text = report.read_text(encoding="utf-8") if report.is_file() else ""

@@ -15,6 +15,7 @@ import textwrap
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -39,7 +40,7 @@ from reconfx.cost import CostModel, Selection, selection_lines
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
-from reconfx.emit.onnx import OnnxExport, export_onnx
+from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
 from reconfx.errors import CheckError, SpecError
 from reconfx.graph import named_tensors, unique_parameters
@@ -409,8 +410,10 @@ def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
 
 def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
                   examples: list[dict[str, torch.Tensor]], task: str | None = None,
-                  provider: str | None = None) -> OnnxExport:
-    """Export and check ``model`` as the spec describes it (inputs, tasks, dynamic axes)."""
+                  overrides: dict[str, Any] | None = None) -> OnnxExport:
+    """Export and check ``model`` as the spec describes it (inputs, tasks, dynamic axes and
+    their names, ``export.onnx``), with ``overrides`` (the CLI's flags: opset, dtype, optimize,
+    atol, rtol, provider) taking precedence."""
     s = loaded.spec
     tasks = [task] if task is not None else s.task_names
     clash = sorted({i.name for i in s.inputs} & set(tasks))
@@ -419,9 +422,30 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
                         "input and a task", where=f"{loaded.path}: tasks",
                         fix=f"rename the task (e.g. {clash[0]}_out), or leave onnx out of "
                             "export.formats")
+    given = {k: v for k, v in (overrides or {}).items() if v is not None}
+    chosen = {**s.export.onnx.model_dump(), **given}
+    options = OnnxOptions(**chosen, transformer=transformer_shape(loaded)
+                          if chosen.get("optimize") else None)
     return export_onnx(model, [i.name for i in s.inputs], tasks,
-                       {i.name: list(i.dynamic) for i in s.inputs}, onnx_cases(loaded, examples),
-                       path, provider, every_task=task is None)
+                       {i.name: i.dynamic for i in s.inputs}, onnx_cases(loaded, examples),
+                       path, options, every_task=task is None)
+
+
+def transformer_shape(loaded: LoadedSpec) -> tuple[str, int, int] | None:
+    """(model type, attention heads, hidden size) of the spec's model when it holds a Hugging
+    Face model whose type onnxruntime's transformer optimizer knows, else None. The spec's
+    model is built to read its configuration (only for ``optimize``)."""
+    from onnxruntime.transformers.optimizer import MODEL_TYPES
+
+    model = build_model(loaded.spec, loaded.path)
+    configs = [m.config for m in model.modules() if hasattr(m, "config")
+               and hasattr(m.config, "model_type")]
+    for config in configs[:1]:
+        heads = getattr(config, "num_attention_heads", None)
+        hidden = getattr(config, "hidden_size", None)
+        if config.model_type in MODEL_TYPES and heads and hidden:
+            return config.model_type, int(heads), int(hidden)
+    return None
 
 
 def tune_batching(compiled: Compiled, progress: bool = False) -> None:

@@ -27,6 +27,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    NonNegativeFloat,
     NonNegativeInt,
     PositiveFloat,
     PositiveInt,
@@ -38,6 +39,7 @@ from pydantic import (
 from reconfx.errors import SpecError
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+ONNX_OPSETS = range(17, 22)  # exported, checked and run by onnxruntime in tests/test_onnx.py
 _FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 # Task names become attribute names of per-task containers (nn.ModuleDict) in the emitted model.
 _RESERVED_TASK_NAMES = frozenset(
@@ -189,9 +191,10 @@ class InputSpec(_Strict):
     shape: list[PositiveInt] = Field(
         description="the example input's shape, batch first",min_length=1)
     dtype: _DTYPES = Field(default="float32", description="the input's dtype")
-    dynamic: list[NonNegativeInt] = Field(
-        default_factory=lambda: [0], description="axes that may change size (default: the batch)"
-    )
+    dynamic: list[NonNegativeInt] | dict[NonNegativeInt, str] = Field(
+        default_factory=lambda: [0], description="axes that may change size (default: the "
+        "batch): a list of axes, or axes with the names ONNX gives them ({0: batch, 1: "
+        "sequence}; inputs naming an axis alike share that dimension)")
     low: float | None = Field(default=None, description="lowest example value (int inputs)")
     high: float | None = Field(default=None, description="example values stay below this")
     pad: float | None = Field(
@@ -213,6 +216,10 @@ class InputSpec(_Strict):
         for axis in self.dynamic:
             if axis >= len(self.shape):
                 raise ValueError(f"dynamic axis {axis} is outside shape {self.shape}")
+        for name in (self.dynamic.values() if isinstance(self.dynamic, dict) else ()):
+            if not re.match(_IDENTIFIER, name):
+                raise ValueError(f"dynamic axis name {name!r} is not an identifier (letters, "
+                                 "digits, _)")
         if self.dtype.startswith("int") and self.high is None and self.mask_of is None:
             raise ValueError(
                 "integer inputs need 'high' (exclusive upper bound of example values; "
@@ -471,11 +478,31 @@ class DistributedSpec(_Strict):
         default=600.0, description="how long a rank waits for the others in a collective")
 
 
+class OnnxSpec(_Strict):
+    """How ``model.onnx`` is written (``reconfx export``'s flags override each field)."""
+
+    opset: int = Field(default=18, ge=ONNX_OPSETS.start, le=ONNX_OPSETS.stop - 1,
+                       description=f"ONNX opset, {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1}")
+    dtype: Literal["fp32", "fp16"] = Field(
+        default="fp32", description="fp16: weights and activations float16 (onnxruntime's "
+        "converter), inputs and outputs float32")
+    optimize: Literal["O1", "O2", "O3"] | None = Field(
+        default=None, description="onnxruntime graph optimisations applied and saved (O3 may "
+        "tie the file to the provider it was optimised for); with a Hugging Face backbone of a "
+        "type onnxruntime's transformer optimizer knows, that optimizer first")
+    atol: NonNegativeFloat | None = Field(
+        default=None, description="parity check: absolute tolerance (default 1e-4, fp16 1e-2)")
+    rtol: NonNegativeFloat | None = Field(
+        default=None, description="parity check: relative tolerance (default 1e-3, fp16 1e-2)")
+
+
 class ExportSpec(_Strict):
     formats: list[Literal["python", "onnx"]] = Field(
         description="python (model.py, weights) and onnx (model.onnx)",
         default_factory=lambda: ["python"])
     dir: Path | None = Field(default=None, description="default: exported/<spec name>")
+    onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="model.onnx's opset, dtype, "
+                           "optimisation and parity tolerances")
     tensorboard: bool = Field(
         default=False, description="run: also write the training scalars (per-step losses and "
         "learning rate, per-epoch metrics and conflict share) live as TensorBoard event files "

@@ -37,11 +37,11 @@ def resnet_spec(tmp_path, tasks=("left", "right"), data=True):
     return with_onnx(write_spec(tmp_path, "onnx", **fields), tmp_path / "out")
 
 
-def assert_exported(out, inputs, tasks, dynamic_axes, name="model.onnx"):
-    """The file's interface, and onnxruntime matching the emitted PyTorch model on inputs of
-    another size than the export's."""
+def assert_exported(out, inputs, tasks, dynamic_axes, name="model.onnx", opset=18):
+    """The file's interface and opset, and onnxruntime matching the emitted PyTorch model on
+    inputs of another size than the export's."""
     proto = onnx.load(str(out / name))
-    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) >= 18
+    assert max(o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")) == opset
     assert [i.name for i in proto.graph.input] == list(inputs)
     assert [o.name for o in proto.graph.output] == list(tasks)
     for i in proto.graph.input:
@@ -157,18 +157,19 @@ def test_dynamo_failure_falls_back_to_torchscript_and_says_why(tmp_path, monkeyp
                     {"image": [0]})
 
 
-def test_failed_check_is_an_error_and_keeps_earlier_files(tmp_path, monkeypatch, capsys):
+def test_failed_check_is_an_error_and_keeps_earlier_files(tmp_path, capsys):
     spec = resnet_spec(tmp_path)
     out = tmp_path / "out"
     reconfx.compile_spec(spec, out)
     before = {name: (out / name).read_bytes() for name in listing(out)}
-    monkeypatch.setattr(onnx_emit, "ATOL", 0.0)
-    monkeypatch.setattr(onnx_emit, "RTOL", 0.0)  # float differences now fail the check
+    data = yaml.safe_load(spec.read_text())
+    data["export"]["onnx"] = {"atol": 0.0, "rtol": 0.0}  # float differences now fail the check
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
     assert main(["compile", str(spec), "--quiet"]) == 1
     err = capsys.readouterr().err
     assert "no ONNX exporter produced a model that passes the checks" in err
     assert "dynamo: onnxruntime differs from PyTorch" in err
-    assert "torchscript: onnxruntime differs from PyTorch" in err
+    assert "torchscript: onnxruntime differs from PyTorch" in err and "(atol 0, rtol 0)" in err
     assert {name: (out / name).read_bytes() for name in listing(out)} == before
 
 
@@ -208,3 +209,135 @@ def test_an_op_without_onnx_translation_is_named(tmp_path, capsys):
            "to ONNX opset version 18 is not supported" in err
     assert "replace that op" in err
     assert not (tmp_path / "out").exists() or not listing(tmp_path / "out")
+
+
+def compiled_resnet(tmp_path):
+    spec = resnet_spec(tmp_path)
+    data = yaml.safe_load(spec.read_text())
+    data["export"]["formats"] = ["python"]  # (the tests below export themselves)
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    reconfx.compile_spec(spec, tmp_path / "out")
+    return spec, tmp_path / "out"
+
+
+def onnx_section(out):
+    text = (out / "report.md").read_text()
+    return text[text.index("## ONNX"):]
+
+
+@pytest.mark.parametrize("opset", list(onnx_emit.OPSETS))
+def test_every_supported_opset_exports_checks_and_runs(tmp_path, opset):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(spec), "--opset", str(opset), "--quiet"]) == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    assert {o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")} == {opset}
+    assert_exported(out, {"image": torch.randn(5, 1, 12, 12)}, ["left", "right"],
+                    {"image": [0]}, opset=opset)
+    assert f"opset {opset}, fp32, optimisation none" in onnx_section(out)
+
+
+@pytest.mark.parametrize("flags,needle", [
+    (["--opset", "16"], "--opset: opset 16 is outside the supported range 17-21"),
+    (["--opset", "22"], "outside the supported range 17-21"),
+    (["--atol", "-1"], "--atol: atol must be a finite number >= 0"),
+])
+def test_unsupported_export_options_are_refused_before_any_work(tmp_path, capsys, flags,
+                                                                needle):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(spec), *flags, "--quiet"]) == 2
+    assert needle in capsys.readouterr().err and not (out / "model.onnx").exists()
+
+
+def test_export_takes_the_output_folder_and_its_manifests_spec(tmp_path, capsys):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(out), "--quiet"]) == 0
+    assert_exported(out, {"image": torch.randn(2, 1, 12, 12)}, ["left", "right"],
+                    {"image": [0]})
+    spec.write_text(spec.read_text() + "\n# edited\n")
+    assert main(["export", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "changed since it wrote" in err and "reconfx export SPEC --out FOLDER" in err
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["export", str(empty), "--quiet"]) == 2
+    assert "without a readable manifest.json" in capsys.readouterr().err
+
+
+def test_fp16_export_holds_float16_weights_and_stays_within_its_tolerance(tmp_path):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(spec), "--dtype", "fp16", "--quiet"]) == 0
+    proto = onnx.load(str(out / "model.onnx"))
+    kinds = {onnx.helper.tensor_dtype_to_np_dtype(t.data_type) for t in proto.graph.initializer
+             if len(t.dims) > 1}
+    assert kinds == {np.dtype("float16")}  # every weight matrix and kernel
+    assert [i.type.tensor_type.elem_type for i in proto.graph.input] == [onnx.TensorProto.FLOAT]
+    section = onnx_section(out)
+    assert "opset 18, fp16" in section and "within atol 0.01, rtol 0.01" in section
+    run = reconfx.onnx_session(out / "model.onnx")
+    image = torch.randn(6, 1, 12, 12)
+    with torch.no_grad():
+        want = reconfx.load(out)(image=image)
+    got = run(image=image)
+    for task in ("left", "right"):
+        assert got[task].dtype == np.float32
+        np.testing.assert_allclose(got[task], want[task].numpy(), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("level", ["O1", "O2", "O3"])
+def test_optimised_exports_are_saved_and_still_match(tmp_path, level):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(spec), "--optimize", level, "--quiet"]) == 0
+    section = onnx_section(out)
+    assert f"optimisation {level}" in section and f"graph optimisations {level}" in section
+    assert_exported(out, {"image": torch.randn(3, 1, 12, 12)}, ["left", "right"],
+                    {"image": [0]})
+    if level != "O1":  # (extended levels fuse convolutions with their activations)
+        ops = {n.op_type for n in onnx.load(str(out / "model.onnx")).graph.node}
+        assert "FusedConv" in ops or "Conv" in ops
+
+
+def test_named_dynamic_axes_name_the_onnx_dimensions(tmp_path):
+    spec = with_onnx(write_spec(
+        tmp_path, "axes", model={"factory": "reconfx.zoo:EncoderClassifier",
+                                 "kwargs": {"dim": 16, "tasks": ["tag", "cls"]}},
+        inputs=[{"name": "tokens", "shape": [2, 8], "dtype": "int64", "high": 30,
+                 "dynamic": {0: "batch", 1: "sequence"}}],
+        tasks=[{"name": "tag"}, {"name": "cls"}], select={"layers": ["encoder.layers.1.*"]}),
+        tmp_path / "out")
+    reconfx.compile_spec(spec, tmp_path / "out")
+    proto = onnx.load(str(tmp_path / "out" / "model.onnx"))
+    dims = [d.dim_param or d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", "sequence"]
+
+
+def test_the_reports_cpu_snippet_runs_the_file(tmp_path, monkeypatch):
+    spec, out = compiled_resnet(tmp_path)
+    assert main(["export", str(spec), "--quiet"]) == 0
+    section = onnx_section(out)
+    cpu = section.split("```python\n")[1].split("```")[0]
+    gpu = section.split("```python\n")[2].split("```")[0]
+    assert 'ort.OrtValue.ortvalue_from_numpy(image, "cuda", 0)' in gpu
+    assert 'binding.bind_output("left", "cuda")' in gpu
+    monkeypatch.chdir(out)
+    scope: dict = {}
+    exec(cpu, scope)  # noqa: S102 (the report's own lines)
+    assert set(scope["outputs"]) == {"left", "right"}
+    assert scope["image"].shape == (4, 1, 12, 12)  # the spec's example shape
+    want = reconfx.onnx_session(out / "model.onnx")(image=scope["image"])
+    for task in ("left", "right"):
+        np.testing.assert_array_equal(scope["outputs"][task], want[task])
+
+
+def test_a_bert_backbone_goes_through_onnxruntimes_transformer_optimizer(tmp_path, capsys):
+    spec = hf_spec(tmp_path, "bert", 2)
+    out = tmp_path / "out"
+    reconfx.compile_spec(spec, out)
+    assert main(["export", str(out), "--optimize", "O2"]) == 0  # (the folder names its spec)
+    printed = capsys.readouterr().out
+    section = onnx_section(out)
+    line = next(x for x in section.splitlines() if "transformer optimizer" in x)
+    assert line.startswith("- onnxruntime's transformer optimizer (bert, ")
+    assert "transformer optimizer (bert" in printed
+    s = reconfx.load_spec(spec)
+    grown = example_inputs(s.inputs, seed=5, grow=3)
+    assert_exported(out, grown, s.task_names, {i.name: i.dynamic for i in s.inputs})

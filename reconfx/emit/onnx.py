@@ -6,9 +6,18 @@ exporters are tried in a fixed order, torch's dynamo-based one (``dynamo=True``)
 TorchScript-based one, and the first file that passes every check is kept:
 
 1. ``onnx.checker`` (full check, with shape inference);
-2. onnxruntime against eager PyTorch, output by output, on the example inputs, on a second batch
-   size (and sequence length, where dynamic), and on a batch of real data when the spec has some:
-   ``|ort - torch| <= atol + rtol * |torch|`` with atol 1e-4 and rtol 1e-3.
+2. onnxruntime against eager PyTorch in float32, output by output, on the example inputs, on a
+   second batch size (and sequence length, where dynamic), and on a batch of real data when the
+   spec has some: ``|ort - torch| <= atol + rtol * |torch|`` (atol 1e-4 and rtol 1e-3 by
+   default; fp16 files 1e-2 and 1e-2).
+
+:class:`OnnxOptions` holds the user's choices: the opset (``OPSETS``), the tolerances, the
+dtype (``fp16``: the checked float32 graph converted by onnxruntime's float16 converter, weights
+and activations in float16, inputs and outputs kept float32), and an onnxruntime optimisation
+level (``O1``-``O3``: the graph optimisations onnxruntime applies when it loads a model, done
+once and saved; for a Hugging Face backbone of a type onnxruntime's transformer optimizer knows,
+that optimizer runs first). The file that is kept is the converted and optimised one, and it is
+the one compared with PyTorch.
 
 :func:`onnx_session` runs an exported file: named inputs in, ``{task: array}`` out.
 """
@@ -18,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import math
 import os
 import re
 import sys
@@ -34,9 +44,12 @@ from torch import nn
 
 from reconfx.batching import one_call_per_region, one_stream_per_call
 from reconfx.errors import CheckError, SpecError
+from reconfx.spec import ONNX_OPSETS
 
-OPSET = 18
-ATOL, RTOL = 1e-4, 1e-3
+OPSET = 18  # the default
+OPSETS = ONNX_OPSETS
+TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # dtype -> default (atol, rtol)
+LEVELS = {"O1": "ORT_ENABLE_BASIC", "O2": "ORT_ENABLE_EXTENDED", "O3": "ORT_ENABLE_ALL"}
 EXPORTERS = ("dynamo", "torchscript")
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 EXTERNAL_DATA_BYTES = 2 * 1024 ** 3  # protobuf's limit: larger weights go to model.onnx.data
@@ -53,6 +66,45 @@ class TaskOutputs(nn.Module):
     def forward(self, *args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         outputs = self.model(**dict(zip(self.inputs, args, strict=True)))
         return tuple(outputs[t] for t in self.tasks)
+
+
+@dataclass(frozen=True)
+class OnnxOptions:
+    """How to export: opset, dtype, onnxruntime optimisation level, parity tolerances (None:
+    the dtype's defaults, ``TOLERANCES``), provider (None: CUDA when onnxruntime-gpu sees a GPU),
+    and a Hugging Face model type with its attention heads and hidden size for onnxruntime's
+    transformer optimizer (with ``optimize``)."""
+
+    opset: int = OPSET
+    dtype: str = "fp32"
+    optimize: str | None = None
+    atol: float | None = None
+    rtol: float | None = None
+    provider: str | None = None
+    transformer: tuple[str, int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.opset not in OPSETS:
+            raise SpecError(f"opset {self.opset} is outside the supported range "
+                            f"{OPSETS.start}-{OPSETS.stop - 1}", where="--opset",
+                            fix=f"an opset from {OPSETS.start} to {OPSETS.stop - 1} (default "
+                                f"{OPSET})")
+        if self.dtype not in TOLERANCES:
+            raise SpecError(f"unknown dtype '{self.dtype}'", where="--dtype", fix="fp32 or fp16")
+        if self.optimize is not None and self.optimize not in LEVELS:
+            raise SpecError(f"unknown optimisation level '{self.optimize}'", where="--optimize",
+                            fix="O1, O2 or O3")
+        for name in ("atol", "rtol"):
+            value = getattr(self, name)
+            if value is not None and not (value >= 0 and math.isfinite(value)):
+                raise SpecError(f"{name} must be a finite number >= 0, got {value}",
+                                where=f"--{name}", fix="e.g. --atol 1e-4 --rtol 1e-3")
+
+    @property
+    def tolerances(self) -> tuple[float, float]:
+        atol, rtol = TOLERANCES[self.dtype]
+        return (atol if self.atol is None else self.atol,
+                rtol if self.rtol is None else self.rtol)
 
 
 @dataclass
@@ -72,19 +124,56 @@ class OnnxExport:
     comparisons: list[Comparison]
     rejected: dict[str, str] = field(default_factory=dict)  # exporter -> why it was not used
     seconds: float = 0.0
+    options: OnnxOptions = field(default_factory=OnnxOptions)
+    steps: list[str] = field(default_factory=list)  # what was done to the exported graph
+    inputs: list[tuple[str, str, list]] = field(default_factory=list)  # name, type, shape
+    outputs: list[str] = field(default_factory=list)
 
     def report(self) -> list[str]:
+        o = self.options
+        atol, rtol = o.tolerances
         lines = ["## ONNX", "",
-                 f"- `{self.path.name}`: opset {OPSET}, exported by the {self.exporter} exporter "
-                 f"in {self.seconds:.1f} s, checked with onnx.checker (full) and onnxruntime on "
+                 f"- `{self.path.name}`: opset {o.opset}, {o.dtype}, optimisation "
+                 f"{o.optimize or 'none'}; exported by the {self.exporter} exporter in "
+                 f"{self.seconds:.1f} s, checked with onnx.checker (full) and onnxruntime on "
                  f"{self.provider}"]
+        lines += [f"- {step}" for step in self.steps]
         for name, why in self.rejected.items():
             lines.append(f"- the {name} exporter was tried first and not used: {why}")
-        lines += ["", f"| inputs | output | max abs diff | max rel diff | within atol {ATOL:g}, "
-                      f"rtol {RTOL:g} |", "|---|---|---|---|---|"]
+        lines += ["", f"| inputs | output | max abs diff | max rel diff | within atol {atol:g}, "
+                      f"rtol {rtol:g} |", "|---|---|---|---|---|"]
         lines += [f"| {c.case} | {c.task} | {c.max_abs:.3g} | {c.max_rel:.3g} | "
                   f"{'yes' if c.ok else 'NO'} |" for c in self.comparisons]
-        return lines
+        return lines + ["", *snippet(self)]
+
+
+def snippet(exported: OnnxExport) -> list[str]:
+    """report.md's lines that show how to run the file with onnxruntime: on the CPU, and with
+    the CUDA provider and IO binding (inputs and outputs on the GPU)."""
+    name = exported.path.name
+    make = []
+    for input_name, dtype, shape, free in exported.inputs:
+        note = f"  # any size along {', '.join(free)}" if free else ""
+        make.append(f"{input_name} = np.zeros({tuple(shape)}, dtype=np.{dtype}){note}")
+    feed = "{" + ", ".join(f'"{n}": {n}' for n, *_rest in exported.inputs) + "}"
+    return ["### Running it", "", "CPU (`pip install onnxruntime`):", "", "```python",
+            "import numpy as np", "import onnxruntime as ort", "",
+            f'session = ort.InferenceSession("{name}", providers=["CPUExecutionProvider"])',
+            *make,
+            "names = [o.name for o in session.get_outputs()]",
+            f"outputs = dict(zip(names, session.run(None, {feed})))  # "
+            f"{', '.join(exported.outputs)}", "```", "",
+            "GPU (`pip install onnxruntime-gpu` instead of onnxruntime), inputs and outputs kept "
+            "on the GPU with IO binding:", "", "```python",
+            f'session = ort.InferenceSession("{name}", providers=["CUDAExecutionProvider", '
+            '"CPUExecutionProvider"])',
+            "binding = session.io_binding()",
+            *(f'binding.bind_ortvalue_input("{n}", ort.OrtValue.ortvalue_from_numpy({n}, '
+              '"cuda", 0))' for n, *_rest in exported.inputs),
+            *(f'binding.bind_output("{o}", "cuda")' for o in exported.outputs),
+            "session.run_with_iobinding(binding)",
+            "outputs = dict(zip(names, (v.numpy() for v in binding.copy_outputs_to_cpu())))",
+            "```"]
 
 
 def resolve_providers(requested: str | None) -> list[str]:
@@ -140,19 +229,36 @@ def onnx_session(path: str | Path, provider: str | None = None
     return run
 
 
-def _dims(dynamic: dict[str, list[int]], example: dict[str, torch.Tensor]
-          ) -> dict[tuple[int, int], str]:
-    """A name per (axis, example size): inputs whose dynamic axes have the same index and
-    example size share one dimension (a batch, a sequence length)."""
-    names: dict[tuple[int, int], str] = {}
+def _dims(dynamic: dict[str, list[int] | dict[int, str]], example: dict[str, torch.Tensor]
+          ) -> dict[tuple[str, int], str]:
+    """A dimension name per (input, dynamic axis). A name the spec gives is used as it is, and
+    inputs giving one name share that dimension (their example sizes must agree). Unnamed axes
+    with the same index and example size share one dimension, named ``batch`` (axis 0), ``seq``
+    (axis 1) or ``axis<k>``, with a number added where that name is taken."""
+    named: dict[str, int] = {}  # dimension name -> its example size
+    out: dict[tuple[str, int], str] = {}
+    for name, axes in dynamic.items():
+        for axis, dim in (axes.items() if isinstance(axes, dict) else ()):
+            size = example[name].shape[axis]
+            if named.setdefault(dim, size) != size:
+                raise SpecError(f"inputs name axis '{dim}' alike but their example sizes "
+                                f"differ ({named[dim]} and {size} for '{name}')",
+                                where=f"inputs[{name}].dynamic",
+                                fix="give the axes other names, or example shapes that agree")
+            out[name, axis] = dim
+    shared: dict[tuple[int, int], str] = {}  # (axis, example size) -> name, for unnamed axes
     for name, axes in dynamic.items():
         for axis in axes:
+            if (name, axis) in out:
+                continue
             key = (axis, example[name].shape[axis])
-            if key not in names:
+            if key not in shared:
                 base = "batch" if axis == 0 else "seq" if axis == 1 else f"axis{axis}"
-                taken = sum(1 for k in names if k[0] == axis)
-                names[key] = base if taken == 0 else f"{base}{taken}"
-    return names
+                taken = set(named) | set(shared.values())
+                shared[key] = next(f"{base}{i or ''}" for i in range(len(taken) + 1)
+                                   if f"{base}{i or ''}" not in taken)
+            out[name, axis] = shared[key]
+    return out
 
 
 @contextlib.contextmanager
@@ -185,32 +291,45 @@ def _quiet() -> Iterator[None]:
 
 
 def _export(exporter: str, wrapper: TaskOutputs, example: dict[str, torch.Tensor],
-            dynamic: dict[str, list[int]], path: Path) -> None:
+            dynamic: dict[str, list[int] | dict[int, str]], path: Path, opset: int) -> None:
     names = wrapper.inputs
     args = tuple(example[n] for n in names)
     dims = _dims(dynamic, example)
     large = sum(p.numel() * p.element_size() for p in wrapper.parameters()) > EXTERNAL_DATA_BYTES
     with _quiet(), torch.no_grad():
         if exporter == "dynamo":
-            shared = {key: torch.export.Dim(name) for key, name in dims.items()}
-            shapes = tuple({axis: shared[axis, example[n].shape[axis]]
-                            for axis in dynamic.get(n, [])} or None for n in names)
+            shared = {dim: torch.export.Dim(dim) for dim in set(dims.values())}
+            shapes = tuple({axis: shared[dims[n, axis]] for axis in dynamic.get(n, [])} or None
+                           for n in names)
             program = torch.onnx.export(wrapper, args, dynamo=True, input_names=names,
-                                        output_names=wrapper.tasks, opset_version=OPSET,
+                                        output_names=wrapper.tasks, opset_version=opset,
                                         dynamic_shapes=(shapes,), external_data=large)
             program.save(str(path), external_data=large)
+            _at_opset(path, opset)
         else:
-            axes = {n: {axis: dims[axis, example[n].shape[axis]] for axis in dynamic.get(n, [])}
-                    for n in names}
-            if any(0 in dynamic.get(n, []) for n in names):
-                axes.update({t: {0: "batch"} for t in wrapper.tasks})
+            axes = {n: {axis: dims[n, axis] for axis in dynamic.get(n, [])} for n in names}
+            batch = next((dims[n, 0] for n in names if 0 in dynamic.get(n, [])), None)
+            if batch is not None:
+                axes.update({t: {0: batch} for t in wrapper.tasks})
             torch.onnx.export(wrapper, args, str(path), dynamo=False, input_names=names,
-                              output_names=wrapper.tasks, opset_version=OPSET,
+                              output_names=wrapper.tasks, opset_version=opset,
                               dynamic_axes={k: v for k, v in axes.items() if v})
 
 
-def _compare(session: Any, wrapper: TaskOutputs, cases: list[tuple[str, dict]]
-             ) -> list[Comparison]:
+def _at_opset(path: Path, opset: int) -> None:
+    """The file at ``path`` converted to ``opset`` by onnx's version converter where the
+    exporter wrote another (the dynamo exporter writes nothing below 18)."""
+    import onnx
+    from onnx import version_converter
+
+    model = onnx.load(str(path))
+    current = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    if current != opset:
+        onnx.save(version_converter.convert_version(model, opset), str(path))
+
+
+def _compare(session: Any, wrapper: TaskOutputs, cases: list[tuple[str, dict]],
+             atol: float, rtol: float) -> list[Comparison]:
     out = []
     for case, inputs in cases:
         with torch.no_grad():
@@ -223,7 +342,7 @@ def _compare(session: Any, wrapper: TaskOutputs, cases: list[tuple[str, dict]]
                 continue
             diff = np.abs(a.astype(np.float64) - b)
             rel = diff / np.maximum(np.abs(b), np.finfo(np.float32).tiny)
-            ok = bool((diff <= ATOL + RTOL * np.abs(b)).all())
+            ok = bool((diff <= atol + rtol * np.abs(b)).all())
             out.append(Comparison(case, task, float(diff.max(initial=0.0)),
                                   float(rel.max(initial=0.0)), ok))
     return out
@@ -244,17 +363,20 @@ def _why(exc: BaseException) -> str:
 
 
 def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
-                dynamic: dict[str, list[int]], cases: list[tuple[str, dict[str, torch.Tensor]]],
-                path: Path, provider: str | None = None, every_task: bool = True) -> OnnxExport:
+                dynamic: dict[str, list[int] | dict[int, str]],
+                cases: list[tuple[str, dict[str, torch.Tensor]]], path: Path,
+                options: OnnxOptions | None = None, every_task: bool = True) -> OnnxExport:
     """Export ``model`` (called with keyword inputs, returning ``{task: tensor}``) to ``path``
-    and check it; ``cases`` are the named input sets to compare on, the first one is exported
-    with. Raises :class:`CheckError` naming each exporter's failure when none passes, and
-    leaves nothing at ``path`` then. Stream batching: with ``every_task`` the streams of a
-    region run in one call (a static graph has no row cap), else one by one so that the
-    streams of the tasks left out are dropped with them."""
+    with ``options``, and check it; ``cases`` are the named input sets to compare on, the first
+    one is exported with. Raises :class:`CheckError` naming each exporter's failure when none
+    passes, and leaves nothing at ``path`` then. Stream batching: with ``every_task`` the
+    streams of a region run in one call (a static graph has no row cap), else one by one so
+    that the streams of the tasks left out are dropped with them."""
     import onnx
 
-    providers = resolve_providers(provider)
+    options = options or OnnxOptions()
+    providers = resolve_providers(options.provider)
+    atol, rtol = options.tolerances
     model.eval()
     wrapper = TaskOutputs(model, inputs, tasks).eval()
     rejected: dict[str, str] = {}
@@ -263,11 +385,12 @@ def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
         _remove(path)
         try:
             with (one_call_per_region if every_task else one_stream_per_call)(model):
-                _export(exporter, wrapper, cases[0][1], dynamic, path)
+                _export(exporter, wrapper, cases[0][1], dynamic, path, options.opset)
             seconds = time.perf_counter() - started
             onnx.checker.check_model(str(path), full_check=True)
+            steps = _convert(path, options, providers)
             session = _session(path, providers)
-            comparisons = _compare(session, wrapper, cases)
+            comparisons = _compare(session, wrapper, cases, atol, rtol)
         except SpecError:
             raise
         except Exception as exc:  # an exporter, checker or runtime failure: try the next one
@@ -278,18 +401,68 @@ def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
             worst = max(bad, key=lambda c: c.max_abs)
             rejected[exporter] = (f"onnxruntime differs from PyTorch on {worst.case}, output "
                                   f"'{worst.task}': max abs diff {worst.max_abs:.3g}, max rel "
-                                  f"{worst.max_rel:.3g} (atol {ATOL:g}, rtol {RTOL:g})")
+                                  f"{worst.max_rel:.3g} (atol {atol:g}, rtol {rtol:g})")
             continue
-        return OnnxExport(path, exporter, session.get_providers()[0], comparisons,
-                          rejected, seconds)
+        example = cases[0][1]
+        io = [(i.name, str(example[i.name].numpy().dtype), tuple(example[i.name].shape),
+               [d for d in i.shape if isinstance(d, str)]) for i in session.get_inputs()]
+        return OnnxExport(path, exporter, session.get_providers()[0], comparisons, rejected,
+                          seconds, options, steps, io, [o.name for o in session.get_outputs()])
     _remove(path)
     raise CheckError("no ONNX exporter produced a model that passes the checks: "
                      + "; ".join(f"{k}: {v}" for k, v in rejected.items()),
-                     fix="the failures above name the op or the difference; replace that op in "
-                         "the model with ones torch.onnx supports at opset 18, or leave onnx out "
-                         "of export.formats")
+                     fix=f"the failures above name the op or the difference; replace that op in "
+                         f"the model with ones torch.onnx supports at opset {options.opset}, "
+                         "loosen --atol/--rtol where the difference is rounding, or leave onnx "
+                         "out of export.formats")
+
+
+def _convert(path: Path, options: OnnxOptions, providers: list[str]) -> list[str]:
+    """The checked float32 file turned into what ``options`` ask for, in place: onnxruntime's
+    transformer optimizer (a known Hugging Face type, with ``optimize``), float16, then
+    onnxruntime's graph optimisations saved. Returns the report's lines on what was done."""
+    import onnx
+
+    steps = []
+    if options.optimize is not None and options.transformer is not None:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        kind, heads, hidden = options.transformer
+        with _quiet():
+            optimized = optimize_model(str(path), model_type=kind, num_heads=heads,
+                                       hidden_size=hidden, opt_level=0)
+        fused = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        optimized.save_model_to_file(str(path))
+        steps.append(f"onnxruntime's transformer optimizer ({kind}, {heads} heads, hidden "
+                     f"{hidden}): " + (", ".join(f"{v} {k}" for k, v in sorted(fused.items()))
+                                       or "no pattern fused"))
+    if options.dtype == "fp16":
+        from onnxruntime.transformers.float16 import convert_float_to_float16
+
+        with _quiet():
+            half = convert_float_to_float16(onnx.load(str(path)), keep_io_types=True)
+        onnx.save(half, str(path))
+        steps.append("converted to float16 by onnxruntime's converter (weights and activations "
+                     "float16; inputs and outputs stay float32); compared with float32 PyTorch")
+    if options.optimize is not None:
+        import onnxruntime as ort
+
+        settings = ort.SessionOptions()
+        settings.log_severity_level = 3
+        settings.graph_optimization_level = getattr(ort.GraphOptimizationLevel,
+                                                    LEVELS[options.optimize])
+        optimized_path = path.with_name(path.name + ".opt")
+        settings.optimized_model_filepath = str(optimized_path)
+        ort.InferenceSession(str(path), settings, providers=providers)
+        os.replace(optimized_path, path)
+        steps.append(f"onnxruntime graph optimisations {options.optimize} "
+                     f"({LEVELS[options.optimize]}) applied for {providers[0]} and saved"
+                     + ("; the file may hold that provider's own ops and layouts"
+                        if options.optimize == "O3" else ""))
+    return steps
 
 
 def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
     path.with_name(path.name + ".data").unlink(missing_ok=True)
+    path.with_name(path.name + ".opt").unlink(missing_ok=True)
