@@ -52,7 +52,7 @@ from reconfx.profiling import (
     rebranched,
     strong_shares,
 )
-from reconfx.report import Cost, batching_section, compile_report, flops, latency
+from reconfx.report import Cost, ReportFacts, batching_section, compile_report, flops, latency
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
@@ -417,12 +417,6 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             after = before + compiled.selection.added_flops
         else:
             before, after = flops(prepared.traced.module, example), flops(branched.module, example)
-        report = compile_report(
-            command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
-            branched.layers, branched.per_task_norms, branched.shared_norms,
-            Cost(original_params, before), Cost(unique_parameters(branched.module), after), ratio,
-            compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
-            batching_section(regions_of(branched.module), compiled.tuning), compiled.selection)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(compiled.results)
         if "onnx" in s.export.formats:
@@ -432,9 +426,13 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
                                          prepared.examples)
             results += ["", *exported.report()]
             files += [staging.adopt(p.name).name for p in staging.path.glob("model.onnx*")]
-        if results:
-            report = report.replace("\n## Checks", "\n" + "\n".join(results).lstrip("\n")
-                                    + "\n\n## Checks", 1)
+        report = compile_report(ReportFacts(
+            command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
+            branched.layers, branched.per_task_norms, branched.shared_norms,
+            Cost(original_params, before), Cost(unique_parameters(branched.module), after), ratio,
+            compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
+            batching_section(regions_of(branched.module), compiled.tuning), compiled.selection,
+            results))
         staging.write_text("report.md", report)
         if compiled.fitted is not None:  # (run)
             files.append(staging.write_text("metrics.csv", csv_text(compiled.fitted.history)).name)

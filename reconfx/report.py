@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -78,23 +78,54 @@ def percent(new: float, old: float) -> str:
     return f"{100.0 * (new - old) / old:+.1f}%" if old else "n/a"
 
 
-def compile_report(command: str, name: str, tier: str, notes: list[str], layers: list[Layer],
-                   branched: list[Layer], per_task_norms: list[str], shared_norms: list[str],
-                   original: Cost, compiled: Cost, ratio: Ratio, checks: list[Check],
-                   ignored: list[str],
-                   built: dict[str, str], warnings: list[str], batching: list[str],
-                   selection: Selection | None = None) -> str:
+@dataclass(frozen=True)
+class ReportFacts:
+    """What ``report.md`` of compile and run says: the command and spec name, tracing (tier,
+    notes, outputs no task uses), the layers and the branched ones, normalisation statistics,
+    costs before and after, the checks, how model.py builds its modules, warnings, stream
+    batching's section, the selection, and ``results``: run's and ONNX's sections, placed
+    before the checks."""
+
+    command: str
+    name: str
+    tier: str
+    notes: list[str]
+    layers: list[Layer]
+    branched: list[Layer]
+    per_task_norms: list[str]
+    shared_norms: list[str]
+    original: Cost
+    compiled: Cost
+    ratio: Ratio
+    checks: list[Check]
+    ignored: list[str]
+    built: dict[str, str]
+    warnings: list[str]
+    batching: list[str]
+    selection: Selection | None = None
+    results: list[str] = field(default_factory=list)
+
+
+def compile_report(facts: ReportFacts) -> str:
+    f = facts
+    branched, layers, original, compiled = f.branched, f.layers, f.original, f.compiled
     names = {layer.name for layer in branched}
-    lines = [f"# reconfx {command}: {name}", "",
-             f"- tracing tier: `{tier}`",
+    lines = [f"# reconfx {f.command}: {f.name}", "",
+             f"- tracing tier: `{f.tier}`",
              f"- branched layers: {len(branched)} of {sum(1 for x in layers if x.shared)} shared "
              f"({len(layers)} layers in all)",
              f"- parameters: {original.params:,} -> {compiled.params:,} "
              f"({percent(compiled.params, original.params)})",
              f"- FLOPs per forward (example inputs): {original.flops:,} -> {compiled.flops:,} "
              f"({percent(compiled.flops, original.flops)})",
-             latency_line(ratio), "", "## Checks", ""]
-    lines += [f"- {c.name}: {c.detail}" for c in checks]
+             latency_line(f.ratio), ""]
+    if f.results:
+        lines += ["\n".join(f.results).strip("\n"), ""]
+    lines += ["## Checks", ""]
+    lines += [f"- {c.name}: {c.detail}" for c in f.checks]
+    warnings, notes, ignored, built, batching, selection = (
+        f.warnings, f.notes, f.ignored, f.built, f.batching, f.selection)
+    per_task_norms, shared_norms = f.per_task_norms, f.shared_norms
     if warnings:
         lines += ["", "## Warnings", "", *[f"- {w}" for w in warnings]]
     if notes:
