@@ -64,10 +64,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from handwritten import forward, side_by_side  # noqa: E402
 
 from reconfx.aten import plain_calls
-from reconfx.batching import batch_streams, regions_of, run_streams, streams_per_call
+from reconfx.batching import batch_streams
 from reconfx.heads import HeadSpec, attach_heads
 from reconfx.layers import inventory, match_layers
 from reconfx.rewrite import branch
+from reconfx.streams import regions_of, run_streams, streams_per_call
 from reconfx.timing import alternating_medians
 from reconfx.tracing import trace
 from reconfx.tuning import captured_inputs, tune

@@ -32,7 +32,6 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.batching import StreamRegion
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
@@ -44,6 +43,7 @@ from reconfx.graph import (
     resolve,
 )
 from reconfx.modes import compare, preserved, run
+from reconfx.streams import StreamRegion
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 

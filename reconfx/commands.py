@@ -18,7 +18,6 @@ from typing import Any
 import torch
 
 from reconfx import artifacts, outdir
-from reconfx.batching import regions_of
 from reconfx.build import call_data_factory
 from reconfx.checks import check_emit
 from reconfx.cost import CostModel
@@ -56,6 +55,7 @@ from reconfx.report import Cost, ReportFacts, batching_section, compile_report, 
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
+from reconfx.streams import regions_of
 from reconfx.tables import markdown_table, table
 from reconfx.train.loop import FitResult, delta_m, evaluate
 from reconfx.train.objectives import metric_functions

@@ -22,7 +22,7 @@ from torch import nn
 from tqdm import tqdm
 
 from reconfx import calls, distributed
-from reconfx.batching import batch_streams, regions_of
+from reconfx.batching import batch_streams
 from reconfx.build import (
     build_model,
     call_data_factory,
@@ -50,6 +50,7 @@ from reconfx.rewrite import Branched, branch
 from reconfx.selection import check_patterns, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
+from reconfx.streams import regions_of
 from reconfx.tracing import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, evaluate, fit

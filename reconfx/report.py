@@ -9,11 +9,11 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from reconfx.batching import BUDGET_BYTES, StreamRegion
 from reconfx.checks import Check
 from reconfx.cost import Selection
 from reconfx.layers import Layer
 from reconfx.modes import preserved
+from reconfx.streams import BUDGET_BYTES, StreamRegion
 from reconfx.tables import markdown_table
 from reconfx.timing import Ratio, interleaved_ratio
 from reconfx.tuning import Tuned

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from reconfx.batching import StreamRegion, regions_of, streams_per_call
 from reconfx.modes import preserved
+from reconfx.streams import StreamRegion, regions_of, streams_per_call
 from reconfx.timing import alternating_medians
 
 

@@ -11,13 +11,13 @@ import torch
 import yaml
 
 import reconfx
-from reconfx.batching import regions_of
 from reconfx.build import example_inputs
 from reconfx.commands import compile_spec
 from reconfx.graph import unique_parameters
 from reconfx.outdir import LOCK
 from reconfx.pipeline import Compiled, branch_model, emit_sources, prepare
 from reconfx.selection import select_layers
+from reconfx.streams import regions_of
 from reconfx.tree import task_outputs
 
 CHECKS = ["I1 init parity", "I2 sharing", "I3 isolation", "I4 emit parity"]

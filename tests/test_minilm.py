@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import reconfx
-from reconfx.batching import regions_of
+from reconfx.streams import regions_of
 from reconfx.zoo import minilm
 from tests.support import compile_and_verify, write_spec
 

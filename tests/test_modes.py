@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import reconfx
-from reconfx.batching import regions_of
+from reconfx.streams import regions_of
 from tests.models import TrainingGlue
 from tests.support import compile_and_verify, write_spec
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import reconfx
-from reconfx.batching import regions_of
 from reconfx.layers import inventory
+from reconfx.streams import regions_of
 from tests.support import compile_and_verify, write_spec
 
 

@@ -341,3 +341,19 @@ def test_a_bert_backbone_goes_through_onnxruntimes_transformer_optimizer(tmp_pat
     s = reconfx.load_spec(spec)
     grown = example_inputs(s.inputs, seed=5, grow=3)
     assert_exported(out, grown, s.task_names, {i.name: i.dynamic for i in s.inputs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible: the check would run")
+def test_the_gpu_check_exits_at_once_without_a_gpu():
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    started = time.perf_counter()
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=root, capture_output=True,
+                          text=True, env={"PATH": "/usr/bin:/bin", "PYTHON": sys.executable},
+                          timeout=60, check=False)
+    assert done.returncode == 2 and time.perf_counter() - started < 30
+    assert "no CUDA GPU visible" in done.stderr and "nothing measured" in done.stderr

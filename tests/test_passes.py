@@ -5,9 +5,10 @@ import torch
 from torch import nn
 
 import reconfx
-from reconfx.batching import batch_streams, regions_of
+from reconfx.batching import batch_streams
 from reconfx.graph import listing
 from reconfx.spec import SelectSpec
+from reconfx.streams import regions_of
 
 
 class TwoHeads(nn.Module):

@@ -8,17 +8,12 @@ from torch import nn
 
 import reconfx
 from reconfx.aten import spelling
-from reconfx.batching import (
-    BUDGET_BYTES,
-    exact_module,
-    one_call_per_region,
-    regions_of,
-    run_streams,
-)
 from reconfx.build import example_inputs
 from reconfx.commands import compile_spec
 from reconfx.emit.onnx import onnx_session
 from reconfx.graph import region_call
+from reconfx.kinds import exact_module
+from reconfx.streams import BUDGET_BYTES, one_call_per_region, regions_of, run_streams
 from reconfx.timing import alternating_medians
 from reconfx.tree import task_outputs
 from reconfx.tuning import Tuned, best_rows, per_call_options
@@ -249,14 +244,14 @@ def test_the_two_modes_differ_in_the_forward_only_where_a_region_runs(tmp_path):
 def test_a_region_failing_init_parity_turns_batching_off(tmp_path, monkeypatch):
     """Should a batched region not reproduce the model on the check's inputs, the compile keeps
     the unbatched model (bit-exact) and says so, rather than failing or shipping it."""
-    import reconfx.batching as batching
+    from reconfx import streams
 
-    real = batching.StreamRegion.run  # what the compiled module runs (the planner has its own)
+    real = streams.StreamRegion.run  # what the compiled module runs (the planner has its own)
 
     def skewed(self, *args):
         return tuple(out + 1e-3 for out in real(self, *args))
 
-    monkeypatch.setattr(batching.StreamRegion, "run", skewed)
+    monkeypatch.setattr(streams.StreamRegion, "run", skewed)
     compiled = compile_spec(encoder_spec(tmp_path, "eval", onnx=False), tmp_path / "out")
     assert regions_of(compiled.branched.module) == []
     assert compiled.checks[0].detail.startswith("bit-exact")

@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from reconfx.batching import one_call_per_region, one_stream_per_call
 from reconfx.errors import CheckError, SpecError
 from reconfx.spec import ONNX_OPSETS
+from reconfx.streams import one_call_per_region, one_stream_per_call
 
 OPSET = 18  # the default
 OPSETS = ONNX_OPSETS

@@ -28,7 +28,6 @@ import torch
 from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
-from reconfx.batching import StreamRegion, fits
 from reconfx.calls import MARK, TaskStream
 from reconfx.emit.constructors import Bracket, Constructor, constructor
 from reconfx.emit.merge import Alternatives, merge_modes
@@ -56,6 +55,7 @@ from reconfx.emit.restore import (
 from reconfx.emit.sources import SETTINGS
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
+from reconfx.streams import StreamRegion, fits
 from reconfx.tracing import leaf_tracer
 
 _INFIX = {

@@ -60,7 +60,7 @@ from reconfx.train.objectives import loss_functions, metric_functions
 
 VARIANTS = ("joint", "reconfx", "reconfx-shared", "random")
 AGGREGATORS = ("ew", "pcgrad", "cagrad", "mgda", "graddrop")
-START, END = "<!-- recon-table:start -->", "<!-- recon-table:end -->"
+START, END = "<!-- recon-table:start -->", "<!-- recon-table:end -->"  # (the default marker)
 
 
 def with_settings(loaded: LoadedSpec, **changes: dict) -> LoadedSpec:
@@ -327,14 +327,17 @@ def score_consistency(rows: list[dict], k: int | None) -> str:
                       "overlap |", "|---|---|---|---|", *lines])
 
 
-def write_readme(path: Path, text: str, command: str) -> None:
+def write_readme(path: Path, text: str, command: str, marker: str = "recon-table") -> None:
+    """``text`` written into the README at ``path`` between ``<!-- MARKER:start -->`` and
+    ``<!-- MARKER:end -->``, after a line naming the command that produced it."""
+    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
     readme = path.read_text()
-    if START not in readme or END not in readme:
-        raise SpecError(f"{path} has no {START} ... {END} markers", where=str(path),
+    if start not in readme or end not in readme:
+        raise SpecError(f"{path} has no {start} ... {end} markers", where=str(path),
                         fix="add the two marker lines where the table belongs")
-    head, rest = readme.split(START, 1)
-    tail = rest.split(END, 1)[1]
-    body = f"{START}\nProduced by `{command}`:\n\n{text}\n{END}"
+    head, rest = readme.split(start, 1)
+    tail = rest.split(end, 1)[1]
+    body = f"{start}\nProduced by `{command}`:\n\n{text}\n{end}"
     artifacts.replace_text(path, head + body + tail)
 
 
@@ -351,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
                         "column's reference)")
     parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
     parser.add_argument("--readme", type=Path, help="write the table into this README")
+    parser.add_argument("--marker", default="recon-table",
+                        help="the README's markers to write between: <!-- MARKER:start --> and "
+                        "<!-- MARKER:end -->")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
@@ -369,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                        + (f" --size {args.size}" if args.size else "")
                        + (f" --variants {' '.join(args.variants)}"
                           if tuple(args.variants) != VARIANTS else ""))
-            write_readme(args.readme, text, command)
+            if args.out != Path("exported/recon-table"):
+                command += f" --out {args.out}"
+            write_readme(args.readme, text, command, args.marker)
             print(f"wrote {args.readme.resolve()}", file=sys.stderr)
     except ReconfxError as exc:
         print(f"reconfx: {exc}", file=sys.stderr)
