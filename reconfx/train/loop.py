@@ -8,6 +8,7 @@ the best weights (by mean relative metric, each task's metric turned so that hig
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -117,7 +118,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
     observe = result.conflicts.update if result.conflicts is not None else None
     data = Batches(train_data, batch_size, settings.seed, drop_last, world=w, workers=workers)
     schedule = make_schedule(optimizer, settings.schedule, len(data), settings.epochs)
-    run = _FitState(len(tasks))
+    run = _FitState()
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,
                              "data": data, "scaler": step.scaler, "fit": run}
     if result.conflicts is not None:
@@ -144,17 +145,18 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                                   **{f"loss/{t}": v for t, v in losses.items()}})
                 if board is not None:
                     board.add(done, run.steps[-1], prefix="step/")
-                run.summed = [a + b for a, b in zip(run.summed, step.values, strict=True)]
                 bar.update(1)
                 if progress and data.index % 10 == 1:
                     bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()})
                 if resume is not None and resume.due(done) and data.index < len(data) and w.main:
                     resume.save("train", snapshot(parts, done))
             bar.close()
+            # (this epoch's steps: the end of the step rows, in order)
+            ran = list(itertools.takewhile(lambda r, e=epoch + 1: r["epoch"] == e,
+                                           reversed(run.steps)))[::-1]
             row = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0],
-                   **{f"loss/{t}": v / max(len(data), 1) for t, v in zip(tasks, run.summed,
-                                                                         strict=True)}}
-            run.summed = [0.0] * len(tasks)
+                   **{f"loss/{t}": sum(r[f"loss/{t}"] for r in ran) / max(len(data), 1)
+                      for t in tasks}}
             if result.conflicts is not None:  # this epoch's strongly conflicting gradient pairs
                 strong = int(result.conflicts.strong.sum()) - sum(
                     int(r.get("conflict/strong", 0)) for r in run.history)
@@ -202,10 +204,9 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
 
 class _FitState:
     """What ``fit`` carries from step to step and epoch to epoch besides the model and the
-    optimiser: the epoch's running loss sums, the history and the best epoch so far."""
+    optimiser: the step and epoch rows, and the best epoch so far."""
 
-    def __init__(self, tasks: int):
-        self.summed = [0.0] * tasks
+    def __init__(self) -> None:
         self.history: list[dict[str, float]] = []
         self.steps: list[dict[str, float]] = []
         self.best_score: float | None = None
@@ -214,13 +215,12 @@ class _FitState:
         self.best_state: dict[str, torch.Tensor] | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"summed": self.summed, "history": self.history, "steps": self.steps,
+        return {"history": self.history, "steps": self.steps,
                 "best_score": self.best_score,
                 "best_epoch": self.best_epoch, "best": self.best, "best_state": self.best_state}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.summed, self.history = list(state["summed"]), list(state["history"])
-        self.steps = list(state.get("steps", []))
+        self.history, self.steps = list(state["history"]), list(state["steps"])
         self.best_score, self.best_epoch = state["best_score"], int(state["best_epoch"])
         self.best, self.best_state = dict(state["best"]), state["best_state"]
 
