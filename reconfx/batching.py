@@ -37,17 +37,18 @@ import torch
 from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
-from reconfx.emit.render import identifier
+from reconfx.emit.render import identifier, unique_name
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     REGIONS,
     DualGraphModule,
+    Env,
+    collapse,
     in_place,
     record,
     region_call,
     reorder,
     targets,
-    unit_order,
 )
 from reconfx.kinds import exact_module
 from reconfx.streams import Region, StreamRegion, compiled_body, run_streams
@@ -445,11 +446,7 @@ def body_graph(region: Region) -> fx.Graph:
     taken: set[str] = set()
 
     def placeholder(node: fx.Node) -> fx.Node:
-        base = identifier(_base(node))
-        name, n = base, 1
-        while name in taken:
-            name, n = f"{base}_{n}", n + 1
-        taken.add(name)
+        name = unique_name(identifier(_base(node)), taken)
         p = body.placeholder(name)
         p.meta["reconfx"] = {"name": name, "type": region.types.get(node, "torch.Tensor")}
         return p
@@ -503,30 +500,18 @@ def _validated(module: nn.Module, region: Region, values: list[dict[fx.Node, Any
 def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Graph:
     """A new graph in which each region is one ``call_module`` of a :class:`StreamRegion`
     (added to ``objs``) followed by ``getitem`` nodes for the streams' outputs."""
-    unit_of: dict[fx.Node, int] = {}
-    for i, region in enumerate(regions):
-        for ns in region.nodes.values():
-            for n in ns:
-                unit_of[n] = i
-    order = _topo_units(graph, unit_of)
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
     methods: set[str] = set()
-    for unit in order:
-        if isinstance(unit, fx.Node):
-            if unit.op == "output":
-                new.output(fx.node.map_arg(unit.args[0], lambda n: env[n]))
-            else:
-                env[unit] = new.node_copy(unit, lambda n: env[n])
-            continue
-        region = regions[unit]
-        method = _unique(f"shared_{region.name}", methods)
+
+    def write_call(new: fx.Graph, index: int, env: Env) -> dict[fx.Node, fx.Node]:
+        region = regions[index]
+        method = unique_name(f"shared_{region.name}", methods)
         target = f"{REGIONS}.{method}"
         objs[target] = StreamRegion(region, method)
-        args = [env[c[t]] for t in region.tasks for c in region.stream_inputs]
-        args += [env[n] for n in region.repeated + region.shared]
+        args = [env(c[t]) for t in region.tasks for c in region.stream_inputs]
+        args += [env(n) for n in region.repeated + region.shared]
         call = new.call_module(target, tuple(args))
         call.meta["reconfx"] = {"name": method, "region": region.name}
+        items = {}
         for i, out in enumerate(region.outputs):
             for j, task in enumerate(region.tasks):
                 item = new.call_function(operator.getitem, (call, i * len(region.tasks) + j))
@@ -534,37 +519,18 @@ def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Gr
                 # now run inside the region, so it cannot be written as one call)
                 item.meta["reconfx"] = {k: v for k, v in out[task].meta.get("reconfx", {}).items()
                                         if k != "sites"}
-                env[out[task]] = item
+                items[out[task]] = item
+        return items
+
+    partitions = {i: [n for ns in region.nodes.values() for n in ns]
+                  for i, region in enumerate(regions)}
+    try:
+        new = collapse(graph, partitions, write_call)
+    except ValueError as exc:
+        raise RuntimeError(f"stream batching: {exc}") from exc
     _drop_unused(new)
     new.lint()
     return new
-
-
-def _unique(name: str, taken: set[str]) -> str:
-    candidate, n = name, 1
-    while candidate in taken:
-        candidate, n = f"{name}_{n}", n + 1
-    taken.add(candidate)
-    return candidate
-
-
-def _topo_units(graph: fx.Graph, unit_of: dict[fx.Node, int]) -> list[Any]:
-    """Nodes and regions (collapsed) in a topological order that keeps graph order wherever it
-    can: each unit comes as early as its inputs allow, ties by first appearance."""
-    def unit(n: fx.Node) -> Any:
-        return ("r", unit_of[n]) if n in unit_of else ("n", n)
-
-    first: dict[Any, int] = {}
-    for i, n in enumerate(graph.nodes):
-        first.setdefault(unit(n), i)
-    order = unit_order(graph, unit, first.__getitem__)
-    if order is None:
-        raise RuntimeError("stream batching: regions are not convex")
-    out = [u[1] for u in order]  # the node, or the region's index
-    # Placeholders first, output last, as fx requires.
-    out.sort(key=lambda u: 0 if isinstance(u, fx.Node) and u.op == "placeholder" else (
-        2 if isinstance(u, fx.Node) and u.op == "output" else 1))
-    return out
 
 
 def _drop_unused(graph: fx.Graph) -> None:

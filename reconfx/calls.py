@@ -32,6 +32,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.emit.render import unique_name
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
@@ -754,18 +755,14 @@ def _input_names(group: _Group, model: nn.Module) -> list[str]:
     for k, value in call.kwargs.items():
         if isinstance(value, Ref):
             names[value.index] = k
-    taken = {"self", "task"}
+    taken = {"self", "task", *keyword.kwlist}
     out = []
     for i, (m, p) in enumerate(call.inputs):
         node = group.nodes[m].all_input_nodes[p]
         meta = node.meta.get("reconfx", {})
         base = names[i] or str(meta.get("name", node.name)).removesuffix(f"_{meta.get('task')}")
         base = base if base.isidentifier() else re.sub(r"\W", "_", base)
-        name, n = base, 1
-        while name in taken or keyword.iskeyword(name):
-            name, n = f"{base}_{n}", n + 1
-        taken.add(name)
-        out.append(name)
+        out.append(unique_name(base, taken))
     return out
 
 

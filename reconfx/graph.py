@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import copy
 import operator
-from collections.abc import Callable, Container, Hashable, Iterator
+from collections.abc import Callable, Collection, Container, Hashable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import networkx as nx
@@ -196,6 +197,56 @@ def reorder(graph: fx.Graph, unit: Callable[[fx.Node], Hashable],
                 output.prepend(n)
     graph.lint()
     return True
+
+
+@dataclass(frozen=True)
+class _Part:
+    """A partition's unit in :func:`collapse`'s ordering."""
+
+    key: Hashable
+
+
+Env = Callable[[fx.Node], fx.Node]  # a node of the old graph -> its value in the new one
+
+
+def collapse(graph: fx.Graph, partitions: Mapping[Hashable, Collection[fx.Node]],
+             call: Callable[[fx.Graph, Hashable, Env], Mapping[fx.Node, fx.Node]],
+             copy: Callable[[fx.Graph, fx.Node, Env], fx.Node | None] | None = None) -> fx.Graph:
+    """A new graph in which each partition (a set of ``graph``'s nodes) is one call and every
+    other node is copied, in a topological order of the dataflow that keeps ``graph``'s order
+    wherever it can: each unit as early as its inputs allow, ties by first appearance;
+    placeholders first, the output last. ``call(new, key, env)`` writes partition ``key``'s call
+    into ``new`` (its inputs' new values read through ``env``) and returns the new node that
+    stands for each of its nodes read outside it; ``copy(new, node, env)`` writes any other
+    node (default: ``new.node_copy``), returning None to drop it. The one mechanism behind
+    tier 2's re-lifting of module calls and stream batching's regions; raises ValueError when
+    a partition is not convex (an input of it depends on it)."""
+    part_of = {n: _Part(key) for key, ns in partitions.items() for n in ns}
+
+    def unit(n: fx.Node) -> Hashable:
+        return part_of.get(n, n)
+
+    first: dict[Hashable, int] = {}
+    for i, n in enumerate(graph.nodes):
+        first.setdefault(unit(n), i)
+    order = unit_order(graph, unit, first.__getitem__)
+    if order is None:
+        raise ValueError("collapse: a partition is not convex (one of its inputs depends on it)")
+    rank = {"placeholder": 0, "output": 2}
+    order.sort(key=lambda u: 1 if isinstance(u, _Part) else rank.get(u.op, 1))  # (stable)
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    for u in order:
+        if isinstance(u, _Part):
+            env.update(call(new, u.key, env.__getitem__))
+        elif (made := (copy or _node_copy)(new, u, env.__getitem__)) is not None:
+            env[u] = made
+    new.lint()
+    return new
+
+
+def _node_copy(new: fx.Graph, node: fx.Node, env: Env) -> fx.Node:
+    return new.node_copy(node, env)
 
 
 def node_tasks(graph: fx.Graph) -> dict[fx.Node, frozenset[str]]:

@@ -27,12 +27,20 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-import networkx as nx
 import torch
 from torch import fx, nn
 
 from reconfx.errors import ModelError, TraceError
-from reconfx.graph import DualGraphModule, output_node, prune, record, resolve, same_graph
+from reconfx.graph import (
+    DualGraphModule,
+    Env,
+    collapse,
+    output_node,
+    prune,
+    record,
+    resolve,
+    same_graph,
+)
 from reconfx.kinds import is_leaf
 from reconfx.modes import compare, preserved, run_reaching
 from reconfx.tree import key_str, task_outputs
@@ -297,14 +305,12 @@ def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Modul
 def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Tensor],
             training: bool, notes: list[str], leaves: Sequence[str] = ()
             ) -> tuple[fx.Graph, dict[str, Any]]:
-    input_names = list(example)
     modules = dict(model.named_modules())
     own_state = {path: {id(t) for t in list(m.parameters()) + list(m.buffers())}
                  for path, m in modules.items()}
-    nodes = list(flat.graph.nodes)
     groups: dict[str, list[fx.Node]] = {}
     group_path: dict[str, str] = {}
-    for node in nodes:
+    for node in flat.graph.nodes:
         if node.op != "call_function":
             continue
         found = _outermost_leaf(model, node, modules, leaves)
@@ -315,7 +321,6 @@ def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Ten
     def tensor_of(n: fx.Node) -> Any:
         return resolve(flat, n.target) if n.op == "get_attr" else None
 
-    relifted: dict[fx.Node, str] = {}  # member node -> group key
     calls: dict[str, tuple[fx.Node, fx.Node]] = {}  # group key -> (input, output)
     for key, members in groups.items():
         path = group_path[key]
@@ -342,55 +347,33 @@ def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Ten
         notes.append(f"'{group_path[key]}' ({type(modules[group_path[key]]).__name__}) is kept "
                      "as aten ops: called on the one tensor its ops read, it computes something "
                      "else (its forward takes other arguments in the model)")
-    for key in calls:
-        relifted.update({n: key for n in groups[key]})
-
-    # Condense each re-lifted group to one vertex and order topologically, stable by position.
-    position = {n: i for i, n in enumerate(nodes)}
-    vertex = {n: relifted.get(n, n) for n in nodes}
-    dag = nx.DiGraph()
-    for n in nodes:
-        dag.add_node(vertex[n])
-        for user in n.users:
-            if vertex[user] != vertex[n]:
-                dag.add_edge(vertex[n], vertex[user])
-    first_pos = {}
-    for n in nodes:
-        first_pos.setdefault(vertex[n], position[n])
-    order = list(nx.lexicographical_topological_sort(dag, key=lambda v: first_pos[v]))
-
-    graph = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
     attrs: dict[str, Any] = {}
-    placeholders = {n.target: n for n in nodes if n.op == "placeholder"}
-    for name in input_names:
-        env[placeholders[name]] = graph.placeholder(name)
-    out_flat: list[Any] = []
-    for v in order:
-        if isinstance(v, str):  # a re-lifted module call
-            arg, out = calls[v]
-            path = group_path[v]
-            attrs[path] = modules[path]
-            new = graph.call_module(path, (env[arg],))
-            new.meta = {"nn_module_stack": dict(list(out.meta.get("nn_module_stack", {}).items())),
-                        "val": out.meta.get("val")}
-            env[out] = new
-            continue
-        node = v
+
+    def module_call(graph: fx.Graph, key: str, env: Env) -> dict[fx.Node, fx.Node]:
+        arg, out = calls[key]
+        path = group_path[key]
+        attrs[path] = modules[path]
+        new = graph.call_module(path, (env(arg),))
+        new.meta = {"nn_module_stack": dict(list(out.meta.get("nn_module_stack", {}).items())),
+                    "val": out.meta.get("val")}
+        return {out: new}
+
+    def copied(graph: fx.Graph, node: fx.Node, env: Env) -> fx.Node | None:
         if node.op == "placeholder":
-            continue
+            return graph.placeholder(str(node.target))
         if node.op == "output":
-            out_flat = list(node.args[0])
-            continue
+            output = graph.output(None)
+            output.meta["flat_outputs"] = [env(n) if isinstance(n, fx.Node) else n
+                                           for n in node.args[0]]
+            return output
         if node.op == "call_module" or node.target in _DROPPED_TARGETS:
-            continue  # export's _guards_fn and shape assertions
+            return None  # export's _guards_fn and shape assertions
         if node.op == "get_attr":
             attrs.setdefault(node.target, _state_by_name(model, flat, node.target))
-        new = graph.node_copy(node, lambda n: env[n])
-        env[node] = new
-    output = graph.output(None)
-    output.meta["flat_outputs"] = [env.get(n, n) if isinstance(n, fx.Node) else n
-                                   for n in out_flat]
+        return graph.node_copy(node, env)
+
+    graph = collapse(flat.graph, {key: groups[key] for key in calls}, module_call, copied)
+    _keep_spec_placeholders(graph, list(example))
     return graph, attrs
 
 

@@ -1,12 +1,14 @@
 """Each pass on one small model, called directly (no spec, no output folder), with the graph
 listing it produces: the walk-through of docs/passes.md, kept true by this test."""
 
+import pytest
 import torch
 from torch import nn
 
 import reconfx
+from reconfx import kinds
 from reconfx.batching import batch_streams
-from reconfx.graph import listing
+from reconfx.graph import collapse, listing
 from reconfx.spec import SelectSpec
 from reconfx.streams import regions_of
 
@@ -94,3 +96,85 @@ def test_trace_select_branch_batch_emit_on_one_small_model():
         return {"a": a_a, "b": b_b}
 '''
     assert "self.fc2 = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})" in source
+
+
+def test_collapse_makes_each_partition_one_call_placed_where_its_inputs_allow():
+    # The one mechanism behind tier 2's re-lifted module calls and stream batching's regions.
+    traced = reconfx.trace(TwoHeads(), {"x": torch.randn(2, 4)}, {"a": "a", "b": "b"})
+    graph = traced.module.train_graph
+    node = {n.name: n for n in graph.nodes}
+
+    def block(new, key, env):  # one call for fc2 and fc3; it stands for fc3, read outside
+        call = new.call_module(key, (env(node["relu"]),))
+        return {node["fc3"]: call}
+
+    collapsed = collapse(graph, {"block": [node["fc2"], node["fc3"]]}, block)
+    assert listing(collapsed) == [
+        "x = input", "fc1 = fc1(x)", "relu = relu(fc1)", "block = block(relu)",
+        "a = a(block)", "b = b(block)", "return {'a': a, 'b': b}"]
+
+    # fc1 and fc3 without fc2 in between: fc2 reads the partition and the partition reads it
+    with pytest.raises(ValueError, match="not convex"):
+        collapse(graph, {"block": [node["fc1"], node["fc3"]]}, block)
+
+
+class Scale(nn.Module):
+    """A user's own per-sample layer: stream batching knows nothing of it until it is
+    registered."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x):
+        return x * self.w
+
+
+class ScaledHeads(TwoHeads):
+    def __init__(self):
+        super().__init__()
+        self.scale = Scale()
+
+    def forward(self, x):
+        h = self.scale(self.fc3(self.fc2(torch.relu(self.fc1(x)))))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+def test_a_module_kind_registered_as_exact_joins_stream_batching():
+    torch.manual_seed(0)
+    model, example = ScaledHeads(), {"x": torch.randn(2, 4)}
+    traced = reconfx.trace(model, example, {"a": "a", "b": "b"})
+    chosen = reconfx.select(reconfx.inventory(traced.module, ["a", "b"]),
+                            SelectSpec(layers=["fc2"]))
+
+    def region_body() -> list[str]:
+        branched = reconfx.branch(traced.module, chosen, ["a", "b"])
+        (region,) = regions_of(batch_streams(branched.module, example, ["x"]))
+        return listing(region.body)
+
+    assert region_body() == ["fc2 = input", "fc3 = fc3(fc2)", "return (fc3,)"]
+    assert not kinds.exact_module(model.scale, training=False)
+    kinds.register(Scale, exact=lambda module, training: True)
+    try:
+        assert kinds.exact_module(model.scale, training=False)
+        assert region_body() == ["fc2 = input", "fc3 = fc3(fc2)", "scale = scale(fc3)",
+                                 "return (scale,)"]
+    finally:
+        del kinds.KINDS[Scale]
+
+
+def test_module_kinds_answer_for_subclasses_of_torch_kinds_but_not_for_a_users_subclass():
+    class Doubled(nn.Linear):  # a user's subclass may compute anything: unknown until registered
+        def forward(self, x):
+            return super().forward(x) * x.sum(0)  # (mixes the samples)
+
+    assert kinds.exact_module(nn.BatchNorm2d(3).eval(), training=False)  # (via _BatchNorm)
+    assert not kinds.exact_module(nn.BatchNorm2d(3).train(), training=True)
+    assert not kinds.exact_module(Doubled(2, 2), training=False)
+    assert kinds.dropout_attr(nn.Dropout2d()) == "p" and kinds.dropout_attr(nn.GRU(2, 2)) == (
+        "dropout")
+    assert kinds.has_running_stats(nn.BatchNorm1d(2))
+    assert not kinds.has_running_stats(nn.InstanceNorm1d(2))  # (track_running_stats=False)
+    assert kinds.constructor_values(nn.GRU(2, 3, batch_first=True))["batch_first"] is True
+    assert kinds.constructor_values(nn.Linear(2, 2)) is None  # (read back generically)
+    assert not kinds.is_leaf(nn.Sequential(nn.Linear(2, 2)))

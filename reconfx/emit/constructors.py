@@ -2,7 +2,8 @@
 
 Most modules keep their constructor arguments as attributes of the same name, so the generic
 handler reads them back (a tensor-valued attribute such as ``bias`` stands for the flag
-``bias=True``). Types whose constructor differs register a handler in ``HANDLERS``. An argument
+``bias=True``). Kinds whose constructor differs record how to read its arguments in the
+module-kind registry (:func:`reconfx.kinds.register`, ``constructor=``). An argument
 the instance does not keep is searched for: a required one among the instance's own values
 (``LayerNorm2d(num_channels)`` keeps ``normalized_shape=(64,)``), a class-valued one among its
 children's types (``BatchNormAct2d(16, act_layer=nn.Hardswish)``). Every call is verified: it is
@@ -18,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import itertools
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,43 +29,11 @@ from torch import nn
 from reconfx.emit.render import LINE, Source, bracketed, render_value
 from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
 from reconfx.graph import named_tensors
-from reconfx.kinds import is_torch_nn
+from reconfx.kinds import constructor_values, is_torch_nn
 
-HANDLERS: dict[type[nn.Module], Callable[[nn.Module], dict[str, Any]]] = {}
 # A required argument is searched among this many of the instance's values at most, and at most
 # two required arguments are searched together (each trial is one build on the meta device).
 _MAX_VALUES, _MAX_MISSING = 24, 2
-
-
-def handler(*types: type[nn.Module]) -> Callable[[Callable[[nn.Module], dict[str, Any]]], Any]:
-    def register(fn: Callable[[nn.Module], dict[str, Any]]) -> Callable[[nn.Module], Any]:
-        for t in types:
-            HANDLERS[t] = fn
-        return fn
-
-    return register
-
-
-@handler(nn.LSTM, nn.GRU, nn.RNN)
-def _rnn(m: nn.Module) -> dict[str, Any]:
-    values = {name: getattr(m, name) for name in (
-        "input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-        "bidirectional")}
-    if isinstance(m, nn.LSTM):
-        values["proj_size"] = m.proj_size
-    if isinstance(m, nn.RNN):
-        values["nonlinearity"] = m.nonlinearity
-    return values
-
-
-@handler(nn.MultiheadAttention)
-def _mha(m: nn.Module) -> dict[str, Any]:
-    return {"embed_dim": m.embed_dim, "num_heads": m.num_heads, "dropout": m.dropout,
-            "bias": m.in_proj_bias is not None, "add_bias_kv": m.bias_k is not None,
-            "add_zero_attn": m.add_zero_attn, "kdim": m.kdim, "vdim": m.vdim,
-            "batch_first": m.batch_first}
-
-
 _SKIPPED = {"device", "dtype", "factory_kwargs"}
 _MISSING = object()  # a required argument the instance does not keep
 
@@ -145,7 +114,7 @@ def _generic(m: nn.Module) -> dict[str, Any]:
 
 def _call(m: nn.Module, values: dict[str, Any], simplify: bool) -> list[str]:
     params = {p.name: p for p in _signature(type(m))}
-    if not params and type(m) in HANDLERS:  # *args constructors (RNNs): use the base signature
+    if not params and constructor_values(m) is not None:  # *args constructors (RNNs)
         params = {p.name: p for p in _signature(nn.RNNBase)} | {
             "nonlinearity": inspect.Parameter("nonlinearity", inspect.Parameter.KEYWORD_ONLY,
                                               default="tanh")}
@@ -240,7 +209,8 @@ def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | Non
     head = class_source(cls)
     if head is None:
         return None
-    values = HANDLERS[cls](m) if cls in HANDLERS else _generic(m)
+    values = constructor_values(m)
+    values = _generic(m) if values is None else values
     dtype = _dtype(m)
     if dtype is not None:
         values = {**values, "dtype": dtype}

@@ -44,6 +44,7 @@ from reconfx.emit.render import (
     render_index,
     render_value,
     statement,
+    unique_name,
 )
 from reconfx.emit.restore import (
     RESTORE_HELPER,
@@ -236,7 +237,8 @@ class PythonEmitter:
         """The last resort: the module taken from a model the spec's factory builds."""
         if self.factory is None:
             raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
-                             fix="register a handler in reconfx.emit.constructors.HANDLERS")
+                             fix="register how to read its constructor arguments: "
+                                 "reconfx.kinds.register(cls, constructor=...)")
         self.built[path] = "factory"
         return f'_from_factory("{self.base}{path}")'
 
@@ -978,12 +980,7 @@ def _fresh(base: tuple[str, str], taken: set[str], room: int = 0) -> str:
     name = local_name(stem, LOCAL - room if suffix else LOCAL)
     if name in _RESERVED:
         name = f"{name}_"
-    candidate, n = name + suffix, 1
-    while candidate in taken:
-        candidate = f"{name}_{n}{suffix}"
-        n += 1
-    taken.add(candidate)
-    return candidate
+    return unique_name(name, taken, suffix)
 
 
 def _suffix_room(graph: fx.Graph) -> int:

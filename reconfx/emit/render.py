@@ -16,6 +16,16 @@ NAME = 48  # the longest method name written; longer ones keep their tail
 LOCAL = 32  # the longest local name written (before a task suffix), see local_name
 
 
+def unique_name(base: str, taken: set[str], suffix: str = "") -> str:
+    """``base + suffix``, or with a counter before the suffix (``base_1``, ``base_2``, ...)
+    where that is in ``taken``; the name returned is added to ``taken``."""
+    candidate, n = base + suffix, 1
+    while candidate in taken:
+        candidate, n = f"{base}_{n}{suffix}", n + 1
+    taken.add(candidate)
+    return candidate
+
+
 def identifier(text: str, limit: int = NAME) -> str:
     """``text`` as a Python identifier of at most ``limit`` characters: other characters become
     ``_``; a longer name keeps its last ``_``-separated words (a module path's informative end,
