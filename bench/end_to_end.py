@@ -75,8 +75,7 @@ def end_to_end(loaded, out: Path, stages: Stages) -> float:
     with commands.outdir.writing(out, "compile", True) as folder:
         prepared = pipeline.prepare(loaded, stages)
         compiled = pipeline.branch_checked(prepared, None, stages)
-        compiled.out_dir = folder
-        commands._write(compiled, folder, stages=stages)
+        commands.write_model(compiled, folder, stages=stages)
     return time.perf_counter() - start
 
 

@@ -19,8 +19,8 @@ import torch
 
 from reconfx import artifacts, outdir
 from reconfx.build import call_data_factory
-from reconfx.checks import check_emit
-from reconfx.cost import CostModel
+from reconfx.checks import Check, check_emit
+from reconfx.cost import CostModel, Selection
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import ModelError, SpecError
 from reconfx.graph import unique_parameters
@@ -52,6 +52,7 @@ from reconfx.profiling import (
     strong_shares,
 )
 from reconfx.report import Cost, ReportFacts, batching_section, compile_report, flops, latency
+from reconfx.rewrite import Branched
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
@@ -61,12 +62,13 @@ from reconfx.train.loop import FitResult, delta_m, evaluate
 from reconfx.train.objectives import metric_functions
 from reconfx.train.resume import Checkpoint
 from reconfx.train.scalars import csv_text, require_tensorboard
+from reconfx.tuning import Tuned
 
 CONFLICTS = "conflicts.json"
 
 
 def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-                 progress: bool = False, force: bool = False) -> Compiled:
+                 progress: bool = False, force: bool = False) -> Emitted:
     """Trace, branch the selected layers, check I1-I4 and write the artifacts (into a folder
     reconfx owns, unless ``force``; see :mod:`reconfx.outdir`). With ``progress``, each stage
     is printed as it starts and finishes."""
@@ -75,9 +77,56 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
         prepared = prepare(loaded, stages)
         compiled = branch_checked(prepared, stored_scores(out), stages)
-        compiled.out_dir = out
-        compiled.written = _write(compiled, compiled.out_dir, progress=progress, stages=stages)
-    return compiled
+        return write_model(compiled, out, progress=progress, stages=stages)
+
+
+@dataclass(frozen=True)
+class Ran:
+    """What ``run`` learnt beside the trained weights, written with them."""
+
+    fitted: FitResult  # metrics.csv, steps.csv
+    results: tuple[str, ...]  # report.md's lines on training and evaluation
+    profile: Profile | None  # conflicts.json and .png (None: nothing profiled)
+    after_branching: dict | None  # strong-conflict shares before and after branching
+    warnings: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()  # e.g. where a resumed run picked up
+
+
+@dataclass(frozen=True)
+class Emitted:
+    """What ``compile`` and ``run`` wrote: the compiled model, the files, every check (I1-I4)
+    and the stream-batching tuning measured; ``ran``: run's results (None for compile)."""
+
+    compiled: Compiled
+    out_dir: Path
+    written: tuple[Path, ...]
+    checks: tuple[Check, ...]
+    tuning: tuple[Tuned, ...] = ()
+    ran: Ran | None = None
+
+    @property
+    def prepared(self) -> Prepared:
+        return self.compiled.prepared
+
+    @property
+    def branched(self) -> Branched:
+        return self.compiled.branched
+
+    @property
+    def selection(self) -> Selection | None:
+        return self.compiled.selection
+
+    @property
+    def warnings(self) -> tuple[str, ...]:
+        return self.compiled.warnings + (self.ran.warnings if self.ran else ())
+
+    @property
+    def notes(self) -> tuple[str, ...]:
+        return self.ran.notes if self.ran else ()
+
+    @property
+    def results(self) -> tuple[str, ...]:
+        return self.ran.results if self.ran else ()
 
 
 def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
@@ -99,7 +148,7 @@ def threads(count: int | None) -> Iterator[None]:
 
 
 def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
-             progress: bool = True, resume: bool = False, force: bool = False) -> Compiled:
+             progress: bool = True, resume: bool = False, force: bool = False) -> Emitted:
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
@@ -110,7 +159,7 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
         return _run(loaded, out, progress, resume)
 
 
-def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compiled:
+def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted:
     stages = Stages(progress)
     prepared = prepare(loaded, stages)
     loaded, s = prepared.loaded, prepared.loaded.spec
@@ -126,33 +175,32 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Compile
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start
             prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, stages=stages)  # (by the scores profiling wrote)
-    compiled.out_dir = out
-    compiled.notes += [checkpoint.note] if checkpoint.note else []
-    compiled.warnings += result.warnings() if result is not None else []
     board = out / TENSORBOARD if s.export.tensorboard else None
     trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS,
                              resume=checkpoint, tensorboard=board)
     counter = trained.fitted.conflicts
+    after = None
     if result is not None and counter is not None and counter.valid.numel():
-        compiled.after_branching = strong_shares(result, counter,
-                                                 [layer.name for layer in trained.shared])
-    compiled.results = run_report(s, trained.metrics, trained.fitted, trained.test,
-                                  compiled.after_branching)
-    compiled.fitted = trained.fitted
+        after = strong_shares(result, counter, [layer.name for layer in trained.shared])
+    results = run_report(s, trained.metrics, trained.fitted, trained.test, after)
     if trained.sparse is not None:
         sparse = trained.sparse
-        compiled.results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
-                                f"the encoder's weight entries trainable ({len(sparse.entries)} "
-                                "weight tensors masked, heads and 1-D parameters fully trained)")
-    compiled.profile = result
+        results.append(f"\n- sparse training: {100 * sparse.trainable_fraction:.1f}% of "
+                       f"the encoder's weight entries trainable ({len(sparse.entries)} "
+                       "weight tensors masked, heads and 1-D parameters fully trained)")
     if w.active:
-        compiled.results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
-                                "global batch sharded, per-task gradients all-reduced")
+        results.append(f"\n- data parallel on {w.size} ranks ({w.backend}): each "
+                       "global batch sharded, per-task gradients all-reduced")
+    ran = Ran(trained.fitted, tuple(results), result, after,
+              tuple(result.warnings()) if result is not None else (),
+              (checkpoint.note,) if checkpoint.note else ())
     if w.main:  # the other ranks hold the same weights and counters
-        compiled.written = _write(compiled, compiled.out_dir, "run", progress, stages)
+        emitted = write_model(compiled, out, "run", progress, stages, ran)
         checkpoint.clear()
+    else:
+        emitted = Emitted(compiled, out, (), compiled.checks, ran=ran)
     w.barrier()
-    return compiled
+    return emitted
 
 
 def open_checkpoint(loaded: LoadedSpec, out: Path, command: str, resume: bool) -> Checkpoint:
@@ -239,8 +287,11 @@ def stored_scores(out_dir: Path) -> dict[str, int] | None:
     return load_scores(path) if path.is_file() else None
 
 
-@dataclass
+@dataclass(frozen=True)
 class Profiled:
+    """``profile``'s result: the conflict statistics, the layers the spec's policy would branch
+    and the files written."""
+
     prepared: Prepared
     result: Profile
     chosen: list[Layer]
@@ -379,11 +430,14 @@ def replace_section(text: str, heading: str, lines: list[str]) -> str:
     return text[:start + 1] + body + ("\n" + text[end + 1:] if end >= 0 else "")
 
 
-def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress: bool = False,
-           stages: Stages = QUIET) -> list[Path]:
+def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
+                progress: bool = False, stages: Stages = QUIET, ran: Ran | None = None
+                ) -> Emitted:
+    """Emit ``compiled`` (after ``run``: with its trained weights and ``ran``'s results), check
+    I4, measure its cost and write the output folder."""
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
-    tune_batching(compiled, progress)
+    tuning = tune_batching(compiled, progress)
     name = class_name(s.name)
     # the working folders this command filled: run's checkpoints and TensorBoard scalars
     working = ((CHECKPOINTS,) + ((TENSORBOARD,) if s.export.tensorboard else ())
@@ -406,7 +460,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             # After `run` the weights are trained: the compiled model is the reference then.
             original = prepared.model if command == "compile" else None
             rename = original_names(branched, prepared.model, sources.compiled_names)
-            compiled.checks.append(check_emit(
+            checks = (*compiled.checks, check_emit(
                 reloaded, branched.module, prepared.examples, expected, original,
                 prepared.task_paths, rename, 1e-5 if regions_of(branched.module) else 0.0,
                 lambda n: sources.compiled_names.get(n, n)))
@@ -418,7 +472,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
         else:
             before, after = flops(prepared.traced.module, example), flops(branched.module, example)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
-        results = list(compiled.results)
+        results = list(ran.results) if ran else []
         if "onnx" in s.export.formats:
             with stages("exporting ONNX", lambda: f"exported model.onnx ({exported.exporter} "
                         f"exporter), I5 holds on {exported.provider}"):
@@ -430,16 +484,17 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
             command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
             branched.layers, branched.per_task_norms, branched.shared_norms,
             Cost(original_params, before), Cost(unique_parameters(branched.module), after), ratio,
-            compiled.checks, prepared.traced.ignored_outputs, sources.built, compiled.warnings,
-            batching_section(regions_of(branched.module), compiled.tuning), compiled.selection,
+            list(checks), prepared.traced.ignored_outputs, sources.built,
+            list(compiled.warnings) + list(ran.warnings if ran else ()),
+            batching_section(regions_of(branched.module), list(tuning)), compiled.selection,
             results))
         staging.write_text("report.md", report)
-        if compiled.fitted is not None:  # (run)
-            files.append(staging.write_text("metrics.csv", csv_text(compiled.fitted.history)).name)
-            files.append(staging.write_text("steps.csv", csv_text(compiled.fitted.steps)).name)
+        if ran is not None:
+            files.append(staging.write_text("metrics.csv", csv_text(ran.fitted.history)).name)
+            files.append(staging.write_text("steps.csv", csv_text(ran.fitted.steps)).name)
         chosen = {layer.name for layer in branched.layers}
-        if compiled.profile is not None:
-            files += write_conflicts(staging, compiled.profile, chosen, compiled.after_branching)
+        if ran is not None and ran.profile is not None:
+            files += write_conflicts(staging, ran.profile, chosen, ran.after_branching)
         elif compiled.scores is not None and (out_dir / CONFLICTS).is_file():
             # compile selected other layers by an earlier profile: its flags and chart follow
             stored = json.loads((out_dir / CONFLICTS).read_text())
@@ -448,6 +503,7 @@ def _write(compiled: Compiled, out_dir: Path, command: str = "compile", progress
                 staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
                 staging.write_with("conflicts.png", lambda p: chart(data, p))
                 files += [CONFLICTS, "conflicts.png"]
-        return staging.commit_with_manifest(command, prepared.loaded.path,
-                                            prepared.loaded.sha256, s.train.seed, files, name,
-                                            new_model=True, working=working)
+        written = staging.commit_with_manifest(command, prepared.loaded.path,
+                                               prepared.loaded.sha256, s.train.seed, files, name,
+                                               new_model=True, working=working)
+    return Emitted(compiled, out_dir, tuple(written), checks, tuning, ran)

@@ -13,13 +13,12 @@ import difflib
 import functools
 import textwrap
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from reconfx import calls, distributed
 from reconfx.batching import batch_streams
@@ -54,16 +53,18 @@ from reconfx.streams import regions_of
 from reconfx.tracing import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, evaluate, fit
-from reconfx.train.objectives import loss_functions, make_optimizer, metric_functions
+from reconfx.train.objectives import loss_functions, metric_functions
 from reconfx.train.precision import resolve_device
-from reconfx.train.resume import Batches, Checkpoint
+from reconfx.train.resume import Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
 from reconfx.tuning import Tuned, tune
 
 
-@dataclass
+@dataclass(frozen=True)
 class Prepared:
+    """``prepare``'s result: the model the spec builds, its trace and layer inventory."""
+
     loaded: LoadedSpec
     model: nn.Module
     traced: Traced
@@ -72,22 +73,16 @@ class Prepared:
     examples: list[dict[str, torch.Tensor]]
 
 
-@dataclass
+@dataclass(frozen=True)
 class Compiled:
+    """``branch_checked``'s result: the selection, the branched model and I1-I3 on it."""
+
     prepared: Prepared
     branched: Branched
-    checks: list[Check]
-    scores: dict[str, int] | None = None
-    results: list[str] = field(default_factory=list)  # report lines of run (metrics, conflicts)
-    profile: Profile | None = None  # written as conflicts.json/.png with the model (run)
-    written: list[Path] = field(default_factory=list)
-    out_dir: Path | None = None
-    warnings: list[str] = field(default_factory=list)
-    notes: list[str] = field(default_factory=list)  # e.g. where a resumed run picked up
-    tuning: list[Tuned] = field(default_factory=list)  # stream_batching: tuned, measured
+    checks: tuple[Check, ...]
+    scores: dict[str, int] | None = None  # the conflict scores it selected by
     selection: Selection | None = None  # the chosen layers, their scores and cost
-    after_branching: dict | None = None  # strong-conflict shares before/after branching (run)
-    fitted: FitResult | None = None  # run's training (metrics.csv, steps.csv)
+    warnings: tuple[str, ...] = ()
 
 
 def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
@@ -176,7 +171,7 @@ def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
         check_sharing(branched.module, branched.copies),
         check_isolation(branched.module, prepared.examples[0], branched.copies),
     ]
-    return Compiled(prepared, branched, checks, scores, warnings=warnings, selection=selection)
+    return Compiled(prepared, branched, tuple(checks), scores, selection, tuple(warnings))
 
 
 def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None = None
@@ -186,8 +181,8 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
     s = prepared.loaded.spec
     branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
     if batching if batching is not None else s.branch.stream_batching != "off":
-        branched.module = batch_streams(branched.module, prepared.examples[0],
-                                        [i.name for i in s.inputs if 0 in i.dynamic])
+        branched = replace(branched, module=batch_streams(
+            branched.module, prepared.examples[0], [i.name for i in s.inputs if 0 in i.dynamic]))
     calls.contiguous_streams(branched.module, branched.containers)
     return branched
 
@@ -202,8 +197,10 @@ def join(loaded: LoadedSpec) -> World:
                             str(loaded.path))
 
 
-@dataclass
+@dataclass(frozen=True)
 class Trained:
+    """``train_compiled``'s result (the compiled model's weights are trained in place)."""
+
     fitted: FitResult
     test: dict[str, float]  # each task's test metric
     shared: list[Layer]  # the compiled model's shared layers, as its conflict counter orders them
@@ -287,40 +284,20 @@ def profile_prepared(prepared: Prepared, progress: bool,
                                  s.profile.threshold, finished["profile"])
         annotate(prepared.traced.module, prepared.layers, result.scores())
         return result
-    loss_fns = loss_functions(list(s.tasks), where)
-    aggregate = aggregator(s.train.aggregator, len(s.tasks), where)
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data", s.inputs)
-    torch.manual_seed(s.train.seed)
     module = prepared.traced.module
-    params = [p for p in module.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, s.train.optimizer, s.train.lr, s.train.weight_decay)
-    bar = tqdm(total=s.profile.steps, desc="profiling", disable=not progress, leave=False)
-
-    def on_step(step: int, losses: list[float]) -> None:
-        if step % 10 == 0:
-            bar.set_postfix({t: f"{v:.3f}" for t, v in zip(s.task_names, losses, strict=True)},
-                            refresh=False)
-        bar.update(step + 1 - bar.n)  # a resumed pass starts where it stopped
-
     with on_device(module, resolve_device(s.train.device, where)):
-        result = profile(module, prepared.layers, s.task_names, loss_fns,
-                         profile_batches(dataset, s), s.profile.steps, s.profile.threshold,
-                         optimizer, on_step, aggregate=aggregate, precision=s.train.precision,
-                         checkpoint=checkpoint)
+        result = profile(module, prepared.layers, s.task_names,
+                         loss_functions(list(s.tasks), where), dataset, s.profile.steps,
+                         s.profile.threshold, s.train, s.data.batch_size,
+                         aggregator(s.train.aggregator, len(s.tasks), where), progress,
+                         checkpoint, distributed.world(), s.data.workers, s.data.drop_last)
         result.counter.to("cpu")
-    bar.close()
     annotate(module, prepared.layers, result.scores())
     return result
 
 
-def profile_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
-    """Profiling's endless shuffled batches, reproducible for the spec's seed (``data.drop_last``
-    as in training)."""
-    return Batches(dataset, s.data.batch_size, s.train.seed, drop_last=s.data.drop_last,
-                   world=distributed.world(), workers=s.data.workers)
-
-
-@dataclass
+@dataclass(frozen=True)
 class Sources:
     """The emitted review files, how model.py builds each module (path -> constructor /
     restored / factory / generated) and the compiled model's name of each tensor model.py
@@ -449,19 +426,19 @@ def transformer_shape(loaded: LoadedSpec) -> tuple[str, int, int] | None:
     return None
 
 
-def tune_batching(compiled: Compiled, progress: bool = False) -> None:
+def tune_batching(compiled: Compiled, progress: bool = False) -> tuple[Tuned, ...]:
     """``stream_batching: tuned``: measure each region's streams per call at the spec's tuning
     batch sizes (only the spec's own batch when no input has a dynamic batch axis) and keep the
     fastest caps; the measurements go into the report."""
     s = compiled.prepared.loaded.spec
     if s.branch.stream_batching != "tuned" or not regions_of(compiled.branched.module):
-        return
+        return ()
     sizes = s.branch.tune_batches if any(0 in i.dynamic for i in s.inputs) else [
         next(iter(compiled.prepared.examples[0].values())).shape[0]]
     device = next(iter(compiled.branched.module.parameters())).device
     examples = {b: {k: v.to(device) for k, v in example_inputs(s.inputs, s.train.seed, b).items()}
                 for b in sizes}
-    compiled.tuning = tune(compiled.branched.module, examples, s.branch.tune_repeats, progress)
+    return tuple(tune(compiled.branched.module, examples, s.branch.tune_repeats, progress))
 
 
 def original_names(branched: Branched, original: nn.Module, compiled_names: dict[str, str]

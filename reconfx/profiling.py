@@ -11,22 +11,24 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from reconfx.conflicts import BINS, ConflictCounter
-from reconfx.errors import TrainingError
+from reconfx.distributed import World
 from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
+from reconfx.spec import ScheduleSpec, TrainSpec
 from reconfx.train.aggregators import aggregator
-from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
-from reconfx.train.step import MultiTaskStep, block_layout
+from reconfx.train.loop import fit
+from reconfx.train.resume import Checkpoint
+from reconfx.train.step import block_layout
 
 
-@dataclass
+@dataclass(frozen=True)
 class Profile:
     """What the pass measured, per candidate layer (in graph order)."""
 
@@ -35,6 +37,7 @@ class Profile:
     threshold: float
     steps: int
     counter: ConflictCounter
+    rows: list[dict[str, float]] = field(default_factory=list)  # each step's lr and task losses
 
     def scores(self) -> Scores:
         names = [x.name for x in self.layers]
@@ -86,49 +89,31 @@ class Profile:
 
 
 def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
-            loss_fns: list[Callable], batches: Batches, steps: int,
-            threshold: float, optimizer: torch.optim.Optimizer,
-            on_step: Callable[[int, list[float]], None] | None = None,
-            record: Callable[[torch.Tensor], None] | None = None,
+            loss_fns: list[Callable], data: torch.utils.data.Dataset, steps: int,
+            threshold: float, settings: TrainSpec, batch_size: int,
             aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
-            precision: str = "fp32", checkpoint: Checkpoint | None = None) -> Profile:
-    """Joint training for ``steps`` steps with ``aggregate`` (default EW: the shared update is the
-    sum of the task gradients, the gradient of the summed losses), counting conflicts on the way.
+            progress: bool = False, checkpoint: Checkpoint | None = None,
+            world: World | None = None, workers: int = 0, drop_last: bool = True,
+            record: Callable[[torch.Tensor], None] | None = None) -> Profile:
+    """Joint training of the shared layers' model for ``steps`` steps with ``aggregate``
+    (default EW: the shared update is the sum of the task gradients, the gradient of the summed
+    losses), counting conflicts on every step: the training loop
+    (:func:`reconfx.train.loop.fit`) bounded by steps, with ``settings``' optimiser, seed and
+    precision at a constant learning rate, and no validation.
 
-    ``record`` (tests) receives a copy of each step's T×P matrix; ``on_step`` the step number
-    and the losses. With ``checkpoint``, the state is saved every ``checkpoint.every`` steps and
-    a state loaded from it (phase ``profile``) is continued.
+    ``record`` (tests) receives a copy of each step's T×P matrix. With ``checkpoint``, the state
+    is saved every ``checkpoint.every`` steps and a state loaded from it (phase ``profiling``)
+    is continued.
     """
     candidates = [layer for layer in layers if layer.shared]
-    step = MultiTaskStep(module, candidates, tasks, loss_fns,
-                         aggregate or aggregator("ew", len(tasks)), optimizer,
-                         precision=precision, world=batches.world)
-    counter = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
-                              step.buffer.matrix.device)
-
-    def observe(matrix: torch.Tensor) -> torch.Tensor:
-        if record is not None:
-            record(matrix.clone())
-        return counter.update(matrix)
-
-    parts = {"model": module, "optimizer": optimizer, "counter": counter, "data": batches,
-             "scaler": step.scaler}
-    state = checkpoint.phase("profile") if checkpoint is not None else None
-    first = restore(parts, state) if state is not None else 0
-    module.train()
-    stream = batches.forever()
-    for index in range(first, steps):
-        inputs, targets = next(stream)
-        try:
-            step(inputs, targets, observe, batches.share)
-        except TrainingError as exc:
-            raise exc.at(f"profiling step {index + 1} of {steps}") from None
-        if on_step is not None:
-            on_step(index, step.values)
-        if checkpoint is not None and checkpoint.due(index + 1) and index + 1 < steps \
-                and batches.world.main:
-            checkpoint.save("profile", snapshot(parts, index + 1))
-    return Profile(candidates, tasks, threshold, steps, counter)
+    constant = settings.model_copy(update={"schedule": ScheduleSpec(), "conflict_every": 1,
+                                           "keep": "last", "early_stopping": None})
+    fitted = fit(module, candidates, tasks, loss_fns, [],
+                 aggregate or aggregator("ew", len(tasks)), data, None, constant, batch_size,
+                 progress, threshold, resume=checkpoint, world=world, workers=workers,
+                 drop_last=drop_last, steps=steps, phase="profiling", record=record)
+    assert fitted.conflicts is not None  # (a threshold was given)
+    return Profile(candidates, tasks, threshold, steps, fitted.conflicts, fitted.steps)
 
 
 def restore_profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],

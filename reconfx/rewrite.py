@@ -27,7 +27,7 @@ from reconfx.kinds import has_running_stats
 from reconfx.layers import Layer
 
 
-@dataclass
+@dataclass(frozen=True)
 class Branched:
     """The compiled model and what the pass did to it."""
 

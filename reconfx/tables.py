@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns aligned with two spaces between them, under a dashed rule."""
@@ -18,7 +20,7 @@ def markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(out)
 
 
-def for_terminal(lines: list[str]) -> list[str]:
+def for_terminal(lines: Sequence[str]) -> list[str]:
     """report.md lines as a terminal shows them: a heading as a line of its own, each Markdown
     table as aligned columns (see :func:`table`), code backticks dropped, empty lines left
     out."""

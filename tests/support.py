@@ -12,7 +12,7 @@ import yaml
 
 import reconfx
 from reconfx.build import example_inputs
-from reconfx.commands import compile_spec
+from reconfx.commands import Emitted, compile_spec
 from reconfx.graph import unique_parameters
 from reconfx.outdir import LOCK
 from reconfx.pipeline import Compiled, branch_model, emit_sources, prepare
@@ -49,7 +49,7 @@ def write_spec(folder: Path, name: str = "case", **fields: Any) -> Path:
     return path
 
 
-def compile_and_verify(spec_path: Path, out: Path) -> Compiled:
+def compile_and_verify(spec_path: Path, out: Path) -> Emitted:
     """Compile, then assert I1-I4 passed, the exact parameter count, parity of the reloaded
     emitted model at another batch size, and I6 (a fresh trace emits byte-identical text)."""
     compiled = compile_spec(spec_path, out)
@@ -90,7 +90,7 @@ def assert_deterministic(spec_path: Path, out: Path) -> None:
     """I6: tracing and emitting again from a freshly built model gives the same bytes."""
     prepared = prepare(spec_path)
     chosen = select_layers(prepared.layers, prepared.loaded.spec.select)
-    again = Compiled(prepared, branch_model(prepared, chosen), [])
+    again = Compiled(prepared, branch_model(prepared, chosen), ())
     sources = emit_sources(again)
     assert (out / "model.py").read_text() == sources.model_py
     assert (out / "original.py").read_text() == sources.original_py

@@ -11,10 +11,12 @@ from reconfx.cli import main
 from reconfx.conflicts import ConflictCounter
 from reconfx.pipeline import prepare
 from reconfx.profiling import profile
-from reconfx.train.objectives import loss_functions, make_optimizer
-from reconfx.train.resume import Batches
+from reconfx.spec import TrainSpec
+from reconfx.train.objectives import loss_functions
 from reconfx.train.step import CHUNK
 from tests.support import write_spec
+
+ADAM = TrainSpec(optimizer="adam", lr=1e-3, weight_decay=0.0, seed=0)
 
 
 def multidigits_spec(tmp_path, steps=8, select=None, threshold=-0.1, tasks=("left", "right"),
@@ -57,13 +59,9 @@ def run_profile(spec_path, steps, record=None):
     s = prepared.loaded.spec
     data = call_data_factory(s.data, "train", 0, "spec")
     module = prepared.traced.module
-    optimizer = make_optimizer([p for p in module.parameters()], "adam", 1e-3, 0.0)
-    losses = []
     result = profile(module, prepared.layers, s.task_names, loss_functions(list(s.tasks), "s"),
-                     Batches(data, s.data.batch_size, 0, drop_last=True), steps,
-                     s.profile.threshold, optimizer,
-                     on_step=lambda step, loss: losses.append(loss), record=record)
-    return result, losses
+                     data, steps, s.profile.threshold, ADAM, s.data.batch_size, record=record)
+    return result, [[row[f"loss/{t}"] for t in s.task_names] for row in result.rows]
 
 
 @pytest.mark.parametrize("tasks", [("left", "right"), ("a", "b", "c")])
@@ -201,9 +199,7 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
     initial = copy.deepcopy(module.state_dict())
 
     def run(model, layers):
-        optimizer = make_optimizer(list(model.parameters()), "adam", 1e-3, 0.0)
-        return profile(model, layers, s.task_names, fns, Batches(data, 64, 0, drop_last=True),
-                       40, -0.1, optimizer)
+        return profile(model, layers, s.task_names, fns, data, 40, -0.1, ADAM, 64)
 
     before = run(module, prepared.layers)
     module.load_state_dict(initial)

@@ -222,7 +222,7 @@ def metric_rows(out: Path) -> list[str]:
             if line.startswith(("| left", "| right"))]
 
 
-@pytest.mark.parametrize("phase", ["profile", "train"])
+@pytest.mark.parametrize("phase", ["profiling", "train"])
 def test_run_killed_mid_phase_resumes_to_the_uninterrupted_result(tmp_path, phase):
     """SIGKILL a `reconfx run` subprocess after its first checkpoint in ``phase``; `--resume`
     gives the same conflict counts, weights and test metrics as a run that was never stopped."""
@@ -247,7 +247,7 @@ def test_run_killed_mid_phase_resumes_to_the_uninterrupted_result(tmp_path, phas
     assert not (out / "weights.safetensors").exists()
     final = resume_state(state_file)  # the kill may land after one more checkpoint
     done = commands.run_spec(spec, progress=False, resume=True)
-    assert done.notes == [f"resuming from {state_file} ({final['phase']} step {final['step']})"]
+    assert done.notes == (f"resuming from {state_file} ({final['phase']} step {final['step']})",)
     for name in ("weights.safetensors", "conflicts.json", "model.py"):
         assert (reference / name).read_bytes() == (out / name).read_bytes(), name
     assert metric_rows(reference) == metric_rows(out) and len(metric_rows(out)) == 2

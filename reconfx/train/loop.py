@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,18 @@ from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep, to_device
 
 
-@dataclass
+@dataclass(frozen=True)
 class FitResult:
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch: loss + metrics
-    best_epoch: int = -1  # (0-based) the best validation epoch and its validation metrics
-    best: dict[str, float] = field(default_factory=dict)
-    kept_epoch: int = -1  # the epoch whose weights the module ends with (train.keep) and ...
-    kept: dict[str, float] = field(default_factory=dict)  # ... its validation metrics
-    conflicts: ConflictCounter | None = None  # statistics of the shared layers while training
-    stopped_after: int | None = None  # the epoch early stopping ended training after
-    steps: list[dict[str, float]] = field(default_factory=list)  # per step: lr + task losses
+    """What :func:`fit` did (the module itself is trained in place)."""
+
+    history: list[dict[str, float]]  # per epoch: loss + metrics
+    steps: list[dict[str, float]]  # per step: lr + task losses
+    best_epoch: int  # (0-based) the best validation epoch and its validation metrics
+    best: dict[str, float]
+    kept_epoch: int  # the epoch whose weights the module ends with (train.keep) and ...
+    kept: dict[str, float]  # ... its validation metrics
+    conflicts: ConflictCounter | None  # statistics of the shared layers while training
+    stopped_after: int | None  # the epoch early stopping ended training after
 
 
 @torch.no_grad()
@@ -86,10 +88,13 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         threshold: float | None = None, sparse: SparseMask | None = None,
         checkpoints: Path | None = None, resume: Checkpoint | None = None,
         world: World | None = None, workers: int = 0,
-        tensorboard: Path | None = None, drop_last: bool = True) -> FitResult:
+        tensorboard: Path | None = None, drop_last: bool = True, steps: int | None = None,
+        phase: str = "train", record: Callable[[torch.Tensor], None] | None = None
+        ) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best validation epoch's weights
-    (``keep: best``) or the last epoch's.
+    (``keep: best``) or the last epoch's. The one training loop: the profiling pass is this
+    loop bounded by ``steps`` (:func:`reconfx.profiling.profile`).
 
     - ``threshold``: conflict statistics of the shared layers are counted from the per-task
       gradients on every ``conflict_every``-th step.
@@ -103,7 +108,11 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
       0 writes files and shows progress. ``workers``: data-loader processes (the same batches).
     - Every step's learning rate and task losses are recorded (``FitResult.steps``); with
       ``tensorboard`` (a folder) they and the epoch rows are written there live as TensorBoard
-      scalars (rank 0)."""
+      scalars (rank 0).
+    - ``steps``: training stops after that many optimiser steps, as many epochs as that takes
+      (``settings.epochs`` is not read), with one progress bar named ``phase``.
+    - ``phase``: the name of the state saved in and resumed from ``resume``.
+    - ``record`` (tests) receives a copy of each counted step's T×P gradient matrix."""
     w = world or World()
     progress = progress and w.main
     torch.manual_seed(settings.seed)
@@ -111,32 +120,41 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
     optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
     step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate, optimizer, sparse,
                          settings.precision, w)
-    result = FitResult()
-    if threshold is not None:
-        result.conflicts = ConflictCounter(step.buffer.blocks, len(tasks), threshold,
-                                           step.buffer.matrix.device)
-    observe = result.conflicts.update if result.conflicts is not None else None
+    conflicts = None if threshold is None else ConflictCounter(
+        step.buffer.blocks, len(tasks), threshold, step.buffer.matrix.device)
+    stopped_after = None
+    observe = conflicts.update if conflicts is not None else None
+    if observe is not None and record is not None:
+        def observe(matrix: torch.Tensor, count: Callable = observe) -> torch.Tensor:
+            record(matrix.clone())
+            return count(matrix)
     data = Batches(train_data, batch_size, settings.seed, drop_last, world=w, workers=workers)
-    schedule = make_schedule(optimizer, settings.schedule, len(data), settings.epochs)
+    epochs = settings.epochs if steps is None else -(-steps // max(len(data), 1))
+    schedule = make_schedule(optimizer, settings.schedule, len(data), epochs)
     run = _FitState()
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,
                              "data": data, "scaler": step.scaler, "fit": run}
-    if result.conflicts is not None:
-        parts["counter"] = result.conflicts
-    state = resume.phase("train") if resume is not None else None
+    if conflicts is not None:
+        parts["counter"] = conflicts
+    state = resume.phase(phase) if resume is not None else None
     done = restore(parts, state) if state is not None else 0
+    last = steps if steps is not None else epochs * len(data)
+    bounded = tqdm(total=steps, initial=done, desc=phase, disable=not progress or steps is None,
+                   leave=False)
     with logged_to(tensorboard if w.main else None, done) as board:
-        for epoch in range(data.epoch, settings.epochs):
+        for epoch in range(data.epoch, epochs):
             module.train()
-            bar = tqdm(total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/"
-                       f"{settings.epochs}", disable=not progress, leave=False)
-            for inputs, targets in data.epoch_batches():
+            bar = bounded if steps is not None else tqdm(
+                total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/{epochs}",
+                disable=not progress, leave=False)
+            for inputs, targets in itertools.islice(data.epoch_batches(), last - done):
                 try:
                     counted = done % settings.conflict_every == 0
                     step(inputs, targets, observe if counted else None, data.share)
                 except TrainingError as exc:
-                    raise exc.at(f"training epoch {epoch + 1}, batch {data.index} (step "
-                                 f"{done + 1})") from None
+                    where = (f"{phase} step {done + 1} of {steps}" if steps is not None else
+                             f"training epoch {epoch + 1}, batch {data.index} (step {done + 1})")
+                    raise exc.at(where) from None
                 lr = schedule.get_last_lr()[0]  # (the step's rate: the schedule moves after it)
                 schedule.step()
                 done += 1
@@ -146,21 +164,23 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                 if board is not None:
                     board.add(done, run.steps[-1], prefix="step/")
                 bar.update(1)
-                if progress and data.index % 10 == 1:
+                if progress and done % 10 == 1:
                     bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()})
-                if resume is not None and resume.due(done) and data.index < len(data) and w.main:
-                    resume.save("train", snapshot(parts, done))
-            bar.close()
+                if resume is not None and resume.due(done) and data.index < len(data) \
+                        and done < last and w.main:
+                    resume.save(phase, snapshot(parts, done))
+            if steps is None:
+                bar.close()
             # (this epoch's steps: the end of the step rows, in order)
             ran = list(itertools.takewhile(lambda r, e=epoch + 1: r["epoch"] == e,
                                            reversed(run.steps)))[::-1]
             row = {"epoch": epoch + 1, "lr": schedule.get_last_lr()[0],
-                   **{f"loss/{t}": sum(r[f"loss/{t}"] for r in ran) / max(len(data), 1)
+                   **{f"loss/{t}": sum(r[f"loss/{t}"] for r in ran) / max(len(ran), 1)
                       for t in tasks}}
-            if result.conflicts is not None:  # this epoch's strongly conflicting gradient pairs
-                strong = int(result.conflicts.strong.sum()) - sum(
+            if conflicts is not None:  # this epoch's strongly conflicting gradient pairs
+                strong = int(conflicts.strong.sum()) - sum(
                     int(r.get("conflict/strong", 0)) for r in run.history)
-                valid = int(result.conflicts.valid.sum()) - sum(
+                valid = int(conflicts.valid.sum()) - sum(
                     int(r.get("conflict/valid", 0)) for r in run.history)
                 row.update({"conflict/strong": strong, "conflict/valid": valid,
                             "conflict/strong_share": strong / valid if valid else None})
@@ -184,22 +204,22 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                     save_checkpoint(module, checkpoints / "best.safetensors")
             if settings.early_stopping is not None and val_data is not None and (
                     epoch - run.best_epoch >= settings.early_stopping):
-                result.stopped_after = epoch + 1  # (no better validation score for that long)
+                stopped_after = epoch + 1  # (no better validation score for that long)
                 break
-            if resume is not None and epoch + 1 < settings.epochs and w.main:
-                resume.save("train", snapshot(parts, done))
+            if done >= last:
+                break
+            if resume is not None and epoch + 1 < epochs and w.main:
+                resume.save(phase, snapshot(parts, done))
 
+    bounded.close()
     if settings.keep == "best" and run.best_state is not None:
         module.load_state_dict(run.best_state)
-    result.history, result.best_epoch, result.best = run.history, run.best_epoch, run.best
-    result.steps = run.steps
-    if settings.keep == "best":
-        result.kept_epoch, result.kept = run.best_epoch, run.best
-    elif run.history:
-        result.kept_epoch = run.history[-1]["epoch"] - 1
-        result.kept = {t: run.history[-1][f"val/{t}"] for t in tasks
-                       if f"val/{t}" in run.history[-1]}
-    return result
+    kept_epoch, kept = run.best_epoch, run.best
+    if settings.keep == "last" and run.history:
+        kept_epoch = run.history[-1]["epoch"] - 1
+        kept = {t: run.history[-1][f"val/{t}"] for t in tasks if f"val/{t}" in run.history[-1]}
+    return FitResult(run.history, run.steps, run.best_epoch, run.best, kept_epoch, kept,
+                     conflicts, stopped_after)
 
 
 class _FitState:

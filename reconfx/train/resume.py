@@ -184,7 +184,7 @@ class Checkpoint:
                          "(--resume continues it instead)")
 
     def phase(self, name: str) -> dict[str, Any] | None:
-        """The loaded state when it was saved in phase ``name`` (``profile``/``train``)."""
+        """The loaded state when it was saved in phase ``name`` (``profiling``/``train``)."""
         return self.state if self.state is not None and self.state["phase"] == name else None
 
     def due(self, step: int) -> bool:
