@@ -27,7 +27,6 @@ from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
-    SCORE_POLICIES,
     Compiled,
     Prepared,
     branch_checked,
@@ -169,7 +168,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
     checkpoint = open_checkpoint(loaded, out, "run", resume)
     initial = copy.deepcopy(prepared.traced.module.state_dict())
     result = None
-    if s.select is not None and s.select.policy in SCORE_POLICIES:
+    if s.select is not None and s.select.needs_scores:
         result = profile_prepared(prepared, progress, checkpoint)
         checkpoint.extra["profile"] = result.counter.state_dict()
         if s.train.init == "initial":  # the paper's protocol: retrain from the same start

@@ -187,9 +187,6 @@ def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None 
     return branched
 
 
-SCORE_POLICIES = ("top_k", "fraction", "param_budget", "flops_budget", "min_score")
-
-
 def join(loaded: LoadedSpec) -> World:
     """Join the torchrun process group when launched as one of several ranks."""
     s = loaded.spec

@@ -342,6 +342,11 @@ class SelectSpec(_Strict):
     def policy(self) -> str:
         return next(name for name in POLICIES if getattr(self, name) is not None)
 
+    @property
+    def needs_scores(self) -> bool:
+        """The policy ranks layers by conflict score (a profile must run first)."""
+        return self.policy not in ("layers", "random")
+
 
 POLICIES = ("top_k", "fraction", "param_budget", "flops_budget", "min_score", "layers",
             "random")

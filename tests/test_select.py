@@ -128,3 +128,11 @@ def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
     compiled = branch_checked(prepared)  # no scores given: those on the nodes
     assert names(compiled.branched.layers) == [top.name]
     assert compiled.selection.rows()[0][2] == f"{len(pool) - 1} / 100"
+
+
+def test_only_score_based_policies_need_a_profile():
+    needs = {policy: SelectSpec(**{policy: value}).needs_scores for policy, value in {
+        "top_k": 3, "fraction": 0.5, "param_budget": 10.0, "flops_budget": 10.0,
+        "min_score": 1.0, "layers": ["fc"], "random": {"k": 2}}.items()}
+    assert needs == {"top_k": True, "fraction": True, "param_budget": True,
+                     "flops_budget": True, "min_score": True, "layers": False, "random": False}

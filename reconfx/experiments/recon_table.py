@@ -43,7 +43,6 @@ from reconfx.errors import ReconfxError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
 from reconfx.pipeline import (
-    SCORE_POLICIES,
     Prepared,
     branch_checked,
     prepare,
@@ -96,7 +95,7 @@ class Experiment:
         s = loaded.spec
         where = str(loaded.path)
         require_data(loaded, "the experiment")
-        if s.select is None or s.select.policy not in SCORE_POLICIES:
+        if s.select is None or not s.select.needs_scores:
             raise SpecError("the experiment branches the layers a profile selects, and this "
                             "spec's select is not a score-based policy",
                             where=f"{where}: select",
