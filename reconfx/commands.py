@@ -19,22 +19,22 @@ import torch
 
 from reconfx import artifacts, outdir
 from reconfx.build import call_data_factory
-from reconfx.checks import Check, check_emit
+from reconfx.checks import Check
 from reconfx.cost import CostModel, Selection
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import ModelError, SpecError
-from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
     Compiled,
     Prepared,
     branch_checked,
+    check_emitted,
     emit_sources,
     join,
     loaded_spec,
+    measure_costs,
     onnx_for_spec,
-    original_names,
     prepare,
     profile_prepared,
     require_data,
@@ -50,7 +50,7 @@ from reconfx.profiling import (
     rebranched,
     strong_shares,
 )
-from reconfx.report import Cost, ReportFacts, batching_section, compile_report, flops, latency
+from reconfx.report import ReportFacts, batching_section, compile_report
 from reconfx.rewrite import Branched
 from reconfx.selection import select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
@@ -453,23 +453,10 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
             emitted.load_state_dict(state_for(emitted, branched.module, sources.compiled_names),
                                     strict=True)
             staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
-            original_params = unique_parameters(prepared.traced.module)
-            expected = original_params + branched.added_params
             reloaded = artifacts.load_emitted(staging.path, name)
-            # After `run` the weights are trained: the compiled model is the reference then.
-            original = prepared.model if command == "compile" else None
-            rename = original_names(branched, prepared.model, sources.compiled_names)
-            checks = (*compiled.checks, check_emit(
-                reloaded, branched.module, prepared.examples, expected, original,
-                prepared.task_paths, rename, 1e-5 if regions_of(branched.module) else 0.0,
-                lambda n: sources.compiled_names.get(n, n)))
-        example = prepared.examples[0]
-        ratio = latency(prepared.traced.module, branched.module, example)
-        if compiled.selection is not None:  # (exact: see reconfx.cost)
-            before = compiled.selection.flops
-            after = before + compiled.selection.added_flops
-        else:
-            before, after = flops(prepared.traced.module, example), flops(branched.module, example)
+            checks = (*compiled.checks,
+                      check_emitted(compiled, reloaded, sources, trained=command == "run"))
+        costs = measure_costs(compiled)
         files = ["model.py", "original.py", "branch.diff", "weights.safetensors", "report.md"]
         results = list(ran.results) if ran else []
         if "onnx" in s.export.formats:
@@ -482,7 +469,7 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         report = compile_report(ReportFacts(
             command, s.name, prepared.traced.tier, prepared.traced.notes, prepared.layers,
             branched.layers, branched.per_task_norms, branched.shared_norms,
-            Cost(original_params, before), Cost(unique_parameters(branched.module), after), ratio,
+            costs.original, costs.compiled, costs.latency,
             list(checks), prepared.traced.ignored_outputs, sources.built,
             list(compiled.warnings) + list(ran.warnings if ran else ()),
             batching_section(regions_of(branched.module), list(tuning)), compiled.selection,

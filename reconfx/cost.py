@@ -14,13 +14,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import fx
+from torch import fx, nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from reconfx.graph import DualGraphModule, node_tasks, task_outputs
 from reconfx.layers import Layer
 from reconfx.modes import preserved
 from reconfx.tables import table
+from reconfx.timing import Ratio, interleaved_ratio
 
 
 class _Counting(fx.Interpreter):
@@ -49,7 +50,7 @@ class CostModel:
     def measure(cls, module: DualGraphModule, example: dict[str, torch.Tensor]) -> CostModel:
         graph = module.eval_graph
         counting = _Counting(module, graph)
-        with preserved(module), torch.enable_grad():  # (see reconfx.report.flops)
+        with preserved(module), torch.enable_grad():  # (see flops below)
             module.eval()
             counting.run(*(example[str(n.target)] for n in graph.nodes if n.op == "placeholder"))
         nodes: dict[str, list[fx.Node]] = {}
@@ -143,3 +144,33 @@ def selection_lines(selection: Selection, limit: int = 8) -> list[str]:
     return [f"selected {len(rows)} layer(s):",
             *("  " + line.rstrip() for line in table(Selection.HEADERS[:4], shown).splitlines()),
             f"  cost: {selection.summary()}"]
+
+
+# -- measured on the built models ------------------------------------------------------------
+@dataclass(frozen=True)
+class Cost:
+    """A model's parameters (tied ones once) and FLOPs of one eval-mode forward."""
+
+    params: int
+    flops: int
+
+
+def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
+    """FLOPs of one eval-mode forward. Counted with autograd on: the counter's module tracker
+    hooks every module input that requires grad, and under ``torch.no_grad`` a view of a
+    parameter handed to a submodule requires grad but has no gradient edge to hook."""
+    with preserved(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
+        model.eval()(**example)
+    return int(counter.get_total_flops())
+
+
+def latency(original: nn.Module, compiled: nn.Module, example: dict[str, torch.Tensor],
+            rounds: int = 15) -> Ratio:
+    """The compiled model's eval-mode forward time over the original's on the example inputs,
+    from interleaved rounds (:func:`reconfx.timing.interleaved_ratio`)."""
+    cuda = any(v.is_cuda for v in example.values() if isinstance(v, torch.Tensor))
+    with preserved(original, compiled), torch.no_grad():
+        original.eval()
+        compiled.eval()
+        return interleaved_ratio(lambda: original(**example), lambda: compiled(**example),
+                                 rounds, cuda)

@@ -1,9 +1,10 @@
 """The passes composed in memory, in order: the only module that knows them all.
 
-``prepare`` builds and traces the model a spec names; ``branch_checked`` selects, branches and
-checks invariants I1-I3; ``profile_prepared`` and ``train_compiled`` train; ``emit_sources``
-writes the review files' text. :mod:`reconfx.commands` runs them for the command line and writes
-the output folders.
+``prepare`` builds and traces the model a spec names; ``profile_prepared`` profiles it;
+``branch_checked`` selects, branches and checks invariants I1-I3; ``train_compiled`` trains;
+``emit_sources`` writes the review files' text; ``check_emitted`` checks I4 on the emitted model
+and ``measure_costs`` measures what the branching costs. Each returns a frozen result.
+:mod:`reconfx.commands` runs them for the command line and writes the output folders.
 """
 
 from __future__ import annotations
@@ -31,11 +32,12 @@ from reconfx.build import (
 )
 from reconfx.checks import (
     Check,
+    check_emit,
     check_isolation,
     check_parity,
     check_sharing,
 )
-from reconfx.cost import CostModel, Selection, selection_lines
+from reconfx.cost import Cost, CostModel, Selection, flops, latency, selection_lines
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
@@ -50,6 +52,7 @@ from reconfx.selection import check_patterns, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
 from reconfx.streams import regions_of
+from reconfx.timing import Ratio
 from reconfx.tracing import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, evaluate, fit
@@ -350,6 +353,43 @@ def emit_sources(compiled: Compiled) -> Sources:
         "original.py", "model.py"))
     return Sources(model_py.source, original_py.source, diff, model_py.built,
                    _compiled_names(emitted, branched.module))
+
+
+def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
+                  trained: bool = False) -> Check:
+    """I4: the emitted model, reloaded from its folder, against the compiled model (and the
+    original, unless ``trained``: after ``run`` the compiled model is the reference)."""
+    prepared, branched = compiled.prepared, compiled.branched
+    expected = unique_parameters(prepared.traced.module) + branched.added_params
+    return check_emit(reloaded, branched.module, prepared.examples, expected,
+                      None if trained else prepared.model, prepared.task_paths,
+                      original_names(branched, prepared.model, sources.compiled_names),
+                      1e-5 if regions_of(branched.module) else 0.0,
+                      lambda n: sources.compiled_names.get(n, n))
+
+
+@dataclass(frozen=True)
+class Costs:
+    """What the compiled model costs beside the original."""
+
+    original: Cost
+    compiled: Cost
+    latency: Ratio  # the compiled model's eval forward time over the original's
+
+
+def measure_costs(compiled: Compiled) -> Costs:
+    """Parameters, FLOPs of one forward (exact from the selection's cost model when there is
+    one, see :mod:`reconfx.cost`) and the eval latency ratio, on the first example input."""
+    prepared, branched = compiled.prepared, compiled.branched
+    example = prepared.examples[0]
+    if compiled.selection is not None:
+        before = compiled.selection.flops
+        after = before + compiled.selection.added_flops
+    else:
+        before, after = flops(prepared.traced.module, example), flops(branched.module, example)
+    return Costs(Cost(unique_parameters(prepared.traced.module), before),
+                 Cost(unique_parameters(branched.module), after),
+                 latency(prepared.traced.module, branched.module, example))
 
 
 def _compiled_names(emitted: nn.Module, compiled: nn.Module) -> dict[str, str]:

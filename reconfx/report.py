@@ -5,45 +5,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
-
 from reconfx.checks import Check
-from reconfx.cost import Selection
+from reconfx.cost import Cost, Selection
 from reconfx.layers import Layer
-from reconfx.modes import preserved
 from reconfx.streams import BUDGET_BYTES, StreamRegion
 from reconfx.tables import markdown_table
-from reconfx.timing import Ratio, interleaved_ratio
+from reconfx.timing import Ratio
 from reconfx.tuning import Tuned
-
-
-@dataclass(frozen=True)
-class Cost:
-    params: int
-    flops: int
-
-
-def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
-    """FLOPs of one eval-mode forward. Counted with autograd on: the counter's module tracker
-    hooks every module input that requires grad, and under ``torch.no_grad`` a view of a
-    parameter handed to a submodule requires grad but has no gradient edge to hook."""
-    with preserved(model), torch.enable_grad(), FlopCounterMode(display=False) as counter:
-        model.eval()(**example)
-    return int(counter.get_total_flops())
-
-
-def latency(original: nn.Module, compiled: nn.Module, example: dict[str, torch.Tensor],
-            rounds: int = 15) -> Ratio:
-    """The compiled model's eval-mode forward time over the original's on the example inputs,
-    from interleaved rounds (:func:`reconfx.timing.interleaved_ratio`)."""
-    cuda = any(v.is_cuda for v in example.values() if isinstance(v, torch.Tensor))
-    with preserved(original, compiled), torch.no_grad():
-        original.eval()
-        compiled.eval()
-        return interleaved_ratio(lambda: original(**example), lambda: compiled(**example),
-                                 rounds, cuda)
 
 
 def latency_line(ratio: Ratio) -> str:

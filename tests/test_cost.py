@@ -4,10 +4,9 @@ per node, the flops_budget policy, the early-branching warning, and the tables."
 import pytest
 
 from reconfx.cli import main
-from reconfx.cost import CostModel, Selection, selection_lines
+from reconfx.cost import CostModel, Selection, flops, selection_lines
 from reconfx.pipeline import branch_model, prepare
 from reconfx.profiling import Scores
-from reconfx.report import flops
 from reconfx.selection import select_layers
 from reconfx.spec import SelectSpec
 from tests.support import write_spec

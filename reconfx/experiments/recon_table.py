@@ -39,6 +39,7 @@ from tqdm import tqdm
 
 from reconfx import artifacts
 from reconfx.build import call_data_factory
+from reconfx.cost import flops
 from reconfx.errors import ReconfxError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
@@ -50,7 +51,6 @@ from reconfx.pipeline import (
     require_data,
     train_compiled,
 )
-from reconfx.report import flops
 from reconfx.selection import candidates, matched_random, select_layers
 from reconfx.spec import LoadedSpec, SelectSpec, load_spec_file
 from reconfx.train.aggregators import aggregator
