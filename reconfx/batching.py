@@ -1,4 +1,4 @@
-"""Stream batching: task streams pass through shared layers as one batch (DESIGN.md §8).
+"""Stream batching: task streams pass through shared layers as one batch (README: Stream batching).
 
 After a branch point every downstream op runs once per task, also where the module it calls is
 shared. Where that is exact, the T calls become one call on the streams concatenated along the

@@ -1,4 +1,4 @@
-"""Invariant checks (DESIGN.md §2): I1 init parity, I2 sharing, I3 isolation, I4 emit parity.
+"""Invariant checks (docs/invariants.md): I1 init parity, I2 sharing, I3 isolation, I4 emit parity.
 
 Each check returns a :class:`Check` for the report, or raises :class:`CheckError` naming the task,
 mode and largest difference. Models are run by :func:`reconfx.modes.run`, so checking never

@@ -1,6 +1,6 @@
 """Layer inventory: which parameterised units the graph uses, and which tasks depend on each.
 
-A layer (DESIGN.md §2) is a module called by a ``call_module`` node, with every parameter of its
+A layer (docs/design.md) is a module called by a ``call_module`` node, with every parameter of its
 subtree, or, for parameters the graph reads directly (``get_attr``), the parameters one module
 owns directly. Layers that share a ``Parameter`` (a tied embedding and output projection) form one
 group: they are branched together and their parameters are counted once.

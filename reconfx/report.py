@@ -151,7 +151,7 @@ def built_section(built: dict[str, str]) -> list[str]:
 
 def batching_section(regions: Sequence[StreamRegion], tuning: Sequence[Tuned]) -> list[str]:
     """Report lines on stream batching: each region and its row cap; with measured tuning, the
-    timings behind each cap (DESIGN.md I6: measured choices are recorded)."""
+    timings behind each cap (a measured choice is recorded with its measurements)."""
     if not regions:
         return []
     lines = ["", "## Stream batching", "",

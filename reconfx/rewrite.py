@@ -2,10 +2,10 @@
 
 A node is task-variant if it uses a branched layer or any of its inputs is task-variant. Each
 task-variant node is cloned once per task whose output depends on it; clones use that task's copy
-of each branched layer and share every other module (DESIGN.md §2). A branched module at path
-``p`` becomes a container of per-task copies, ``p.<task>``, each an exact copy of the original
-weights. With ``norm_stats: per_task``, a shared normalisation module that only sees task streams
-gets one set of running buffers per task while its affine parameters stay shared.
+of each branched layer and share every other module (docs/design.md, "Branching"). A branched
+module at path ``p`` becomes a container of per-task copies, ``p.<task>``, each an exact copy of
+the original weights. With ``norm_stats: per_task``, a shared normalisation module that only sees
+task streams gets one set of running buffers per task while its affine parameters stay shared.
 
 >>> branched = branch(traced.module, [layers[3]], ["left", "right"])     # doctest: +SKIP
 >>> branched.module.layer1[0].conv1.left                                 # doctest: +SKIP

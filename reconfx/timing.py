@@ -1,4 +1,4 @@
-"""Side-by-side timing (DESIGN.md §8: ratios from one run; absolute times drift on shared
+"""Side-by-side timing (ratios from one run; absolute times drift on shared
 machines, so the things compared are timed alternately and each reports its median)."""
 
 from __future__ import annotations

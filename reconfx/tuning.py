@@ -1,4 +1,4 @@
-"""Measured tuning of stream batching (opt-in, ``branch.stream_batching: tuned``; DESIGN.md I6).
+"""Measured tuning of stream batching (opt-in, ``branch.stream_batching: tuned``).
 
 The default cost rule (:mod:`reconfx.batching`) gives each region a row cap from the sizes of its
 largest intermediate value and its weights. Tuning replaces that cap by one chosen from timings on

@@ -1,5 +1,5 @@
-"""Stream batching (DESIGN.md §8): task streams run through shared layers as one batch where that
-is exact, with I1-I6 kept (I1 within atol 1e-5), and off on request."""
+"""Stream batching (README, "Stream batching"): task streams run through shared layers as one
+batch where that is exact, with I1-I6 kept (I1 within atol 1e-5), and off on request."""
 
 import time
 

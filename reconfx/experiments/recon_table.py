@@ -1,4 +1,4 @@
-"""The reference experiment (DESIGN.md §7): Recon's comparison on a spec's model and data.
+"""The reference experiment: Recon's comparison on a spec's model and data (see the README).
 
 For every seed and aggregator: profile the unbranched model (joint training with that aggregator
 from the initial weights), then train from the same initial weights
