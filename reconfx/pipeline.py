@@ -105,12 +105,13 @@ def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
         dynamic = {i.name: list(i.dynamic) for i in s.inputs}
         traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
                        verify_with=examples[1], class_name=class_name(s.name))
-        traced.ignored_outputs = ignored
+        traced = replace(traced, ignored_outputs=tuple(ignored))
         try:
             calls.annotate(traced.module, model, examples[0])
         except Exception as exc:  # model.py then writes the submodules' ops, not their calls
-            traced.notes.append("how the submodules were called could not be found "
-                                f"({type(exc).__name__}: {exc}); model.py writes out their ops")
+            traced = replace(traced, notes=(
+                *traced.notes, "how the submodules were called could not be found "
+                f"({type(exc).__name__}: {exc}); model.py writes out their ops"))
     layers = inventory(traced.module, s.task_names)
     return Prepared(loaded, model, traced, layers, paths, examples)
 

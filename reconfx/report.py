@@ -57,7 +57,7 @@ class ReportFacts:
     command: str
     name: str
     tier: str
-    notes: list[str]
+    notes: Sequence[str]
     layers: list[Layer]
     branched: list[Layer]
     per_task_norms: list[str]
@@ -66,7 +66,7 @@ class ReportFacts:
     compiled: Cost
     ratio: Ratio
     checks: list[Check]
-    ignored: list[str]
+    ignored: Sequence[str]
     built: dict[str, str]
     warnings: list[str]
     batching: list[str]

@@ -24,7 +24,7 @@ import logging
 import operator
 import traceback
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -54,14 +54,14 @@ _DROPPED_TARGETS = {
 }
 
 
-@dataclass
+@dataclass(frozen=True)
 class Traced:
     """A traced model and how it was obtained."""
 
     module: DualGraphModule
     tier: str
-    notes: list[str] = field(default_factory=list)
-    ignored_outputs: list[str] = field(default_factory=list)
+    notes: tuple[str, ...] = ()
+    ignored_outputs: tuple[str, ...] = ()  # what the model returns besides the tasks' outputs
 
 
 def parameterised_modules(module: nn.Module) -> int:
@@ -524,9 +524,8 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 raise TierFailure("fx", None, RuntimeError(mismatch))
             if not hidden or tier == "fx":
                 return result
-            coarse = result
-            coarse.tier = "fx-coarse"
-            notes.append(f"coarse fx leaves hide several layers: {', '.join(hidden)}")
+            coarse = replace(result, tier="fx-coarse", notes=(
+                *result.notes, f"coarse fx leaves hide several layers: {', '.join(hidden)}"))
         except TierFailure as exc:
             failures.append(exc)
     if tier in ("auto", "export"):
@@ -544,15 +543,17 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
             if mismatch:
                 raise TierFailure("torch.export", None, RuntimeError(mismatch))
             if coarse is not None:
-                result.notes.insert(0, "tier 2 used: tier 1 " + coarse.notes[-1])
-            elif failures:
-                result.notes.insert(0, f"tier 2 used: tier 1 failed {failures[-1]}")
+                return replace(result, notes=("tier 2 used: tier 1 " + coarse.notes[-1],
+                                              *result.notes))
+            if failures:
+                return replace(result, notes=(f"tier 2 used: tier 1 failed {failures[-1]}",
+                                              *result.notes))
             return result
         except TierFailure as exc:
             failures.append(exc)
     if coarse is not None:
-        coarse.notes.append(f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})")
-        return coarse
+        return replace(coarse, notes=(
+            *coarse.notes, f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})"))
     raise _trace_error(failures)
 
 
@@ -616,7 +617,7 @@ def _assemble(model: nn.Module, graphs: list[fx.Graph], root: nn.Module | dict[s
     module = DualGraphModule(root, train_graph, eval_graph, class_name)
     module.train(model.training)
     name_nodes(module)
-    return Traced(module, tier, notes)
+    return Traced(module, tier, tuple(notes))
 
 
 def _trace_error(failures: list[TierFailure]) -> TraceError:
