@@ -117,7 +117,7 @@ class Emitted:
 
     @property
     def warnings(self) -> tuple[str, ...]:
-        return self.compiled.warnings + (self.ran.warnings if self.ran else ())
+        return all_warnings(self.compiled, self.ran)
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -126,6 +126,11 @@ class Emitted:
     @property
     def results(self) -> tuple[str, ...]:
         return self.ran.results if self.ran else ()
+
+
+def all_warnings(compiled: Compiled, ran: Ran | None) -> tuple[str, ...]:
+    """The warnings of selecting and branching, then those of profiling (``run``)."""
+    return compiled.warnings + (ran.warnings if ran else ())
 
 
 def output_dir(loaded: LoadedSpec, out_dir: str | Path | None) -> Path:
@@ -471,7 +476,7 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
             branched.layers, branched.per_task_norms, branched.shared_norms,
             costs.original, costs.compiled, costs.latency,
             list(checks), prepared.traced.ignored_outputs, sources.built,
-            list(compiled.warnings) + list(ran.warnings if ran else ()),
+            list(all_warnings(compiled, ran)),
             batching_section(regions_of(branched.module), list(tuning)), compiled.selection,
             results))
         staging.write_text("report.md", report)
