@@ -58,7 +58,7 @@ from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, evaluate, fit
 from reconfx.train.objectives import loss_functions, metric_functions
 from reconfx.train.precision import resolve_device
-from reconfx.train.resume import Checkpoint
+from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
 from reconfx.tuning import Tuned, tune
@@ -230,12 +230,19 @@ def train_compiled(compiled: Compiled, progress: bool = True,
         sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
         fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
-                     data["train"], data["val"], s.train, s.data.batch_size, progress,
-                     s.profile.threshold, sparse, checkpoints, resume, distributed.world(),
-                     s.data.workers, tensorboard, s.data.drop_last)
+                     train_batches(data["train"], s), data["val"], s.train, progress,
+                     s.profile.threshold, sparse, checkpoints, resume, tensorboard)
         test = evaluate(module, data["test"], s.task_names, metrics,
                         world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)
+
+
+def train_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
+    """The shuffled training batches the spec describes (``data.batch_size``, ``train.seed``,
+    ``data.drop_last``, ``data.workers``), sharded over the torchrun ranks when there are
+    several; profiling and training both take them."""
+    return Batches(dataset, s.data.batch_size, s.train.seed, s.data.drop_last,
+                   distributed.world(), s.data.workers)
 
 
 @contextlib.contextmanager
@@ -289,10 +296,10 @@ def profile_prepared(prepared: Prepared, progress: bool,
     module = prepared.traced.module
     with on_device(module, resolve_device(s.train.device, where)):
         result = profile(module, prepared.layers, s.task_names,
-                         loss_functions(list(s.tasks), where), dataset, s.profile.steps,
-                         s.profile.threshold, s.train, s.data.batch_size,
+                         loss_functions(list(s.tasks), where), train_batches(dataset, s),
+                         s.profile.steps, s.profile.threshold, s.train,
                          aggregator(s.train.aggregator, len(s.tasks), where), progress,
-                         checkpoint, distributed.world(), s.data.workers, s.data.drop_last)
+                         checkpoint)
         result.counter.to("cpu")
     annotate(module, prepared.layers, result.scores())
     return result

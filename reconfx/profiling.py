@@ -18,13 +18,12 @@ from typing import Any
 import torch
 
 from reconfx.conflicts import BINS, ConflictCounter
-from reconfx.distributed import World
 from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
 from reconfx.spec import ScheduleSpec, TrainSpec
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import fit
-from reconfx.train.resume import Checkpoint
+from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.step import block_layout
 
 
@@ -89,15 +88,13 @@ class Profile:
 
 
 def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
-            loss_fns: list[Callable], data: torch.utils.data.Dataset, steps: int,
-            threshold: float, settings: TrainSpec, batch_size: int,
-            aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            loss_fns: list[Callable], batches: Batches, steps: int, threshold: float,
+            settings: TrainSpec, aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
             progress: bool = False, checkpoint: Checkpoint | None = None,
-            world: World | None = None, workers: int = 0, drop_last: bool = True,
             record: Callable[[torch.Tensor], None] | None = None) -> Profile:
-    """Joint training of the shared layers' model for ``steps`` steps with ``aggregate``
-    (default EW: the shared update is the sum of the task gradients, the gradient of the summed
-    losses), counting conflicts on every step: the training loop
+    """Joint training of ``module`` for ``steps`` steps with ``aggregate`` (default EW: the
+    shared update is the sum of the task gradients, the gradient of the summed losses), counting
+    conflicts of the shared layers on every step: the training loop
     (:func:`reconfx.train.loop.fit`) bounded by steps, with ``settings``' optimiser, seed and
     precision at a constant learning rate, and no validation.
 
@@ -109,9 +106,8 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     constant = settings.model_copy(update={"schedule": ScheduleSpec(), "conflict_every": 1,
                                            "keep": "last", "early_stopping": None})
     fitted = fit(module, candidates, tasks, loss_fns, [],
-                 aggregate or aggregator("ew", len(tasks)), data, None, constant, batch_size,
-                 progress, threshold, resume=checkpoint, world=world, workers=workers,
-                 drop_last=drop_last, steps=steps, phase="profiling", record=record)
+                 aggregate or aggregator("ew", len(tasks)), batches, None, constant, progress,
+                 threshold, resume=checkpoint, steps=steps, phase="profiling", record=record)
     assert fitted.conflicts is not None  # (a threshold was given)
     return Profile(candidates, tasks, threshold, steps, fitted.conflicts, fitted.steps)
 

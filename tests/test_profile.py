@@ -13,6 +13,7 @@ from reconfx.pipeline import prepare
 from reconfx.profiling import profile
 from reconfx.spec import TrainSpec
 from reconfx.train.objectives import loss_functions
+from reconfx.train.resume import Batches
 from reconfx.train.step import CHUNK
 from tests.support import write_spec
 
@@ -60,7 +61,8 @@ def run_profile(spec_path, steps, record=None):
     data = call_data_factory(s.data, "train", 0, "spec")
     module = prepared.traced.module
     result = profile(module, prepared.layers, s.task_names, loss_functions(list(s.tasks), "s"),
-                     data, steps, s.profile.threshold, ADAM, s.data.batch_size, record=record)
+                     Batches(data, s.data.batch_size, 0, drop_last=True), steps,
+                     s.profile.threshold, ADAM, record=record)
     return result, [[row[f"loss/{t}"] for t in s.task_names] for row in result.rows]
 
 
@@ -199,7 +201,8 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
     initial = copy.deepcopy(module.state_dict())
 
     def run(model, layers):
-        return profile(model, layers, s.task_names, fns, data, 40, -0.1, ADAM, 64)
+        return profile(model, layers, s.task_names, fns, Batches(data, 64, 0, drop_last=True),
+                       40, -0.1, ADAM)
 
     before = run(module, prepared.layers)
     module.load_state_dict(initial)

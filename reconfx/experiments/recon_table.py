@@ -49,6 +49,7 @@ from reconfx.pipeline import (
     prepare,
     profile_prepared,
     require_data,
+    train_batches,
     train_compiled,
 )
 from reconfx.selection import candidates, matched_random, select_layers
@@ -220,7 +221,7 @@ class Experiment:
         module = copy.deepcopy(prepared.traced.module)
         metrics = metric_functions([spec_task], where)
         fitted = fit(module, [], [task], loss_functions([spec_task], where), metrics,
-                     aggregator("ew", 1), data["train"], data["val"], s.train, s.data.batch_size,
+                     aggregator("ew", 1), train_batches(data["train"], s), data["val"], s.train,
                      progress=False)
         test = evaluate(module, data["test"], [task], metrics)
         return {"test": test, "best_epoch": fitted.best_epoch,

@@ -83,29 +83,26 @@ def delta_m(values: dict[str, float], baselines: dict[str, float],
 
 def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list[Callable],
         metrics: list[tuple[str, Metric]], aggregate: Callable[[torch.Tensor], torch.Tensor],
-        train_data: torch.utils.data.Dataset, val_data: torch.utils.data.Dataset | None,
-        settings: TrainSpec, batch_size: int, progress: bool = True,
-        threshold: float | None = None, sparse: SparseMask | None = None,
+        batches: Batches, val_data: torch.utils.data.Dataset | None, settings: TrainSpec,
+        progress: bool = True, threshold: float | None = None, sparse: SparseMask | None = None,
         checkpoints: Path | None = None, resume: Checkpoint | None = None,
-        world: World | None = None, workers: int = 0,
-        tensorboard: Path | None = None, drop_last: bool = True, steps: int | None = None,
-        phase: str = "train", record: Callable[[torch.Tensor], None] | None = None
-        ) -> FitResult:
+        tensorboard: Path | None = None, steps: int | None = None, phase: str = "train",
+        record: Callable[[torch.Tensor], None] | None = None) -> FitResult:
     """Train ``module`` in place on its current device with ``settings`` (optimiser, lr, weight
     decay, epochs, seed, precision); at the end it holds the best validation epoch's weights
     (``keep: best``) or the last epoch's. The one training loop: the profiling pass is this
     loop bounded by ``steps`` (:func:`reconfx.profiling.profile`).
 
+    - ``batches``: the training batches (their size, seed, ``drop_last``, loader processes and
+      ranks: with several ranks each trains on its shard of every global batch, and only rank
+      0 writes files and shows progress).
     - ``threshold``: conflict statistics of the shared layers are counted from the per-task
       gradients on every ``conflict_every``-th step.
-    - ``drop_last``: each epoch's last partial batch is skipped.
     - ``checkpoints``: ``best.safetensors`` (the best validation epoch so far) and
       ``last.safetensors`` (the end of the latest epoch) are written there, each atomically,
       after every epoch.
     - ``resume``: the full training state is saved every ``resume.every`` steps and at every
       epoch's end, and a state loaded from it (phase ``train``) is continued exactly.
-    - ``world``: with several ranks each trains on its shard of every global batch and only rank
-      0 writes files and shows progress. ``workers``: data-loader processes (the same batches).
     - Every step's learning rate and task losses are recorded (``FitResult.steps``); with
       ``tensorboard`` (a folder) they and the epoch rows are written there live as TensorBoard
       scalars (rank 0).
@@ -113,7 +110,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
       (``settings.epochs`` is not read), with one progress bar named ``phase``.
     - ``phase``: the name of the state saved in and resumed from ``resume``.
     - ``record`` (tests) receives a copy of each counted step's T×P gradient matrix."""
-    w = world or World()
+    w = batches.world
     progress = progress and w.main
     torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
@@ -128,32 +125,31 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
         def observe(matrix: torch.Tensor, count: Callable = observe) -> torch.Tensor:
             record(matrix.clone())
             return count(matrix)
-    data = Batches(train_data, batch_size, settings.seed, drop_last, world=w, workers=workers)
-    epochs = settings.epochs if steps is None else -(-steps // max(len(data), 1))
-    schedule = make_schedule(optimizer, settings.schedule, len(data), epochs)
+    epochs = settings.epochs if steps is None else -(-steps // max(len(batches), 1))
+    schedule = make_schedule(optimizer, settings.schedule, len(batches), epochs)
     run = _FitState()
     parts: dict[str, Any] = {"model": module, "optimizer": optimizer, "schedule": schedule,
-                             "data": data, "scaler": step.scaler, "fit": run}
+                             "data": batches, "scaler": step.scaler, "fit": run}
     if conflicts is not None:
         parts["counter"] = conflicts
     state = resume.phase(phase) if resume is not None else None
     done = restore(parts, state) if state is not None else 0
-    last = steps if steps is not None else epochs * len(data)
+    last = steps if steps is not None else epochs * len(batches)
     bounded = tqdm(total=steps, initial=done, desc=phase, disable=not progress or steps is None,
                    leave=False)
     with logged_to(tensorboard if w.main else None, done) as board:
-        for epoch in range(data.epoch, epochs):
+        for epoch in range(batches.epoch, epochs):
             module.train()
             bar = bounded if steps is not None else tqdm(
-                total=len(data), initial=data.index, desc=f"epoch {epoch + 1}/{epochs}",
+                total=len(batches), initial=batches.index, desc=f"epoch {epoch + 1}/{epochs}",
                 disable=not progress, leave=False)
-            for inputs, targets in itertools.islice(data.epoch_batches(), last - done):
+            for inputs, targets in itertools.islice(batches.epoch_batches(), last - done):
                 try:
                     counted = done % settings.conflict_every == 0
-                    step(inputs, targets, observe if counted else None, data.share)
+                    step(inputs, targets, observe if counted else None, batches.share)
                 except TrainingError as exc:
                     where = (f"{phase} step {done + 1} of {steps}" if steps is not None else
-                             f"training epoch {epoch + 1}, batch {data.index} (step {done + 1})")
+                             f"training epoch {epoch + 1}, batch {batches.index} (step {done + 1})")
                     raise exc.at(where) from None
                 lr = schedule.get_last_lr()[0]  # (the step's rate: the schedule moves after it)
                 schedule.step()
@@ -166,7 +162,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                 bar.update(1)
                 if progress and done % 10 == 1:
                     bar.set_postfix({t: f"{v:.3f}" for t, v in losses.items()})
-                if resume is not None and resume.due(done) and data.index < len(data) \
+                if resume is not None and resume.due(done) and batches.index < len(batches) \
                         and done < last and w.main:
                     resume.save(phase, snapshot(parts, done))
             if steps is None:
