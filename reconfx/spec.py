@@ -40,6 +40,7 @@ from reconfx.errors import SpecError
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ONNX_OPSETS = range(17, 22)  # exported, checked and run by onnxruntime in tests/test_onnx.py
+ONNX_OPSET = 18  # the default
 _FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
 # Task names become attribute names of per-task containers (nn.ModuleDict) in the emitted model.
 _RESERVED_TASK_NAMES = frozenset(
@@ -486,7 +487,7 @@ class DistributedSpec(_Strict):
 class OnnxSpec(_Strict):
     """How ``model.onnx`` is written (``reconfx export``'s flags override each field)."""
 
-    opset: int = Field(default=18, ge=ONNX_OPSETS.start, le=ONNX_OPSETS.stop - 1,
+    opset: int = Field(default=ONNX_OPSET, ge=ONNX_OPSETS.start, le=ONNX_OPSETS.stop - 1,
                        description=f"ONNX opset, {ONNX_OPSETS.start} to {ONNX_OPSETS.stop - 1}")
     dtype: Literal["fp32", "fp16"] = Field(
         default="fp32", description="fp16: weights and activations float16 (onnxruntime's "

@@ -25,7 +25,8 @@ def test_grid_records_and_table(tmp_path, capsys):
     spec = experiment_spec(tmp_path, {"top_k": 5})
     out = tmp_path / "table"
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{recon_table.START}\nold\n{recon_table.END}\nrest\n")
+    start, end = recon_table.markers()
+    readme.write_text(f"intro\n{start}\nold\n{end}\nrest\n")
     args = ["--spec", str(spec), "--seeds", "0", "--aggregators", "ew", "pcgrad",
             "--size", "1024", "--out", str(out), "--readme", str(readme), "--quiet"]
     assert recon_table.main(args) == 0

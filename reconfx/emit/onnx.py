@@ -43,11 +43,10 @@ import torch
 from torch import nn
 
 from reconfx.errors import CheckError, SpecError
-from reconfx.spec import ONNX_OPSETS
+from reconfx.spec import ONNX_OPSET as OPSET
+from reconfx.spec import ONNX_OPSETS as OPSETS
 from reconfx.streams import one_call_per_region, one_stream_per_call
 
-OPSET = 18  # the default
-OPSETS = ONNX_OPSETS
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # dtype -> default (atol, rtol)
 LEVELS = {"O1": "ORT_ENABLE_BASIC", "O2": "ORT_ENABLE_EXTENDED", "O3": "ORT_ENABLE_ALL"}
 EXPORTERS = ("dynamo", "torchscript")
@@ -126,7 +125,8 @@ class OnnxExport:
     seconds: float = 0.0
     options: OnnxOptions = field(default_factory=OnnxOptions)
     steps: list[str] = field(default_factory=list)  # what was done to the exported graph
-    inputs: list[tuple[str, str, list]] = field(default_factory=list)  # name, type, shape
+    # name, dtype, example shape, named dynamic dimensions
+    inputs: list[tuple[str, str, tuple, list[str]]] = field(default_factory=list)
     outputs: list[str] = field(default_factory=list)
 
     def report(self) -> list[str]:

@@ -60,7 +60,12 @@ from reconfx.train.objectives import loss_functions, metric_functions
 
 VARIANTS = ("joint", "reconfx", "reconfx-shared", "random")
 AGGREGATORS = ("ew", "pcgrad", "cagrad", "mgda", "graddrop")
-START, END = "<!-- recon-table:start -->", "<!-- recon-table:end -->"  # (the default marker)
+MARKER = "recon-table"  # the README's default markers
+
+
+def markers(marker: str = MARKER) -> tuple[str, str]:
+    """The README lines the table is written between."""
+    return f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
 
 
 def with_settings(loaded: LoadedSpec, **changes: dict) -> LoadedSpec:
@@ -327,10 +332,10 @@ def score_consistency(rows: list[dict], k: int | None) -> str:
                       "overlap |", "|---|---|---|---|", *lines])
 
 
-def write_readme(path: Path, text: str, command: str, marker: str = "recon-table") -> None:
+def write_readme(path: Path, text: str, command: str, marker: str = MARKER) -> None:
     """``text`` written into the README at ``path`` between ``<!-- MARKER:start -->`` and
     ``<!-- MARKER:end -->``, after a line naming the command that produced it."""
-    start, end = f"<!-- {marker}:start -->", f"<!-- {marker}:end -->"
+    start, end = markers(marker)
     readme = path.read_text()
     if start not in readme or end not in readme:
         raise SpecError(f"{path} has no {start} ... {end} markers", where=str(path),
@@ -354,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
                         "column's reference)")
     parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
     parser.add_argument("--readme", type=Path, help="write the table into this README")
-    parser.add_argument("--marker", default="recon-table",
+    parser.add_argument("--marker", default=MARKER,
                         help="the README's markers to write between: <!-- MARKER:start --> and "
                         "<!-- MARKER:end -->")
     parser.add_argument("--quiet", action="store_true")
