@@ -79,12 +79,17 @@ def check_owned(folder: str | Path, force: bool = False) -> Path:
         raise FolderRefused(f"refusing to write into {path} (the file system root, the home "
                           "folder or the working directory), even with --force",
                           where="export.dir", fix="name a folder of its own, e.g. exported/NAME")
+    blocker = next((p for p in (path, *path.parents) if p.exists()), path)
+    if not blocker.is_dir():
+        raise FolderRefused(f"the output folder {path} cannot be made: {blocker} is a file",
+                            where="export.dir", fix="name a folder path that no file is in the "
+                            "way of, e.g. exported/NAME")
     if not force and not owned(path):
-        found = sorted(p.name for p in path.iterdir()) if path.is_dir() else []
+        found = sorted(p.name for p in path.iterdir())
         more = ", ..." if len(found) > 5 else ""
-        what = f"holds files reconfx did not write ({', '.join(found[:5])}{more})"
         raise FolderRefused(
-            f"the output folder {path} {what if path.is_dir() else 'is not a folder'}",
+            f"the output folder {path} holds files reconfx did not write "
+            f"({', '.join(found[:5])}{more})",
             where="export.dir", fix="choose a new or empty folder, or pass --force to write "
             "into this one (files reconfx produces would replace same-named files there)")
     return path

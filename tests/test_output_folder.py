@@ -56,6 +56,15 @@ def test_root_home_and_working_directory_are_refused_even_with_force(tmp_path, m
         outdir.check_owned(folder, force=True)
 
 
+@pytest.mark.parametrize("force", [False, True])
+def test_a_file_in_the_way_of_the_folder_is_named_and_kept(tmp_path, force):
+    (tmp_path / "taken").write_text("a file of the user's\n")
+    for folder in (tmp_path / "taken", tmp_path / "taken" / "inner"):
+        with pytest.raises(FolderRefused, match=f"cannot be made: {tmp_path / 'taken'} is a file"):
+            outdir.check_owned(folder, force=force)
+    assert (tmp_path / "taken").read_text() == "a file of the user's\n"
+
+
 def test_a_new_or_empty_folder_and_reconfx_working_files_are_owned(tmp_path):
     assert outdir.owned(tmp_path / "new") and outdir.owned(tmp_path)
     (tmp_path / "checkpoints").mkdir()
