@@ -26,6 +26,7 @@ def _say(args: argparse.Namespace, text: str) -> None:
 def cmd_validate(args: argparse.Namespace) -> int:
     from reconfx.build import resolve_factory
     from reconfx.spec import load_spec_file
+    from reconfx.train.objectives import check_objectives
 
     loaded = load_spec_file(args.spec)
     s = loaded.spec
@@ -35,6 +36,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     resolve_factory(text, f"{loaded.path}: {source}.{s.factory.source}")
     if s.data is not None:
         resolve_factory(s.data.factory, f"{loaded.path}: data.factory")
+    check_objectives(list(s.tasks), str(loaded.path))
     named = {"factory": text, "hf": f"hf {s.factory.hf.path if s.factory.hf else ''}",
              "timm": f"timm {s.factory.timm.name if s.factory.timm else ''}"}[s.factory.source]
     print(f"{loaded.path}: ok ('{s.name}': {source} {named}, "

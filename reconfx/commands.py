@@ -156,6 +156,7 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     """profile -> select -> branch -> train -> evaluate -> emit (trained weights). The state is
     saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
+    require_data(loaded, "run")
     if loaded.spec.export.tensorboard:
         require_tensorboard(str(loaded.path))
     with outdir.writing(output_dir(loaded, out_dir), "run", force) as out, \
@@ -167,7 +168,6 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
     stages = Stages(progress)
     prepared = prepare(loaded, stages)
     loaded, s = prepared.loaded, prepared.loaded.spec
-    require_data(loaded, "run")
     w = join(loaded)
     progress = progress and w.main
     checkpoint = open_checkpoint(loaded, out, "run", resume)
@@ -319,6 +319,7 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     """Profile conflicts on the spec's data; write conflicts.json and conflicts.png. The state
     is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
+    require_data(loaded, "profiling")
     with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out, \
             threads(loaded.spec.train.threads):
         return _profile(loaded, out, progress, resume)
@@ -327,7 +328,6 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
 def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Profiled:
     prepared = prepare(loaded, Stages(progress))
     s = loaded.spec
-    require_data(loaded, "profiling")
     w = join(loaded)
     checkpoint = open_checkpoint(loaded, out, "profile", resume)
     result = profile_prepared(prepared, progress and w.main, checkpoint)

@@ -56,7 +56,7 @@ from reconfx.timing import Ratio
 from reconfx.tracing import Traced, trace
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import FitResult, evaluate, fit
-from reconfx.train.objectives import loss_functions, metric_functions
+from reconfx.train.objectives import check_objectives, loss_functions, metric_functions
 from reconfx.train.precision import resolve_device
 from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
@@ -272,10 +272,13 @@ def encoder_mask(compiled: Compiled, s: Spec) -> SparseMask:
 
 
 def require_data(loaded: LoadedSpec, command: str) -> None:
+    """The spec has data, and the losses and metrics its tasks name resolve (checked before
+    anything is traced, so a misspelt name costs no time)."""
     if loaded.spec.data is None:
         raise SpecError(f"{command} trains on data, and the spec has none",
                         where=f"{loaded.path}: data",
                         fix='add data: {factory: "reconfx.data:multidigits", batch_size: 128}')
+    check_objectives(list(loaded.spec.tasks), str(loaded.path))
 
 
 def profile_prepared(prepared: Prepared, progress: bool,

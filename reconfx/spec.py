@@ -37,6 +37,7 @@ from pydantic import (
 )
 
 from reconfx.errors import SpecError
+from reconfx.train.aggregators import AGGREGATORS
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 ONNX_OPSETS = range(17, 22)  # exported, checked and run by onnxruntime in tests/test_onnx.py
@@ -473,6 +474,13 @@ class TrainSpec(_Strict):
     checkpoint_every: NonNegativeInt = Field(
         default=200, description="steps between resume checkpoints of profile and run "
         "(checkpoints/resume.pt; training also saves at every epoch's end); 0: epoch ends only")
+
+    @field_validator("aggregator")
+    @classmethod
+    def _known_aggregator(cls, name: str) -> str:
+        if name.lower() not in AGGREGATORS:
+            raise ValueError(f"unknown aggregator '{name}': one of {', '.join(AGGREGATORS)}")
+        return name
 
 
 class DistributedSpec(_Strict):

@@ -201,6 +201,33 @@ def test_validate_imports_the_factories_it_names(tmp_path, capsys, field, factor
     assert_one_line(err, f"{path}: {field}.factory", needle)
 
 
+@pytest.mark.parametrize(("tasks", "train", "field", "needle"), [
+    ([{"name": "left", "loss": "crossentropy"}, {"name": "right"}], {}, "tasks[0].loss",
+     "unknown loss 'crossentropy' (fix: one of cross_entropy, mse"),
+    ([{"name": "left"}, {"name": "right", "metric": "acc"}], {}, "tasks[1].metric",
+     "unknown metric 'acc' (fix: one of accuracy, mse, mae"),
+    ([{"name": "left", "loss": "reconfx.zoo:no_such_loss"}, {"name": "right"}], {},
+     "tasks[0].loss", "'reconfx.zoo' has no attribute 'no_such_loss'"),
+    (TASKS, {"aggregator": "pcgradd"}, "train.aggregator",
+     "unknown aggregator 'pcgradd': one of ew, mean, pcgrad"),
+])
+@pytest.mark.parametrize("command", ["validate", "run", "profile"])
+def test_misspelt_losses_metrics_and_aggregators_fail_before_tracing(tmp_path, capsys, monkeypatch,
+                                                                     tasks, train, field, needle,
+                                                                     command):
+    def no_tracing(*args, **kwargs):
+        raise AssertionError("traced a spec that names an unknown objective")
+
+    monkeypatch.setattr("reconfx.commands.prepare", no_tracing)
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=tasks, train=train,
+                      data={"factory": "reconfx.data:multidigits"})
+    argv = [command, str(path)] + ([] if command == "validate" else ["--out", str(tmp_path / "o")])
+    code, _, err = run_cli(capsys, *argv)
+    assert code == 2
+    assert_one_line(err, f"{path}", field, needle)
+    assert not (tmp_path / "o").exists()
+
+
 def test_layer_used_by_one_task_only(tmp_path, capsys):
     path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=TASKS,
                       select={"layers": ["heads.left"]})

@@ -14,7 +14,7 @@ from torch import nn
 from reconfx.build import resolve_factory
 from reconfx.data.padding import IGNORE
 from reconfx.errors import SpecError
-from reconfx.spec import ScheduleSpec
+from reconfx.spec import ScheduleSpec, TaskSpec
 
 
 def _flat(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,15 +45,28 @@ def loss_functions(tasks: list, where: str) -> list[Callable]:
         if task.loss is None:
             raise SpecError("profiling needs a loss for every task", where=field,
                             fix=f"one of {', '.join(LOSSES)}, or package.module:function")
-        if ":" in task.loss:
-            fn = resolve_factory(task.loss, field)
-        elif task.loss in LOSSES:
-            fn = LOSSES[task.loss]
-        else:
-            raise SpecError(f"unknown loss '{task.loss}'", where=field,
-                            fix=f"one of {', '.join(LOSSES)}, or package.module:function")
+        fn = _loss(task.loss, field)
         fns.append(fn if task.weight == 1.0 else _weighted(fn, task.weight))
     return fns
+
+
+def _loss(name: str, field: str) -> Callable:
+    if ":" in name:
+        return resolve_factory(name, field)
+    if name not in LOSSES:
+        raise SpecError(f"unknown loss '{name}'", where=field,
+                        fix=f"one of {', '.join(LOSSES)}, or package.module:function")
+    return LOSSES[name]
+
+
+def check_objectives(tasks: list, where: str) -> None:
+    """Resolve every loss and metric the tasks name, without calling them, so that a misspelt
+    name or a function that does not import fails before any tracing or training."""
+    for i, task in enumerate(tasks):
+        if task.loss is not None:
+            _loss(task.loss, f"{where}: tasks[{i}].loss")
+        if task.metric is not None:
+            _metric(task, f"{where}: tasks[{i}].metric")
 
 
 def _weighted(fn: Callable, weight: float) -> Callable:
@@ -114,19 +127,18 @@ DEFAULT_METRIC = {"cross_entropy": "accuracy", "bce": "accuracy", "mse": "mse", 
 
 def metric_functions(tasks: list, where: str) -> list[tuple[str, Metric]]:
     """Each task's metric, by name or ``package.module:function`` (one value per item)."""
-    out = []
-    for i, task in enumerate(tasks):
-        field = f"{where}: tasks[{i}].metric"
-        name = task.metric or DEFAULT_METRIC.get(task.loss or "", None)
-        if name is not None and ":" in name:
-            out.append((name.rpartition(":")[2], _custom(resolve_factory(name, field),
-                                                         task.higher_is_better)))
-            continue
-        if name not in METRICS:
-            raise SpecError(f"unknown metric '{name}'", where=field,
-                            fix=f"one of {', '.join(METRICS)}, or package.module:function")
-        out.append((name, METRICS[name]))
-    return out
+    return [_metric(task, f"{where}: tasks[{i}].metric") for i, task in enumerate(tasks)]
+
+
+def _metric(task: TaskSpec, field: str) -> tuple[str, Metric]:
+    name = task.metric or DEFAULT_METRIC.get(task.loss or "", None)
+    if name is not None and ":" in name:
+        return (name.rpartition(":")[2],
+                _custom(resolve_factory(name, field), task.higher_is_better))
+    if name not in METRICS:
+        raise SpecError(f"unknown metric '{name}'", where=field,
+                        fix=f"one of {', '.join(METRICS)}, or package.module:function")
+    return name, METRICS[name]
 
 
 def _custom(fn: Callable, higher_is_better: bool) -> Metric:
