@@ -32,6 +32,7 @@ from reconfx.pipeline import (
     check_emitted,
     emit_sources,
     join,
+    load_compiled_state,
     loaded_spec,
     measure_costs,
     onnx_for_spec,
@@ -39,7 +40,6 @@ from reconfx.pipeline import (
     profile_prepared,
     require_data,
     spec_examples,
-    state_for,
     train_compiled,
     tune_batching,
 )
@@ -455,8 +455,7 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         staging.write_text("branch.diff", sources.diff)
         with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
             emitted = artifacts.import_source(staging.path / "model.py", name)()
-            emitted.load_state_dict(state_for(emitted, branched.module, sources.compiled_names),
-                                    strict=True)
+            load_compiled_state(emitted, branched.module, sources.compiled_names)
             staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
             reloaded = artifacts.load_emitted(staging.path, name)
             checks = (*compiled.checks,

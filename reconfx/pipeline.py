@@ -506,15 +506,20 @@ def original_names(branched: Branched, original: nn.Module, compiled_names: dict
     return rename
 
 
-def state_for(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
-               ) -> dict[str, torch.Tensor]:
-    """The compiled model's state under the emitted model's names (``names``: the compiled
-    name of each the emitted model names differently). Left out: buffers the
-    emitted classes compute and keep out of their state dicts (non-persistent, such as position
-    ids) and constants the tracer lifted (``_tensor_constant0``) that a submodule called whole
-    computes itself; I4 then checks the emitted model computes the same, and its parameter
-    count."""
+def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
+                        ) -> None:
+    """Load the compiled model's state into the emitted model (``names``: the compiled name of
+    each the emitted model names differently). Left out: buffers the emitted classes compute
+    and keep out of their state dicts (non-persistent, such as position ids) and constants the
+    tracer lifted (``_tensor_constant0``) that a submodule called whole computes itself; I4 then
+    checks the emitted model computes the same, and its parameter count. An emitted tensor the
+    compiled model has no counterpart for fails I4 here, naming it."""
     state = compiled.state_dict()
-    return {k: state[names.get(k, k)] for k in emitted.state_dict() if names.get(k, k) in state}
-
-
+    wanted = emitted.state_dict()
+    missing = [k for k in wanted if names.get(k, k) not in state]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise CheckError(f"I4 emit parity failed: model.py holds {', '.join(missing[:3])}{more}, "
+                         "which the compiled model has no tensor for",
+                         fix="report this model as a reconfx bug")
+    emitted.load_state_dict({k: state[names.get(k, k)] for k in wanted}, strict=True)

@@ -241,3 +241,24 @@ class Layout(str, enum.Enum):
 
     NCHW = "NCHW"
     NHWC = "NHWC"
+
+
+class SplitScales(nn.Module):
+    """Res2Net's multi-scale block: the channels split into groups, a ModuleList of convs
+    applied to them in a loop. With the stem and one conv in the middle of the list branched,
+    the shared convs of the loop run as one stream-batched region and the branched one after
+    it, so the list's items are first used out of index order."""
+
+    def __init__(self, width: int = 4, scales: int = 4):
+        super().__init__()
+        self.width = width
+        self.stem = nn.Conv2d(3, width * scales, 3, padding=1)
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1)
+                                   for _ in range(scales))
+        self.a = nn.Linear(width * scales, 3)
+        self.b = nn.Linear(width * scales, 4)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        parts = torch.split(torch.relu(self.stem(image)), self.width, 1)
+        x = torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1).mean((2, 3))
+        return {"a": self.a(x), "b": self.b(x)}

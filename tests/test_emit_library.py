@@ -157,3 +157,19 @@ def test_an_enum_member_that_is_a_str_is_written_as_the_member():
 
     assert render_value(sourced(library.Layout.NHWC)) == "Layout.NHWC"
     assert render_value(sourced((library.Layout.NCHW, "NCHW"))) == '(Layout.NCHW, "NCHW")'
+
+
+def test_a_list_whose_branched_item_runs_after_the_items_that_follow_it(tmp_path):
+    path = write_spec(tmp_path, "scales", model={"factory": "tests.library:SplitScales"},
+                      inputs=[{"name": "image", "shape": [2, 3, 8, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["stem", "convs.1"]})
+    emitted = compile_and_verify(path, tmp_path / "out")
+    assert emitted.prepared.traced.tier == "fx"
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert """        self.convs = nn.ModuleList([
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.ModuleDict({task: nn.Conv2d(4, 4, 3, padding=1) for task in TASKS}),
+            nn.Conv2d(4, 4, 3, padding=1),
+            nn.Conv2d(4, 4, 3, padding=1),
+        ])""" in source

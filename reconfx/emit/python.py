@@ -110,6 +110,15 @@ def _container_kind(node: _Tree) -> str:
     return "dict"
 
 
+def _index_order(node: _Tree) -> None:
+    """Put the items of every list under ``node`` in index order: they are collected in order
+    of first use, and a branched item may first be used after the items that follow it."""
+    if _container_kind(node) == "list":
+        node.children = dict(sorted(node.children.items(), key=lambda item: int(item[0])))
+    for child in node.children.values():
+        _index_order(child)
+
+
 def _access(root: _Tree, path: str) -> str:
     """``self.layer1[0].conv1`` for the path ``layer1.0.conv1``."""
     text, node = "self", root
@@ -202,6 +211,7 @@ class PythonEmitter:
                         for part in target.split("."):
                             node_tree = node_tree.child(part)
                         node_tree.obj = resolve(self.module, target)
+        _index_order(self.tree)
 
     def _targets(self, target: str) -> list[str]:
         """``target``, or in a generated class's body every task's copy it stands for."""
