@@ -636,8 +636,13 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
         raw = path.read_bytes()
     except FileNotFoundError:
         raise SpecError("spec file not found", where=str(path), fix="check the path") from None
+    except IsADirectoryError:
+        raise SpecError("is a folder, not a spec file", where=str(path),
+                        fix="pass the spec's .yaml file (`reconfx export` also takes an "
+                            "output folder)") from None
     except OSError as exc:
-        raise SpecError(f"cannot read spec: {exc.strerror}", where=str(path)) from None
+        raise SpecError(f"cannot read spec: {exc.strerror}", where=str(path),
+                        fix="check the file's permissions") from None
     try:
         text = raw.decode("utf-8")
         data = yaml.safe_load(text)

@@ -277,6 +277,13 @@ def test_spec_file_missing(tmp_path, capsys):
     assert_one_line(err, "nope.yaml", "not found")
 
 
+@pytest.mark.parametrize("command", ["validate", "compile"])
+def test_a_folder_given_as_the_spec(tmp_path, capsys, command):
+    code, _, err = run_cli(capsys, command, str(tmp_path))
+    assert code == 2
+    assert_one_line(err, f"{tmp_path}: is a folder, not a spec file (fix: pass the spec's .yaml")
+
+
 @pytest.mark.parametrize("name", ["my-task", "training", "class"])
 def test_task_names_must_be_usable_as_attributes(tmp_path, capsys, name):
     path = write_spec(tmp_path, model=RESNET, inputs=IMAGE,
