@@ -75,6 +75,8 @@ MORE_CASES = {
                ["backbone.h.1.self_attention.query_key_value"]),
     "deberta": ("DebertaModel", TOKEN_CONFIG, TOKENS, "last_hidden_state",
                 ["backbone.encoder.layer.1.attention.self.in_proj"]),
+    "xlm-roberta": ("XLMRobertaModel", TOKEN_CONFIG, TOKENS, "last_hidden_state",
+                    ["backbone.encoder.layer.1.attention.self.query"]),
 }
 
 
@@ -112,6 +114,16 @@ def test_more_hf_backbones(tmp_path, case):
     assert [layer.name for layer in compiled.branched.layers] == [
         layer.name for layer in compiled.prepared.layers
         if any(layer.matches(p) for p in MORE_CASES[case][4])]
+
+
+def test_a_config_named_like_the_tail_of_another_is_written_whole(tmp_path):
+    """RobertaConfig(...) is the tail of XLMRobertaConfig(...) with the same fields: emitted
+    after it, in one process, the XLM-R model keeps its own config constant."""
+    for case in ("roberta", "xlm-roberta"):
+        compile_and_verify(hf_spec(tmp_path, case), tmp_path / case)
+    source = (tmp_path / "xlm-roberta" / "model.py").read_text()
+    assert "\nXLMROBERTA_CONFIG = XLMRobertaConfig(\n" in source
+    assert "ROBERTA_CONFIG" not in source.replace("XLMROBERTA_CONFIG", "")
 
 
 def test_backbone_weights_are_kept(tmp_path):

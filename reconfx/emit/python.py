@@ -110,6 +110,11 @@ def _container_kind(node: _Tree) -> str:
     return "dict"
 
 
+def _whole(text: str) -> re.Pattern:
+    """``text`` where no name character comes right before it."""
+    return re.compile(r"(?<![\w.])" + re.escape(text))
+
+
 def _index_order(node: _Tree) -> None:
     """Put the items of every list under ``node`` in index order: they are collected in order
     of first use, and a branched item may first be used after the items that follow it."""
@@ -312,16 +317,20 @@ class PythonEmitter:
             return tuple(self._hoisted(a) for a in value)
         if not isinstance(value, str):
             return value
-        for text, cls in SETTINGS.items():
-            if len(text) > _HOIST and text in value:
-                if text not in self.constants:
-                    name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", cls).upper()
-                    taken = set(self.constants.values())
-                    n = 1
-                    while (name if n == 1 else f"{name}_{n}") in taken:
-                        n += 1
-                    self.constants[text] = name if n == 1 else f"{name}_{n}"
-                value = value.replace(text, self.constants[text])
+        # Whole settings texts only (``RobertaConfig(...)`` is not the tail of
+        # ``XLMRobertaConfig(...)``), shortest first (a nested one before the one holding it),
+        # so the constants depend on this value alone, not on what was emitted before.
+        found = {text: _whole(text).search(value) for text in SETTINGS if len(text) > _HOIST}
+        present = [text for text, match in found.items() if match]
+        for text in sorted(present, key=lambda t: (len(t), found[t].start())):
+            if text not in self.constants:
+                name = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", SETTINGS[text]).upper()
+                taken = set(self.constants.values())
+                n = 1
+                while (name if n == 1 else f"{name}_{n}") in taken:
+                    n += 1
+                self.constants[text] = name if n == 1 else f"{name}_{n}"
+            value = _whole(text).sub(lambda _m, t=text: self.constants[t], value)
         return value
 
     def _leaf_line(self, access: str, path: str, obj: Any) -> str:
