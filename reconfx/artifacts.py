@@ -27,6 +27,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -346,7 +347,15 @@ def import_source(path: Path, class_name: str) -> type[nn.Module]:
     if spec is None or spec.loader is None:
         raise ModelError(f"cannot import {path}")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except Exception as exc:
+        line = next((f" (line {frame.lineno})" for frame in reversed(
+            traceback.extract_tb(exc.__traceback__)) if frame.filename == str(path)), "")
+        first = (str(exc).splitlines() or [""])[0]
+        raise ModelError(f"{path} does not import{line}: {type(exc).__name__}: {first}",
+                         fix="install the packages model.py imports (those the model was "
+                             "built with)") from None
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ModelError(f"{path} defines no nn.Module class '{class_name}'")

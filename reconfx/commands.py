@@ -16,13 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from reconfx import artifacts, outdir
 from reconfx.build import call_data_factory
 from reconfx.checks import Check
 from reconfx.cost import CostModel, Selection
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
-from reconfx.errors import ModelError, SpecError
+from reconfx.errors import CheckError, ModelError, SpecError
 from reconfx.layers import Layer
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
@@ -423,6 +424,18 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, 
     return exported
 
 
+def run_emitted(path: Path, name: str) -> nn.Module:
+    """The emitted class, imported and built; model.py that does not import or build is
+    reconfx's fault (it imports what the model was built with), so it fails I4."""
+    try:
+        return artifacts.import_source(path, name)()
+    except Exception as exc:
+        what = exc.message if isinstance(exc, ModelError) else (
+            f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
+        raise CheckError(f"I4 emit parity failed: the emitted model.py does not run ({what})",
+                         fix="report this model as a reconfx bug") from None
+
+
 def replace_section(text: str, heading: str, lines: list[str]) -> str:
     """``text`` with the markdown section under ``heading`` replaced by ``lines`` (appended
     when it has none)."""
@@ -454,7 +467,7 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         staging.write_text("original.py", sources.original_py)
         staging.write_text("branch.diff", sources.diff)
         with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
-            emitted = artifacts.import_source(staging.path / "model.py", name)()
+            emitted = run_emitted(staging.path / "model.py", name)
             load_compiled_state(emitted, branched.module, sources.compiled_names)
             staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
             reloaded = artifacts.load_emitted(staging.path, name)

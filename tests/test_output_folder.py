@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -273,3 +274,67 @@ def test_export_to_a_folder_without_a_model_creates_nothing(tmp_path, capsys):
         f"reconfx: error: export.dir: {out} holds no compiled model (no manifest.json) "
         "(fix: run `reconfx compile` (or `run`) first)"]
     assert not (tmp_path / "not-yet").exists()
+
+
+def test_a_model_py_whose_imports_are_gone_is_one_line(tmp_path, monkeypatch, capsys):
+    """model.py imports the classes the model was built with; where their package is gone,
+    loading the folder names the file, the line and the missing module."""
+    (tmp_path / "gone_models.py").write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+        class Scale(nn.Module):
+            def __init__(self, width):
+                super().__init__()
+                self.width = width
+                self.gain = nn.Parameter(torch.ones(width))
+
+            def forward(self, x):
+                return x * self.gain
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.body = nn.Linear(4, 4)
+                self.scale = Scale(4)
+                self.a = nn.Linear(4, 2)
+                self.b = nn.Linear(4, 3)
+
+            def forward(self, x):
+                h = self.scale(self.body(x))
+                return {"a": self.a(h), "b": self.b(h)}
+    '''))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, "gone", model={"factory": "gone_models:Net"},
+                      inputs=[{"name": "x", "shape": [2, 4]}], tasks=[{"name": "a"},
+                                                                       {"name": "b"}],
+                      select={"layers": ["scale"]}, export={"dir": str(out)})
+    assert cli(["compile", str(spec), "--quiet"], capsys)[0] == 0
+    assert "from gone_models import Scale\n" in (out / "model.py").read_text()
+    (tmp_path / "gone_models.py").unlink()
+    monkeypatch.delitem(sys.modules, "gone_models")
+    code, err = cli(["export", str(out), "--quiet"], capsys)
+    assert code == 2 and len(err) == 1, err
+    assert err[0].startswith(f"reconfx: error: {out / 'model.py'} does not import (line ")
+    assert err[0].endswith("ModuleNotFoundError: No module named 'gone_models' (fix: install "
+                           "the packages model.py imports (those the model was built with))")
+
+
+def test_an_emitted_model_py_that_does_not_run_fails_i4_and_writes_nothing(tmp_path,
+                                                                           monkeypatch, capsys):
+    import dataclasses
+
+    emit = commands.emit_sources
+    monkeypatch.setattr(commands, "emit_sources", lambda compiled: dataclasses.replace(
+        emit(compiled), model_py="CONFIG = MissingConfig()\n"))
+    out = tmp_path / "out"
+    spec = str(resnet_spec(tmp_path, ["layer4.*"], out, "broken"))
+    code, err = cli(["compile", spec, "--quiet"], capsys)
+    assert code != 0 and len(err) == 1, err
+    assert re.fullmatch(
+        r"reconfx: error: I4 emit parity failed: the emitted model.py does not run \("
+        + re.escape(str(out)) + r"/\.staging-\w+/model\.py does not import \(line 1\): "
+        r"NameError: name 'MissingConfig' is not defined\) \(fix: report this model as a "
+        r"reconfx bug\)", err[0]), err[0]
+    assert not out.exists() or listing(out) == []
