@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves
 
 from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
@@ -80,6 +81,40 @@ def random_after_branch(module: nn.Module) -> tuple[list[str], list[str], list[s
     return sorted(set(modules)), sorted(set(compiled)), glue
 
 
+def random_leaves(compiled: nn.Module, example: dict[str, torch.Tensor]) -> list[str]:
+    """The modules called on task streams in train mode whose output depends on the random
+    state with the dropout switch applied (a functional dropout whose probability is a plain
+    attribute): each is called again on its recorded input from another random state."""
+    graph = getattr(compiled, "train_graph", None)
+    targets = sorted({str(n.target) for n in (graph.nodes if graph is not None else ())
+                      if n.op == "call_module" and n.meta.get("reconfx", {}).get("task")})
+    calls: dict[str, tuple] = {}
+
+    def record(target: str) -> Callable:
+        def hook(_module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
+            calls.setdefault(target, (args, kwargs, out))
+        return hook
+
+    hooks = [compiled.get_submodule(t).register_forward_hook(record(t), with_kwargs=True)
+             for t in targets]
+    try:
+        run(compiled, example, True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    drawing = []
+    with torch.no_grad():
+        for target, (args, kwargs, out) in calls.items():
+            torch.manual_seed(zlib.crc32(target.encode()))
+            again = compiled.get_submodule(target)(*args, **kwargs)
+            first, second = tree_leaves(out), tree_leaves(again)
+            if len(first) != len(second) or any(
+                    isinstance(a, torch.Tensor) and not torch.equal(a, b)
+                    for a, b in zip(first, second, strict=False)):
+                drawing.append(target)
+    return drawing
+
+
 def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str, str],
                  examples: Sequence[dict[str, torch.Tensor]], atol: float = 0.0) -> Check:
     """I1: compiled output for task t equals the original's, in eval and train mode."""
@@ -97,6 +132,12 @@ def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str,
                 want = task_outputs(run(original, example, training), task_paths)
                 got = run(compiled, example, training)
                 bad = compare(want, got, atol)
+                drawing = random_leaves(compiled, example) if bad and training else []
+                if drawing:
+                    notes.append("train mode not compared: modules after a branch point draw "
+                                 "random numbers no dropout module's p controls, in another "
+                                 f"order ({', '.join(drawing[:3])})")
+                    continue
                 if bad:
                     mode = "train" if training else "eval"
                     raise CheckError(

@@ -642,3 +642,29 @@ def wrong_items(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def no_signal(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """A metric that never changes (0 per item): validation never improves."""
     return torch.zeros(len(target))
+
+
+class NoisyProjection(nn.Module):
+    """A layer applying functional dropout with its probability kept as a plain attribute
+    (as Longformer's self-attention does): no torch.nn Dropout module to set to p=0."""
+
+    def __init__(self, width: int, p: float = 0.5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(width, width) / width**0.5)
+        self.dropout = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.dropout(x @ self.weight, self.dropout, self.training)
+
+
+class NoisyNet(nn.Module):
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.trunk = nn.Linear(width, width)
+        self.noisy = NoisyProjection(width)
+        self.a = nn.Linear(width, 2)
+        self.b = nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.noisy(self.trunk(x).relu())
+        return {"a": self.a(h), "b": self.b(h)}

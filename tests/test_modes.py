@@ -135,3 +135,20 @@ def test_traced_graph_that_raises_is_a_mismatch_and_prints_nothing(capsys):
     assert message == ("the traced graph fails in eval mode at batch 3 where the model runs "
                        "(RuntimeError: shape '[2, 12]' is invalid for input of size 36)")
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("tier", ["fx", "export"])
+def test_functional_dropout_after_a_branch_point_leaves_train_mode_uncompared(tmp_path, tier):
+    """Its random draws come in another order once the streams are duplicated, and no dropout
+    module's p switches it off: I1 compares eval mode bit-exactly and says why train mode is
+    not compared, instead of failing."""
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path, "noisy", model={"factory": "tests.models:NoisyNet"},
+                      inputs=[{"name": "x", "shape": [4, 8]}], tasks=[{"name": "a"},
+                                                                      {"name": "b"}],
+                      select={"layers": ["trunk"]}, trace={"tier": tier})
+    compiled = compile_and_verify(spec, out)
+    i1 = compiled.checks[0].detail
+    assert i1.startswith("bit-exact, eval and train mode, batch 4, 5; train mode not compared: "
+                         "modules after a branch point draw random numbers no dropout module's "
+                         "p controls, in another order (noisy")
