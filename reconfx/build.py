@@ -165,15 +165,24 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
     model.load_state_dict(state, strict=True)
 
 
+def second_size(size: int, axis: int) -> int:
+    """The other size the checks give a dynamic axis: the batch axis (0) one longer; any other
+    axis longer by the largest power of two its size is a multiple of (16 -> 32, 12 -> 16,
+    7 -> 8), so that a side a model needs in multiples (an image through strided stages, a
+    sequence in patches) stays one."""
+    return size + 1 if axis == 0 else size + (size & -size)
+
+
 def example_inputs(inputs: list[InputSpec], seed: int = 0, batch: int | None = None,
-                   grow: int = 0) -> dict[str, torch.Tensor]:
-    """Deterministic example inputs. ``batch`` overrides axis 0; ``grow`` adds to dynamic axes."""
+                   grown: bool = False) -> dict[str, torch.Tensor]:
+    """Deterministic example inputs. ``batch`` overrides axis 0; ``grown``: every dynamic axis
+    at its :func:`second_size`."""
     gen = torch.Generator().manual_seed(seed)
     out = {}
     for spec in inputs:
         shape = list(spec.shape)
-        for axis in spec.dynamic:
-            shape[axis] += grow
+        for axis in spec.dynamic if grown else ():
+            shape[axis] = second_size(shape[axis], axis)
         if batch is not None:
             shape[0] = batch
         dtype = DTYPES[spec.dtype]
@@ -213,7 +222,7 @@ def run_example(model: nn.Module, example: dict[str, torch.Tensor], spec: Spec,
         if grown and dynamic:
             raise ModelError(
                 f"the model runs on the example inputs but raises {type(exc).__name__} when "
-                f"their dynamic axes ({dynamic}) are one longer ({shapes}): {first}",
+                f"their dynamic axes ({dynamic}) take a second size ({shapes}): {first}",
                 where=f"{spec_path}: inputs", fix="mark as dynamic only the axes whose size "
                 "may change, or let the model accept other sizes") from None
         raise ModelError(f"the model raises {type(exc).__name__} on the example inputs ({shapes}"

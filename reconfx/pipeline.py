@@ -124,10 +124,11 @@ def _traced_line(traced: Traced) -> str:
 
 
 def spec_examples(s: Spec) -> list[dict[str, torch.Tensor]]:
-    """The example inputs every check runs on: the spec's shapes, and every dynamic axis one
-    longer (a second batch size, a second sequence length)."""
+    """The example inputs every check runs on: the spec's shapes, and every dynamic axis at a
+    second size (:func:`reconfx.build.second_size`: a second batch size, sequence length or
+    image side)."""
     return [example_inputs(s.inputs, seed=s.train.seed),
-            example_inputs(s.inputs, seed=s.train.seed + 1, grow=1)]
+            example_inputs(s.inputs, seed=s.train.seed + 1, grown=True)]
 
 
 def loaded_spec(spec: LoadedSpec | str | Path) -> LoadedSpec:
