@@ -9,11 +9,21 @@ never changes state.
 from __future__ import annotations
 
 import contextlib
+import io
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """stderr captured: a GraphModule that raises prints its generated code's traceback there
+    first, which a caller that handles the exception (a candidate found not to fit) must not
+    show."""
+    with contextlib.redirect_stderr(io.StringIO()):
+        yield
 
 
 @contextlib.contextmanager

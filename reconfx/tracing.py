@@ -42,7 +42,7 @@ from reconfx.graph import (
     same_graph,
 )
 from reconfx.kinds import is_leaf
-from reconfx.modes import compare, preserved, run_reaching
+from reconfx.modes import compare, preserved, run_reaching, silenced
 from reconfx.tree import key_str, task_outputs
 
 # Ops that only check shapes or guard export; they carry no data and are not kept.
@@ -401,7 +401,8 @@ def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]],
             module = modules[group_path[key]].train(training)
             torch.set_rng_state(rng)
             try:
-                got = module(values[arg])
+                with silenced():
+                    got = module(values[arg])
             except Exception:
                 got = None
             if not (isinstance(got, torch.Tensor) and got.shape == want.shape
@@ -691,8 +692,8 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
                                                 lambda out: task_outputs(out, task_paths))
                 batch = next(iter(example.values())).shape[0]
                 mode = "train" if training else "eval"
-                try:  # (fx prints the generated code's traceback to stderr before raising)
-                    with contextlib.redirect_stderr(io.StringIO()):
+                try:
+                    with silenced():
                         got, got_reach = run_reaching(traced, example, training, reach)
                 except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
                     return (f"the traced graph fails in {mode} mode at batch {batch} where the "

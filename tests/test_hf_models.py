@@ -126,6 +126,21 @@ def test_a_config_named_like_the_tail_of_another_is_written_whole(tmp_path):
     assert "ROBERTA_CONFIG" not in source.replace("XLMROBERTA_CONFIG", "")
 
 
+def test_a_call_found_not_to_fit_prints_nothing(tmp_path, capfd):
+    """RoFormer's attention, collapsed into one call and run on another sequence length, raises
+    inside a GraphModule, which prints the generated code's traceback before raising: the
+    candidate is written out op by op, and the terminal shows nothing of it."""
+    path = write_spec(tmp_path, "roformer", backbone={
+        "factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state",
+        "kwargs": {"arch": "RoFormerModel", "config": dict(TOKEN_CONFIG, embedding_size=32)}},
+        inputs=TOKENS, tasks=[{"name": "a", "head": {"out_features": 3}},
+                              {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
+        select={"layers": ["backbone.encoder.layer.1.attention.self.query"]})
+    capfd.readouterr()
+    reconfx.compile_spec(path, tmp_path / "out")
+    assert capfd.readouterr().err == ""
+
+
 def test_backbone_weights_are_kept(tmp_path):
     """The converted model's shared trunk computes exactly the backbone's feature."""
     out = tmp_path / "out"
