@@ -55,18 +55,26 @@ def pool_dims(rank: int) -> tuple[int, ...]:
 
 def build_head(spec: HeadSpec, in_features: int, rank: int) -> nn.Sequential:
     """The head's layers; a pool first unless the head pools with a mask (then the model pools
-    before calling it, see :class:`MultiTaskModel`)."""
+    before calling it, see :class:`MultiTaskModel`). Unpooled on a (batch, channels, h, w)
+    feature, the head is per pixel: 1x1 convolutions over the channels."""
     layers: list[nn.Module] = []
     if spec.pool != "none" and spec.mask is None:
         layers.append(Pool(spec.pool, pool_dims(rank)))
     if spec.dropout:
         layers.append(nn.Dropout(spec.dropout))
     dims = [in_features, *spec.hidden, spec.out_features]
+    per_pixel = rank == 4 and spec.pool == "none"
     for i, (cin, cout) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
-        layers.append(nn.Linear(cin, cout))
+        layers.append(nn.Conv2d(cin, cout, 1) if per_pixel else nn.Linear(cin, cout))
         if i < len(dims) - 2:
             layers.append(nn.ReLU())
     return nn.Sequential(*layers)
+
+
+def in_features(feature: torch.Tensor, spec: HeadSpec) -> int:
+    """The size a head reads: the channels of a (batch, channels, h, w) feature (pooled or per
+    pixel), else the last axis."""
+    return feature.shape[1] if feature.dim() == 4 and spec.pool != "cls" else feature.shape[-1]
 
 
 class MultiTaskModel(nn.Module):
@@ -80,7 +88,8 @@ class MultiTaskModel(nn.Module):
 
     def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
                  pools: dict[str, tuple[Pool, str]] | None = None,
-                 backbone_inputs: Sequence[str] | None = None):
+                 backbone_inputs: Sequence[str] | None = None,
+                 resizes: dict[str, str] | None = None):
         super().__init__()
         self.backbone = backbone
         if pools:
@@ -89,20 +98,29 @@ class MultiTaskModel(nn.Module):
         self.field = field
         self.masks = {task: mask for task, (_pool, mask) in (pools or {}).items()}
         self.backbone_inputs = None if backbone_inputs is None else list(backbone_inputs)
+        self.resizes = dict(resizes or {})  # task -> the input its output is resized to
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         given = inputs if self.backbone_inputs is None else {
             k: v for k, v in inputs.items() if k in self.backbone_inputs}
         out = self.backbone(**given)
         feature = out if self.field is None else _field(out, self.field)
-        return {name: head(self.pools[name](feature, inputs[self.masks[name]])
-                           if name in self.masks else feature)
-                for name, head in self.heads.items()}
+        outputs = {}
+        for name, head in self.heads.items():
+            value = head(self.pools[name](feature, inputs[self.masks[name]])
+                         if name in self.masks else feature)
+            if name in self.resizes:
+                value = nn.functional.interpolate(
+                    value, size=inputs[self.resizes[name]].shape[-2:], mode="bilinear",
+                    align_corners=False)
+            outputs[name] = value
+        return outputs
 
 
 def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
                     input_names: Sequence[str], pools: dict[str, tuple[Pool, str]] | None = None,
-                    backbone_inputs: Sequence[str] | None = None) -> MultiTaskModel:
+                    backbone_inputs: Sequence[str] | None = None,
+                    resizes: dict[str, str] | None = None) -> MultiTaskModel:
     """A :class:`MultiTaskModel` whose ``forward`` takes exactly ``input_names``."""
     names = [n for n in input_names if n.isidentifier()]
     if len(names) != len(input_names):
@@ -112,7 +130,7 @@ def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str
     namespace: dict[str, Any] = {}
     exec(compile(source, "<reconfx multitask forward>", "exec"), namespace)  # noqa: S102
     cls = type("MultiTaskModel", (MultiTaskModel,), {"forward": namespace["forward"]})
-    return cls(backbone, heads, field, pools, backbone_inputs)
+    return cls(backbone, heads, field, pools, backbone_inputs, resizes)
 
 
 def _field(out: Any, name: str) -> Any:
@@ -146,11 +164,19 @@ def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
                 f"{tuple(value.shape)} (a mask is (batch, seq) for a (batch, seq, dim) feature)",
                 where=where, fix="tap a per-token feature, or drop the head's mask")
         pools[name] = (Pool(spec.pool, pool_dims(value.dim())), spec.mask)
-    built = {name: build_head(spec, value.shape[-1] if spec.pool in ("none", "cls")
-                              or value.dim() != 4 else value.shape[1], value.dim())
+    resizes = {name: spec.resize_to for name, spec in heads.items() if spec.resize_to}
+    for name, target in resizes.items():
+        if value.dim() != 4 or example[target].dim() < 3:
+            raise ModelError(
+                f"task '{name}' resizes its output to input '{target}' of shape "
+                f"{tuple(example[target].shape)}, from the feature of shape {tuple(value.shape)} "
+                "(resize_to is for a per-pixel head on a (batch, channels, h, w) feature, to an "
+                "input whose last two axes are its height and width)",
+                where=where, fix="tap a (batch, channels, h, w) feature, or drop resize_to")
+    built = {name: build_head(spec, in_features(value, spec), value.dim())
              for name, spec in heads.items()}
     return multitask_model(backbone, built, field, list(example), pools,
-                           None if backbone_inputs is None else list(backbone_inputs))
+                           None if backbone_inputs is None else list(backbone_inputs), resizes)
 
 
 def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],
@@ -173,7 +199,7 @@ def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
 
     check_top_level_names(backbone, fix=f"tap the backbone's output or an output field instead "
                           f"of '{feature}', or rename them")
-    tracer = leaf_tracer()
+    tracer = leaf_tracer([feature] if feature in submodules else [])  # (a container too)
     try:
         graph = tracer.trace(backbone)
     except Exception as exc:  # fx raises many kinds; we report one line

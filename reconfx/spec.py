@@ -149,7 +149,9 @@ class HeadSpec(_Strict):
 
     ``pool`` reduces the feature before the head: ``mean``/``max`` over the sequence axis of a
     (batch, seq, dim) feature or the spatial axes of a (batch, channels, h, w) feature, ``cls``
-    takes the first token, ``none`` keeps the feature as it is (token-level heads).
+    takes the first token, ``none`` keeps the feature as it is: a head per token of a (batch,
+    seq, dim) feature, or per pixel of a (batch, channels, h, w) one (1x1 convolutions, output
+    (batch, out_features, h, w): dense prediction such as segmentation).
     """
 
     type: Literal["linear", "mlp"] = Field(
@@ -165,6 +167,10 @@ class HeadSpec(_Strict):
         "left out of the pool")
     dropout: float = Field(
         description="dropout before the head's first linear layer",default=0.0, ge=0.0, lt=1.0)
+    resize_to: str | None = Field(
+        default=None, description="with pool none on a (batch, channels, h, w) feature: the "
+        "input whose last two axes the head's output is resized to (bilinear), e.g. the image, "
+        "so segmentation logits match per-pixel labels")
 
     @model_validator(mode="after")
     def _hidden_only_for_mlp(self) -> HeadSpec:
@@ -175,6 +181,9 @@ class HeadSpec(_Strict):
         if self.mask is not None and self.pool not in ("mean", "max"):
             raise ValueError(f"a mask applies to pool: mean or max, and this head's pool is "
                              f"{self.pool} (a cls or per-token head needs none)")
+        if self.resize_to is not None and self.pool != "none":
+            raise ValueError(f"resize_to applies to a per-pixel head (pool: none), and this "
+                             f"head's pool is {self.pool}")
         return self
 
 
@@ -245,7 +254,8 @@ class TaskSpec(_Strict):
         default=None, description="cross_entropy, mse, l1, bce, or package.module:function "
         "called as function(output, target) -> the batch's scalar loss")
     metric: str | None = Field(
-        default=None, description="accuracy, mse, mae, or package.module:function called as "
+        default=None, description="accuracy, miou (mean intersection over union of the "
+        "classes, over the split: segmentation), mse, mae, or package.module:function called as "
         "function(output, target) -> one value per item (averaged over the split); default: "
         "the loss's usual metric")
     higher_is_better: bool = Field(
@@ -589,6 +599,10 @@ class Spec(_Strict):
                 raise ValueError(f"tasks[{i}].head.mask: '{task.head.mask}' is not an input "
                                  f"(inputs: {', '.join(names)}); declare the mask as an input, "
                                  "e.g. {name: attention_mask, mask_of: input_ids}")
+            if task.head is not None and task.head.resize_to is not None and \
+                    task.head.resize_to not in names:
+                raise ValueError(f"tasks[{i}].head.resize_to: '{task.head.resize_to}' is not an "
+                                 f"input (inputs: {', '.join(names)})")
         if not any(i.to_backbone for i in self.inputs):
             raise ValueError("every input has to_backbone: false; the model needs at least one")
         if self.model is not None and not all(i.to_backbone for i in self.inputs):

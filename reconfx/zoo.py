@@ -119,6 +119,47 @@ def small_resnet(**kwargs: Any) -> SmallResNet:
     return SmallResNet(**kwargs)
 
 
+class SmallUNet(nn.Module):
+    """A U-Net in miniature for dense prediction: two stride-2 encoder stages, a bottleneck,
+    a decoder that upsamples (bilinear, to the skip's size) and concatenates each skip, and a
+    1x1-convolution head per task giving (batch, classes, h, w) logits (MultiDigits with
+    ``dense: true``). Any height and width that are multiples of 4 work."""
+
+    def __init__(self, num_classes: int = 11, tasks: Sequence[str] = DEFAULT_TASKS,
+                 in_channels: int = 1, width: int = 16):
+        super().__init__()
+
+        def stage(cin: int, cout: int) -> nn.Sequential:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+                                 nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+        self.enc1 = stage(in_channels, width)
+        self.enc2 = stage(width, 2 * width)
+        self.bottleneck = stage(2 * width, 4 * width)
+        self.dec2 = stage(6 * width, 2 * width)
+        self.dec1 = stage(3 * width, width)
+        self.heads = nn.ModuleDict({t: nn.Conv2d(width, num_classes, 1) for t in tasks})
+
+    @staticmethod
+    def up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return nn.functional.interpolate(x, size=like.shape[-2:], mode="bilinear",
+                                         align_corners=False)
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        e1 = self.enc1(image)
+        e2 = self.enc2(nn.functional.max_pool2d(e1, 2))
+        b = self.bottleneck(nn.functional.max_pool2d(e2, 2))
+        d2 = self.dec2(torch.cat([self.up(b, e2), e2], 1))
+        d1 = self.dec1(torch.cat([self.up(d2, e1), e1], 1))
+        return {name: head(d1) for name, head in self.heads.items()}
+
+
+def small_unet(**kwargs: Any) -> SmallUNet:
+    return SmallUNet(**kwargs)
+
+
 def resnet18(num_classes: int = 10, tasks: Sequence[str] = DEFAULT_TASKS,
              in_channels: int = 1) -> SmallResNet:
     """The Recon paper's Multi-Fashion+MNIST model: a standard ResNet-18 (torchvision's layout:

@@ -6,6 +6,11 @@ no test example reuses a training image. Each example puts one digit at offset (
 one at (3–4, 3–4) of a 12×12 canvas (jitter per example), combines them with max and adds
 Gaussian noise (σ = 0.15). Tasks: ``left`` and ``right``, 10 classes each. Deterministic for a
 seed: the same (split, seed) gives the same tensors.
+
+With ``dense=True`` the tasks are segmentations: each target is a 12×12 map labelling every
+pixel of that task's digit stroke (source intensity above ``STROKE``) with the digit plus one,
+and every other pixel 0 (11 classes), so the two tasks label the same image differently where
+the digits overlap.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from torch.utils.data import Dataset
 
 CANVAS = 12
 SIZES = {"train": 8000, "val": 2000, "test": 4000}
+STROKE = 0.5  # a source pixel brighter than this is part of the digit (dense=True)
 
 
 def _source_split(seed: int) -> dict[str, np.ndarray]:
@@ -32,10 +38,11 @@ def _source_split(seed: int) -> dict[str, np.ndarray]:
 
 
 class MultiDigits(Dataset):
-    """Items are ``({"image": (1, 12, 12) float32}, {"left": int64, "right": int64})``."""
+    """Items are ``({"image": (1, 12, 12) float32}, {"left": int64, "right": int64})``; with
+    ``dense``, each target is a (12, 12) int64 label map."""
 
     def __init__(self, split: str = "train", seed: int = 0, size: int | None = None,
-                 noise: float = 0.15):
+                 noise: float = 0.15, dense: bool = False):
         if split not in SIZES:
             raise ValueError(f"split must be one of {', '.join(SIZES)}, got {split!r}")
         source = _source_split(seed)
@@ -47,6 +54,7 @@ class MultiDigits(Dataset):
         second = pool[rng.integers(0, len(pool), count)]
         offsets = rng.integers(0, 2, size=(count, 4))
         canvas = np.zeros((count, CANVAS, CANVAS), dtype=np.float32)
+        maps = np.zeros((2, count, CANVAS, CANVAS), dtype=np.int64)
         for i in range(count):
             y0, x0, y1, x1 = offsets[i]
             a = np.zeros((CANVAS, CANVAS), dtype=np.float32)
@@ -54,10 +62,15 @@ class MultiDigits(Dataset):
             a[y0:y0 + 8, x0:x0 + 8] = source["images"][first[i]]
             b[3 + y1:11 + y1, 3 + x1:11 + x1] = source["images"][second[i]]
             canvas[i] = np.maximum(a, b)
+            maps[0, i] = (a > STROKE) * (source["labels"][first[i]] + 1)
+            maps[1, i] = (b > STROKE) * (source["labels"][second[i]] + 1)
         canvas += rng.normal(0.0, noise, size=canvas.shape).astype(np.float32)
         self.images = torch.from_numpy(canvas).unsqueeze(1)
-        self.left = torch.from_numpy(source["labels"][first])
-        self.right = torch.from_numpy(source["labels"][second])
+        if dense:
+            self.left, self.right = torch.from_numpy(maps[0]), torch.from_numpy(maps[1])
+        else:
+            self.left = torch.from_numpy(source["labels"][first])
+            self.right = torch.from_numpy(source["labels"][second])
 
     def __len__(self) -> int:
         return len(self.images)

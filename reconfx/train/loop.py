@@ -57,18 +57,27 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
     module.eval()
     if w.active:
         dataset = torch.utils.data.Subset(dataset, range(w.rank, len(dataset), w.size))
-    sums = torch.zeros(2, len(tasks), dtype=torch.float64)  # metric totals, item counts
+    sums: dict[str, list[torch.Tensor]] = {}  # task -> metric totals, what they divide by
     device = next(module.parameters()).device
     for inputs, targets in torch.utils.data.DataLoader(dataset, batch_size=batch_size,
                                                        collate_fn=collate_of(dataset)):
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
-        for i, (task, (_name, metric)) in enumerate(zip(tasks, metrics, strict=True)):
-            sums[0, i] += float(metric.total(outputs[task], targets[task]))
-            sums[1, i] += metric.count(outputs[task], targets[task])
+        for task, (_name, metric) in zip(tasks, metrics, strict=True):
+            batch = [torch.as_tensor(f(outputs[task], targets[task])).detach().cpu().double()
+                     for f in (metric.total, metric.count)]
+            previous = sums.get(task)
+            sums[task] = batch if previous is None else [
+                a + b for a, b in zip(previous, batch, strict=True)]
     module.train(was_training)
-    w.sum_(sums)
-    return {t: float(sums[0, i]) / max(float(sums[1, i]), 1.0) for i, t in enumerate(tasks)}
+    pairs = [sums.get(task) or [torch.zeros(1, dtype=torch.float64)] * 2 for task in tasks]
+    flat = w.sum_(torch.cat([x.flatten() for pair in pairs for x in pair]))
+    values, start = {}, 0
+    for task, (_name, metric), (total, _count) in zip(tasks, metrics, pairs, strict=True):
+        size = total.numel()
+        values[task] = metric.reduce(flat[start:start + size], flat[start + size:start + 2 * size])
+        start += 2 * size
+    return values
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],

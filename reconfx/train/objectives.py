@@ -18,8 +18,15 @@ from reconfx.spec import ScheduleSpec, TaskSpec
 
 
 def _flat(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token-level logits (batch, seq, classes) against (batch, seq) labels, flattened."""
-    return (out.flatten(0, -2), y.flatten()) if out.dim() > 2 else (out, y)
+    """(items, classes) logits against (items,) labels. Token-level logits (batch, seq,
+    classes) against (batch, seq) labels, and dense ones in PyTorch's layout (batch, classes,
+    h, w) against (batch, h, w) labels (segmentation), are flattened to one item per position;
+    where both layouts fit the labels, the classes are taken to be last."""
+    if out.dim() <= 2:
+        return out, y
+    if out.shape[:1] + out.shape[2:] == y.shape and out.shape[:-1] != y.shape:
+        out = out.movedim(1, -1)
+    return out.flatten(0, -2), y.flatten()
 
 
 def _labelled(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,19 +111,45 @@ def make_optimizer(params: list[nn.Parameter], name: str, lr: float,
 
 
 
+def _ratio(total: torch.Tensor, count: torch.Tensor) -> float:
+    return float(total.sum()) / max(float(count.sum()), 1.0)
+
+
 @dataclass(frozen=True)
 class Metric:
-    """A per-batch sum (divided by the number of items at the end) and its direction."""
+    """Per batch, a sum and what it is divided by (a scalar each, or one per class), added up
+    over the split; ``reduce`` turns the two totals into the value (default: their ratio, the
+    mean over items); its direction."""
 
     total: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    count: Callable[[torch.Tensor, torch.Tensor], int]
+    count: Callable[[torch.Tensor, torch.Tensor], int | torch.Tensor]
     higher_is_better: bool
+    reduce: Callable[[torch.Tensor, torch.Tensor], float] = _ratio
+
+
+def _class_counts(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: positions predicted and labelled so (intersection), and either (union)."""
+    logits, labels = _labelled(out, y)
+    classes = logits.shape[-1]
+    predicted = logits.argmax(-1)
+    hit = torch.bincount(labels[predicted == labels], minlength=classes)
+    union = torch.bincount(predicted, minlength=classes) + torch.bincount(
+        labels, minlength=classes) - hit
+    return hit, union
+
+
+def _mean_iou(hits: torch.Tensor, unions: torch.Tensor) -> float:
+    """The mean over the classes that were predicted or labelled of intersection / union."""
+    seen = unions > 0
+    return float((hits[seen] / unions[seen]).mean()) if bool(seen.any()) else 0.0
 
 
 METRICS: dict[str, Metric] = {
     "accuracy": Metric(lambda out, y: (_labelled(out, y)[0].argmax(-1)
                                        == _labelled(out, y)[1]).sum(),
                        lambda out, y: _labelled(out, y)[1].numel(), True),
+    "miou": Metric(lambda out, y: _class_counts(out, y)[0],
+                   lambda out, y: _class_counts(out, y)[1], True, _mean_iou),
     "mse": Metric(lambda out, y: ((out - y.to(out.dtype).view_as(out)) ** 2).sum(),
                   lambda out, y: out.numel(), False),
     "mae": Metric(lambda out, y: (out - y.to(out.dtype).view_as(out)).abs().sum(),
