@@ -262,3 +262,26 @@ class SplitScales(nn.Module):
         parts = torch.split(torch.relu(self.stem(image)), self.width, 1)
         x = torch.cat([conv(parts[i]) for i, conv in enumerate(self.convs)], 1).mean((2, 3))
         return {"a": self.a(x), "b": self.b(x)}
+
+
+class GeluLike(nn.Module):
+    """An activation without parameters outside torch.nn: traced through, so no call of it is
+    recorded and the Sequential holding it has a gap in the items the graph calls."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class GappedMixer(nn.Module):
+    """timm's RDNet block in miniature: a Sequential whose activation is traced through."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.layers = nn.Sequential(nn.Conv2d(width, width, 1), nn.GroupNorm(1, width),
+                                    nn.Conv2d(width, 2 * width, 1), GeluLike(),
+                                    nn.Conv2d(2 * width, width, 1))
+
+    def forward(self, xs: list[torch.Tensor]) -> torch.Tensor:
+        x = torch.cat(xs, 1)
+        return x + self.layers(x)
+

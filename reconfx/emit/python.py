@@ -125,21 +125,33 @@ def _index_order(node: _Tree) -> None:
 
 
 def _access(root: _Tree, path: str) -> str:
-    """``self.layer1[0].conv1`` for the path ``layer1.0.conv1``."""
-    text, node = "self", root
+    """``self.layer1[0].conv1`` for the path ``layer1.0.conv1``. Below a module that is built
+    whole (a leaf's constructor call), each step follows that module's own containers."""
+    text, node, built = "self", root, None
     for part in path.split("."):
         if part == MARK:  # the calling task's copy, in a generated class
             text += "[task]"
             node = next(iter(node.children.values()), _Tree())
             continue
-        if part not in node.children:  # inside a leaf: its own attributes (``.weight``)
-            text += f".{part}" if part.isidentifier() else f"[{part}]"
-            node = _Tree()
+        if built is not None or part not in node.children:  # inside a leaf
+            text += _member(built, part)
+            built = getattr(built, "_modules", {}).get(part)
+            node = node.children.get(part, _Tree())
             continue
         kind = _container_kind(node)
         text += f"[{part}]" if kind == "list" else (f'["{part}"]' if kind == "dict" else f".{part}")
         node = node.children[part]
+        built = node.obj if isinstance(node.obj, nn.Module) else None
     return text
+
+
+def _member(owner: nn.Module | None, part: str) -> str:
+    """``[2]``, ``["2"]`` or ``.weight``: ``part`` of a module built whole, by its own type."""
+    if isinstance(owner, nn.ModuleDict):
+        return f'["{part}"]'
+    if isinstance(owner, nn.Sequential | nn.ModuleList) and part.isdigit():
+        return f"[{part}]"
+    return f".{part}" if part.isidentifier() else f"[{part}]"
 
 
 @dataclass
