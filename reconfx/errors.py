@@ -6,6 +6,9 @@ The CLI prints ``str(error)`` as one line and exits with ``error.exit_code``: 2 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class ReconfxError(Exception):
     """Base class. ``where`` names the file and field, ``fix`` says what to do."""
@@ -76,3 +79,16 @@ class TrainingError(ReconfxError):
     do not fit its targets."""
 
     exit_code = 1
+
+
+@contextlib.contextmanager
+def located(path: str) -> Iterator[None]:
+    """A ReconfxError raised inside whose ``where`` names a spec field but not the spec's file
+    (``tasks[0].loss``, from code that does not know the file) gets the file prepended."""
+    try:
+        yield
+    except ReconfxError as exc:
+        if exc.where and not exc.where.startswith(path):
+            exc.where = f"{path}: {exc.where}"
+            exc.args = (str(exc),)
+        raise

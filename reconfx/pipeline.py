@@ -43,7 +43,7 @@ from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
-from reconfx.errors import CheckError, SpecError
+from reconfx.errors import CheckError, SpecError, located
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profiling import Profile, Scores, annotate, profile, restore_profile, scores_in
@@ -227,7 +227,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
     module = compiled.branched.module
     shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
     metrics = metric_functions(list(s.tasks), where)
-    with on_device(module, resolve_device(s.train.device, where)):
+    with on_device(module, resolve_device(s.train.device, where)), located(where):
         sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
         fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
                      metrics, aggregator(s.train.aggregator, len(s.tasks), where),
@@ -298,7 +298,7 @@ def profile_prepared(prepared: Prepared, progress: bool,
         return result
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data", s.inputs)
     module = prepared.traced.module
-    with on_device(module, resolve_device(s.train.device, where)):
+    with on_device(module, resolve_device(s.train.device, where)), located(where):
         result = profile(module, prepared.layers, s.task_names,
                          loss_functions(list(s.tasks), where), train_batches(dataset, s),
                          s.profile.steps, s.profile.threshold, s.train,

@@ -409,3 +409,18 @@ def test_masks_that_do_not_fit_the_inputs(tmp_path, capsys, inputs, head, needle
     code, _, err = run_cli(capsys, "validate", str(path))
     assert code == 2
     assert_one_line(err, str(path), *needles)
+
+
+def test_a_loss_that_cannot_compare_output_and_target_names_the_spec_and_the_field(tmp_path,
+                                                                                 capsys):
+    """Class scores per image against per-pixel label maps (a classification model given the
+    segmentation variant of the data): raised inside training, located in the spec."""
+    path = write_spec(tmp_path, model=RESNET, inputs=IMAGE, tasks=[
+        {"name": "left", "loss": "cross_entropy"}, {"name": "right", "loss": "cross_entropy"}],
+        data={"factory": "reconfx.data:multidigits", "kwargs": {"dense": True, "size": 64}},
+        profile={"steps": 2}, select={"top_k": 1})
+    code, _, err = run_cli(capsys, "profile", str(path), "--out", str(tmp_path / "o"), "--quiet")
+    assert code == 2
+    assert_one_line(err, f"reconfx: error: {path}: tasks[0].loss: the loss of task 'left' cannot "
+                    "compare the model's output (64, 3) torch.float32 with the target (64, 12, 12) "
+                    "torch.int64")
