@@ -147,9 +147,17 @@ def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str,
     if random_modules:
         notes.append(f"train mode compared with {len(random_modules)} dropout module(s) after a "
                      "branch point set to p=0")
-    batches = ", ".join(str(next(iter(e.values())).shape[0]) for e in examples)
-    return Check("I1 init parity", f"{exact}, eval and train mode, batch {batches}"
+    return Check("I1 init parity", f"{exact}, eval and train mode, {_sizes(examples)}"
                  + (f"; {'; '.join(dict.fromkeys(notes))}" if notes else ""))
+
+
+def _sizes(examples: Sequence[dict[str, torch.Tensor]]) -> str:
+    """``batch 8, 9``, or where other axes change too, the first input's shapes."""
+    name = next(iter(examples[0]))
+    shapes = [tuple(e[name].shape) for e in examples]
+    if all(s[1:] == shapes[0][1:] for s in shapes):
+        return "batch " + ", ".join(str(s[0]) for s in shapes)
+    return f"{name} " + ", ".join(str(s) for s in shapes)
 
 
 def check_sharing(compiled: nn.Module, copies: dict[str, dict[str, list[str]]]) -> Check:

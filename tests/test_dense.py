@@ -65,6 +65,8 @@ def test_a_unet_with_dynamic_image_sides_compiles_and_exports(tmp_path):
                       export={"formats": ["python", "onnx"]})
     compiled = compile_and_verify(path, out)
     assert compiled.prepared.examples[1]["image"].shape == (3, 1, 16, 16)
+    assert compiled.checks[0].detail.startswith(
+        "bit-exact, eval and train mode, image (2, 1, 12, 12), (3, 1, 16, 16)")
     session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
     assert [d for d in session.get_inputs()[0].shape] == ["batch", 1, "height", "width"]
     image = torch.randn(1, 1, 20, 24)
