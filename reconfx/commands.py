@@ -23,7 +23,7 @@ from reconfx.build import call_data_factory
 from reconfx.checks import Check
 from reconfx.cost import CostModel, Selection
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
-from reconfx.errors import CheckError, ModelError, SpecError
+from reconfx.errors import CheckError, ModelError, SpecError, located
 from reconfx.layers import Layer
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
@@ -242,7 +242,7 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
     metrics = metric_functions(list(s.tasks), where)
     model = artifacts.load(output_dir(loaded, out_dir))
     data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
-    with threads(s.train.threads):
+    with threads(s.train.threads), located(where):
         values = evaluate(model, data, s.task_names, metrics)
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}

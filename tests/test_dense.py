@@ -158,3 +158,15 @@ def test_mean_iou_is_taken_over_the_whole_split_not_averaged_over_batches():
     accuracy = evaluate(_Logits(), items, ["seg"], [("accuracy", METRICS["accuracy"])],
                         batch_size=3)
     assert accuracy["seg"] == pytest.approx(float((predicted == labels).double().mean()))
+
+
+def test_a_metric_that_cannot_read_the_output_names_the_task_and_the_field():
+    from reconfx.errors import ModelError
+    from reconfx.train.loop import evaluate
+
+    items = [({"logits": torch.randn(4, 5, 5)}, {"seg": torch.rand(5, 5)}) for _ in range(3)]
+    with pytest.raises(ModelError) as raised:
+        evaluate(_Logits(), items, ["seg"], [("miou", METRICS["miou"])], batch_size=3)
+    assert str(raised.value).startswith(
+        "tasks[0].metric: the metric 'miou' of task 'seg' cannot read the model's output "
+        "(3, 4, 5, 5) torch.float32 with the target (3, 5, 5) torch.float32: ")

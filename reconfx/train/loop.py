@@ -22,7 +22,7 @@ from reconfx.artifacts import replace_file, save_weights
 from reconfx.conflicts import ConflictCounter
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
-from reconfx.errors import TrainingError
+from reconfx.errors import ModelError, TrainingError
 from reconfx.layers import Layer
 from reconfx.spec import TrainSpec
 from reconfx.train.objectives import Metric, make_optimizer, make_schedule
@@ -63,9 +63,8 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
                                                        collate_fn=collate_of(dataset)):
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
-        for task, (_name, metric) in zip(tasks, metrics, strict=True):
-            batch = [torch.as_tensor(f(outputs[task], targets[task])).detach().cpu().double()
-                     for f in (metric.total, metric.count)]
+        for i, (task, (name, metric)) in enumerate(zip(tasks, metrics, strict=True)):
+            batch = _measured(task, i, name, metric, outputs[task], targets[task])
             previous = sums.get(task)
             sums[task] = batch if previous is None else [
                 a + b for a, b in zip(previous, batch, strict=True)]
@@ -78,6 +77,22 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[s
         values[task] = metric.reduce(flat[start:start + size], flat[start + size:start + 2 * size])
         start += 2 * size
     return values
+
+
+def _measured(task: str, index: int, name: str, metric: Metric, output: torch.Tensor,
+              target: torch.Tensor) -> list[torch.Tensor]:
+    """One batch's metric total and count; a metric that cannot read the pair is a ModelError
+    naming the task's field."""
+    try:
+        return [torch.as_tensor(f(output, target)).detach().cpu().double()
+                for f in (metric.total, metric.count)]
+    except (RuntimeError, ValueError, IndexError, TypeError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise ModelError(f"the metric '{name}' of task '{task}' cannot read the model's output "
+                         f"{tuple(output.shape)} {output.dtype} with the target "
+                         f"{tuple(target.shape)} {target.dtype}: {first}",
+                         where=f"tasks[{index}].metric",
+                         fix="choose a metric that fits the task's output and targets") from None
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],
