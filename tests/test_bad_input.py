@@ -205,7 +205,7 @@ def test_validate_imports_the_factories_it_names(tmp_path, capsys, field, factor
     ([{"name": "left", "loss": "crossentropy"}, {"name": "right"}], {}, "tasks[0].loss",
      "unknown loss 'crossentropy' (fix: one of cross_entropy, mse"),
     ([{"name": "left"}, {"name": "right", "metric": "acc"}], {}, "tasks[1].metric",
-     "unknown metric 'acc' (fix: one of accuracy, mse, mae"),
+     "unknown metric 'acc' (fix: one of accuracy, miou, mse, mae"),
     ([{"name": "left", "loss": "reconfx.zoo:no_such_loss"}, {"name": "right"}], {},
      "tasks[0].loss", "'reconfx.zoo' has no attribute 'no_such_loss'"),
     (TASKS, {"aggregator": "pcgradd"}, "train.aggregator",
@@ -305,7 +305,7 @@ def test_task_names_must_be_usable_as_attributes(tmp_path, capsys, name):
     # the height is fixed by the first Linear's input features: it cannot be dynamic
     ([{"name": "image", "shape": [2, 1, 12, 12], "dynamic": [0, 2]}],
      ["the model runs on the example inputs but raises RuntimeError when their dynamic axes "
-      "(image: [0, 2]) are one longer (image [3, 1, 13, 12] float32)",
+      "(image: [0, 2]) take a second size (image [3, 1, 16, 12] float32)",
       "mark as dynamic only the axes whose size may change"]),
 ])
 def test_model_that_fails_on_the_spec_inputs(tmp_path, capsys, inputs, needles):
