@@ -83,11 +83,12 @@ class TrainingError(ReconfxError):
 
 @contextlib.contextmanager
 def located(path: str) -> Iterator[None]:
-    """A ReconfxError raised inside whose ``where`` names a spec field but not the spec's file
-    (``tasks[0].loss``, from code that does not know the file) gets the file prepended."""
+    """A spec or model error raised inside whose ``where`` names a spec field but not the
+    spec's file (``tasks[0].loss``, from code that does not know the file) gets the file
+    prepended (a TrainingError's ``where`` is a step of the run, and stays as it is)."""
     try:
         yield
-    except ReconfxError as exc:
+    except (SpecError, ModelError) as exc:
         if exc.where and not exc.where.startswith(path):
             exc.where = f"{path}: {exc.where}"
             exc.args = (str(exc),)

@@ -130,7 +130,7 @@ def test_a_failing_rank_stops_the_run_naming_it(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert done.returncode != 0
     assert time.monotonic() - start < 200
-    assert ("reconfx: error: rank 1: data.factory: loading batch 1 of epoch 1 failed: "
+    assert (f"reconfx: error: rank 1: {spec}: data.factory: loading batch 1 of epoch 1 failed: "
             "ValueError: item ") in done.stderr, done.stderr[-3000:]
     assert not (tmp_path / "f" / "out" / "conflicts.json").exists()
 
