@@ -169,8 +169,11 @@ def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
 
 
 def run_patched(patch: str, args: list[str]) -> subprocess.CompletedProcess:
-    """``reconfx ARGS`` in a fresh process after running ``patch`` (which arranges a signal)."""
-    script = textwrap.dedent(patch) + textwrap.dedent(f"""
+    """``reconfx ARGS`` in a fresh process after running ``patch`` (which arranges a signal).
+    Ctrl-C raises KeyboardInterrupt there as in a terminal, also where the tests run in a
+    background job, which starts with SIGINT ignored."""
+    script = "import signal\nsignal.signal(signal.SIGINT, signal.default_int_handler)\n" + \
+        textwrap.dedent(patch) + textwrap.dedent(f"""
         import sys
         from reconfx.cli import main
         sys.exit(main({args!r}))
