@@ -409,6 +409,8 @@ class PythonEmitter:
             line = f"{ind}{access} = {head}task: {text} for task in {names}}})"
             if len(line) <= LINE and "\n" not in line:
                 return [line]
+            if len(f"{ind}{access} = {head}") > LINE:  # (a long path: the value in parentheses)
+                return [assign(ind, access, f"{head}task: {text} for task in {names}}})")]
             inner = ind + "    "
             text = text.replace("\n", "\n" + inner)
             return [f"{ind}{access} = {head}", f"{inner}task: {text}",
