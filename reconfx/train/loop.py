@@ -22,10 +22,10 @@ from reconfx.artifacts import replace_file, save_weights
 from reconfx.conflicts import ConflictCounter
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
-from reconfx.errors import ModelError, TrainingError
+from reconfx.errors import TrainingError
 from reconfx.layers import Layer
 from reconfx.spec import TrainSpec
-from reconfx.train.objectives import Metric, make_optimizer, make_schedule
+from reconfx.train.objectives import Metric, make_optimizer, make_schedule, unreadable
 from reconfx.train.resume import Batches, Checkpoint, restore, snapshot
 from reconfx.train.scalars import logged_to
 from reconfx.train.sparse import SparseMask
@@ -87,12 +87,9 @@ def _measured(task: str, index: int, name: str, metric: Metric, output: torch.Te
         return [torch.as_tensor(f(output, target)).detach().cpu().double()
                 for f in (metric.total, metric.count)]
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise ModelError(f"the metric '{name}' of task '{task}' cannot read the model's output "
-                         f"{tuple(output.shape)} {output.dtype} with the target "
-                         f"{tuple(target.shape)} {target.dtype}: {first}",
-                         where=f"tasks[{index}].metric",
-                         fix="choose a metric that fits the task's output and targets") from None
+        raise unreadable(f"the metric '{name}' of task '{task}' cannot read", output, target,
+                         exc, f"tasks[{index}].metric",
+                         "choose a metric that fits the task's output and targets") from None
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],

@@ -13,7 +13,7 @@ from torch import nn
 
 from reconfx.build import resolve_factory
 from reconfx.data.padding import IGNORE
-from reconfx.errors import SpecError
+from reconfx.errors import ModelError, SpecError
 from reconfx.spec import ScheduleSpec, TaskSpec
 
 
@@ -64,6 +64,16 @@ def _loss(name: str, field: str) -> Callable:
         raise SpecError(f"unknown loss '{name}'", where=field,
                         fix=f"one of {', '.join(LOSSES)}, or package.module:function")
     return LOSSES[name]
+
+
+def unreadable(what: str, output: torch.Tensor, target: torch.Tensor, exc: Exception,
+               where: str, fix: str) -> ModelError:
+    """``what`` (``the loss of task 'a' cannot compare``) failing on one output and target: a
+    ModelError with both shapes and dtypes and the error's first line."""
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    return ModelError(f"{what} the model's output {tuple(output.shape)} {output.dtype} with the "
+                      f"target {tuple(target.shape)} {target.dtype}: {first}", where=where,
+                      fix=fix)
 
 
 def check_objectives(tasks: list, where: str) -> None:

@@ -16,6 +16,7 @@ from reconfx.errors import ModelError, TrainingError
 from reconfx.graph import resolve
 from reconfx.layers import Layer
 from reconfx.train.health import locate_gradient, locate_loss
+from reconfx.train.objectives import unreadable
 from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
@@ -143,12 +144,9 @@ class MultiTaskStep:
         try:
             return fn(output, target).float()
         except (RuntimeError, ValueError, IndexError) as exc:
-            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-            raise ModelError(f"the loss of task '{task}' cannot compare the model's output "
-                             f"{tuple(output.shape)} {output.dtype} with the target "
-                             f"{tuple(target.shape)} {target.dtype}: {first}",
-                             where=f"tasks[{self.tasks.index(task)}].loss",
-                             fix="match the task's loss to its output and targets") from None
+            raise unreadable(f"the loss of task '{task}' cannot compare", output, target, exc,
+                             f"tasks[{self.tasks.index(task)}].loss",
+                             "match the task's loss to its output and targets") from None
 
     def __call__(self, inputs: dict, targets: dict,
                  observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
