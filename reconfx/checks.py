@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_leaves
+from torch.utils._pytree import tree_leaves, tree_map
 
 from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
@@ -84,18 +84,19 @@ def random_after_branch(module: nn.Module) -> tuple[list[str], list[str], list[s
 def random_leaves(compiled: nn.Module, example: dict[str, torch.Tensor]) -> list[str]:
     """The modules called on task streams in train mode whose output depends on the random
     state with the dropout switch applied (a functional dropout whose probability is a plain
-    attribute): each is called again on its recorded input from another random state."""
+    attribute): each is called twice more on copies of its recorded input, from two random
+    states."""
     graph = getattr(compiled, "train_graph", None)
     targets = sorted({str(n.target) for n in (graph.nodes if graph is not None else ())
                       if n.op == "call_module" and n.meta.get("reconfx", {}).get("task")})
     calls: dict[str, tuple] = {}
 
     def record(target: str) -> Callable:
-        def hook(_module: nn.Module, args: tuple, kwargs: dict, out: object) -> None:
-            calls.setdefault(target, (args, kwargs, out))
+        def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+            calls.setdefault(target, tree_map(_copied, (args, kwargs)))
         return hook
 
-    hooks = [compiled.get_submodule(t).register_forward_hook(record(t), with_kwargs=True)
+    hooks = [compiled.get_submodule(t).register_forward_pre_hook(record(t), with_kwargs=True)
              for t in targets]
     try:
         run(compiled, example, True)
@@ -103,16 +104,22 @@ def random_leaves(compiled: nn.Module, example: dict[str, torch.Tensor]) -> list
         for hook in hooks:
             hook.remove()
     drawing = []
-    with torch.no_grad():
-        for target, (args, kwargs, out) in calls.items():
-            torch.manual_seed(zlib.crc32(target.encode()))
-            again = compiled.get_submodule(target)(*args, **kwargs)
-            first, second = tree_leaves(out), tree_leaves(again)
-            if len(first) != len(second) or any(
+    with preserved(compiled), torch.random.fork_rng(devices=[]), torch.no_grad():
+        for target, (args, kwargs) in calls.items():
+            outs = []
+            for seed in (1, 2):
+                torch.manual_seed(seed)
+                again = tree_map(_copied, (args, kwargs))
+                outs.append(tree_leaves(compiled.get_submodule(target)(*again[0], **again[1])))
+            if len(outs[0]) != len(outs[1]) or any(
                     isinstance(a, torch.Tensor) and not torch.equal(a, b)
-                    for a, b in zip(first, second, strict=False)):
+                    for a, b in zip(*outs, strict=False)):
                 drawing.append(target)
     return drawing
+
+
+def _copied(value: object) -> object:
+    return value.detach().clone() if isinstance(value, torch.Tensor) else value
 
 
 def check_parity(original: nn.Module, compiled: nn.Module, task_paths: dict[str, str],
