@@ -1,4 +1,6 @@
-# `make demo` and `make test` work on a fresh clone: they create .venv and install what they need.
+# `make demo` and `make test` work on a fresh clone: they create .venv and install what they need,
+# at the exact versions in constraints.txt (`make lock` refreshes it; `make test-latest` runs the
+# suite against the newest versions pyproject.toml allows).
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -6,17 +8,39 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 SPEC ?= specs/multidigits.yaml
+EXTRAS := hf,dev,solvers,onnx,tensorboard
+LOCK := constraints.txt
 # The committed examples: specs/<name>.yaml compiled into exported/<name>/.
 EXAMPLES := multidigits-layers minilm
 
-.PHONY: demo test test-slow lint example check-example bench clean data
+.PHONY: demo test test-slow test-latest lint lock example check-example bench clean data
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -e ".[hf,dev,solvers,onnx,tensorboard]"
+	$(PY) -m pip install -q -c $(LOCK) pip
+	$(PY) -m pip install -q -c $(LOCK) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -c $(LOCK) -e ".[$(EXTRAS)]"
 	touch $@
+
+# Resolve the newest versions pyproject.toml allows in a scratch venv and pin them all in
+# constraints.txt (torch without its local build label, so a CUDA build satisfies it too).
+lock:
+	rm -rf .venv-lock && $(PYTHON) -m venv .venv-lock
+	.venv-lock/bin/python -m pip install -q --upgrade pip
+	.venv-lock/bin/python -m pip install -q "$(TORCH_SPEC)"
+	.venv-lock/bin/python -m pip install -q -e ".[$(EXTRAS)]"
+	{ echo "# Exact versions for make and CI, written by 'make lock' ($$(date -u +%F)); do not edit."; \
+	  .venv-lock/bin/python -m pip freeze --all --exclude-editable \
+	    | grep -v '^reconfx' | sed -E 's/^(torch==[^+]*)\+.*/\1/'; } > $(LOCK).tmp
+	mv $(LOCK).tmp $(LOCK) && rm -rf .venv-lock
+
+# The suite against the newest versions pyproject.toml allows (torch too), in .venv-latest.
+test-latest:
+	rm -rf .venv-latest && $(PYTHON) -m venv .venv-latest
+	.venv-latest/bin/python -m pip install -q --upgrade pip
+	.venv-latest/bin/python -m pip install -q --upgrade --upgrade-strategy eager -e ".[$(EXTRAS)]"
+	.venv-latest/bin/python -m pip freeze | grep -iE '^(torch|transformers|onnx|onnxruntime|pydantic|numpy)=='
+	.venv-latest/bin/python -m pytest -q
 
 # profile -> select -> branch -> train -> evaluate -> emit on the default spec (about a minute).
 demo: $(VENV)/.installed
@@ -55,4 +79,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/compile_time.py
 
 clean:
-	rm -rf $(VENV) .example-check .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .example-check .pytest_cache

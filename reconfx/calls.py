@@ -96,7 +96,7 @@ def annotate(module: DualGraphModule, model: nn.Module, example: dict[str, torch
             for key, (path, depth, members) in groups.items():
                 recorded = calls.get(_call_id(key, path))
                 if recorded is not None:
-                    args, kwargs = _without_defaults(model.get_submodule(path), *recorded[:2])
+                    args, kwargs = without_defaults(model.get_submodule(path), *recorded[:2])
                     call = _matched(key, path, depth, members, values, args, kwargs,
                                     recorded[2])
                     if call is not None:
@@ -118,7 +118,7 @@ def _call_id(key: str, path: str) -> tuple[str, int]:
     return path, int(match.group(1)) if match else 0
 
 
-def _without_defaults(sub: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def without_defaults(sub: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     """The call's arguments without those equal to the defaults of the forward's signature
     (``layer(hidden)`` for ``layer(hidden, None, None, cache=None)``); positional ones by
     position, the rest by keyword."""

@@ -48,7 +48,7 @@ from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profiling import Profile, Scores, annotate, profile, restore_profile, scores_in
 from reconfx.rewrite import Branched, branch
-from reconfx.selection import check_patterns, select_layers
+from reconfx.selection import check_patterns, explicit_choice, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
 from reconfx.streams import regions_of
@@ -104,7 +104,8 @@ def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
     with stages("tracing", lambda: _traced_line(traced)):
         dynamic = {i.name: list(i.dynamic) for i in s.inputs}
         traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
-                       verify_with=examples[1], class_name=class_name(s.name))
+                       verify_with=examples[1], class_name=class_name(s.name),
+                       selected=explicit_choice(s.select))
         traced = replace(traced, ignored_outputs=tuple(ignored))
         try:
             calls.annotate(traced.module, model, examples[0])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
+from collections.abc import Callable
 
 from torch import nn
 
@@ -23,6 +24,23 @@ def candidates(layers: list[Layer], spec: SelectSpec) -> list[Layer]:
         excluded = {layer.name for layer in match_layers(shared, spec.exclude)[0]}
         shared = [layer for layer in shared if layer.name not in excluded]
     return shared
+
+
+def explicit_choice(spec: SelectSpec | None) -> Callable[[str], bool] | None:
+    """Whether the spec's explicit selection (``select.layers``, narrowed by include/exclude)
+    branches the layer at a module path; None when the policy chooses only after tracing (by
+    score or at random among the traced layers). Tracing uses it to keep tier 1 where a coarse
+    leaf is branched whole or not at all."""
+    if spec is None or spec.policy != "layers":
+        return None
+
+    def chosen(path: str) -> bool:
+        def named(patterns: list[str]) -> bool:
+            return any(path_matches(path, p) for p in patterns)
+        return (named(spec.layers or []) and (not spec.include or named(spec.include))
+                and not named(spec.exclude))
+
+    return chosen
 
 
 def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "spec",

@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.calls import without_defaults
 from reconfx.errors import ModelError, TraceError
 from reconfx.graph import (
     DualGraphModule,
@@ -158,6 +159,9 @@ def fx_trace(model: nn.Module, input_names: Sequence[str], leaves: Sequence[str]
     finally:
         model.train(was_training)
     _keep_spec_placeholders(graph, input_names)
+    for node in graph.find_nodes(op="call_module"):  # (a leaf called as its parent called it)
+        node.args, node.kwargs = without_defaults(model.get_submodule(str(node.target)),
+                                                  node.args, node.kwargs)
     return graph, forced
 
 
@@ -494,8 +498,13 @@ def check_top_level_names(model: nn.Module, fix: str = "rename them, or give the
 def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[str, str],
           dynamic: dict[str, list[int]] | None = None, tier: str = "auto",
           leaves: Sequence[str] = (), verify_with: dict[str, torch.Tensor] | None = None,
-          class_name: str = "GraphModule") -> Traced:
+          class_name: str = "GraphModule", selected: Callable[[str], bool] | None = None
+          ) -> Traced:
     """Trace ``model`` into a :class:`DualGraphModule` whose output is ``{task: tensor}``.
+
+    ``selected`` says whether a module path is branched, where the selection is known before
+    tracing (:func:`reconfx.selection.explicit_choice`): a coarse fx leaf that the selection
+    branches whole, or not at all, then needs no finer layers, and tier 1 is kept.
 
     >>> from reconfx.zoo import small_resnet                               # doctest: +SKIP
     >>> t = trace(small_resnet(), {"image": torch.randn(2, 1, 12, 12)},
@@ -525,6 +534,11 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 raise TierFailure("fx", None, RuntimeError(mismatch))
             if not hidden or tier == "fx":
                 return result
+            if selected is not None and _coarse_fits(result.module, model, hidden, selected):
+                return replace(result, tier="fx-coarse", notes=(
+                    *result.notes, f"coarse fx leaves hide several layers ({', '.join(hidden)}),"
+                    " and the selection branches each whole or runs it before any branch point,"
+                    " so tier 1 is kept"))
             coarse = replace(result, tier="fx-coarse", notes=(
                 *result.notes, f"coarse fx leaves hide several layers: {', '.join(hidden)}"))
         except TierFailure as exc:
@@ -556,6 +570,27 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         return replace(coarse, notes=(
             *coarse.notes, f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})"))
     raise _trace_error(failures)
+
+
+def _coarse_fits(module: DualGraphModule, model: nn.Module, hidden: Sequence[str],
+                 selected: Callable[[str], bool]) -> bool:
+    """Each coarse leaf at ``hidden`` is branched whole (the selection takes it and every
+    parameterised module inside it), or untouched and called only before any branch point (so
+    it never runs per task stream, where stream batching could not join it)."""
+    for _mode, graph in module.graphs():
+        after: set[fx.Node] = set()  # nodes downstream of a selected layer
+        for node in graph.nodes:
+            if (node.op == "call_module" and selected(str(node.target))) or any(
+                    a in after for a in node.all_input_nodes):
+                after.add(node)
+        late = {str(n.target) for n in after if n.op == "call_module"}
+        for path in hidden:
+            inside = [f"{path}.{name}" for name, m in model.get_submodule(path).named_modules()
+                      if name and any(p is not None for p in m._parameters.values())]
+            choices = {selected(p) for p in [path, *inside]}
+            if choices != {True} and (choices != {False} or path in late):
+                return False
+    return True
 
 
 def _follow_input_device(graph: fx.Graph) -> None:

@@ -440,6 +440,35 @@ class CallNet(nn.Module):
         return {"a": self.a(z), "b": self.b(z)}
 
 
+class ScaleShift(nn.Module):
+    """A leaf (it owns its parameter) whose forward has defaults its caller spells out."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.weight = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None, *,
+                scale: float = 1.0, clamp: bool = False) -> torch.Tensor:
+        y = x * self.weight * scale + (0.0 if shift is None else shift)
+        return y.clamp(-1, 1) if clamp else y
+
+
+class DefaultsNet(nn.Module):
+    """Calls its leaf with every argument named, most of them at their defaults, as Hugging Face
+    models call their embeddings."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+        self.norm = ScaleShift(width)
+        self.a, self.b = nn.Linear(width, 2), nn.Linear(width, 3)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.norm(x=self.fc(x), shift=None, scale=1.0, clamp=False)
+        h = self.norm(h, None, scale=2.0, clamp=False)
+        return {"a": self.a(h), "b": self.b(h)}
+
+
 class ChainNet(nn.Module):
     """Four blocks applied in a loop, as a transformer encoder applies its layers."""
 

@@ -80,10 +80,12 @@ def test_a_hugging_face_folder_is_loaded_by_path_offline(tmp_path):
 
     out = tmp_path / "out"
     compiled = compile_and_verify(hf_folder_spec(tmp_path, {"path": str(minilm_path())}), out)
-    # the module path selected every layer of the last encoder layer
-    assert len(compiled.branched.layers) == 8
+    # the module path selected every layer of the last encoder layer, and nothing else
     assert all(layer.name.startswith("backbone.encoder.layer.5.")
                for layer in compiled.branched.layers)
+    last = minilm().encoder.layer[5]
+    assert sum(layer.num_params for layer in compiled.branched.layers) == sum(
+        p.numel() for p in last.parameters())
     pretrained = minilm().state_dict()
     loaded = reconfx.load(out).state_dict()
     assert torch.equal(loaded["backbone.embeddings.word_embeddings.weight"],

@@ -35,6 +35,19 @@ def test_untouched_blocks_are_called_with_the_models_arguments(compiled_calls):
     assert "self.blocks[2].fc.a(blocks_1)" in source and "self.blocks[2].norm(" in source
 
 
+def test_a_leaf_is_called_without_the_arguments_its_defaults_give(tmp_path):
+    """fx records a leaf's call as the model spelled it; model.py leaves out what the leaf's
+    forward would take by default, and passes the rest as its signature lays them out."""
+    path = write_spec(tmp_path, "defaults", model={"factory": "tests.models:DefaultsNet"},
+                      inputs=[{"name": "x", "shape": [3, 8]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["fc"]})
+    compiled = compile_and_verify(path, tmp_path / "out")
+    assert compiled.prepared.traced.tier == "fx"
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "norm_a = self.norm(fc_a)\n" in source
+    assert "norm_1_a = self.norm(norm_a, scale=2.0)\n" in source
+
+
 def test_a_call_whose_arguments_cannot_be_told_apart_stays_written_out(compiled_calls):
     _compiled, out = compiled_calls
     source = (out / "model.py").read_text()

@@ -28,7 +28,7 @@ def encoder_spec(tmp_path, layers, tier="auto"):
 
 
 @pytest.mark.parametrize("layers", [["encoder.layers.1.*"], ["encoder.layers.0.linear2"],
-                                    ["embed"], ["*"]])
+                                    ["embed"]])
 def test_transformer_encoder(tmp_path, layers):
     compiled = compile_and_verify(encoder_spec(tmp_path, layers), tmp_path / "out")
     names = [layer.name for layer in compiled.prepared.layers]
@@ -40,6 +40,31 @@ def test_encoder_that_fx_traces_only_as_a_coarse_leaf_goes_through_torch_export(
     traced = compiled.prepared.traced
     assert traced.tier == "export"
     assert any("coarse fx leaves hide several layers: encoder" in n for n in traced.notes)
+
+
+@pytest.mark.parametrize(("layers", "tier", "taken"), [
+    # the coarse leaf branched whole: its copies are whole modules
+    (["encoder"], "fx-coarse", ["encoder"]),
+    (["encoder", "embed"], "fx-coarse", ["encoder", "embed"]),
+    (["*"], "fx-coarse", ["encoder", "embed"]),  # (the heads are task-specific already)
+    (["encoder.layers.1.*"], "export", []),  # a layer inside the leaf: it would be split
+    (["embed"], "export", []),  # the leaf, untouched, would run once per task stream
+])
+def test_a_coarse_fx_leaf_is_kept_where_the_selection_takes_it_whole(tmp_path, layers, tier,
+                                                                    taken):
+    compiled = compile_and_verify(encoder_spec(tmp_path, layers), tmp_path / "out")
+    assert compiled.prepared.traced.tier == tier
+    if tier == "fx-coarse":
+        model = compiled.prepared.model
+        assert "encoder" in [layer.name for layer in compiled.branched.layers]
+        assert sum(layer.num_params for layer in compiled.branched.layers) == sum(
+            p.numel() for name in taken for p in model.get_submodule(name).parameters())
+        source = (tmp_path / "out" / "model.py").read_text()
+        assert "self.encoder = nn.ModuleDict({" in source
+        assert "self.encoder.tokens(embed" in source
+    else:
+        assert "encoder.layers.0.self_attn" in [layer.name for layer in compiled.prepared.layers]
+        assert not any(layer.name == "encoder" for layer in compiled.prepared.layers)
 
 
 def test_forcing_fx_keeps_the_coarse_leaf(tmp_path):

@@ -11,17 +11,12 @@ from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
 from reconfx.heads import Pool
 
 BERT_CONFIG = BertConfig(
-    architectures=["BertModel"],
-    dtype="float32",
     hidden_size=384,
     num_hidden_layers=6,
     intermediate_size=1536,
-    gradient_checkpointing=False,
     position_embedding_type="absolute",
-    transformers_version="4.8.2",
-    _attn_implementation="sdpa",
-    _experts_implementation="eager",
-    model_type="bert",
+    attn_implementation="sdpa",
+    experts_implementation="eager",
 )
 
 

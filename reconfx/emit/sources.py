@@ -78,6 +78,14 @@ def object_source(value: Any) -> Source | None:
     return _settings_source(value)
 
 
+# Fields a settings object records about where it came from, not how to build modules (a Hugging
+# Face config's source architecture, library version and saved dtype; the legacy checkpointing
+# flag): left out of the call and of the comparison. A module built from the settings is
+# verified on its own (reconfx.emit.constructors), so a field that did matter would show there.
+_BOOKKEEPING = {"architectures", "transformers_version", "dtype", "torch_dtype",
+                "gradient_checkpointing", "model_type"}
+
+
 def _settings_source(value: Any) -> Source | None:
     cls = importable(type(value))
     if cls is None:
@@ -89,7 +97,8 @@ def _settings_source(value: Any) -> Source | None:
     else:
         return None
     # Private fields are bookkeeping (a config's _name_or_path, the folder it was read from).
-    fields = {k: v for k, v in fields.items() if not str(k).startswith("_")}
+    fields = {k: v for k, v in fields.items()
+              if not str(k).startswith("_") and k not in _BOOKKEEPING}
     defaults = _default_fields(type(value))
     try:
         items = {k: sourced(v) for k, v in fields.items()}
@@ -104,10 +113,12 @@ def _settings_source(value: Any) -> Source | None:
     if rebuilt is None or _public(rebuilt, fields) != fields:
         return None
     # Private settings outside the fields (a Hugging Face config's attention implementation,
-    # kept as ``_attn_implementation_internal``) are passed by their keyword when they differ.
-    for key in _state_differences(value, rebuilt):
-        args.append(f"{key.removesuffix('_internal')}={render_value(vars(value)[key])}")
-    if args and _state_differences(value, rebuilt):
+    # kept as ``_attn_implementation_internal``) are passed by their public keyword
+    # (``attn_implementation=``) when they differ.
+    differing = _state_differences(value, rebuilt)
+    for key in differing:
+        args.append(f"{key.strip('_').removesuffix('_internal')}={render_value(vars(value)[key])}")
+    if differing:
         rebuilt = _rebuilt(cls.text, args, imports)
         if rebuilt is None or _public(rebuilt, fields) != fields or _state_differences(
                 value, rebuilt):
@@ -126,15 +137,18 @@ def _rebuilt(head: str, args: list[str], imports: set[str]) -> Any:
 
 def _public(rebuilt: Any, fields: dict[str, Any]) -> dict[str, Any]:
     if hasattr(rebuilt, "to_dict"):
-        return {k: v for k, v in rebuilt.to_dict().items() if not str(k).startswith("_")}
+        return {k: v for k, v in rebuilt.to_dict().items()
+                if not str(k).startswith("_") and k not in _BOOKKEEPING}
     return {k: getattr(rebuilt, k, None) for k in fields}
 
 
 def _state_differences(value: Any, rebuilt: Any) -> list[str]:
-    """Plain instance attributes (besides a path the settings were read from) that differ."""
+    """Plain instance attributes (besides bookkeeping and a path the settings were read from)
+    that differ."""
     mine, theirs = vars(value), vars(rebuilt)
     return [k for k, v in mine.items() if isinstance(v, PLAIN) and not isinstance(v, tuple)
-            and not k.endswith("name_or_path") and not _same_value(v, theirs.get(k))]
+            and not k.endswith("name_or_path") and k not in _BOOKKEEPING
+            and not _same_value(v, theirs.get(k))]
 
 
 # The source text of every settings object written so far -> its class name (the emitter
