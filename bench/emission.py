@@ -2,7 +2,8 @@
 built, and how long the emitted class takes to construct next to the original.
 
 * ``minilm``: the README's MiniLM spec (pretrained all-MiniLM-L6-v2, last encoder layer
-  branched; tier 2); targets ``model.py`` <= 250 lines, ``branch.diff`` <= 80;
+  branched; tier 1 with its self-attention as coarse leaves); targets ``model.py`` <= 250
+  lines, ``branch.diff`` <= 80;
 * ``resnet50``: a ResNet-50-sized CNN (``reconfx.zoo:BottleneckResNet``) with its last stage
   branched (tier 1); target ``model.py`` <= 200 lines;
 * ``library``: ``tests.library:LibraryNet``, modules written like a third-party library
@@ -12,13 +13,19 @@ built, and how long the emitted class takes to construct next to the original.
 * ``minilm-mid``: the same MiniLM with encoder layer 2 branched, so that layers 3-5 are shared
   after the branch point and stream-batched in eval mode;
 * ``demo``: the demo's small ResNet (``specs/multidigits.yaml``) with the 12 layers its profile
-  picks branched, stream-batched in five regions.
+  picks branched, stream-batched in five regions;
+* the reviewability corpus: ``wrapper`` (the pretrained MiniLM inside a user's own two-head
+  module, ``tests.models:PretrainedTwoHeads``, last encoder layer branched), ``llama`` and
+  ``gpt2`` (4-layer decoders from transformers configs, last layer branched), ``resnet18-early``
+  (the Recon paper's ResNet-18 with a Recon-like early selection: the stem, the first block and
+  three later convolutions) and ``densenet-early`` (``tests.library:DenseNetLike`` with its stem
+  and two dense-layer parts branched); targets ``model.py`` <= 120 / ``branch.diff`` <= 80 for
+  the first three, <= 200 / <= 150 for the early selections.
 
 Construction times are medians of ``--repeats`` constructions of each, alternated; eval-mode
 forward times (the spec's first example, ``torch.no_grad``) of the emitted model with its
 weights and of the compiled graph module are medians of 4 x ``--repeats`` alternated calls. Run:
-``.venv/bin/python bench/emission.py [--models minilm,resnet50,library,minilm-mid,demo]
-[--repeats 5]``.
+``.venv/bin/python bench/emission.py [--models minilm,resnet50,...] [--repeats 5]``.
 """
 
 from __future__ import annotations
@@ -49,6 +56,12 @@ MINILM = {
               {"name": "sentiment", "head": {"type": "mlp", "hidden": [64], "out_features": 2,
                                              "pool": "mean"}}],
 }
+DECODER = {
+    "inputs": [{"name": "input_ids", "shape": [2, 16], "dtype": "int64", "high": 100,
+                "dynamic": [0, 1]}],
+    "tasks": [{"name": "a", "head": {"out_features": 3}},
+              {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
+}
 SPECS = {
     "minilm": {**MINILM, "select": {"layers": ["backbone.encoder.layer.5.*"]}},
     "resnet50": {
@@ -66,6 +79,38 @@ SPECS = {
                               "layer1.0.bn2", "layer2.0.conv1", "layer2.0.bn1", "layer2.0.conv2",
                               "layer2.0.bn2", "layer3.0.bn1", "layer3.0.bn2", "layer4.0.bn1"]},
     },
+    "wrapper": {
+        "model": {"factory": "tests.models:PretrainedTwoHeads"},
+        "inputs": [dict(MINILM["inputs"][0])],
+        "tasks": [{"name": "ner"}, {"name": "sentiment"}],
+        "select": {"layers": ["encoder.encoder.layer.5"]},
+    },
+    "llama": {**DECODER, "backbone": {
+        "factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state", "kwargs": {
+            "arch": "LlamaModel", "config": {
+                "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
+                "max_position_embeddings": 64}}},
+        "select": {"layers": ["backbone.layers.3"]}},
+    "gpt2": {**DECODER, "backbone": {
+        "factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state", "kwargs": {
+            "arch": "GPT2Model", "config": {"vocab_size": 100, "n_embd": 64, "n_layer": 4,
+                                            "n_head": 4, "n_positions": 64, "bos_token_id": 0,
+                                            "eos_token_id": 0}}},
+        "select": {"layers": ["backbone.h.3"]}},
+    "resnet18-early": {
+        "model": {"factory": "reconfx.zoo:resnet18"},
+        "inputs": [{"name": "image", "shape": [2, 1, 36, 36]}],
+        "tasks": [{"name": "left"}, {"name": "right"}],
+        "select": {"layers": ["conv1", "bn1", "layer1.0.*", "layer2.1.conv1", "layer3.0.conv2",
+                              "layer4.1.conv1"]},
+    },
+    "densenet-early": {
+        "model": {"factory": "tests.library:DenseNetLike"},
+        "inputs": [{"name": "image", "shape": [2, 1, 16, 16]}],
+        "tasks": [{"name": "left"}, {"name": "right"}],
+        "select": {"layers": ["stem.0", "stem.1", "features.0.0.conv1", "features.2.1.norm2"]},
+    },
     "library": {
         "model": {"factory": "tests.library:LibraryNet"},
         "inputs": [{"name": "image", "shape": [2, 3, 8, 8]}],
@@ -75,7 +120,11 @@ SPECS = {
 }
 TARGETS = {"minilm": "model.py <= 250, branch.diff <= 80", "resnet50": "model.py <= 200",
            "library": "no factory call, build <= 1.5x", "minilm-mid": "(stream batching)",
-           "demo": "(stream batching)"}
+           "demo": "(stream batching)", "wrapper": "model.py <= 120, branch.diff <= 80",
+           "llama": "model.py <= 120, branch.diff <= 80",
+           "gpt2": "model.py <= 120, branch.diff <= 80",
+           "resnet18-early": "model.py <= 200, branch.diff <= 150",
+           "densenet-early": "model.py <= 200, branch.diff <= 150"}
 
 
 def median_times(builders: list[Callable[[], object]], repeats: int) -> list[float]:
@@ -113,7 +162,9 @@ def measure(name: str, folder: Path, repeats: int) -> list[str]:
     built = report.split("## How model.py builds its modules\n\n", 1)[1].split("\n\n", 1)[0]
     counts = "; ".join(line.removeprefix("- ").split(" (")[0].split(":")[0]
                        for line in built.splitlines())
-    return [name, str(lines["model.py"]), str(lines["original.py"]), str(lines["branch.diff"]),
+    checks = ", ".join(c.name.split()[0] for c in compiled.checks)  # (compile fails otherwise)
+    return [name, compiled.prepared.traced.tier, f"{checks} hold", str(lines["model.py"]),
+            str(lines["original.py"]), str(lines["branch.diff"]),
             str(source.count("_from_factory(")), counts,
             f"{emitted_s * 1e3:.1f} / {original_s * 1e3:.1f} ms ({emitted_s / original_s:.2f}x)",
             f"{forward_e * 1e3:.2f} / {forward_c * 1e3:.2f} ms ({forward_e / forward_c:.2f}x)",
@@ -125,7 +176,8 @@ def main() -> None:
     parser.add_argument("--models", default=",".join(SPECS))
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    headers = ["model", "model.py", "original.py", "branch.diff", "factory calls",
+    headers = ["model", "tier", "checks", "model.py", "original.py", "branch.diff",
+               "factory calls",
                "modules built", "construct emitted / original",
                "eval forward emitted / compiled", "compile", "target"]
     rows = []

@@ -34,13 +34,16 @@ METHODS = {
     "new_ones": "new_ones", "new_zeros": "new_zeros", "new_full": "new_full",
     "new_empty": "new_empty", "clamp_min": "clamp_min", "clamp_max": "clamp_max",
     "clamp": "clamp", "abs": "abs", "any": "any", "all": "all", "index_select": "index_select",
+    "pow": "pow", "cumsum": "cumsum", "diff": "diff",
 }
 # aten packet -> torch function
 FUNCTIONS = {
     "cat": "torch.cat", "stack": "torch.stack", "matmul": "torch.matmul", "bmm": "torch.bmm",
     "where": "torch.where", "relu": "torch.relu", "tanh": "torch.tanh",
     "sigmoid": "torch.sigmoid", "exp": "torch.exp", "sqrt": "torch.sqrt",
-    "rsqrt": "torch.rsqrt", "erf": "torch.erf", "arange": "torch.arange",
+    "rsqrt": "torch.rsqrt", "erf": "torch.erf", "arange": "torch.arange", "cos": "torch.cos",
+    "sin": "torch.sin", "log": "torch.log", "ones_like": "torch.ones_like",
+    "zeros_like": "torch.zeros_like",
     "scaled_dot_product_attention": "torch.nn.functional.scaled_dot_product_attention",
     "gelu": "torch.nn.functional.gelu", "silu": "torch.nn.functional.silu",
     "linear": "torch.nn.functional.linear",
@@ -86,6 +89,15 @@ def spelling(node: fx.Node) -> Spelling | None:
     if name in FUNCTIONS:
         return Spelling("function", FUNCTIONS[name])
     return None
+
+
+def drop_default_layout(graph: fx.Graph) -> None:
+    """torch.export writes the layout every dense tensor has into its conversions
+    (``aten.to.dtype_layout(x, dtype=d, layout=torch.strided, device=v)``); without it, the
+    same overload reads ``x.to(dtype=d, device=v)``."""
+    for node in graph.nodes:
+        if packet(node.target) == "to" and node.kwargs.get("layout") == torch.strided:
+            node.kwargs = {k: v for k, v in node.kwargs.items() if k != "layout"}
 
 
 _OPERATORS = {"+": operator.add, "-": operator.sub, "*": operator.mul, "/": operator.truediv,

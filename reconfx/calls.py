@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import inspect
+import itertools
 import keyword
 import operator
 import re
@@ -62,10 +63,13 @@ class Call:
 
     ``inputs[i]`` locates the i-th value flowing in as (member, position): the member node with
     that index reads it as its ``position``-th input node, in the graph and in every copy of
-    the call the branching pass makes. ``args``/``kwargs`` are the call's arguments with
-    :class:`Ref` in place of tensors; ``outputs`` maps each member whose value is used after
-    the call to where it sits in the call's result (``(0,)``: ``result[0]``); ``items`` is the
-    length of a result that is a plain tuple (None otherwise)."""
+    the call the branching pass makes. ``outside`` counts the values the call is given that no
+    member reads (Llama's rotary embedding reads only the dtype of the hidden states it gets):
+    ``Ref(len(inputs) + j)`` is the node marked ``feeds[key] == j``. ``args``/``kwargs`` are the
+    call's arguments with :class:`Ref` in place of tensors; ``outputs`` maps each member whose
+    value is used after the call to where it sits in the call's result (``(0,)``:
+    ``result[0]``); ``items`` is the length of a result that is a plain tuple (None
+    otherwise)."""
 
     path: str
     key: str
@@ -76,6 +80,7 @@ class Call:
     kwargs: dict[str, Any]
     outputs: dict[int, tuple[Any, ...]]
     items: int | None = None
+    outside: int = 0
 
 
 # -- annotate --------------------------------------------------------------------------------------
@@ -85,7 +90,7 @@ def annotate(module: DualGraphModule, model: nn.Module, example: dict[str, torch
     returns how many calls were found (a call must be found in each mode's graph)."""
     leaves = {str(n.target) for _m, g in module.graphs() for n in g.nodes
               if n.op == "call_module"}
-    found: dict[str, dict[str, Call]] = {}
+    found: dict[str, dict[str, tuple[Call, list[fx.Node]]]] = {}
     with preserved(model, module):
         for mode, graph in module.graphs():
             training = mode == "train"
@@ -97,18 +102,20 @@ def annotate(module: DualGraphModule, model: nn.Module, example: dict[str, torch
                 recorded = calls.get(_call_id(key, path))
                 if recorded is not None:
                     args, kwargs = without_defaults(model.get_submodule(path), *recorded[:2])
-                    call = _matched(key, path, depth, members, values, args, kwargs,
-                                    recorded[2])
-                    if call is not None:
-                        found[mode][key] = call
+                    matched = _matched(key, path, depth, members, values, args, kwargs,
+                                       recorded[2])
+                    if matched is not None:
+                        found[mode][key] = matched
     modes = list(found.values())
     kept = set(modes[0]).intersection(*modes[1:])
     for mode, graph in module.graphs():
         groups = _groups(graph, leaves)
         for key in kept:
-            call = found[mode][key]
+            call, outside = found[mode][key]
             for index, node in enumerate(groups[key][2]):
                 node.meta.setdefault("reconfx", {}).setdefault("sites", {})[key] = (index, call)
+            for j, node in enumerate(outside):
+                node.meta.setdefault("reconfx", {}).setdefault("feeds", {})[key] = j
     return len(kept)
 
 
@@ -241,9 +248,11 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _matched(key: str, path: str, depth: int, members: list[fx.Node],
-             values: dict[fx.Node, Any], args: tuple, kwargs: dict, result: Any) -> Call | None:
-    """The call's :class:`Call` when its arguments and results match the nodes around its
-    members exactly and uniquely, else None."""
+             values: dict[fx.Node, Any], args: tuple, kwargs: dict, result: Any
+             ) -> tuple[Call, list[fx.Node]] | None:
+    """The call's :class:`Call` and the nodes computed before it that it takes without reading
+    them, when its arguments and results match the graph's values exactly and uniquely, else
+    None."""
     member_set = set(members)
     inputs: list[fx.Node] = []
     located: list[tuple[int, int]] = []
@@ -252,10 +261,20 @@ def _matched(key: str, path: str, depth: int, members: list[fx.Node],
             if arg not in member_set and arg.op != "get_attr" and arg not in inputs:
                 inputs.append(arg)
                 located.append((index, position))
+    graph = members[0].graph
+    before = list(itertools.takewhile(lambda n: n is not members[0], graph.nodes))
+    outside: list[fx.Node] = []
 
     def template(value: Any) -> Any:
         if isinstance(value, torch.Tensor):
             hits = [i for i, node in enumerate(inputs) if _same(values.get(node), value)]
+            if not hits:  # given but not read: the one node computed earlier that holds it
+                earlier = [n for n in before if n.op != "get_attr" and _same(values.get(n), value)]
+                if len(earlier) != 1:
+                    raise LookupError
+                if earlier[0] not in outside:
+                    outside.append(earlier[0])
+                return Ref(len(inputs) + outside.index(earlier[0]))
             if len(hits) != 1:
                 raise LookupError
             return Ref(hits[0])
@@ -269,7 +288,15 @@ def _matched(key: str, path: str, depth: int, members: list[fx.Node],
 
     try:
         arg_template = template(tuple(args))
-        kwarg_template = {k: template(v) for k, v in kwargs.items()}
+        kwarg_template = {}
+        for k, v in kwargs.items():
+            try:
+                kwarg_template[k] = template(v)
+            except LookupError:
+                if isinstance(v, torch.Tensor) and not any(
+                        _same(values.get(node), v) for node in inputs):
+                    continue  # a keyword tensor the call's ops never read, found nowhere else
+                raise
     except LookupError:
         return None
     # A value flowing in that no argument matches (a mask the trace materialised where the
@@ -285,7 +312,7 @@ def _matched(key: str, path: str, depth: int, members: list[fx.Node],
         outputs[index] = hits[0][0]
     items = len(result) if type(result) is tuple else None
     return Call(path, key, len(members), depth, tuple(located), arg_template, kwarg_template,
-                outputs, items)
+                outputs, items, len(outside)), outside
 
 
 def _places(value: Any, at: tuple[Any, ...] = ()) -> Iterator[tuple[tuple[Any, ...], Any]]:
@@ -310,6 +337,7 @@ class _Group:
     nodes: dict[int, fx.Node]  # member index -> node
     kind: str = "whole"  # "stream": a submodule holding branched layers, per task stream;
     # "copies": a submodule all of whose layers are branched, the task's copy of it called whole
+    outside: tuple[fx.Node, ...] = ()  # the values it takes that no member reads (Call.outside)
 
 
 MARK = "<task>"  # in a stream's body targets: the calling task's copy of a branched layer
@@ -389,7 +417,7 @@ def _collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
                 kinds[path] = "traced" if _streamable(module, path) else None
             elif any(o != path and under(o, path) for o in opened):
                 kinds[path] = "stream" if _streamable(module, path) else None
-            elif any(under(c, path) for c in containers):
+            elif any(under(c, path) and c != path for c in containers):
                 usable[path] = _copies(module, model, path, containers, buildable)
                 kinds[path] = ("copies" if usable[path] is not None
                                else "stream" if _streamable(module, path) else None)
@@ -545,10 +573,13 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
     shared members), outermost calls first."""
     by_key: dict[str, list[fx.Node]] = {}
     calls: dict[str, Call] = {}
+    feeds: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
         for key, (_index, call) in node.meta.get("reconfx", {}).get("sites", {}).items():
             by_key.setdefault(key, []).append(node)
             calls[key] = call
+        for key in node.meta.get("reconfx", {}).get("feeds", {}):
+            feeds.setdefault(key, []).append(node)
     found: dict[str, list[_Group]] = {}
     claimed: set[fx.Node] = set()
     for key in sorted(by_key, key=lambda k: (calls[k].depth, k)):
@@ -559,6 +590,8 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
         if kind in ("stream", "copies") and (
                 not tasks or any(n.op == "call_module" for n in shared)):
             kind = None  # (a shared layer inside would run once per stream)
+        if kind in ("stream", "traced") and call.outside:
+            kind = None  # (a generated class's inputs are values its ops read)
         if kind is None or kind == "traced" and tasks:
             continue
         kind = "stream" if kind == "traced" else kind
@@ -574,11 +607,33 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
             if any(u not in key_nodes for n in inner for u in n.users) or (
                     len(streams) > 1 and any(indexed[i] in shared for i in call.outputs)):
                 break
-            built.append(_Group(call, task, indexed, kind))
+            outside = _outside(feeds.get(key, []), key, task, call.outside)
+            if outside is None:
+                break
+            built.append(_Group(call, task, indexed, kind, outside=outside))
         else:
             found[key] = built
             claimed.update(nodes)
     return found
+
+
+def _outside(nodes: list[fx.Node], key: str, task: str | None, count: int
+             ) -> tuple[fx.Node, ...] | None:
+    """The ``count`` values a call in ``task``'s stream takes without reading them: the nodes
+    marked as feeding it, the stream's own copy where the branching pass cloned one; None where
+    one is missing or ambiguous."""
+    found: dict[int, list[fx.Node]] = {}
+    for node in nodes:
+        if node.meta["reconfx"].get("task") in (None, task):
+            found.setdefault(node.meta["reconfx"]["feeds"][key], []).append(node)
+    picked = []
+    for j in range(count):
+        options = found.get(j, [])
+        own = [n for n in options if n.meta["reconfx"].get("task") == task] or options
+        if len(own) != 1:
+            return None
+        picked.append(own[0])
+    return tuple(picked)
 
 
 def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], keys: set[str],
@@ -682,6 +737,7 @@ def _collapsed(graph: fx.Graph, chosen: list[_Group]) -> fx.Graph | None:
 def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
     call = group.call
     inputs = [env[group.nodes[m].all_input_nodes[p]] for m, p in call.inputs]
+    inputs += [env[node] for node in group.outside]
 
     def filled(value: Any) -> Any:
         if isinstance(value, Ref):
@@ -703,7 +759,10 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
         meta["items"] = call.items  # (the emitter unpacks a result whose items are all used)
     if group.task:
         meta["task"] = group.task
-    points = [n.meta["reconfx"]["branch_point"] for n in group.nodes.values()
+    # (a branched layer kept as aten ops starts its stream at the read of its weight)
+    near = [*group.nodes.values(), *(a for n in group.nodes.values() for a in n.all_input_nodes
+                                     if a.op == "get_attr")]
+    points = [n.meta["reconfx"]["branch_point"] for n in near
               if "branch_point" in n.meta.get("reconfx", {})]
     if points:
         meta["branch_point"] = points[0]

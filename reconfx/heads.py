@@ -7,6 +7,7 @@ nothing past the tap is kept.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,11 +100,15 @@ class MultiTaskModel(nn.Module):
         self.masks = {task: mask for task, (_pool, mask) in (pools or {}).items()}
         self.backbone_inputs = None if backbone_inputs is None else list(backbone_inputs)
         self.resizes = dict(resizes or {})  # task -> the input its output is resized to
+        # A decoder's key/value cache serves generation; a feature for task heads needs none
+        # (Hugging Face decoders build one by default, an object no module call can pass on).
+        self.backbone_options = {"use_cache": False} if "use_cache" in _parameters(
+            backbone.forward) else {}
 
     def run(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         given = inputs if self.backbone_inputs is None else {
             k: v for k, v in inputs.items() if k in self.backbone_inputs}
-        out = self.backbone(**given)
+        out = self.backbone(**given, **self.backbone_options)
         feature = out if self.field is None else _field(out, self.field)
         outputs = {}
         for name, head in self.heads.items():
@@ -115,6 +120,13 @@ class MultiTaskModel(nn.Module):
                     align_corners=False)
             outputs[name] = value
         return outputs
+
+
+def _parameters(function: Any) -> list[str]:
+    try:
+        return list(inspect.signature(function).parameters)
+    except (TypeError, ValueError):
+        return []
 
 
 def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,

@@ -353,11 +353,11 @@ def emit_sources(compiled: Compiled) -> Sources:
         emitted, name, doc_model,
         {c for c in branched.containers if not any(calls.under(c, p) for p in copies)}
         | set(copies), notes, factory, settings)
-    # The original calls whole the submodules model.py calls whole or copies per task, writes
-    # out the rest, and writes as classes of their own those model.py writes as generated
-    # classes, so the diff shows only the surgery.
+    # The original calls whole the submodules model.py calls whole or copies per task (opening
+    # the modules around them as model.py does), writes out the rest, and writes as classes of
+    # their own those model.py writes as generated classes, so the diff shows only the surgery.
     inlined = {c for c in branched.containers
-               if not any(calls.under(c, p) for p in [*streams, *copies])}
+               if not any(calls.under(c, p) for p in [*streams, *copies])} | set(copies)
     original_py = emit_python(called(prepared.traced.module, containers=inlined,
                                      opened=streams), name, doc_original, set(), None, factory,
                               settings)

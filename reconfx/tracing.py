@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.aten import drop_default_layout
 from reconfx.calls import without_defaults
 from reconfx.errors import ModelError, TraceError
 from reconfx.graph import (
@@ -209,6 +210,7 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: di
         model.train(was_training)
     flat = ep.module()
     _inline_wrapped(flat)
+    drop_default_layout(flat.graph)
     return _relift(model, flat, example, training, notes, leaves)
 
 
@@ -680,7 +682,13 @@ def _op_name(node: fx.Node) -> str:
             return f"{_op_name(owner)}_{node.args[1]}"
         return node.args[1]
     if isinstance(target, torch._ops.OpOverload):
-        return target.overloadpacket.__name__.strip("_") or "op"
+        packet = target.overloadpacket.__name__
+        if packet == "sym_size" and len(node.args) == 2:  # x.size(1): "x_size_1"
+            owner = node.args[0]
+            name = owner.meta.get("reconfx", {}).get("name", owner.name) if isinstance(
+                owner, fx.Node) else "size"
+            return f"{name}_size_{node.args[1]}"
+        return packet.strip("_") or "op"
     name = getattr(target, "__name__", None) or str(target)
     return name.strip("_") or "op"
 

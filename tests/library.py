@@ -285,3 +285,47 @@ class GappedMixer(nn.Module):
         x = torch.cat(xs, 1)
         return x + self.layers(x)
 
+
+
+class DenseLayer(nn.Module):
+    """DenseNet's bottleneck layer: BN-ReLU-1x1 conv, BN-ReLU-3x3 conv, growing the features."""
+
+    def __init__(self, channels: int, growth: int = 8, width: int = 4):
+        super().__init__()
+        self.norm1 = nn.BatchNorm2d(channels)
+        self.conv1 = nn.Conv2d(channels, width * growth, 1, bias=False)
+        self.norm2 = nn.BatchNorm2d(width * growth)
+        self.conv2 = nn.Conv2d(width * growth, growth, 3, padding=1, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.conv1(torch.relu(self.norm1(x)))
+        return torch.cat([x, self.conv2(torch.relu(self.norm2(y)))], 1)
+
+
+class DenseNetLike(nn.Module):
+    """A small DenseNet: a stem, two dense blocks of three layers with a transition between,
+    and two classification heads."""
+
+    def __init__(self, growth: int = 8, classes: tuple[int, int] = (10, 10)):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16),
+                                  nn.ReLU())
+        c = 16
+        blocks: list[nn.Module] = []
+        for i in range(2):
+            layers = []
+            for _ in range(3):
+                layers.append(DenseLayer(c, growth))
+                c += growth
+            blocks.append(nn.Sequential(*layers))
+            if i == 0:
+                blocks.append(nn.Sequential(nn.BatchNorm2d(c), nn.ReLU(),
+                                            nn.Conv2d(c, c // 2, 1, bias=False), nn.AvgPool2d(2)))
+                c //= 2
+        self.features = nn.Sequential(*blocks)
+        self.norm = nn.BatchNorm2d(c)
+        self.left, self.right = nn.Linear(c, classes[0]), nn.Linear(c, classes[1])
+
+    def forward(self, image: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = torch.relu(self.norm(self.features(self.stem(image)))).mean((2, 3))
+        return {"left": self.left(h), "right": self.right(h)}

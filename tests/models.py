@@ -697,3 +697,20 @@ class NoisyNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.noisy(self.trunk(x).relu())
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class PretrainedTwoHeads(nn.Module):
+    """A user's own multi-task wrapper around the pretrained MiniLM: the encoder as an attribute,
+    a token head and a sentence head of its own, outputs by task name."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from reconfx.zoo import minilm
+
+        self.encoder = minilm()
+        self.ner = nn.Linear(384, 9)
+        self.sentiment = nn.Sequential(nn.Linear(384, 64), nn.Tanh(), nn.Linear(64, 2))
+
+    def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.encoder(input_ids=input_ids).last_hidden_state
+        return {"ner": self.ner(hidden), "sentiment": self.sentiment(hidden.mean(1))}

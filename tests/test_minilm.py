@@ -34,7 +34,8 @@ def test_pretrained_minilm(tmp_path, layers, tier):
     # The config constant holds what builds the modules, none of the pretrained config's
     # bookkeeping; the attention implementation by its public keyword.
     source = (out / "model.py").read_text()
-    config = source[source.index("BERT_CONFIG = BertConfig("):source.index("\n)\n")]
+    start = source.index("BERT_CONFIG = BertConfig(")
+    config = source[start:source.index("\n)\n", start)]
     assert 'attn_implementation="sdpa"' in config and "hidden_size=384" in config
     for bookkeeping in ("architectures", "transformers_version", "gradient_checkpointing",
                         "dtype", "_attn", "model_type"):
@@ -71,3 +72,22 @@ def test_shared_layers_after_the_branch_point_are_called_whole(tmp_path):
     assert forward.count("for layer in self.backbone.encoder.layer[3:]:") == 3
     assert "scaled_dot_product_attention" not in forward
     assert len(source.splitlines()) < 110
+
+
+def test_a_users_own_wrapper_around_the_pretrained_model_reads_like_the_model(tmp_path):
+    """The pretrained MiniLM inside a user's own two-head module (no reconfx heads), the last
+    encoder layer branched: model.py builds the encoder's layers by their class and copies
+    the last one whole per task."""
+    path = write_spec(tmp_path, "wrapper", model={"factory": "tests.models:PretrainedTwoHeads"},
+                      inputs=[{"name": "input_ids", "shape": [2, 16], "dtype": "int64",
+                               "high": 30522, "dynamic": [0, 1]}],
+                      tasks=[{"name": "ner"}, {"name": "sentiment"}],
+                      select={"layers": ["encoder.encoder.layer.5"]})
+    out = tmp_path / "out"
+    compile_and_verify(path, out)
+    source = (out / "model.py").read_text()
+    diff = (out / "branch.diff").read_text()
+    assert len(source.splitlines()) <= 120 and len(diff.splitlines()) <= 80
+    assert "_restored(" not in source and "sym_size" not in source
+    assert "nn.ModuleDict({task: BertLayer(BERT_CONFIG, layer_idx=5) for task in TASKS})" in source
+    assert "for layer in self.encoder.encoder.layer[:5]:" in source

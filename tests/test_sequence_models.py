@@ -92,7 +92,9 @@ def test_dropout_is_active_in_train_and_off_in_eval(tmp_path, tier, layers):
 def test_leaf_whose_ops_read_another_tensor_than_its_argument_stays_aten_ops(tmp_path):
     """torch.export records a leaf's ops; re-lifting calls the leaf on the one tensor they read.
     OPT's positional embedding reads the positions it is given by keyword but takes the mask
-    as its argument, so that call would compute something else: it stays as its aten ops."""
+    as its argument, so that call would compute something else: it stays as its aten ops.
+    model.py calls it whole, with both arguments the model gave it (the mask it never reads
+    included)."""
     path = write_spec(tmp_path, "positions", model={"factory": "tests.models:PositionsFromMask"},
                       inputs=[{"name": "ids", "shape": [2, 8], "dtype": "int64", "high": 50,
                                "dynamic": [0, 1]}],
@@ -106,7 +108,9 @@ def test_leaf_whose_ops_read_another_tensor_than_its_argument_stays_aten_ops(tmp
                for note in traced.notes)
     called = {str(n.target) for n in traced.module.graph.nodes if n.op == "call_module"}
     assert called == {"embed", "fc", "a", "b"}
-    assert "self.positions.weight" in (out / "model.py").read_text()
+    source = (out / "model.py").read_text()
+    assert "positions = self.positions(ones_like, sub)\n" in source
+    assert "ones_like = torch.ones_like(ids)\n" in source
 
 
 def test_forward_argument_left_out_of_the_spec_keeps_its_default(tmp_path):

@@ -5,8 +5,8 @@ The model before branching (tasks: ner, sentiment), for review against model.py.
 
 import torch
 from torch import nn
-from transformers import BertConfig
-from transformers.models.bert.modeling_bert import BertEmbeddings, BertEncoder
+from transformers import BertConfig, BertLayer
+from transformers.models.bert.modeling_bert import BertEmbeddings
 
 from reconfx.heads import Pool
 
@@ -25,7 +25,15 @@ class MinilmTwoTasks(nn.Module):
         super().__init__()
         self.backbone = nn.Module()
         self.backbone.embeddings = BertEmbeddings(BERT_CONFIG)
-        self.backbone.encoder = BertEncoder(BERT_CONFIG)
+        self.backbone.encoder = nn.Module()
+        self.backbone.encoder.layer = nn.ModuleList([
+            BertLayer(BERT_CONFIG, layer_idx=0),
+            BertLayer(BERT_CONFIG, layer_idx=1),
+            BertLayer(BERT_CONFIG, layer_idx=2),
+            BertLayer(BERT_CONFIG, layer_idx=3),
+            BertLayer(BERT_CONFIG, layer_idx=4),
+            BertLayer(BERT_CONFIG, layer_idx=5),
+        ])
         self.heads = nn.Module()
         self.heads.ner = nn.Sequential(nn.Linear(384, 9))
         self.heads.sentiment = nn.Sequential(
@@ -34,9 +42,9 @@ class MinilmTwoTasks(nn.Module):
 
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         backbone_embeddings = self.backbone.embeddings(input_ids)
-        backbone_encoder = self.backbone.encoder(
-            backbone_embeddings, use_cache=False
-        )["last_hidden_state"]
-        heads_ner = self.heads.ner(backbone_encoder)
-        heads_sentiment = self.heads.sentiment(backbone_encoder)
+        backbone_encoder_layer = backbone_embeddings
+        for layer in self.backbone.encoder.layer:
+            backbone_encoder_layer = layer(backbone_encoder_layer)
+        heads_ner = self.heads.ner(backbone_encoder_layer)
+        heads_sentiment = self.heads.sentiment(backbone_encoder_layer)
         return {"ner": heads_ner, "sentiment": heads_sentiment}

@@ -544,8 +544,7 @@ class PythonEmitter:
             scope.unpacked.update(items)
             lhs = [scope.fresh(item) for item in items]
             scope.names.update(zip(items, lhs, strict=True))
-            call = self._node_line(node, "", scope.name_of).strip()
-            return [*lines, f"{self._indent(2)}{', '.join(lhs)} = {call}"]
+            return [*lines, self._node_line(node, ", ".join(lhs), scope.name_of)]
         scope.names[node] = scope.fresh(node)
         # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
         used = node.users and node not in scope.unused
