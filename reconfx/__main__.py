@@ -1,5 +1,5 @@
 import sys
 
-from reconfx.cli import main
+from reconfx.console import main
 
 sys.exit(main())

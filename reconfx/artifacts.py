@@ -15,7 +15,6 @@ import fcntl
 import functools
 import glob
 import hashlib
-import importlib.util
 import json
 import os
 import pickle
@@ -28,6 +27,7 @@ import sys
 import tempfile
 import threading
 import traceback
+import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -38,17 +38,22 @@ from torch import nn
 from reconfx.errors import ModelError, OutputError
 from reconfx.outdir import (
     JOURNAL,
+    MANIFEST,
     MARKER,
     REMOVALS,
     STAGING_PREFIX,
     WORKING,
     apply_journal,
+    artifact_name,
+    file_sha256,
     finish_stale,
+    open_regular,
     output_error,
+    present,
+    read_manifest,
     repairing,
 )
 
-MANIFEST = "manifest.json"
 PROFILE = ("conflicts.json", "conflicts.png")  # the conflict profile compile selects by
 
 
@@ -93,12 +98,16 @@ class Staging:
 
     def commit(self, remove: Sequence[str] = ()) -> list[Path]:
         """Move every staged file into place, then remove ``remove`` (what an earlier model
-        left): all of it, even when Ctrl-C or SIGTERM arrives meanwhile (both are held back
-        until the end; SIGKILL leaves the journal, which the next command or reader replays)."""
+        left: ``name sha256`` for an artifact, which is removed only while it still has that
+        content, or a working folder's name): all of it, even when Ctrl-C or SIGTERM arrives
+        meanwhile (both are held back until the end; SIGKILL leaves the journal, which the next
+        command or reader replays)."""
         with signals_held():
             try:
                 replace_text(self.path / REMOVALS, "".join(f"{name}\n" for name in remove))
-                replace_text(self.path / JOURNAL, "".join(f"{name}\n" for name in self.files))
+                replace_text(self.path / JOURNAL, "".join(
+                    f"{name} {file_sha256(self.path / name)} {present(self.out_dir / name)}\n"
+                    for name in self.files))
                 return apply_journal(self.path, self.out_dir)
             except OSError as exc:
                 raise output_error(exc, self.out_dir) from None
@@ -249,8 +258,26 @@ def torch_load_safely(path: Path | BinaryIO) -> Any:
         raise ValueError(f"it holds {what}, which a weights-only load refuses (unpickling it "
                          "would run code)") from None
     except Exception as exc:
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        if _zip_damaged(path):
+            raise ValueError("it is truncated or damaged (torch's zip format, but its directory "
+                             "of entries cannot be read)") from None
+        first = (str(exc).strip().splitlines() or [""])[0]
+        first = first if len(first) <= 200 else first[:197] + "..."
         raise ValueError(f"{type(exc).__name__}: {first}") from None
+
+
+def _zip_damaged(source: Path | BinaryIO) -> bool:
+    """Data that starts as torch's zip format does but is no readable zip (cut short)."""
+    import zipfile
+
+    if isinstance(source, Path):
+        with open(source, "rb") as handle:
+            head = handle.read(2)
+    else:
+        position = source.tell()
+        head = source.read(2)
+        source.seek(position)
+    return head == b"PK" and not zipfile.is_zipfile(source)
 
 
 def _looks_pickled(source: Path | BinaryIO) -> bool:
@@ -280,7 +307,11 @@ def _io_error(exc: Exception) -> OSError:
 
 
 def sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    found = file_sha256(path)
+    if found is None:
+        raise OutputError(f"{path} is a link or not a regular file", where=str(path.parent),
+                          fix=f"remove {path}")
+    return found
 
 
 def versions() -> dict[str, str]:
@@ -298,24 +329,27 @@ def versions() -> dict[str, str]:
 def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, spec_sha: str,
                   seed: int, files: list[str], class_name: str, new_model: bool = False,
                   working: tuple[str, ...] = ()) -> tuple[str, list[str]]:
-    """The manifest after a command's commit, and the files it removes. A command that writes a
-    new model (``new_model``: compile, run) removes every earlier file it does not write again,
-    and the working folders (``checkpoints``, ``tensorboard``) it did not write itself
-    (``working``), so the folder holds one model's result;
-    compile keeps the conflict profile (the scores it selects by; its "branched" flags stay
-    those of the command that profiled). Other commands add their entries; files derived from
-    the model (ONNX) are recorded with the model's hash. Only files that exist are listed."""
-    old: dict[str, Any] = {}
+    """The manifest after a command's commit, and the removals it makes (see
+    :meth:`Staging.commit`). A command that writes a new model (``new_model``: compile, run)
+    removes every earlier artifact it does not write again, and the working folders'
+    (``checkpoints``, ``tensorboard``) files it did not write itself (``working``), so the
+    folder holds one model's result; compile keeps the conflict profile (the scores it selects
+    by; its "branched" flags stay those of the command that profiled). Other commands add their
+    entries; files derived from the model (ONNX) are recorded with the model's hash. Only files
+    that exist with the content recorded for them are listed, and only those are removed, under
+    the names reconfx writes: a name the manifest lists is not proof that reconfx wrote it."""
     try:
-        old = json.loads((out_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
+        old = read_manifest(out_dir)
+    except (OSError, OutputError):
         old = {}
-    entries = dict(old.get("files", {})) if isinstance(old.get("files"), dict) else {}
-    entries = {k: v for k, v in entries.items() if (out_dir / k).is_file()}
+    entries = {k: v for k, v in old.get("files", {}).items()
+               if artifact_name(k) and isinstance(v, dict)
+               and file_sha256(out_dir / k) == v.get("sha256")}
     removed: list[str] = []
     if new_model:
         kept = {k: v for k, v in entries.items() if command == "compile" and k in PROFILE}
-        removed = sorted(set(entries) - set(kept) - set(files) - {MANIFEST})
+        removed = [f"{k} {v['sha256']}" for k, v in sorted(entries.items())
+                   if k not in kept and k not in files]
         removed += [name for name in WORKING
                     if name not in working and (out_dir / name).is_dir()]
         entries = kept
@@ -340,18 +374,27 @@ def _model_sha(entries: dict[str, Any]) -> str | None:
     return hashlib.sha256("".join(sums).encode()).hexdigest()
 
 
-def import_source(path: Path, class_name: str) -> type[nn.Module]:
-    """Import the class ``class_name`` from a generated ``model.py``."""
-    module_name = f"reconfx_emitted_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    if spec is None or spec.loader is None:
-        raise ModelError(f"cannot import {path}")
-    module = importlib.util.module_from_spec(spec)
+def import_source(path: Path, class_name: str, source: bytes | None = None
+                  ) -> type[nn.Module]:
+    """The class ``class_name`` of a generated ``model.py``, run from ``source`` (its bytes,
+    already verified) or from the bytes read once from ``path``: compiled here and executed in
+    a fresh module, so Python's bytecode cache is neither read (a planted ``__pycache__`` runs
+    nothing) nor written (loading writes nothing into the folder)."""
+    if source is None:
+        source = read_source(path)
+    module_name = f"reconfx_emitted_{hashlib.sha1(source).hexdigest()[:12]}"
+    module = types.ModuleType(module_name)
+    module.__file__ = str(path)
     try:
-        spec.loader.exec_module(module)
+        code = compile(source, str(path), "exec", dont_inherit=True)
+        sys.modules[module_name] = module  # (dataclasses and pickling look classes up there)
+        exec(code, module.__dict__)  # noqa: S102 - the verified bytes of model.py
     except Exception as exc:
+        sys.modules.pop(module_name, None)
         line = next((f" (line {frame.lineno})" for frame in reversed(
             traceback.extract_tb(exc.__traceback__)) if frame.filename == str(path)), "")
+        if isinstance(exc, SyntaxError) and exc.lineno:
+            line = f" (line {exc.lineno})"
         first = (str(exc).splitlines() or [""])[0]
         raise ModelError(f"{path} does not import{line}: {type(exc).__name__}: {first}",
                          fix="install the packages model.py imports (those the model was "
@@ -362,53 +405,91 @@ def import_source(path: Path, class_name: str) -> type[nn.Module]:
     return cls
 
 
+def read_source(path: Path) -> bytes:
+    """A model.py's bytes, read once, without following a link."""
+    try:
+        fd = open_regular(path)
+    except FileNotFoundError:
+        raise ModelError(f"{path} is missing", fix="re-run `reconfx compile` or `reconfx run`"
+                         ) from None
+    except OutputError as exc:
+        raise ModelError(exc.message, fix=exc.fix) from None
+    with os.fdopen(fd, "rb") as handle:
+        return handle.read()
+
+
 def load(directory: str | Path) -> nn.Module:
     """The emitted model in ``directory`` (``model.py`` + ``weights.safetensors``), in eval mode.
-    Loading imports ``model.py``, which is code: both files are first checked against the
-    sha256 sums ``manifest.json`` records, and nothing is imported when either differs.
+    Loading runs ``model.py``, which is code: its bytes are read once, checked against the
+    sha256 ``manifest.json`` records, and those same bytes are compiled and run (never a
+    bytecode cache); the weights are checked the same way. Nothing runs when either differs,
+    and loading writes nothing into the folder (it only finishes a commit a killed command
+    left, as the next command would).
 
     >>> model = reconfx.load("exported/multidigits-resnet")       # doctest: +SKIP
     >>> model(image=torch.rand(1, 1, 12, 12))["left"].shape        # doctest: +SKIP
     torch.Size([1, 10])
     """
     directory = Path(directory).resolve()
-    with contextlib.suppress(OSError), repairing(directory) as free:
-        if free:  # finish a commit a killed command left half done
-            finish_stale(directory)
     try:
-        manifest = json.loads((directory / MANIFEST).read_text())
+        with repairing(directory) as free:
+            if free:  # finish a commit a killed command left half done
+                finish_stale(directory)
+    except OutputError as exc:
+        raise ModelError(exc.message, where=exc.where, fix=exc.fix) from None
+    try:
+        manifest = read_manifest(directory)
         name, files = manifest["class_name"], manifest.get("files", {})
-    except (OSError, ValueError, KeyError, TypeError):
-        raise ModelError(f"{directory} has no readable {MANIFEST}",
+        if not isinstance(name, str):
+            raise TypeError
+    except FileNotFoundError:
+        raise ModelError(f"{directory} has no {MANIFEST}",
                          fix="point at a folder written by `reconfx compile`") from None
-    for file in ("model.py", "weights.safetensors"):
-        verify(directory, file, files)
-    return load_emitted(directory, name)
+    except (OSError, OutputError, KeyError, TypeError):
+        raise ModelError(f"{directory} has no readable {MANIFEST}",
+                         fix="point at a folder written by `reconfx compile`, or re-run the "
+                         "command that wrote it") from None
+    source = read_source(directory / "model.py")
+    check_sha(directory, "model.py", files, hashlib.sha256(source).hexdigest())
+    verify(directory, "weights.safetensors", files)
+    return load_emitted(directory, name, source)
 
 
 def verify(directory: Path, name: str, files: Any) -> None:
-    """``directory/name`` must exist and match the sha256 the manifest records for it."""
+    """``directory/name`` must be a regular file with the sha256 the manifest records for it."""
+    path = directory / name
+    if not os.path.lexists(path):
+        raise ModelError(f"{path} is missing", fix="re-run `reconfx compile` or `reconfx run`")
+    check_sha(directory, name, files, file_sha256(path))
+
+
+def check_sha(directory: Path, name: str, files: Any, actual: str | None) -> None:
     path = directory / name
     entry = files.get(name) if isinstance(files, dict) else None
     expected = entry.get("sha256") if isinstance(entry, dict) else None
-    if not path.is_file():
-        raise ModelError(f"{path} is missing", fix="re-run `reconfx compile` or `reconfx run`")
     if expected is None:
         raise ModelError(f"{directory / MANIFEST} records no sha256 for {name}",
                          fix="re-run `reconfx compile` or `reconfx run` to write the folder again")
-    if sha256(path) != expected:
+    if actual is None:
+        raise ModelError(f"{path} is a link or not a regular file; reconfx loads only the "
+                         "files it wrote", fix=f"remove {path} and re-run `reconfx compile`")
+    if actual != expected:
         raise ModelError(f"{path} differs from the sha256 {MANIFEST} records for it (changed "
                          "since reconfx wrote it); nothing was imported or loaded",
                          fix="re-run `reconfx compile` or `reconfx run`, or restore the file")
 
 
-def load_emitted(directory: Path, class_name: str) -> nn.Module:
-    """Instantiate ``class_name`` from ``directory/model.py`` and load its weights."""
+def load_emitted(directory: Path, class_name: str, source: bytes | None = None) -> nn.Module:
+    """Instantiate ``class_name`` from ``directory/model.py`` (or its bytes ``source``) and load
+    its weights (a regular file: a link in their place is refused)."""
     from safetensors.torch import load_model
 
-    model = import_source(directory / "model.py", class_name)()
+    model = import_source(directory / "model.py", class_name, source)()
     weights = directory / "weights.safetensors"
-    if not weights.is_file():
+    if not os.path.lexists(weights):
         raise ModelError(f"{weights} is missing", fix="re-run `reconfx compile`")
+    if file_sha256(weights) is None:
+        raise ModelError(f"{weights} is a link or not a regular file; reconfx loads only the "
+                         "files it wrote", fix=f"remove {weights} and re-run `reconfx compile`")
     load_model(model, str(weights), strict=True)
     return model.eval()

@@ -3,7 +3,10 @@ from the model's outputs to tasks."""
 
 from __future__ import annotations
 
+import ast
 import importlib
+import importlib.machinery
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -35,6 +38,73 @@ def resolve_factory(text: str, where: str) -> Any:
     if not callable(obj):
         raise SpecError(f"'{text}' is not callable", where=where)
     return obj
+
+
+def locate_callable(text: str, where: str) -> None:
+    """Check that ``"package.module:name"`` names something the module defines, without
+    importing it (so without running any of its code): the module is found on ``sys.path``
+    the way the import system would find it, and its source must bind ``name`` at the top
+    level (``def``, ``class``, an assignment or an import). A module already imported is asked
+    directly."""
+    module_name, _, attr_path = text.partition(":")
+    head = attr_path.split(".")[0]
+    loaded = sys.modules.get(module_name)
+    if loaded is not None:
+        if not hasattr(loaded, head):
+            raise SpecError(f"'{module_name}' has no attribute '{attr_path}'", where=where,
+                            fix="check the name after ':'")
+        return
+    source = _module_source(module_name, where)
+    if source is not None and head not in _top_level_names(source, module_name, where):
+        raise SpecError(f"'{module_name}' defines no '{head}'", where=where,
+                        fix="check the name after ':'")
+
+
+def _module_source(module_name: str, where: str) -> str | None:
+    """The source of a module found on ``sys.path`` without importing it or its packages;
+    None for a module without Python source (an extension)."""
+    search: list[str] | None = None
+    spec = None
+    parts = module_name.split(".")
+    for i in range(len(parts)):
+        name = ".".join(parts[:i + 1])
+        found = sys.modules.get(name)
+        spec = found.__spec__ if found is not None else \
+            importlib.machinery.PathFinder.find_spec(name, search)
+        if spec is None:
+            raise SpecError(f"cannot find the module '{module_name}' ('{name}' is not on the "
+                            "Python path)", where=where,
+                            fix="install the package or fix the module path")
+        search = list(spec.submodule_search_locations or [])
+    origin = getattr(spec, "origin", None)
+    if not origin or not origin.endswith(".py"):
+        return None
+    try:
+        return Path(origin).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError(f"cannot read the module '{module_name}' ({exc})", where=where,
+                        fix="fix the module path") from None
+
+
+def _top_level_names(source: str, module_name: str, where: str) -> set[str]:
+    try:
+        tree = ast.parse(source)
+    except SyntaxError as exc:
+        raise SpecError(f"the module '{module_name}' does not parse (line {exc.lineno}: "
+                        f"{exc.msg})", where=where, fix="fix its syntax") from None
+    names: set[str] = set()
+    for node in tree.body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+            names.add(node.name)
+        elif isinstance(node, ast.Assign | ast.AnnAssign | ast.AugAssign):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+        elif isinstance(node, ast.If | ast.Try):  # (conditional definitions: taken at face value)
+            names |= {n.name for n in ast.walk(node) if isinstance(
+                n, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef)}
+    return names
 
 
 def call_factory(factory: FactorySpec, where: str) -> nn.Module:
@@ -131,6 +201,7 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
     """Load a state dict safely: safetensors, or ``torch.load(weights_only=True)``."""
     if not path.is_file():
         raise ModelError(f"checkpoint '{path}' not found", where=where, fix="check the path")
+    check_checkpoint_size(model, path, where)
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -139,7 +210,9 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
         else:
             state = torch_load_safely(path)
     except Exception as exc:
-        raise ModelError(f"cannot read checkpoint '{path}': {str(exc)[:300]}", where=where,
+        raise ModelError(f"cannot read checkpoint '{path}': "
+                         f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
+                         where=where,
                          fix="save it with torch.save(model.state_dict()) or safetensors") from None
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
@@ -163,6 +236,48 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
         raise ModelError(f"checkpoint '{path.name}' does not fit the model: " + ", ".join(problems),
                          where=where, fix="use the checkpoint of this architecture and kwargs")
     model.load_state_dict(state, strict=True)
+
+
+# A checkpoint may hold more than the model (optimiser state, an EMA copy): up to this many times
+# the model's own tensors, plus a margin, before it is refused unread.
+_CHECKPOINT_FACTOR, _CHECKPOINT_MARGIN = 4, 64 << 20
+
+
+def check_checkpoint_size(model: nn.Module, path: Path, where: str) -> None:
+    """Refuse, before anything is inflated, a checkpoint whose tensors would take far more than
+    the model's: torch's zip format is measured by its entries' uncompressed sizes (a small
+    zip bomb inflates to gigabytes), safetensors by its header. A file in another format is left
+    to the loader, which reads it whole anyway."""
+    import zipfile
+
+    own = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    limit = _CHECKPOINT_FACTOR * own + _CHECKPOINT_MARGIN
+    size = None
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as handle:  # (reads the header only)
+                size = sum(_safetensors_bytes(handle, k) for k in handle.keys())
+        elif zipfile.is_zipfile(path):
+            with zipfile.ZipFile(path) as archive:
+                size = sum(info.file_size for info in archive.infolist())
+    except Exception:
+        return  # (not readable as such: the loader names what is wrong)
+    if size is not None and size > limit:
+        raise ModelError(f"checkpoint '{path.name}' would inflate to {size:,} bytes, more than "
+                         f"{_CHECKPOINT_FACTOR}x the model's {own:,}: it is not this model's "
+                         "checkpoint", where=where, fix="use the checkpoint of this architecture")
+
+
+def _safetensors_bytes(handle: Any, key: str) -> int:
+    view = handle.get_slice(key)
+    digits = "".join(c for c in view.get_dtype() if c.isdigit())  # F16 -> 16, BOOL -> 8
+    itemsize = max(int(digits[:2] or 8) // 8, 1)
+    numel = 1
+    for n in view.get_shape():
+        numel *= n
+    return numel * itemsize
 
 
 def second_size(size: int, axis: int) -> int:

@@ -8,13 +8,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from reconfx import __version__
+from reconfx import __version__, interrupts
 from reconfx.errors import ReconfxError, SelectionError, SpecError
 
 
@@ -36,7 +35,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     resolve_factory(text, f"{loaded.path}: {source}.{s.factory.source}")
     if s.data is not None:
         resolve_factory(s.data.factory, f"{loaded.path}: data.factory")
-    check_objectives(list(s.tasks), str(loaded.path))
+    check_objectives(list(s.tasks), str(loaded.path), run_code=False)
     named = {"factory": text, "hf": f"hf {s.factory.hf.path if s.factory.hf else ''}",
              "timm": f"timm {s.factory.timm.name if s.factory.timm else ''}"}[s.factory.source]
     print(f"{loaded.path}: ok ('{s.name}': {source} {named}, "
@@ -260,14 +259,6 @@ def _force(p: argparse.ArgumentParser) -> None:
 DISTRIBUTED = ("profile", "run")  # the commands that run on several ranks under torchrun
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised like Ctrl-C so that the same clean-up runs."""
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise Terminated
-
-
 def _first_line(exc: BaseException) -> str:
     return str(exc).strip().splitlines()[0] if str(exc).strip() else ""
 
@@ -283,7 +274,7 @@ def out_of_memory(exc: BaseException) -> bool:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGTERM, _terminate)
+    interrupts.install()
     rank = ""
     try:
         args = parser().parse_args(argv)
@@ -304,11 +295,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as exc:
         # on a line of its own, also after a progress bar
         start = "\n" if sys.stderr.isatty() else ""
-        name = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        name = "terminated (SIGTERM)" if isinstance(exc, interrupts.Terminated) else "interrupted"
         print(f"{start}reconfx: {name}; the output folder holds a complete set of files (this "
               "command's only if it had finished writing them); profile and run continue with "
               "--resume", file=sys.stderr)
-        return 143 if isinstance(exc, Terminated) else 130
+        return 143 if isinstance(exc, interrupts.Terminated) else 130
     except Exception as exc:  # a bug in reconfx: one line unless asked for the traceback
         if os.environ.get("RECONFX_DEBUG"):
             raise

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +24,7 @@ from reconfx.build import call_data_factory
 from reconfx.checks import Check
 from reconfx.cost import CostModel, Selection
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
-from reconfx.errors import CheckError, ModelError, SpecError, located
+from reconfx.errors import CheckError, ModelError, OutputError, SpecError, located
 from reconfx.layers import Layer
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
@@ -47,8 +48,8 @@ from reconfx.pipeline import (
 from reconfx.profiling import (
     Profile,
     chart,
-    load_scores,
     rebranched,
+    scores_of,
     strong_shares,
 )
 from reconfx.report import ReportFacts, batching_section, compile_report
@@ -160,7 +161,8 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
     require_data(loaded, "run")
     if loaded.spec.export.tensorboard:
         require_tensorboard(str(loaded.path))
-    with outdir.writing(output_dir(loaded, out_dir), "run", force) as out, \
+    main = join(loaded).main  # (ranks but 0 write nothing: they neither check nor lock)
+    with outdir.writing(output_dir(loaded, out_dir), "run", force, main) as out, \
             threads(loaded.spec.train.threads):
         return _run(loaded, out, progress, resume)
 
@@ -181,8 +183,8 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
             prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, stages=stages)  # (by the scores profiling wrote)
     board = out / TENSORBOARD if s.export.tensorboard else None
-    trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS,
-                             resume=checkpoint, tensorboard=board)
+    trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS if w.main
+                             else None, resume=checkpoint, tensorboard=board)
     counter = trained.fitted.conflicts
     after = None
     if result is not None and counter is not None and counter.valid.numel():
@@ -289,7 +291,22 @@ def run_report(s: Spec, metrics: list, fitted: FitResult, test: dict[str, float]
 def stored_scores(out_dir: Path) -> dict[str, int] | None:
     """Conflict scores from an earlier ``reconfx profile`` in ``out_dir``, if there is one."""
     path = out_dir / CONFLICTS
-    return load_scores(path) if path.is_file() else None
+    if not os.path.lexists(path):
+        return None
+    return scores_of(stored_profile(out_dir))
+
+
+def stored_profile(out_dir: Path) -> dict:
+    """``conflicts.json`` parsed: a regular file holding JSON, else one line naming it."""
+    path = out_dir / CONFLICTS
+    try:
+        data = json.loads(outdir.read_regular(path, 64 << 20))
+        scores_of(data)
+    except (ValueError, RecursionError) as exc:
+        raise ModelError(f"{path} is not a conflict profile reconfx wrote ({exc})",
+                         where="export.dir", fix=f"re-run `reconfx profile`, or remove {path}"
+                         ) from None
+    return data
 
 
 @dataclass(frozen=True)
@@ -321,7 +338,8 @@ def profile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     is saved in ``checkpoints/resume.pt`` on the way; ``resume`` continues from it."""
     loaded = loaded_spec(spec)
     require_data(loaded, "profiling")
-    with outdir.writing(output_dir(loaded, out_dir), "profile", force) as out, \
+    main = join(loaded).main
+    with outdir.writing(output_dir(loaded, out_dir), "profile", force, main) as out, \
             threads(loaded.spec.train.threads):
         return _profile(loaded, out, progress, resume)
 
@@ -379,9 +397,9 @@ def spec_and_folder(target: LoadedSpec | str | Path, out_dir: str | Path | None
     folder = Path(target)
     manifest = folder / artifacts.MANIFEST
     try:
-        recorded = json.loads(manifest.read_text())["spec"]
+        recorded = outdir.read_manifest(folder)["spec"]
         path, sha = Path(recorded["path"]), recorded["sha256"]
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, OutputError, KeyError, TypeError):
         raise ModelError(f"{folder} is a folder without a readable {artifacts.MANIFEST} naming "
                          "its spec", where=str(manifest),
                          fix="pass the spec instead, or a folder written by `reconfx compile`"
@@ -415,7 +433,8 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, 
                                      options)
         files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
         report = out / "report.md"
-        text = report.read_text(encoding="utf-8") if report.is_file() else ""
+        text = outdir.read_regular(report, 64 << 20).decode("utf-8", errors="replace") \
+            if os.path.lexists(report) else ""
         staging.write_text("report.md", replace_section(text, "## ONNX", exported.report()))
         files.append("report.md")
         written = staging.commit_with_manifest("export", loaded.path, loaded.sha256,
@@ -498,9 +517,9 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         chosen = {layer.name for layer in branched.layers}
         if ran is not None and ran.profile is not None:
             files += write_conflicts(staging, ran.profile, chosen, ran.after_branching)
-        elif compiled.scores is not None and (out_dir / CONFLICTS).is_file():
+        elif compiled.scores is not None and os.path.lexists(out_dir / CONFLICTS):
             # compile selected other layers by an earlier profile: its flags and chart follow
-            stored = json.loads((out_dir / CONFLICTS).read_text())
+            stored = stored_profile(out_dir)
             data = rebranched(stored, chosen)
             if data != stored:
                 staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")

@@ -8,7 +8,6 @@ into statistics; the result is written to the graph's node metadata, ``conflicts
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -166,11 +165,15 @@ class Scores(dict):
         return f"{self[name]} / {self.valid[name]}" if name in self.valid else str(self[name])
 
 
-def load_scores(path: Path) -> Scores:
-    data = json.loads(path.read_text())
-    return Scores(((row["name"], int(row["score"])) for row in data["layers"]),
-                  valid={row["name"]: int(row["valid_pairs"]) for row in data["layers"]
-                         if "valid_pairs" in row})
+def scores_of(data: Any) -> Scores:
+    """The scores a ``conflicts.json`` holds (parsed); ValueError when it is not such a file."""
+    try:
+        rows = data["layers"]
+        return Scores(((str(row["name"]), int(row["score"])) for row in rows),
+                      valid={str(row["name"]): int(row["valid_pairs"]) for row in rows
+                             if "valid_pairs" in row})
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("no list of layers with names and scores") from None
 
 
 def strong_shares(result: Profile, counter: ConflictCounter, shared: list[str]) -> dict | None:

@@ -66,6 +66,9 @@ class HFSource(_Strict):
                         description="the transformers class: AutoModel, BertModel, ...")
     kwargs: dict[str, Any] = Field(
         description="keyword arguments of from_pretrained",default_factory=dict)
+    trust_remote_code: bool = Field(
+        default=False, description="run the Python code a model folder ships (its config's "
+        "auto_map); without it such a folder is refused, never prompted for")
 
 
 class TimmSource(_Strict):
@@ -120,8 +123,9 @@ class FactorySpec(_Strict):
         """The callable that builds the model, as ``"package.module:callable"``, and its
         keyword arguments."""
         if self.hf is not None:
-            return "reconfx.zoo:hf_pretrained", {"path": self.hf.path, "cls": self.hf.class_,
-                                                 **self.hf.kwargs}
+            return "reconfx.zoo:hf_pretrained", {
+                "path": self.hf.path, "cls": self.hf.class_,
+                "trust_remote_code": self.hf.trust_remote_code, **self.hf.kwargs}
         if self.timm is not None:
             return "reconfx.zoo:timm_model", {"name": self.timm.name, **self.timm.kwargs}
         return str(self.factory), dict(self.kwargs)
@@ -274,7 +278,7 @@ class TaskSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _not_reserved(cls, name: str) -> str:
-        if keyword.iskeyword(name) or name in _RESERVED_TASK_NAMES:
+        if keyword.iskeyword(name) or name in _RESERVED_TASK_NAMES or name.startswith("__"):
             raise ValueError(f"'{name}' is reserved in Python or nn.ModuleDict; rename the task")
         return name
 
@@ -832,4 +836,6 @@ def class_name(spec_name: str) -> str:
     """CamelCase class name for the emitted model: 'multidigits-resnet' -> 'MultidigitsResnet'."""
     words = re.split(r"[^A-Za-z0-9]+", spec_name)
     name = "".join(w[:1].upper() + w[1:] for w in words if w)
-    return name if name[:1].isalpha() else f"Model{name}"
+    name = name if name[:1].isalpha() else f"Model{name}"
+    # (an all-capitals name would read as, and may be, one of model.py's constants: TASKS)
+    return f"{name}Model" if name.isupper() else name

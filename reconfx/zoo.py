@@ -230,9 +230,12 @@ def hf_model(arch: str, config: dict[str, Any] | None = None, eval_mode: bool = 
     return model.eval() if eval_mode else model
 
 
-def hf_pretrained(path: str, cls: str = "AutoModel", **kwargs: Any) -> nn.Module:
+def hf_pretrained(path: str, cls: str = "AutoModel", trust_remote_code: bool = False,
+                  **kwargs: Any) -> nn.Module:
     """A ``transformers`` model loaded offline: ``cls.from_pretrained(path,
-    local_files_only=True, **kwargs)`` from a local folder or the local Hugging Face cache."""
+    local_files_only=True, **kwargs)`` from a local folder or the local Hugging Face cache.
+    ``trust_remote_code`` is always passed, so transformers never asks on the terminal: a
+    folder that ships code of its own is refused unless it is True."""
     try:
         import transformers
     except ImportError:
@@ -242,10 +245,22 @@ def hf_pretrained(path: str, cls: str = "AutoModel", **kwargs: Any) -> nn.Module
     if not hasattr(model_cls, "from_pretrained"):
         raise ModelError(f"transformers has no model class '{cls}'",
                          fix="use AutoModel, AutoModelForTokenClassification, BertModel, ...")
+    remote = ModelError(f"'{path}' ships Python code of its own (its config's auto_map), "
+                        "which reconfx runs only when told to",
+                        fix="read that code, then set backbone.hf.trust_remote_code: true")
     try:
-        return model_cls.from_pretrained(path, local_files_only=True, **kwargs)
+        if not trust_remote_code:  # (with code of its own, from_pretrained would quietly
+            # build the library's class of its model type instead)
+            config = transformers.AutoConfig.from_pretrained(path, local_files_only=True,
+                                                             trust_remote_code=False)
+            if getattr(config, "auto_map", None):
+                raise remote
+        return model_cls.from_pretrained(path, local_files_only=True,
+                                         trust_remote_code=trust_remote_code, **kwargs)
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise remote from None
         raise ModelError(f"cannot load '{path}' offline: {first}",
                          fix="give a local folder holding config.json and the weights, or a "
                              "model id already in the local Hugging Face cache (reconfx never "

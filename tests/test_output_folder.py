@@ -39,7 +39,7 @@ def test_a_folder_holding_the_users_files_is_refused_without_force(tmp_path, cap
     assert code == 2 and err == [
         f"reconfx: error: export.dir: the output folder {out} holds files reconfx did not write "
         "(model.py, notes.txt) (fix: choose a new or empty folder, or pass --force to "
-        "write into this one (files reconfx produces would replace same-named files there))"]
+        "write into this one (replacing model.py and removing nothing reconfx did not write))"]
     assert sorted(p.name for p in out.iterdir()) == ["model.py", "notes.txt"]
     assert (out / "model.py").read_text() == "my own model\n"
     assert cli(["compile", spec, "--quiet", "--force"], capsys)[0] == 0
@@ -68,18 +68,43 @@ def test_a_file_in_the_way_of_the_folder_is_named_and_kept(tmp_path, force):
 
 def test_a_new_or_empty_folder_and_reconfx_working_files_are_owned(tmp_path):
     assert outdir.owned(tmp_path / "new") and outdir.owned(tmp_path)
-    (tmp_path / "checkpoints").mkdir()
-    (tmp_path / "checkpoints" / "resume.pt").write_bytes(b"")
+    checkpoints = outdir.working_folder(tmp_path, "checkpoints")
+    (checkpoints / "resume.pt").write_bytes(b"state")
+    outdir.record(checkpoints, "resume.pt")
     (tmp_path / outdir.LOCK).write_bytes(b"")
     assert outdir.owned(tmp_path)  # an interrupted run's checkpoint, before any manifest
-    (tmp_path / "tensorboard").mkdir()
-    (tmp_path / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    board = outdir.working_folder(tmp_path, "tensorboard")
+    (board / "events.out.tfevents.1.host.1.0").write_bytes(b"")
+    outdir.record(board, "events.out.tfevents.1.host.1.0", appended=True)
     assert outdir.owned(tmp_path)  # a run's live TensorBoard scalars
-    (tmp_path / "tensorboard" / "notes.txt").write_bytes(b"")
+    (board / "notes.txt").write_bytes(b"")
     assert not outdir.owned(tmp_path)
-    (tmp_path / "tensorboard" / "notes.txt").unlink()
-    (tmp_path / "checkpoints" / "mine.ckpt").write_bytes(b"")
+    (board / "notes.txt").unlink()
+    (checkpoints / "mine.ckpt").write_bytes(b"")
     assert not outdir.owned(tmp_path)
+    (checkpoints / "mine.ckpt").unlink()
+    (checkpoints / "resume.pt").write_bytes(b"another tool's state")  # changed since recorded
+    assert not outdir.owned(tmp_path)
+
+
+def test_another_tools_working_files_are_not_reconfxs(tmp_path, capsys):
+    """checkpoints/ and tensorboard/ of the same names as reconfx's, written by another tool:
+    the folder is not reconfx's, and --force replaces reconfx's files only, deleting none of
+    the other tool's."""
+    out = tmp_path / "out"
+    (out / "checkpoints").mkdir(parents=True)
+    for name in ("best.safetensors", "last.safetensors"):
+        (out / "checkpoints" / name).write_bytes(b"another tool's weights")
+    (out / "tensorboard").mkdir()
+    (out / "tensorboard" / "events.out.tfevents.1.host.1.0").write_bytes(b"its scalars")
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    spec = str(resnet_spec(tmp_path, ["layer4.*"], out, "other"))
+    code, err = cli(["compile", spec, "--quiet"], capsys)
+    assert code == 2 and "holds files reconfx did not write (checkpoints, tensorboard)" in err[0]
+    assert cli(["compile", spec, "--quiet", "--force"], capsys)[0] == 0
+    assert all(p.read_bytes() == data for p, data in before.items())
+    assert cli(["compile", spec, "--quiet"], capsys)[0] == 0  # its manifest holds now
+    assert all(p.read_bytes() == data for p, data in before.items())
 
 
 def hostile_staging(out: Path, name: str, journal: list[str]) -> Path:

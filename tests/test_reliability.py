@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 import reconfx
-from reconfx import commands, pipeline
+from reconfx import commands, outdir, pipeline
 from reconfx.cli import main
 from reconfx.errors import ModelError, TrainingError
 from reconfx.layers import Layer
@@ -260,6 +260,7 @@ def test_resume_refuses_a_checkpoint_of_another_spec_or_command(tmp_path, capsys
     folder.mkdir(parents=True)
     torch.save({"format": 2, "command": "run", "spec_sha256": "0" * 64, "digest": "",
                 "payload": torch.zeros(0, dtype=torch.uint8)}, folder / "resume.pt")
+    outdir.record(folder, "resume.pt")  # (as if reconfx had written it: checked on resume)
     code, err = run_cli(["run", str(spec), "--quiet", "--resume"], capsys)
     assert code == 2 and err == [
         f"reconfx: error: {folder / 'resume.pt'}: the checkpoint was written for a different "
@@ -369,6 +370,7 @@ def test_hostile_pickles_are_refused_and_never_run(tmp_path, capsys):
     folder = tmp_path / "out" / "checkpoints"
     folder.mkdir(parents=True)
     torch.save({"format": 1, "payload": Payload(marker)}, folder / "resume.pt")
+    outdir.record(folder, "resume.pt")  # (planted where reconfx's own would be)
     code, err = run_cli(["run", str(spec), "--quiet", "--resume"], capsys)
     assert err == [f"reconfx: error: {folder / 'resume.pt'}: cannot read the resume checkpoint: "
                    "it holds a reference to posix.system, which a weights-only load refuses "

@@ -53,8 +53,10 @@ def test_run_profiles_branches_trains_and_emits_trained_weights(tmp_path, capsys
         losses = [float(s[3]) for s in steps[1:] if int(s[1]) == epoch]
         assert len(losses) == (len(steps) - 1) // 3
         assert sum(losses) / len(losses) == pytest.approx(float(row[2]), rel=1e-4)
-    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["best.safetensors",
-                                                                       "last.safetensors"]
+    checkpoints = out / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == [
+        ".reconfx-files", "best.safetensors", "last.safetensors"]
+    assert all(outdir.recorded(checkpoints, n) for n in ("best.safetensors", "last.safetensors"))
     report = (out / "report.md").read_text()
     assert report.startswith("# reconfx run: run")
     assert "branched layers: 4 of 24 shared" in report

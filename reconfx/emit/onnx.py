@@ -25,6 +25,7 @@ the one compared with PyTorch.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import math
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from reconfx.errors import CheckError, SpecError
+from reconfx.errors import CheckError, OutputError, SpecError
 from reconfx.spec import ONNX_OPSET as OPSET
 from reconfx.spec import ONNX_OPSETS as OPSETS
 from reconfx.streams import one_call_per_region, one_stream_per_call
@@ -348,6 +349,21 @@ def _compare(session: Any, wrapper: TaskOutputs, cases: list[tuple[str, dict]],
     return out
 
 
+def _disk_full(exc: BaseException) -> bool:
+    """Whether a failure comes from a full disk (or quota), anywhere in its chain of causes:
+    the exporters wrap the OSError, or only repeat its message."""
+    seen: set[int] = set()
+    found: BaseException | None = exc
+    while found is not None and id(found) not in seen:
+        seen.add(id(found))
+        if isinstance(found, OSError) and found.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "No space left on device" in str(found) or "Disk quota exceeded" in str(found):
+            return True
+        found = found.__cause__ or found.__context__
+    return False
+
+
 def _why(exc: BaseException) -> str:
     """The most telling line of an exporter's failure, short enough for one report line: the
     dynamo exporter's "Exception summary" line, else the first line naming an unsupported op or
@@ -394,6 +410,11 @@ def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
         except SpecError:
             raise
         except Exception as exc:  # an exporter, checker or runtime failure: try the next one
+            if _disk_full(exc):  # (no other exporter would fare better)
+                _remove(path)
+                raise OutputError(f"cannot write {path.name} into {path.parent}: the disk is "
+                                  "full", where="export.dir", fix="free some space, or choose "
+                                  "a folder on another disk") from exc
             rejected[exporter] = _why(exc)
             continue
         bad = [c for c in comparisons if not c.ok]

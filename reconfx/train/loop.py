@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from reconfx import outdir
 from reconfx.artifacts import replace_file, save_weights
 from reconfx.conflicts import ConflictCounter
 from reconfx.data.padding import collate_of
@@ -263,5 +264,9 @@ class _FitState:
 
 
 def save_checkpoint(module: nn.Module, path: Path) -> None:
-    """The module's weights as safetensors (tied tensors once), written atomically."""
+    """The module's weights as safetensors (tied tensors once), written atomically into the
+    working folder ``path.parent`` (made or checked for reconfx's files only) and recorded in
+    its ledger."""
+    folder = outdir.working_folder(path.parent.parent, path.parent.name)
     replace_file(path, lambda p: save_weights(module, p))
+    outdir.record(folder, path.name)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from reconfx.build import resolve_factory
+from reconfx.build import locate_callable, resolve_factory
 from reconfx.data.padding import IGNORE
 from reconfx.errors import ModelError, SpecError
 from reconfx.spec import ScheduleSpec, TaskSpec
@@ -76,14 +76,19 @@ def unreadable(what: str, output: torch.Tensor, target: torch.Tensor, exc: Excep
                       fix=fix)
 
 
-def check_objectives(tasks: list, where: str) -> None:
+def check_objectives(tasks: list, where: str, run_code: bool = True) -> None:
     """Resolve every loss and metric the tasks name, without calling them, so that a misspelt
-    name or a function that does not import fails before any tracing or training."""
+    name or a function that does not import fails before any tracing or training. Without
+    ``run_code`` (``validate``), one given as ``package.module:function`` is only located: its
+    module is found and its source read, nothing of it imported."""
     for i, task in enumerate(tasks):
-        if task.loss is not None:
-            _loss(task.loss, f"{where}: tasks[{i}].loss")
-        if task.metric is not None:
-            _metric(task, f"{where}: tasks[{i}].metric")
+        for field, name in (("loss", task.loss), ("metric", task.metric)):
+            if name is not None and ":" in name and not run_code:
+                locate_callable(name, f"{where}: tasks[{i}].{field}")
+            elif name is not None and field == "loss":
+                _loss(name, f"{where}: tasks[{i}].loss")
+            elif name is not None:
+                _metric(task, f"{where}: tasks[{i}].metric")
 
 
 def _weighted(fn: Callable, weight: float) -> Callable:

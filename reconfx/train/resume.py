@@ -15,16 +15,18 @@ from __future__ import annotations
 import collections
 import hashlib
 import io
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from reconfx import outdir
 from reconfx.artifacts import replace_file, torch_load_safely
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
-from reconfx.errors import ModelError, SpecError
+from reconfx.errors import ModelError, OutputError, SpecError
 
 FORMAT = 2  # 2: the state is a payload of bytes with a sha256 over the spec's hash and them
 FILE = "resume.pt"
@@ -197,17 +199,25 @@ class Checkpoint:
         data = {"format": FORMAT, "command": self.command, "spec_sha256": self.spec_sha256,
                 "digest": _digest(self.spec_sha256, payload),
                 "payload": torch.frombuffer(bytearray(payload), dtype=torch.uint8)}
+        folder = outdir.working_folder(self.path.parent.parent, self.path.parent.name)
         replace_file(self.path, lambda p: torch.save(data, p))
+        outdir.record(folder, FILE)
 
     def clear(self) -> None:
-        self.path.unlink(missing_ok=True)
+        outdir.forget(self.path.parent, FILE)
 
     def _load(self) -> dict[str, Any] | None:
-        if not self.path.is_file():
+        if not os.path.lexists(self.path):
             return None
         where = str(self.path)
         try:
-            data = torch_load_safely(self.path)
+            fd = outdir.open_regular(self.path)
+        except (OSError, OutputError) as exc:
+            raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
+                            fix="delete it and run without --resume") from None
+        try:
+            with os.fdopen(fd, "rb") as handle:
+                data = torch_load_safely(io.BytesIO(handle.read()))
         except ValueError as exc:  # truncated, not a torch file, or hostile: nothing executed
             raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
                             fix="delete it and run without --resume") from None

@@ -10,11 +10,12 @@ global step.
 from __future__ import annotations
 
 import contextlib
-import shutil
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from reconfx import outdir
 from reconfx.errors import SpecError
 
 
@@ -48,10 +49,14 @@ class TensorBoard:
     def __init__(self, folder: Path, start: int = 0):
         from torch.utils.tensorboard import SummaryWriter
 
-        if start == 0 and folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder)
+        if start == 0:
+            outdir.clear_working(folder)  # (only the event files reconfx wrote there)
+        self.folder = outdir.working_folder(folder.parent, folder.name)
+        before = {e.name for e in os.scandir(self.folder)}
         # (the events logged after the resumed step are dropped: steps 1..start are kept)
         self.writer = SummaryWriter(str(folder), purge_step=start + 1 if start else None)
+        self.files = sorted(e.name for e in os.scandir(self.folder) if e.name not in before)
+        outdir.record(self.folder, *self.files, appended=True)
 
     def add(self, step: int, row: dict[str, Any], prefix: str = "") -> None:
         """Each numeric value of ``row`` except ``step`` and ``epoch``, at ``step``, tagged
@@ -62,6 +67,7 @@ class TensorBoard:
 
     def close(self) -> None:
         self.writer.close()
+        outdir.record(self.folder, *self.files)  # (their size and time as the run left them)
 
 
 @contextlib.contextmanager
