@@ -19,12 +19,13 @@ import keyword
 import math
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     NonNegativeFloat,
@@ -40,6 +41,19 @@ from reconfx.errors import SpecError
 from reconfx.train.aggregators import AGGREGATORS
 
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
+
+
+def _yaml11_words(value: Any) -> Any:
+    """YAML 1.1 reads an unquoted ``off``/``no`` as false and ``on``/``yes`` as true: a field
+    whose values include one of those words takes the boolean back as that word."""
+    if value is False:
+        return "off"
+    if value is True:
+        return "on"
+    return value
+
+
+YAML11_WORDS = BeforeValidator(_yaml11_words)
 ONNX_OPSETS = range(17, 22)  # exported, checked and run by onnxruntime in tests/test_onnx.py
 ONNX_OPSET = 18  # the default
 _FACTORY = r"^[A-Za-z_][\w.]*:[A-Za-z_][\w.]*$"
@@ -374,7 +388,7 @@ class BranchSpec(_Strict):
         description="running statistics of shared norm layers after a branch point: one set per "
         "task (default) or one mixed set (Recon's behaviour)",
     )
-    stream_batching: Literal["eval", "tuned", "off"] = Field(
+    stream_batching: Annotated[Literal["eval", "tuned", "off"], YAML11_WORDS] = Field(
         default="eval",
         description="after a branch point, run the task streams through shared layers as one "
         "concatenated batch where that is exact and pays (eval mode, ONNX export; default), "

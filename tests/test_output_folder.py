@@ -187,8 +187,12 @@ def test_staging_is_judged_by_the_lock_not_by_a_process_id(tmp_path):
     would be) is finished once its folder's lock is free."""
     out = tmp_path / "out"
     commands.compile_spec(resnet_spec(tmp_path, ["layer4.*"], out, "folder"))
-    staged = hostile_staging(out, f".staging-{os.getpid()}", ["report.md"])
+    staged = hostile_staging(out, f".staging-{os.getpid()}", [])
     (staged / "report.md").write_text("the new report\n")
+    # (a journal as a commit writes it: the staged file's sha256 and that of the one replaced)
+    (staged / outdir.JOURNAL).write_text(
+        f"report.md {outdir.file_sha256(staged / 'report.md')} "
+        f"{outdir.present(out / 'report.md')}\n")
     reconfx.load(out)
     assert (out / "report.md").read_text() == "the new report\n" and not staged.exists()
 

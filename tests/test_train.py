@@ -114,8 +114,9 @@ def test_fit_learns_multidigits(branched, tmp_path):
     assert after == result.best  # the best epoch's weights are the ones kept
     assert after["left"] > before["left"] and after["right"] > before["right"]
     # Checkpoints: best.safetensors holds the kept weights, last.safetensors the final epoch's.
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["best.safetensors",
-                                                                    "last.safetensors"]
+    # (each recorded in the folder's ledger, which proves them reconfx's)
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [
+        ".reconfx-files", "best.safetensors", "last.safetensors"]
     restored = copy.deepcopy(module)
     for p in restored.parameters():
         p.data.zero_()
