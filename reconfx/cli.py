@@ -167,8 +167,17 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from reconfx.commands import export_spec
+    from reconfx.commands import export_hf, export_spec
 
+    if args.format == "hf":
+        onnx_only = [f"--{k}" for k in ("task", "opset", "dtype", "optimize", "atol", "rtol",
+                                        "provider") if getattr(args, k) is not None]
+        if onnx_only:
+            raise SpecError(f"{', '.join(onnx_only)} apply to --format onnx only",
+                            where="--format", fix=f"leave out {', '.join(onnx_only)}")
+        for path in export_hf(args.spec, args.out, progress=not getattr(args, "quiet", False)):
+            _say(args, f"wrote {path}")
+        return 0
     options = {"opset": args.opset, "dtype": args.dtype, "optimize": args.optimize,
                "atol": args.atol, "rtol": args.rtol, "provider": args.provider}
     exported = export_spec(args.spec, args.out, args.task, options,
@@ -221,7 +230,9 @@ def parser() -> argparse.ArgumentParser:
                     cmd_compile))
     x = _command(sub, "export", "write model.onnx from the model.py and weights in an output "
                  "folder (SPEC: a spec, or the output folder itself)", cmd_export)
-    x.add_argument("--format", choices=["onnx"], default="onnx")
+    x.add_argument("--format", choices=["onnx", "hf"], default="onnx",
+                   help="onnx: model.onnx; hf: the folder loads with transformers' "
+                        "AutoModel.from_pretrained(dir, trust_remote_code=True)")
     x.add_argument("--opset", type=int, default=None,
                    help="ONNX opset, 17 to 21 (default: export.onnx.opset, 18)")
     x.add_argument("--dtype", choices=["fp32", "fp16"], default=None,

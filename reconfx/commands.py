@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import io
 import json
 import os
 from collections.abc import Iterator
@@ -23,6 +24,7 @@ from reconfx import artifacts, outdir
 from reconfx.build import call_data_factory
 from reconfx.checks import Check
 from reconfx.cost import CostModel, Selection
+from reconfx.emit import hf
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import CheckError, ModelError, OutputError, SpecError, located
 from reconfx.layers import Layer
@@ -443,6 +445,103 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, 
     return exported
 
 
+def export_hf(target: LoadedSpec | str | Path, out_dir: str | Path | None = None,
+              progress: bool = False) -> list[Path]:
+    """``reconfx export --format hf``: the Hugging Face format (:func:`write_hf`) from the
+    model.py and weights already in an output folder (verified against its manifest), with
+    the model card made from its report.md. ``target`` as for :func:`export_spec`."""
+    loaded, folder = spec_and_folder(target, out_dir)
+    if not (folder / artifacts.MANIFEST).is_file():
+        raise ModelError(f"{folder} holds no compiled model (no {artifacts.MANIFEST})",
+                         where="export.dir", fix="run `reconfx compile` (or `run`) first")
+    stages = Stages(progress)
+    with outdir.writing(folder, "export") as out:
+        with stages("loading model.py and its weights", "loaded (verified against "
+                    "manifest.json)"):
+            model = artifacts.load(out)
+            model_py = artifacts.read_source(out / "model.py").decode("utf-8")
+        report = out / "report.md"
+        text = outdir.read_regular(report, 64 << 20).decode("utf-8", errors="replace") \
+            if os.path.lexists(report) else ""
+        with artifacts.Staging(out) as staging:
+            with stages("writing the Hugging Face format", "wrote the Hugging Face format "
+                        "(AutoModel.from_pretrained loads it and matches model.py)"):
+                files = write_hf(staging, loaded, model, model_py, text, spec_examples(
+                    loaded.spec))
+            return staging.commit_with_manifest("export", loaded.path, loaded.sha256,
+                                                loaded.spec.train.seed, files,
+                                                class_name(loaded.spec.name))
+
+
+def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, model: nn.Module, model_py: str,
+             report: str, examples: list[dict[str, torch.Tensor]]) -> list[str]:
+    """The Hugging Face format's files (:mod:`reconfx.emit.hf`) for the emitted ``model``
+    (its ``model.py`` text ``model_py``), staged and checked: transformers'
+    ``AutoModel.from_pretrained`` loads the staged folder, and its outputs equal ``model``'s
+    bit for bit on the examples."""
+    s = loaded.spec
+    try:
+        import transformers
+    except ImportError:
+        raise SpecError("export.formats has hf, which needs transformers",
+                        where=f"{loaded.path}: export.formats",
+                        fix="pip install 'reconfx[hf]', or leave hf out") from None
+    name, inputs = class_name(s.name), [i.name for i in s.inputs]
+    f = s.factory
+    source = hf.source_model(f.hf.path if f.hf else None)
+    made_from = (f"the Hugging Face model `{f.hf.path}`" if f.hf else
+                 f"the timm model `{f.timm.name}`" if f.timm else f"`{f.call[0]}`")
+    texts = {
+        "config.json": hf.config_json(name, s.task_names, inputs, transformers.__version__),
+        f"{hf.CONFIG_MODULE}.py": hf.CONFIGURATION,
+        f"{hf.MODELING_MODULE}.py": hf.modeling_source(model_py, name, inputs),
+        "README.md": hf.model_card(report, name, s.name, s.task_names, inputs, made_from,
+                                   source,
+                                   os.path.lexists(staging.path / "conflicts.png")
+                                   or os.path.lexists(staging.out_dir / "conflicts.png")),
+    }
+    for file, text in texts.items():
+        staging.write_text(file, text)
+    state = hf.hf_state(model)
+    shards = hf.weight_files(state, int(s.export.hf.max_shard_mb * 1e6))
+    from safetensors.torch import save_file
+
+    for file, names in shards:
+        staging.write_with(file, lambda p, names=names: save_file(
+            {n: state[n] for n in names}, str(p), metadata={"format": "pt"}))
+    if len(shards) > 1:
+        staging.write_text("model.safetensors.index.json", hf.index_json(state, shards))
+    check_hf(staging.path, model, examples)
+    return [*texts, *(f for f, _ in shards)] + (
+        ["model.safetensors.index.json"] if len(shards) > 1 else [])
+
+
+def check_hf(folder: Path, model: nn.Module, examples: list[dict[str, torch.Tensor]]) -> None:
+    """transformers loads ``folder`` and computes what ``model`` does, bit for bit (eval)."""
+    from transformers import AutoModel
+
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            loaded = AutoModel.from_pretrained(str(folder), trust_remote_code=True,
+                                               local_files_only=True).eval()
+    except Exception as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckError(f"the Hugging Face format does not load with AutoModel.from_pretrained "
+                         f"({type(exc).__name__}: {first})",
+                         fix="report this model as a reconfx bug, or leave hf out of "
+                             "export.formats") from None
+    model.eval()
+    with torch.no_grad():
+        for example in examples:
+            got, want = loaded(**example), model(**example)
+            for task in want:
+                if not torch.equal(got[task], want[task]):
+                    raise CheckError(f"the Hugging Face format computes task '{task}' "
+                                     "differently from model.py",
+                                     fix="report this model as a reconfx bug, or leave hf out "
+                                         "of export.formats")
+
+
 def run_emitted(path: Path, name: str) -> nn.Module:
     """The emitted class, imported and built; model.py that does not import or build is
     reconfx's fault (it imports what the model was built with), so it fails I4."""
@@ -511,6 +610,11 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
             batching_section(regions_of(branched.module), list(tuning)), compiled.selection,
             results))
         staging.write_text("report.md", report)
+        if "hf" in s.export.formats:
+            with stages("writing the Hugging Face format", "wrote the Hugging Face format "
+                        "(AutoModel.from_pretrained loads it and matches model.py)"):
+                files += write_hf(staging, prepared.loaded, reloaded, sources.model_py,
+                                  report, prepared.examples)
         if ran is not None:
             files.append(staging.write_text("metrics.csv", csv_text(ran.fitted.history)).name)
             files.append(staging.write_text("steps.csv", csv_text(ran.fitted.steps)).name)

@@ -222,7 +222,9 @@ _MAX_MANIFEST = 16 << 20  # bytes
 # it removes or replaces nothing under another name.
 _ARTIFACT = re.compile(r"(model\.py|original\.py|branch\.diff|weights\.safetensors|report\.md|"
                        r"conflicts\.json|conflicts\.png|metrics\.csv|steps\.csv|"
-                       r"results\.json|table\.md|"
+                       r"results\.json|table\.md|README\.md|config\.json|"
+                       r"configuration_reconfx\.py|modeling_reconfx\.py|model\.safetensors|"
+                       r"model-\d{5}-of-\d{5}\.safetensors|model\.safetensors\.index\.json|"
                        r"model(\.[A-Za-z0-9_-]+)?\.onnx(\.data)?)")
 
 

@@ -538,13 +538,25 @@ class OnnxSpec(_Strict):
         default=None, description="parity check: relative tolerance (default 1e-3, fp16 1e-2)")
 
 
+class HfExportSpec(_Strict):
+    """The Hugging Face format's options."""
+
+    max_shard_mb: PositiveFloat = Field(
+        default=5000, description="weights above this many megabytes are written as shards "
+        "model-00001-of-0000N.safetensors with an index, as transformers writes them")
+
+
 class ExportSpec(_Strict):
-    formats: list[Literal["python", "onnx"]] = Field(
-        description="python (model.py, weights) and onnx (model.onnx)",
-        default_factory=lambda: ["python"])
+    formats: list[Literal["python", "onnx", "hf"]] = Field(
+        description="python (model.py, weights), onnx (model.onnx) and hf (config.json, "
+        "modeling files, model.safetensors and a model card README.md: the folder loads with "
+        "transformers' AutoModel.from_pretrained(dir, trust_remote_code=True)); python is "
+        "always written", default_factory=lambda: ["python"])
     dir: Path | None = Field(default=None, description="default: exported/<spec name>")
     onnx: OnnxSpec = Field(default_factory=OnnxSpec, description="model.onnx's opset, dtype, "
                            "optimisation and parity tolerances")
+    hf: HfExportSpec = Field(default_factory=HfExportSpec,
+                             description="the Hugging Face format's weight shards")
     tensorboard: bool = Field(
         default=False, description="run: also write the training scalars (per-step losses and "
         "learning rate, per-epoch metrics and conflict share) live as TensorBoard event files "

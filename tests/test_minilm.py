@@ -38,8 +38,11 @@ def test_pretrained_minilm(tmp_path, layers, tier):
     config = source[start:source.index("\n)\n", start)]
     assert 'attn_implementation="sdpa"' in config and "hidden_size=384" in config
     for bookkeeping in ("architectures", "transformers_version", "gradient_checkpointing",
-                        "dtype", "_attn", "model_type"):
+                        "dtype", "_attn", "model_type", "experts"):
         assert bookkeeping not in config
+    # standalone: the heads' pooling is written into the file, nothing of reconfx imported
+    assert "from reconfx" not in source and "import reconfx" not in source
+    assert "\nclass Pool(nn.Module):\n" in source
     model = reconfx.load(out)
     # The pretrained weights are kept exactly, in the shared trunk and in every task's copy.
     pretrained = minilm().state_dict()

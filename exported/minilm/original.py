@@ -8,16 +8,42 @@ from torch import nn
 from transformers import BertConfig, BertLayer
 from transformers.models.bert.modeling_bert import BertEmbeddings
 
-from reconfx.heads import Pool
-
 BERT_CONFIG = BertConfig(
     hidden_size=384,
     num_hidden_layers=6,
     intermediate_size=1536,
     position_embedding_type="absolute",
     attn_implementation="sdpa",
-    experts_implementation="eager",
 )
+
+
+class Pool(nn.Module):
+    """Reduce a feature before a head: ``mean``/``max`` over ``dims``, or ``cls`` (first token).
+
+    The axes are fixed when the head is built (from the feature's rank), so the forward has no
+    shape-dependent Python branch and traces into plain tensor ops. With a padding ``mask``
+    (batch, seq) of a (batch, seq, dim) feature, ``mean`` and ``max`` leave out the positions
+    where it is 0, so padding a batch does not change the result.
+    """
+
+    def __init__(self, mode: str, dims: tuple[int, ...]):
+        super().__init__()
+        self.mode = mode
+        self.dims = dims
+
+    def extra_repr(self) -> str:
+        return f"{self.mode!r}, dims={self.dims}"
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        if self.mode == "cls":
+            return x[:, 0]
+        if mask is None:
+            return x.mean(self.dims) if self.mode == "mean" else x.amax(self.dims)
+        keep = (mask != 0).unsqueeze(-1)
+        if self.mode == "max":
+            return x.masked_fill(~keep, torch.finfo(x.dtype).min).amax(1)
+        weight = keep.to(x.dtype)
+        return (x * weight).sum(1) / weight.sum(1).clamp_min(1)
 
 
 class MinilmTwoTasks(nn.Module):

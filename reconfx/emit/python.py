@@ -13,6 +13,7 @@ import builtins
 import contextlib
 import copy
 import dataclasses
+import importlib
 import importlib.util
 import inspect
 import keyword
@@ -767,6 +768,11 @@ class PythonEmitter:
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
         if self.regions:
             helper += ["", *inspect.getsource(fits).rstrip("\n").splitlines(), ""]
+        for line in sorted(i for i in self.imports if i.startswith(f"from {_OWN_CLASSES} ")):
+            # (reconfx's own heads are written into the file: model.py needs no reconfx)
+            self.imports.discard(line)
+            cls = getattr(importlib.import_module(_OWN_CLASSES), line.rpartition(" ")[2])
+            helper += ["", *inspect.getsource(cls).rstrip("\n").splitlines(), ""]
         constants = [statement("", name, text[:text.index("(") + 1],
                                _split_arguments(text[text.index("(") + 1:-1]), ")")
                      for text, name in sorted(self.constants.items(), key=lambda c: c[1])]
@@ -1200,6 +1206,11 @@ def _split_arguments(text: str) -> list[str]:
             start = i + 1
     tail = text[start:].strip()
     return items + ([tail] if tail else [])
+
+
+# The module whose classes model.py holds a copy of instead of importing them (the heads and
+# pooling reconfx adds to a backbone: plain torch code).
+_OWN_CLASSES = "reconfx.heads"
 
 
 def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:

@@ -115,13 +115,16 @@ def _settings_source(value: Any) -> Source | None:
     # Private settings outside the fields (a Hugging Face config's attention implementation,
     # kept as ``_attn_implementation_internal``) are passed by their public keyword
     # (``attn_implementation=``) when they differ.
-    differing = _state_differences(value, rebuilt)
+    # (how experts are run matters only to a config that has experts)
+    moot = set() if any("expert" in str(k) for k in fields) else {
+        "_experts_implementation_internal"}
+    differing = [k for k in _state_differences(value, rebuilt) if k not in moot]
     for key in differing:
         args.append(f"{key.strip('_').removesuffix('_internal')}={render_value(vars(value)[key])}")
     if differing:
         rebuilt = _rebuilt(cls.text, args, imports)
-        if rebuilt is None or _public(rebuilt, fields) != fields or _state_differences(
-                value, rebuilt):
+        if rebuilt is None or _public(rebuilt, fields) != fields or set(_state_differences(
+                value, rebuilt)) - moot:
             return None
     text = f"{cls.text}({', '.join(args)})"
     SETTINGS[text] = type(value).__name__
