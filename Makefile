@@ -8,12 +8,12 @@ PY := $(VENV)/bin/python
 #   make demo TORCH_SPEC='torch==2.13.0' PIP_EXTRA='--index-url ...'
 TORCH_SPEC ?= torch==2.13.0
 SPEC ?= specs/multidigits.yaml
-EXTRAS := hf,dev,solvers,onnx,tensorboard
+EXTRAS := hf,dev,solvers,onnx,tensorboard,docs
 LOCK := constraints.txt
 # The committed examples: specs/<name>.yaml compiled into exported/<name>/.
 EXAMPLES := multidigits-layers minilm
 
-.PHONY: demo test test-slow test-latest lint lock example check-example bench clean data
+.PHONY: demo test test-slow test-latest lint lock docs example check-example bench clean data
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -51,11 +51,15 @@ demo: $(VENV)/.installed
 data: $(VENV)/.installed
 	$(PY) scripts/fetch_data.py --out data
 
-test: $(VENV)/.installed lint check-example
+test: $(VENV)/.installed lint docs check-example
 	$(PY) -m pytest -q
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow
+
+# The documentation site from docs/ (mkdocs.yml), into .site/; --strict fails on a broken link.
+docs: $(VENV)/.installed
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check reconfx tests bench exported scripts
@@ -79,4 +83,4 @@ bench: $(VENV)/.installed
 	$(PY) bench/compile_time.py
 
 clean:
-	rm -rf $(VENV) .venv-latest .venv-lock .example-check .pytest_cache
+	rm -rf $(VENV) .venv-latest .venv-lock .example-check .pytest_cache .site

@@ -358,7 +358,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="which variants to train (joint is always trained: the conflict "
                         "column's reference)")
     parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
-    parser.add_argument("--readme", type=Path, help="write the table into this README")
+    parser.add_argument("--readme", type=Path, nargs="+", default=[],
+                        help="write the table into these Markdown files (README.md, a docs "
+                        "page), between their markers")
     parser.add_argument("--marker", default=MARKER,
                         help="the README's markers to write between: <!-- MARKER:start --> and "
                         "<!-- MARKER:end -->")
@@ -372,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
         print(text)
         print(f"wrote {(args.out / 'results.json').resolve()}, "
               f"{(args.out / 'table.md').resolve()}", file=sys.stderr)
-        if args.readme is not None:
+        if args.readme:
             command = (f"python -m reconfx.experiments.recon_table --spec {args.spec} --seeds "
                        f"{' '.join(map(str, args.seeds))} --aggregators "
                        f"{' '.join(args.aggregators)}"
@@ -382,8 +384,9 @@ def main(argv: list[str] | None = None) -> int:
                           if tuple(args.variants) != VARIANTS else ""))
             if args.out != Path("exported/recon-table"):
                 command += f" --out {args.out}"
-            write_readme(args.readme, text, command, args.marker)
-            print(f"wrote {args.readme.resolve()}", file=sys.stderr)
+            for path in args.readme:
+                write_readme(path, text, command, args.marker)
+                print(f"wrote {path.resolve()}", file=sys.stderr)
     except ReconfxError as exc:
         print(f"reconfx: {exc}", file=sys.stderr)
         return exc.exit_code
