@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import yaml
 
@@ -36,10 +37,19 @@ sys.meta_path.insert(0, NoReconfx())
 """
 
 
-def test_a_folder_in_the_hf_format_loads_without_reconfx(tmp_path):
+@pytest.mark.parametrize("source", ["factory", "hf"])
+def test_a_folder_in_the_hf_format_loads_without_reconfx(tmp_path, source):
+    """From a backbone given by factory and one given by hf: (a folder), the output folder
+    loads with AutoModel in a process that cannot import reconfx, computes what reconfx.load's
+    model does bit for bit, and save_pretrained of it loads again the same."""
+    from reconfx.zoo import minilm_path
+
     out = tmp_path / "out"
+    fields = dict(MINILM)
+    if source == "hf":
+        fields["backbone"] = {"hf": {"path": str(minilm_path())}, "feature": "last_hidden_state"}
     spec = write_spec(tmp_path, "minilm-hf", export={"formats": ["python", "hf"],
-                                                     "dir": str(out)}, **MINILM)
+                                                     "dir": str(out)}, **fields)
     assert main(["compile", str(spec), "--quiet"]) == 0
     for name in ("config.json", "configuration_reconfx.py", "modeling_reconfx.py",
                  "model.safetensors", "README.md"):
@@ -62,6 +72,12 @@ def test_a_folder_in_the_hf_format_loads_without_reconfx(tmp_path):
             outputs = model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r}))
         assert not any(name.startswith("reconfx") for name in sys.modules)
         torch.save(dict(outputs), {str(tmp_path / 'outputs.pt')!r})
+        model.save_pretrained({str(tmp_path / 'resaved')!r})
+        again = AutoModel.from_pretrained({str(tmp_path / 'resaved')!r},
+                                          trust_remote_code=True, local_files_only=True)
+        with torch.no_grad():
+            repeated = again(input_ids=torch.load({str(tmp_path / 'ids.pt')!r}))
+        assert all(torch.equal(repeated[t], outputs[t]) for t in outputs)
     """)
     env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "modules")}
     done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=env,
