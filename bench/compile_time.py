@@ -68,17 +68,18 @@ def compile_once(model: torch.nn.Module, example: dict[str, torch.Tensor],
     clock = Clock()
     with timed_export(clock), clock.phase("total"):
         traced = trace(model, example, paths, dynamic, tier)
-        calls.annotate(traced.module, model, example)
+        calls.annotate_calls(traced.module, model, example)
         layers = inventory(traced.module, TASKS)
         chosen, _ = match_layers([x for x in layers if x.shared], pattern)
         branched = branch(traced.module, chosen, TASKS)
         containers = branched.containers
         calls.contiguous_streams(branched.module, containers)
-        emitted = calls.collapse(branched.module, model, containers, [example])
+        emitted = calls.collapse_calls(branched.module, model, containers, [example])
         emit_python(emitted, "Bench", "Benchmark model.", containers)
         streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
         inlined = {c for c in containers if not any(calls.under(c, p) for p in streams)}
-        emit_python(calls.collapse(traced.module, model, inlined, [example], streams), "Bench",
+        emit_python(calls.collapse_calls(traced.module, model, inlined, [example], streams),
+                    "Bench",
                     "Benchmark model.")
     return clock
 

@@ -54,6 +54,12 @@ from reconfx.outdir import (
     repairing,
 )
 
+__all__ = [
+    "check_sha", "follow_umask", "import_source", "load", "load_emitted", "manifest_text",
+    "PROFILE", "read_source", "replace_file", "replace_text", "save_weights", "sha256",
+    "signals_held", "Staging", "torch_load_safely", "verify", "versions"
+]
+
 PROFILE = ("conflicts.json", "conflicts.png")  # the conflict profile compile selects by
 
 
@@ -69,7 +75,7 @@ class Staging:
             self.path = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=self.out_dir))
             (self.path / MARKER).write_bytes(b"")
         except OSError as exc:
-            raise output_error(exc, self.out_dir) from None
+            raise output_error(exc, self.out_dir) from exc
         self.files: dict[str, None] = {}
 
     def write_text(self, name: str, text: str) -> Path:
@@ -92,7 +98,7 @@ class Staging:
             writer(path)
             follow_umask(path)
         except Exception as exc:
-            raise output_error(_io_error(exc), self.out_dir) from None
+            raise output_error(_io_error(exc), self.out_dir) from exc
         self.files[name] = None
         return path
 
@@ -110,7 +116,7 @@ class Staging:
                     for name in self.files))
                 return apply_journal(self.path, self.out_dir)
             except OSError as exc:
-                raise output_error(exc, self.out_dir) from None
+                raise output_error(exc, self.out_dir) from exc
             finally:
                 shutil.rmtree(self.path, ignore_errors=True)
 
@@ -194,7 +200,7 @@ def replace_file(path: Path, writer: Any) -> None:
         follow_umask(temporary)
         os.replace(temporary, path)
     except Exception as exc:
-        raise output_error(_io_error(exc), path.parent) from None
+        raise output_error(_io_error(exc), path.parent) from exc
     finally:
         temporary.unlink(missing_ok=True)
         if held is not None:
@@ -252,18 +258,18 @@ def torch_load_safely(path: Path | BinaryIO) -> Any:
         if not _looks_pickled(path) or re.search(r"invalid load key|truncated|ran out of input",
                                                  str(exc), re.IGNORECASE):
             raise ValueError("it is not a torch checkpoint (no readable pickle data: truncated "
-                             "or another kind of file)") from None
+                             "or another kind of file)") from exc
         found = re.search(r"unsupported GLOBAL (\S+)", str(exc), re.IGNORECASE)
         what = f"a reference to {found.group(1)}" if found else "Python objects besides tensors"
         raise ValueError(f"it holds {what}, which a weights-only load refuses (unpickling it "
-                         "would run code)") from None
+                         "would run code)") from exc
     except Exception as exc:
         if _zip_damaged(path):
             raise ValueError("it is truncated or damaged (torch's zip format, but its directory "
-                             "of entries cannot be read)") from None
+                             "of entries cannot be read)") from exc
         first = (str(exc).strip().splitlines() or [""])[0]
         first = first if len(first) <= 200 else first[:197] + "..."
-        raise ValueError(f"{type(exc).__name__}: {first}") from None
+        raise ValueError(f"{type(exc).__name__}: {first}") from exc
 
 
 def _zip_damaged(source: Path | BinaryIO) -> bool:
@@ -398,7 +404,7 @@ def import_source(path: Path, class_name: str, source: bytes | None = None
         first = (str(exc).splitlines() or [""])[0]
         raise ModelError(f"{path} does not import{line}: {type(exc).__name__}: {first}",
                          fix="install the packages model.py imports (those the model was "
-                             "built with)") from None
+                             "built with)") from exc
     cls = getattr(module, class_name, None)
     if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
         raise ModelError(f"{path} defines no nn.Module class '{class_name}'")
@@ -409,11 +415,11 @@ def read_source(path: Path) -> bytes:
     """A model.py's bytes, read once, without following a link."""
     try:
         fd = open_regular(path)
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ModelError(f"{path} is missing", fix="re-run `reconfx compile` or `reconfx run`"
-                         ) from None
+                         ) from exc
     except OutputError as exc:
-        raise ModelError(exc.message, fix=exc.fix) from None
+        raise ModelError(exc.message, fix=exc.fix) from exc
     with os.fdopen(fd, "rb") as handle:
         return handle.read()
 
@@ -436,19 +442,19 @@ def load(directory: str | Path) -> nn.Module:
             if free:  # finish a commit a killed command left half done
                 finish_stale(directory)
     except OutputError as exc:
-        raise ModelError(exc.message, where=exc.where, fix=exc.fix) from None
+        raise ModelError(exc.message, where=exc.where, fix=exc.fix) from exc
     try:
         manifest = read_manifest(directory)
         name, files = manifest["class_name"], manifest.get("files", {})
         if not isinstance(name, str):
             raise TypeError
-    except FileNotFoundError:
+    except FileNotFoundError as exc:
         raise ModelError(f"{directory} has no {MANIFEST}",
-                         fix="point at a folder written by `reconfx compile`") from None
-    except (OSError, OutputError, KeyError, TypeError):
+                         fix="point at a folder written by `reconfx compile`") from exc
+    except (OSError, OutputError, KeyError, TypeError) as exc:
         raise ModelError(f"{directory} has no readable {MANIFEST}",
                          fix="point at a folder written by `reconfx compile`, or re-run the "
-                         "command that wrote it") from None
+                         "command that wrote it") from exc
     source = read_source(directory / "model.py")
     check_sha(directory, "model.py", files, hashlib.sha256(source).hexdigest())
     verify(directory, "weights.safetensors", files)

@@ -22,6 +22,11 @@ from typing import Any
 import torch
 from torch import fx
 
+__all__ = [
+    "drop_default_layout", "FUNCTIONS", "INFIX", "METHODS", "packet", "plain_calls", "Spelling",
+    "spelling", "UNARY"
+]
+
 # aten packet -> Tensor method name
 METHODS = {
     "view": "view", "reshape": "reshape", "expand": "expand", "transpose": "transpose",

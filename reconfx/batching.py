@@ -53,6 +53,10 @@ from reconfx.graph import (
 from reconfx.kinds import exact_module
 from reconfx.streams import Region, StreamRegion, compiled_body, run_streams
 
+__all__ = [
+    "apply", "batch_streams", "body_graph", "plan"
+]
+
 RTOL, ATOL = 1e-4, 1e-5
 
 # Per-sample glue: function / method / aten names (in-place variants excluded separately).

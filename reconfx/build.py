@@ -21,6 +21,12 @@ from reconfx.heads import attach_heads
 from reconfx.spec import DTYPES, FactorySpec, InputSpec, Spec
 from reconfx.tree import is_sequence_root, output_leaves
 
+__all__ = [
+    "build_model", "call_data_factory", "call_factory", "check_checkpoint_size", "example_inputs",
+    "load_checkpoint", "locate_callable", "resolve_factory", "run_example", "second_size",
+    "task_paths"
+]
+
 
 def resolve_factory(text: str, where: str) -> Any:
     """Import ``"package.module:callable"`` (the callable may be dotted: ``Class.method``)."""
@@ -29,7 +35,7 @@ def resolve_factory(text: str, where: str) -> Any:
         obj: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or any error raised while importing user code
         raise SpecError(f"cannot import '{module_name}' ({type(exc).__name__}: {exc})",
-                        where=where, fix="install the package or fix the module path") from None
+                        where=where, fix="install the package or fix the module path") from exc
     for part in attr_path.split("."):
         if not hasattr(obj, part):
             raise SpecError(f"'{module_name}' has no attribute '{attr_path}'", where=where,
@@ -83,7 +89,7 @@ def _module_source(module_name: str, where: str) -> str | None:
         return Path(origin).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError(f"cannot read the module '{module_name}' ({exc})", where=where,
-                        fix="fix the module path") from None
+                        fix="fix the module path") from exc
 
 
 def _top_level_names(source: str, module_name: str, where: str) -> set[str]:
@@ -91,7 +97,7 @@ def _top_level_names(source: str, module_name: str, where: str) -> set[str]:
         tree = ast.parse(source)
     except SyntaxError as exc:
         raise SpecError(f"the module '{module_name}' does not parse (line {exc.lineno}: "
-                        f"{exc.msg})", where=where, fix="fix its syntax") from None
+                        f"{exc.msg})", where=where, fix="fix its syntax") from exc
     names: set[str] = set()
     for node in tree.body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
@@ -114,12 +120,12 @@ def call_factory(factory: FactorySpec, where: str) -> nn.Module:
     try:
         model = fn(**kwargs)
     except ModelError as exc:  # (hf / timm loading: the message says what is wrong)
-        raise ModelError(exc.message, where=field, fix=exc.fix) from None
+        raise ModelError(exc.message, where=field, fix=exc.fix) from exc
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"factory '{text}' raised {type(exc).__name__}: {first}",
                          where=f"{where}.kwargs" if factory.factory else field,
-                         fix="check the factory's arguments") from None
+                         fix="check the factory's arguments") from exc
     if not isinstance(model, nn.Module):
         raise ModelError(f"factory '{text}' returned {type(model).__name__}, "
                          "not a torch.nn.Module", where=field)
@@ -140,7 +146,7 @@ def call_data_factory(data: Any, split: str, seed: int, where: str,
     except Exception as exc:
         first = str(exc).splitlines()[0] if str(exc) else ""
         raise ModelError(f"data factory '{data.factory}' raised {type(exc).__name__}: {first}",
-                         where=f"{where}.kwargs", fix="check the factory's arguments") from None
+                         where=f"{where}.kwargs", fix="check the factory's arguments") from exc
     if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
         raise ModelError(f"data factory '{data.factory}' returned {type(dataset).__name__}, "
                          "not a map-style Dataset (with len() and indexing)",
@@ -213,7 +219,7 @@ def load_checkpoint(model: nn.Module, path: Path, where: str) -> None:
         raise ModelError(f"cannot read checkpoint '{path}': "
                          f"{(str(exc).strip().splitlines() or [type(exc).__name__])[0]}",
                          where=where,
-                         fix="save it with torch.save(model.state_dict()) or safetensors") from None
+                         fix="save it with torch.save(model.state_dict()) or safetensors") from exc
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
@@ -339,12 +345,12 @@ def run_example(model: nn.Module, example: dict[str, torch.Tensor], spec: Spec,
                 f"the model runs on the example inputs but raises {type(exc).__name__} when "
                 f"their dynamic axes ({dynamic}) take a second size ({shapes}): {first}",
                 where=f"{spec_path}: inputs", fix="mark as dynamic only the axes whose size "
-                "may change, or let the model accept other sizes") from None
+                "may change, or let the model accept other sizes") from exc
         raise ModelError(f"the model raises {type(exc).__name__} on the example inputs ({shapes}"
                          f"{', second draw' if grown else ''}):"
                          f" {first}", where=f"{spec_path}: inputs",
                          fix="check the inputs' names, shapes, dtypes and value ranges against "
-                         "the model's forward, and the factory's arguments") from None
+                         "the model's forward, and the factory's arguments") from exc
 
 
 def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:

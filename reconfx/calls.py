@@ -6,14 +6,14 @@ Both tracing tiers record, on every node, the stack of module calls it ran in
 (``nn_module_stack``). That says which nodes belong to a call, not how the call was made: which
 of the values flowing in is which argument, which constants it was given, and where in its
 result (a tensor, a tuple, a model-output mapping) each value flowing out sits.
-:func:`annotate` finds that out by running the eager model with hooks on every submodule and
+:func:`annotate_calls` finds that out by running the eager model with hooks on every submodule and
 the graph on the same example (from the same random state), and matching the tensors a call
 received and returned to the values of the nodes around its stretch: a call is annotated only
 when every match is exact and unique. The result is written on the nodes
 (``node.meta["reconfx"]["sites"]``), so it survives the branching pass, which copies nodes.
 
-:func:`collapse` then turns each complete call of a submodule that holds no branched layer into
-one ``call_module`` node, and keeps the result only where the graph still computes exactly the
+:func:`collapse_calls` then turns each complete call of a submodule that holds no branched layer
+into one ``call_module`` node, and keeps the result only where the graph still computes exactly the
 same outputs, in both modes, on every example.
 """
 
@@ -34,6 +34,7 @@ import torch
 from torch import fx, nn
 
 from reconfx.emit.render import unique_name
+from reconfx.errors import unexpected
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
@@ -46,6 +47,11 @@ from reconfx.graph import (
 )
 from reconfx.modes import compare, preserved, run, silenced
 from reconfx.streams import StreamRegion
+
+__all__ = [
+    "annotate_calls", "Call", "collapse_calls", "contiguous_streams", "MARK", "Ref", "TaskCopies",
+    "TaskStream", "under", "without_defaults"
+]
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
 
@@ -84,7 +90,7 @@ class Call:
 
 
 # -- annotate --------------------------------------------------------------------------------------
-def annotate(module: DualGraphModule, model: nn.Module, example: dict[str, torch.Tensor]
+def annotate_calls(module: DualGraphModule, model: nn.Module, example: dict[str, torch.Tensor]
              ) -> int:
     """Write the calls of ``model``'s submodules found in ``module``'s graphs on their nodes;
     returns how many calls were found (a call must be found in each mode's graph)."""
@@ -383,14 +389,15 @@ class _StreamRun(fx.Interpreter):
         return self.fetch_attr(str(target).replace(MARK, self.task))
 
 
-def collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
+def collapse_calls(module: DualGraphModule, model: nn.Module, containers: set[str],
              examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str] = (),
              buildable: Callable[[nn.Module], bool] = lambda _m: True) -> DualGraphModule:
     """See :func:`_collapse`; ``module`` itself where collapsing fails (the source then writes
     the submodules' ops)."""
     try:
         return _collapse(module, model, containers, examples, opened, buildable)
-    except Exception:
+    except Exception as exc:  # (a candidate that does not fit returns None, not an error)
+        unexpected(exc)
         return module
 
 

@@ -22,6 +22,11 @@ from reconfx.kinds import dropout_attr
 from reconfx.modes import compare, preserved, run
 from reconfx.tree import task_outputs
 
+__all__ = [
+    "Check", "check_emit", "check_isolation", "check_parity", "check_sharing", "perturbed",
+    "random_after_branch", "random_leaves", "STOCHASTIC_OPS", "without_dropout"
+]
+
 STOCHASTIC_OPS = ("dropout", "bernoulli", "rand", "native_dropout", "scaled_dot_product")
 
 

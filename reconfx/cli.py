@@ -16,6 +16,11 @@ from typing import Any
 from reconfx import __version__, interrupts
 from reconfx.errors import ReconfxError, SelectionError, SpecError
 
+__all__ = [
+    "cmd_compile", "cmd_eval", "cmd_export", "cmd_inspect", "cmd_profile", "cmd_run", "cmd_schema",
+    "cmd_validate", "DISTRIBUTED", "main", "out_of_memory", "parser"
+]
+
 
 def _say(args: argparse.Namespace, text: str) -> None:
     if not getattr(args, "quiet", False):
@@ -301,6 +306,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                             fix=f"run `reconfx {args.command}` without torchrun")
         return int(args.run(args))
     except ReconfxError as exc:
+        if os.environ.get("RECONFX_DEBUG"):  # (the chain of causes that led to the line)
+            import traceback
+
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"reconfx: error: {rank}{exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt as exc:

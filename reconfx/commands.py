@@ -67,6 +67,14 @@ from reconfx.train.resume import Checkpoint
 from reconfx.train.scalars import csv_text, require_tensorboard
 from reconfx.tuning import Tuned
 
+__all__ = [
+    "all_warnings", "check_hf", "compile_spec", "CONFLICTS", "Emitted", "evaluate_spec",
+    "Evaluation", "export_hf", "export_spec", "open_checkpoint", "output_dir", "profile_spec",
+    "Profiled", "Ran", "replace_section", "run_emitted", "run_report", "run_spec",
+    "spec_and_folder", "stored_profile", "stored_scores", "threads", "write_conflicts", "write_hf",
+    "write_model"
+]
+
 CONFLICTS = "conflicts.json"
 
 
@@ -307,7 +315,7 @@ def stored_profile(out_dir: Path) -> dict:
     except (ValueError, RecursionError) as exc:
         raise ModelError(f"{path} is not a conflict profile reconfx wrote ({exc})",
                          where="export.dir", fix=f"re-run `reconfx profile`, or remove {path}"
-                         ) from None
+                         ) from exc
     return data
 
 
@@ -401,11 +409,11 @@ def spec_and_folder(target: LoadedSpec | str | Path, out_dir: str | Path | None
     try:
         recorded = outdir.read_manifest(folder)["spec"]
         path, sha = Path(recorded["path"]), recorded["sha256"]
-    except (OSError, OutputError, KeyError, TypeError):
+    except (OSError, OutputError, KeyError, TypeError) as exc:
         raise ModelError(f"{folder} is a folder without a readable {artifacts.MANIFEST} naming "
                          "its spec", where=str(manifest),
                          fix="pass the spec instead, or a folder written by `reconfx compile`"
-                         ) from None
+                         ) from exc
     if not path.is_file():
         raise SpecError(f"the spec {path} that {manifest} names is gone", where=str(manifest),
                         fix="pass the spec file itself: reconfx export SPEC --out FOLDER")
@@ -482,10 +490,10 @@ def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, model: nn.Module, m
     s = loaded.spec
     try:
         import transformers
-    except ImportError:
+    except ImportError as exc:
         raise SpecError("export.formats has hf, which needs transformers",
                         where=f"{loaded.path}: export.formats",
-                        fix="pip install 'reconfx[hf]', or leave hf out") from None
+                        fix="pip install 'reconfx[hf]', or leave hf out") from exc
     name, inputs = class_name(s.name), [i.name for i in s.inputs]
     f = s.factory
     source = hf.source_model(f.hf.path if f.hf else None)
@@ -529,7 +537,7 @@ def check_hf(folder: Path, model: nn.Module, examples: list[dict[str, torch.Tens
         raise CheckError(f"the Hugging Face format does not load with AutoModel.from_pretrained "
                          f"({type(exc).__name__}: {first})",
                          fix="report this model as a reconfx bug, or leave hf out of "
-                             "export.formats") from None
+                             "export.formats") from exc
     model.eval()
     with torch.no_grad():
         for example in examples:
@@ -551,7 +559,7 @@ def run_emitted(path: Path, name: str) -> nn.Module:
         what = exc.message if isinstance(exc, ModelError) else (
             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
         raise CheckError(f"I4 emit parity failed: the emitted model.py does not run ({what})",
-                         fix="report this model as a reconfx bug") from None
+                         fix="report this model as a reconfx bug") from exc
 
 
 def replace_section(text: str, heading: str, lines: list[str]) -> str:

@@ -18,6 +18,10 @@ import torch
 
 from reconfx.train.step import CHUNK
 
+__all__ = [
+    "BINS", "ConflictCounter", "STATE", "STRONG"
+]
+
 BINS = 20  # cosine histogram over [-1, 1]
 STRONG = -0.01  # "strongly conflicting": cos in (-0.01, -1] as in Recon's analysis
 STATE = ("pairs", "conflicts", "valid", "strong", "cos_sum", "hist", "reached")

@@ -3,6 +3,10 @@ imported (see :mod:`reconfx.interrupts`), then runs :func:`reconfx.cli.main`."""
 
 from reconfx import interrupts
 
+__all__ = [
+    "main"
+]
+
 interrupts.install()
 
 

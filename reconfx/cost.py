@@ -23,6 +23,10 @@ from reconfx.modes import preserved
 from reconfx.tables import table
 from reconfx.timing import Ratio, interleaved_ratio
 
+__all__ = [
+    "Cost", "CostModel", "flops", "latency", "Selection", "selection_lines"
+]
+
 
 class _Counting(fx.Interpreter):
     def __init__(self, module: DualGraphModule, graph: fx.Graph):

@@ -28,6 +28,10 @@ import torch.distributed as dist
 
 from reconfx.errors import ReconfxError, SpecError
 
+__all__ = [
+    "DistributedError", "finish", "init", "launched", "World", "world"
+]
+
 
 class DistributedError(ReconfxError):
     """A collective failed: another rank stopped, was killed or timed out."""
@@ -141,7 +145,7 @@ def init(backend: str = "auto", timeout_s: float = 600.0, device: str = "auto",
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DistributedError(f"cannot join the process group ({chosen}): {first[:300]}",
                                fix="launch with torchrun and check the rendezvous arguments"
-                               ) from None
+                               ) from exc
     _WORLD = World(dist.get_rank(), dist.get_world_size(), local_rank, chosen)
     return _WORLD
 
@@ -167,4 +171,4 @@ def _collective(w: World, what: str) -> Iterator[None]:
             f"rank {w.rank} of {w.size}: the {what} failed: another rank stopped or timed out "
             f"({type(exc).__name__}: {first[:200]})",
             fix="see the first rank's error above; distributed.timeout_s bounds the wait"
-        ) from None
+        ) from exc

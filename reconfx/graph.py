@@ -21,6 +21,13 @@ from torch import fx, nn
 
 from reconfx.aten import plain_calls
 
+__all__ = [
+    "batched_streams", "Bound", "collapse", "CONTEXT_SWITCHES", "DualGraphModule", "in_place",
+    "listing", "mutates", "named_tensors", "node_tasks", "output_node", "prune", "record",
+    "region_call", "REGIONS", "reorder", "resolve", "same_graph", "targets", "task_outputs",
+    "to_networkx", "TwoModes", "unique_parameters", "unit_order"
+]
+
 
 class TwoModes:
     """A module running ``train_graph`` in train mode and ``eval_graph`` in eval mode (one

@@ -19,6 +19,11 @@ from reconfx.graph import prune
 from reconfx.spec import HeadSpec
 from reconfx.tree import output_leaves
 
+__all__ = [
+    "attach_heads", "build_head", "in_features", "multitask_model", "MultiTaskModel", "Pool",
+    "pool_dims"
+]
+
 
 class Pool(nn.Module):
     """Reduce a feature before a head: ``mean``/``max`` over ``dims``, or ``cls`` (first token).
@@ -218,7 +223,7 @@ def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
         raise ModelError(
             f"cannot tap '{feature}': the backbone cannot be cut there ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})", where=where,
-            fix="tap the backbone's output or a named output field instead") from None
+            fix="tap the backbone's output or a named output field instead") from exc
     nodes = [n for n in graph.nodes
              if (feature in submodules and n.op == "call_module" and n.target == feature)
              or n.name == feature]

@@ -15,6 +15,10 @@ import signal
 import threading
 from types import FrameType
 
+__all__ = [
+    "install", "Terminated"
+]
+
 _RETRY_S = 0.02  # how soon a signal put off during an import is delivered again
 
 

@@ -27,6 +27,11 @@ from typing import Any
 
 from torch import nn
 
+__all__ = [
+    "constructor_values", "dropout_attr", "exact_module", "has_running_stats", "is_leaf",
+    "is_torch_nn", "Kind", "kind_of", "KINDS", "owns_state", "register"
+]
+
 
 def _always(module: nn.Module, training: bool) -> bool:
     return True

@@ -17,6 +17,10 @@ from torch import nn
 
 from reconfx.graph import DualGraphModule, batched_streams, node_tasks, resolve
 
+__all__ = [
+    "inventory", "is_glob", "Layer", "match_layers", "path_matches"
+]
+
 
 @dataclass(frozen=True)
 class Layer:

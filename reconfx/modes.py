@@ -16,6 +16,10 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = [
+    "compare", "max_diff", "preserved", "run", "run_reaching", "silenced"
+]
+
 
 @contextlib.contextmanager
 def silenced() -> Iterator[None]:

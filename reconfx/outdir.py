@@ -37,6 +37,14 @@ from pathlib import Path
 
 from reconfx.errors import FolderRefused, OutputError
 
+__all__ = [
+    "apply_journal", "artifact_name", "CHANGED", "check_owned", "CHECKPOINTS", "clear_working",
+    "file_sha256", "finish_stale", "foreign", "forget", "JOURNAL", "LEDGER", "ledger", "LOCK",
+    "MANIFEST", "MARKER", "not_regular", "open_regular", "output_error", "owned", "present",
+    "proven", "read_manifest", "read_regular", "record", "recorded", "REMOVALS", "repairing",
+    "STAGING_PREFIX", "TENSORBOARD", "unchanged", "WORKING", "working_folder", "writing"
+]
+
 LOCK = ".reconfx.lock"
 STAGING_PREFIX = ".staging-"
 JOURNAL = ".commit"  # in a staging folder: the files to move, written before the first move
@@ -57,7 +65,7 @@ def open_regular(path: Path, flags: int = os.O_RDONLY, mode: int = 0o644) -> int
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise not_regular(path, "a link") from None
+            raise not_regular(path, "a link") from exc
         raise
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
@@ -189,7 +197,7 @@ def working_folder(out: Path, name: str) -> Path:
     try:
         path.mkdir(exist_ok=True)
     except OSError as exc:
-        raise output_error(exc, out) from None
+        raise output_error(exc, out) from exc
     if not proven(path):
         foreign = sorted(e.name for e in os.scandir(path) if e.name != LEDGER
                          and not recorded(path, e.name) and not _stray_temporary(path, e.name))
@@ -239,10 +247,10 @@ def read_manifest(folder: Path) -> dict:
     path = folder / MANIFEST
     try:
         data = json.loads(read_regular(path, _MAX_MANIFEST))
-    except (ValueError, RecursionError, UnicodeDecodeError):
+    except (ValueError, RecursionError, UnicodeDecodeError) as exc:
         raise OutputError(f"{path} is not a manifest reconfx wrote (not readable JSON)",
                           where=str(folder), fix=f"remove {path}, or re-run the command that "
-                          "wrote the folder") from None
+                          "wrote the folder") from exc
     if not isinstance(data, dict) or not isinstance(data.get("files", {}), dict):
         raise OutputError(f"{path} is not a manifest reconfx wrote", where=str(folder),
                           fix=f"remove {path}, or re-run the command that wrote the folder")
@@ -383,7 +391,7 @@ def writing(folder: str | Path, command: str, force: bool = False, main: bool = 
         path.mkdir(parents=True, exist_ok=True)
         fd = open_regular(path / LOCK, os.O_RDWR | os.O_CREAT)
     except OSError as exc:
-        raise output_error(exc, path) from None
+        raise output_error(exc, path) from exc
     try:
         if not _lock(fd, path):
             raise FolderRefused(

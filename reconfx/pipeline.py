@@ -43,10 +43,10 @@ from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
 from reconfx.emit.python import FactorySource, buildable, emit_python
-from reconfx.errors import CheckError, SpecError, located
+from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
-from reconfx.profiling import Profile, Scores, annotate, profile, restore_profile, scores_in
+from reconfx.profiling import Profile, Scores, annotate_scores, profile, restore_profile, scores_in
 from reconfx.rewrite import Branched, branch
 from reconfx.selection import check_patterns, explicit_choice, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
@@ -62,6 +62,14 @@ from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.sparse import SparseMask, neuron_masks
 from reconfx.train.step import layer_parameters
 from reconfx.tuning import Tuned, tune
+
+__all__ = [
+    "branch_checked", "branch_model", "check_emitted", "Compiled", "Costs", "emit_sources",
+    "encoder_mask", "join", "load_compiled_state", "loaded_spec", "measure_costs", "on_device",
+    "onnx_cases", "onnx_for_spec", "original_names", "prepare", "Prepared", "profile_prepared",
+    "require_data", "Sources", "spec_examples", "train_batches", "train_compiled", "Trained",
+    "transformer_shape", "tune_batching"
+]
 
 
 @dataclass(frozen=True)
@@ -108,8 +116,9 @@ def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
                        selected=explicit_choice(s.select))
         traced = replace(traced, ignored_outputs=tuple(ignored))
         try:
-            calls.annotate(traced.module, model, examples[0])
+            calls.annotate_calls(traced.module, model, examples[0])
         except Exception as exc:  # model.py then writes the submodules' ops, not their calls
+            unexpected(exc)
             traced = replace(traced, notes=(
                 *traced.notes, "how the submodules were called could not be found "
                 f"({type(exc).__name__}: {exc}); model.py writes out their ops"))
@@ -143,7 +152,7 @@ def branch_checked(prepared: Prepared, scores: Scores | None = None,
     earlier one, written there first), branch and check I1-I3 against the original model."""
     s = prepared.loaded.spec
     if scores is not None:
-        annotate(prepared.traced.module, prepared.layers, scores)
+        annotate_scores(prepared.traced.module, prepared.layers, scores)
     scores = scores_in(prepared.traced.module, prepared.layers)
     with stages("selecting", lambda: "\n  ".join(selection_lines(selection))):
         cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
@@ -295,7 +304,7 @@ def profile_prepared(prepared: Prepared, progress: bool,
     if finished is not None and "profile" in finished:
         result = restore_profile(prepared.traced.module, prepared.layers, s.task_names,
                                  s.profile.threshold, finished["profile"])
-        annotate(prepared.traced.module, prepared.layers, result.scores())
+        annotate_scores(prepared.traced.module, prepared.layers, result.scores())
         return result
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data", s.inputs)
     module = prepared.traced.module
@@ -306,7 +315,7 @@ def profile_prepared(prepared: Prepared, progress: bool,
                          aggregator(s.train.aggregator, len(s.tasks), where), progress,
                          checkpoint)
         result.counter.to("cpu")
-    annotate(module, prepared.layers, result.scores())
+    annotate_scores(module, prepared.layers, result.scores())
     return result
 
 
@@ -344,7 +353,8 @@ def emit_sources(compiled: Compiled) -> Sources:
     notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
              else " (selected in the spec)" for layer in branched.layers}
     settings = settings_in(prepared.model)
-    called = functools.partial(calls.collapse, model=prepared.model, examples=prepared.examples,
+    called = functools.partial(calls.collapse_calls, model=prepared.model,
+                               examples=prepared.examples,
                                buildable=functools.partial(buildable, settings=settings))
     emitted = called(branched.module, containers=branched.containers)
     copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]

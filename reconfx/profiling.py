@@ -25,6 +25,11 @@ from reconfx.train.loop import fit
 from reconfx.train.resume import Batches, Checkpoint
 from reconfx.train.step import block_layout
 
+__all__ = [
+    "annotate_scores", "chart", "Profile", "profile", "rebranched", "restore_profile", "Scores",
+    "scores_in", "scores_of", "strong_shares"
+]
+
 
 @dataclass(frozen=True)
 class Profile:
@@ -121,7 +126,7 @@ def restore_profile(module: DualGraphModule, layers: list[Layer], tasks: list[st
     return Profile(candidates, tasks, threshold, counter.steps, counter)
 
 
-def annotate(module: DualGraphModule, layers: list[Layer], scores: Scores) -> None:
+def annotate_scores(module: DualGraphModule, layers: list[Layer], scores: Scores) -> None:
     """Write each layer's conflict score and valid observations into
     ``node.meta["reconfx"]["conflict"]`` of its nodes, where selection and the emitter read them
     (:func:`scores_in`); the scores come from a profile or an earlier one's conflicts.json."""
@@ -136,7 +141,8 @@ def annotate(module: DualGraphModule, layers: list[Layer], scores: Scores) -> No
 
 
 def scores_in(module: DualGraphModule, layers: list[Layer]) -> Scores | None:
-    """The conflict scores :func:`annotate` wrote on the layers' nodes, None when it wrote none."""
+    """The conflict scores :func:`annotate_scores` wrote on the layers' nodes, None when it wrote
+    none."""
     found: dict[str, dict] = {}
     paths = {p: layer.name for layer in layers for p in layer.paths}
     for _mode, graph in module.graphs():
@@ -172,8 +178,8 @@ def scores_of(data: Any) -> Scores:
         return Scores(((str(row["name"]), int(row["score"])) for row in rows),
                       valid={str(row["name"]): int(row["valid_pairs"]) for row in rows
                              if "valid_pairs" in row})
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("no list of layers with names and scores") from None
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError("no list of layers with names and scores") from exc
 
 
 def strong_shares(result: Profile, counter: ConflictCounter, shared: list[str]) -> dict | None:

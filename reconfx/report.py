@@ -13,6 +13,11 @@ from reconfx.tables import markdown_table
 from reconfx.timing import Ratio
 from reconfx.tuning import Tuned
 
+__all__ = [
+    "batching_section", "built_section", "compile_report", "latency_line", "LAYER_HEADERS",
+    "layer_rows", "percent", "ReportFacts"
+]
+
 
 def latency_line(ratio: Ratio) -> str:
     """report.md's latency line: the ratio with its spread, or why it is left out."""

@@ -26,6 +26,10 @@ from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, targets, 
 from reconfx.kinds import has_running_stats
 from reconfx.layers import Layer
 
+__all__ = [
+    "branch", "Branched"
+]
+
 
 @dataclass(frozen=True)
 class Branched:

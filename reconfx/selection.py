@@ -15,6 +15,10 @@ from reconfx.errors import SelectionError
 from reconfx.layers import Layer, is_glob, match_layers, path_matches
 from reconfx.spec import SelectSpec
 
+__all__ = [
+    "candidates", "check_patterns", "explicit_choice", "matched_random", "select_layers"
+]
+
 
 def candidates(layers: list[Layer], spec: SelectSpec) -> list[Layer]:
     shared = [layer for layer in layers if layer.shared]

@@ -40,6 +40,15 @@ from pydantic import (
 from reconfx.errors import SpecError
 from reconfx.train.aggregators import AGGREGATORS
 
+__all__ = [
+    "BackboneSpec", "BranchSpec", "class_name", "DataSpec", "DistributedSpec", "DTYPES",
+    "ExportSpec", "FactorySpec", "HeadSpec", "HfExportSpec", "HFSource", "InputSpec",
+    "json_schema", "load_spec", "load_spec_file", "LoadedSpec", "MAX_EXAMPLE_ELEMENTS",
+    "MAX_VALUES", "ModelSpec", "ONNX_OPSET", "ONNX_OPSETS", "OnnxSpec", "POLICIES", "ProfileSpec",
+    "RandomSelect", "ScheduleSpec", "SelectSpec", "SparseSpec", "Spec", "TaskSpec", "TimmSource",
+    "TraceSpec", "TrainSpec", "YAML11_WORDS"
+]
+
 _IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]*$"
 
 
@@ -678,33 +687,33 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
     path = Path(path)
     try:
         raw = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError("spec file not found", where=str(path), fix="check the path") from None
-    except IsADirectoryError:
+    except FileNotFoundError as exc:
+        raise SpecError("spec file not found", where=str(path), fix="check the path") from exc
+    except IsADirectoryError as exc:
         raise SpecError("is a folder, not a spec file", where=str(path),
                         fix="pass the spec's .yaml file (`reconfx export` also takes an "
-                            "output folder)") from None
+                            "output folder)") from exc
     except OSError as exc:
         raise SpecError(f"cannot read spec: {exc.strerror}", where=str(path),
-                        fix="check the file's permissions") from None
+                        fix="check the file's permissions") from exc
     try:
         text = raw.decode("utf-8")
         data = yaml.safe_load(text)
         tree = yaml.compose(text)
-    except UnicodeDecodeError:
-        raise SpecError("not UTF-8 text", where=str(path), fix="save the spec as UTF-8") from None
+    except UnicodeDecodeError as exc:
+        raise SpecError("not UTF-8 text", where=str(path), fix="save the spec as UTF-8") from exc
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f":{mark.line + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or (str(exc).splitlines() or ["?"])[0]
-        raise SpecError(f"malformed YAML: {problem}", where=f"{path}{line}") from None
+        raise SpecError(f"malformed YAML: {problem}", where=f"{path}{line}") from exc
     except (ValueError, OverflowError) as exc:  # a scalar YAML cannot convert (a 5,000-digit int)
         first = (str(exc).splitlines() or [type(exc).__name__])[0]
         raise SpecError(f"malformed YAML: a value cannot be read: {first}",
-                        where=str(path)) from None
-    except RecursionError:
+                        where=str(path)) from exc
+    except RecursionError as exc:
         raise SpecError("the YAML is nested too deeply", where=str(path),
-                        fix="a spec needs a few levels of nesting") from None
+                        fix="a spec needs a few levels of nesting") from exc
     size = _expanded_size(tree)
     if size > MAX_VALUES:
         raise SpecError(f"the YAML expands to more than {MAX_VALUES:,} values (aliases?)",
@@ -719,7 +728,7 @@ def load_spec_file(path: str | Path) -> LoadedSpec:
     try:
         spec = Spec.model_validate(data)
     except ValidationError as exc:
-        raise _spec_error(exc, path, tree) from None
+        raise _spec_error(exc, path, tree) from exc
     return LoadedSpec(spec=spec, path=path, sha256=hashlib.sha256(raw).hexdigest())
 
 

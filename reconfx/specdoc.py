@@ -16,6 +16,10 @@ from pydantic_core import PydanticUndefined
 
 from reconfx.spec import Spec
 
+__all__ = [
+    "INTRO", "render"
+]
+
 INTRO = """# Spec reference
 
 Generated from `reconfx/spec.py` by `reconfx schema --markdown` (do not edit; `make test`

@@ -8,6 +8,10 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+__all__ = [
+    "QUIET", "Stages"
+]
+
 
 class Stages:
     """``with stages("tracing", lambda: f"traced with {tier}"):`` prints ``  tracing ...`` and

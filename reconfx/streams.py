@@ -22,6 +22,11 @@ from torch import fx, nn
 from reconfx.aten import plain_calls
 from reconfx.graph import Bound
 
+__all__ = [
+    "BUDGET_BYTES", "compiled_body", "fits", "one_call_per_region", "one_stream_per_call",
+    "Region", "regions_of", "run_streams", "StreamRegion", "streams_per_call"
+]
+
 # Largest intermediate value of one batched call (bytes). Calibrated on this project's 2-core
 # CPU (BENCHMARKS.md, stream batching): up to ~2 MiB concatenating streams pays; beyond, the
 # bigger working set costs more than the calls it saves (0.6x at 6 MiB for a transformer layer).

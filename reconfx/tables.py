@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+__all__ = [
+    "for_terminal", "markdown_table", "table"
+]
+
 
 def table(headers: list[str], rows: list[list[str]]) -> str:
     """Columns aligned with two spaces between them, under a dashed rule."""

@@ -10,6 +10,10 @@ from dataclasses import dataclass
 
 import torch
 
+__all__ = [
+    "alternating_medians", "interleaved_ratio", "Ratio"
+]
+
 
 def alternating_medians(calls: Sequence[Callable[[], object]], repeats: int,
                         cuda: bool = False) -> list[float]:

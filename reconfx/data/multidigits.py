@@ -19,6 +19,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+__all__ = [
+    "CANVAS", "MultiDigits", "multidigits", "SIZES", "STROKE"
+]
+
 CANVAS = 12
 SIZES = {"train": 8000, "val": 2000, "test": 4000}
 STROKE = 0.5  # a source pixel brighter than this is part of the digit (dense=True)

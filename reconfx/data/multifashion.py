@@ -26,6 +26,11 @@ from torch.utils.data import Dataset
 
 from reconfx.errors import ModelError
 
+__all__ = [
+    "CANVAS", "CHECKSUMS", "FILES", "multi_fashion_mnist", "MultiFashionMNIST", "read_idx",
+    "SHIFT", "SIZES", "SOURCES", "VAL_IMAGES", "verify"
+]
+
 CANVAS = 36
 SHIFT = 4  # each source image moves 0..SHIFT pixels along each axis
 SIZES = {"train": 120_000, "val": 10_000, "test": 20_000}  # pairs per split

@@ -18,6 +18,10 @@ import torch
 from reconfx.errors import ModelError
 from reconfx.spec import DTYPES, InputSpec
 
+__all__ = [
+    "Collate", "collate_of", "IGNORE", "Padded", "padded", "padded_data"
+]
+
 IGNORE = -100  # a padded token label: cross-entropy's default ignore_index, skipped by metrics
 
 

@@ -31,6 +31,11 @@ from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sou
 from reconfx.graph import named_tensors
 from reconfx.kinds import constructor_values, is_torch_nn
 
+__all__ = [
+    "Bracket", "Constructor", "constructor", "differences", "is_settings", "own_attributes",
+    "settings_in"
+]
+
 # A required argument is searched among this many of the instance's values at most, and at most
 # two required arguments are searched together (each trial is one build on the meta device).
 _MAX_VALUES, _MAX_MISSING = 24, 2

@@ -26,6 +26,12 @@ from pathlib import Path
 import torch
 from torch import nn
 
+__all__ = [
+    "CONFIG_CLASS", "config_json", "CONFIG_MODULE", "CONFIGURATION", "hf_state", "index_json",
+    "model_card", "MODELING_MODULE", "modeling_source", "SHARD_BYTES", "shard_plan",
+    "source_model", "weight_files", "wrapper_name"
+]
+
 CONFIG_MODULE = "configuration_reconfx"
 MODELING_MODULE = "modeling_reconfx"
 CONFIG_CLASS = "ReconfxConfig"

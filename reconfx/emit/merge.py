@@ -17,6 +17,10 @@ import tokenize
 
 from reconfx.emit.render import LINE, statement
 
+__all__ = [
+    "Alternatives", "merge_modes"
+]
+
 _OPEN_ARG = {"(", ",", "=", "["}
 _CLOSE_ARG = {")", ",", "]"}
 

@@ -48,6 +48,12 @@ from reconfx.spec import ONNX_OPSET as OPSET
 from reconfx.spec import ONNX_OPSETS as OPSETS
 from reconfx.streams import one_call_per_region, one_stream_per_call
 
+__all__ = [
+    "Comparison", "export_onnx", "EXPORTERS", "EXTERNAL_DATA_BYTES", "LEVELS", "onnx_session",
+    "OnnxExport", "OnnxOptions", "PROVIDERS", "resolve_providers", "snippet", "TaskOutputs",
+    "TOLERANCES"
+]
+
 TOLERANCES = {"fp32": (1e-4, 1e-3), "fp16": (1e-2, 1e-2)}  # dtype -> default (atol, rtol)
 LEVELS = {"O1": "ORT_ENABLE_BASIC", "O2": "ORT_ENABLE_EXTENDED", "O3": "ORT_ENABLE_ALL"}
 EXPORTERS = ("dynamo", "torchscript")

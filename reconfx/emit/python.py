@@ -60,6 +60,10 @@ from reconfx.graph import DualGraphModule, output_node, region_call, resolve, sa
 from reconfx.streams import StreamRegion, fits
 from reconfx.tracing import leaf_tracer
 
+__all__ = [
+    "buildable", "emit_python", "EmittedSource", "FactorySource", "PythonEmitter"
+]
+
 _INFIX = {
     operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
     operator.floordiv: "//", operator.mod: "%", operator.pow: "**", operator.matmul: "@",
@@ -73,7 +77,7 @@ _RESERVED = set(dir(builtins)) | {"self", "torch", "nn", "F", "operator", "math"
 
 
 @dataclass
-class Emitted:
+class EmittedSource:
     source: str
     # module path -> how __init__ builds it: "constructor" (its class's), "restored" (from its
     # recorded state, see reconfx.emit.restore), "generated" (a class for a submodule run per
@@ -751,7 +755,7 @@ class PythonEmitter:
         return [*doc, "    def __init__(self) -> None:", "        super().__init__()", *init,
                 "", *fwd]
 
-    def emit(self) -> Emitted:
+    def emit(self) -> EmittedSource:
         self._collect()
         lines = self.class_lines()
         for name, alias in self._aliased().items():  # an imported class named like ours
@@ -782,7 +786,7 @@ class PythonEmitter:
         if generated:
             out += generated[1:] + [""]
         out += ["", f"class {self.class_name}(nn.Module):", *lines, ""]
-        return Emitted("\n".join(out), dict(self.built))
+        return EmittedSource("\n".join(out), dict(self.built))
 
     def _aliased(self) -> dict[str, str]:
         """Imported names that the classes this file defines would shadow -> the alias they are
@@ -1230,7 +1234,8 @@ def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
 def emit_python(module: DualGraphModule, class_name: str, doc: str,
                 task_containers: set[str] | None = None,
                 branch_notes: dict[str, str] | None = None,
-                factory: FactorySource | None = None, settings: Sequence[Any] = ()) -> Emitted:
+                factory: FactorySource | None = None, settings: Sequence[Any] = ()
+                ) -> EmittedSource:
     """Source text of a standalone ``nn.Module`` class reproducing ``module``.
 
     >>> emitted = emit_python(branched.module, "MyModel", "My model.")   # doctest: +SKIP

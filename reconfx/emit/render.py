@@ -11,6 +11,12 @@ from typing import Any
 
 import torch
 
+__all__ = [
+    "assign", "bracketed", "chain", "comment", "identifier", "infix", "LINE", "LOCAL",
+    "local_name", "NAME", "render_arg", "render_index", "render_value", "Source", "statement",
+    "unique_name"
+]
+
 LINE = 99
 NAME = 48  # the longest method name written; longer ones keep their tail
 LOCAL = 32  # the longest local name written (before a task suffix), see local_name

@@ -19,6 +19,10 @@ from reconfx.emit.constructors import Bracket, Constructor, own_attributes
 from reconfx.emit.render import LINE, render_arg, render_value
 from reconfx.emit.sources import class_source, imports_of, sourced
 
+__all__ = [
+    "container", "RESTORE_HELPER", "RESTORE_IMPORTS", "restored", "tensor_source"
+]
+
 RESTORE_HELPER = '''\
 def _restored(cls: type, attributes: dict[str, Any], **members: Any) -> nn.Module:
     """A ``cls`` set up from its recorded attributes, parameters, buffers and submodules, for a

@@ -16,6 +16,11 @@ from torch import nn
 
 from reconfx.emit.render import Source, render_value
 
+__all__ = [
+    "class_source", "importable", "imports_of", "namespace", "object_source", "PLAIN", "SETTINGS",
+    "sourced"
+]
+
 PLAIN = (int, float, bool, str, tuple, type(None), torch.dtype, torch.device)
 
 

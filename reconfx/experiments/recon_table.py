@@ -58,6 +58,11 @@ from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, metric_functions
 
+__all__ = [
+    "AGGREGATORS", "Experiment", "main", "MARKER", "markers", "score_consistency", "table",
+    "variant_spec", "VARIANTS", "with_settings", "write_readme"
+]
+
 VARIANTS = ("joint", "reconfx", "reconfx-shared", "random")
 AGGREGATORS = ("ew", "pcgrad", "cagrad", "mgda", "graddrop")
 MARKER = "recon-table"  # the README's default markers

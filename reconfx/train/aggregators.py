@@ -19,6 +19,10 @@ import torch
 
 from reconfx.errors import SpecError
 
+__all__ = [
+    "Aggregate", "aggregator", "AGGREGATORS", "LINEAR"
+]
+
 LINEAR = ("ew", "mean")  # the shared gradient is the sum of the task gradients
 
 
@@ -64,8 +68,8 @@ def aggregator(name: str, tasks: int, where: str = "spec", **kwargs: Any) -> Agg
         options.setdefault("n_tasks", tasks)
     try:
         combine = getattr(aggregation, class_name)(**options)
-    except ImportError:
+    except ImportError as exc:
         raise SpecError(f"aggregator '{name}' needs the solver package {solver}",
                         where=f"{where}: train.aggregator",
-                        fix="pip install 'reconfx[solvers]'") from None
+                        fix="pip install 'reconfx[solvers]'") from exc
     return Aggregate(combine, linear=key in LINEAR)

@@ -20,6 +20,10 @@ from torch import fx, nn
 
 from reconfx.errors import TrainingError
 
+__all__ = [
+    "describe", "FIX", "locate_gradient", "locate_loss"
+]
+
 FIX = ("lower train.lr, check the data for NaN/inf, or use precision fp32; the run stopped "
        "before this step updated anything")
 

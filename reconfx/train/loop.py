@@ -32,6 +32,10 @@ from reconfx.train.scalars import logged_to
 from reconfx.train.sparse import SparseMask
 from reconfx.train.step import MultiTaskStep, to_device
 
+__all__ = [
+    "delta_m", "evaluate", "fit", "FitResult", "save_checkpoint"
+]
+
 
 @dataclass(frozen=True)
 class FitResult:
@@ -90,7 +94,7 @@ def _measured(task: str, index: int, name: str, metric: Metric, output: torch.Te
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
         raise unreadable(f"the metric '{name}' of task '{task}' cannot read", output, target,
                          exc, f"tasks[{index}].metric",
-                         "choose a metric that fits the task's output and targets") from None
+                         "choose a metric that fits the task's output and targets") from exc
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],
@@ -172,7 +176,7 @@ def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list
                 except TrainingError as exc:
                     where = (f"{phase} step {done + 1} of {steps}" if steps is not None else
                              f"training epoch {epoch + 1}, batch {batches.index} (step {done + 1})")
-                    raise exc.at(where) from None
+                    raise exc.at(where) from exc
                 lr = schedule.get_last_lr()[0]  # (the step's rate: the schedule moves after it)
                 schedule.step()
                 done += 1

@@ -16,6 +16,11 @@ from reconfx.data.padding import IGNORE
 from reconfx.errors import ModelError, SpecError
 from reconfx.spec import ScheduleSpec, TaskSpec
 
+__all__ = [
+    "check_objectives", "DEFAULT_METRIC", "loss_functions", "LOSSES", "make_optimizer",
+    "make_schedule", "Metric", "metric_functions", "METRICS", "unreadable"
+]
+
 
 def _flat(out: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(items, classes) logits against (items,) labels. Token-level logits (batch, seq,

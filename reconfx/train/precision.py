@@ -17,6 +17,10 @@ import torch
 from reconfx.distributed import world
 from reconfx.errors import SpecError
 
+__all__ = [
+    "autocast", "DTYPES", "LossScaler", "resolve_device"
+]
+
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 

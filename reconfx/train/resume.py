@@ -28,6 +28,11 @@ from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.errors import ModelError, OutputError, SpecError
 
+__all__ = [
+    "Batches", "Checkpoint", "FILE", "FORMAT", "restore", "rng_state", "set_rng_state", "snapshot",
+    "stored_state"
+]
+
 FORMAT = 2  # 2: the state is a payload of bytes with a sha256 over the spec's hash and them
 FILE = "resume.pt"
 
@@ -85,7 +90,7 @@ class Batches:
                 raise ModelError(f"loading batch {self.index + 1} of epoch {self.epoch + 1} "
                                  f"failed: {type(exc).__name__}: {first}",
                                  where="data.factory", fix="fix the data set's __getitem__"
-                                 ) from None
+                                 ) from exc
             # (workers load ahead of what is handed out: the sampler's log, in order)
             self.index, self.share = shards.handed.popleft()
             yield batch
@@ -161,7 +166,7 @@ def restore(parts: dict[str, Any], state: dict[str, Any]) -> int:
             f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
         raise SpecError(f"the resume checkpoint does not fit this run ({cause})",
                         where=f"checkpoints/{FILE}", fix="delete it and run without --resume"
-                        ) from None
+                        ) from exc
 
 
 class Checkpoint:
@@ -214,13 +219,13 @@ class Checkpoint:
             fd = outdir.open_regular(self.path)
         except (OSError, OutputError) as exc:
             raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
-                            fix="delete it and run without --resume") from None
+                            fix="delete it and run without --resume") from exc
         try:
             with os.fdopen(fd, "rb") as handle:
                 data = torch_load_safely(io.BytesIO(handle.read()))
         except ValueError as exc:  # truncated, not a torch file, or hostile: nothing executed
             raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
-                            fix="delete it and run without --resume") from None
+                            fix="delete it and run without --resume") from exc
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise SpecError("not a reconfx resume checkpoint (or from another version)",
                             where=where, fix="delete it and run without --resume")
@@ -241,7 +246,7 @@ class Checkpoint:
             state = torch_load_safely(io.BytesIO(payload))
         except ValueError as exc:
             raise SpecError(f"cannot read the resume checkpoint: {exc}", where=where,
-                            fix="delete it and run without --resume") from None
+                            fix="delete it and run without --resume") from exc
         if not isinstance(state, dict) or not isinstance(state.get("phase"), str) or \
                 not isinstance(state.get("step"), int):
             raise SpecError("the resume checkpoint holds no phase and step", where=where,

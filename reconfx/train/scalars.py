@@ -18,6 +18,10 @@ from typing import Any
 from reconfx import outdir
 from reconfx.errors import SpecError
 
+__all__ = [
+    "csv_text", "logged_to", "require_tensorboard", "TensorBoard"
+]
+
 
 def csv_text(rows: list[dict[str, Any]]) -> str:
     """The rows as CSV: the columns in the order they first appear, integers as they are, other
@@ -34,11 +38,11 @@ def require_tensorboard(where: str) -> None:
     writer cannot be imported."""
     try:
         import tensorboard  # noqa: F401
-    except ImportError:
+    except ImportError as exc:
         raise SpecError("export.tensorboard is true but the tensorboard package is not "
                         "installed", where=f"{where}: export.tensorboard",
                         fix="pip install 'reconfx[tensorboard]', or set export.tensorboard: "
-                        "false (metrics.csv and steps.csv hold the same scalars)") from None
+                        "false (metrics.csv and steps.csv hold the same scalars)") from exc
 
 
 class TensorBoard:

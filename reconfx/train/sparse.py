@@ -17,6 +17,10 @@ import math
 import torch
 from torch import nn
 
+__all__ = [
+    "neuron_masks", "SparseMask"
+]
+
 
 def neuron_masks(params: list[nn.Parameter], per_neuron_k: int | None = None,
                  fraction: float | None = None) -> dict[int, torch.Tensor]:

@@ -20,6 +20,11 @@ from reconfx.train.objectives import unreadable
 from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
+__all__ = [
+    "block_layout", "CHUNK", "GradientBuffer", "layer_parameters", "Layout", "MultiTaskStep",
+    "to_device"
+]
+
 CHUNK = 1024  # GradientBuffer aligns every layer's block to this many columns
 
 
@@ -146,7 +151,7 @@ class MultiTaskStep:
         except (RuntimeError, ValueError, IndexError) as exc:
             raise unreadable(f"the loss of task '{task}' cannot compare", output, target, exc,
                              f"tasks[{self.tasks.index(task)}].loss",
-                             "match the task's loss to its output and targets") from None
+                             "match the task's loss to its output and targets") from exc
 
     def __call__(self, inputs: dict, targets: dict,
                  observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
