@@ -67,7 +67,7 @@ def compile_once(model: torch.nn.Module, example: dict[str, torch.Tensor],
                  pattern: list[str]) -> Clock:
     clock = Clock()
     with timed_export(clock), clock.phase("total"):
-        traced = trace(model, example, paths, dynamic, tier)
+        traced = trace(model, example, task_paths=paths, dynamic=dynamic, tier=tier)
         calls.annotate_calls(traced.module, model, example)
         layers = inventory(traced.module, TASKS)
         chosen, _ = match_layers([x for x in layers if x.shared], pattern)

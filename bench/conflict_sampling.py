@@ -70,7 +70,8 @@ def main() -> None:
     runs = {"plain": lambda: plain_block(plain, torch.optim.SGD(
         plain.parameters(), lr=1e-3, momentum=0.9), batch, args.steps)}
     for every in args.every:
-        module = trace(resnet18(), {"image": example["image"][:4]}, {t: t for t in TASKS}).module
+        module = trace(resnet18(), {"image": example["image"][:4]},
+                       task_paths={t: t for t in TASKS}).module
         shared = [layer for layer in inventory(module, TASKS) if layer.shared]
         step = MultiTaskStep(module, shared, TASKS, losses, aggregator("ew", len(TASKS)),
                              torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9))

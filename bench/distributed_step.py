@@ -46,7 +46,7 @@ MODELS = {"ResNet-18-sized": resnet18, "BERT-small-sized": bert_small}
 def traced(build, tasks: int):
     names = [f"t{i}" for i in range(tasks)]
     model, example, targets = build(names)
-    module = trace(model, example, {t: t for t in names}, tier="auto").module.train()
+    module = trace(model, example, task_paths={t: t for t in names}, tier="auto").module.train()
     return module, names, example, targets
 
 
@@ -79,7 +79,7 @@ def worker(rank: int, size: int, port: int, batch: int, tasks: int, repeats: int
     torch.manual_seed(0)
     names = [f"t{i}" for i in range(tasks)]
     model, example, targets = multidigits_resnet(names, batch)
-    module = trace(model, {"image": example["image"][:4]}, {t: t for t in names},
+    module = trace(model, {"image": example["image"][:4]}, task_paths={t: t for t in names},
                    tier="fx").module.train()
     shared = [x for x in inventory(module, names) if x.shared]
     step = MultiTaskStep(module, shared, names, [F.cross_entropy] * tasks,

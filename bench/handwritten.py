@@ -117,7 +117,8 @@ def bert_pair(tasks: list[str]) -> tuple[nn.Module, nn.Module, Callable[[int], d
 
 def compiled_from(base: nn.Module, example: dict, tasks: list[str], patterns: list[str],
                   tier: str, dynamic: dict | None = None) -> nn.Module:
-    traced = trace(base, example, {t: t for t in tasks}, dynamic or {"image": [0]}, tier)
+    traced = trace(base, example, task_paths={t: t for t in tasks},
+                   dynamic=dynamic or {"image": [0]}, tier=tier)
     layers = [x for x in inventory(traced.module, tasks) if x.shared]
     chosen, _ = match_layers(layers, patterns)
     return branch(traced.module, chosen, tasks).module

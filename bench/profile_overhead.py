@@ -85,7 +85,7 @@ def timed(fn, repeats: int) -> float:
 def case(build, tasks: int, repeats: int) -> dict[str, float]:
     names = [f"t{i}" for i in range(tasks)]
     model, example, targets = build(names)
-    traced = trace(model, example, {t: t for t in names}, tier="auto").module.train()
+    traced = trace(model, example, task_paths={t: t for t in names}, tier="auto").module.train()
     shared = [x for x in inventory(traced, names) if x.shared]
     buffer = GradientBuffer(traced, shared, tasks)
     counter = ConflictCounter(buffer.blocks, tasks, -0.1)

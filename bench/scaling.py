@@ -50,7 +50,7 @@ def bert(tasks: list[str]):
 
 def compile_k(model, example, dynamic, tier, tasks, fraction):
     start = time.perf_counter()
-    traced = trace(model, example, {t: t for t in tasks}, dynamic, tier)
+    traced = trace(model, example, task_paths={t: t for t in tasks}, dynamic=dynamic, tier=tier)
     shared = [x for x in inventory(traced.module, tasks) if x.shared]
     k = math.ceil(fraction * len(shared))
     chosen = shared[len(shared) - k:] if k else []

@@ -148,7 +148,7 @@ def pair(build: Callable, tasks: list[str]) -> tuple[nn.Module, nn.Module, Calla
     torch.manual_seed(0)
     model, make, tier, dynamic, patterns = build(tasks)
     example = make(4)
-    traced = trace(model, example, {t: t for t in tasks}, dynamic, tier)
+    traced = trace(model, example, task_paths={t: t for t in tasks}, dynamic=dynamic, tier=tier)
     layers = [x for x in inventory(traced.module, tasks) if x.shared]
     chosen, _ = match_layers(layers, patterns)
     unbatched = branch(traced.module, chosen, tasks).module

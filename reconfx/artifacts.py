@@ -125,8 +125,9 @@ class Staging:
                              working: tuple[str, ...] = ()) -> list[Path]:
         """Write ``manifest.json`` for ``files`` (see :func:`manifest_text`) and commit,
         removing what the manifest says the new set replaces."""
-        text, removed = manifest_text(self.out_dir, self.path, command, spec_path, spec_sha,
-                                      seed, files, class_name, new_model, working)
+        text, removed = manifest_text(self.out_dir, self.path, command=command, spec_path=spec_path,
+                                      spec_sha=spec_sha, seed=seed, files=files,
+                                      class_name=class_name, new_model=new_model, working=working)
         self.write_text(MANIFEST, text)
         return self.commit(removed)
 
@@ -332,7 +333,7 @@ def versions() -> dict[str, str]:
     return found
 
 
-def manifest_text(out_dir: Path, staged: Path, command: str, spec_path: Path, spec_sha: str,
+def manifest_text(out_dir: Path, staged: Path, *, command: str, spec_path: Path, spec_sha: str,
                   seed: int, files: list[str], class_name: str, new_model: bool = False,
                   working: tuple[str, ...] = ()) -> tuple[str, list[str]]:
     """The manifest after a command's commit, and the removals it makes (see

@@ -537,6 +537,8 @@ def _copies(module: DualGraphModule, model: nn.Module, path: str, containers: se
         holders = [resolve(module, c) for c in inner]
     except AttributeError:
         return None
+    if not all(isinstance(h, nn.Module) for h in [view, *holders]):
+        return None  # (a parameter read directly, as a ViT's class token: no module to copy)
     tasks = [tuple(h._modules) or tuple(h._parameters) for h in holders]
     if not tasks[0] or any(t != tasks[0] for t in tasks):
         return None

@@ -8,9 +8,11 @@ changes state.
 from __future__ import annotations
 
 import contextlib
+import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -223,7 +225,7 @@ def check_isolation(compiled: nn.Module, example: dict[str, torch.Tensor],
 
 
 def check_emit(emitted: nn.Module, compiled: nn.Module,
-               examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
+               *, examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
                original: nn.Module | None = None, task_paths: dict[str, str] | None = None,
                rename: Callable[[str], str | None] = str, atol: float = 0.0,
                compiled_name: Callable[[str], str] = str) -> Check:
@@ -274,7 +276,12 @@ def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> I
     0.01 r'), restored on exit. The noise is drawn from a seed derived from the tensor's name
     (the smallest of its names, through ``rename``), so two models with the same names, or names
     ``rename`` maps to the same, get the same perturbation; a tensor ``rename`` maps to None is
-    left as it is. Signs are kept (variances stay positive)."""
+    left as it is. Signs are kept (variances stay positive). The original values wait in a
+    temporary file, not in memory (a second copy of a large model's weights would not fit
+    beside it), and are read back one tensor at a time."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, t in named_tensors(module):
@@ -282,17 +289,23 @@ def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> I
         if t.is_floating_point() and renamed is not None:
             names.setdefault(id(t), []).append(renamed)
             tensors[id(t)] = t
-    saved = {key: t.detach().clone() for key, t in tensors.items()}
-    try:
-        with torch.no_grad():
-            for key, t in tensors.items():
-                generator = torch.Generator().manual_seed(zlib.crc32(min(names[key]).encode()))
-                noise = torch.randn((2, *t.shape), generator=generator).to(t.device, t.dtype)
-                t.mul_(torch.exp(0.1 * noise[0]))
-                if isinstance(t, nn.Parameter):
-                    t.add_(0.01 * noise[1])
-        yield
-    finally:
-        with torch.no_grad():
-            for key, t in tensors.items():
-                t.copy_(saved[key])
+    with tempfile.TemporaryDirectory(prefix="reconfx-perturbed-") as folder:
+        spill = Path(folder) / "original.safetensors"
+        save_file({str(key): t.detach().contiguous() for key, t in tensors.items()}, str(spill))
+        try:
+            with torch.no_grad():
+                for key, t in tensors.items():
+                    generator = torch.Generator().manual_seed(
+                        zlib.crc32(min(names[key]).encode()))
+                    # (one draw of the tensor's size at a time, in place: no 2x temporaries)
+                    noise = torch.randn(t.shape, generator=generator).to(t.device, t.dtype)
+                    t.mul_(noise.mul_(0.1).exp_())
+                    if isinstance(t, nn.Parameter):
+                        noise = torch.randn(t.shape, generator=generator).to(t.device, t.dtype)
+                        t.add_(noise.mul_(0.01))
+                    del noise
+            yield
+        finally:
+            with torch.no_grad(), safe_open(str(spill), "pt") as saved:
+                for key, t in tensors.items():
+                    t.copy_(saved.get_tensor(str(key)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import io
 import json
 import os
@@ -550,11 +551,19 @@ def check_hf(folder: Path, model: nn.Module, examples: list[dict[str, torch.Tens
                                          "of export.formats")
 
 
-def run_emitted(path: Path, name: str) -> nn.Module:
-    """The emitted class, imported and built; model.py that does not import or build is
-    reconfx's fault (it imports what the model was built with), so it fails I4."""
+def run_emitted(path: Path, name: str, meta: bool = False) -> nn.Module:
+    """The emitted class, imported and built (``meta``: on the meta device, where building
+    allocates nothing); model.py that does not import or build is reconfx's fault (it imports
+    what the model was built with), so it fails I4."""
     try:
-        return artifacts.import_source(path, name)()
+        cls = artifacts.import_source(path, name)
+        if meta:
+            try:
+                with torch.device("meta"):
+                    return cls()
+            except Exception:  # (a constructor that computes with values: built for real)
+                pass
+        return cls()
     except Exception as exc:
         what = exc.message if isinstance(exc, ModelError) else (
             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")
@@ -593,9 +602,12 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         staging.write_text("original.py", sources.original_py)
         staging.write_text("branch.diff", sources.diff)
         with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
-            emitted = run_emitted(staging.path / "model.py", name)
-            load_compiled_state(emitted, branched.module, sources.compiled_names)
-            staging.write_with("weights.safetensors", lambda p: artifacts.save_weights(emitted, p))
+            emitted = run_emitted(staging.path / "model.py", name, meta=True)
+            load_compiled_state(emitted, branched.module, sources.compiled_names,
+                                share=any(t.is_meta for t in emitted.parameters()))
+            staging.write_with("weights.safetensors",
+                               functools.partial(artifacts.save_weights, emitted))
+            del emitted  # (its tensors are the compiled model's: nothing is copied)
             reloaded = artifacts.load_emitted(staging.path, name)
             checks = (*compiled.checks,
                       check_emitted(compiled, reloaded, sources, trained=command == "run"))

@@ -111,9 +111,9 @@ def prepare(spec: LoadedSpec | str | Path, stages: Stages = QUIET) -> Prepared:
         paths, ignored = task_paths(s, output, str(loaded.path))
     with stages("tracing", lambda: _traced_line(traced)):
         dynamic = {i.name: list(i.dynamic) for i in s.inputs}
-        traced = trace(model, examples[0], paths, dynamic, s.trace.tier, s.trace.leaves,
-                       verify_with=examples[1], class_name=class_name(s.name),
-                       selected=explicit_choice(s.select))
+        traced = trace(model, examples[0], task_paths=paths, dynamic=dynamic, tier=s.trace.tier,
+                       leaves=s.trace.leaves, verify_with=examples[1],
+                       class_name=class_name(s.name), selected=explicit_choice(s.select))
         traced = replace(traced, ignored_outputs=tuple(ignored))
         try:
             calls.annotate_calls(traced.module, model, examples[0])
@@ -239,10 +239,12 @@ def train_compiled(compiled: Compiled, progress: bool = True,
     metrics = metric_functions(list(s.tasks), where)
     with on_device(module, resolve_device(s.train.device, where)), located(where):
         sparse = encoder_mask(compiled, s) if s.train.sparse is not None else None
-        fitted = fit(module, shared, s.task_names, loss_functions(list(s.tasks), where),
-                     metrics, aggregator(s.train.aggregator, len(s.tasks), where),
-                     train_batches(data["train"], s), data["val"], s.train, progress,
-                     s.profile.threshold, sparse, checkpoints, resume, tensorboard)
+        fitted = fit(module, shared=shared, tasks=s.task_names,
+                     loss_fns=loss_functions(list(s.tasks), where), metrics=metrics,
+                     aggregate=aggregator(s.train.aggregator, len(s.tasks), where),
+                     batches=train_batches(data["train"], s), val_data=data["val"],
+                     settings=s.train, progress=progress, threshold=s.profile.threshold,
+                     sparse=sparse, checkpoints=checkpoints, resume=resume, tensorboard=tensorboard)
         test = evaluate(module, data["test"], s.task_names, metrics,
                         world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)
@@ -309,11 +311,12 @@ def profile_prepared(prepared: Prepared, progress: bool,
     dataset = call_data_factory(s.data, "train", s.train.seed, f"{where}: data", s.inputs)
     module = prepared.traced.module
     with on_device(module, resolve_device(s.train.device, where)), located(where):
-        result = profile(module, prepared.layers, s.task_names,
-                         loss_functions(list(s.tasks), where), train_batches(dataset, s),
-                         s.profile.steps, s.profile.threshold, s.train,
-                         aggregator(s.train.aggregator, len(s.tasks), where), progress,
-                         checkpoint)
+        result = profile(module, prepared.layers, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), where),
+                         batches=train_batches(dataset, s), steps=s.profile.steps,
+                         threshold=s.profile.threshold, settings=s.train,
+                         aggregate=aggregator(s.train.aggregator, len(s.tasks), where),
+                         progress=progress, checkpoint=checkpoint)
         result.counter.to("cpu")
     annotate_scores(module, prepared.layers, result.scores())
     return result
@@ -384,11 +387,12 @@ def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
     original, unless ``trained``: after ``run`` the compiled model is the reference)."""
     prepared, branched = compiled.prepared, compiled.branched
     expected = unique_parameters(prepared.traced.module) + branched.added_params
-    return check_emit(reloaded, branched.module, prepared.examples, expected,
-                      None if trained else prepared.model, prepared.task_paths,
-                      original_names(branched, prepared.model, sources.compiled_names),
-                      1e-5 if regions_of(branched.module) else 0.0,
-                      lambda n: sources.compiled_names.get(n, n))
+    return check_emit(reloaded, branched.module, examples=prepared.examples,
+                      expected_params=expected, original=None if trained else prepared.model,
+                      task_paths=prepared.task_paths,
+                      rename=original_names(branched, prepared.model, sources.compiled_names),
+                      atol=1e-5 if regions_of(branched.module) else 0.0,
+                      compiled_name=lambda n: sources.compiled_names.get(n, n))
 
 
 @dataclass(frozen=True)
@@ -518,14 +522,17 @@ def original_names(branched: Branched, original: nn.Module, compiled_names: dict
     return rename
 
 
-def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]
-                        ) -> None:
+def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str, str],
+                        share: bool = False) -> None:
     """Load the compiled model's state into the emitted model (``names``: the compiled name of
     each the emitted model names differently). Left out: buffers the emitted classes compute
     and keep out of their state dicts (non-persistent, such as position ids) and constants the
     tracer lifted (``_tensor_constant0``) that a submodule called whole computes itself; I4 then
     checks the emitted model computes the same, and its parameter count. An emitted tensor the
-    compiled model has no counterpart for fails I4 here, naming it."""
+    compiled model has no counterpart for fails I4 here, naming it. With ``share``, the emitted
+    model (built on the meta device) takes the compiled tensors themselves instead of copies,
+    each tensor it holds under several names (ties) once, so that writing its weights costs no
+    second copy of them."""
     state = compiled.state_dict()
     wanted = emitted.state_dict()
     missing = [k for k in wanted if names.get(k, k) not in state]
@@ -534,4 +541,27 @@ def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str
         raise CheckError(f"I4 emit parity failed: model.py holds {', '.join(missing[:3])}{more}, "
                          "which the compiled model has no tensor for",
                          fix="report this model as a reconfx bug")
-    emitted.load_state_dict({k: state[names.get(k, k)] for k in wanted}, strict=True)
+    if not share:
+        emitted.load_state_dict({k: state[names.get(k, k)] for k in wanted}, strict=True)
+        return
+    holders: dict[int, list[str]] = {}  # each tensor of the emitted model -> all its names
+    for name, tensor in named_tensors(emitted):
+        holders.setdefault(id(tensor), []).append(name)
+    taken: set[tuple] = set()  # (storage, offset, shape) of the compiled tensors handed out
+    for group in holders.values():
+        present = [n for n in group if n in wanted]
+        if not present:
+            continue
+        value = state[names.get(present[0], present[0])]
+        view = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if view in taken:  # (two tensors of model.py that the compiled model holds as one)
+            value = value.clone()
+        taken.add(view)
+        for name in group:
+            owner, _, attr = name.rpartition(".")
+            module = emitted.get_submodule(owner)
+            if attr in module._parameters:
+                module._parameters[attr] = nn.Parameter(
+                    value, requires_grad=module._parameters[attr].requires_grad)
+            else:
+                module._buffers[attr] = value

@@ -91,7 +91,7 @@ class Profile:
                 "layers": rows}
 
 
-def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
+def profile(module: DualGraphModule, layers: list[Layer], *, tasks: list[str],
             loss_fns: list[Callable], batches: Batches, steps: int, threshold: float,
             settings: TrainSpec, aggregate: Callable[[torch.Tensor], torch.Tensor] | None = None,
             progress: bool = False, checkpoint: Checkpoint | None = None,
@@ -109,9 +109,10 @@ def profile(module: DualGraphModule, layers: list[Layer], tasks: list[str],
     candidates = [layer for layer in layers if layer.shared]
     constant = settings.model_copy(update={"schedule": ScheduleSpec(), "conflict_every": 1,
                                            "keep": "last", "early_stopping": None})
-    fitted = fit(module, candidates, tasks, loss_fns, [],
-                 aggregate or aggregator("ew", len(tasks)), batches, None, constant, progress,
-                 threshold, resume=checkpoint, steps=steps, phase="profiling", record=record)
+    fitted = fit(module, shared=candidates, tasks=tasks, loss_fns=loss_fns, metrics=[],
+                 aggregate=aggregate or aggregator("ew", len(tasks)), batches=batches,
+                 val_data=None, settings=constant, progress=progress, threshold=threshold,
+                 resume=checkpoint, steps=steps, phase="profiling", record=record)
     assert fitted.conflicts is not None  # (a threshold was given)
     return Profile(candidates, tasks, threshold, steps, fitted.conflicts, fitted.steps)
 

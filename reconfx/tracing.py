@@ -502,7 +502,7 @@ def check_top_level_names(model: nn.Module, fix: str = "rename them, or give the
             "them", fix=fix)
 
 
-def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[str, str],
+def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[str, str], *,
           dynamic: dict[str, list[int]] | None = None, tier: str = "auto",
           leaves: Sequence[str] = (), verify_with: dict[str, torch.Tensor] | None = None,
           class_name: str = "GraphModule", selected: Callable[[str], bool] | None = None

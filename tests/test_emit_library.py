@@ -132,11 +132,13 @@ def test_emit_check_compares_with_the_original_for_other_weights():
     count = unique_parameters(original)
     paths = {"a": "a", "b": "b"}
     with pytest.raises(CheckError, match="perturbed, task 'a' differs from the original model"):
-        check_emit(wrong, original, examples, count, original, paths)
+        check_emit(wrong, original, examples=examples, expected_params=count, original=original,
+                   task_paths=paths)
     with pytest.raises(CheckError, match="perturbed, task 'a' differs from the compiled model"):
-        check_emit(wrong, original, examples, count)
+        check_emit(wrong, original, examples=examples, expected_params=count)
     right = copy.deepcopy(original)
-    assert "perturbed" in check_emit(right, original, examples, count, original, paths).detail
+    assert "perturbed" in check_emit(right, original, examples=examples, expected_params=count,
+                                     original=original, task_paths=paths).detail
     assert all(torch.equal(p, q) for p, q in zip(original.parameters(), right.parameters(),
                                                   strict=True))  # weights restored
 

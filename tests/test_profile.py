@@ -60,9 +60,10 @@ def run_profile(spec_path, steps, record=None):
     s = prepared.loaded.spec
     data = call_data_factory(s.data, "train", 0, "spec")
     module = prepared.traced.module
-    result = profile(module, prepared.layers, s.task_names, loss_functions(list(s.tasks), "s"),
-                     Batches(data, s.data.batch_size, 0, drop_last=True), steps,
-                     s.profile.threshold, ADAM, record=record)
+    result = profile(module, prepared.layers, tasks=s.task_names,
+                     loss_fns=loss_functions(list(s.tasks), "s"),
+                     batches=Batches(data, s.data.batch_size, 0, drop_last=True), steps=steps,
+                     threshold=s.profile.threshold, settings=ADAM, record=record)
     return result, [[row[f"loss/{t}"] for t in s.task_names] for row in result.rows]
 
 
@@ -201,8 +202,9 @@ def test_branching_the_top_layers_lowers_conflict_in_the_remaining_shared_layers
     initial = copy.deepcopy(module.state_dict())
 
     def run(model, layers):
-        return profile(model, layers, s.task_names, fns, Batches(data, 64, 0, drop_last=True),
-                       40, -0.1, ADAM)
+        return profile(model, layers, tasks=s.task_names, loss_fns=fns,
+                       batches=Batches(data, 64, 0, drop_last=True), steps=40, threshold=-0.1,
+                       settings=ADAM)
 
     before = run(module, prepared.layers)
     module.load_state_dict(initial)

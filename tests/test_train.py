@@ -104,9 +104,11 @@ def test_fit_learns_multidigits(branched, tmp_path):
     metrics = metric_functions(list(s.tasks), "s")
     val = call_data_factory(s.data.model_copy(update={"kwargs": {"size": 256}}), "val", 0, "s")
     before = evaluate(module, val, s.task_names, metrics)
-    result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"), metrics,
-                 aggregator("ew", 2), Batches(data, 32, 0, drop_last=True), val,
-                 TrainSpec(epochs=3, lr=3e-3), progress=False, checkpoints=tmp_path / "ckpt")
+    result = fit(module, shared=shared, tasks=s.task_names,
+                 loss_fns=loss_functions(list(s.tasks), "s"), metrics=metrics,
+                 aggregate=aggregator("ew", 2), batches=Batches(data, 32, 0, drop_last=True),
+                 val_data=val, settings=TrainSpec(epochs=3, lr=3e-3), progress=False,
+                 checkpoints=tmp_path / "ckpt")
     assert len(result.history) == 3
     first, last = result.history[0], result.history[-1]
     assert last["loss/left"] < first["loss/left"] and last["loss/right"] < first["loss/right"]
@@ -260,9 +262,10 @@ def test_early_stopping_ends_training_once_validation_stops_improving(branched):
                                "s")
     settings = TrainSpec(epochs=10, lr=1e-12, early_stopping=2,
                          schedule={"kind": "step", "every": 1, "gamma": 0.5})
-    result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"), metrics,
-                 aggregator("ew", 2), Batches(data, 64, 0, drop_last=True), data, settings,
-                 progress=False)
+    result = fit(module, shared=shared, tasks=s.task_names,
+                 loss_fns=loss_functions(list(s.tasks), "s"), metrics=metrics,
+                 aggregate=aggregator("ew", 2), batches=Batches(data, 64, 0, drop_last=True),
+                 val_data=data, settings=settings, progress=False)
     assert result.stopped_after == 3 and len(result.history) == 3 and result.best_epoch == 0
     assert [row["epoch"] for row in result.history] == [1, 2, 3]
     assert [row["lr"] / 1e-12 for row in result.history] == pytest.approx([0.5, 0.25, 0.125])
@@ -280,9 +283,10 @@ def train_once(branched, settings, data, val=None, batch_size=32, threshold=None
     module, shared = fresh_model(branched)
     metrics = metric_functions(list(s.tasks), "s")
     batches = Batches(data, batch_size, settings.seed, drop_last=drop_last)
-    result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"), metrics,
-                 aggregator(settings.aggregator, 2), batches, val, settings, progress=False,
-                 threshold=threshold, **options)
+    result = fit(module, shared=shared, tasks=s.task_names,
+                 loss_fns=loss_functions(list(s.tasks), "s"), metrics=metrics,
+                 aggregate=aggregator(settings.aggregator, 2), batches=batches, val_data=val,
+                 settings=settings, progress=False, threshold=threshold, **options)
     return module, result
 
 
@@ -328,10 +332,13 @@ def test_a_tiny_last_batch_before_every_evaluation_wrecks_sgd_and_drop_last_prev
             data = call_data_factory(s.data, "train", seed, "s")
             val = call_data_factory(s.data.model_copy(update={"kwargs": {"size": 512}}), "val",
                                     seed, "s")
-            result = fit(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         metric_functions(list(s.tasks), "s"), aggregator("ew", 2),
-                         Batches(data, 64, seed, drop_last=drop), val,
-                         TrainSpec(epochs=3, lr=0.1, optimizer="sgd", seed=seed, keep="last"),
+            result = fit(module, shared=shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         metrics=metric_functions(list(s.tasks), "s"),
+                         aggregate=aggregator("ew", 2),
+                         batches=Batches(data, 64, seed, drop_last=drop), val_data=val,
+                         settings=TrainSpec(epochs=3, lr=0.1, optimizer="sgd", seed=seed,
+                                            keep="last"),
                          progress=False)
             scores[drop] += [row[f"val/{t}"] for row in result.history for t in s.task_names]
     kept, dropped = (sum(v) / len(v) for v in (scores[False], scores[True]))

@@ -230,9 +230,10 @@ class Experiment:
         spec_task = next(t for t in s.tasks if t.name == task)
         module = copy.deepcopy(prepared.traced.module)
         metrics = metric_functions([spec_task], where)
-        fitted = fit(module, [], [task], loss_functions([spec_task], where), metrics,
-                     aggregator("ew", 1), train_batches(data["train"], s), data["val"], s.train,
-                     progress=False)
+        fitted = fit(module, shared=[], tasks=[task], loss_fns=loss_functions([spec_task], where),
+                     metrics=metrics, aggregate=aggregator("ew", 1),
+                     batches=train_batches(data["train"], s), val_data=data["val"],
+                     settings=s.train, progress=False)
         test = evaluate(module, data["test"], [task], metrics)
         return {"test": test, "best_epoch": fitted.best_epoch,
                 "seconds": round(time.perf_counter() - started, 1)}

@@ -107,7 +107,7 @@ def delta_m(values: dict[str, float], baselines: dict[str, float],
     return sum(terms) / len(terms)
 
 
-def fit(module: nn.Module, shared: list[Layer], tasks: list[str], loss_fns: list[Callable],
+def fit(module: nn.Module, *, shared: list[Layer], tasks: list[str], loss_fns: list[Callable],
         metrics: list[tuple[str, Metric]], aggregate: Callable[[torch.Tensor], torch.Tensor],
         batches: Batches, val_data: torch.utils.data.Dataset | None, settings: TrainSpec,
         progress: bool = True, threshold: float | None = None, sparse: SparseMask | None = None,

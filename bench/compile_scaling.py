@@ -1,0 +1,114 @@
+"""What a compile costs as the model grows: wall time, peak memory (RSS, read by the kernel for
+the whole process), peak memory over the model's weights, and the ratio to one plain
+``torch.export`` of the same model, measured side by side in one run.
+
+Each model is a Llama-style decoder from a transformers config, written with ``save_pretrained``
+into a temporary folder (random weights) and compiled through ``backbone.hf`` with its last
+decoder layer branched (python format), in a fresh process under ``/usr/bin/time -v``; the
+export is timed in another fresh process. Sizes (``--sizes``):
+
+* ``40m``: hidden 512, 8 layers; ``170m``: hidden 1024, 12 layers;
+* ``1b``: hidden 2048, 16 layers (about 1.1 billion parameters; minutes, and about 4.4 GB of
+  fp32 weights on disk: run on demand, ``make bench-scale``).
+
+``--dtype bfloat16`` saves the weights in bf16 (the compile keeps that dtype). Run:
+``.venv/bin/python bench/compile_scaling.py [--sizes 40m,170m] [--dtype float32]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+SIZES = {"40m": (512, 8), "170m": (1024, 12), "1b": (2048, 16)}
+
+MAKE = """
+import sys, torch
+from transformers import LlamaConfig, LlamaModel
+hidden, layers, folder, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+config = LlamaConfig(vocab_size=32000, hidden_size=hidden,
+                     intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+                     num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                     num_key_value_heads=max(hidden // 256, 1), max_position_embeddings=512)
+torch.manual_seed(0)
+model = LlamaModel(config).to(getattr(torch, dtype))
+model.save_pretrained(folder)
+print(sum(p.numel() for p in model.parameters()))
+"""
+
+EXPORT = """
+import sys, time, torch
+from transformers import AutoModel
+model = AutoModel.from_pretrained(sys.argv[1], local_files_only=True)
+ids = torch.randint(0, 32000, (2, 16))
+start = time.perf_counter()
+torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
+print(time.perf_counter() - start)
+"""
+
+SPEC = """
+name: scale
+backbone: {{hf: {{path: {folder}}}, feature: last_hidden_state}}
+inputs: [{{name: input_ids, shape: [2, 16], dtype: int64, high: 32000, dynamic: [0, 1]}}]
+tasks: [{{name: a, head: {{out_features: 3}}}}, {{name: b, head: {{out_features: 2, pool: mean}}}}]
+select: {{layers: [backbone.layers.{last}]}}
+export: {{formats: [python], dir: {out}}}
+"""
+
+
+def timed(command: list[str]) -> tuple[str, float, float]:
+    """stdout, wall seconds and peak RSS (GB) of ``command`` under /usr/bin/time -v."""
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    wall = re.search(r"Elapsed \(wall clock\) time .*: (?:(\d+):)?(\d+):([\d.]+)", done.stderr)
+    hours, minutes, seconds = (float(x) if x else 0.0 for x in wall.groups())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", done.stderr).group(1))
+    return done.stdout, hours * 3600 + minutes * 60 + seconds, rss / 1024**2
+
+
+def measure(size: str, dtype: str, root: Path) -> list[str]:
+    hidden, layers = SIZES[size]
+    folder = root / f"llama-{size}"
+    params = int(subprocess.run([sys.executable, "-c", MAKE, str(hidden), str(layers),
+                                 str(folder), dtype], capture_output=True, text=True,
+                                check=True).stdout.split()[-1])
+    weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1024**3
+    spec = root / f"{size}.yaml"
+    spec.write_text(textwrap.dedent(SPEC.format(folder=folder, last=layers - 1,
+                                                out=root / f"out-{size}")))
+    _out, export_wall, export_rss = timed([sys.executable, "-c", EXPORT, str(folder)])
+    export_s = float(_out.split()[-1])
+    _out, compile_wall, compile_rss = timed([sys.executable, "-m", "reconfx", "compile",
+                                             str(spec), "--quiet"])
+    lines = (root / f"out-{size}" / "model.py").read_text().count("\n")
+    return [size, f"{params / 1e6:,.0f}M", dtype, f"{weights:.2f}", f"{compile_wall:.0f}",
+            f"{compile_rss:.2f}", f"{compile_rss / weights:.1f}x", f"{export_s:.1f}",
+            f"{export_rss:.2f}", f"{compile_wall / export_s:.1f}x", str(lines)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="40m,170m")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args()
+    headers = ["model", "parameters", "dtype", "weights GB", "compile s", "compile peak RSS GB",
+               "RSS / weights", "one export s", "export process peak RSS GB",
+               "compile / one export", "model.py lines"]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes.split(","):
+            rows.append(measure(size, args.dtype, Path(tmp)))
+            print(" | ".join(rows[-1]), flush=True)
+    print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
+    for row in rows:
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
