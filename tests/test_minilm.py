@@ -74,7 +74,7 @@ def test_shared_layers_after_the_branch_point_are_called_whole(tmp_path):
     assert "if self.training or not fits(" in forward
     assert forward.count("for layer in self.backbone.encoder.layer[3:]:") == 3
     assert "scaled_dot_product_attention" not in forward
-    assert len(source.splitlines()) < 110
+    assert len(source.splitlines()) < 135  # (the heads' pooling, 26 lines, written in)
 
 
 def test_a_users_own_wrapper_around_the_pretrained_model_reads_like_the_model(tmp_path):
