@@ -78,18 +78,31 @@ def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: b
                  ) -> tuple[Any, dict[str, bool | None]]:
     """:func:`run` (its result mapped by ``outputs``), and for each of ``params`` whether the
     outputs' gradient reaches it (fx does not record ``torch.no_grad()`` blocks, so a traced
-    graph can train what the model keeps fixed; None when backward fails); computed before the
-    buffers are restored, which backward may need."""
+    graph can train what the model keeps fixed), read off the autograd graph (:func:`reached`)."""
     model.train(training)
     torch.manual_seed(seed)
     with preserved(model) if training else contextlib.nullcontext():
         out = model(**example)
         out = outputs(out) if outputs is not None else out
-        loss = [o.float().sum() for o in out.values() if o.requires_grad] if params else []
-        if not loss:
-            return out, dict.fromkeys(params, False)
-        try:
-            grads = torch.autograd.grad(sum(loss), list(params.values()), allow_unused=True)
-        except RuntimeError:  # the model cannot backpropagate (an in-place op on a saved input)
-            return out, dict.fromkeys(params, None)
-        return out, {name: g is not None for name, g in zip(params, grads, strict=True)}
+        found = reached([o for o in out.values() if isinstance(o, torch.Tensor)]) \
+            if params else set()
+        return out, {name: id(p) in found for name, p in params.items()}
+
+
+def reached(outputs: list[torch.Tensor]) -> set[int]:
+    """The ids of the tensors requiring grad that ``outputs``' gradient would reach: the leaves
+    of their autograd graph, found by walking it (no backward runs, so no gradient is
+    allocated: a large model's weights need no second copy for the question)."""
+    found = {id(t) for t in outputs if t.requires_grad and t.grad_fn is None}
+    seen: set = set()
+    stack = [t.grad_fn for t in outputs if t.grad_fn is not None]
+    while stack:
+        fn = stack.pop()
+        if fn in seen:
+            continue
+        seen.add(fn)
+        variable = getattr(fn, "variable", None)  # (an AccumulateGrad node: a leaf tensor)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(f for f, _index in fn.next_functions if f is not None)
+    return found
