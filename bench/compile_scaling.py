@@ -7,9 +7,10 @@ into a temporary folder (random weights) and compiled through ``backbone.hf`` wi
 decoder layer branched (python format), in a fresh process under ``/usr/bin/time -v``; the
 export is timed in another fresh process. Sizes (``--sizes``):
 
-* ``40m``: hidden 512, 8 layers; ``170m``: hidden 1024, 12 layers;
-* ``1b``: hidden 2048, 16 layers (about 1.1 billion parameters; minutes, and about 4.4 GB of
-  fp32 weights on disk: run on demand, ``make bench-scale``).
+* ``40m``: hidden 512, 8 layers; ``170m``: hidden 1024, 12 layers (vocabulary 32,000);
+* ``1b``: Llama-3.2-1B's shape: hidden 2048, 16 layers, MLP 8192, vocabulary 128,256 (1.24
+  billion parameters, 2.5 GB in bf16, 4.9 GB in fp32; minutes: run on demand,
+  ``make bench-scale``).
 
 ``--dtype bfloat16`` saves the weights in bf16 (the compile keeps that dtype). Run:
 ``.venv/bin/python bench/compile_scaling.py [--sizes 40m,170m] [--dtype float32]``.
@@ -25,14 +26,16 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-SIZES = {"40m": (512, 8), "170m": (1024, 12), "1b": (2048, 16)}
+SIZES = {"40m": (512, 8, 32000, 0), "170m": (1024, 12, 32000, 0),
+         "1b": (2048, 16, 128256, 8192)}  # hidden, layers, vocabulary, MLP (0: 8/3 hidden)
 
 MAKE = """
 import sys, torch
 from transformers import LlamaConfig, LlamaModel
-hidden, layers, folder, dtype = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-config = LlamaConfig(vocab_size=32000, hidden_size=hidden,
-                     intermediate_size=int(hidden * 8 / 3) // 64 * 64,
+hidden, layers, vocab, mlp = map(int, sys.argv[1:5])
+folder, dtype = sys.argv[5], sys.argv[6]
+config = LlamaConfig(vocab_size=vocab, hidden_size=hidden,
+                     intermediate_size=mlp or int(hidden * 8 / 3) // 64 * 64,
                      num_hidden_layers=layers, num_attention_heads=hidden // 64,
                      num_key_value_heads=max(hidden // 256, 1), max_position_embeddings=512)
 torch.manual_seed(0)
@@ -45,7 +48,7 @@ EXPORT = """
 import sys, time, torch
 from transformers import AutoModel
 model = AutoModel.from_pretrained(sys.argv[1], local_files_only=True)
-ids = torch.randint(0, 32000, (2, 16))
+ids = torch.randint(0, model.config.vocab_size, (2, 16))
 start = time.perf_counter()
 torch.export.export(model, (), {"input_ids": ids, "use_cache": False}, strict=False)
 print(time.perf_counter() - start)
@@ -54,10 +57,10 @@ print(time.perf_counter() - start)
 SPEC = """
 name: scale
 backbone: {{hf: {{path: {folder}}}, feature: last_hidden_state}}
-inputs: [{{name: input_ids, shape: [2, 16], dtype: int64, high: 32000, dynamic: [0, 1]}}]
+inputs: [{{name: input_ids, shape: [2, 16], dtype: int64, high: {vocab}, dynamic: [0, 1]}}]
 tasks: [{{name: a, head: {{out_features: 3}}}}, {{name: b, head: {{out_features: 2, pool: mean}}}}]
 select: {{layers: [backbone.layers.{last}]}}
-export: {{formats: [python], dir: {out}}}
+export: {{formats: [{formats}], dir: {out}}}
 """
 
 
@@ -72,38 +75,39 @@ def timed(command: list[str]) -> tuple[str, float, float]:
     return done.stdout, hours * 3600 + minutes * 60 + seconds, rss / 1024**2
 
 
-def measure(size: str, dtype: str, root: Path) -> list[str]:
-    hidden, layers = SIZES[size]
+def measure(size: str, dtype: str, formats: str, root: Path) -> list[str]:
+    hidden, layers, vocab, mlp = SIZES[size]
     folder = root / f"llama-{size}"
-    params = int(subprocess.run([sys.executable, "-c", MAKE, str(hidden), str(layers),
-                                 str(folder), dtype], capture_output=True, text=True,
+    params = int(subprocess.run([sys.executable, "-c", MAKE, str(hidden), str(layers), str(vocab),
+                                 str(mlp), str(folder), dtype], capture_output=True, text=True,
                                 check=True).stdout.split()[-1])
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1024**3
     spec = root / f"{size}.yaml"
-    spec.write_text(textwrap.dedent(SPEC.format(folder=folder, last=layers - 1,
-                                                out=root / f"out-{size}")))
+    spec.write_text(textwrap.dedent(SPEC.format(folder=folder, last=layers - 1, vocab=vocab,
+                                                formats=formats, out=root / f"out-{size}")))
     _out, export_wall, export_rss = timed([sys.executable, "-c", EXPORT, str(folder)])
     export_s = float(_out.split()[-1])
     _out, compile_wall, compile_rss = timed([sys.executable, "-m", "reconfx", "compile",
                                              str(spec), "--quiet"])
     lines = (root / f"out-{size}" / "model.py").read_text().count("\n")
-    return [size, f"{params / 1e6:,.0f}M", dtype, f"{weights:.2f}", f"{compile_wall:.0f}",
-            f"{compile_rss:.2f}", f"{compile_rss / weights:.1f}x", f"{export_s:.1f}",
-            f"{export_rss:.2f}", f"{compile_wall / export_s:.1f}x", str(lines)]
+    return [size, f"{params / 1e6:,.0f}M", dtype, formats.replace(",", "+"), f"{weights:.2f}",
+            f"{compile_wall:.0f}", f"{compile_rss:.2f}", f"{compile_rss / weights:.1f}x",
+            f"{export_s:.1f}", f"{export_rss:.2f}", f"{compile_wall / export_s:.1f}x", str(lines)]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="40m,170m")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--formats", default="python", help="export.formats, e.g. python,onnx")
     args = parser.parse_args()
-    headers = ["model", "parameters", "dtype", "weights GB", "compile s", "compile peak RSS GB",
-               "RSS / weights", "one export s", "export process peak RSS GB",
+    headers = ["model", "parameters", "dtype", "formats", "weights GB", "compile s",
+               "compile peak RSS GB", "RSS / weights", "one export s", "export process peak RSS GB",
                "compile / one export", "model.py lines"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            rows.append(measure(size, args.dtype, Path(tmp)))
+            rows.append(measure(size, args.dtype, args.formats, Path(tmp)))
             print(" | ".join(rows[-1]), flush=True)
     print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     for row in rows:

@@ -53,11 +53,13 @@ from reconfx.outdir import (
     read_manifest,
     repairing,
 )
+from reconfx.tensorfile import read_header, read_tensors
 
 __all__ = [
-    "check_sha", "follow_umask", "import_source", "load", "load_emitted", "manifest_text",
-    "PROFILE", "read_source", "replace_file", "replace_text", "save_weights", "sha256",
-    "signals_held", "Staging", "torch_load_safely", "verify", "versions"
+    "assign_state", "check_sha", "follow_umask", "import_source", "load", "load_emitted",
+    "manifest_text", "parameters_on_meta", "PROFILE", "read_source", "replace_file",
+    "replace_text", "save_weights", "sha256", "signals_held", "Staging", "torch_load_safely",
+    "verify", "verify_weights", "versions"
 ]
 
 PROFILE = ("conflicts.json", "conflicts.png")  # the conflict profile compile selects by
@@ -225,26 +227,24 @@ def _remove_unlocked(path: Path) -> None:
 
 
 def save_weights(module: nn.Module, path: Path) -> None:
-    """The module's state as safetensors, byte-for-byte reproducible. Tensors that are one
-    tensor under several names (tied weights; per-task norms sharing one affine) are stored once,
-    under their first name in ``state_dict`` order, which ``safetensors.torch.load_model``
-    accepts; a tensor that shares storage with another in any other way is stored as a copy.
-    (``safetensors.torch.save_model`` records its alias table as metadata in hash order, which
-    differs from one run to the next.) Empty tensors share no data (all have a null data
-    pointer), so each is stored under its own name."""
+    """The module's state as safetensors, byte-for-byte reproducible. A tensor held under
+    several names (tied weights; per-task norms sharing one affine) is stored once, under its
+    first name in ``state_dict`` order (:func:`load_emitted` gives it to all of them); a tensor
+    that shares storage with another in any other way is stored as a copy. (safetensors'
+    ``save_model`` records its alias table as metadata in hash order, which differs from one run
+    to the next.)"""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
-    kept: set[tuple] = set()
+    kept: set[int] = set()
     storages: set[tuple] = set()
-    for name, tensor in module.state_dict().items():
-        storage = (tensor.device, tensor.untyped_storage().data_ptr())
-        view = (*storage, tensor.storage_offset(), tuple(tensor.shape), tensor.stride())
-        if view in kept and tensor.untyped_storage().nbytes() > 0:
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in kept:
             continue
+        storage = (tensor.device, tensor.untyped_storage().data_ptr())
         shared = storage in storages and tensor.untyped_storage().nbytes() > 0
         tensors[name] = tensor.detach().clone() if shared else tensor.detach().contiguous()
-        kept.add(view)
+        kept.add(id(tensor))
         storages.add(storage)
     save_file(tensors, str(path), metadata={"format": "pt"})
 
@@ -488,15 +488,99 @@ def check_sha(directory: Path, name: str, files: Any, actual: str | None) -> Non
 
 def load_emitted(directory: Path, class_name: str, source: bytes | None = None) -> nn.Module:
     """Instantiate ``class_name`` from ``directory/model.py`` (or its bytes ``source``) and load
-    its weights (a regular file: a link in their place is refused)."""
-    from safetensors.torch import load_model
-
-    model = import_source(directory / "model.py", class_name, source)()
+    its weights (a regular file: a link in their place is refused). The class is built with its
+    parameters on the meta device and given the file's tensors, read one at a time: loading
+    costs the weights once, not twice."""
+    cls = import_source(directory / "model.py", class_name, source)
     weights = directory / "weights.safetensors"
     if not os.path.lexists(weights):
         raise ModelError(f"{weights} is missing", fix="re-run `reconfx compile`")
     if file_sha256(weights) is None:
         raise ModelError(f"{weights} is a link or not a regular file; reconfx loads only the "
                          "files it wrote", fix=f"remove {weights} and re-run `reconfx compile`")
-    load_model(model, str(weights), strict=True)
+    with parameters_on_meta():
+        model = cls()
+    try:
+        stored = dict(read_tensors(weights))
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelError(f"{weights} is not a readable safetensors file ({exc})",
+                         fix="re-run `reconfx compile`") from exc
+    try:
+        assign_state(model, stored)
+    except ValueError as exc:
+        raise ModelError(f"{weights} does not fit {class_name} in model.py: {exc}",
+                         fix="re-run `reconfx compile`") from exc
     return model.eval()
+
+
+@contextlib.contextmanager
+def parameters_on_meta() -> Iterator[None]:
+    """Modules built inside get their parameters on the meta device as they are registered
+    (no memory, no initialisation cost), and their buffers for real: the buffers a class
+    computes and keeps out of its state dict (rotary frequencies, position ids) are model.py's
+    own values, as they will be wherever the model is loaded."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        register(module, name, param)
+        if param is not None and not param.is_meta:  # (a tied one is moved once)
+            module._parameters[name] = type(param)(param.to("meta"),
+                                                   requires_grad=param.requires_grad)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def assign_state(module: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Make ``state``'s tensors ``module``'s own (no copy), name by name as in its state dict. A
+    tensor ``module`` holds under several names (ties) is given once, from whichever of its names
+    ``state`` has, and stays one tensor. The weights keep their floating dtype (bf16 weights
+    make a bf16 model, whatever dtype the class builds in). ValueError when ``state`` misses a
+    tensor of the state dict or holds one it does not have, or a shape differs."""
+    wanted = module.state_dict(keep_vars=True)
+    groups: dict[int, list[str]] = {}
+    for name, tensor in wanted.items():
+        groups.setdefault(id(tensor), []).append(name)
+    unexpected = sorted(set(state) - set(wanted))
+    if unexpected:
+        raise ValueError(f"{len(unexpected)} tensors it does not have "
+                         f"({', '.join(unexpected[:3])})")
+    for names in groups.values():
+        given = next((n for n in names if n in state), None)
+        if given is None:
+            raise ValueError(f"no tensor for {names[0]}")
+        value, old = state[given], wanted[given]
+        if value.shape != old.shape or (value.dtype != old.dtype and not (
+                value.is_floating_point() and old.is_floating_point())):
+            raise ValueError(f"{given} is {value.dtype} {tuple(value.shape)}, model.py "
+                             f"builds {old.dtype} {tuple(old.shape)}")
+        if isinstance(old, nn.Parameter):
+            value = nn.Parameter(value, requires_grad=old.requires_grad)
+        for name in names:
+            owner, _, attr = name.rpartition(".")
+            holder = module.get_submodule(owner)
+            (holder._parameters if attr in holder._parameters else holder._buffers)[attr] = value
+
+
+def verify_weights(path: Path, module: nn.Module) -> None:
+    """The safetensors file at ``path`` holds ``module``'s state exactly: what
+    :func:`load_emitted` would give ``module`` equals what it holds, tensor by tensor, bit for
+    bit (read one at a time). ValueError naming the first tensor that differs."""
+    stored = read_header(path)
+    wanted = module.state_dict(keep_vars=True)
+    given: dict[int, str] = {}
+    for name in stored:
+        if name not in wanted:
+            raise ValueError(f"{path.name} holds {name}, which the model does not have")
+        given[id(wanted[name])] = name
+    missing = [n for n, t in wanted.items() if id(t) not in given]
+    if missing:
+        raise ValueError(f"{path.name} holds no tensor for {missing[0]}")
+    for name, value in read_tensors(path):
+        want = wanted[name]
+        if value.dtype != want.dtype or value.shape != want.shape or not torch.equal(
+                value, want.detach()):
+            raise ValueError(f"{path.name} holds {name} other than the model's")

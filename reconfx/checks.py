@@ -8,11 +8,9 @@ changes state.
 from __future__ import annotations
 
 import contextlib
-import tempfile
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -22,6 +20,7 @@ from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
 from reconfx.kinds import dropout_attr
 from reconfx.modes import compare, preserved, reached, run
+from reconfx.tensorfile import Spill
 from reconfx.tree import task_outputs
 
 __all__ = [
@@ -251,9 +250,11 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
         reference, outputs, rename, atol = compiled, dict, compiled_name, 0.0
     else:
         reference, outputs = original, lambda out: task_outputs(out, task_paths or {})
-    with preserved(reference, emitted), perturbed(reference), perturbed(emitted, rename):
-        bad = compare(outputs(run(reference, examples[0], False)),
-                      run(emitted, examples[0], False), atol)
+    # One model perturbed at a time: the emitted model may hold the reference's tensors.
+    with preserved(reference), perturbed(reference):
+        want = outputs(run(reference, examples[0], False))
+    with preserved(emitted), perturbed(emitted, rename):
+        bad = compare(want, run(emitted, examples[0], False), atol)
     if bad:
         against = "the compiled model" if original is None else "the original model"
         raise CheckError(
@@ -274,9 +275,6 @@ def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> I
     left as it is. Signs are kept (variances stay positive). The original values wait in a
     temporary file, not in memory (a second copy of a large model's weights would not fit
     beside it), and are read back one tensor at a time."""
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, t in named_tensors(module):
@@ -284,23 +282,24 @@ def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> I
         if t.is_floating_point() and renamed is not None:
             names.setdefault(id(t), []).append(renamed)
             tensors[id(t)] = t
-    with tempfile.TemporaryDirectory(prefix="reconfx-perturbed-") as folder:
-        spill = Path(folder) / "original.safetensors"
-        save_file({str(key): t.detach().contiguous() for key, t in tensors.items()}, str(spill))
+    with Spill(tensors.values()) as spill:
         try:
             with torch.no_grad():
                 for key, t in tensors.items():
-                    generator = torch.Generator().manual_seed(
-                        zlib.crc32(min(names[key]).encode()))
-                    # (one draw of the tensor's size at a time, in place: no 2x temporaries)
-                    noise = torch.randn(t.shape, generator=generator).to(t.device, t.dtype)
-                    t.mul_(noise.mul_(0.1).exp_())
-                    if isinstance(t, nn.Parameter):
-                        noise = torch.randn(t.shape, generator=generator).to(t.device, t.dtype)
-                        t.add_(noise.mul_(0.01))
-                    del noise
+                    _perturb(t, torch.Generator().manual_seed(zlib.crc32(min(names[key]).encode())))
             yield
         finally:
-            with torch.no_grad(), safe_open(str(spill), "pt") as saved:
-                for key, t in tensors.items():
-                    t.copy_(saved.get_tensor(str(key)))
+            spill.restore()
+
+
+def _perturb(t: torch.Tensor, generator: torch.Generator, rows: int = 2**24) -> None:
+    """:func:`perturbed`'s change of ``t``, in place, drawn a block of rows at a time (no
+    temporary of ``t``'s size: a large embedding's would cost gigabytes); the blocks depend on
+    ``t``'s shape only, so equal tensors get equal noise."""
+    blocks = [t] if t.dim() == 0 else t.split(max(1, rows // max(1, t.numel() // max(1, len(t)))))
+    for block in blocks:
+        block.mul_(torch.randn(block.shape, generator=generator).to(t.device, t.dtype)
+                   .mul_(0.1).exp_())
+        if isinstance(t, nn.Parameter):
+            block.add_(torch.randn(block.shape, generator=generator).to(t.device, t.dtype)
+                       .mul_(0.01))

@@ -8,7 +8,6 @@ Every command writes through a staging folder and commits only after its checks 
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import io
 import json
@@ -29,6 +28,7 @@ from reconfx.emit import hf
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import CheckError, ModelError, OutputError, SpecError, located
 from reconfx.layers import Layer
+from reconfx.modes import restored
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
     Compiled,
@@ -185,13 +185,12 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
     w = join(loaded)
     progress = progress and w.main
     checkpoint = open_checkpoint(loaded, out, "run", resume)
-    initial = copy.deepcopy(prepared.traced.module.state_dict())
     result = None
     if s.select is not None and s.select.needs_scores:
-        result = profile_prepared(prepared, progress, checkpoint)
+        retrain = s.train.init == "initial"  # the paper's protocol: retrain from the same start
+        with restored(prepared.traced.module) if retrain else contextlib.nullcontext():
+            result = profile_prepared(prepared, progress, checkpoint)
         checkpoint.extra["profile"] = result.counter.state_dict()
-        if s.train.init == "initial":  # the paper's protocol: retrain from the same start
-            prepared.traced.module.load_state_dict(initial)
     compiled = branch_checked(prepared, stages=stages)  # (by the scores profiling wrote)
     board = out / TENSORBOARD if s.export.tensorboard else None
     trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS if w.main
@@ -551,18 +550,18 @@ def check_hf(folder: Path, model: nn.Module, examples: list[dict[str, torch.Tens
                                          "of export.formats")
 
 
-def run_emitted(path: Path, name: str, meta: bool = False) -> nn.Module:
-    """The emitted class, imported and built (``meta``: on the meta device, where building
-    allocates nothing); model.py that does not import or build is reconfx's fault (it imports
-    what the model was built with), so it fails I4."""
+def run_emitted(path: Path, name: str) -> nn.Module:
+    """The emitted class, imported and built with its parameters on the meta device
+    (:func:`reconfx.artifacts.parameters_on_meta`; for real where its constructor computes with
+    their values); model.py that does not import or build is reconfx's fault (it imports what
+    the model was built with), so it fails I4."""
     try:
         cls = artifacts.import_source(path, name)
-        if meta:
-            try:
-                with torch.device("meta"):
-                    return cls()
-            except Exception:  # (a constructor that computes with values: built for real)
-                pass
+        try:
+            with artifacts.parameters_on_meta():
+                return cls()
+        except (RuntimeError, NotImplementedError):  # (a constructor reading their values:
+            pass  # meta tensors have none; built for real)
         return cls()
     except Exception as exc:
         what = exc.message if isinstance(exc, ModelError) else (
@@ -602,13 +601,17 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         staging.write_text("original.py", sources.original_py)
         staging.write_text("branch.diff", sources.diff)
         with stages("checking I4 (the emitted model against the compiled one)", "I4 holds"):
-            emitted = run_emitted(staging.path / "model.py", name, meta=True)
-            load_compiled_state(emitted, branched.module, sources.compiled_names,
-                                share=any(t.is_meta for t in emitted.parameters()))
-            staging.write_with("weights.safetensors",
-                               functools.partial(artifacts.save_weights, emitted))
-            del emitted  # (its tensors are the compiled model's: nothing is copied)
-            reloaded = artifacts.load_emitted(staging.path, name)
+            # model.py's class holding the compiled tensors themselves (nothing is copied),
+            # and the weights file checked to hold the same, as reconfx.load would give them
+            reloaded = run_emitted(staging.path / "model.py", name)
+            load_compiled_state(reloaded, branched.module, sources.compiled_names)
+            weights = staging.write_with("weights.safetensors",
+                                         functools.partial(artifacts.save_weights, reloaded))
+            try:
+                artifacts.verify_weights(weights, reloaded)
+            except ValueError as exc:
+                raise CheckError(f"I4 emit parity failed: {exc}",
+                                 fix="report this model as a reconfx bug") from exc
             checks = (*compiled.checks,
                       check_emitted(compiled, reloaded, sources, trained=command == "run"))
         costs = measure_costs(compiled)

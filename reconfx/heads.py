@@ -190,7 +190,9 @@ def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
                 "(resize_to is for a per-pixel head on a (batch, channels, h, w) feature, to an "
                 "input whose last two axes are its height and width)",
                 where=where, fix="tap a (batch, channels, h, w) feature, or drop resize_to")
-    built = {name: build_head(spec, in_features(value, spec), value.dim())
+    # (in the feature's dtype: a bf16 backbone gets bf16 heads)
+    dtype = value.dtype if value.is_floating_point() else None
+    built = {name: build_head(spec, in_features(value, spec), value.dim()).to(dtype)
              for name, spec in heads.items()}
     return multitask_model(backbone, built, field, list(example), pools,
                            None if backbone_inputs is None else list(backbone_inputs), resizes)

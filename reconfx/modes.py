@@ -16,8 +16,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from reconfx.memory import release
+from reconfx.tensorfile import Spill
+
 __all__ = [
-    "compare", "max_diff", "preserved", "run", "run_reaching", "silenced"
+    "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "silenced"
 ]
 
 
@@ -44,6 +47,18 @@ def preserved(*modules: nn.Module) -> Iterator[None]:
                     buf.copy_(buffers[name])
             for name, sub in module.named_modules():
                 sub.training = modes[name]
+
+
+@contextlib.contextmanager
+def restored(module: nn.Module) -> Iterator[None]:
+    """Every parameter and buffer of ``module`` back to its values on exit (training in
+    between changes them in place); the values wait in a temporary file, not in memory."""
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    with Spill(tensors.values()) as spill:
+        try:
+            yield
+        finally:
+            spill.restore()
 
 
 def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
@@ -86,7 +101,8 @@ def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: b
         out = outputs(out) if outputs is not None else out
         found = reached([o for o in out.values() if isinstance(o, torch.Tensor)]) \
             if params else set()
-        return out, {name: id(p) in found for name, p in params.items()}
+    release()  # (the pass's freed activations)
+    return out, {name: id(p) in found for name, p in params.items()}
 
 
 def reached(outputs: list[torch.Tensor]) -> set[int]:

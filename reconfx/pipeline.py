@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from reconfx import calls, distributed
+from reconfx.artifacts import assign_state
 from reconfx.batching import batch_streams
 from reconfx.build import (
     build_model,
@@ -522,46 +523,31 @@ def original_names(branched: Branched, original: nn.Module, compiled_names: dict
     return rename
 
 
-def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str, str],
-                        share: bool = False) -> None:
-    """Load the compiled model's state into the emitted model (``names``: the compiled name of
-    each the emitted model names differently). Left out: buffers the emitted classes compute
-    and keep out of their state dicts (non-persistent, such as position ids) and constants the
-    tracer lifted (``_tensor_constant0``) that a submodule called whole computes itself; I4 then
-    checks the emitted model computes the same, and its parameter count. An emitted tensor the
-    compiled model has no counterpart for fails I4 here, naming it. With ``share``, the emitted
-    model (built on the meta device) takes the compiled tensors themselves instead of copies,
-    each tensor it holds under several names (ties) once, so that writing its weights costs no
-    second copy of them."""
-    state = compiled.state_dict()
-    wanted = emitted.state_dict()
+def load_compiled_state(emitted: nn.Module, compiled: nn.Module, names: dict[str, str]) -> None:
+    """Give the emitted model the compiled model's tensors themselves, not copies (``names``:
+    the compiled name of each tensor the emitted model names differently), so that checking and
+    writing it costs no second copy of the weights. Left out: buffers the emitted classes
+    compute and keep out of their state dicts (non-persistent, such as position ids) and
+    constants the tracer lifted (``_tensor_constant0``) that a submodule called whole computes
+    itself; I4 then checks the emitted model computes the same, and its parameter count. An
+    emitted tensor the compiled model has no counterpart for fails I4 here, naming it."""
+    state = compiled.state_dict(keep_vars=True)
+    wanted = emitted.state_dict(keep_vars=True)
     missing = [k for k in wanted if names.get(k, k) not in state]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise CheckError(f"I4 emit parity failed: model.py holds {', '.join(missing[:3])}{more}, "
                          "which the compiled model has no tensor for",
                          fix="report this model as a reconfx bug")
-    if not share:
-        emitted.load_state_dict({k: state[names.get(k, k)] for k in wanted}, strict=True)
-        return
-    holders: dict[int, list[str]] = {}  # each tensor of the emitted model -> all its names
-    for name, tensor in named_tensors(emitted):
-        holders.setdefault(id(tensor), []).append(name)
-    taken: set[tuple] = set()  # (storage, offset, shape) of the compiled tensors handed out
-    for group in holders.values():
-        present = [n for n in group if n in wanted]
-        if not present:
-            continue
-        value = state[names.get(present[0], present[0])]
-        view = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if view in taken:  # (two tensors of model.py that the compiled model holds as one)
-            value = value.clone()
-        taken.add(view)
-        for name in group:
-            owner, _, attr = name.rpartition(".")
-            module = emitted.get_submodule(owner)
-            if attr in module._parameters:
-                module._parameters[attr] = nn.Parameter(
-                    value, requires_grad=module._parameters[attr].requires_grad)
-            else:
-                module._buffers[attr] = value
+    given: dict[str, torch.Tensor] = {}
+    taken: dict[int, int] = {}  # compiled tensor -> the emitted tensor given it
+    for name, tensor in wanted.items():
+        value = state[names.get(name, name)]
+        if taken.setdefault(id(value), id(tensor)) != id(tensor):
+            value = value.clone()  # (two tensors of model.py that the compiled model holds as one)
+        given[name] = value.detach()
+    try:
+        assign_state(emitted, given)
+    except ValueError as exc:
+        raise CheckError(f"I4 emit parity failed: {exc}",
+                         fix="report this model as a reconfx bug") from exc

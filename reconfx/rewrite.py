@@ -22,7 +22,15 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.graph import DualGraphModule, node_tasks, prune, resolve, targets, task_outputs
+from reconfx.graph import (
+    DualGraphModule,
+    named_tensors,
+    node_tasks,
+    prune,
+    resolve,
+    targets,
+    task_outputs,
+)
 from reconfx.kinds import has_running_stats
 from reconfx.layers import Layer
 
@@ -95,8 +103,11 @@ def _task_target(node: fx.Node, per_task: set[str], branched_params: set[str], t
 def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
            norm_stats: str = "per_task") -> Branched:
     """Branch ``layers`` (from :func:`reconfx.layers.inventory`) into per-task copies."""
-    # One deepcopy over everything the graphs reference keeps ties between modules and params.
-    objs = copy.deepcopy(targets(traced))
+    # One deepcopy over everything the graphs reference keeps ties between modules; the
+    # tensors stay shared with ``traced`` (a second copy of a large model's weights would not
+    # fit beside it), and only the branched layers' tensors are copied, once per task, below.
+    referenced = targets(traced)
+    objs = copy.deepcopy(referenced, {id(t): t for t in _tensors(referenced.values())})
     branched_modules = {m for layer in layers for m in layer.modules}
     branched_params = {p for layer in layers for p in layer.params}
     for layer in layers:
@@ -138,6 +149,17 @@ def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
     module.train(traced.training)
     copies = _copy_names(module, layers)
     return Branched(module, layers, tasks, copies, per_task_norms, shared_norms)
+
+
+def _tensors(objs: Any) -> list[torch.Tensor]:
+    """The tensors among ``objs`` and those their modules hold (each under every name)."""
+    found: list[torch.Tensor] = []
+    for obj in objs:
+        if isinstance(obj, torch.Tensor):
+            found.append(obj)
+        elif isinstance(obj, nn.Module):
+            found += [t for _name, t in named_tensors(obj)]
+    return found
 
 
 def _norms_seeing_streams(graphs: dict[str, fx.Graph], variant: dict[str, set[fx.Node]],

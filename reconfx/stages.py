@@ -8,6 +8,8 @@ import os
 import time
 from collections.abc import Callable, Iterator
 
+from reconfx.memory import release
+
 __all__ = [
     "QUIET", "Stages"
 ]
@@ -28,6 +30,7 @@ class Stages:
             print(f"  {doing} ...", flush=True)
         start = time.perf_counter()
         yield
+        release()  # (what the stage freed, before the next one's peak)
         seconds = time.perf_counter() - start
         self.times[doing] = seconds
         if self.enabled:

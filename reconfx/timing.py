@@ -52,13 +52,14 @@ class Ratio:
 
 
 def interleaved_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15,
-                      cuda: bool = False, block_s: float = 0.005,
+                      cuda: bool = False, block_s: float = 0.005, budget_s: float = 20.0,
                       clock: Callable[[], float] = time.perf_counter) -> Ratio:
     """Time ``a`` and ``b`` in ``rounds`` rounds, each a block of calls of one then of the other
     (which goes first alternates), after a warm-up call of each; a block holds as many calls as
     take about ``block_s`` (at least one). A slow phase of the machine then slows both sides of
     a round alike, and the quartiles of the per-round ratios say how far the ratio can be
-    trusted."""
+    trusted. Calls so slow that ``rounds`` rounds would take over ``budget_s`` get fewer rounds
+    (at least 3): a billion-parameter model's forward pass takes seconds on a CPU."""
     sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def block(call: Callable[[], object], number: int) -> float:
@@ -69,8 +70,10 @@ def interleaved_ratio(a: Callable[[], object], b: Callable[[], object], rounds: 
         sync()
         return (clock() - start) / number
 
-    first = max(block(a, 1), block(b, 1), 1e-9)  # (warm-up)
+    warm_a, warm_b = block(a, 1), block(b, 1)  # (warm-up)
+    first = max(warm_a, warm_b, 1e-9)
     number = max(1, int(block_s / first))
+    rounds = min(rounds, max(3, int(budget_s // max(warm_a + warm_b, 1e-9))))
     times_a, times_b = [], []
     for round_ in range(rounds):
         if round_ % 2:

@@ -51,3 +51,13 @@ def test_noise_wider_than_the_effect_is_not_reported():
 def test_the_rule():
     assert Ratio(1, 2, median=1.5, low=1.4, high=1.6, rounds=15).clear
     assert not Ratio(1, 1, median=1.05, low=0.9, high=1.2, rounds=15).clear
+
+
+def test_slow_calls_get_fewer_rounds_within_the_budget():
+    # A forward pass of seconds (a billion-parameter model on a CPU): 15 rounds would take
+    # minutes, so the rounds shrink to the 20 s budget, and never below 3.
+    ratio, clock = measure([2.0], [3.0])
+    assert ratio.rounds == 4 and clock.calls == {"a": 5, "b": 5}
+    assert ratio.median == 1.5
+    ratio, clock = measure([30.0], [30.0])
+    assert ratio.rounds == 3 and clock.calls == {"a": 4, "b": 4}
