@@ -554,7 +554,23 @@ def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
     """``module`` with its eval graph's exact regions batched (a new module over the same
     submodules; its train graph ordered like the eval graph, see :func:`_align`), or ``module``
     itself when no region qualifies. ``batch_inputs`` are the inputs whose axis 0 is the batch;
-    the example is also run one item larger to see what depends on the batch."""
+    the example is also run one item larger to see what depends on the batch. On
+    docs/passes.md's two-head model branched at ``fc2`` (the eval graph; tests/test_passes.py
+    checks both listings)::
+
+        Before:                  After:
+        x = input                x = input
+        fc1 = fc1(x)             fc1 = fc1(x)
+        relu = relu(fc1)         relu = relu(fc1)
+        fc2 = fc2.a(relu)        fc2 = fc2.a(relu)
+        fc2_1 = fc2.b(relu)      fc2_1 = fc2.b(relu)
+        fc3 = fc3(fc2)           stream_regions_shared_fc3 = stream_regions.shared_fc3(fc2, fc2_1)
+        fc3_1 = fc3(fc2_1)       getitem = getitem(stream_regions_shared_fc3, 0)
+        a = a(fc3)               getitem_1 = getitem(stream_regions_shared_fc3, 1)
+        b = b(fc3_1)             a = a(getitem)
+        return {'a': a, 'b': b}  b = b(getitem_1)
+                                 return {'a': a, 'b': b}
+    """
     if not batch_inputs:
         return module
     grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}

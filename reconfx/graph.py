@@ -227,7 +227,19 @@ def collapse(graph: fx.Graph, partitions: Mapping[Hashable, Collection[fx.Node]]
     stands for each of its nodes read outside it; ``copy(new, node, env)`` writes any other
     node (default: ``new.node_copy``), returning None to drop it. The one mechanism behind
     tier 2's re-lifting of module calls and stream batching's regions; raises ValueError when
-    a partition is not convex (an input of it depends on it)."""
+    a partition is not convex (an input of it depends on it). With ``fc2`` and ``fc3`` one
+    partition ``block`` (tests/test_passes.py checks both listings)::
+
+        Before:                  After:
+        x = input                x = input
+        fc1 = fc1(x)             fc1 = fc1(x)
+        relu = relu(fc1)         relu = relu(fc1)
+        fc2 = fc2(relu)          block = block(relu)
+        fc3 = fc3(fc2)           a = a(block)
+        a = a(fc3)               b = b(block)
+        b = b(fc3)               return {'a': a, 'b': b}
+        return {'a': a, 'b': b}
+    """
     part_of = {n: _Part(key) for key, ns in partitions.items() for n in ns}
 
     def unit(n: fx.Node) -> Hashable:

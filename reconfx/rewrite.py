@@ -102,7 +102,22 @@ def _task_target(node: fx.Node, per_task: set[str], branched_params: set[str], t
 
 def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
            norm_stats: str = "per_task") -> Branched:
-    """Branch ``layers`` (from :func:`reconfx.layers.inventory`) into per-task copies."""
+    """Branch ``layers`` (from :func:`reconfx.layers.inventory`) into per-task copies. On
+    docs/passes.md's two-head model with ``fc2`` chosen (listings by
+    :func:`reconfx.graph.listing`; tests/test_passes.py checks both)::
+
+        Before:                          After:
+        x = input                        x = input
+        fc1 = fc1(x)                     fc1 = fc1(x)
+        relu = relu(fc1)                 relu = relu(fc1)
+        fc2 = fc2(relu)                  fc2 = fc2.a(relu)
+        fc3 = fc3(fc2)                   fc2_1 = fc2.b(relu)
+        a = a(fc3)                       fc3 = fc3(fc2)
+        b = b(fc3)                       fc3_1 = fc3(fc2_1)
+        return {'a': a, 'b': b}          a = a(fc3)
+                                         b = b(fc3_1)
+                                         return {'a': a, 'b': b}
+    """
     # One deepcopy over everything the graphs reference keeps ties between modules; the
     # tensors stay shared with ``traced`` (a second copy of a large model's weights would not
     # fit beside it), and only the branched layers' tensors are copied, once per task, below.

@@ -97,6 +97,26 @@ def test_trace_select_branch_batch_emit_on_one_small_model():
 '''
     assert "self.fc2 = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})" in source
 
+    # each pass's docstring sketches these listings (Before/After), so the sketch cannot drift
+    assert sketch(reconfx.branch) == (listing(traced.module.train_graph),
+                                      listing(branched.module.train_graph))
+    assert sketch(batch_streams) == (listing(branched.module.eval_graph),
+                                     listing(batched.eval_graph))
+
+
+def sketch(function) -> tuple[list[str], list[str]]:
+    """The Before and After columns of ``function``'s docstring sketch."""
+    lines = function.__doc__.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("Before:"))
+    column = lines[start].index("After:")
+    before, after = [], []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        before += [line[:column].strip()] if line[:column].strip() else []
+        after += [line[column:].strip()] if line[column:].strip() else []
+    return before, after
+
 
 def test_collapse_makes_each_partition_one_call_placed_where_its_inputs_allow():
     # The one mechanism behind tier 2's re-lifted module calls and stream batching's regions.
@@ -112,6 +132,7 @@ def test_collapse_makes_each_partition_one_call_placed_where_its_inputs_allow():
     assert listing(collapsed) == [
         "x = input", "fc1 = fc1(x)", "relu = relu(fc1)", "block = block(relu)",
         "a = a(block)", "b = b(block)", "return {'a': a, 'b': b}"]
+    assert sketch(collapse) == (listing(graph), listing(collapsed))
 
     # fc1 and fc3 without fc2 in between: fc2 reads the partition and the partition reads it
     with pytest.raises(ValueError, match="not convex"):
