@@ -75,12 +75,12 @@ def compile_once(model: torch.nn.Module, example: dict[str, torch.Tensor],
         containers = branched.containers
         calls.contiguous_streams(branched.module, containers)
         emitted = calls.collapse_calls(branched.module, model, containers, [example])
-        emit_python(emitted, "Bench", "Benchmark model.", containers)
+        emit_python(emitted, "Bench", doc="Benchmark model.", task_containers=containers)
         streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
         inlined = {c for c in containers if not any(calls.under(c, p) for p in streams)}
         emit_python(calls.collapse_calls(traced.module, model, inlined, [example], streams),
                     "Bench",
-                    "Benchmark model.")
+                    doc="Benchmark model.")
     return clock
 
 
@@ -115,7 +115,8 @@ def bert_case(factor: int, repeats: int) -> dict[str, float]:
                                           num_attention_heads=12, intermediate_size=3072))
     example = {"input_ids": torch.randint(0, 30522, (2, 16))}
     heads = {t: HeadSpec(out_features=2, pool="mean") for t in TASKS}
-    model = attach_heads(backbone, "last_hidden_state", heads, example, "bench").eval()
+    model = attach_heads(backbone, "last_hidden_state", heads=heads, example=example,
+                         where="bench").eval()
     last = 12 * factor - 1
     dynamic = {"input_ids": [0, 1]}
     times = median_clock(lambda: compile_once(model, example, {t: t for t in TASKS}, dynamic,

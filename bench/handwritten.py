@@ -107,7 +107,8 @@ def bert_pair(tasks: list[str]) -> tuple[nn.Module, nn.Module, Callable[[int], d
                                           attention_probs_dropout_prob=0.0))
     example = {"input_ids": torch.randint(0, 30522, (2, SEQ))}
     heads = {t: HeadSpec(out_features=10, pool="mean") for t in tasks}
-    base = attach_heads(backbone, "last_hidden_state", heads, example, "bench").eval()
+    base = attach_heads(backbone, "last_hidden_state", heads=heads, example=example,
+                        where="bench").eval()
     compiled = compiled_from(base, example, tasks,
                              ["backbone.encoder.layer.2.*", "backbone.encoder.layer.3.*"],
                              "export", dynamic={"input_ids": [0, 1]})

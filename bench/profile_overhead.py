@@ -50,7 +50,7 @@ def bert_small(tasks: list[str]):
                                           attention_probs_dropout_prob=0.0))
     example = {"input_ids": torch.randint(0, 30522, (8, 32))}
     heads = {t: HeadSpec(out_features=10, pool="mean") for t in tasks}
-    model = attach_heads(backbone, "last_hidden_state", heads, example, "bench")
+    model = attach_heads(backbone, "last_hidden_state", heads=heads, example=example, where="bench")
     targets = {t: torch.randint(0, 10, (8,)) for t in tasks}
     return model, example, targets
 

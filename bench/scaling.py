@@ -44,7 +44,8 @@ def bert(tasks: list[str]):
                                           num_attention_heads=12, intermediate_size=3072))
     example = {"input_ids": torch.randint(0, 30522, (8, 32))}
     heads = {t: HeadSpec(out_features=2, pool="mean") for t in tasks}
-    model = attach_heads(backbone, "last_hidden_state", heads, example, "bench").eval()
+    model = attach_heads(backbone, "last_hidden_state", heads=heads, example=example,
+                         where="bench").eval()
     return model, example, {"input_ids": [0, 1]}, "export"
 
 
@@ -56,8 +57,8 @@ def compile_k(model, example, dynamic, tier, tasks, fraction):
     chosen = shared[len(shared) - k:] if k else []
     branched = branch(traced.module, chosen, tasks)
     containers = {p for x in chosen for p in x.paths} | set(branched.per_task_norms)
-    emit_python(branched.module, "Bench", "Benchmark model.", containers)
-    emit_python(traced.module, "Bench", "Benchmark model.")
+    emit_python(branched.module, "Bench", doc="Benchmark model.", task_containers=containers)
+    emit_python(traced.module, "Bench", doc="Benchmark model.")
     return time.perf_counter() - start, branched.module.eval(), k, len(shared)
 
 

@@ -128,7 +128,8 @@ def bert_small(tasks: list[str]):
                                           num_attention_heads=8, intermediate_size=2048))
     example = {"input_ids": torch.randint(0, 30522, (2, SEQ))}
     heads = {t: HeadSpec(out_features=10, pool="mean") for t in tasks}
-    model = attach_heads(backbone, "last_hidden_state", heads, example, "bench").eval()
+    model = attach_heads(backbone, "last_hidden_state", heads=heads, example=example,
+                         where="bench").eval()
     return (model, lambda b: {"input_ids": torch.randint(0, 30522, (b, SEQ))}, "export",
             {"input_ids": [0, 1]}, ["backbone.encoder.layer.2.attention.self.query"])
 

@@ -362,9 +362,9 @@ def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
         given = [i.name for i in spec.inputs if i.to_backbone]
         run_example(model, {k: example[k] for k in given}, spec, spec_path)
         heads = {t.name: t.head for t in spec.tasks}
-        model = attach_heads(model, spec.backbone.feature, heads, example,
-                             f"{where}.feature",
-                             None if len(given) == len(spec.inputs) else given)
+        model = attach_heads(model, spec.backbone.feature, heads=heads, example=example,
+                             where=f"{where}.feature",
+                             backbone_inputs=None if len(given) == len(spec.inputs) else given)
     return model.eval()
 
 

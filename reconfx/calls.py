@@ -389,7 +389,7 @@ class _StreamRun(fx.Interpreter):
         return self.fetch_attr(str(target).replace(MARK, self.task))
 
 
-def collapse_calls(module: DualGraphModule, model: nn.Module, containers: set[str],
+def collapse_calls(module: DualGraphModule, model: nn.Module, *, containers: set[str],
              examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str] = (),
              buildable: Callable[[nn.Module], bool] = lambda _m: True) -> DualGraphModule:
     """See :func:`_collapse`; ``module`` itself where collapsing fails (the source then writes

@@ -73,8 +73,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     chosen: set[str] = set()
     problem = None
     try:
-        chosen = {layer.name for layer in select_layers(
-            prepared.layers, s.select, str(prepared.loaded.path), scores, len(s.tasks))}
+        chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
+                                                        where=str(prepared.loaded.path),
+                                                        scores=scores, tasks=len(s.tasks))}
     except SelectionError as exc:
         problem = str(exc)
     if args.json:

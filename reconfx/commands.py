@@ -193,7 +193,7 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
         checkpoint.extra["profile"] = result.counter.state_dict()
     compiled = branch_checked(prepared, stages=stages)  # (by the scores profiling wrote)
     board = out / TENSORBOARD if s.export.tensorboard else None
-    trained = train_compiled(compiled, progress, checkpoints=out / CHECKPOINTS if w.main
+    trained = train_compiled(compiled, progress=progress, checkpoints=out / CHECKPOINTS if w.main
                              else None, resume=checkpoint, tensorboard=board)
     counter = trained.fitted.conflicts
     after = None
@@ -212,7 +212,8 @@ def _run(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Emitted
               tuple(result.warnings()) if result is not None else (),
               (checkpoint.note,) if checkpoint.note else ())
     if w.main:  # the other ranks hold the same weights and counters
-        emitted = write_model(compiled, out, "run", progress, stages, ran)
+        emitted = write_model(compiled, out, command="run", progress=progress, stages=stages,
+                              ran=ran)
         checkpoint.clear()
     else:
         emitted = Emitted(compiled, out, (), compiled.checks, ran=ran)
@@ -255,7 +256,7 @@ def evaluate_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = No
     model = artifacts.load(output_dir(loaded, out_dir))
     data = call_data_factory(s.data, split, s.train.seed, f"{where}: data", s.inputs)
     with threads(s.train.threads), located(where):
-        values = evaluate(model, data, s.task_names, metrics)
+        values = evaluate(model, data, tasks=s.task_names, metrics=metrics)
     baselines = {t.name: t.baseline for t in s.tasks if t.baseline is not None}
     named = {t: m for t, (_n, m) in zip(s.task_names, metrics, strict=True)}
     delta = delta_m(values, baselines, named) if len(baselines) == len(s.tasks) else None
@@ -361,8 +362,9 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     checkpoint = open_checkpoint(loaded, out, "profile", resume)
     result = profile_prepared(prepared, progress and w.main, checkpoint)
     cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
-    chosen = select_layers(prepared.layers, s.select, str(loaded.path), result.scores(),
-                           len(s.tasks), cost) if s.select is not None else []
+    chosen = select_layers(prepared.layers, s.select, where=str(loaded.path),
+                           scores=result.scores(), tasks=len(s.tasks),
+                           cost=cost) if s.select is not None else []
     written: list[Path] = []
     if w.main:  # every rank holds the same counters
         with artifacts.Staging(out) as staging:
@@ -439,8 +441,8 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, 
     with artifacts.Staging(out) as staging:
         with stages(f"exporting {name}", lambda: f"exported {name} ({exported.exporter} "
                     f"exporter), I5 holds on {exported.provider}"):
-            exported = onnx_for_spec(loaded, model, staging.path / name, examples, task,
-                                     options)
+            exported = onnx_for_spec(loaded, model, path=staging.path / name, examples=examples,
+                                     task=task, overrides=options)
         files = [staging.adopt(p.name).name for p in staging.path.glob(f"{name}*")]
         report = out / "report.md"
         text = outdir.read_regular(report, 64 << 20).decode("utf-8", errors="replace") \
@@ -474,14 +476,14 @@ def export_hf(target: LoadedSpec | str | Path, out_dir: str | Path | None = None
         with artifacts.Staging(out) as staging:
             with stages("writing the Hugging Face format", "wrote the Hugging Face format "
                         "(AutoModel.from_pretrained loads it and matches model.py)"):
-                files = write_hf(staging, loaded, model, model_py, text, spec_examples(
-                    loaded.spec))
+                files = write_hf(staging, loaded, model=model, model_py=model_py, report=text,
+                                 examples=spec_examples(loaded.spec))
             return staging.commit_with_manifest("export", loaded.path, loaded.sha256,
                                                 loaded.spec.train.seed, files,
                                                 class_name(loaded.spec.name))
 
 
-def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, model: nn.Module, model_py: str,
+def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, *, model: nn.Module, model_py: str,
              report: str, examples: list[dict[str, torch.Tensor]]) -> list[str]:
     """The Hugging Face format's files (:mod:`reconfx.emit.hf`) for the emitted ``model``
     (its ``model.py`` text ``model_py``), staged and checked: transformers'
@@ -503,9 +505,9 @@ def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, model: nn.Module, m
         "config.json": hf.config_json(name, s.task_names, inputs, transformers.__version__),
         f"{hf.CONFIG_MODULE}.py": hf.CONFIGURATION,
         f"{hf.MODELING_MODULE}.py": hf.modeling_source(model_py, name, inputs),
-        "README.md": hf.model_card(report, name, s.name, s.task_names, inputs, made_from,
-                                   source,
-                                   os.path.lexists(staging.path / "conflicts.png")
+        "README.md": hf.model_card(report, name, spec_name=s.name, tasks=s.task_names,
+                                   inputs=inputs, made_from=made_from, source=source,
+                                   chart=os.path.lexists(staging.path / "conflicts.png")
                                    or os.path.lexists(staging.out_dir / "conflicts.png")),
     }
     for file, text in texts.items():
@@ -581,7 +583,7 @@ def replace_section(text: str, heading: str, lines: list[str]) -> str:
     return text[:start + 1] + body + ("\n" + text[end + 1:] if end >= 0 else "")
 
 
-def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
+def write_model(compiled: Compiled, out_dir: Path, *, command: str = "compile",
                 progress: bool = False, stages: Stages = QUIET, ran: Ran | None = None
                 ) -> Emitted:
     """Emit ``compiled`` (after ``run``: with its trained weights and ``ran``'s results), check
@@ -620,8 +622,9 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         if "onnx" in s.export.formats:
             with stages("exporting ONNX", lambda: f"exported model.onnx ({exported.exporter} "
                         f"exporter), I5 holds on {exported.provider}"):
-                exported = onnx_for_spec(prepared.loaded, reloaded, staging.path / "model.onnx",
-                                         prepared.examples)
+                exported = onnx_for_spec(prepared.loaded, reloaded,
+                                         path=staging.path / "model.onnx",
+                                         examples=prepared.examples)
             results += ["", *exported.report()]
             files += [staging.adopt(p.name).name for p in staging.path.glob("model.onnx*")]
         report = compile_report(ReportFacts(
@@ -636,8 +639,9 @@ def write_model(compiled: Compiled, out_dir: Path, command: str = "compile",
         if "hf" in s.export.formats:
             with stages("writing the Hugging Face format", "wrote the Hugging Face format "
                         "(AutoModel.from_pretrained loads it and matches model.py)"):
-                files += write_hf(staging, prepared.loaded, reloaded, sources.model_py,
-                                  report, prepared.examples)
+                files += write_hf(staging, prepared.loaded, model=reloaded,
+                                  model_py=sources.model_py, report=report,
+                                  examples=prepared.examples)
         if ran is not None:
             files.append(staging.write_text("metrics.csv", csv_text(ran.fitted.history)).name)
             files.append(staging.write_text("steps.csv", csv_text(ran.fitted.steps)).name)

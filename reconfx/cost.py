@@ -177,4 +177,4 @@ def latency(original: nn.Module, compiled: nn.Module, example: dict[str, torch.T
         original.eval()
         compiled.eval()
         return interleaved_ratio(lambda: original(**example), lambda: compiled(**example),
-                                 rounds, cuda)
+                                 rounds=rounds, cuda=cuda)

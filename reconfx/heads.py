@@ -134,7 +134,7 @@ def _parameters(function: Any) -> list[str]:
         return []
 
 
-def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
+def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], *, field: str | None,
                     input_names: Sequence[str], pools: dict[str, tuple[Pool, str]] | None = None,
                     backbone_inputs: Sequence[str] | None = None,
                     resizes: dict[str, str] | None = None) -> MultiTaskModel:
@@ -154,7 +154,7 @@ def _field(out: Any, name: str) -> Any:
     return out[name] if isinstance(out, dict) else getattr(out, name)
 
 
-def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
+def attach_heads(backbone: nn.Module, feature: str, *, heads: dict[str, HeadSpec],
                  example: dict[str, torch.Tensor], where: str,
                  backbone_inputs: Sequence[str] | None = None) -> MultiTaskModel:
     """Build the multi-task model; head input sizes come from one run on the example inputs.
@@ -194,8 +194,9 @@ def attach_heads(backbone: nn.Module, feature: str, heads: dict[str, HeadSpec],
     dtype = value.dtype if value.is_floating_point() else None
     built = {name: build_head(spec, in_features(value, spec), value.dim()).to(dtype)
              for name, spec in heads.items()}
-    return multitask_model(backbone, built, field, list(example), pools,
-                           None if backbone_inputs is None else list(backbone_inputs), resizes)
+    return multitask_model(backbone, built, field=field, input_names=list(example), pools=pools,
+                           backbone_inputs=None if backbone_inputs is None
+                           else list(backbone_inputs), resizes=resizes)
 
 
 def _tap(backbone: nn.Module, feature: str, example: dict[str, torch.Tensor],

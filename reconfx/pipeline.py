@@ -157,8 +157,8 @@ def branch_checked(prepared: Prepared, scores: Scores | None = None,
     scores = scores_in(prepared.traced.module, prepared.layers)
     with stages("selecting", lambda: "\n  ".join(selection_lines(selection))):
         cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
-        chosen = select_layers(prepared.layers, s.select, str(prepared.loaded.path), scores,
-                               len(s.tasks), cost)
+        chosen = select_layers(prepared.layers, s.select, where=str(prepared.loaded.path),
+                               scores=scores, tasks=len(s.tasks), cost=cost)
         selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module))
     with stages("branching and checking I1-I3", "branched; I1-I3 hold"):
         return _branched_and_checked(prepared, chosen, scores, selection)
@@ -221,7 +221,7 @@ class Trained:
     sparse: SparseMask | None
 
 
-def train_compiled(compiled: Compiled, progress: bool = True,
+def train_compiled(compiled: Compiled, *, progress: bool = True,
                    data: dict[str, torch.utils.data.Dataset] | None = None,
                    checkpoints: Path | None = None, resume: Checkpoint | None = None,
                    tensorboard: Path | None = None) -> Trained:
@@ -246,7 +246,7 @@ def train_compiled(compiled: Compiled, progress: bool = True,
                      batches=train_batches(data["train"], s), val_data=data["val"],
                      settings=s.train, progress=progress, threshold=s.profile.threshold,
                      sparse=sparse, checkpoints=checkpoints, resume=resume, tensorboard=tensorboard)
-        test = evaluate(module, data["test"], s.task_names, metrics,
+        test = evaluate(module, data["test"], tasks=s.task_names, metrics=metrics,
                         world=distributed.world())
     return Trained(fitted, test, shared, metrics, sparse)
 
@@ -364,17 +364,19 @@ def emit_sources(compiled: Compiled) -> Sources:
     copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
     streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
     model_py = emit_python(
-        emitted, name, doc_model,
-        {c for c in branched.containers if not any(calls.under(c, p) for p in copies)}
-        | set(copies), notes, factory, settings)
+        emitted, name, doc=doc_model,
+        task_containers={c for c in branched.containers
+                         if not any(calls.under(c, p) for p in copies)} | set(copies),
+        branch_notes=notes, factory=factory, settings=settings)
     # The original calls whole the submodules model.py calls whole or copies per task (opening
     # the modules around them as model.py does), writes out the rest, and writes as classes of
     # their own those model.py writes as generated classes, so the diff shows only the surgery.
     inlined = {c for c in branched.containers
                if not any(calls.under(c, p) for p in [*streams, *copies])} | set(copies)
     original_py = emit_python(called(prepared.traced.module, containers=inlined,
-                                     opened=streams), name, doc_original, set(), None, factory,
-                              settings)
+                                     opened=streams), name, doc=doc_original,
+                              task_containers=set(), branch_notes=None, factory=factory,
+                              settings=settings)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
         "original.py", "model.py"))
@@ -451,7 +453,7 @@ def onnx_cases(loaded: LoadedSpec, examples: list[dict[str, torch.Tensor]]
     return cases
 
 
-def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
+def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, *, path: Path,
                   examples: list[dict[str, torch.Tensor]], task: str | None = None,
                   overrides: dict[str, Any] | None = None) -> OnnxExport:
     """Export and check ``model`` as the spec describes it (inputs, tasks, dynamic axes and
@@ -469,9 +471,10 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, path: Path,
     chosen = {**s.export.onnx.model_dump(), **given}
     options = OnnxOptions(**chosen, transformer=transformer_shape(loaded)
                           if chosen.get("optimize") else None)
-    return export_onnx(model, [i.name for i in s.inputs], tasks,
-                       {i.name: i.dynamic for i in s.inputs}, onnx_cases(loaded, examples),
-                       path, options, every_task=task is None)
+    return export_onnx(model, [i.name for i in s.inputs], tasks=tasks,
+                       dynamic={i.name: i.dynamic for i in s.inputs},
+                       cases=onnx_cases(loaded, examples), path=path, options=options,
+                       every_task=task is None)
 
 
 def transformer_shape(loaded: LoadedSpec) -> tuple[str, int, int] | None:

@@ -47,7 +47,7 @@ def explicit_choice(spec: SelectSpec | None) -> Callable[[str], bool] | None:
     return chosen
 
 
-def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "spec",
+def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = "spec",
                   scores: dict[str, int] | None = None, tasks: int = 2,
                   cost: CostModel | None = None) -> list[Layer]:
     """The layers to branch, in graph order.
@@ -114,7 +114,7 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, where: str = "sp
     return sorted(chosen, key=lambda layer: layer.order)
 
 
-def matched_random(pool: list[Layer], target: int, seed: int, tasks: int = 2,
+def matched_random(pool: list[Layer], target: int, *, seed: int, tasks: int = 2,
                    tolerance: float = 0.1, draws: int = 10_000) -> list[Layer]:
     """Random layers whose added parameters ((T−1) × theirs) are within ``tolerance`` of
     ``target`` (a parameter-matched ablation of a chosen set): each draw shuffles the pool

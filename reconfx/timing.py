@@ -51,7 +51,7 @@ class Ratio:
         return self.high - self.low < abs(self.median - 1)
 
 
-def interleaved_ratio(a: Callable[[], object], b: Callable[[], object], rounds: int = 15,
+def interleaved_ratio(a: Callable[[], object], b: Callable[[], object], *, rounds: int = 15,
                       cuda: bool = False, block_s: float = 0.005, budget_s: float = 20.0,
                       clock: Callable[[], float] = time.perf_counter) -> Ratio:
     """Time ``a`` and ``b`` in ``rounds`` rounds, each a block of calls of one then of the other

@@ -195,8 +195,8 @@ def _keep_spec_placeholders(graph: fx.Graph, input_names: Sequence[str]) -> None
 # Tier 2: torch.export + re-lifting
 # ---------------------------------------------------------------------------------------------
 
-def export_trace(model: nn.Module, example: dict[str, torch.Tensor], dynamic: dict[str, list[int]],
-                 training: bool, notes: list[str],
+def export_trace(model: nn.Module, example: dict[str, torch.Tensor], *,
+                 dynamic: dict[str, list[int]], training: bool, notes: list[str],
                  leaves: Sequence[str] = ()) -> tuple[fx.Graph, dict[str, Any]]:
     """Export in one mode and re-lift leaf modules. Returns the graph (its output node keeps
     the flat outputs in ``meta["flat_outputs"]``) and the attribute table its get_attr and
@@ -555,7 +555,8 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         try:
             graphs, attrs = [], {}
             for mode in (True, False):
-                graph, table = export_trace(model, example, dynamic, mode, notes, leaves)
+                graph, table = export_trace(model, example, dynamic=dynamic, training=mode,
+                                            notes=notes, leaves=leaves)
                 _follow_input_device(graph)
                 attrs.update(table)
                 _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")

@@ -153,10 +153,11 @@ def test_mean_iou_is_taken_over_the_whole_split_not_averaged_over_batches():
     want = [((predicted == c) & (labels == c)).sum().double()
             / ((predicted == c) | (labels == c)).sum()
             for c in range(4)]
-    got = evaluate(_Logits(), items, ["seg"], [("miou", METRICS["miou"])], batch_size=3)
+    got = evaluate(_Logits(), items, tasks=["seg"], metrics=[("miou", METRICS["miou"])],
+                   batch_size=3)
     assert got["seg"] == pytest.approx(float(torch.stack(want).mean()), abs=1e-12)
-    accuracy = evaluate(_Logits(), items, ["seg"], [("accuracy", METRICS["accuracy"])],
-                        batch_size=3)
+    accuracy = evaluate(_Logits(), items, tasks=["seg"],
+                        metrics=[("accuracy", METRICS["accuracy"])], batch_size=3)
     assert accuracy["seg"] == pytest.approx(float((predicted == labels).double().mean()))
 
 
@@ -166,7 +167,7 @@ def test_a_metric_that_cannot_read_the_output_names_the_task_and_the_field():
 
     items = [({"logits": torch.randn(4, 5, 5)}, {"seg": torch.rand(5, 5)}) for _ in range(3)]
     with pytest.raises(ModelError) as raised:
-        evaluate(_Logits(), items, ["seg"], [("miou", METRICS["miou"])], batch_size=3)
+        evaluate(_Logits(), items, tasks=["seg"], metrics=[("miou", METRICS["miou"])], batch_size=3)
     assert str(raised.value).startswith(
         "tasks[0].metric: the metric 'miou' of task 'seg' cannot read the model's output "
         "(3, 4, 5, 5) torch.float32 with the target (3, 5, 5) torch.float32: ")

@@ -98,10 +98,10 @@ def test_matched_random_draws_layers_adding_the_target_parameters():
     pool = [Layer(f"l{i}", "Conv2d", (f"l{i}",), (), n, ("a", "b"), i)
             for i, n in enumerate([100, 250, 400, 800, 1600, 3200])]
     for seed in range(20):
-        chosen = matched_random(pool, 1000, seed)
+        chosen = matched_random(pool, 1000, seed=seed)
         assert 900 <= sum(layer.num_params for layer in chosen) <= 1100
         assert [layer.order for layer in chosen] == sorted(layer.order for layer in chosen)
-    assert len({tuple(x.name for x in matched_random(pool, 1000, s)) for s in range(20)}) > 1
+    assert len({tuple(x.name for x in matched_random(pool, 1000, seed=s)) for s in range(20)}) > 1
 
 
 def test_rejects_explicit_selection_and_unknown_aggregator(tmp_path, capsys):

@@ -74,7 +74,8 @@ def test_trace_select_branch_batch_emit_on_one_small_model():
         torch.testing.assert_close(got[task], want[task], rtol=0, atol=1e-6)
 
     # emit: the source a reviewer reads; training takes the streams one by one
-    source = reconfx.emit_python(batched, "TwoHeadsBranched", "doc", branched.containers).source
+    source = reconfx.emit_python(batched, "TwoHeadsBranched", doc="doc",
+                                 task_containers=branched.containers).source
     forward = source[source.index("    def forward("):]
     assert forward == '''    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         fc1 = self.fc1(x)

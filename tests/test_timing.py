@@ -24,7 +24,7 @@ class ScriptedClock:
 
 def measure(a, b, rounds=15):
     clock = ScriptedClock(a, b)
-    return interleaved_ratio(lambda: clock.call("a"), lambda: clock.call("b"), rounds,
+    return interleaved_ratio(lambda: clock.call("a"), lambda: clock.call("b"), rounds=rounds,
                              block_s=0.0, clock=clock), clock
 
 

@@ -103,7 +103,7 @@ def test_fit_learns_multidigits(branched, tmp_path):
     shared = [x for x in inventory(module, s.task_names) if x.shared]
     metrics = metric_functions(list(s.tasks), "s")
     val = call_data_factory(s.data.model_copy(update={"kwargs": {"size": 256}}), "val", 0, "s")
-    before = evaluate(module, val, s.task_names, metrics)
+    before = evaluate(module, val, tasks=s.task_names, metrics=metrics)
     result = fit(module, shared=shared, tasks=s.task_names,
                  loss_fns=loss_functions(list(s.tasks), "s"), metrics=metrics,
                  aggregate=aggregator("ew", 2), batches=Batches(data, 32, 0, drop_last=True),
@@ -112,7 +112,7 @@ def test_fit_learns_multidigits(branched, tmp_path):
     assert len(result.history) == 3
     first, last = result.history[0], result.history[-1]
     assert last["loss/left"] < first["loss/left"] and last["loss/right"] < first["loss/right"]
-    after = evaluate(module, val, s.task_names, metrics)
+    after = evaluate(module, val, tasks=s.task_names, metrics=metrics)
     assert after == result.best  # the best epoch's weights are the ones kept
     assert after["left"] > before["left"] and after["right"] > before["right"]
     # Checkpoints: best.safetensors holds the kept weights, last.safetensors the final epoch's.

@@ -156,7 +156,7 @@ def index_json(state: dict[str, torch.Tensor], files: list[tuple[str, list[str]]
                       indent=2, sort_keys=True) + "\n"
 
 
-def model_card(report_md: str, class_name: str, spec_name: str, tasks: Sequence[str],
+def model_card(report_md: str, class_name: str, *, spec_name: str, tasks: Sequence[str],
                inputs: Sequence[str], made_from: str, source: str | None, chart: bool) -> str:
     """``README.md``: Hugging Face metadata, what the model is, how to load it, then the
     sections of ``report.md`` a reader of the card needs."""

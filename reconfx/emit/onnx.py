@@ -384,7 +384,7 @@ def _why(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {line[:300]}" if line else type(exc).__name__
 
 
-def export_onnx(model: nn.Module, inputs: list[str], tasks: list[str],
+def export_onnx(model: nn.Module, inputs: list[str], *, tasks: list[str],
                 dynamic: dict[str, list[int] | dict[int, str]],
                 cases: list[tuple[str, dict[str, torch.Tensor]]], path: Path,
                 options: OnnxOptions | None = None, every_task: bool = True) -> OnnxExport:

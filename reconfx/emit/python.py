@@ -1231,7 +1231,7 @@ def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
     return member("", module) is not None
 
 
-def emit_python(module: DualGraphModule, class_name: str, doc: str,
+def emit_python(module: DualGraphModule, class_name: str, *, doc: str,
                 task_containers: set[str] | None = None,
                 branch_notes: dict[str, str] | None = None,
                 factory: FactorySource | None = None, settings: Sequence[Any] = ()

@@ -184,10 +184,11 @@ class Experiment:
         prepared.traced.module.load_state_dict(initial)
         scores = profile_prepared(replace(prepared, loaded=loaded), progress=False).scores()
         s = loaded.spec
-        top = select_layers(prepared.layers, s.select, str(loaded.path), scores, len(s.tasks))
+        top = select_layers(prepared.layers, s.select, where=str(loaded.path), scores=scores,
+                            tasks=len(s.tasks))
         added = (len(s.tasks) - 1) * sum(layer.num_params for layer in top)
-        random = matched_random(candidates(prepared.layers, s.select), added, seed,
-                                len(s.tasks))
+        random = matched_random(candidates(prepared.layers, s.select), added, seed=seed,
+                                tasks=len(s.tasks))
         bar.update(1)
         for variant in self.variants:
             bar.set_postfix_str(f"seed {seed} {name} {variant}")
@@ -234,7 +235,7 @@ class Experiment:
                      metrics=metrics, aggregate=aggregator("ew", 1),
                      batches=train_batches(data["train"], s), val_data=data["val"],
                      settings=s.train, progress=False)
-        test = evaluate(module, data["test"], [task], metrics)
+        test = evaluate(module, data["test"], tasks=[task], metrics=metrics)
         return {"test": test, "best_epoch": fitted.best_epoch,
                 "seconds": round(time.perf_counter() - started, 1)}
 

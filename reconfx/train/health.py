@@ -87,7 +87,7 @@ def _node_text(module: nn.Module, node: fx.Node, largest: float, last_layer: str
 
 
 def locate_loss(module: nn.Module, inputs: dict[str, torch.Tensor],
-                targets: dict[str, torch.Tensor], tasks: list[str], losses: list[float],
+                *, targets: dict[str, torch.Tensor], tasks: list[str], losses: list[float],
                 rng: torch.Tensor, context: Callable[[], contextlib.AbstractContextManager]
                 ) -> TrainingError:
     """Why a task's loss is not finite: bad input, bad weights, or the first graph node whose

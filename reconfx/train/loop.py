@@ -52,7 +52,7 @@ class FitResult:
 
 
 @torch.no_grad()
-def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, tasks: list[str],
+def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, *, tasks: list[str],
              metrics: list[tuple[str, Metric]], batch_size: int = 256,
              world: World | None = None) -> dict[str, float]:
     """Each task's metric over the whole data set, in eval mode. With several ranks each
@@ -208,7 +208,7 @@ def fit(module: nn.Module, *, shared: list[Layer], tasks: list[str], loss_fns: l
                             "conflict/strong_share": strong / valid if valid else None})
             improved = False
             if val_data is not None:
-                values = evaluate(module, val_data, tasks, metrics, world=w)
+                values = evaluate(module, val_data, tasks=tasks, metrics=metrics, world=w)
                 row.update({f"val/{t}": v for t, v in values.items()})
                 score = sum(v if m.higher_is_better else -v
                             for v, (_n, m) in zip(values.values(), metrics, strict=True))

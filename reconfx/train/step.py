@@ -220,8 +220,9 @@ class MultiTaskStep:
                                  f"({', '.join(f'{v:.4g}' for v in self.values)}) while this "
                                  "rank's shard gives finite ones: see the other ranks' errors")
         return locate_loss(self.module, to_device(inputs, self.device),
-                           to_device(targets, self.device), self.tasks, self.values, rng,
-                           lambda: autocast(self.device, self.precision))
+                           targets=to_device(targets, self.device), tasks=self.tasks,
+                           losses=self.values, rng=rng,
+                           context=lambda: autocast(self.device, self.precision))
 
     def _gradient_fault(self, other_grads: list[torch.Tensor], matrix: torch.Tensor,
                         tasks: list[str]) -> Exception:
