@@ -95,14 +95,15 @@ class Selection:
     added_flops: int
     per_task_share: float  # of the original's FLOPs, what runs once per task after branching
     responsible: Layer | None
+    budget: tuple[str, ...] = ()  # a budget policy's purchase (selection.budget_lines)
 
     @classmethod
     def of(cls, layers: list[Layer], scores: dict[str, int] | None, cost: CostModel,
-           params: int) -> Selection:
+           params: int, budget: tuple[str, ...] = ()) -> Selection:
         added = cost.extra_flops(layers)
         share = added / ((cost.tasks - 1) * cost.total) if cost.total and cost.tasks > 1 else 0.0
         return cls(layers, scores, params, (cost.tasks - 1) * sum(x.num_params for x in layers),
-                   cost.total, added, share, cost.responsible(layers))
+                   cost.total, added, share, cost.responsible(layers), budget)
 
     def score(self, layer: Layer) -> str:
         describe = getattr(self.scores, "describe", None)
@@ -123,7 +124,13 @@ class Selection:
                 f"{100 * self.per_task_share:.0f}% of the model runs once per task")
 
     def warning(self) -> str | None:
-        """Where most of the network runs once per task, which layer makes it so."""
+        """Where most of the network runs once per task, which layer makes it so; where a
+        budget bought no layer, what the cheapest left out would have cost."""
+        if self.budget and not self.layers:
+            cheapest = f"; {self.budget[1]}" if len(self.budget) > 1 else ""
+            return (f"{self.budget[0].partition(' bought')[0]} bought no layer, so nothing is "
+                    f"branched{cheapest}: raise the budget, or narrow the candidates with "
+                    "select.include/exclude")
         if self.per_task_share <= 0.5 or self.responsible is None:
             return None
         return (f"branching at '{self.responsible.name}' makes "
@@ -141,13 +148,13 @@ def selection_lines(selection: Selection, limit: int = 8) -> list[str]:
     """The terminal's short table of the chosen layers and the selection's cost."""
 
     if not selection.layers:
-        return ["selected no layer"]
+        return ["selected no layer", *(f"  {line}" for line in selection.budget)]
     rows = [[r[0].strip("`"), r[1], r[2], r[3]] for r in selection.rows()]
     shown = rows[:limit] + ([[f"... {len(rows) - limit} more", "", "", ""]]
                             if len(rows) > limit else [])
     return [f"selected {len(rows)} layer(s):",
             *("  " + line.rstrip() for line in table(Selection.HEADERS[:4], shown).splitlines()),
-            f"  cost: {selection.summary()}"]
+            f"  cost: {selection.summary()}", *(f"  {line}" for line in selection.budget)]
 
 
 # -- measured on the built models ------------------------------------------------------------

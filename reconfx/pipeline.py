@@ -49,7 +49,7 @@ from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.profiling import Profile, Scores, annotate_scores, profile, restore_profile, scores_in
 from reconfx.rewrite import Branched, branch
-from reconfx.selection import check_patterns, explicit_choice, select_layers
+from reconfx.selection import budget_lines, check_patterns, explicit_choice, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
 from reconfx.streams import regions_of
@@ -159,7 +159,10 @@ def branch_checked(prepared: Prepared, scores: Scores | None = None,
         cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
         chosen = select_layers(prepared.layers, s.select, where=str(prepared.loaded.path),
                                scores=scores, tasks=len(s.tasks), cost=cost)
-        selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module))
+        budget = budget_lines(prepared.layers, s.select, scores, chosen, len(s.tasks), cost) \
+            if s.select is not None and scores is not None else []
+        selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module),
+                                 budget=tuple(budget))
     with stages("branching and checking I1-I3", "branched; I1-I3 hold"):
         return _branched_and_checked(prepared, chosen, scores, selection)
 

@@ -110,7 +110,8 @@ def compile_report(facts: ReportFacts) -> str:
     lines += ["", "## Branched layers", ""]
     if selection is not None and selection.layers:
         lines += [markdown_table(Selection.HEADERS, selection.rows()), "",
-                  f"- cost of the selection: {selection.summary()}"]
+                  f"- cost of the selection: {selection.summary()}",
+                  *(f"- {line}" for line in selection.budget)]
     else:
         rows = [[f"`{b.name}`", b.type, f"{b.num_params:,}", ", ".join(b.tasks)]
                 for b in branched]

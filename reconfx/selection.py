@@ -16,7 +16,8 @@ from reconfx.layers import Layer, is_glob, match_layers, path_matches
 from reconfx.spec import SelectSpec
 
 __all__ = [
-    "candidates", "check_patterns", "explicit_choice", "matched_random", "select_layers"
+    "budget_lines", "candidates", "check_patterns", "explicit_choice", "matched_random",
+    "select_layers"
 ]
 
 
@@ -54,11 +55,15 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = 
 
     Score-based policies rank the candidates by conflict score (``scores``, from a profile),
     ties broken by graph order: ``top_k`` takes the first k (all, with a warning, when k exceeds
-    the candidates), ``fraction`` the first ceil(f × candidates), ``param_budget`` the longest
-    prefix of the ranking whose added parameters ((T−1) × the layers' parameters) stay within the
-    given percent of the shared parameters, ``flops_budget`` the longest prefix whose FLOP
-    increase (``cost``) stays within the given percent of the original's FLOPs, ``min_score``
-    every candidate scoring at least that.
+    the candidates), ``fraction`` the first ceil(f × candidates), ``min_score`` every candidate
+    scoring at least that. The budgets buy the most conflict they can afford (layers scoring 0
+    buy none): ``param_budget`` the set of layers with the highest total score whose added
+    parameters ((T−1) × theirs) stay within the given percent of the candidates' parameters (an
+    exact 0/1 knapsack; among equal totals the fewest parameters), ``flops_budget`` the
+    candidates in ranking order, each taken where the FLOP increase of the layers taken so far
+    and it (``cost``; a layer after a branch point adds nothing more) stays within the given
+    percent of the original's FLOPs, so a costly top layer is passed over for the next ones
+    (:func:`budget_lines` says what was bought and what was left out).
     ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them.
     """
     if spec is None:
@@ -94,24 +99,83 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = 
         chosen = ranked[:math.ceil(spec.fraction * len(ranked))]
     elif policy == "param_budget":
         budget = spec.param_budget / 100 * sum(layer.num_params for layer in pool)
-        chosen, added = [], 0
-        for layer in ranked:
-            added += (tasks - 1) * layer.num_params
-            if added > budget:
-                break
-            chosen.append(layer)
+        chosen = _knapsack([x for x in ranked if scores[x.name] > 0], scores, tasks, budget)
     elif policy == "flops_budget":
         if cost is None:
             raise ValueError("select.flops_budget needs the cost model")
         limit = spec.flops_budget / 100 * cost.total
         chosen = []
         for layer in ranked:
-            if cost.extra_flops([*chosen, layer]) > limit:
-                break
-            chosen.append(layer)
+            if scores[layer.name] > 0 and cost.extra_flops([*chosen, layer]) <= limit:
+                chosen.append(layer)
     else:
         chosen = [layer for layer in ranked if scores[layer.name] >= spec.min_score]
     return sorted(chosen, key=lambda layer: layer.order)
+
+
+def _knapsack(ranked: list[Layer], scores: dict[str, int], tasks: int, budget: float,
+              cells: int = 50_000_000) -> list[Layer]:
+    """The subset of ``ranked`` with the highest total score whose added parameters fit
+    ``budget`` (fewest parameters among equal totals), by dynamic programming over the total
+    score; where that table would exceed ``cells``, the ranking taken greedily instead."""
+    import numpy as np
+
+    values = [int(scores[x.name]) for x in ranked]
+    weights = [(tasks - 1) * x.num_params for x in ranked]
+    total = sum(values)
+    if len(ranked) * (total + 1) > cells:
+        chosen, added = [], 0
+        for layer, weight in zip(ranked, weights, strict=True):
+            if added + weight <= budget:
+                chosen.append(layer)
+                added += weight
+        return chosen
+    unreachable = np.iinfo(np.int64).max
+    lightest = np.full(total + 1, unreachable, dtype=np.int64)  # score -> fewest parameters
+    lightest[0] = 0
+    took = np.zeros((len(ranked), total + 1), dtype=bool)
+    for i, (value, weight) in enumerate(zip(values, weights, strict=True)):
+        candidate = np.full(total + 1, unreachable, dtype=np.int64)
+        reachable = lightest[:total + 1 - value] != unreachable
+        candidate[value:][reachable] = lightest[:total + 1 - value][reachable] + weight
+        took[i] = candidate < lightest
+        lightest = np.minimum(candidate, lightest)
+    best = int(np.flatnonzero(lightest <= budget).max())
+    chosen = []
+    for i in reversed(range(len(ranked))):
+        if took[i, best]:
+            chosen.append(ranked[i])
+            best -= values[i]
+    return chosen
+
+
+def budget_lines(layers: list[Layer], spec: SelectSpec, scores: dict[str, int],
+                 chosen: list[Layer], tasks: int, cost: CostModel, limit: int = 3) -> list[str]:
+    """For a budget policy: what it bought (the chosen layers' share of the candidates' total
+    score, and their cost) and the highest-scoring candidates it left out, each with what
+    branching it alone would cost; empty for the other policies."""
+    if spec.policy not in ("param_budget", "flops_budget"):
+        return []
+    pool = candidates(layers, spec)
+    names = {x.name for x in chosen}
+    params = sum(x.num_params for x in pool)
+
+    def price(picked: list[Layer]) -> str:  # (in the budget's own measure)
+        if spec.policy == "flops_budget":
+            return f"+{100 * cost.extra_flops(picked) / max(cost.total, 1):.1f}% FLOPs"
+        added = (tasks - 1) * sum(x.num_params for x in picked)
+        return f"+{100 * added / max(params, 1):.1f}% of the candidates' parameters"
+
+    budget = f"select.{spec.policy} {getattr(spec, spec.policy):g}%"
+    total = sum(scores[x.name] for x in pool)
+    bought = sum(scores[x.name] for x in chosen)
+    lines = [f"{budget} bought {len(chosen)} of {len(pool)} candidate layers, conflict score "
+             f"{bought:,} of {total:,} ({100 * bought / max(total, 1):.0f}%): {price(chosen)}"]
+    ranked = sorted(pool, key=lambda x: (-scores[x.name], x.order))
+    left = [x for x in ranked if x.name not in names and scores[x.name] > 0][:limit]
+    lines += [f"left out: `{x.name}` (score {scores[x.name]:,}; alone {price([x])})"
+              for x in left]
+    return lines
 
 
 def matched_random(pool: list[Layer], target: int, *, seed: int, tasks: int = 2,

@@ -345,11 +345,13 @@ class SelectSpec(_Strict):
         description="the ceil(fraction x candidates) highest-scoring candidates",
         default=None, gt=0.0, le=1.0)
     param_budget: PositiveFloat | None = Field(
-        default=None, description="percent of the shared parameters the copies may add"
+        default=None, description="percent of the candidates' parameters the copies may add: "
+        "the set of layers with the highest total score that fits (an exact knapsack)"
     )
     flops_budget: PositiveFloat | None = Field(
         default=None, description="percent of the original's FLOPs per forward the branched "
-        "model may add (everything after a branch point runs once per task)"
+        "model may add (everything after a branch point runs once per task): the ranking's "
+        "layers taken where they still fit, a costly one passed over"
     )
     min_score: float | None = Field(
         default=None, description="every candidate scoring at least this")

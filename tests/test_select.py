@@ -6,7 +6,7 @@ import pytest
 
 from reconfx.errors import SelectionError
 from reconfx.pipeline import prepare
-from reconfx.selection import select_layers
+from reconfx.selection import budget_lines, candidates, select_layers
 from reconfx.spec import SelectSpec
 from tests.support import write_spec
 
@@ -54,16 +54,72 @@ def test_fraction_rounds_up(layers):
     assert len(chosen) == math.ceil(0.1 * 24)
 
 
-def test_param_budget_takes_the_longest_ranked_prefix_within_budget(layers):
-    scores = {x.name: -x.order for x in shared(layers)}  # rank in graph order
+def test_param_budget_buys_the_highest_total_score_that_fits(layers):
+    """An exact knapsack: checked against every subset of 10 candidates, random scores."""
+    import itertools
+    import random
+
+    spec = SelectSpec(param_budget=30.0, include=["layer1.*", "layer2.*"])
+    pool = candidates(layers, spec)
+    assert len(pool) == 10
+    budget = 0.30 * sum(x.num_params for x in pool)
+    for seed in range(3):
+        rng = random.Random(seed)
+        scores = {x.name: rng.randrange(0, 50) for x in shared(layers)}
+        chosen = select_layers(layers, spec, scores=scores, tasks=3)
+        best = max((sum(scores[x.name] for x in subset), -sum(x.num_params for x in subset))
+                   for n in range(len(pool) + 1) for subset in itertools.combinations(pool, n)
+                   if 2 * sum(x.num_params for x in subset) <= budget)
+        assert (sum(scores[x.name] for x in chosen),
+                -sum(x.num_params for x in chosen)) == best
+        assert all(scores[x.name] > 0 for x in chosen)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("budget")
+    spec = write_spec(folder, "sel", model={"factory": "reconfx.zoo:small_resnet",
+                                            "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}])
+    return prepare(spec)
+
+
+def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
+    """Recon's profiles rank the stem first; branching it doubles the FLOPs, so a +25% budget
+    takes the next layers that fit instead of stopping empty-handed."""
+    from reconfx.cost import CostModel, Selection, selection_lines
+
+    layers = prepared.layers
+    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
     pool = shared(layers)
-    total = sum(x.num_params for x in pool)
-    chosen = select_layers(layers, SelectSpec(param_budget=10.0), scores=scores, tasks=3)
-    added = 2 * sum(x.num_params for x in chosen)
-    assert added <= 0.10 * total
-    next_layer = pool[len(chosen)]
-    assert added + 2 * next_layer.num_params > 0.10 * total
-    assert names(chosen) == names(pool[:len(chosen)])
+    scores = {x.name: len(pool) - i for i, x in enumerate(pool)}  # the stem ranks first
+    spec = SelectSpec(flops_budget=25.0)
+    chosen = select_layers(layers, spec, scores=scores, cost=cost)
+    stem = pool[0]
+    assert cost.extra_flops([stem]) > 0.25 * cost.total
+    assert chosen and stem not in chosen
+    assert cost.extra_flops(chosen) <= 0.25 * cost.total
+    # each layer left out would not fit beside those taken before it in the ranking
+    for layer in pool:
+        if layer not in chosen:
+            before = [x for x in chosen if scores[x.name] > scores[layer.name]]
+            assert cost.extra_flops([*before, layer]) > 0.25 * cost.total, layer.name
+    lines = budget_lines(layers, spec, scores, chosen, 2, cost)
+    bought = sum(scores[x.name] for x in chosen)
+    assert lines[0].startswith(f"select.flops_budget 25% bought {len(chosen)} of 24 candidate "
+                               f"layers, conflict score {bought:,} of {sum(scores.values()):,}")
+    assert lines[1].startswith(f"left out: `{stem.name}` (score 24; alone +")
+    selection = Selection.of(chosen, scores, cost, 1000, budget=tuple(lines))
+    assert selection_lines(selection)[-len(lines):] == [f"  {line}" for line in lines]
+    # a budget no candidate fits buys nothing, and says what the top one would cost
+    only_stem = SelectSpec(flops_budget=25.0, include=[stem.name])
+    assert select_layers(layers, only_stem, scores=scores, cost=cost) == []
+    nothing = Selection.of([], scores, cost, 1000, budget=tuple(
+        budget_lines(layers, only_stem, scores, [], 2, cost)))
+    assert nothing.warning().startswith(
+        f"select.flops_budget 25% bought no layer, so nothing is branched; left out: "
+        f"`{stem.name}` (score 24; alone +")
 
 
 def test_min_score(layers):
