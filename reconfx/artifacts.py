@@ -56,10 +56,10 @@ from reconfx.outdir import (
 from reconfx.tensorfile import read_header, read_tensors
 
 __all__ = [
-    "assign_state", "check_sha", "follow_umask", "import_source", "load", "load_emitted",
-    "manifest_text", "parameters_on_meta", "PROFILE", "read_source", "replace_file",
-    "replace_text", "save_weights", "sha256", "signals_held", "Staging", "torch_load_safely",
-    "verify", "verify_weights", "versions"
+    "assign_state", "built_light", "check_sha", "follow_umask", "import_source", "load",
+    "load_emitted", "manifest_text", "parameters_on_meta", "PROFILE", "read_source",
+    "replace_file", "replace_text", "save_weights", "sha256", "signals_held", "Staging",
+    "torch_load_safely", "verify", "verify_weights", "versions"
 ]
 
 PROFILE = ("conflicts.json", "conflicts.png")  # the conflict profile compile selects by
@@ -498,8 +498,7 @@ def load_emitted(directory: Path, class_name: str, source: bytes | None = None) 
     if file_sha256(weights) is None:
         raise ModelError(f"{weights} is a link or not a regular file; reconfx loads only the "
                          "files it wrote", fix=f"remove {weights} and re-run `reconfx compile`")
-    with parameters_on_meta():
-        model = cls()
+    model = built_light(cls)
     try:
         stored = dict(read_tensors(weights))
     except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -511,6 +510,20 @@ def load_emitted(directory: Path, class_name: str, source: bytes | None = None) 
         raise ModelError(f"{weights} does not fit {class_name} in model.py: {exc}",
                          fix="re-run `reconfx compile`") from exc
     return model.eval()
+
+
+def built_light(cls: type[nn.Module]) -> nn.Module:
+    """``cls()`` with its parameters on the meta device (:func:`parameters_on_meta`), for the
+    caller to give it tensors; built for real where its constructor computes with their values
+    (an error on meta tensors, or a buffer left on the meta device)."""
+    try:
+        with parameters_on_meta():
+            model = cls()
+        if not any(b.is_meta for b in model.buffers()):
+            return model
+    except (RuntimeError, NotImplementedError):  # (meta tensors hold no values to read)
+        pass
+    return cls()
 
 
 @contextlib.contextmanager

@@ -554,17 +554,11 @@ def check_hf(folder: Path, model: nn.Module, examples: list[dict[str, torch.Tens
 
 def run_emitted(path: Path, name: str) -> nn.Module:
     """The emitted class, imported and built with its parameters on the meta device
-    (:func:`reconfx.artifacts.parameters_on_meta`; for real where its constructor computes with
-    their values); model.py that does not import or build is reconfx's fault (it imports what
-    the model was built with), so it fails I4."""
+    (:func:`reconfx.artifacts.built_light`); model.py that does not import or build is
+    reconfx's fault (it imports what the model was built with), so it fails I4."""
     try:
         cls = artifacts.import_source(path, name)
-        try:
-            with artifacts.parameters_on_meta():
-                return cls()
-        except (RuntimeError, NotImplementedError):  # (a constructor reading their values:
-            pass  # meta tensors have none; built for real)
-        return cls()
+        return artifacts.built_light(cls)
     except Exception as exc:
         what = exc.message if isinstance(exc, ModelError) else (
             f"{type(exc).__name__}: {(str(exc).splitlines() or [''])[0]}")

@@ -105,3 +105,35 @@ def test_a_spill_restores_values_bit_for_bit():
     for t, want in zip(tensors, before, strict=True):
         assert t.dtype == want.dtype and torch.equal(t, want)
     assert torch.equal(base[:, 1], before[2])  # (restored through the view)
+
+
+class Plain(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn = torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)
+
+
+class FromWeights(torch.nn.Module):
+    """A constructor that computes a buffer from a parameter's values (a folded scale)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.register_buffer("scale", self.fc.weight.detach().abs().sum(), persistent=False)
+
+
+class ReadsAValue(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(3, 3)
+        self.width = int(self.fc.weight.shape[0] + self.fc.bias.sum().item() * 0)
+
+
+def test_classes_are_built_without_their_weights_unless_the_constructor_reads_them():
+    from reconfx.artifacts import built_light
+
+    light = built_light(Plain)
+    assert light.fc.weight.is_meta and not light.bn.running_mean.is_meta
+    for cls in (FromWeights, ReadsAValue):  # (meta tensors hold no values: built for real)
+        assert not any(t.is_meta for t in [*built_light(cls).parameters(),
+                                           *built_light(cls).buffers()]), cls.__name__
