@@ -12,13 +12,18 @@ from tests.support import write_spec
 
 
 @pytest.fixture(scope="module")
-def layers(tmp_path_factory):
+def prepared(tmp_path_factory):
     folder = tmp_path_factory.mktemp("select")
     spec = write_spec(folder, "sel", model={"factory": "reconfx.zoo:small_resnet",
                                             "kwargs": {"width": 8}},
                       inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
                       tasks=[{"name": "left"}, {"name": "right"}])
-    return prepare(spec).layers
+    return prepare(spec)
+
+
+@pytest.fixture(scope="module")
+def layers(prepared):
+    return prepared.layers
 
 
 def shared(layers):
@@ -73,16 +78,6 @@ def test_param_budget_buys_the_highest_total_score_that_fits(layers):
         assert (sum(scores[x.name] for x in chosen),
                 -sum(x.num_params for x in chosen)) == best
         assert all(scores[x.name] > 0 for x in chosen)
-
-
-@pytest.fixture(scope="module")
-def prepared(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("budget")
-    spec = write_spec(folder, "sel", model={"factory": "reconfx.zoo:small_resnet",
-                                            "kwargs": {"width": 8}},
-                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
-                      tasks=[{"name": "left"}, {"name": "right"}])
-    return prepare(spec)
 
 
 def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
