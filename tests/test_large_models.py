@@ -51,6 +51,9 @@ def test_the_compiled_model_copies_only_the_branched_layer(tmp_path, dtype):
     assert sum(own.values()) == 2 * layer_bytes  # one copy per task, nothing else
     assert sum(layer.num_params for layer in emitted.branched.layers) * dtype.itemsize \
         == layer_bytes
+    # model.py builds every module by its own class, whatever the dtype: the weights decide it
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "restored" not in report and "by their own class's constructor" in report
     # the weights keep their dtype, the heads take it, and load gives it back
     loaded = reconfx.load(tmp_path / "out")
     assert {p.dtype for p in loaded.parameters()} == {dtype}

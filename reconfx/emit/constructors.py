@@ -175,8 +175,9 @@ def _own_differences(a: nn.Module, b: nn.Module) -> int:
 
 def differences(a: nn.Module, b: nn.Module) -> int:
     """How many things differ between two modules' subtrees (0: the same structure): module
-    names and types, parameter and buffer names, shapes and dtypes, each module's plain
-    attributes (so a norm layer rebuilt with another activation child is told apart)."""
+    names and types, parameter and buffer names, shapes and dtypes (:func:`_shapes`), each
+    module's plain attributes (so a norm layer rebuilt with another activation child is told
+    apart)."""
     if type(a) is not type(b):
         return 1 << 20
     mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
@@ -190,7 +191,10 @@ def differences(a: nn.Module, b: nn.Module) -> int:
 
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
-    return {k: (tuple(v.shape), v.dtype) for k, v in named_tensors(m)}
+    """Each tensor's shape and dtype, floating dtypes alike: the weights a model is loaded with
+    decide those (a bf16 checkpoint makes the module bf16; ``reconfx.load`` keeps its dtype)."""
+    return {k: (tuple(v.shape), "floating" if v.is_floating_point() else v.dtype)
+            for k, v in named_tensors(m)}
 
 
 def _dtype(m: nn.Module) -> torch.dtype | None:
