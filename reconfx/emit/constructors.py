@@ -191,9 +191,11 @@ def differences(a: nn.Module, b: nn.Module) -> int:
 
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
-    """Each tensor's shape and dtype, floating dtypes alike: the weights a model is loaded with
-    decide those (a bf16 checkpoint makes the module bf16; ``reconfx.load`` keeps its dtype)."""
-    return {k: (tuple(v.shape), "floating" if v.is_floating_point() else v.dtype)
+    """Each tensor's shape and dtype, floating dtypes alike for the tensors of the state dict:
+    the weights a model is loaded with decide those (a bf16 checkpoint makes the module bf16;
+    ``reconfx.load`` keeps its dtype); a buffer the module computes keeps its own."""
+    stored = m.state_dict(keep_vars=True).keys()
+    return {k: (tuple(v.shape), "floating" if v.is_floating_point() and k in stored else v.dtype)
             for k, v in named_tensors(m)}
 
 
