@@ -12,19 +12,26 @@ export is timed in another fresh process. Sizes (``--sizes``):
   billion parameters, 2.5 GB in bf16, 4.9 GB in fp32; minutes: run on demand,
   ``make bench-scale``).
 
-``--dtype bfloat16`` saves the weights in bf16 (the compile keeps that dtype). Run:
-``.venv/bin/python bench/compile_scaling.py [--sizes 40m,170m] [--dtype float32]``.
+``--dtype bfloat16`` saves the weights in bf16 (the compile keeps that dtype). ``--profile N``
+also runs ``reconfx profile`` for N steps on each model (Adam, a tiny data set of random token
+sequences, :func:`tokens`; ``--no-compile``: only that), under the default cap on the per-task
+gradient matrix (``train.gradient_memory_gb``: 2), and reports its wall time and peak memory.
+Run:
+``.venv/bin/python bench/compile_scaling.py [--sizes 40m,170m] [--dtype float32] [--profile 2]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
 import tempfile
 import textwrap
 from pathlib import Path
+
+import torch
 
 SIZES = {"40m": (512, 8, 32000, 0), "170m": (1024, 12, 32000, 0),
          "1b": (2048, 16, 128256, 8192)}  # hidden, layers, vocabulary, MLP (0: 8/3 hidden)
@@ -63,10 +70,44 @@ select: {{layers: [backbone.layers.{last}]}}
 export: {{formats: [{formats}], dir: {out}}}
 """
 
+PROFILE = """
+name: scale-profile
+backbone: {{hf: {{path: {folder}}}, feature: last_hidden_state}}
+inputs: [{{name: input_ids, shape: [2, 16], dtype: int64, high: {vocab}, dynamic: [0, 1]}}]
+tasks:
+  - {{name: a, head: {{out_features: 3, pool: mean}}, loss: cross_entropy}}
+  - {{name: b, head: {{out_features: 2, pool: mean}}, loss: cross_entropy}}
+data: {{factory: "compile_scaling:tokens", kwargs: {{vocab: {vocab}}}, batch_size: 2}}
+profile: {{steps: {steps}}}
+export: {{dir: {out}}}
+"""
 
-def timed(command: list[str]) -> tuple[str, float, float]:
+
+class _Tokens(torch.utils.data.Dataset):
+    def __init__(self, seed: int, vocab: int, size: int, length: int):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (size, length), generator=g)
+        self.a = torch.randint(0, 3, (size,), generator=g)
+        self.b = torch.randint(0, 2, (size,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> tuple[dict, dict]:
+        return {"input_ids": self.ids[i]}, {"a": self.a[i], "b": self.b[i]}
+
+
+def tokens(split: str = "train", seed: int = 0, vocab: int = 32000, size: int = 8,
+           length: int = 16) -> torch.utils.data.Dataset:
+    """A tiny data set for the profiling run: ``size`` random token sequences of ``length``
+    tokens, with random labels for task a (3 classes) and task b (2)."""
+    return _Tokens(seed + (split != "train"), vocab, size, length)
+
+
+def timed(command: list[str], env: dict | None = None) -> tuple[str, float, float]:
     """stdout, wall seconds and peak RSS (GB) of ``command`` under /usr/bin/time -v."""
-    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True)
+    done = subprocess.run(["/usr/bin/time", "-v", *command], capture_output=True, text=True,
+                          env=env)
     if done.returncode != 0:
         raise RuntimeError(done.stderr[-2000:])
     wall = re.search(r"Elapsed \(wall clock\) time .*: (?:(\d+):)?(\d+):([\d.]+)", done.stderr)
@@ -75,7 +116,8 @@ def timed(command: list[str]) -> tuple[str, float, float]:
     return done.stdout, hours * 3600 + minutes * 60 + seconds, rss / 1024**2
 
 
-def measure(size: str, dtype: str, formats: str, root: Path) -> list[str]:
+def measure(size: str, dtype: str, formats: str, root: Path, steps: int,
+            compile_too: bool) -> list[str]:
     hidden, layers, vocab, mlp = SIZES[size]
     folder = root / f"llama-{size}"
     params = int(subprocess.run([sys.executable, "-c", MAKE, str(hidden), str(layers), str(vocab),
@@ -85,14 +127,26 @@ def measure(size: str, dtype: str, formats: str, root: Path) -> list[str]:
     spec = root / f"{size}.yaml"
     spec.write_text(textwrap.dedent(SPEC.format(folder=folder, last=layers - 1, vocab=vocab,
                                                 formats=formats, out=root / f"out-{size}")))
-    _out, export_wall, export_rss = timed([sys.executable, "-c", EXPORT, str(folder)])
-    export_s = float(_out.split()[-1])
-    _out, compile_wall, compile_rss = timed([sys.executable, "-m", "reconfx", "compile",
-                                             str(spec), "--quiet"])
-    lines = (root / f"out-{size}" / "model.py").read_text().count("\n")
-    return [size, f"{params / 1e6:,.0f}M", dtype, formats.replace(",", "+"), f"{weights:.2f}",
-            f"{compile_wall:.0f}", f"{compile_rss:.2f}", f"{compile_rss / weights:.1f}x",
-            f"{export_s:.1f}", f"{export_rss:.2f}", f"{compile_wall / export_s:.1f}x", str(lines)]
+    row = [size, f"{params / 1e6:,.0f}M", dtype, formats.replace(",", "+"), f"{weights:.2f}"]
+    if compile_too:
+        _out, export_wall, export_rss = timed([sys.executable, "-c", EXPORT, str(folder)])
+        export_s = float(_out.split()[-1])
+        _out, compile_wall, compile_rss = timed([sys.executable, "-m", "reconfx", "compile",
+                                                 str(spec), "--quiet"])
+        lines = (root / f"out-{size}" / "model.py").read_text().count("\n")
+        row += [f"{compile_wall:.0f}", f"{compile_rss:.2f}", f"{compile_rss / weights:.1f}x",
+                f"{export_s:.1f}", f"{export_rss:.2f}", f"{compile_wall / export_s:.1f}x",
+                str(lines)]
+    if steps:
+        spec = root / f"{size}-profile.yaml"
+        spec.write_text(textwrap.dedent(PROFILE.format(folder=folder, vocab=vocab, steps=steps,
+                                                       out=root / f"profile-{size}")))
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")])}
+        _out, wall, rss = timed([sys.executable, "-m", "reconfx", "profile", str(spec),
+                                 "--quiet"], env)
+        row += [f"{wall:.0f}", f"{rss:.2f}", f"{rss / weights:.1f}x"]
+    return row
 
 
 def main() -> None:
@@ -100,14 +154,21 @@ def main() -> None:
     parser.add_argument("--sizes", default="40m,170m")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--formats", default="python", help="export.formats, e.g. python,onnx")
+    parser.add_argument("--profile", type=int, default=0, help="profiling steps (0: none)")
+    parser.add_argument("--no-compile", action="store_true", help="profile only")
     args = parser.parse_args()
-    headers = ["model", "parameters", "dtype", "formats", "weights GB", "compile s",
-               "compile peak RSS GB", "RSS / weights", "one export s", "export process peak RSS GB",
-               "compile / one export", "model.py lines"]
+    headers = ["model", "parameters", "dtype", "formats", "weights GB"]
+    if not args.no_compile:
+        headers += ["compile s", "compile peak RSS GB", "RSS / weights", "one export s",
+                    "export process peak RSS GB", "compile / one export", "model.py lines"]
+    if args.profile:
+        headers += [f"profile {args.profile} steps s", "profile peak RSS GB",
+                    "profile RSS / weights"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes.split(","):
-            rows.append(measure(size, args.dtype, args.formats, Path(tmp)))
+            rows.append(measure(size, args.dtype, args.formats, Path(tmp), args.profile,
+                                not args.no_compile))
             print(" | ".join(rows[-1]), flush=True)
     print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     for row in rows:

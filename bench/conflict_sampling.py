@@ -50,7 +50,7 @@ def plain_block(model: nn.Module, optimizer: torch.optim.Optimizer, batch: tuple
 def reconfx_block(step: MultiTaskStep, counter: ConflictCounter, batch: tuple, every: int,
                   steps: int) -> None:
     for i in range(steps):
-        step(*batch, counter.update if i % every == 0 else None)
+        step(*batch, counter if i % every == 0 else None)
 
 
 def main() -> None:

@@ -37,6 +37,11 @@ class ConflictCounter:
     matrices in one batched matmul, sums them per layer with one ``index_add_`` and updates every
     layer's counters at once: a fixed number of tensor operations per step, however many layers,
     and float32 sums over short chunks rather than one long dot product per layer.
+
+    A step whose gradients come in parts (the gradient buffer's cap, see
+    :class:`~reconfx.train.step.GradientBuffer`) is :meth:`add` per part, then :meth:`finish`;
+    the counts are those of the whole matrix, since a layer's Gram matrix is the sum of its
+    columns' parts.
     """
 
     def __init__(self, blocks: list[tuple[int, int]], tasks: int, threshold: float,
@@ -52,26 +57,50 @@ class ConflictCounter:
         self.hist = torch.zeros(layers, BINS, dtype=torch.int64, device=device)
         self.reached = torch.zeros(layers, tasks, dtype=torch.int64, device=device)
         self.steps = 0
-        self._chunks: tuple[int, int, torch.Tensor] | None = None  # width, c, chunk -> layer
+        self._owners: dict[tuple, tuple[int, torch.Tensor]] = {}  # layout -> c, chunk -> layer
+        self._grams: torch.Tensor | None = None  # this step's Gram matrices so far, per layer
 
-    def _layout(self, width: int, device: torch.device) -> tuple[int, torch.Tensor]:
-        if self._chunks is None or self._chunks[0] != width:
-            c = math.gcd(CHUNK, width, *(a for a, _b in self.blocks))
+    def _layout(self, width: int, blocks: tuple[tuple[int, int, int], ...],
+                device: torch.device) -> tuple[int, torch.Tensor]:
+        key = (width, blocks)
+        if key not in self._owners:
+            c = math.gcd(CHUNK, width, *(a for _i, a, _b in blocks))
             owner = torch.full((width // c,), len(self.blocks), dtype=torch.long)
-            for index, (a, b) in enumerate(self.blocks):
+            for index, a, b in blocks:
                 owner[a // c:-(-b // c)] = index
-            self._chunks = (width, c, owner.to(device))
-        return self._chunks[1], self._chunks[2]
+            self._owners[key] = (c, owner.to(device))
+        return self._owners[key]
 
     def update(self, grads: torch.Tensor) -> torch.Tensor:
         """One step: ``grads`` is the T×P per-task gradient matrix. Returns each task's squared
         gradient norm over all layers (non-finite when any of its entries is), on the device."""
+        self.add(grads)
+        return self.finish()
+
+    def add(self, grads: torch.Tensor,
+            blocks: tuple[tuple[int, int, int], ...] | None = None) -> torch.Tensor:
+        """Part of a step's gradients: ``grads`` holds the columns of some layers, or of some of a
+        layer's parameters (``blocks``: (layer index, first column, end) in ``grads``, each start
+        aligned as the class says; default: the whole matrix as ``blocks`` lays it out). Their
+        T×T Gram matrices are added to the step's; :meth:`finish` counts the step once every
+        part is in. Returns each task's squared gradient norm over these columns."""
         tasks, width = grads.shape
-        c, owner = self._layout(width, grads.device)
+        if blocks is None:
+            blocks = tuple((i, a, b) for i, (a, b) in enumerate(self.blocks))
+        c, owner = self._layout(width, blocks, grads.device)
         chunks = grads.float().view(tasks, width // c, c).transpose(0, 1)
-        grams = torch.zeros(len(self.blocks) + 1, tasks, tasks, device=grads.device)
-        grams.index_add_(0, owner, torch.bmm(chunks, chunks.transpose(1, 2)))
-        gram = grams[:-1]
+        if self._grams is None:
+            self._grams = torch.zeros(len(self.blocks) + 1, tasks, tasks, device=grads.device)
+        part = torch.zeros_like(self._grams).index_add_(
+            0, owner, torch.bmm(chunks, chunks.transpose(1, 2)))
+        self._grams += part
+        return part[:-1].diagonal(dim1=1, dim2=2).sum(0)
+
+    def finish(self) -> torch.Tensor:
+        """Count the step whose parts :meth:`add` received. Returns each task's squared gradient
+        norm over all layers (non-finite when any of its entries is), on the device."""
+        assert self._grams is not None, "finish() before add()"
+        gram, self._grams = self._grams[:-1], None
         norms = gram.diagonal(dim1=1, dim2=2).clamp_min(0).sqrt()
         self.reached += (norms > 0).long()
         valid = (norms[:, :, None] > 0) & (norms[:, None, :] > 0) & self.pairs
@@ -81,10 +110,14 @@ class ConflictCounter:
         self.valid += valid.long()
         self.cos_sum += torch.where(valid, cos, 0).double()
         bins = ((cos.clamp(-1, 1) + 1) * (BINS / 2)).long().clamp_(0, BINS - 1)
-        rows = torch.arange(len(self.blocks), device=grads.device)[:, None, None] * BINS
+        rows = torch.arange(len(self.blocks), device=gram.device)[:, None, None] * BINS
         self.hist.view(-1).scatter_add_(0, (rows + bins).view(-1), valid.long().view(-1))
         self.steps += 1
         return gram.diagonal(dim1=1, dim2=2).sum(0)
+
+    def discard(self) -> None:
+        """Forget the parts of a step that is skipped (an fp16 overflow)."""
+        self._grams = None
 
     def scores(self) -> list[int]:
         return self.conflicts.sum((1, 2)).tolist()

@@ -510,6 +510,11 @@ class TrainSpec(_Strict):
     sparse: SparseSpec | None = Field(
         default=None, description="sparse training: only some weight entries of the shared encoder "
         "train")
+    gradient_memory_gb: PositiveFloat = Field(
+        default=2.0, description="cap on the per-task gradient matrix (tasks x the shared "
+        "layers' parameters, float32) that profiling and training hold: above it, ew and mean "
+        "take the layers in parts (one backward call per task and part, same result); other "
+        "aggregators stop before allocating, naming the size they need")
     checkpoint_every: NonNegativeInt = Field(
         default=200, description="steps between resume checkpoints of profile and run "
         "(checkpoints/resume.pt; training also saves at every epoch's end); 0: epoch ends only")

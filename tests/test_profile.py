@@ -247,3 +247,25 @@ def test_the_chart_draws_each_task_pair(tmp_path, tasks):
     panels = len(pairs) if len(pairs) <= 3 else 1
     assert plain.size[1] == int(120 * (2.6 * panels + 2.2))  # height: one row per panel
     assert after.size[0] == plain.size[0] + 360  # the side panel: 3 inches more
+
+
+def test_a_capped_gradient_matrix_profiles_in_parts_to_the_same_scores(tmp_path, capsys):
+    """A cap far below the small ResNet's matrix (0.8 MB) cuts its layers into parts: the same
+    scores; an aggregator of the whole matrix stops before profiling, naming the file and the
+    field and the size it needs."""
+    from reconfx.commands import profile_spec
+
+    scores = []
+    for name, extra in (("whole", ""), ("parts", "train: {gradient_memory_gb: 0.0001}\n")):
+        folder = tmp_path / name
+        folder.mkdir()
+        spec = multidigits_spec(folder, steps=4)
+        spec.write_text(spec.read_text() + extra)
+        scores.append(profile_spec(spec, progress=False).result.scores())
+    assert scores[0] == scores[1] and scores[0].valid == scores[1].valid
+    spec.write_text(spec.read_text().replace("gradient_memory_gb", "aggregator: pcgrad, "
+                                             "gradient_memory_gb"))
+    assert main(["profile", str(spec)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and f"{spec}: train.gradient_memory_gb: the per-task" in err
+    assert "set train.gradient_memory_gb to 0.1" in err

@@ -385,3 +385,89 @@ def test_keep_last_ends_with_the_last_epochs_weights(branched, tmp_path):
     assert all(torch.equal(last[k], v) for k, v in module.state_dict().items() if k in last)
     assert result.kept_epoch == 2
     assert result.kept == {t: result.history[-1][f"val/{t}"] for t in ("left", "right")}
+
+
+def _twin_steps(branched, cap, name="ew", optimizer=None):
+    """Two steps on copies of the branched model: one holding the whole gradient matrix, one
+    capped at ``cap`` bytes."""
+    s, compiled, data = branched
+    steps = []
+    for limit in (None, cap):
+        module = copy.deepcopy(compiled.module)
+        shared = [x for x in inventory(module, s.task_names) if x.shared]
+        opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=0.05)))(module.parameters())
+        steps.append(MultiTaskStep(module, shared, s.task_names,
+                                   loss_functions(list(s.tasks), "s"), aggregator(name, 2), opt,
+                                   cap=limit))
+    return steps
+
+
+def test_a_capped_gradient_matrix_takes_the_layers_in_parts_with_the_same_step(branched):
+    from reconfx.conflicts import ConflictCounter
+
+    _s, _compiled, data = branched
+    cap = 2 * 4 * 1040  # 1,040 columns for 2 tasks: some BatchNorm weight and bias land in two
+    # parts; the larger convolutions (up to 36,864 parameters) each take a part of their own
+    whole, parted = _twin_steps(branched, cap)
+    parts = parted.buffer.parts
+    assert len(whole.buffer.parts) == 1 and len(parts) > 10
+    assert parted.buffer.matrix.numel() * 4 <= max(cap, 2 * 4 * max(
+        p.numel() for p in parted.buffer.params))
+    split = {i for part in parts for i, _a, _b in part.blocks}
+    assert len(split) == len(whole.buffer.blocks)  # every layer counted, some across parts
+    assert sum(len(part.blocks) for part in parts) > len(whole.buffer.blocks)
+    counters = [ConflictCounter(step.buffer.blocks, 2, -0.1) for step in (whole, parted)]
+    for k in range(3):
+        inputs, targets = batch(data, 16 + k)
+        for step, counter in zip((whole, parted), counters, strict=True):
+            step.module.train()
+            torch.manual_seed(k)
+            step(inputs, targets, counter if k < 2 else None)
+        for a, b in zip(whole.module.parameters(), parted.module.parameters(), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert counters[0].steps == counters[1].steps == 2
+    assert torch.equal(counters[0].valid, counters[1].valid)
+    assert torch.equal(counters[0].conflicts, counters[1].conflicts)
+    torch.testing.assert_close(counters[0].cos_sum, counters[1].cos_sum)
+
+
+def test_an_aggregator_of_the_whole_matrix_above_the_cap_stops_before_allocating(branched):
+    with pytest.raises(SpecError) as info:
+        _twin_steps(branched, 2 * 4 * 3000, name="pcgrad")
+    text = str(info.value)
+    assert "train.gradient_memory_gb" in text and "aggregator 'pcgrad'" in text
+    assert re.search(r"needs 0\.00 GB \(2 tasks x [\d,]+ parameters of \d+ shared layers", text)
+
+
+def test_bf16_parameters_get_bf16_gradients_in_parts(branched):
+    _s, _compiled, data = branched
+    _whole, parted = _twin_steps(branched, 2 * 4 * 3000)
+    parted.module.to(torch.bfloat16)
+    inputs, targets = batch(data)
+    before = [p.detach().clone() for p in parted.buffer.params]
+    parted.module.train()
+    losses = parted({"image": inputs["image"].bfloat16()}, targets)
+    assert torch.isfinite(losses).all()
+    assert all(p.grad.dtype == torch.bfloat16 for p in parted.buffer.params)
+    assert any(not torch.equal(a, p) for a, p in zip(before, parted.buffer.params, strict=True))
+
+
+def test_a_run_that_cannot_fit_stops_before_allocating(branched, monkeypatch):
+    from reconfx import memory
+    from reconfx.errors import TrainingError
+
+    s, compiled, _data = branched
+    module = compiled.module
+    params = [p for p in module.parameters() if p.requires_grad]
+    size = sum(p.numel() * 4 for p in params)
+    monkeypatch.setattr(memory, "available", lambda device: 2 * size)  # gradients + momentum
+    shared = [x for x in inventory(module, s.task_names) if x.shared]
+    fns = loss_functions(list(s.tasks), "s")
+    with pytest.raises(TrainingError) as info:
+        MultiTaskStep(module, shared, s.task_names, fns, aggregator("ew", 2),
+                      torch.optim.Adam(params), cap=10**9)
+    assert "optimiser's state 0.0 GB (2 per parameter)" in str(info.value)
+    assert "train.optimizer: sgd" in str(info.value)
+    step = MultiTaskStep(module, shared, s.task_names, fns, aggregator("ew", 2),
+                         torch.optim.SGD(params, lr=0.1), cap=10**9)  # (no momentum: fits)
+    assert step.buffer.matrix.shape[0] == 2

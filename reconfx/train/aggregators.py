@@ -33,6 +33,7 @@ class Aggregate:
 
     combine: Callable[[torch.Tensor], torch.Tensor]
     linear: bool = False
+    name: str = ""
 
     def __call__(self, matrix: torch.Tensor) -> torch.Tensor:
         return self.combine(matrix) * matrix.shape[0]
@@ -72,4 +73,4 @@ def aggregator(name: str, tasks: int, where: str = "spec", **kwargs: Any) -> Agg
         raise SpecError(f"aggregator '{name}' needs the solver package {solver}",
                         where=f"{where}: train.aggregator",
                         fix="pip install 'reconfx[solvers]'") from exc
-    return Aggregate(combine, linear=key in LINEAR)
+    return Aggregate(combine, linear=key in LINEAR, name=key)

@@ -135,22 +135,19 @@ def fit(module: nn.Module, *, shared: list[Layer], tasks: list[str], loss_fns: l
     - ``steps``: training stops after that many optimiser steps, as many epochs as that takes
       (``settings.epochs`` is not read), with one progress bar named ``phase``.
     - ``phase``: the name of the state saved in and resumed from ``resume``.
-    - ``record`` (tests) receives a copy of each counted step's T×P gradient matrix."""
+    - ``record`` (tests) receives a copy of each counted step's T×P gradient matrix (of each
+      part of it, when ``settings.gradient_memory_gb`` cuts the shared layers into parts)."""
     w = batches.world
     progress = progress and w.main
     torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
     step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate, optimizer, sparse,
-                         settings.precision, w)
+                         settings.precision, w, cap=int(settings.gradient_memory_gb * 1e9))
     conflicts = None if threshold is None else ConflictCounter(
         step.buffer.blocks, len(tasks), threshold, step.buffer.matrix.device)
     stopped_after = None
-    observe = conflicts.update if conflicts is not None else None
-    if observe is not None and record is not None:
-        def observe(matrix: torch.Tensor, count: Callable = observe) -> torch.Tensor:
-            record(matrix.clone())
-            return count(matrix)
+    observe = conflicts if record is None or conflicts is None else _Recorded(conflicts, record)
     epochs = settings.epochs if steps is None else -(-steps // max(len(batches), 1))
     schedule = make_schedule(optimizer, settings.schedule, len(batches), epochs)
     run = _FitState()
@@ -242,6 +239,23 @@ def fit(module: nn.Module, *, shared: list[Layer], tasks: list[str], loss_fns: l
         kept = {t: run.history[-1][f"val/{t}"] for t in tasks if f"val/{t}" in run.history[-1]}
     return FitResult(run.history, run.steps, run.best_epoch, run.best, kept_epoch, kept,
                      conflicts, stopped_after)
+
+
+class _Recorded:
+    """The conflict counter, with a copy of each part of the gradients it sees kept (tests)."""
+
+    def __init__(self, counter: ConflictCounter, record: Callable[[torch.Tensor], None]):
+        self.counter, self.record = counter, record
+
+    def add(self, grads: torch.Tensor, blocks: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+        self.record(grads.clone())
+        return self.counter.add(grads, blocks)
+
+    def finish(self) -> torch.Tensor:
+        return self.counter.finish()
+
+    def discard(self) -> None:
+        self.counter.discard()
 
 
 class _FitState:

@@ -58,15 +58,18 @@ class LossScaler:
     def scaled(self, losses: torch.Tensor) -> torch.Tensor:
         return losses * self.scale if self.enabled else losses
 
-    def unscale(self, tensors: list[torch.Tensor]) -> bool:
-        """Divide ``tensors`` by the scale in place; update the scale; True when the step must be
-        skipped because a gradient overflowed."""
+    def unscale(self, tensors: list[torch.Tensor], last: bool = True) -> bool:
+        """Divide ``tensors`` by the scale in place; True when a gradient overflowed: the step
+        must be skipped, and the scale is halved. The scale grows (every ``growth_interval``
+        steps without overflow) at the step's ``last`` call, one per part of the gradients."""
         if not self.enabled:
             return False
         found = torch.zeros(1, dtype=torch.float32, device=self.scale.device)
         torch._amp_foreach_non_finite_check_and_unscale_(tensors, found, self.scale.reciprocal())
-        torch._amp_update_scale_(self.scale, self.growth, found, 2.0, 0.5, self.interval)
-        return bool(found.item())
+        overflow = bool(found.item())
+        if overflow or last:
+            torch._amp_update_scale_(self.scale, self.growth, found, 2.0, 0.5, self.interval)
+        return overflow
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {"scale": self.scale, "growth": self.growth}

@@ -7,12 +7,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 from torch import nn
 
+from reconfx import memory
 from reconfx.distributed import World
-from reconfx.errors import ModelError, TrainingError
+from reconfx.errors import ModelError, SpecError, TrainingError
 from reconfx.graph import resolve
 from reconfx.layers import Layer
 from reconfx.train.health import locate_gradient, locate_loss
@@ -21,8 +23,8 @@ from reconfx.train.precision import LossScaler, autocast
 from reconfx.train.sparse import SparseMask
 
 __all__ = [
-    "block_layout", "CHUNK", "GradientBuffer", "layer_parameters", "Layout", "MultiTaskStep",
-    "to_device"
+    "block_layout", "check_cap", "check_memory", "CHUNK", "GradientBuffer", "gradient_bytes",
+    "layer_parameters", "Layout", "MultiTaskStep", "Observer", "Part", "to_device"
 ]
 
 CHUNK = 1024  # GradientBuffer aligns every layer's block to this many columns
@@ -66,30 +68,166 @@ def block_layout(module: nn.Module, layers: list[Layer], align: int = CHUNK) -> 
     return layout
 
 
+@dataclass(frozen=True)
+class Part:
+    """Shared parameters whose per-task gradients are taken together, in one pass of backward
+    calls: ``spans`` their columns in the buffer's rows, ``blocks`` (layer index, first column,
+    end) what :meth:`~reconfx.conflicts.ConflictCounter.add` needs, ``width`` the columns used."""
+
+    params: list[nn.Parameter]
+    spans: list[tuple[int, int]]
+    blocks: tuple[tuple[int, int, int], ...]
+    width: int
+
+
+def gradient_bytes(tasks: int, width: int) -> int:
+    """The bytes of a float32 T×P gradient matrix."""
+    return tasks * width * 4
+
+
 class GradientBuffer:
     """A T×P matrix whose column blocks are the given layers' parameters, in order. Each block
     starts at a multiple of ``align`` columns; the padding between blocks stays zero, so it adds
     nothing to inner products (the aggregators' and the conflict statistics') and is never
-    scattered to a parameter."""
+    scattered to a parameter.
 
-    def __init__(self, module: nn.Module, layers: list[Layer], tasks: int, align: int = CHUNK):
+    Above ``cap`` bytes the layers are taken in parts (:attr:`parts`): the matrix holds one part
+    at a time, at most ``cap`` bytes unless one parameter alone needs more, and each part's
+    gradients come from their own backward calls. Whole: one part, the full layout."""
+
+    def __init__(self, module: nn.Module, layers: list[Layer], tasks: int, align: int = CHUNK,
+                 cap: int | None = None):
         layout = block_layout(module, layers, align)
-        self.params, self.spans, self.blocks = layout.params, layout.spans, layout.blocks
+        self.params, self.blocks = layout.params, layout.blocks
+        if cap is None or gradient_bytes(tasks, layout.width) <= cap:
+            self.parts = [Part(layout.params, layout.spans, tuple(
+                (i, a, b) for i, (a, b) in enumerate(layout.blocks)), layout.width)]
+        else:
+            self.parts = _parts([layer_parameters(module, x) for x in layers],
+                                max(cap // gradient_bytes(tasks, 1), 1), align)
         device = self.params[0].device if self.params else torch.device("cpu")
-        self.matrix = torch.zeros(tasks, layout.width, device=device)
+        self.matrix = torch.zeros(tasks, max((p.width for p in self.parts), default=0),
+                                  device=device)
 
-    def write(self, task: int, grads: tuple[torch.Tensor | None, ...]) -> None:
+    def rows(self, part: Part) -> torch.Tensor:
+        """The matrix's columns for ``part``; taken in parts, zeroed first (the padding of one
+        part may hold another part's gradients)."""
+        if len(self.parts) > 1:
+            self.matrix.zero_()
+        return self.matrix[:, :part.width]
+
+    def write(self, task: int, part: Part, grads: tuple[torch.Tensor | None, ...]) -> None:
         row = self.matrix[task]
-        for (a, b), g in zip(self.spans, grads, strict=True):
+        for (a, b), g in zip(part.spans, grads, strict=True):
             if g is None:
                 row[a:b].zero_()
             else:
                 row[a:b].copy_(g.reshape(-1))
 
-    def scatter(self, vector: torch.Tensor) -> None:
-        """Set each parameter's ``.grad`` from one P-vector (the aggregated gradient)."""
-        for (a, b), p in zip(self.spans, self.params, strict=True):
-            p.grad = vector[a:b].view_as(p).clone()
+    def scatter(self, part: Part, vector: torch.Tensor) -> None:
+        """Set each of ``part``'s parameters' ``.grad`` from its columns of ``vector`` (the
+        aggregated gradient), in the parameter's dtype."""
+        for (a, b), p in zip(part.spans, part.params, strict=True):
+            p.grad = vector[a:b].view_as(p).to(p.dtype, copy=True)
+
+
+def _parts(layers: list[list[nn.Parameter]], limit: int, align: int) -> list[Part]:
+    """The layers' parameters cut into parts of at most ``limit`` columns (a parameter larger
+    than that alone in its own), in order; a layer may continue into the next part. In a part,
+    each layer's columns start at a multiple of ``align``."""
+    parts: list[Part] = []
+    params: list[nn.Parameter] = []
+    spans: list[tuple[int, int]] = []
+    blocks: list[tuple[int, int, int]] = []
+    offset = 0
+
+    def close() -> None:
+        nonlocal params, spans, blocks, offset
+        parts.append(Part(params, spans, tuple(blocks), -(-offset // align) * align))
+        params, spans, blocks, offset = [], [], [], 0
+
+    for index, layer in enumerate(layers):
+        start = None
+        for p in layer:
+            a = offset if start is not None else -(-offset // align) * align
+            if params and a + p.numel() > limit:
+                if start is not None:
+                    blocks.append((index, start, offset))
+                close()
+                a, start = 0, None
+            start = a if start is None else start
+            params.append(p)
+            spans.append((a, a + p.numel()))
+            offset = a + p.numel()
+        if start is not None:
+            blocks.append((index, start, offset))
+    if params:
+        close()
+    return parts
+
+
+class Observer(Protocol):
+    """What reads a step's per-task gradients part by part: the conflict counter."""
+
+    def add(self, grads: torch.Tensor, blocks: tuple[tuple[int, int, int], ...]) -> torch.Tensor:
+        ...  # (returns each task's squared gradient norm over these columns)
+
+    def finish(self) -> torch.Tensor:
+        ...
+
+    def discard(self) -> None:
+        ...
+
+
+def check_cap(module: nn.Module, shared: list[Layer], tasks: int, aggregate: Callable,
+              cap: int | None) -> None:
+    """Before anything is allocated: an aggregator that combines the whole T×P matrix at once
+    (every one but ``ew`` and ``mean``) cannot take the layers in parts, so a matrix above the
+    cap stops the run with the size it needs and the settings that change it."""
+    if cap is None or getattr(aggregate, "linear", False):
+        return
+    width = block_layout(module, shared).width
+    need = gradient_bytes(tasks, width)
+    if need > cap:
+        name = getattr(aggregate, "name", "") or "this one"
+        raise SpecError(
+            f"the per-task gradient matrix needs {need / 1e9:.2f} GB ({tasks} tasks x "
+            f"{width:,} parameters of {len(shared)} shared layers, float32), above the cap of "
+            f"{cap / 1e9:.2f} GB, and aggregator '{name}' combines the whole matrix at once, so "
+            "it cannot take the layers in parts", where="train.gradient_memory_gb",
+            fix=f"set train.gradient_memory_gb to {-(-need // 10**8) / 10:.1f} (with that much "
+                "memory free), use aggregator ew or mean (taken in parts), or narrow the layers "
+                "(select.include / select.exclude)")
+
+
+def check_memory(module: nn.Module, shared: list[Layer], tasks: int,
+                 optimizer: torch.optim.Optimizer, cap: int | None, device: torch.device) -> None:
+    """Before anything is allocated: what training adds to the model's weights (a gradient per
+    trainable parameter, the optimiser's state, the per-task gradient matrix up to its cap)
+    against the memory ``device`` has free; a run that cannot fit stops with the sizes and the
+    settings that shrink them."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    size = sum(p.numel() * p.element_size() for p in params)
+    states = _states(optimizer)
+    matrix = gradient_bytes(tasks, block_layout(module, shared).width)
+    matrix = matrix if cap is None else min(matrix, cap)
+    need = size * (1 + states) + matrix
+    free = memory.available(device)
+    if free is not None and need > free:
+        raise TrainingError(
+            f"training needs about {need / 1e9:.1f} GB beside the model's weights and "
+            f"{free / 1e9:.1f} GB is free on {device}: gradients {size / 1e9:.1f} GB, the "
+            f"optimiser's state {states * size / 1e9:.1f} GB ({states} per parameter), the "
+            f"per-task gradient matrix {matrix / 1e9:.1f} GB",
+            fix="free memory, set train.optimizer: sgd (one state per parameter instead of "
+                "adam's two), lower train.gradient_memory_gb, or keep the weights in bf16")
+
+
+def _states(optimizer: torch.optim.Optimizer) -> int:
+    """Tensors of a parameter's size the optimiser keeps per parameter."""
+    if isinstance(optimizer, torch.optim.SGD):
+        return int(any(g.get("momentum", 0) for g in optimizer.param_groups))
+    return 2  # Adam, AdamW and the like: two moments
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
@@ -109,15 +247,17 @@ class MultiTaskStep:
     def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
                  optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None,
-                 precision: str = "fp32", world: World | None = None):
+                 precision: str = "fp32", world: World | None = None, cap: int | None = None):
         self.module, self.tasks, self.loss_fns = module, tasks, loss_fns
         self.world = world or World()
         self.aggregate, self.optimizer, self.sparse = aggregate, optimizer, sparse
-        self.buffer = GradientBuffer(module, shared, len(tasks))
-        in_buffer = {id(p) for p in self.buffer.params}
-        self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
         first = next(module.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
+        check_cap(module, shared, len(tasks), aggregate, cap)
+        check_memory(module, shared, len(tasks), optimizer, cap, self.device)
+        self.buffer = GradientBuffer(module, shared, len(tasks), cap=cap)
+        in_buffer = {id(p) for p in self.buffer.params}
+        self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
         self.precision = precision
         self.scaler = LossScaler(self.device, precision == "fp16")
         self.values: list[float] = []  # the last step's losses, on the host
@@ -153,56 +293,61 @@ class MultiTaskStep:
                              f"tasks[{self.tasks.index(task)}].loss",
                              "match the task's loss to its output and targets") from exc
 
-    def __call__(self, inputs: dict, targets: dict,
-                 observe: Callable[[torch.Tensor], torch.Tensor | None] | None = None,
+    def __call__(self, inputs: dict, targets: dict, observe: Observer | None = None,
                  share: float = 1.0) -> torch.Tensor:
-        """One training step; ``observe`` sees the T×P matrix before aggregation and may return
-        each task's squared gradient norm (the conflict counter does). Without ``observe`` a
-        linear aggregator's step takes one backward pass of the summed losses. With several ranks,
-        ``share`` is this rank's fraction of the global batch: the losses and gradients are
-        all-reduced with that weight before anything reads them (:mod:`reconfx.distributed`).
-        Returns the detached loss vector (global); ``self.values`` holds it on the host."""
+        """One training step; ``observe`` (the conflict counter) sees the T×P matrix, part by
+        part, before aggregation. Without ``observe`` a linear aggregator's step takes one
+        backward pass of the summed losses per part. With several ranks, ``share`` is this
+        rank's fraction of the global batch: the losses and gradients are all-reduced with that
+        weight before anything reads them (:mod:`reconfx.distributed`). Returns the detached
+        loss vector (global); ``self.values`` holds it on the host.
+
+        Each part (one unless the buffer is capped) costs one backward call per task, and one
+        copy of a health vector to the host; the heads' and branched copies' gradients come
+        with the first part's calls."""
         rng = torch.get_rng_state()  # to re-run this batch's forward if it goes non-finite
         losses = self.losses(inputs, targets)
         self.optimizer.zero_grad(set_to_none=True)
-        shared, others = self.buffer.params, self.others
+        others = self.others
         other_grads = [torch.zeros_like(p) for p in others]
         scaled = self.scaler.scaled(losses)
         # Per-task gradients when something reads them; a linear aggregator's result (their
         # sum) otherwise comes from one backward pass of the summed losses, in row 0.
         per_task = observe is not None or not getattr(self.aggregate, "linear", False)
-        matrix = self.buffer.matrix if per_task else self.buffer.matrix[:1]
         objectives = list(scaled) if per_task else [scaled.sum()]
-        for t, objective in enumerate(objectives):
-            grads = torch.autograd.grad(objective, shared + others,
-                                        retain_graph=t < len(objectives) - 1, allow_unused=True)
-            self.buffer.write(t, grads[:len(shared)])
-            for acc, g in zip(other_grads, grads[len(shared):], strict=True):
-                if g is not None:
-                    acc += g
+        names = self.tasks if per_task else [" + ".join(self.tasks)]
         local, losses = losses.detach(), losses.detach().clone()
-        self.world.reduce_(matrix, [losses, *other_grads], share)
-        if self.scaler.unscale([matrix, *other_grads]):
-            # fp16 overflow: the scale is halved and the step skipped, unless the loss itself
-            # is not finite (then no scale helps)
-            self.values = losses.tolist()
-            if not all(map(math.isfinite, self.values)):
-                raise self._loss_fault(inputs, targets, rng, local)
-            return losses
-        norms = observe(matrix) if observe is not None else None
-        if norms is None:
-            norms = matrix.sum(1)
-        rest = (torch.stack(torch._foreach_norm(other_grads)).sum() if other_grads
-                else losses.new_zeros(()))
-        health = torch.cat([losses, norms.float(), rest.reshape(1).float()]).tolist()
-        self.values = health[:len(self.tasks)]
-        if not all(map(math.isfinite, health)):
-            if not all(map(math.isfinite, self.values)):
-                raise self._loss_fault(inputs, targets, rng, local)
-            raise self._gradient_fault(other_grads, matrix, self.tasks if per_task else
-                                       [" + ".join(self.tasks)])
-        if shared:
-            self.buffer.scatter(self.aggregate(matrix) if per_task else matrix[0])
+        parts = self.buffer.parts
+        for i, part in enumerate(parts):
+            first, last = i == 0, i == len(parts) - 1
+            matrix = self.buffer.rows(part)[:len(objectives)]
+            for t, objective in enumerate(objectives):
+                grads = torch.autograd.grad(
+                    objective, part.params + (others if first else []),
+                    retain_graph=not last or t < len(objectives) - 1, allow_unused=True)
+                self.buffer.write(t, part, grads[:len(part.params)])
+                for acc, g in zip(other_grads if first else [], grads[len(part.params):],
+                                  strict=True):
+                    if g is not None:
+                        acc += g
+            rest = other_grads if first else []
+            self.world.reduce_(matrix, [losses, *rest] if first else [], share)
+            if self.scaler.unscale([matrix, *rest], last=last):
+                # fp16 overflow: the scale is halved and the step skipped, unless the loss
+                # itself is not finite (then no scale helps)
+                if observe is not None:
+                    observe.discard()
+                self.values = losses.tolist()
+                if not all(map(math.isfinite, self.values)):
+                    raise self._loss_fault(inputs, targets, rng, local)
+                return losses
+            norms = observe.add(matrix, part.blocks) if observe is not None else matrix.sum(1)
+            self._check(losses if first else None, norms, rest, part, matrix, names,
+                        lambda: self._loss_fault(inputs, targets, rng, local))
+            if part.params:
+                self.buffer.scatter(part, self.aggregate(matrix) if per_task else matrix[0])
+        if observe is not None:
+            observe.finish()
         for p, g in zip(others, other_grads, strict=True):
             p.grad = g
         if self.sparse is not None:
@@ -212,6 +357,22 @@ class MultiTaskStep:
             self.sparse.after_step()
         self.world.broadcast_buffers(self.module)
         return losses
+
+    def _check(self, losses: torch.Tensor | None, norms: torch.Tensor,
+               other_grads: list[torch.Tensor], part: Part, matrix: torch.Tensor,
+               names: list[str], loss_fault: Callable[[], Exception]) -> None:
+        """One copy to the host per part: the losses (first part), the rows' squared norms and
+        the other gradients' norm; a non-finite entry raises, naming the task and the layer."""
+        rest = (torch.stack(torch._foreach_norm(other_grads)).sum() if other_grads
+                else norms.new_zeros(()))
+        head = [losses] if losses is not None else []
+        health = torch.cat([*head, norms.float(), rest.reshape(1).float()]).tolist()
+        if losses is not None:
+            self.values = health[:len(self.tasks)]
+            if not all(map(math.isfinite, self.values)):
+                raise loss_fault()
+        if not all(map(math.isfinite, health)):
+            raise self._gradient_fault(other_grads, part, matrix, names)
 
     def _loss_fault(self, inputs: dict, targets: dict, rng: torch.Tensor,
                     local: torch.Tensor) -> Exception:
@@ -224,13 +385,12 @@ class MultiTaskStep:
                            losses=self.values, rng=rng,
                            context=lambda: autocast(self.device, self.precision))
 
-    def _gradient_fault(self, other_grads: list[torch.Tensor], matrix: torch.Tensor,
+    def _gradient_fault(self, other_grads: list[torch.Tensor], part: Part, matrix: torch.Tensor,
                         tasks: list[str]) -> Exception:
-        """The first non-finite gradient entry named: the row of ``matrix`` (one per name in
-        ``tasks``) and the parameter."""
+        """The first non-finite gradient entry named: the row of ``matrix`` (``part``'s columns,
+        one row per name in ``tasks``) and the parameter."""
         named = {id(p): n for n, p in self.module.named_parameters()}
-        rows = ((task, [(p, matrix[t, a:b]) for (a, b), p in zip(self.buffer.spans,
-                                                                   self.buffer.params,
+        rows = ((task, [(p, matrix[t, a:b]) for (a, b), p in zip(part.spans, part.params,
                                                                    strict=True)])
                 for t, task in enumerate(tasks))
         return locate_gradient(named, rows, list(zip(self.others, other_grads, strict=True)),
