@@ -43,7 +43,7 @@ from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
-from reconfx.emit.python import FactorySource, buildable, emit_python
+from reconfx.emit.python import buildable, emit_python
 from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
@@ -329,7 +329,7 @@ def profile_prepared(prepared: Prepared, progress: bool,
 @dataclass(frozen=True)
 class Sources:
     """The emitted review files, how model.py builds each module (path -> constructor /
-    restored / factory / generated) and the compiled model's name of each tensor model.py
+    restored / generated / traced) and the compiled model's name of each tensor model.py
     names differently (a submodule copied whole per task: ``layer4.left.conv1.weight`` for the
     compiled ``layer4.conv1.left.weight``)."""
 
@@ -345,8 +345,6 @@ def emit_sources(compiled: Compiled) -> Sources:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)
-    factory = FactorySource(*s.factory.call,
-                            "backbone." if s.backbone is not None else "")
     tasks = ", ".join(s.task_names)
     layer_names = ", ".join(layer.name for layer in branched.layers) or "none"
     listing = textwrap.fill(f"Tasks: {tasks}. Branched layers (one copy per task): "
@@ -370,7 +368,7 @@ def emit_sources(compiled: Compiled) -> Sources:
         emitted, name, doc=doc_model,
         task_containers={c for c in branched.containers
                          if not any(calls.under(c, p) for p in copies)} | set(copies),
-        branch_notes=notes, factory=factory, settings=settings)
+        branch_notes=notes, settings=settings)
     # The original calls whole the submodules model.py calls whole or copies per task (opening
     # the modules around them as model.py does), writes out the rest, and writes as classes of
     # their own those model.py writes as generated classes, so the diff shows only the surgery.
@@ -378,7 +376,7 @@ def emit_sources(compiled: Compiled) -> Sources:
                if not any(calls.under(c, p) for p in [*streams, *copies])} | set(copies)
     original_py = emit_python(called(prepared.traced.module, containers=inlined,
                                      opened=streams), name, doc=doc_original,
-                              task_containers=set(), branch_notes=None, factory=factory,
+                              task_containers=set(), branch_notes=None,
                               settings=settings)
     diff = "".join(difflib.unified_diff(
         original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),

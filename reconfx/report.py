@@ -133,7 +133,7 @@ def built_section(built: dict[str, str]) -> list[str]:
     """How model.py's ``__init__`` builds the modules it creates: counts, and the paths of those
     not built by their own class's constructor."""
     by_how = {how: [p for p, h in built.items() if h == how]
-              for how in ("constructor", "restored", "factory", "generated", "traced")}
+              for how in ("constructor", "restored", "generated", "traced")}
     lines = ["", "## How model.py builds its modules", "",
              f"- {len(by_how['constructor'])} by their own class's constructor"]
     if by_how["restored"]:
@@ -148,10 +148,6 @@ def built_section(built: dict[str, str]) -> list[str]:
         lines.append(f"- {len(by_how['traced'])} as a class holding its own traced code (an "
                      "attribute has no source form, so no call of its class rebuilds it): "
                      + ", ".join(f"`{p}`" for p in by_how["traced"]))
-    if by_how["factory"]:
-        lines.append(f"- {len(by_how['factory'])} by calling the spec's factory (an attribute has "
-                     "no source form and fx cannot trace its code): "
-                     + ", ".join(f"`{p}`" for p in by_how["factory"]))
     return lines
 
 

@@ -281,7 +281,7 @@ class PowerLeaf(nn.Module):
 
 class BranchingPowerLeaf(PowerLeaf):
     """PowerLeaf whose forward branches on a tensor's value: fx cannot trace it either, so
-    model.py falls back to calling the spec's factory."""
+    model.py cannot be written: the compile stops, naming it."""
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         if bool(h.sum() > 0):
@@ -714,3 +714,33 @@ class PretrainedTwoHeads(nn.Module):
     def forward(self, input_ids: torch.Tensor) -> dict[str, torch.Tensor]:
         hidden = self.encoder(input_ids=input_ids).last_hidden_state
         return {"ner": self.ner(hidden), "sentiment": self.sentiment(hidden.mean(1))}
+
+
+class Symmetric(nn.Module):
+    """A parametrization of a user's own: the weight is kept symmetric."""
+
+    def forward(self, w: torch.Tensor) -> torch.Tensor:
+        return w.triu() + w.triu(1).transpose(0, 1)
+
+
+class WeightNormed(nn.Module):
+    """An audio-style encoder with parametrized layers, as Wav2Vec2's positional convolution
+    (``weight_norm`` over the kernel axis) and a user's own parametrization: torch gives each
+    such module a class of its own (``ParametrizedConv1d``), which nothing can import."""
+
+    def __init__(self):
+        super().__init__()
+        from torch.nn.utils import parametrize
+        from torch.nn.utils.parametrizations import weight_norm
+
+        self.conv = nn.Conv1d(1, 8, 5, stride=2)
+        self.pos = weight_norm(nn.Conv1d(8, 8, 4, padding=2, groups=2), name="weight", dim=2)
+        self.mix = parametrize.register_parametrization(nn.Linear(8, 8), "weight", Symmetric())
+        self.norm = nn.LayerNorm(8)
+        self.a, self.b = nn.Linear(8, 2), nn.Linear(8, 3)
+
+    def forward(self, wave: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.conv(wave.unsqueeze(1))
+        h = h + self.pos(h)[..., :-1]
+        h = self.norm(self.mix(h.transpose(1, 2))).mean(1)
+        return {"a": self.a(h), "b": self.b(h)}

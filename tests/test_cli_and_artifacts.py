@@ -194,22 +194,22 @@ def test_leaf_without_any_source_form_is_written_as_its_traced_code(tmp_path):
             "call of its class rebuilds it): `power`\n") in (out / "report.md").read_text()
 
 
-def test_untraceable_leaf_without_any_source_form_comes_from_the_factory(tmp_path):
-    """The last resort: such a leaf whose forward fx cannot trace either (it branches on a
-    value) is built in model.py by calling the spec's factory, and the report says so."""
-    from tests.support import compile_and_verify
-
+def test_untraceable_leaf_without_any_source_form_stops_the_compile_naming_it(tmp_path, capsys):
+    """Such a leaf whose forward fx cannot trace either (it branches on a value) cannot be
+    written into model.py, which never calls the spec's factory: one line names the module, the
+    attribute and the registration that fixes it, and nothing is written."""
     path = write_spec(tmp_path, "power", model={"factory": "tests.models:WithPowerLeaf",
                                                  "kwargs": {"branching": True}},
                       inputs=[{"name": "x", "shape": [3, 6]}], tasks=[{"name": "a"}, {"name": "b"}],
                       select={"layers": ["fc"]})
     out = tmp_path / "out"
-    compile_and_verify(path, out)
-    source = (out / "model.py").read_text()
-    assert 'self.power = _from_factory("power")' in source
-    assert "model = tests.models.WithPowerLeaf(branching=True)" in source
-    assert ("- 1 by calling the spec's factory (an attribute has no source form and fx cannot "
-            "trace its code): `power`\n") in (out / "report.md").read_text()
+    assert main(["compile", str(path), "--out", str(out), "--quiet"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "Traceback" not in err
+    assert ("model.py cannot build 'power' (BranchingPowerLeaf): no constructor call rebuilds "
+            "it, its attribute(s) fn have no source form, and fx cannot trace its forward") in err
+    assert "reconfx.kinds.register(BranchingPowerLeaf, constructor=lambda module: {...})" in err
+    assert not (out / "model.py").exists()
 
 
 def test_layers_in_another_dtype_get_a_dtype_argument(tmp_path):
@@ -305,3 +305,25 @@ def test_report_lines_for_the_terminal():
         "Training and evaluation:", "- aggregator pcgrad, 3 epoch(s)",
         "  task   metric    test", "  -----  --------  ------",
         "  left   accuracy  0.9287", "  right  mse       0.0153", "- delta-m: +1.00%"]
+
+
+def test_parametrized_modules_are_built_as_themselves(tmp_path):
+    """weight_norm and a user's own parametrization: model.py builds each as its class with the
+    parametrization applied (the weights keep their parametrizations.* names), whether the
+    module is shared or branched, and I4 holds with every weight perturbed."""
+    from tests.support import compile_and_verify
+
+    path = write_spec(tmp_path, "wn", model={"factory": "tests.models:WeightNormed"},
+                      inputs=[{"name": "wave", "shape": [2, 64], "dynamic": [0, 1]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["pos", "norm"]})
+    out = tmp_path / "out"
+    compile_and_verify(path, out)
+    source = (out / "model.py").read_text()
+    assert ('        self.pos = nn.ModuleDict({\n            task: weight_norm(nn.Conv1d(8, 8, 4, '
+            'padding=2, groups=2), name="weight", dim=2)\n            for task in TASKS\n'
+            ) in source
+    assert ('self.mix = parametrize.register_parametrization(nn.Linear(8, 8), "weight", '
+            'Symmetric())') in source
+    assert "_restored" not in source and "Traced" not in source
+    loaded = reconfx.load(out)
+    assert "pos.a.parametrizations.weight.original1" in loaded.state_dict()

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from reconfx.emit.render import LINE, Source, bracketed, render_value
 from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
@@ -178,16 +179,23 @@ def differences(a: nn.Module, b: nn.Module) -> int:
     names and types, parameter and buffer names, shapes and dtypes (:func:`_shapes`), each
     module's plain attributes (so a norm layer rebuilt with another activation child is told
     apart)."""
-    if type(a) is not type(b):
+    if _kind(a) is not _kind(b):
         return 1 << 20
     mods_a, mods_b = dict(a.named_modules()), dict(b.named_modules())
     count = len(mods_a.keys() ^ mods_b.keys())
     for name in mods_a.keys() & mods_b.keys():
         x, y = mods_a[name], mods_b[name]
-        count += 1 if type(x) is not type(y) else _own_differences(x, y)
+        count += 1 if _kind(x) is not _kind(y) else _own_differences(x, y)
     shapes_a, shapes_b = _shapes(a), _shapes(b)
     count += len(shapes_a.keys() ^ shapes_b.keys())
     return count + sum(shapes_a[k] != shapes_b[k] for k in shapes_a.keys() & shapes_b.keys())
+
+
+def _kind(m: nn.Module) -> type:
+    """A module's class; for a parametrized one (``weight_norm``), the class it was made from:
+    torch gives each parametrized instance a class of its own, ``ParametrizedConv1d``. Its
+    parametrizations are children, compared as such."""
+    return type(m).__bases__[0] if parametrize.is_parametrized(m) else type(m)
 
 
 def _shapes(m: nn.Module) -> dict[str, tuple]:
@@ -216,6 +224,8 @@ def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | Non
     """A verified constructor call for ``m``, or None when no form rebuilds it exactly.
     ``settings``: settings objects of the model ``m`` belongs to (a Hugging Face model's
     config), tried for a required argument ``m`` does not keep (``BertLayer(config)``)."""
+    if parametrize.is_parametrized(m):
+        return _parametrized(m, settings)
     cls = type(m)
     head = class_source(cls)
     if head is None:
@@ -236,6 +246,55 @@ def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | Non
     if best is None:
         return None
     return _verified(m, head, _searched(m, head, best[1], best[0]))
+
+
+_PARAMETRIZATIONS = {  # torch's parametrization class -> its public function and arguments
+    "_WeightNorm": ("weight_norm", ("dim",)),
+    "_SpectralNorm": ("spectral_norm", ("n_power_iterations", "eps", "dim")),
+}
+
+
+def _parametrized(m: nn.Module, settings: Sequence[Any]) -> Constructor | None:
+    """A parametrized module (``weight_norm(nn.Conv1d(...), name="weight", dim=2)``): its own
+    class's constructor, found on a plain stand-in holding each parametrized tensor's value,
+    wrapped in one call per parametrization, in the order they apply: torch's public
+    ``weight_norm``/``spectral_norm``, or ``register_parametrization`` with the
+    parametrization's own constructor. Verified on the meta device as any constructor is."""
+    cls = type(m).__bases__[0]
+    plain = cls.__new__(cls)
+    plain.__dict__ = {**vars(m), "_parameters": dict(m._parameters),
+                      "_modules": {k: v for k, v in m._modules.items() if k != "parametrizations"}}
+    for name in m.parametrizations:
+        plain._parameters[name] = nn.Parameter(getattr(m, name).detach(), requires_grad=False)
+    found = constructor(plain, settings)
+    if found is None:
+        return None
+    for name, chain in m.parametrizations.items():
+        for step in chain:
+            found = _wrapped(found, name, step, settings)
+            if found is None:
+                return None
+    built = _build(found.text(10**6), found.imports)
+    return found if built is not None and differences(m, built) == 0 else None
+
+
+def _wrapped(inner: Constructor, name: str, step: nn.Module, settings: Sequence[Any]
+             ) -> Constructor | None:
+    """``inner`` with one more parametrization of its tensor ``name``."""
+    known = _PARAMETRIZATIONS.get(type(step).__name__)
+    if known is not None and type(step).__module__ == "torch.nn.utils.parametrizations":
+        function, keys = known
+        own = {k: getattr(step, k) for k in keys}
+        args = (inner, f"name={render_value(name)}",
+                *(f"{k}={render_value(sourced(v))}" for k, v in own.items()))
+        return Constructor(function, args, tuple(sorted(
+            {*inner.imports, f"from torch.nn.utils.parametrizations import {function}"})))
+    made = constructor(step, settings)
+    if made is None:
+        return None
+    return Constructor("parametrize.register_parametrization", (
+        inner, render_value(name), made), tuple(sorted(
+            {*inner.imports, *made.imports, "from torch.nn.utils import parametrize"})))
 
 
 def _filled(m: nn.Module, values: dict[str, Any], settings: Sequence[Any] = ()

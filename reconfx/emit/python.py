@@ -10,7 +10,6 @@ gives byte-identical text.
 from __future__ import annotations
 
 import builtins
-import contextlib
 import copy
 import dataclasses
 import importlib
@@ -30,7 +29,7 @@ from torch import fx, nn
 
 from reconfx.aten import Spelling, packet, spelling
 from reconfx.calls import MARK, TaskStream
-from reconfx.emit.constructors import Bracket, Constructor, constructor
+from reconfx.emit.constructors import Bracket, Constructor, constructor, own_attributes
 from reconfx.emit.merge import Alternatives, merge_modes
 from reconfx.emit.render import (
     LINE,
@@ -54,14 +53,14 @@ from reconfx.emit.restore import (
     restored,
     tensor_source,
 )
-from reconfx.emit.sources import SETTINGS
+from reconfx.emit.sources import SETTINGS, sourced
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
 from reconfx.streams import StreamRegion, fits
 from reconfx.tracing import leaf_tracer
 
 __all__ = [
-    "buildable", "emit_python", "EmittedSource", "FactorySource", "PythonEmitter"
+    "buildable", "emit_python", "EmittedSource", "PythonEmitter"
 ]
 
 _INFIX = {
@@ -81,18 +80,8 @@ class EmittedSource:
     source: str
     # module path -> how __init__ builds it: "constructor" (its class's), "restored" (from its
     # recorded state, see reconfx.emit.restore), "generated" (a class for a submodule run per
-    # task stream), "traced" (a class holding its traced code: nothing rebuilds it) or "factory"
-    # (the spec's, the last resort for a module fx cannot trace either)
+    # task stream) or "traced" (a class holding its traced code: nothing rebuilds it)
     built: dict[str, str] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class FactorySource:
-    """The user's factory, the last resort for a leaf without a writable constructor."""
-
-    call: str
-    kwargs: dict[str, Any]
-    prefix: str = ""  # path prefix of the factory's model inside the traced one ("backbone.")
 
 
 @dataclass
@@ -195,13 +184,12 @@ class _Scope:
 class PythonEmitter:
     def __init__(self, module: DualGraphModule, class_name: str, doc: str,
                  task_containers: set[str], branch_notes: dict[str, str] | None = None,
-                 factory: FactorySource | None = None, settings: Sequence[Any] = ()):
+                 settings: Sequence[Any] = ()):
         self.module = module
         self.class_name = class_name
         self.doc = doc
         self.task_containers = task_containers
         self.branch_notes = branch_notes or {}
-        self.factory = factory
         self.settings = settings
         self.constants: dict[str, str] = {}  # settings source text -> its constant's name
         self.classes: dict[str, list[str]] = {}  # generated class -> its lines after the header
@@ -257,22 +245,26 @@ class PythonEmitter:
 
     def _unbuildable(self, path: str, obj: nn.Module) -> str:
         """A module no constructor call or restoring rebuilds (an attribute has no source form):
-        a class generated from its own traced code, else (untraceable) the spec's factory."""
+        a class generated from its own traced code; a compile error where fx cannot trace it
+        either (``model.py`` never calls back into the code or the folder that built it)."""
         bodies = _traced(obj)
+        failed: Exception | None = None
         if bodies is not None:
             stream = TaskStream(obj, bodies, type(obj).__name__, per_task=False)
-            with contextlib.suppress(Exception):  # (unless what it reads has no form either)
+            try:
                 return f"{self._generated(path, stream, traced=True)}()"
-        return self._from_factory(path, obj)
-
-    def _from_factory(self, path: str, obj: nn.Module) -> str:
-        """The last resort: the module taken from a model the spec's factory builds."""
-        if self.factory is None:
-            raise CheckError(f"cannot write a constructor for '{path}' ({type(obj).__name__})",
-                             fix="register how to read its constructor arguments: "
-                                 "reconfx.kinds.register(cls, constructor=...)")
-        self.built[path] = "factory"
-        return f'_from_factory("{self.base}{path}")'
+            except (TypeError, ValueError, CheckError) as exc:  # (what it reads has no form)
+                failed = exc
+        unformed = [k for k, v in own_attributes(obj).items() if not _has_source(v)]
+        raise CheckError(
+            f"model.py cannot build '{self.base}{path}' ({type(obj).__name__}): no constructor "
+            "call rebuilds it, " + (f"its attribute(s) {', '.join(unformed[:4])} have no source "
+            "form" if unformed else "its class cannot be imported by name") + ", and "
+            + (f"its traced code cannot be written ({failed})" if failed is not None
+               else "fx cannot trace its forward"),
+            fix=f"register its constructor's arguments before compiling: reconfx.kinds.register("
+                f"{type(obj).__name__}, constructor=lambda module: {{...}}), a function giving "
+                "the keyword arguments that rebuild it from an instance")
 
     def _generated(self, path: str, stream: TaskStream, traced: bool = False) -> str:
         """The name of the class generated for a submodule holding branched layers, or written
@@ -284,7 +276,7 @@ class PythonEmitter:
                "holds a value with no source form, so no call of its class rebuilds it."
                if traced else f"{stream.kind} as traced, written out to compare with the "
                "class model.py generates for it.")
-        sub = PythonEmitter(stream, "", doc, inner, None, self.factory, self.settings)
+        sub = PythonEmitter(stream, "", doc, inner, None, self.settings)
         sub.base, sub.constants, sub.tasks = f"{self.base}{path}.", self.constants, self.tasks
         sub._collect()
         body = sub.class_lines()
@@ -766,7 +758,7 @@ class PythonEmitter:
             self.constants = {call.sub(alias, text): n for text, n in self.constants.items()}
         generated = [line for name, body in self.classes.items()
                      for line in ["", "", f"class {name}(nn.Module):", *body]]
-        helper = ["", *self._factory_helper()] if "factory" in self.built.values() else []
+        helper: list[str] = []
         if any("_restored(" in line for line in [*lines, *generated]):  # (also nested)
             self.imports.update(RESTORE_IMPORTS)
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
@@ -827,23 +819,13 @@ class PythonEmitter:
                            self._indent(2))
         return [train[0][0], *body]
 
-    def _factory_helper(self) -> list[str]:
-        assert self.factory is not None
-        module_name, _, name = self.factory.call.partition(":")
-        self.imports.add(f"import {module_name}")
-        kwargs = self.factory.kwargs
-        if all(str(k).isidentifier() and not keyword.iskeyword(str(k)) for k in kwargs):
-            args = [f"{k}={render_arg(v)}" for k, v in kwargs.items()]
-        else:  # keys that are not Python names: pass the spec's mapping as it is
-            args = [f"**{render_arg(kwargs)}"]
-        return [
-            "def _from_factory(path: str) -> nn.Module:",
-            '    """A submodule reconfx cannot write a constructor for, built by the factory."""',
-            statement("    ", "model", f"{module_name}.{name}(", args),
-            f"    prefix = {render_value(self.factory.prefix)}",
-            "    return model.get_submodule(path.removeprefix(prefix))",
-            "",
-        ]
+
+def _has_source(value: Any) -> bool:
+    try:
+        sourced(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
@@ -1233,8 +1215,7 @@ def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
 
 def emit_python(module: DualGraphModule, class_name: str, *, doc: str,
                 task_containers: set[str] | None = None,
-                branch_notes: dict[str, str] | None = None,
-                factory: FactorySource | None = None, settings: Sequence[Any] = ()
+                branch_notes: dict[str, str] | None = None, settings: Sequence[Any] = ()
                 ) -> EmittedSource:
     """Source text of a standalone ``nn.Module`` class reproducing ``module``.
 
@@ -1242,4 +1223,4 @@ def emit_python(module: DualGraphModule, class_name: str, *, doc: str,
     >>> print(emitted.source)                                             # doctest: +SKIP
     """
     return PythonEmitter(module, class_name, doc, task_containers or set(), branch_notes,
-                         factory, settings).emit()
+                         settings).emit()
