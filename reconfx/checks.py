@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
 from reconfx.kinds import dropout_attr
-from reconfx.modes import compare, preserved, reached, run
+from reconfx.modes import ATOL, compare, preserved, reached, run
 from reconfx.tensorfile import Spill
 from reconfx.tree import task_outputs
 
@@ -222,15 +222,19 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
                *, examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
                original: nn.Module | None = None, task_paths: dict[str, str] | None = None,
                rename: Callable[[str], str | None] = str, atol: float = 0.0,
-               compiled_name: Callable[[str], str] = str) -> Check:
-    """I4: the emitted source with its weights reproduces the compiled model, same parameter
-    count as the original plus (T-1) x the branched layers. It must also compute the same
-    function for other weights: every floating parameter and buffer is perturbed the same way in
-    the emitted model and in ``original`` (a compiled tensor matched to the original's through
-    ``rename``; compared within ``atol``, I1's tolerance), so a value derived from the weights
-    and baked into the graph or the source is caught. Without ``original`` (weights trained
-    since, so they are no longer the original's) the reference is the compiled model, whose name
-    for an emitted tensor is ``compiled_name`` of it."""
+               exact: bool = True, compiled_name: Callable[[str], str] = str) -> Check:
+    """I4: the emitted source with its weights reproduces the compiled model (bit-exactly where
+    the traced graph reproduced the model ``exact``-ly, else within :data:`ATOL`: model.py calls
+    the model's own modules where the graph runs the traced ops), same parameter count as the
+    original plus (T-1) x the branched layers. It must also compute the same function for other
+    weights: every floating parameter and buffer is perturbed the same way in the emitted model
+    and in ``original`` (a compiled tensor matched to the original's through ``rename``), so a
+    value derived from the weights and baked into the graph or the source is caught; compared
+    within ``atol`` (I1's tolerance), or :data:`ATOL` times the outputs' magnitude where that is
+    larger, since the perturbed weights run other kernels than the original's on the same
+    values and a baked value shows as a difference of another order. Without ``original``
+    (weights trained since, so they are no longer the original's) the reference is the compiled
+    model, whose name for an emitted tensor is ``compiled_name`` of it."""
     from reconfx.graph import unique_parameters
 
     count = unique_parameters(emitted)
@@ -241,7 +245,7 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
         for example in examples:
             for training in (False, True):
                 bad = compare(run(compiled, example, training), run(emitted, example, training),
-                              0.0)
+                              0.0 if exact else ATOL)
                 if bad:
                     mode = "train" if training else "eval"
                     raise CheckError(f"I4 emit parity failed: task '{bad[0]}' differs in {mode} "
@@ -253,15 +257,18 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
     # One model perturbed at a time: the emitted model may hold the reference's tensors.
     with preserved(reference), perturbed(reference):
         want = outputs(run(reference, examples[0], False))
+    scale = max([1.0, *(float(w.detach().abs().max()) for w in want.values()
+                        if w.is_floating_point() and w.numel())])
     with preserved(emitted), perturbed(emitted, rename):
-        bad = compare(want, run(emitted, examples[0], False), atol)
+        bad = compare(want, run(emitted, examples[0], False), max(atol, ATOL * scale))
     if bad:
         against = "the compiled model" if original is None else "the original model"
         raise CheckError(
             f"I4 emit parity failed: with every weight perturbed, task '{bad[0]}' differs from "
             f"{against} by {bad[1]:.3g} (a value derived from the weights is fixed in the graph "
             "or the source)", fix="report this model as a reconfx bug")
-    return Check("I4 emit parity", f"bit-exact in eval and train mode, and the same function as "
+    return Check("I4 emit parity", f"{'bit-exact' if exact else f'within {ATOL:g}'} in eval "
+                 "and train mode, and the same function as "
                  f"{'the compiled' if original is None else 'the original'} model with every "
                  f"weight perturbed; {count} parameters")
 

@@ -20,8 +20,13 @@ from reconfx.memory import release
 from reconfx.tensorfile import Spill
 
 __all__ = [
-    "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "silenced"
+    "ATOL", "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "silenced"
 ]
+
+# The checks' tolerance where two computations of the same function use kernels that round
+# differently (stream batching's joined calls, torch.export's ops against eager's fused ones);
+# elsewhere they compare bit-exactly.
+ATOL = 1e-5
 
 
 @contextlib.contextmanager

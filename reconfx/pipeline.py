@@ -47,6 +47,7 @@ from reconfx.emit.python import buildable, emit_python
 from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
+from reconfx.modes import ATOL
 from reconfx.profiling import Profile, Scores, annotate_scores, profile, restore_profile, scores_in
 from reconfx.rewrite import Branched, branch
 from reconfx.selection import budget_lines, check_patterns, explicit_choice, select_layers
@@ -174,7 +175,8 @@ def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
     warnings = [warning] if warning else []
     try:
         parity = check_parity(prepared.model, branched.module, prepared.task_paths,
-                              prepared.examples, 1e-5 if regions_of(branched.module) else 0.0)
+                              prepared.examples,
+                              ATOL if regions_of(branched.module) else prepared.traced.atol)
     except CheckError as exc:
         if not regions_of(branched.module):
             raise
@@ -182,7 +184,7 @@ def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
         # correct rather than fast.
         branched = branch_model(prepared, chosen, batching=False)
         parity = check_parity(prepared.model, branched.module, prepared.task_paths,
-                              prepared.examples)
+                              prepared.examples, prepared.traced.atol)
         warnings.append(f"stream batching turned off: with it, {exc.message}; set "
                         "branch.stream_batching: off to silence this, and report the model")
     checks = [
@@ -196,7 +198,7 @@ def _branched_and_checked(prepared: Prepared, chosen: list[Layer],
 def branch_model(prepared: Prepared, chosen: list[Layer], batching: bool | None = None
                  ) -> Branched:
     """The branching pass, then stream batching as the spec asks (or as ``batching`` says).
-    I1 holds within atol 1e-5 with batching (batched kernels round differently)."""
+    I1 holds within ATOL (1e-5) with batching (batched kernels round differently)."""
     s = prepared.loaded.spec
     branched = branch(prepared.traced.module, chosen, s.task_names, s.branch.norm_stats)
     if batching if batching is not None else s.branch.stream_batching != "off":
@@ -395,7 +397,8 @@ def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
                       expected_params=expected, original=None if trained else prepared.model,
                       task_paths=prepared.task_paths,
                       rename=original_names(branched, prepared.model, sources.compiled_names),
-                      atol=1e-5 if regions_of(branched.module) else 0.0,
+                      atol=ATOL if regions_of(branched.module) or prepared.traced.atol else 0.0,
+                      exact=not prepared.traced.atol,
                       compiled_name=lambda n: sources.compiled_names.get(n, n))
 
 

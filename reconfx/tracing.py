@@ -44,7 +44,7 @@ from reconfx.graph import (
     same_graph,
 )
 from reconfx.kinds import is_leaf
-from reconfx.modes import compare, preserved, run_reaching, silenced
+from reconfx.modes import ATOL, compare, max_diff, preserved, run_reaching, silenced
 from reconfx.tree import key_str, task_outputs
 
 __all__ = [
@@ -69,6 +69,7 @@ class Traced:
     tier: str
     notes: tuple[str, ...] = ()
     ignored_outputs: tuple[str, ...] = ()  # what the model returns besides the tasks' outputs
+    atol: float = 0.0  # the tolerance within which the graph reproduces the model (0: exactly)
 
 
 def parameterised_modules(module: nn.Module) -> int:
@@ -536,9 +537,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 graphs.append(graph)
             result = _assemble(model, graphs, model, "fx", notes, class_name)
             hidden = [p for p in forced if parameterised_modules(model.get_submodule(p)) > 1]
-            mismatch = traced_matches(model, result.module, task_paths, [example, verify_with])
-            if mismatch:
-                raise TierFailure("fx", None, RuntimeError(mismatch))
+            result = _accepted(result, "fx", model, task_paths, [example, verify_with])
             if not hidden or tier == "fx":
                 return result
             if selected is not None and _coarse_fits(result.module, model, hidden, selected):
@@ -562,9 +561,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")
                 graphs.append(graph)
             result = _assemble(model, graphs, attrs, "export", _dedupe(notes), class_name)
-            mismatch = traced_matches(model, result.module, task_paths, [example, verify_with])
-            if mismatch:
-                raise TierFailure("torch.export", None, RuntimeError(mismatch))
+            result = _accepted(result, "torch.export", model, task_paths, [example, verify_with])
             if coarse is not None:
                 return replace(result, notes=("tier 2 used: tier 1 " + coarse.notes[-1],
                                               *result.notes))
@@ -578,6 +575,21 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         return replace(coarse, notes=(
             *coarse.notes, f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})"))
     raise _trace_error(failures)
+
+
+def _accepted(result: Traced, tier: str, model: nn.Module, task_paths: dict[str, str],
+              examples: Sequence[dict[str, torch.Tensor] | None]) -> Traced:
+    """``result`` when its graph reproduces the model (:func:`traced_matches`), with the
+    tolerance it needed; else the tier fails."""
+    mismatch, worst = traced_matches(model, result.module, task_paths, examples)
+    if mismatch:
+        raise TierFailure(tier, None, RuntimeError(mismatch))
+    if worst == 0.0:
+        return result
+    return replace(result, atol=ATOL, notes=(
+        *result.notes, f"the {tier} graph reproduces the model within {ATOL:g}, not bit-exactly "
+        f"(max abs diff {worst:.2g}: its ops round differently from the model's kernels), and "
+        "the checks compare within that tolerance"))
 
 
 def _coarse_fits(module: DualGraphModule, model: nn.Module, hidden: Sequence[str],
@@ -727,12 +739,16 @@ def name_nodes(module: DualGraphModule) -> None:
 
 
 def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],
-                   examples: Sequence[dict[str, torch.Tensor] | None]) -> str | None:
-    """None when the traced graph reproduces the eager model bit-exactly in both modes on all
-    examples (the second has another batch size, catching shapes baked into the graph), and its
-    outputs' gradient reaches the same parameters (checked once, in train mode)."""
+                   examples: Sequence[dict[str, torch.Tensor] | None]
+                   ) -> tuple[str | None, float]:
+    """Whether the traced graph reproduces the eager model in both modes on all examples (the
+    second has another batch size, catching shapes baked into the graph), within :data:`ATOL`
+    (torch.export's ops may round differently from eager's fused kernels), and its outputs'
+    gradient reaches the same parameters (checked once, in train mode). Returns what differs
+    (None: nothing) and the largest difference seen."""
     shared = {id(q) for q in traced.parameters()}
     params = {n: q for n, q in model.named_parameters() if q.requires_grad and id(q) in shared}
+    worst = 0.0
     with preserved(model, traced):
         for i, example in enumerate(filter(None, examples)):
             for training in (False, True):
@@ -746,16 +762,17 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
                         got, got_reach = run_reaching(traced, example, training, reach)
                 except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
                     return (f"the traced graph fails in {mode} mode at batch {batch} where the "
-                            f"model runs ({type(exc).__name__}: {exc})")
-                bad = compare(want, got, 0.0)
+                            f"model runs ({type(exc).__name__}: {exc})"), worst
+                bad = compare(want, got, ATOL)
                 if bad:
                     return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
-                            f"mode at batch {batch} (max abs diff {bad[1]:.3g})")
+                            f"mode at batch {batch} (max abs diff {bad[1]:.3g})"), worst
+                worst = max([worst, *(max_diff(want[t], got[t]) for t in want)])
                 for name in reach:
                     if None not in (want_reach[name], got_reach[name]) and (
                             want_reach[name] != got_reach[name]):
                         return (f"the parameter '{name}' gets a gradient in the "
                                 f"{'traced graph' if got_reach[name] else 'model'} only (code "
                                 "under torch.no_grad() or similar that the tracer does not "
-                                "record)")
-    return None
+                                "record)"), worst
+    return None, worst
