@@ -17,7 +17,7 @@ from torch import nn
 from reconfx.artifacts import torch_load_safely
 from reconfx.data.padding import padded_data
 from reconfx.errors import ModelError, ReconfxError, SpecError
-from reconfx.heads import attach_heads
+from reconfx.heads import attach_heads, encoder_only
 from reconfx.spec import DTYPES, FactorySpec, InputSpec, Spec
 from reconfx.tree import is_sequence_root, output_leaves
 
@@ -360,9 +360,10 @@ def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
     if spec.backbone is not None:
         example = example_inputs(spec.inputs, seed=spec.train.seed)
         given = [i.name for i in spec.inputs if i.to_backbone]
+        model, feature = encoder_only(model, spec.backbone.feature)
         run_example(model, {k: example[k] for k in given}, spec, spec_path)
         heads = {t.name: t.head for t in spec.tasks}
-        model = attach_heads(model, spec.backbone.feature, heads=heads, example=example,
+        model = attach_heads(model, feature, heads=heads, example=example,
                              where=f"{where}.feature",
                              backbone_inputs=None if len(given) == len(spec.inputs) else given)
     return model.eval()

@@ -315,11 +315,27 @@ def in_place(node: fx.Node) -> bool:
 
 def prune(graph: fx.Graph) -> None:
     """Remove nodes nothing uses, keeping in-place ops (fx's own pass needs an owning module
-    for call_module nodes and drops in-place method calls)."""
+    for call_module nodes and drops in-place method calls). A random op nothing uses is kept
+    only where a random op that is kept follows it (its draws move the generator that one
+    reads): an encoder–decoder tapped at its encoder's output loses its decoder, dropout and
+    all."""
+    later_random = False
     for node in reversed(list(graph.nodes)):
-        if node.users or node.op in ("placeholder", "output") or mutates(node):
+        random = _random(node)
+        keep = node.users or node.op in ("placeholder", "output") or (
+            mutates(node) and (later_random or not random))
+        if keep:
+            later_random = later_random or random
             continue
         graph.erase_node(node)
+
+
+def _random(node: fx.Node) -> bool:
+    """An aten op that draws from the random generator and changes nothing else."""
+    target = node.target
+    return (node.op == "call_function" and isinstance(target, torch._ops.OpOverload)
+            and torch.Tag.nondeterministic_seeded in target.tags
+            and not target._schema.is_mutable)
 
 
 def same_graph(a: fx.Graph, b: fx.Graph) -> bool:

@@ -2,7 +2,9 @@
 
 The feature is the backbone's output (``output``), a named field of it, or, for a module path or
 graph node name, the value computed there: the backbone is traced and cut after that node, so
-nothing past the tap is kept.
+nothing past the tap is kept. An encoder–decoder model tapped at its encoder (a field
+``encoder_<name>`` of its output, or a module inside its encoder) keeps only the encoder
+(:func:`encoder_only`): its decoder's inputs are not needed, and it never runs.
 """
 
 from __future__ import annotations
@@ -20,9 +22,53 @@ from reconfx.spec import HeadSpec
 from reconfx.tree import output_leaves
 
 __all__ = [
-    "attach_heads", "build_head", "in_features", "multitask_model", "MultiTaskModel", "Pool",
-    "pool_dims"
+    "attach_heads", "build_head", "encoder_only", "EncoderOnly", "in_features",
+    "multitask_model", "MultiTaskModel", "Pool", "pool_dims"
 ]
+
+
+class EncoderOnly(nn.Module):
+    """The encoder of an encoder–decoder model, under the path the model gives it
+    (``encoder``, ``model.encoder``), so that layer names stay the model's; calling it calls the
+    encoder with the inputs its forward names (a spec may still list the decoder's, which an
+    encoder taking ``**kwargs`` would hand on to its layers)."""
+
+    def __init__(self, encoder: nn.Module, path: str):
+        super().__init__()
+        self.path = path
+        self.takes = tuple(p.name for p in inspect.signature(encoder.forward).parameters.values()
+                           if p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL))
+        owner: nn.Module = self
+        *parents, name = path.split(".")
+        for part in parents:
+            owner.add_module(part, nn.Module())
+            owner = getattr(owner, part)
+        owner.add_module(name, encoder)
+
+    def forward(self, **inputs: Any) -> Any:
+        encoder = self
+        for part in self.path.split("."):
+            encoder = getattr(encoder, part)
+        return encoder(**{k: v for k, v in inputs.items() if k in self.takes})
+
+
+def encoder_only(model: nn.Module, feature: str) -> tuple[nn.Module, str]:
+    """``model`` and ``feature`` as given, or, for an encoder–decoder model (it has
+    ``get_encoder()`` and a decoder) tapped at its encoder (``encoder_last_hidden_state``, or a
+    module path inside the encoder), the encoder alone in an :class:`EncoderOnly` and the
+    feature to tap on it (``last_hidden_state``; a module path unchanged)."""
+    get = getattr(model, "get_encoder", None)
+    if not callable(get) or not callable(getattr(model, "get_decoder", None)):
+        return model, feature
+    encoder = get()
+    path = next((n for n, m in model.named_modules() if m is encoder and n), None)
+    if path is None or encoder is model:
+        return model, feature
+    if feature.startswith("encoder_") and feature not in dict(model.named_modules()):
+        return EncoderOnly(encoder, path), feature.removeprefix("encoder_")
+    if feature.startswith(path + "."):
+        return EncoderOnly(encoder, path), feature
+    return model, feature
 
 
 class Pool(nn.Module):
@@ -226,7 +272,9 @@ def _cut_at(backbone: nn.Module, feature: str, submodules: dict[str, nn.Module],
         raise ModelError(
             f"cannot tap '{feature}': the backbone cannot be cut there ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})", where=where,
-            fix="tap the backbone's output or a named output field instead") from exc
+            fix="tap the encoder's output instead: feature: encoder_last_hidden_state"
+            if isinstance(backbone, EncoderOnly) else
+            "tap the backbone's output or a named output field instead") from exc
     nodes = [n for n in graph.nodes
              if (feature in submodules and n.op == "call_module" and n.target == feature)
              or n.name == feature]
