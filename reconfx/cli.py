@@ -75,7 +75,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         chosen = {layer.name for layer in select_layers(prepared.layers, s.select,
                                                         where=str(prepared.loaded.path),
-                                                        scores=scores, tasks=len(s.tasks))}
+                                                        scores=scores, tasks=len(s.tasks),
+                                                        notes=prepared.traced.notes)}
     except SelectionError as exc:
         problem = str(exc)
     if args.json:

@@ -364,7 +364,7 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
     chosen = select_layers(prepared.layers, s.select, where=str(loaded.path),
                            scores=result.scores(), tasks=len(s.tasks),
-                           cost=cost) if s.select is not None else []
+                           cost=cost, notes=prepared.traced.notes) if s.select is not None else []
     written: list[Path] = []
     if w.main:  # every rank holds the same counters
         with artifacts.Staging(out) as staging:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import difflib
 import math
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import nn
 
@@ -50,7 +50,7 @@ def explicit_choice(spec: SelectSpec | None) -> Callable[[str], bool] | None:
 
 def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = "spec",
                   scores: dict[str, int] | None = None, tasks: int = 2,
-                  cost: CostModel | None = None) -> list[Layer]:
+                  cost: CostModel | None = None, notes: Sequence[str] = ()) -> list[Layer]:
     """The layers to branch, in graph order.
 
     Score-based policies rank the candidates by conflict score (``scores``, from a profile),
@@ -64,14 +64,16 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = 
     and it (``cost``; a layer after a branch point adds nothing more) stays within the given
     percent of the original's FLOPs, so a costly top layer is passed over for the next ones
     (:func:`budget_lines` says what was bought and what was left out).
-    ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them.
+    ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them
+    (a name inside a module tracing kept as one leaf is refused naming the leaf, and why from
+    the tracer's ``notes``).
     """
     if spec is None:
         return []
     pool = candidates(layers, spec)
     policy = spec.policy
     if policy == "layers":
-        return _explicit(layers, pool, spec, where)
+        return _explicit(layers, pool, spec, where, notes)
     if policy == "random":
         import random
 
@@ -203,22 +205,37 @@ def matched_random(pool: list[Layer], target: int, *, seed: int, tasks: int = 2,
 
 
 def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
-              where: str) -> list[Layer]:
+              where: str, notes: Sequence[str] = ()) -> list[Layer]:
     chosen, unmatched = match_layers(pool, spec.layers or [])
     if unmatched:
         everywhere, _ = match_layers(layers, unmatched)
-        detail = ""
+        detail, fix = "", "run `reconfx inspect SPEC` for the layer paths"
+        leaf = _enclosing(layers, unmatched[0])
         if everywhere:
             single = everywhere[0]
             reason = ("is excluded by select.include/exclude" if single.shared else
                       f"is used by task '{','.join(single.tasks)}' only, so it is task-specific "
                       "already")
             detail = f"; '{single.name}' {reason}"
+        elif leaf is not None:
+            path = next(p for p in leaf.modules if unmatched[0].startswith(p + "."))
+            why = [n for n in notes if f"'{path}'" in n]
+            detail = (f": it lies inside '{path}' ({leaf.type}), which tracing keeps as one "
+                      "leaf" + (f" ({why[0]})" if why else "") + ", so only the whole leaf can "
+                      "be branched")
+            fix = (f"select '{path}' whole, or make its forward traceable (then `reconfx "
+                   "inspect SPEC` lists the layers inside it)")
         raise SelectionError(
             f"pattern '{unmatched[0]}' matches no shared layer{detail}",
-            where=f"{where}: select.layers",
-            fix="run `reconfx inspect SPEC` for the layer paths")
+            where=f"{where}: select.layers", fix=fix)
     return chosen
+
+
+def _enclosing(layers: list[Layer], pattern: str) -> Layer | None:
+    """The layer of a leaf module that holds the module ``pattern`` names (tracing did not
+    open it)."""
+    return next((layer for layer in layers for p in layer.modules
+                 if pattern.startswith(p + ".")), None)
 
 
 def check_patterns(spec: SelectSpec | None, model: nn.Module, where: str = "spec") -> None:

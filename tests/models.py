@@ -744,3 +744,30 @@ class WeightNormed(nn.Module):
         h = h + self.pos(h)[..., :-1]
         h = self.norm(self.mix(h.transpose(1, 2))).mean(1)
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class Gate(nn.Module):
+    """Two layers behind Python control flow on a tensor's value: fx cannot trace it, and
+    torch.export cannot either, so tracing keeps it as one leaf."""
+
+    def __init__(self):
+        super().__init__()
+        self.up, self.down = nn.Linear(4, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        h = self.up(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.down(h)
+
+
+class WithGate(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.gate = Gate()
+        self.a, self.b = nn.Linear(4, 2), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.gate(self.fc(x))
+        return {"a": self.a(h), "b": self.b(h)}

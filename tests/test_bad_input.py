@@ -424,3 +424,20 @@ def test_a_loss_that_cannot_compare_output_and_target_names_the_spec_and_the_fie
     assert_one_line(err, f"reconfx: error: {path}: tasks[0].loss: the loss of task 'left' cannot "
                     "compare the model's output (64, 3) torch.float32 with the target (64, 12, 12) "
                     "torch.int64")
+
+
+def test_a_layer_inside_a_leaf_tracing_keeps_whole_is_refused_naming_the_leaf(tmp_path, capsys):
+    """compile explains an opaque leaf itself, as inspect's notes do: the leaf, why tracing kept
+    it whole, and what can be selected instead; selecting the leaf whole compiles."""
+    fields = dict(model={"factory": "tests.models:WithGate"},
+                  inputs=[{"name": "x", "shape": [2, 4]}], tasks=[{"name": "a"}, {"name": "b"}])
+    path = write_spec(tmp_path, select={"layers": ["gate.down"]}, **fields)
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "out"))
+    assert code == 2
+    assert_one_line(err, "select.layers: pattern 'gate.down' matches no shared layer: it lies "
+                    "inside 'gate' (Gate), which tracing keeps as one leaf (fx could not trace "
+                    "'gate'", "so only the whole leaf can be branched",
+                    "(fix: select 'gate' whole, or make its forward traceable")
+    path = write_spec(tmp_path, select={"layers": ["gate"]}, **fields)
+    code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "out"))
+    assert code == 0, err
