@@ -38,7 +38,9 @@ from reconfx.errors import unexpected
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
+    Env,
     TwoModes,
+    collapse,
     in_place,
     named_tensors,
     prune,
@@ -715,38 +717,24 @@ def _whole_calls(body: fx.Graph, paths: set[str]) -> fx.Graph:
 
 
 def _collapsed(graph: fx.Graph, chosen: list[_Group]) -> fx.Graph | None:
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    last: dict[fx.Node, list[_Group]] = {}
-    members: set[fx.Node] = set()
-    for group in chosen:
-        nodes = list(group.nodes.values())
-        end = max(nodes, key=order.__getitem__)
-        outside = [u for i in group.call.outputs for u in group.nodes[i].users
-                   if u not in set(nodes)]
-        if any(order[u] < order[end] for u in outside):
-            return None  # something reads a result before the call has finished
-        last.setdefault(end, []).append(group)
-        members.update(nodes)
-    new = fx.Graph()
-    env: dict[fx.Node, fx.Node] = {}
+    """``graph`` with each chosen group's nodes as one call (:func:`reconfx.graph.collapse`),
+    or None where that cannot be ordered (a group reads a value another gives after it)."""
     try:
-        for node in graph.nodes:
-            if node not in members:
-                env[node] = new.node_copy(node, env.__getitem__)
-                continue
-            for group in last.get(node, []):
-                _place(new, group, env)
-    except KeyError:
-        return None  # a call reads a value another call gives only after it
+        new = collapse(graph, {i: list(g.nodes.values()) for i, g in enumerate(chosen)},
+                       lambda new, key, env: _place(new, chosen[key], env))
+    except ValueError:
+        return None
     prune(new)  # (reads of the submodules' own tensors that only their calls used)
     new.lint()
     return new
 
 
-def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
+def _place(new: fx.Graph, group: _Group, env: Env) -> dict[fx.Node, fx.Node]:
+    """The group's call in ``new`` (its inputs read through ``env``), and the new value of each
+    of its nodes read outside it."""
     call = group.call
-    inputs = [env[group.nodes[m].all_input_nodes[p]] for m, p in call.inputs]
-    inputs += [env[node] for node in group.outside]
+    inputs = [env(group.nodes[m].all_input_nodes[p]) for m, p in call.inputs]
+    inputs += [env(node) for node in group.outside]
 
     def filled(value: Any) -> Any:
         if isinstance(value, Ref):
@@ -777,6 +765,7 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
         meta["branch_point"] = points[0]
     node.meta["reconfx"] = meta
     places = call.outputs
+    placed: dict[fx.Node, fx.Node] = {}
     if group.kind == "stream":  # the generated forward returns the used values, in order
         used = sorted(places)
         places = {i: () if len(used) == 1 else (j,) for j, i in enumerate(used)}
@@ -787,7 +776,8 @@ def _place(new: fx.Graph, group: _Group, env: dict[fx.Node, fx.Node]) -> None:
         for step in place:
             value = new.call_function(operator.getitem, (value, step))
             value.meta["reconfx"] = {**meta, "name": name or meta["name"]}
-        env[group.nodes[index]] = value
+        placed[group.nodes[index]] = value
+    return placed
 
 
 def _stream(module: DualGraphModule, model: nn.Module, containers: set[str],

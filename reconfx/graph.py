@@ -226,7 +226,8 @@ def collapse(graph: fx.Graph, partitions: Mapping[Hashable, Collection[fx.Node]]
     into ``new`` (its inputs' new values read through ``env``) and returns the new node that
     stands for each of its nodes read outside it; ``copy(new, node, env)`` writes any other
     node (default: ``new.node_copy``), returning None to drop it. The one mechanism behind
-    tier 2's re-lifting of module calls and stream batching's regions; raises ValueError when
+    tier 2's re-lifting of module calls, stream batching's regions and the emitter's calls of
+    whole submodules (:mod:`reconfx.calls`); raises ValueError when
     a partition is not convex (an input of it depends on it). With ``fc2`` and ``fc3`` one
     partition ``block`` (tests/test_passes.py checks both listings)::
 
