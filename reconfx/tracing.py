@@ -49,7 +49,8 @@ from reconfx.tree import key_str, task_outputs
 
 __all__ = [
     "check_top_level_names", "describe", "export_trace", "fx_trace", "leaf_tracer", "name_nodes",
-    "parameterised_modules", "TierFailure", "trace", "Traced", "traced_matches"
+    "parameterised_modules", "RANDOM_SETTINGS", "random_settings", "TierFailure", "trace",
+    "Traced", "traced_matches"
 ]
 
 # Ops that only check shapes or guard export; they carry no data and are not kept.
@@ -574,7 +575,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
     if coarse is not None:
         return replace(coarse, notes=(
             *coarse.notes, f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})"))
-    raise _trace_error(failures)
+    raise _trace_error(failures, model)
 
 
 def _accepted(result: Traced, tier: str, model: nn.Module, task_paths: dict[str, str],
@@ -676,13 +677,41 @@ def _assemble(model: nn.Module, graphs: list[fx.Graph], root: nn.Module | dict[s
     return Traced(module, tier, tuple(notes))
 
 
-def _trace_error(failures: list[TierFailure]) -> TraceError:
+# Settings of Hugging Face models that draw random numbers in train mode outside torch's
+# dropout modules: SpecAugment's masks (drawn with numpy), LayerDrop and stochastic depth (a
+# Python branch on a random draw). Neither tier reproduces such a forward in train mode.
+RANDOM_SETTINGS = ("mask_time_prob", "mask_feature_prob", "layerdrop", "encoder_layerdrop",
+                   "decoder_layerdrop", "drop_path_rate", "stochastic_depth_prob")
+
+
+def random_settings(model: nn.Module) -> dict[str, float]:
+    """The model's settings from :data:`RANDOM_SETTINGS` that are on (above 0)."""
+    from reconfx.emit.constructors import settings_in
+
+    found: dict[str, float] = {}
+    for settings in settings_in(model):
+        for key in RANDOM_SETTINGS:
+            value = getattr(settings, key, None)
+            if isinstance(value, int | float) and not isinstance(value, bool) and value > 0:
+                found.setdefault(key, value)
+    return found
+
+
+def _trace_error(failures: list[TierFailure], model: nn.Module) -> TraceError:
     parts = [str(f) for f in failures]
     path = next((f.path for f in failures if f.path), None)
     fix = (f"add '{path}' to trace.leaves, or make the code at that line traceable"
            if path else "make the model's forward traceable (no data-dependent Python control "
                         "flow), or wrap the failing part in a submodule and list it in "
                         "trace.leaves")
+    random = random_settings(model) if any("train mode" in p for p in parts) else {}
+    if random:
+        keys = ", ".join(f"{k}={v:g}" for k, v in random.items())
+        off = ", ".join(f"{k}: 0.0" for k in random)
+        parts.append(f"the model's config draws random numbers in train mode outside dropout "
+                     f"modules ({keys}: masks or skipped layers that neither tier reproduces)")
+        fix = (f"switch them off for the compile, e.g. backbone.hf.kwargs: {{{off}}} (they are "
+               "then off in profiling and training too)")
     return TraceError("neither tier can trace the model: " + "; ".join(parts), fix=fix)
 
 

@@ -87,3 +87,28 @@ def test_an_encoder_decoder_tapped_at_its_encoder_runs_only_the_encoder(tmp_path
         expected, got = model(**given), loaded(**given)
     for task in ("a", "b"):
         torch.testing.assert_close(got[task], expected[task], rtol=0, atol=1e-5)
+
+
+def test_train_mode_randomness_of_the_config_is_named_and_the_named_fix_works(tmp_path, capsys):
+    """Wav2Vec2's default SpecAugment masks (numpy) and LayerDrop differ between the tiers and
+    the model in train mode: the error names the config keys and how to switch them off, and
+    that fix compiles."""
+    from reconfx.cli import main
+
+    folder = saved(tmp_path, "Wav2Vec2Model", **{**WAV2VEC2, "mask_time_prob": 0.05,
+                                                 "layerdrop": 0.1})
+    fields = dict(inputs=[{"name": "input_values", "shape": [2, 400], "dynamic": [0, 1]}],
+                  tasks=HEADS, select={"layers": ["backbone.encoder.layers.1"]})
+    spec = write_spec(tmp_path, "wav", backbone={"hf": {"path": str(folder)},
+                                                  "feature": "last_hidden_state"}, **fields)
+    capsys.readouterr()  # (save_pretrained's progress)
+    assert main(["compile", str(spec), "--out", str(tmp_path / "out"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # (after transformers' loading bar)
+    assert err.startswith("reconfx: error: ")
+    assert ("(mask_time_prob=0.05, layerdrop=0.1: masks or skipped layers that neither tier "
+            "reproduces)") in err
+    assert "backbone.hf.kwargs: {mask_time_prob: 0.0, layerdrop: 0.0}" in err
+    spec = write_spec(tmp_path, "wav", backbone={
+        "hf": {"path": str(folder), "kwargs": {"mask_time_prob": 0.0, "layerdrop": 0.0}},
+        "feature": "last_hidden_state"}, **fields)
+    compile_and_verify(spec, tmp_path / "out")
