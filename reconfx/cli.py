@@ -302,6 +302,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             rank = f"rank {os.environ.get('RANK', '?')}: "
             if os.environ.get("RANK", "0") != "0":
                 args.quiet = True  # rank 0 prints progress and results
+        if getattr(args, "quiet", False):  # (and the libraries' own bars: transformers')
+            os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+            if "transformers" in sys.modules:
+                sys.modules["transformers"].utils.logging.disable_progress_bar()
         if rank and args.command not in DISTRIBUTED + ("validate", "schema"):
             raise SpecError(f"`reconfx {args.command}` runs in one process; only "
                             f"{' and '.join(DISTRIBUTED)} run on several ranks",
