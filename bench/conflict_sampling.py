@@ -73,8 +73,9 @@ def main() -> None:
         module = trace(resnet18(), {"image": example["image"][:4]},
                        task_paths={t: t for t in TASKS}).module
         shared = [layer for layer in inventory(module, TASKS) if layer.shared]
-        step = MultiTaskStep(module, shared, TASKS, losses, aggregator("ew", len(TASKS)),
-                             torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9))
+        step = MultiTaskStep(module, shared, tasks=TASKS, loss_fns=losses,
+                             aggregate=aggregator("ew", len(TASKS)),
+                             optimizer=torch.optim.SGD(module.parameters(), lr=1e-3, momentum=0.9))
         counter = ConflictCounter(step.buffer.blocks, len(TASKS), -0.1)
         runs[f"every {every}"] = (lambda step=step, counter=counter, every=every:
                                   reconfx_block(step, counter, batch, every, args.steps))

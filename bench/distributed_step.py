@@ -82,9 +82,9 @@ def worker(rank: int, size: int, port: int, batch: int, tasks: int, repeats: int
     module = trace(model, {"image": example["image"][:4]}, task_paths={t: t for t in names},
                    tier="fx").module.train()
     shared = [x for x in inventory(module, names) if x.shared]
-    step = MultiTaskStep(module, shared, names, [F.cross_entropy] * tasks,
-                         aggregator("pcgrad", tasks), torch.optim.Adam(module.parameters()),
-                         world=w)
+    step = MultiTaskStep(module, shared, tasks=names, loss_fns=[F.cross_entropy] * tasks,
+                         aggregate=aggregator("pcgrad", tasks),
+                         optimizer=torch.optim.Adam(module.parameters()), world=w)
     start, stop = w.shard(batch)
     inputs = {"image": example["image"][start:stop]}
     mine = {t: y[start:stop] for t, y in targets.items()}

@@ -90,9 +90,11 @@ def one_step(rank: int, size: int, port: int, spec_path: str, out: str) -> None:
     s = prepared.loaded.spec
     module = prepared.traced.module.train()
     shared = [layer for layer in inventory(module, s.task_names) if layer.shared]
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         aggregator("pcgrad", 2), torch.optim.SGD(module.parameters(), lr=0.5,
-                                                                  momentum=0.9), world=w)
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         aggregate=aggregator("pcgrad", 2),
+                         optimizer=torch.optim.SGD(module.parameters(), lr=0.5, momentum=0.9),
+                         world=w)
     data = pipeline.call_data_factory(s.data, "train", 0, "s")
     batches = Batches(data, 64, 0, drop_last=True, world=w)
     stream = batches.forever()

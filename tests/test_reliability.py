@@ -126,8 +126,10 @@ class Changing(nn.Module):
 def one_step(module: nn.Module, loss=torch.nn.functional.mse_loss,
              precision: str = "fp32") -> MultiTaskStep:
     shared = Layer("fc", "Linear", ("fc",), (), 20, ("a", "b"), 0)
-    return MultiTaskStep(module, [shared], ["a", "b"], [loss, loss], aggregator("ew", 2),
-                         torch.optim.SGD(module.parameters(), lr=0.1), precision=precision)
+    return MultiTaskStep(module, [shared], tasks=["a", "b"], loss_fns=[loss, loss],
+                         aggregate=aggregator("ew", 2),
+                         optimizer=torch.optim.SGD(module.parameters(), lr=0.1),
+                         precision=precision)
 
 
 class TwoHeads(nn.Module):

@@ -34,8 +34,9 @@ def test_masked_weights_do_not_move(branched, name, optimizer):  # noqa: F811
     trainable = [p for p in module.parameters()]
     opt = (torch.optim.SGD(trainable, lr=0.05, momentum=0.9, weight_decay=0.1)
            if optimizer == "sgd" else torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1))
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         aggregator(name, 2), opt, sparse)
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         aggregate=aggregator(name, 2), optimizer=opt, sparse=sparse)
     before = {id(p): p.detach().clone() for p in params}
     for _ in range(3):
         step(*batch(data))

@@ -58,8 +58,9 @@ def test_shared_layers_get_the_aggregate_and_copies_their_own_gradient(branched)
     shared = [x for x in layers if x.shared]
     sgd = torch.optim.SGD(module.parameters(), lr=0.0)
     pcgrad = aggregator("pcgrad", 2)
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         pcgrad, sgd)
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"), aggregate=pcgrad,
+                         optimizer=sgd)
     inputs, targets = batch(data)
     module.train()
     torch.manual_seed(0)
@@ -89,8 +90,9 @@ def test_every_aggregator_trains_one_step(branched, name):
     module = compiled.module
     shared = [x for x in inventory(module, s.task_names) if x.shared]
     adam = torch.optim.Adam(module.parameters(), lr=1e-3)
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         aggregator(name, 2), adam)
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         aggregate=aggregator(name, 2), optimizer=adam)
     before = [p.detach().clone() for p in step.buffer.params]
     losses = step(*batch(data))
     assert losses.shape == (2,) and torch.isfinite(losses).all()
@@ -135,8 +137,10 @@ def test_autocast_steps_learn_and_keep_float32_state(branched, precision):
     s, compiled, data = branched
     module = copy.deepcopy(compiled.module)
     shared = [x for x in inventory(module, s.task_names) if x.shared]
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         aggregator("pcgrad", 2), torch.optim.Adam(module.parameters(), 1e-3),
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         aggregate=aggregator("pcgrad", 2),
+                         optimizer=torch.optim.Adam(module.parameters(), 1e-3),
                          precision=precision)
     inputs, targets = batch(data, 32)
     module.train()
@@ -155,9 +159,10 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale(branched):
     s, compiled, data = branched
     module = copy.deepcopy(compiled.module)
     shared = [x for x in inventory(module, s.task_names) if x.shared]
-    step = MultiTaskStep(module, shared, s.task_names, loss_functions(list(s.tasks), "s"),
-                         aggregator("ew", 2), torch.optim.SGD(module.parameters(), 0.1),
-                         precision="fp16")
+    step = MultiTaskStep(module, shared, tasks=s.task_names,
+                         loss_fns=loss_functions(list(s.tasks), "s"),
+                         aggregate=aggregator("ew", 2),
+                         optimizer=torch.optim.SGD(module.parameters(), 0.1), precision="fp16")
     step.scaler.scale.fill_(3e38)  # scaled losses overflow float32: every gradient is inf
     before = copy.deepcopy(module.state_dict())
     module.train()
@@ -396,9 +401,9 @@ def _twin_steps(branched, cap, name="ew", optimizer=None):
         module = copy.deepcopy(compiled.module)
         shared = [x for x in inventory(module, s.task_names) if x.shared]
         opt = (optimizer or (lambda p: torch.optim.SGD(p, lr=0.05)))(module.parameters())
-        steps.append(MultiTaskStep(module, shared, s.task_names,
-                                   loss_functions(list(s.tasks), "s"), aggregator(name, 2), opt,
-                                   cap=limit))
+        steps.append(MultiTaskStep(module, shared, tasks=s.task_names,
+                                   loss_fns=loss_functions(list(s.tasks), "s"),
+                                   aggregate=aggregator(name, 2), optimizer=opt, cap=limit))
     return steps
 
 
@@ -464,10 +469,12 @@ def test_a_run_that_cannot_fit_stops_before_allocating(branched, monkeypatch):
     shared = [x for x in inventory(module, s.task_names) if x.shared]
     fns = loss_functions(list(s.tasks), "s")
     with pytest.raises(TrainingError) as info:
-        MultiTaskStep(module, shared, s.task_names, fns, aggregator("ew", 2),
-                      torch.optim.Adam(params), cap=10**9)
+        MultiTaskStep(module, shared, tasks=s.task_names, loss_fns=fns,
+                      aggregate=aggregator("ew", 2), optimizer=torch.optim.Adam(params),
+                      cap=10**9)
     assert "optimiser's state 0.0 GB (2 per parameter)" in str(info.value)
     assert "train.optimizer: sgd" in str(info.value)
-    step = MultiTaskStep(module, shared, s.task_names, fns, aggregator("ew", 2),
-                         torch.optim.SGD(params, lr=0.1), cap=10**9)  # (no momentum: fits)
+    step = MultiTaskStep(module, shared, tasks=s.task_names, loss_fns=fns,
+                         aggregate=aggregator("ew", 2), optimizer=torch.optim.SGD(params, lr=0.1),
+                         cap=10**9)  # (no momentum: fits)
     assert step.buffer.matrix.shape[0] == 2

@@ -142,8 +142,9 @@ def fit(module: nn.Module, *, shared: list[Layer], tasks: list[str], loss_fns: l
     torch.manual_seed(settings.seed)
     params = [p for p in module.parameters() if p.requires_grad]
     optimizer = make_optimizer(params, settings.optimizer, settings.lr, settings.weight_decay)
-    step = MultiTaskStep(module, shared, tasks, loss_fns, aggregate, optimizer, sparse,
-                         settings.precision, w, cap=int(settings.gradient_memory_gb * 1e9))
+    step = MultiTaskStep(module, shared, tasks=tasks, loss_fns=loss_fns, aggregate=aggregate,
+                         optimizer=optimizer, sparse=sparse, precision=settings.precision,
+                         world=w, cap=int(settings.gradient_memory_gb * 1e9))
     conflicts = None if threshold is None else ConflictCounter(
         step.buffer.blocks, len(tasks), threshold, step.buffer.matrix.device)
     stopped_after = None

@@ -200,7 +200,7 @@ def check_cap(module: nn.Module, shared: list[Layer], tasks: int, aggregate: Cal
                 "(select.include / select.exclude)")
 
 
-def check_memory(module: nn.Module, shared: list[Layer], tasks: int,
+def check_memory(module: nn.Module, shared: list[Layer], *, tasks: int,
                  optimizer: torch.optim.Optimizer, cap: int | None, device: torch.device) -> None:
     """Before anything is allocated: what training adds to the model's weights (a gradient per
     trainable parameter, the optimiser's state, the per-task gradient matrix up to its cap)
@@ -244,7 +244,7 @@ class MultiTaskStep:
     :class:`~reconfx.errors.TrainingError` naming the task and the layer, with nothing updated.
     """
 
-    def __init__(self, module: nn.Module, shared: list[Layer], tasks: list[str],
+    def __init__(self, module: nn.Module, shared: list[Layer], *, tasks: list[str],
                  loss_fns: list[Callable], aggregate: Callable[[torch.Tensor], torch.Tensor],
                  optimizer: torch.optim.Optimizer, sparse: SparseMask | None = None,
                  precision: str = "fp32", world: World | None = None, cap: int | None = None):
@@ -254,7 +254,8 @@ class MultiTaskStep:
         first = next(module.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
         check_cap(module, shared, len(tasks), aggregate, cap)
-        check_memory(module, shared, len(tasks), optimizer, cap, self.device)
+        check_memory(module, shared, tasks=len(tasks), optimizer=optimizer, cap=cap,
+                     device=self.device)
         self.buffer = GradientBuffer(module, shared, len(tasks), cap=cap)
         in_buffer = {id(p) for p in self.buffer.params}
         self.others = [p for p in module.parameters() if p.requires_grad and id(p) not in in_buffer]
