@@ -72,6 +72,16 @@ _INFIX = {
 }
 _UNARY = {operator.neg: "-", operator.pos: "+", operator.invert: "~", operator.not_: "not "}
 _HOIST = 60  # a settings object's source longer than this is written once, as a constant
+STATISTICS_HELPER = '''\
+def per_task_statistics(norm: nn.Module) -> nn.ModuleDict:
+    """One copy of ``norm`` per task, each keeping its own running statistics, all holding
+    ``norm``'s parameters: a shared norm layer that runs on each task's stream."""
+    copies = nn.ModuleDict({task: copy.deepcopy(norm) for task in TASKS})
+    for module in copies.values():
+        for name, param in norm.named_parameters(recurse=False):
+            setattr(module, name, param)
+    return copies
+'''
 _RESERVED = set(dir(builtins)) | {"self", "torch", "nn", "F", "operator", "math"}
 
 
@@ -201,6 +211,7 @@ class PythonEmitter:
         self.tree = _Tree()
         self.built: dict[str, str] = {}
         self._copies: dict[str, dict[str, str]] = {}  # see _copy_exprs
+        self.helpers: set[str] = set()  # helper functions model.py defines
         self.nesting = 0  # extra indentation levels (a forward body rendered inside an if)
         self._tie_cache: list[tuple[str, str]] | None = None
         self.regions = sorted({id(r): r for r in self.module.modules()
@@ -281,6 +292,7 @@ class PythonEmitter:
         sub._collect()
         body = sub.class_lines()
         self.imports |= sub.imports
+        self.helpers |= sub.helpers
         self.built.update({f"{path}.{k}": how for k, how in sub.built.items()})
         self.built[path] = "traced" if traced else "generated"
         for name, lines in self.classes.items():
@@ -398,6 +410,10 @@ class PythonEmitter:
 
     def _task_container(self, access: str, path: str, node: _Tree) -> list[str]:
         # Each copy is built like the original layer at ``path`` (its weights come from the file).
+        stats = self._statistics_copies(path, node)
+        if stats is not None:  # ``per_task_statistics(nn.BatchNorm2d(64))``
+            self.helpers.add("per_task_statistics")
+            return [assign(self._indent(2), access, f"per_task_statistics({stats})")]
         same = self._same_copies(path, node)
         if same is not None:
             # the same copy for each task: ``nn.ModuleDict({task: nn.Linear(8, 8) for ...})``
@@ -427,6 +443,23 @@ class PythonEmitter:
             self._copies[path] = {task: self._leaf_expr(path, child.obj)
                                   for task, child in node.children.items()}
         return self._copies[path]
+
+    def _statistics_copies(self, path: str, node: _Tree) -> str | None:
+        """The layer's constructor where its per-task copies are built alike and share every
+        parameter with the first one (a shared norm after a branch point with per-task running
+        statistics); else None."""
+        built = self._copy_exprs(path, node)
+        tasks = tuple(built)
+        if len(set(built.values())) != 1 or len(tasks) < 2 or tasks != self.tasks:
+            return None
+        first = node.children[tasks[0]].obj
+        own = [n for n, _p in first.named_parameters()] if isinstance(first, nn.Module) else []
+        wanted = {(f"{path}.{t}.{n}", f"{path}.{tasks[0]}.{n}") for t in tasks[1:] for n in own}
+        found = {(a, b) for a, b in self._ties() if _under(a, path) and _under(b, path)}
+        if not own or found != wanted:
+            return None
+        self.constants.setdefault(render_value(tasks), "TASKS")
+        return built[tasks[0]]
 
     def _same_copies(self, path: str, node: _Tree) -> tuple[str, str, str] | None:
         """(``nn.ModuleDict({``, the copy's constructor, ``TASKS``) where every task's copy is
@@ -759,6 +792,9 @@ class PythonEmitter:
         generated = [line for name, body in self.classes.items()
                      for line in ["", "", f"class {name}(nn.Module):", *body]]
         helper: list[str] = []
+        if "per_task_statistics" in self.helpers:
+            self.imports.add("import copy")
+            helper += ["", *STATISTICS_HELPER.rstrip("\n").splitlines(), ""]
         if any("_restored(" in line for line in [*lines, *generated]):  # (also nested)
             self.imports.update(RESTORE_IMPORTS)
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
