@@ -122,7 +122,7 @@ class Staging:
             finally:
                 shutil.rmtree(self.path, ignore_errors=True)
 
-    def commit_with_manifest(self, command: str, spec_path: Path, spec_sha: str, seed: int,
+    def commit_with_manifest(self, command: str, *, spec_path: Path, spec_sha: str, seed: int,
                              files: list[str], class_name: str, new_model: bool = False,
                              working: tuple[str, ...] = ()) -> list[Path]:
         """Write ``manifest.json`` for ``files`` (see :func:`manifest_text`) and commit,

@@ -369,8 +369,9 @@ def _profile(loaded: LoadedSpec, out: Path, progress: bool, resume: bool) -> Pro
     if w.main:  # every rank holds the same counters
         with artifacts.Staging(out) as staging:
             files = write_conflicts(staging, result, {layer.name for layer in chosen})
-            written = staging.commit_with_manifest("profile", loaded.path, loaded.sha256,
-                                                   s.train.seed, files, class_name(s.name))
+            written = staging.commit_with_manifest(
+                "profile", spec_path=loaded.path, spec_sha=loaded.sha256, seed=s.train.seed,
+                files=files, class_name=class_name(s.name))
         checkpoint.clear()
     w.barrier()
     notes = [checkpoint.note] if checkpoint.note else []
@@ -449,8 +450,9 @@ def _export(loaded: LoadedSpec, out: Path, task: str | None, options: dict[str, 
             if os.path.lexists(report) else ""
         staging.write_text("report.md", replace_section(text, "## ONNX", exported.report()))
         files.append("report.md")
-        written = staging.commit_with_manifest("export", loaded.path, loaded.sha256,
-                                               s.train.seed, files, class_name(s.name))
+        written = staging.commit_with_manifest(
+            "export", spec_path=loaded.path, spec_sha=loaded.sha256, seed=s.train.seed,
+            files=files, class_name=class_name(s.name))
     exported.path = next(p for p in written if p.name == name)
     return exported
 
@@ -478,9 +480,9 @@ def export_hf(target: LoadedSpec | str | Path, out_dir: str | Path | None = None
                         "(AutoModel.from_pretrained loads it and matches model.py)"):
                 files = write_hf(staging, loaded, model=model, model_py=model_py, report=text,
                                  examples=spec_examples(loaded.spec))
-            return staging.commit_with_manifest("export", loaded.path, loaded.sha256,
-                                                loaded.spec.train.seed, files,
-                                                class_name(loaded.spec.name))
+            return staging.commit_with_manifest(
+                "export", spec_path=loaded.path, spec_sha=loaded.sha256,
+                seed=loaded.spec.train.seed, files=files, class_name=class_name(loaded.spec.name))
 
 
 def write_hf(staging: artifacts.Staging, loaded: LoadedSpec, *, model: nn.Module, model_py: str,
@@ -650,7 +652,7 @@ def write_model(compiled: Compiled, out_dir: Path, *, command: str = "compile",
                 staging.write_text(CONFLICTS, json.dumps(data, indent=1) + "\n")
                 staging.write_with("conflicts.png", lambda p: chart(data, p))
                 files += [CONFLICTS, "conflicts.png"]
-        written = staging.commit_with_manifest(command, prepared.loaded.path,
-                                               prepared.loaded.sha256, s.train.seed, files, name,
-                                               new_model=True, working=working)
+        written = staging.commit_with_manifest(
+            command, spec_path=prepared.loaded.path, spec_sha=prepared.loaded.sha256,
+            seed=s.train.seed, files=files, class_name=name, new_model=True, working=working)
     return Emitted(compiled, out_dir, tuple(written), checks, tuning, ran)

@@ -69,7 +69,7 @@ def restored(module: nn.Module) -> Iterator[None]:
 def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
     """One forward pass from a fixed RNG state; in train mode the running statistics it updates
     are restored, so every comparison starts from the same state."""
-    return run_reaching(model, example, training, {}, seed=seed)[0]
+    return run_reaching(model, example, training=training, params={}, seed=seed)[0]
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -93,7 +93,7 @@ def compare(expected: dict[str, torch.Tensor], actual: dict[str, torch.Tensor],
     return None
 
 
-def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], training: bool,
+def run_reaching(model: nn.Module, example: dict[str, torch.Tensor], *, training: bool,
                  params: dict[str, nn.Parameter], outputs: Any = None, seed: int = 0
                  ) -> tuple[Any, dict[str, bool | None]]:
     """:func:`run` (its result mapped by ``outputs``), and for each of ``params`` whether the

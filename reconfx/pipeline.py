@@ -161,7 +161,8 @@ def branch_checked(prepared: Prepared, scores: Scores | None = None,
         chosen = select_layers(prepared.layers, s.select, where=str(prepared.loaded.path),
                                scores=scores, tasks=len(s.tasks), cost=cost,
                                notes=prepared.traced.notes)
-        budget = budget_lines(prepared.layers, s.select, scores, chosen, len(s.tasks), cost) \
+        budget = budget_lines(prepared.layers, s.select, scores=scores, chosen=chosen,
+                              tasks=len(s.tasks), cost=cost) \
             if s.select is not None and scores is not None else []
         selection = Selection.of(chosen, scores, cost, unique_parameters(prepared.traced.module),
                                  budget=tuple(budget))

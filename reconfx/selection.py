@@ -151,7 +151,7 @@ def _knapsack(ranked: list[Layer], scores: dict[str, int], tasks: int, budget: f
     return chosen
 
 
-def budget_lines(layers: list[Layer], spec: SelectSpec, scores: dict[str, int],
+def budget_lines(layers: list[Layer], spec: SelectSpec, *, scores: dict[str, int],
                  chosen: list[Layer], tasks: int, cost: CostModel, limit: int = 3) -> list[str]:
     """For a budget policy: what it bought (the chosen layers' share of the candidates' total
     score, and their cost) and the highest-scoring candidates it left out, each with what

@@ -782,13 +782,14 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
         for i, example in enumerate(filter(None, examples)):
             for training in (False, True):
                 reach = params if training and i == 0 else {}
-                want, want_reach = run_reaching(model, example, training, reach,
-                                                lambda out: task_outputs(out, task_paths))
+                want, want_reach = run_reaching(model, example, training=training, params=reach,
+                                                outputs=lambda out: task_outputs(out, task_paths))
                 batch = next(iter(example.values())).shape[0]
                 mode = "train" if training else "eval"
                 try:
                     with silenced():
-                        got, got_reach = run_reaching(traced, example, training, reach)
+                        got, got_reach = run_reaching(traced, example, training=training,
+                                                      params=reach)
                 except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
                     return (f"the traced graph fails in {mode} mode at batch {batch} where the "
                             f"model runs ({type(exc).__name__}: {exc})"), worst

@@ -100,7 +100,7 @@ def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
         if layer not in chosen:
             before = [x for x in chosen if scores[x.name] > scores[layer.name]]
             assert cost.extra_flops([*before, layer]) > 0.25 * cost.total, layer.name
-    lines = budget_lines(layers, spec, scores, chosen, 2, cost)
+    lines = budget_lines(layers, spec, scores=scores, chosen=chosen, tasks=2, cost=cost)
     bought = sum(scores[x.name] for x in chosen)
     assert lines[0].startswith(f"select.flops_budget 25% bought {len(chosen)} of 24 candidate "
                                f"layers, conflict score {bought:,} of {sum(scores.values()):,}")
@@ -111,7 +111,7 @@ def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
     only_stem = SelectSpec(flops_budget=25.0, include=[stem.name])
     assert select_layers(layers, only_stem, scores=scores, cost=cost) == []
     nothing = Selection.of([], scores, cost, 1000, budget=tuple(
-        budget_lines(layers, only_stem, scores, [], 2, cost)))
+        budget_lines(layers, only_stem, scores=scores, chosen=[], tasks=2, cost=cost)))
     assert nothing.warning().startswith(
         f"select.flops_budget 25% bought no layer, so nothing is branched; left out: "
         f"`{stem.name}` (score 24; alone +")
