@@ -85,3 +85,27 @@ def test_bn_uses_batch_statistics_in_train_and_running_in_eval(tmp_path, tier):
     first = model(image=x)["left"]
     assert torch.equal(bn.running_mean, frozen)
     assert torch.equal(first, model(image=x)["left"])
+
+
+@pytest.mark.slow
+def test_the_same_compile_gives_the_same_answer_on_every_run(tmp_path):
+    """Three compiles of the paper's ResNet-18 with an early selection, each in a fresh process:
+    all pass (the checks' tolerances and seeded perturbations leave no run-to-run flake) and
+    write byte-identical model.py and weights."""
+    import hashlib
+    import subprocess
+    import sys
+
+    spec = write_spec(tmp_path, "r18", model={"factory": "reconfx.zoo:resnet18"},
+                      inputs=[{"name": "image", "shape": [2, 1, 36, 36]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["conv1", "bn1", "layer1.0.*", "layer3.0.conv2"]})
+    seen = set()
+    for run in range(3):
+        out = tmp_path / f"out{run}"
+        done = subprocess.run([sys.executable, "-m", "reconfx", "compile", str(spec), "--out",
+                               str(out), "--quiet"], capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        seen.add(tuple(hashlib.sha256((out / f).read_bytes()).hexdigest()
+                       for f in ("model.py", "weights.safetensors")))
+    assert len(seen) == 1
