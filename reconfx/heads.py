@@ -138,7 +138,7 @@ class MultiTaskModel(nn.Module):
     ``forward`` to name each input, so the class is specialised to the spec's input names.
     """
 
-    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], field: str | None,
+    def __init__(self, backbone: nn.Module, heads: dict[str, nn.Module], *, field: str | None,
                  pools: dict[str, tuple[Pool, str]] | None = None,
                  backbone_inputs: Sequence[str] | None = None,
                  resizes: dict[str, str] | None = None):
@@ -193,7 +193,8 @@ def multitask_model(backbone: nn.Module, heads: dict[str, nn.Module], *, field: 
     namespace: dict[str, Any] = {}
     exec(compile(source, "<reconfx multitask forward>", "exec"), namespace)  # noqa: S102
     cls = type("MultiTaskModel", (MultiTaskModel,), {"forward": namespace["forward"]})
-    return cls(backbone, heads, field, pools, backbone_inputs, resizes)
+    return cls(backbone, heads, field=field, pools=pools, backbone_inputs=backbone_inputs,
+               resizes=resizes)
 
 
 def _field(out: Any, name: str) -> Any:

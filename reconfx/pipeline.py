@@ -262,8 +262,8 @@ def train_batches(dataset: torch.utils.data.Dataset, s: Spec) -> Batches:
     """The shuffled training batches the spec describes (``data.batch_size``, ``train.seed``,
     ``data.drop_last``, ``data.workers``), sharded over the torchrun ranks when there are
     several; profiling and training both take them."""
-    return Batches(dataset, s.data.batch_size, s.train.seed, s.data.drop_last,
-                   distributed.world(), s.data.workers)
+    return Batches(dataset, s.data.batch_size, s.train.seed, drop_last=s.data.drop_last,
+                   world=distributed.world(), workers=s.data.workers)
 
 
 @contextlib.contextmanager

@@ -192,7 +192,7 @@ class _Scope:
 
 
 class PythonEmitter:
-    def __init__(self, module: DualGraphModule, class_name: str, doc: str,
+    def __init__(self, module: DualGraphModule, class_name: str, *, doc: str,
                  task_containers: set[str], branch_notes: dict[str, str] | None = None,
                  settings: Sequence[Any] = ()):
         self.module = module
@@ -287,7 +287,7 @@ class PythonEmitter:
                "holds a value with no source form, so no call of its class rebuilds it."
                if traced else f"{stream.kind} as traced, written out to compare with the "
                "class model.py generates for it.")
-        sub = PythonEmitter(stream, "", doc, inner, None, self.settings)
+        sub = PythonEmitter(stream, "", doc=doc, task_containers=inner, settings=self.settings)
         sub.base, sub.constants, sub.tasks = f"{self.base}{path}.", self.constants, self.tasks
         sub._collect()
         body = sub.class_lines()
@@ -1258,5 +1258,5 @@ def emit_python(module: DualGraphModule, class_name: str, *, doc: str,
     >>> emitted = emit_python(branched.module, "MyModel", "My model.")   # doctest: +SKIP
     >>> print(emitted.source)                                             # doctest: +SKIP
     """
-    return PythonEmitter(module, class_name, doc, task_containers or set(), branch_notes,
-                         settings).emit()
+    return PythonEmitter(module, class_name, doc=doc, task_containers=task_containers or set(),
+                         branch_notes=branch_notes, settings=settings).emit()

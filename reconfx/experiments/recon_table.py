@@ -99,7 +99,7 @@ def variant_spec(loaded: LoadedSpec, variant: str, random: list[Layer]) -> Loade
 class Experiment:
     """Runs the grid for one spec, keeping every finished run in ``results.json``."""
 
-    def __init__(self, spec: str | Path, out: Path, seeds: list[int], aggregators: list[str],
+    def __init__(self, spec: str | Path, out: Path, *, seeds: list[int], aggregators: list[str],
                  epochs: int | None = None, size: int | None = None, progress: bool = True,
                  variants: tuple[str, ...] = VARIANTS):
         loaded = load_spec_file(spec)
@@ -374,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args(argv)
     try:
-        experiment = Experiment(args.spec, args.out, args.seeds, args.aggregators, args.epochs,
-                                args.size, not args.quiet, ("joint", *args.variants))
+        experiment = Experiment(args.spec, args.out, seeds=args.seeds,
+                                aggregators=args.aggregators, epochs=args.epochs, size=args.size,
+                                progress=not args.quiet, variants=("joint", *args.variants))
         rows = experiment.run()
         text = table(rows, experiment.loaded)
         print(text)

@@ -92,9 +92,9 @@ def _measured(task: str, index: int, name: str, metric: Metric, output: torch.Te
         return [torch.as_tensor(f(output, target)).detach().cpu().double()
                 for f in (metric.total, metric.count)]
     except (RuntimeError, ValueError, IndexError, TypeError) as exc:
-        raise unreadable(f"the metric '{name}' of task '{task}' cannot read", output, target,
-                         exc, f"tasks[{index}].metric",
-                         "choose a metric that fits the task's output and targets") from exc
+        raise unreadable(f"the metric '{name}' of task '{task}' cannot read", output=output,
+                         target=target, exc=exc, where=f"tasks[{index}].metric",
+                         fix="choose a metric that fits the task's output and targets") from exc
 
 
 def delta_m(values: dict[str, float], baselines: dict[str, float],

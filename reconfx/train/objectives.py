@@ -71,7 +71,7 @@ def _loss(name: str, field: str) -> Callable:
     return LOSSES[name]
 
 
-def unreadable(what: str, output: torch.Tensor, target: torch.Tensor, exc: Exception,
+def unreadable(what: str, *, output: torch.Tensor, target: torch.Tensor, exc: Exception,
                where: str, fix: str) -> ModelError:
     """``what`` (``the loss of task 'a' cannot compare``) failing on one output and target: a
     ModelError with both shapes and dtypes and the error's first line."""

@@ -49,7 +49,7 @@ class Batches:
     (a last partial batch) is skipped on every rank. ``drop_last`` drops each epoch's last partial
     batch unless it is the only batch."""
 
-    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int,
+    def __init__(self, dataset: torch.utils.data.Dataset, batch_size: int, seed: int, *,
                  drop_last: bool = False, world: World | None = None, workers: int = 0):
         self.dataset, self.batch_size = dataset, batch_size
         # (a split smaller than one batch keeps its only, partial batch)

@@ -290,9 +290,9 @@ class MultiTaskStep:
         try:
             return fn(output, target).float()
         except (RuntimeError, ValueError, IndexError) as exc:
-            raise unreadable(f"the loss of task '{task}' cannot compare", output, target, exc,
-                             f"tasks[{self.tasks.index(task)}].loss",
-                             "match the task's loss to its output and targets") from exc
+            raise unreadable(f"the loss of task '{task}' cannot compare", output=output,
+                             target=target, exc=exc, where=f"tasks[{self.tasks.index(task)}].loss",
+                             fix="match the task's loss to its output and targets") from exc
 
     def __call__(self, inputs: dict, targets: dict, observe: Observer | None = None,
                  share: float = 1.0) -> torch.Tensor:
@@ -343,8 +343,9 @@ class MultiTaskStep:
                     raise self._loss_fault(inputs, targets, rng, local)
                 return losses
             norms = observe.add(matrix, part.blocks) if observe is not None else matrix.sum(1)
-            self._check(losses if first else None, norms, rest, part, matrix, names,
-                        lambda: self._loss_fault(inputs, targets, rng, local))
+            self._check(losses if first else None, norms, other_grads=rest, part=part,
+                        matrix=matrix, names=names,
+                        loss_fault=lambda: self._loss_fault(inputs, targets, rng, local))
             if part.params:
                 self.buffer.scatter(part, self.aggregate(matrix) if per_task else matrix[0])
         if observe is not None:
@@ -359,7 +360,7 @@ class MultiTaskStep:
         self.world.broadcast_buffers(self.module)
         return losses
 
-    def _check(self, losses: torch.Tensor | None, norms: torch.Tensor,
+    def _check(self, losses: torch.Tensor | None, norms: torch.Tensor, *,
                other_grads: list[torch.Tensor], part: Part, matrix: torch.Tensor,
                names: list[str], loss_fault: Callable[[], Exception]) -> None:
         """One copy to the host per part: the losses (first part), the rows' squared norms and
