@@ -110,8 +110,9 @@ def annotate_calls(module: DualGraphModule, model: nn.Module, example: dict[str,
                 recorded = calls.get(_call_id(key, path))
                 if recorded is not None:
                     args, kwargs = without_defaults(model.get_submodule(path), *recorded[:2])
-                    matched = _matched(key, path, depth, members, values, args, kwargs,
-                                       recorded[2])
+                    matched = _matched(key, path, depth=depth, members=members,
+                                       values=values, args=args, kwargs=kwargs,
+                                       result=recorded[2])
                     if matched is not None:
                         found[mode][key] = matched
     modes = list(found.values())
@@ -255,7 +256,7 @@ def _same(a: Any, b: Any) -> bool:
             and a.shape == b.shape and a.device == b.device and torch.equal(a, b))
 
 
-def _matched(key: str, path: str, depth: int, members: list[fx.Node],
+def _matched(key: str, path: str, *, depth: int, members: list[fx.Node],
              values: dict[fx.Node, Any], args: tuple, kwargs: dict, result: Any
              ) -> tuple[Call, list[fx.Node]] | None:
     """The call's :class:`Call` and the nodes computed before it that it takes without reading
@@ -397,13 +398,14 @@ def collapse_calls(module: DualGraphModule, model: nn.Module, *, containers: set
     """See :func:`_collapse`; ``module`` itself where collapsing fails (the source then writes
     the submodules' ops)."""
     try:
-        return _collapse(module, model, containers, examples, opened, buildable)
+        return _collapse(module, model, containers=containers, examples=examples,
+                         opened=opened, buildable=buildable)
     except Exception as exc:  # (a candidate that does not fit returns None, not an error)
         unexpected(exc)
         return module
 
 
-def _collapse(module: DualGraphModule, model: nn.Module, containers: set[str],
+def _collapse(module: DualGraphModule, model: nn.Module, *, containers: set[str],
               examples: Sequence[dict[str, torch.Tensor]], opened: Sequence[str],
               buildable: Callable[[nn.Module], bool]) -> DualGraphModule:
     """``module`` with each annotated call of a submodule that holds no branched layer as one
@@ -648,7 +650,7 @@ def _outside(nodes: list[fx.Node], key: str, task: str | None, count: int
 
 
 def _built(module: DualGraphModule, groups: dict[str, dict[str, list[_Group]]], keys: set[str],
-           usable: dict[str, nn.Module | None], model: nn.Module, containers: set[str]
+           *, usable: dict[str, nn.Module | None], model: nn.Module, containers: set[str]
            ) -> DualGraphModule | None:
     """``module`` with the calls in ``keys`` collapsed, or None where one cannot be placed."""
     usable = dict(usable)

@@ -155,8 +155,9 @@ def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
                 objs[f"{path}.{task}"] = copy.deepcopy(norm, memo)
     per_task = branched_modules | set(per_task_norms)
     points = {m: layer.name for layer in layers for m in layer.paths}
-    new_graphs = {mode: _rewrite(g, variant[mode], tasks_of[mode], per_task, branched_params,
-                                 points, tasks)
+    new_graphs = {mode: _rewrite(g, variant[mode], tasks_of=tasks_of[mode], per_task=per_task,
+                                 branched_params=branched_params, points=points,
+                                 task_order=tasks)
                   for mode, g in graphs.items()}
     train_graph = new_graphs["train"]
     eval_graph = new_graphs.get("eval", train_graph)
@@ -197,7 +198,8 @@ def _norms_seeing_streams(graphs: dict[str, fx.Graph], variant: dict[str, set[fx
     return per_task, shared
 
 
-def _rewrite(graph: fx.Graph, variant: set[fx.Node], tasks_of: dict[fx.Node, frozenset[str]],
+def _rewrite(graph: fx.Graph, variant: set[fx.Node], *,
+             tasks_of: dict[fx.Node, frozenset[str]],
              per_task: set[str], branched_params: set[str], points: dict[str, str],
              task_order: list[str]) -> fx.Graph:
     new = fx.Graph()

@@ -218,7 +218,7 @@ def export_trace(model: nn.Module, example: dict[str, torch.Tensor], *,
     flat = ep.module()
     _inline_wrapped(flat)
     drop_default_layout(flat.graph)
-    return _relift(model, flat, example, training, notes, leaves)
+    return _relift(model, flat, example=example, training=training, notes=notes, leaves=leaves)
 
 
 def _copy_in(sub: fx.GraphModule, gm: fx.GraphModule, prefix: str, operands: Sequence[Any]
@@ -315,7 +315,7 @@ def _outermost_leaf(model: nn.Module, node: fx.Node, modules: dict[str, nn.Modul
     return None
 
 
-def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Tensor],
+def _relift(model: nn.Module, flat: fx.GraphModule, *, example: dict[str, torch.Tensor],
             training: bool, notes: list[str], leaves: Sequence[str] = ()
             ) -> tuple[fx.Graph, dict[str, Any]]:
     modules = dict(model.named_modules())
@@ -355,7 +355,8 @@ def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Ten
         elif outputs:  # (a call whose result nothing uses is dead code and is dropped)
             notes.append(f"'{path}' ({type(modules[path]).__name__}) is kept as aten ops: its call "
                          f"takes {len(inputs)} input(s) and gives {len(outputs)} output(s)")
-    for key in _unfaithful(flat, calls, groups, modules, group_path, example, training):
+    for key in _unfaithful(flat, calls, groups=groups, modules=modules, group_path=group_path,
+                           example=example, training=training):
         del calls[key]
         notes.append(f"'{group_path[key]}' ({type(modules[group_path[key]]).__name__}) is kept "
                      "as aten ops: called on the one tensor its ops read, it computes something "
@@ -390,7 +391,7 @@ def _relift(model: nn.Module, flat: fx.GraphModule, example: dict[str, torch.Ten
     return graph, attrs
 
 
-def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]],
+def _unfaithful(flat: fx.GraphModule, calls: dict[str, tuple[fx.Node, fx.Node]], *,
                 groups: dict[str, list[fx.Node]], modules: dict[str, nn.Module],
                 group_path: dict[str, str], example: dict[str, torch.Tensor],
                 training: bool) -> list[str]:
@@ -536,7 +537,8 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 forced += added
                 _set_task_outputs(graph, task_paths, None, "fx")
                 graphs.append(graph)
-            result = _assemble(model, graphs, model, "fx", notes, class_name)
+            result = _assemble(model, graphs, root=model, tier="fx", notes=notes,
+                               class_name=class_name)
             hidden = [p for p in forced if parameterised_modules(model.get_submodule(p)) > 1]
             result = _accepted(result, "fx", model, task_paths, [example, verify_with])
             if not hidden or tier == "fx":
@@ -561,7 +563,8 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
                 attrs.update(table)
                 _set_task_outputs(graph, task_paths, _flat_paths(model, example), "torch.export")
                 graphs.append(graph)
-            result = _assemble(model, graphs, attrs, "export", _dedupe(notes), class_name)
+            result = _assemble(model, graphs, root=attrs, tier="export", notes=_dedupe(notes),
+                               class_name=class_name)
             result = _accepted(result, "torch.export", model, task_paths, [example, verify_with])
             if coarse is not None:
                 return replace(result, notes=("tier 2 used: tier 1 " + coarse.notes[-1],
@@ -663,7 +666,7 @@ def _flat_paths(model: nn.Module, example: dict[str, torch.Tensor]) -> list[str]
         return list(output_leaves(model(**example)))
 
 
-def _assemble(model: nn.Module, graphs: list[fx.Graph], root: nn.Module | dict[str, Any],
+def _assemble(model: nn.Module, graphs: list[fx.Graph], *, root: nn.Module | dict[str, Any],
               tier: str, notes: list[str], class_name: str) -> Traced:
     train_graph, eval_graph = graphs
     if same_graph(train_graph, eval_graph):

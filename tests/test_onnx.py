@@ -147,10 +147,10 @@ def test_missing_provider_is_an_error_not_a_fallback(tmp_path, capsys):
 def test_dynamo_failure_falls_back_to_torchscript_and_says_why(tmp_path, monkeypatch):
     real = onnx_emit._export
 
-    def failing(exporter, *args):
+    def failing(exporter, *args, **kwargs):
         if exporter == "dynamo":
             raise RuntimeError("Unsupported: aten::made_up_op has no ONNX translation")
-        return real(exporter, *args)
+        return real(exporter, *args, **kwargs)
 
     monkeypatch.setattr(onnx_emit, "_export", failing)
     out = tmp_path / "out"

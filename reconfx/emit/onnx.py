@@ -297,7 +297,7 @@ def _quiet() -> Iterator[None]:
             lg.setLevel(level)
 
 
-def _export(exporter: str, wrapper: TaskOutputs, example: dict[str, torch.Tensor],
+def _export(exporter: str, wrapper: TaskOutputs, *, example: dict[str, torch.Tensor],
             dynamic: dict[str, list[int] | dict[int, str]], path: Path, opset: int) -> None:
     names = wrapper.inputs
     args = tuple(example[n] for n in names)
@@ -407,7 +407,8 @@ def export_onnx(model: nn.Module, inputs: list[str], *, tasks: list[str],
         _remove(path)
         try:
             with (one_call_per_region if every_task else one_stream_per_call)(model):
-                _export(exporter, wrapper, cases[0][1], dynamic, path, options.opset)
+                _export(exporter, wrapper, example=cases[0][1], dynamic=dynamic, path=path,
+                        opset=options.opset)
             seconds = time.perf_counter() - started
             onnx.checker.check_model(str(path), full_check=True)
             steps = _convert(path, options, providers)

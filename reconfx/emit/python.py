@@ -655,7 +655,8 @@ class PythonEmitter:
                               "axis (stream batching)")]
             # (its names are visible only in this branch: later names need not avoid them)
             together = scope.inner("", taken=set(scope.taken), chains=chains)
-            joined += self._joined_inputs(together, inputs, args, len(tasks), n_in, n_rep)
+            joined += self._joined_inputs(together, inputs, args=args, streams=len(tasks),
+                                          n_in=n_in, n_rep=n_rep)
             for op in ops:
                 joined += self._statement(op, together)
             for k, out in enumerate(outputs):
@@ -672,7 +673,7 @@ class PythonEmitter:
         return Alternatives(ind, "not fits(", [rows, f'self.stream_rows["{region.method}"]'],
                             [streams, deeper], joined)
 
-    def _joined_inputs(self, scope: _Scope, inputs: list[fx.Node], args: list[str],
+    def _joined_inputs(self, scope: _Scope, inputs: list[fx.Node], *, args: list[str],
                        streams: int, n_in: int, n_rep: int) -> list[str]:
         """The region's inputs for all streams joined: each stream input concatenated, each
         shared input with a batch axis repeated per stream (a size multiplied), the rest as

@@ -168,11 +168,12 @@ class Experiment:
                                  variant="single-task", task=task)
                 bar.update(1)
             for name in self.aggregators:
-                self._aggregator(seeded, prepared, initial, data, name, seed, bar)
+                self._aggregator(seeded, prepared, initial=initial, data=data, name=name,
+                                 seed=seed, bar=bar)
         bar.close()
         return self.rows
 
-    def _aggregator(self, seeded: LoadedSpec, prepared: Prepared, initial: dict, data: dict,
+    def _aggregator(self, seeded: LoadedSpec, prepared: Prepared, *, initial: dict, data: dict,
                     name: str, seed: int, bar: tqdm) -> None:
         todo = [v for v in self.variants
                 if not self._done(seed=seed, aggregator=name, variant=v)]

@@ -69,7 +69,8 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, *, tasks: lis
         outputs = module(**to_device(inputs, device))
         targets = to_device(targets, device)
         for i, (task, (name, metric)) in enumerate(zip(tasks, metrics, strict=True)):
-            batch = _measured(task, i, name, metric, outputs[task], targets[task])
+            batch = _measured(task, i, name=name, metric=metric, output=outputs[task],
+                              target=targets[task])
             previous = sums.get(task)
             sums[task] = batch if previous is None else [
                 a + b for a, b in zip(previous, batch, strict=True)]
@@ -84,7 +85,7 @@ def evaluate(module: nn.Module, dataset: torch.utils.data.Dataset, *, tasks: lis
     return values
 
 
-def _measured(task: str, index: int, name: str, metric: Metric, output: torch.Tensor,
+def _measured(task: str, index: int, *, name: str, metric: Metric, output: torch.Tensor,
               target: torch.Tensor) -> list[torch.Tensor]:
     """One batch's metric total and count; a metric that cannot read the pair is a ModelError
     naming the task's field."""
