@@ -91,10 +91,9 @@ class ConflictCounter:
         chunks = grads.float().view(tasks, width // c, c).transpose(0, 1)
         if self._grams is None:
             self._grams = torch.zeros(len(self.blocks) + 1, tasks, tasks, device=grads.device)
-        part = torch.zeros_like(self._grams).index_add_(
-            0, owner, torch.bmm(chunks, chunks.transpose(1, 2)))
-        self._grams += part
-        return part[:-1].diagonal(dim1=1, dim2=2).sum(0)
+        grams = torch.bmm(chunks, chunks.transpose(1, 2))
+        self._grams.index_add_(0, owner, grams)
+        return grams.diagonal(dim1=1, dim2=2).sum(0)  # (the padding's chunks add zeros)
 
     def finish(self) -> torch.Tensor:
         """Count the step whose parts :meth:`add` received. Returns each task's squared gradient

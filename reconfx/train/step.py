@@ -99,12 +99,8 @@ class GradientBuffer:
                  cap: int | None = None):
         layout = block_layout(module, layers, align)
         self.params, self.blocks = layout.params, layout.blocks
-        if cap is None or gradient_bytes(tasks, layout.width) <= cap:
-            self.parts = [Part(layout.params, layout.spans, tuple(
-                (i, a, b) for i, (a, b) in enumerate(layout.blocks)), layout.width)]
-        else:
-            self.parts = _parts([layer_parameters(module, x) for x in layers],
-                                max(cap // gradient_bytes(tasks, 1), 1), align)
+        limit = layout.width if cap is None else max(cap // gradient_bytes(tasks, 1), 1)
+        self.parts = _parts([layer_parameters(module, x) for x in layers], limit, align)
         device = self.params[0].device if self.params else torch.device("cpu")
         self.matrix = torch.zeros(tasks, max((p.width for p in self.parts), default=0),
                                   device=device)
@@ -134,7 +130,8 @@ class GradientBuffer:
 def _parts(layers: list[list[nn.Parameter]], limit: int, align: int) -> list[Part]:
     """The layers' parameters cut into parts of at most ``limit`` columns (a parameter larger
     than that alone in its own), in order; a layer may continue into the next part. In a part,
-    each layer's columns start at a multiple of ``align``."""
+    each layer's columns start at a multiple of ``align``, as :func:`block_layout` lays out the
+    whole (a ``limit`` of its width gives that one part)."""
     parts: list[Part] = []
     params: list[nn.Parameter] = []
     spans: list[tuple[int, int]] = []
@@ -161,7 +158,7 @@ def _parts(layers: list[list[nn.Parameter]], limit: int, align: int) -> list[Par
             offset = a + p.numel()
         if start is not None:
             blocks.append((index, start, offset))
-    if params:
+    if params or not parts:  # (no shared parameter: one empty part, whose calls take the rest)
         close()
     return parts
 
@@ -179,14 +176,14 @@ class Observer(Protocol):
         ...
 
 
-def check_cap(module: nn.Module, shared: list[Layer], tasks: int, aggregate: Callable,
+def check_cap(width: int, shared: list[Layer], tasks: int, aggregate: Callable,
               cap: int | None) -> None:
     """Before anything is allocated: an aggregator that combines the whole T×P matrix at once
     (every one but ``ew`` and ``mean``) cannot take the layers in parts, so a matrix above the
-    cap stops the run with the size it needs and the settings that change it."""
+    cap stops the run with the size it needs and the settings that change it. ``width``: the
+    shared layers' columns (:func:`block_layout`)."""
     if cap is None or getattr(aggregate, "linear", False):
         return
-    width = block_layout(module, shared).width
     need = gradient_bytes(tasks, width)
     if need > cap:
         name = getattr(aggregate, "name", "") or "this one"
@@ -200,16 +197,16 @@ def check_cap(module: nn.Module, shared: list[Layer], tasks: int, aggregate: Cal
                 "(select.include / select.exclude)")
 
 
-def check_memory(module: nn.Module, shared: list[Layer], *, tasks: int,
+def check_memory(module: nn.Module, width: int, *, tasks: int,
                  optimizer: torch.optim.Optimizer, cap: int | None, device: torch.device) -> None:
     """Before anything is allocated: what training adds to the model's weights (a gradient per
     trainable parameter, the optimiser's state, the per-task gradient matrix up to its cap)
     against the memory ``device`` has free; a run that cannot fit stops with the sizes and the
-    settings that shrink them."""
+    settings that shrink them. ``width``: the shared layers' columns (:func:`block_layout`)."""
     params = [p for p in module.parameters() if p.requires_grad]
     size = sum(p.numel() * p.element_size() for p in params)
     states = _states(optimizer)
-    matrix = gradient_bytes(tasks, block_layout(module, shared).width)
+    matrix = gradient_bytes(tasks, width)
     matrix = matrix if cap is None else min(matrix, cap)
     need = size * (1 + states) + matrix
     free = memory.available(device)
@@ -253,8 +250,9 @@ class MultiTaskStep:
         self.aggregate, self.optimizer, self.sparse = aggregate, optimizer, sparse
         first = next(module.parameters(), None)
         self.device = first.device if first is not None else torch.device("cpu")
-        check_cap(module, shared, len(tasks), aggregate, cap)
-        check_memory(module, shared, tasks=len(tasks), optimizer=optimizer, cap=cap,
+        width = block_layout(module, shared).width
+        check_cap(width, shared, len(tasks), aggregate, cap)
+        check_memory(module, width, tasks=len(tasks), optimizer=optimizer, cap=cap,
                      device=self.device)
         self.buffer = GradientBuffer(module, shared, len(tasks), cap=cap)
         in_buffer = {id(p) for p in self.buffer.params}
