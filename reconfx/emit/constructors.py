@@ -274,8 +274,7 @@ def _parametrized(m: nn.Module, settings: Sequence[Any]) -> Constructor | None:
             found = _wrapped(found, name, step, settings)
             if found is None:
                 return None
-    built = _build(found.text(10**6), found.imports)
-    return found if built is not None and differences(m, built) == 0 else None
+    return found if _rebuilds(m, found.text(10**6), found.imports) else None
 
 
 def _wrapped(inner: Constructor, name: str, step: nn.Module, settings: Sequence[Any]
@@ -415,10 +414,15 @@ def _verified(m: nn.Module, head: Source, values: dict[str, Any]) -> Constructor
             args = _call(m, values, simplify)
         except TypeError:  # an argument with no source form (e.g. an unregistered object)
             return None
-        built = _build(f"{head.text}({', '.join(args)})", imports)
-        if built is not None and differences(m, built) == 0:
+        if _rebuilds(m, f"{head.text}({', '.join(args)})", imports):
             return Constructor(head.text, tuple(args), imports)
     return None
+
+
+def _rebuilds(m: nn.Module, call: str, imports: tuple[str, ...]) -> bool:
+    """The call, built on the meta device, has ``m``'s structure exactly."""
+    built = _build(call, imports)
+    return built is not None and differences(m, built) == 0
 
 
 _BUILT: dict[tuple[str, tuple[str, ...]], nn.Module | None] = {}
