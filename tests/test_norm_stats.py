@@ -86,3 +86,17 @@ def test_both_modes_keep_init_parity(tmp_path, norm_stats, batching):
     assert bool(regions_of(compiled.branched.module)) == (batching == "eval")
     exact = "bit-exact" if batching == "off" else "atol 1e-05"
     assert compiled.checks[0].detail.startswith(f"{exact}, eval and train mode")
+
+
+def test_model_py_writes_each_norm_with_per_task_statistics_as_one_line(tmp_path):
+    """A shared BatchNorm after the branch point is ``per_task_statistics(nn.BatchNorm2d(16))``
+    in model.py: one copy per task holding the shared affine parameters (no tie lines), and the
+    loaded copies share them as the compiled ones do."""
+    _compiled, loaded = compiled_model(tmp_path, "per_task")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "        self.layer2[0].bn1 = per_task_statistics(nn.BatchNorm2d(16))\n" in source
+    assert "def per_task_statistics(norm: nn.Module) -> nn.ModuleDict:" in source
+    assert ".right.weight = " not in source
+    bn = loaded.layer2[0].bn1
+    assert bn.left.weight is bn.right.weight and bn.left.bias is bn.right.bias
+    assert bn.left.running_mean is not bn.right.running_mean

@@ -211,7 +211,6 @@ class PythonEmitter:
         self.tree = _Tree()
         self.built: dict[str, str] = {}
         self._copies: dict[str, dict[str, str]] = {}  # see _copy_exprs
-        self.helpers: set[str] = set()  # helper functions model.py defines
         self.nesting = 0  # extra indentation levels (a forward body rendered inside an if)
         self._tie_cache: list[tuple[str, str]] | None = None
         self.regions = sorted({id(r): r for r in self.module.modules()
@@ -292,7 +291,6 @@ class PythonEmitter:
         sub._collect()
         body = sub.class_lines()
         self.imports |= sub.imports
-        self.helpers |= sub.helpers
         self.built.update({f"{path}.{k}": how for k, how in sub.built.items()})
         self.built[path] = "traced" if traced else "generated"
         for name, lines in self.classes.items():
@@ -412,7 +410,6 @@ class PythonEmitter:
         # Each copy is built like the original layer at ``path`` (its weights come from the file).
         stats = self._statistics_copies(path, node)
         if stats is not None:  # ``per_task_statistics(nn.BatchNorm2d(64))``
-            self.helpers.add("per_task_statistics")
             return [assign(self._indent(2), access, f"per_task_statistics({stats})")]
         same = self._same_copies(path, node)
         if same is not None:
@@ -793,7 +790,7 @@ class PythonEmitter:
         generated = [line for name, body in self.classes.items()
                      for line in ["", "", f"class {name}(nn.Module):", *body]]
         helper: list[str] = []
-        if "per_task_statistics" in self.helpers:
+        if any("per_task_statistics(" in line for line in [*lines, *generated]):
             self.imports.add("import copy")
             helper += ["", *STATISTICS_HELPER.rstrip("\n").splitlines(), ""]
         if any("_restored(" in line for line in [*lines, *generated]):  # (also nested)
