@@ -20,17 +20,24 @@ built, and how long the emitted class takes to construct next to the original.
   (the Recon paper's ResNet-18 with a Recon-like early selection: the stem, the first block and
   three later convolutions) and ``densenet-early`` (``tests.library:DenseNetLike`` with its stem
   and two dense-layer parts branched); targets ``model.py`` <= 120 / ``branch.diff`` <= 80 for
-  the first three, <= 200 / <= 150 for the early selections.
+  the first three, <= 200 / <= 150 for the early selections; ``llama-early`` (the same Llama
+  with only layer 0's ``mlp.gate_proj`` branched: an early branch point through
+  ``torch.export``).
 
-Construction times are medians of ``--repeats`` constructions of each, alternated; eval-mode
-forward times (the spec's first example, ``torch.no_grad``) of the emitted model with its
-weights and of the compiled graph module are medians of 4 x ``--repeats`` alternated calls. Run:
-``.venv/bin/python bench/emission.py [--models minilm,resnet50,...] [--repeats 5]``.
+"forward" says how ``model.py`` carries the task streams: ``task rows`` (one tensor, the
+tasks' batches one after another, reconfx/rows.py) or ``per stream``. Construction times are
+medians of ``--repeats`` constructions of each, alternated; eval-mode forward times (the spec's
+first example, ``torch.no_grad``; with ``--batches``, also the example's inputs repeated to
+each of those batch sizes) of the emitted model with its weights and of the compiled graph
+module are medians of 4 x ``--repeats`` alternated calls. Run:
+``.venv/bin/python bench/emission.py [--models minilm,resnet50,...] [--repeats 5]
+[--batches 1,16,128]``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import tempfile
@@ -62,6 +69,10 @@ DECODER = {
     "tasks": [{"name": "a", "head": {"out_features": 3}},
               {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
 }
+LLAMA = {"factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state", "kwargs": {
+    "arch": "LlamaModel", "config": {
+        "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64}}}
 SPECS = {
     "minilm": {**MINILM, "select": {"layers": ["backbone.encoder.layer.5.*"]}},
     "resnet50": {
@@ -85,13 +96,9 @@ SPECS = {
         "tasks": [{"name": "ner"}, {"name": "sentiment"}],
         "select": {"layers": ["encoder.encoder.layer.5"]},
     },
-    "llama": {**DECODER, "backbone": {
-        "factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state", "kwargs": {
-            "arch": "LlamaModel", "config": {
-                "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
-                "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
-                "max_position_embeddings": 64}}},
-        "select": {"layers": ["backbone.layers.3"]}},
+    "llama": {**DECODER, "backbone": LLAMA, "select": {"layers": ["backbone.layers.3"]}},
+    "llama-early": {**DECODER, "backbone": LLAMA,
+                    "select": {"layers": ["backbone.layers.0.mlp.gate_proj"]}},
     "gpt2": {**DECODER, "backbone": {
         "factory": "reconfx.zoo:hf_model", "feature": "last_hidden_state", "kwargs": {
             "arch": "GPT2Model", "config": {"vocab_size": 100, "n_embd": 64, "n_layer": 4,
@@ -122,7 +129,7 @@ TARGETS = {"minilm": "model.py <= 250, branch.diff <= 80", "resnet50": "model.py
            "library": "build <= 1.5x", "minilm-mid": "(stream batching)",
            "demo": "(stream batching)", "wrapper": "model.py <= 120, branch.diff <= 80",
            "llama": "model.py <= 120, branch.diff <= 80",
-           "gpt2": "model.py <= 120, branch.diff <= 80",
+           "gpt2": "model.py <= 120, branch.diff <= 80", "llama-early": "(none)",
            "resnet18-early": "model.py <= 200, branch.diff <= 150",
            "densenet-early": "model.py <= 200, branch.diff <= 150"}
 
@@ -137,7 +144,7 @@ def median_times(builders: list[Callable[[], object]], repeats: int) -> list[flo
     return [statistics.median(t) for t in times]
 
 
-def measure(name: str, folder: Path, repeats: int) -> list[str]:
+def measure(name: str, folder: Path, repeats: int, batches: list[int]) -> list[str]:
     spec_path = folder / f"{name}.yaml"
     spec_path.write_text(yaml.safe_dump({"name": name, **SPECS[name],
                                          "export": {"formats": ["python"]}}, sort_keys=False))
@@ -152,36 +159,52 @@ def measure(name: str, folder: Path, repeats: int) -> list[str]:
     original_s, emitted_s = median_times([lambda: build_model(spec, path), emitted], repeats)
     loaded = load(out).eval()
     module = compiled.branched.module.eval()
-    example = compiled.prepared.examples[0]
-    with torch.no_grad():
-        run_emitted, run_compiled = (lambda: loaded(**example)), (lambda: module(**example))
-        run_emitted(), run_compiled()  # warm-up
-        forward_e, forward_c = median_times([run_emitted, run_compiled], repeats * 4)
+    forwards = []
+    for example in [compiled.prepared.examples[0], *(grown(compiled, b) for b in batches)]:
+        runs = [functools.partial(loaded, **example), functools.partial(module, **example)]
+        with torch.no_grad():
+            for run in runs:
+                run()  # warm-up
+            forward_e, forward_c = median_times(runs, repeats * 4)
+        forwards.append(f"{forward_e * 1e3:.2f} / {forward_c * 1e3:.2f} ms "
+                        f"({forward_e / forward_c:.2f}x)")
     report = (out / "report.md").read_text()
     built = report.split("## How model.py builds its modules\n\n", 1)[1].split("\n\n", 1)[0]
     counts = "; ".join(line.removeprefix("- ").split(" (")[0].split(":")[0]
-                       for line in built.splitlines())
+                       for line in built.splitlines() if not line.startswith("- the forward"))
     checks = ", ".join(c.name.split()[0] for c in compiled.checks)  # (compile fails otherwise)
-    return [name, compiled.prepared.traced.tier, f"{checks} hold", str(lines["model.py"]),
+    form = "task rows" if "carries the task streams as one tensor" in report else "per stream"
+    return [name, compiled.prepared.traced.tier, form, f"{checks} hold", str(lines["model.py"]),
             str(lines["original.py"]), str(lines["branch.diff"]),
             counts,
             f"{emitted_s * 1e3:.1f} / {original_s * 1e3:.1f} ms ({emitted_s / original_s:.2f}x)",
-            f"{forward_e * 1e3:.2f} / {forward_c * 1e3:.2f} ms ({forward_e / forward_c:.2f}x)",
-            f"{seconds:.0f} s", TARGETS[name]]
+            *forwards, f"{seconds:.0f} s", TARGETS[name]]
+
+
+def grown(compiled: object, batch: int) -> dict[str, torch.Tensor]:
+    """The spec's example inputs at another batch size (inputs with a dynamic batch axis)."""
+    spec = compiled.prepared.loaded.spec
+    dynamic = [i.name for i in spec.inputs if 0 in i.dynamic]
+    example = compiled.prepared.examples[0]
+    return {k: v[torch.arange(batch) % len(v)] if k in dynamic else v for k, v in example.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", default=",".join(SPECS))
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batches", default="",
+                        help="also time the eval forward at these batch sizes (1,16,128)")
     args = parser.parse_args()
-    headers = ["model", "tier", "checks", "model.py", "original.py", "branch.diff",
+    batches = [int(b) for b in args.batches.split(",") if b]
+    headers = ["model", "tier", "forward", "checks", "model.py", "original.py", "branch.diff",
                "modules built", "construct emitted / original",
-               "eval forward emitted / compiled", "compile", "target"]
+               "eval forward emitted / compiled",
+               *(f"at batch {b}" for b in batches), "compile", "target"]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.models.split(","):
-            rows.append(measure(name, Path(tmp), args.repeats))
+            rows.append(measure(name, Path(tmp), args.repeats, batches))
             print(" | ".join(rows[-1]), flush=True)
     print("\n| " + " | ".join(headers) + " |\n|" + "---|" * len(headers))
     for row in rows:

@@ -47,7 +47,7 @@ from reconfx.graph import (
     reorder,
     resolve,
 )
-from reconfx.modes import compare, preserved, run, silenced
+from reconfx.modes import preserved, run, same_outputs
 from reconfx.streams import StreamRegion
 
 __all__ = [
@@ -447,12 +447,12 @@ def _collapse(module: DualGraphModule, model: nn.Module, *, containers: set[str]
     build = functools.partial(_built, module, groups, usable=usable, model=model,
                               containers=containers)
     result = build(set(keys))
-    if result is not None and _computes_the_same(module, result, examples):
+    if result is not None and same_outputs(module, result, examples):
         return result
     kept = {k for k in keys if (single := build({k})) is not None
-            and _computes_the_same(module, single, examples)}
+            and same_outputs(module, single, examples)}
     result = build(kept) if kept else None
-    if result is not None and _computes_the_same(module, result, examples):
+    if result is not None and same_outputs(module, result, examples):
         return result
     return module
 
@@ -889,18 +889,3 @@ def _type_name(node: fx.Node) -> str:
     if isinstance(value, torch.device):
         return "torch.device"
     return "torch.Tensor"
-
-
-def _computes_the_same(module: DualGraphModule, other: DualGraphModule,
-                       examples: Sequence[dict[str, torch.Tensor]]) -> bool:
-    with preserved(module, other):
-        for example in examples:
-            for training in (False, True):
-                try:
-                    with silenced():
-                        got = run(other, example, training)
-                except Exception:
-                    return False
-                if compare(run(module, example, training), got, 0.0):
-                    return False
-    return True

@@ -630,7 +630,7 @@ def write_model(compiled: Compiled, out_dir: Path, *, command: str = "compile",
             list(checks), prepared.traced.ignored_outputs, sources.built,
             list(all_warnings(compiled, ran)),
             batching_section(regions_of(branched.module), list(tuning)), compiled.selection,
-            results))
+            results, rows=sources.rows))
         staging.write_text("report.md", report)
         if "hf" in s.export.formats:
             with stages("writing the Hugging Face format", "wrote the Hugging Face format "

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,7 +20,8 @@ from reconfx.memory import release
 from reconfx.tensorfile import Spill
 
 __all__ = [
-    "ATOL", "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "silenced"
+    "ATOL", "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "same_outputs",
+    "silenced"
 ]
 
 # The checks' tolerance where two computations of the same function use kernels that round
@@ -127,3 +128,20 @@ def reached(outputs: list[torch.Tensor]) -> set[int]:
             found.add(id(variable))
         stack.extend(f for f, _index in fn.next_functions if f is not None)
     return found
+
+
+def same_outputs(module: nn.Module, other: nn.Module, examples: Sequence[dict[str, torch.Tensor]],
+                 atol: float = 0.0) -> bool:
+    """Whether ``other`` gives ``module``'s outputs on every example in both modes, from the
+    same random state (within ``atol``; 0: bit-exact); False where it raises."""
+    with preserved(module, other):
+        for example in examples:
+            for training in (False, True):
+                try:
+                    with silenced():
+                        got = run(other, example, training)
+                except Exception:  # (a candidate form that does not fit the model)
+                    return False
+                if compare(run(module, example, training), got, atol):
+                    return False
+    return True

@@ -13,7 +13,7 @@ import contextlib
 import difflib
 import functools
 import textwrap
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -43,13 +43,14 @@ from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
-from reconfx.emit.python import buildable, emit_python
+from reconfx.emit.python import EmittedSource, buildable, emit_python
 from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory
 from reconfx.modes import ATOL
 from reconfx.profiling import Profile, Scores, annotate_scores, profile, restore_profile, scores_in
 from reconfx.rewrite import Branched, branch
+from reconfx.rows import one_task, task_rows, whole_copies
 from reconfx.selection import budget_lines, check_patterns, explicit_choice, select_layers
 from reconfx.spec import LoadedSpec, Spec, class_name, load_spec_file
 from reconfx.stages import QUIET, Stages
@@ -342,6 +343,7 @@ class Sources:
     diff: str
     built: dict[str, str]
     compiled_names: dict[str, str]
+    rows: bool = False  # model.py carries the task streams as one tensor (reconfx.rows)
 
 
 def emit_sources(compiled: Compiled) -> Sources:
@@ -362,14 +364,54 @@ def emit_sources(compiled: Compiled) -> Sources:
     notes = {layer.name: f" (conflict score {scores[layer.name]})" if layer.name in scores
              else " (selected in the spec)" for layer in branched.layers}
     settings = settings_in(prepared.model)
-    called = functools.partial(calls.collapse_calls, model=prepared.model,
-                               examples=prepared.examples,
+    called = functools.partial(calls.collapse_calls, examples=prepared.examples,
                                buildable=functools.partial(buildable, settings=settings))
-    emitted = called(branched.module, containers=branched.containers)
+    emitted = called(branched.module, model=prepared.model, containers=branched.containers)
+    forms = [(emitted, *_per_stream_sources(
+        emitted, prepared, branched, called=called, name=name, docs=(doc_model, doc_original),
+        notes=notes, settings=settings))]
+    copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
+    # Task rows join the streams in every mode and at any batch: only under the default
+    # stream batching ("off" keeps them apart, "tuned" keeps measured row caps), and not where
+    # every branched layer lies in a submodule copied whole (per stream reads best there).
+    rows = task_rows(branched, traced=prepared.traced.module, model=prepared.model,
+                     examples=prepared.examples,
+                     batch_inputs=[i.name for i in s.inputs if 0 in i.dynamic]
+                     ) if s.branch.stream_batching == "eval" and not all(
+        any(calls.under(c, p) for p in copies) for c in branched.containers) else None
+    if rows is not None:
+        on_rows = whole_copies(called(rows[0], model=rows[1], containers=set()))
+        forms.append((on_rows, emit_python(
+            on_rows, name, doc=doc_model, task_containers=branched.containers,
+            branch_notes=notes, settings=settings), emit_python(
+                called(prepared.traced.module, model=prepared.model, containers=set()), name,
+                doc=doc_original, task_containers=set(), branch_notes=None,
+                settings=settings)))
+    # The shorter source for review: task rows where blocks hold per-task layers, per stream
+    # where whole submodules are copied per task (a PerTask per leaf would repeat each copy).
+    emitted, model_py, original_py = min(forms, key=lambda f: _review_lines(f[2], f[1]))
+    diff = "".join(difflib.unified_diff(
+        original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
+        "original.py", "model.py"))
+    return Sources(model_py.source, original_py.source, diff, model_py.built,
+                   _compiled_names(emitted, branched.module), rows=emitted is not forms[0][0])
+
+
+def _review_lines(original_py: EmittedSource, model_py: EmittedSource) -> int:
+    """What a reviewer reads: model.py's lines and those of its diff against original.py."""
+    diff = difflib.unified_diff(original_py.source.splitlines(), model_py.source.splitlines())
+    return len(model_py.source.splitlines()) + sum(1 for _line in diff)
+
+
+def _per_stream_sources(emitted: nn.Module, prepared: Prepared, branched: Branched, *,
+                        called: Any, name: str, docs: tuple[str, str], notes: dict[str, str],
+                        settings: Sequence[Any]) -> tuple[EmittedSource, EmittedSource]:
+    """``model.py`` and ``original.py`` with a forward that runs each task stream on its own
+    (the compiled graph's form, where the task-rows form does not hold)."""
     copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
     streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
     model_py = emit_python(
-        emitted, name, doc=doc_model,
+        emitted, name, doc=docs[0],
         task_containers={c for c in branched.containers
                          if not any(calls.under(c, p) for p in copies)} | set(copies),
         branch_notes=notes, settings=settings)
@@ -378,15 +420,10 @@ def emit_sources(compiled: Compiled) -> Sources:
     # their own those model.py writes as generated classes, so the diff shows only the surgery.
     inlined = {c for c in branched.containers
                if not any(calls.under(c, p) for p in [*streams, *copies])} | set(copies)
-    original_py = emit_python(called(prepared.traced.module, containers=inlined,
-                                     opened=streams), name, doc=doc_original,
-                              task_containers=set(), branch_notes=None,
-                              settings=settings)
-    diff = "".join(difflib.unified_diff(
-        original_py.source.splitlines(keepends=True), model_py.source.splitlines(keepends=True),
-        "original.py", "model.py"))
-    return Sources(model_py.source, original_py.source, diff, model_py.built,
-                   _compiled_names(emitted, branched.module))
+    original_py = emit_python(called(prepared.traced.module, model=prepared.model,
+                                     containers=inlined, opened=streams), name, doc=docs[1],
+                              task_containers=set(), branch_notes=None, settings=settings)
+    return model_py, original_py
 
 
 def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
@@ -399,8 +436,9 @@ def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
                       expected_params=expected, original=None if trained else prepared.model,
                       task_paths=prepared.task_paths,
                       rename=original_names(branched, prepared.model, sources.compiled_names),
-                      atol=ATOL if regions_of(branched.module) or prepared.traced.atol else 0.0,
-                      exact=not prepared.traced.atol,
+                      atol=ATOL if regions_of(branched.module) or prepared.traced.atol
+                      or sources.rows else 0.0,
+                      exact=not (prepared.traced.atol or sources.rows),
                       compiled_name=lambda n: sources.compiled_names.get(n, n))
 
 
@@ -477,6 +515,8 @@ def onnx_for_spec(loaded: LoadedSpec, model: nn.Module, *, path: Path,
     chosen = {**s.export.onnx.model_dump(), **given}
     options = OnnxOptions(**chosen, transformer=transformer_shape(loaded)
                           if chosen.get("optimize") else None)
+    if task is not None:  # (on task rows: the other tasks' streams left out)
+        model = one_task(model, task, examples)
     return export_onnx(model, [i.name for i in s.inputs], tasks=tasks,
                        dynamic={i.name: i.dynamic for i in s.inputs},
                        cases=onnx_cases(loaded, examples), path=path, options=options,

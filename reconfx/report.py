@@ -77,6 +77,7 @@ class ReportFacts:
     batching: list[str]
     selection: Selection | None = None
     results: list[str] = field(default_factory=list)
+    rows: bool = False  # model.py carries the task streams as one tensor (reconfx.rows)
 
 
 def compile_report(facts: ReportFacts) -> str:
@@ -106,7 +107,7 @@ def compile_report(facts: ReportFacts) -> str:
     if ignored:
         lines += ["", "## Ignored outputs", "",
                   f"- the model also returns {', '.join(ignored)}, which no task uses"]
-    lines += built_section(built)
+    lines += built_section(built, f.rows)
     lines += ["", "## Branched layers", ""]
     if selection is not None and selection.layers:
         lines += [markdown_table(Selection.HEADERS, selection.rows()), "",
@@ -129,9 +130,9 @@ def compile_report(facts: ReportFacts) -> str:
     return "\n".join(lines)
 
 
-def built_section(built: dict[str, str]) -> list[str]:
-    """How model.py's ``__init__`` builds the modules it creates: counts, and the paths of those
-    not built by their own class's constructor."""
+def built_section(built: dict[str, str], rows: bool = False) -> list[str]:
+    """How model.py's ``__init__`` builds the modules it creates (counts, and the paths of those
+    not built by their own class's constructor) and how its forward carries the task streams."""
     by_how = {how: [p for p, h in built.items() if h == how]
               for how in ("constructor", "restored", "generated", "traced")}
     lines = ["", "## How model.py builds its modules", "",
@@ -148,6 +149,10 @@ def built_section(built: dict[str, str]) -> list[str]:
         lines.append(f"- {len(by_how['traced'])} as a class holding its own traced code (an "
                      "attribute has no source form, so no call of its class rebuilds it): "
                      + ", ".join(f"`{p}`" for p in by_how["traced"]))
+    if rows:
+        lines.append("- the forward carries the task streams as one tensor, the tasks' batches "
+                     "one after another: shared modules run once on all of them, per-task ones "
+                     "(`PerTask`) each on its task's rows")
     return lines
 
 

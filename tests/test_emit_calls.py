@@ -30,9 +30,16 @@ def test_untouched_blocks_are_called_with_the_models_arguments(compiled_calls):
     # left out), the one item of the result that is used taken where the call is.
     assert "blocks_0 = self.blocks[0](pair_sub, float_, scale=0.5)[0]\n" in source
     assert "blocks_1 = self.blocks[1](blocks_0, float_)[0]\n" in source
-    assert "        self.blocks[0] = CallBlock(8)\n" in source
-    # The block holding the branched layer is written out, one stream per task.
-    assert "self.blocks[2].fc.a(blocks_1)" in source and "self.blocks[2].norm(" in source
+    assert "        self.blocks = nn.ModuleList([CallBlock(8), CallBlock(8), CallBlock(8)])\n" \
+        in source
+    # The block holding the branched layer is called as itself on the task rows (its inputs
+    # repeated once per task), its branched layer swapped in.
+    assert "        self.blocks[2].fc = PerTask({task: nn.Linear(8, 8) for task in TASKS})\n" \
+        in source
+    assert "blocks_1_streams = torch.cat([blocks_1, blocks_1])\n" in source
+    assert "float_streams = torch.cat([float_, float_])\n" in source
+    assert ("blocks_2_mul_1, blocks_2_mean = self.blocks[2](blocks_1_streams, float_streams, "
+            "scale=1.5)\n") in source
 
 
 def test_a_leaf_is_called_without_the_arguments_its_defaults_give(tmp_path):
@@ -58,7 +65,8 @@ def test_the_original_calls_the_same_submodules(compiled_calls):
     _compiled, out = compiled_calls
     original = (out / "original.py").read_text()
     assert "blocks_1 = self.blocks[1](blocks_0, float_)[0]\n" in original
-    assert "self.blocks[2].fc(blocks_1)" in original
+    assert "blocks_2_mul_1, blocks_2_mean = self.blocks[2](blocks_1, float_, scale=1.5)\n" \
+        in original
 
 
 def test_calls_are_recorded_on_the_nodes_of_both_modes(compiled_calls):

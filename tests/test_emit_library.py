@@ -33,7 +33,7 @@ def compiled_library(tmp_path_factory):
 def test_library_modules_are_built_by_their_own_classes(compiled_library):
     source = (compiled_library / "model.py").read_text()
     names = ["BatchNormAct2d", "ConvNormAct", "LayerNorm2d", "MixerSettings", "ParsedScale",
-             "RepConv", "ScaledMixer", "SqueezeExcite"]
+             "RepConv", "ScaledMixer", "SqueezeExcite", "WindowAttention"]
     assert "from tests.library import (\n" + "".join(f"    {n},\n" for n in names) + ")\n" \
         in source
     for line in [
@@ -44,15 +44,19 @@ def test_library_modules_are_built_by_their_own_classes(compiled_library):
         "self.block.se = SqueezeExcite(16)",
         "    RepConv(16, act_layer=nn.SiLU),",
         "    task: ScaledMixer(MixerSettings(width=16, expansion=2, layer_scale=0.01))",
+        # a block holding a branched layer keeps its class, the per-task layer swapped in
+        "self.attention = WindowAttention(16, 2, 4)",
+        "self.attention.proj = PerTask({task: nn.Linear(16, 16) for task in TASKS})",
     ]:
         assert f"        {line}\n" in source, line
     assert "        reps = self.reps(stem_act)\n" in source
+    assert "        attention = self.attention(block_relu)\n" in source
     assert "_from_factory" not in source and "tests.library.LibraryNet" not in source
 
 
 def test_a_module_no_constructor_call_rebuilds_is_restored_from_its_state(compiled_library):
     source = (compiled_library / "model.py").read_text()
-    assert '''        self.scale = nn.ModuleDict({
+    assert '''        self.scale = PerTask({
             task: _restored(
                 ParsedScale,
                 {"width": 16, "groups": 2},
@@ -171,7 +175,7 @@ def test_a_list_whose_branched_item_runs_after_the_items_that_follow_it(tmp_path
     source = (tmp_path / "out" / "model.py").read_text()
     assert """        self.convs = nn.ModuleList([
             nn.Conv2d(4, 4, 3, padding=1),
-            nn.ModuleDict({task: nn.Conv2d(4, 4, 3, padding=1) for task in TASKS}),
+            PerTask({task: nn.Conv2d(4, 4, 3, padding=1) for task in TASKS}),
             nn.Conv2d(4, 4, 3, padding=1),
             nn.Conv2d(4, 4, 3, padding=1),
         ])""" in source

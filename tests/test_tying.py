@@ -21,13 +21,12 @@ def test_module_called_twice_is_one_layer_with_one_copy_per_task(tmp_path, tier,
     if "proj" in layers:
         model = reconfx.load(out)
         source = (out / "model.py").read_text()
-        # Every call site of a task's stream uses that task's single copy (in each forward
-        # path: with stream batching, evaluation has its own).
-        paths = [m for m in source.split("\n    def ")
-                 if m.startswith("_forward_") or m.startswith("forward(") and "_forward_" not in m]
-        assert paths
-        for path in paths:
-            assert path.count("self.proj.left(") == 2 - ("inp" in layers)
+        # Every call site of the streams uses the per-task copies: one call on the task rows
+        # (each task's copy on its rows), or one call per task stream where the rows form is
+        # not written (the export tier's graph reads the branched weights directly).
+        forward = source[source.rindex("    def forward("):]
+        calls = "self.proj(" if "class PerTask(" in source else "self.proj.left("
+        assert forward.count(calls) == 2 - ("inp" in layers)
         assert model.proj.left.weight is not model.proj.right.weight
 
 

@@ -56,6 +56,7 @@ from reconfx.emit.restore import (
 from reconfx.emit.sources import SETTINGS, sourced
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
+from reconfx.rows import PerTask, unswapped
 from reconfx.streams import StreamRegion, fits
 from reconfx.tracing import leaf_tracer
 
@@ -213,6 +214,8 @@ class PythonEmitter:
         self._copies: dict[str, dict[str, str]] = {}  # see _copy_exprs
         self.nesting = 0  # extra indentation levels (a forward body rendered inside an if)
         self._tie_cache: list[tuple[str, str]] | None = None
+        self.rows: set[str] = set()  # paths of per-task layers on task rows (reconfx.rows)
+        self._swaps: list[tuple[str, PerTask]] = []  # swapped in after a list's line
         self.regions = sorted({id(r): r for r in self.module.modules()
                                if isinstance(r, StreamRegion)}.values(), key=lambda r: r.method)
 
@@ -231,6 +234,11 @@ class PythonEmitter:
                         for part in target.split("."):
                             node_tree = node_tree.child(part)
                         node_tree.obj = resolve(self.module, target)
+                        if isinstance(node_tree.obj, PerTask):  # (its copies are its children)
+                            for task, copy_ in node_tree.obj.items():
+                                node_tree.child(task).obj = copy_
+                            node_tree.obj = None
+                            self.rows.add(target)
         _index_order(self.tree)
 
     def _targets(self, target: str) -> list[str]:
@@ -352,15 +360,37 @@ class PythonEmitter:
             value = _whole(text).sub(lambda _m, t=text: self.constants[t], value)
         return value
 
-    def _leaf_line(self, access: str, path: str, obj: Any) -> str:
+    def _leaf_lines(self, access: str, path: str, obj: Any) -> list[str]:
         if isinstance(obj, torch.Tensor):
-            return assign(self._indent(2), access, self._leaf_expr(path, obj))
+            return [assign(self._indent(2), access, self._leaf_expr(path, obj))]
         if isinstance(obj, TaskStream):
-            return assign(self._indent(2), access, f"{self._generated(path, obj)}()")
-        built = self._built(path, obj)
-        if built is None:
-            return assign(self._indent(2), access, self._unbuildable(path, obj))
-        return statement(self._indent(2), access, f"{built.head}(", built.arguments())
+            return [assign(self._indent(2), access, f"{self._generated(path, obj)}()")]
+        with unswapped(obj) as swaps:  # (built as before the surgery, its per-task layers after)
+            built = self._built(path, obj)
+            if built is None:
+                lines = [assign(self._indent(2), access, self._unbuildable(path, obj))]
+            else:
+                lines = [statement(self._indent(2), access, f"{built.head}(", built.arguments())]
+        for name, per_task in swaps:
+            lines += self._swap_lines(f"{path}.{name}", per_task)
+        return lines
+
+    def _swap_lines(self, path: str, per_task: PerTask) -> list[str]:
+        """``self.layer1[0].conv1 = PerTask({...})`` for a per-task layer inside a module built
+        whole; ``per_task_statistics(...)`` of the module's own layer where every task's copy
+        holds the same parameters."""
+        access = _access(self.tree, path)
+        copies = list(per_task.values())
+        own = [p for _n, p in copies[0].named_parameters()]
+        if own and all(a is b for c in copies[1:] for a, b in zip(
+                own, c.parameters(), strict=True)) and tuple(per_task) == self.tasks:
+            self.constants.setdefault(render_value(self.tasks), "TASKS")
+            return [assign(self._indent(2), access, f"per_task_statistics({access})")]
+        node = _Tree()
+        for task, module in per_task.items():
+            node.child(task).obj = module
+        self.rows.add(path)
+        return self._task_container(access, path, node)
 
     def _init_lines(self) -> list[str]:
         lines: list[str] = []
@@ -381,17 +411,20 @@ class PythonEmitter:
         for name, child in node.children.items():
             path = f"{prefix}.{name}" if prefix else name
             access = _access(self.tree, path)
-            if path in self.task_containers:
+            if path in self.task_containers or path in self.rows:
                 lines += self._task_container(access, path, child)
             elif isinstance(child.obj, torch.Tensor) and not isinstance(child.obj, nn.Parameter):
                 owner = access[: -len(name) - 1]
                 lines.append(statement(self._indent(2), "", f"{owner}.register_buffer(",
                                        [f'"{name}"', self._leaf_expr(path, child.obj)]))
             elif child.obj is not None:
-                lines.append(self._leaf_line(access, path, child.obj))
+                lines += self._leaf_lines(access, path, child.obj)
             else:
                 if kind != "list" or _container_kind(child) != "module":
                     lines.append(self._container_line(access, path, child))
+                    swaps, self._swaps = self._swaps, []
+                    for inner, per_task in swaps:
+                        lines += self._swap_lines(inner, per_task)
                 self._emit_children(child, path, lines)
 
     def _container_line(self, access: str, path: str, node: _Tree) -> str:
@@ -431,7 +464,7 @@ class PythonEmitter:
         note = ("per-task running statistics; affine parameters shared" if ties
                 else "branched: one copy per task")
         return [comment(self._indent(2), f"{path}: {note}"),
-                statement(self._indent(2), access, self._dict_head(node), items, "})"), *ties]
+                statement(self._indent(2), access, self._dict_head(node, path), items, "})"), *ties]
 
     def _copy_exprs(self, path: str, node: _Tree) -> dict[str, str]:
         """Each task's copy at ``path`` as source, written once per path (a constructor is
@@ -468,10 +501,11 @@ class PythonEmitter:
         if tasks == self.tasks:
             self.constants.setdefault(render_value(tasks), "TASKS")
         names = "TASKS" if tasks == self.tasks else render_value(tasks)
-        return self._dict_head(node), built[tasks[0]], names
+        return self._dict_head(node, path), built[tasks[0]], names
 
-    @staticmethod
-    def _dict_head(node: _Tree) -> str:
+    def _dict_head(self, node: _Tree, path: str) -> str:
+        if path in self.rows:
+            return "PerTask({"
         params = all(isinstance(c.obj, nn.Parameter) for c in node.children.values())
         return "nn.ParameterDict({" if params else "nn.ModuleDict({"
 
@@ -487,9 +521,13 @@ class PythonEmitter:
         return all(inline(k, c) for k, c in node.children.items())
 
     def _item_expr(self, path: str, node: _Tree) -> str:
-        """A ModuleList item written inline: a leaf's constructor, or one copy per task."""
+        """A ModuleList item written inline: a leaf's constructor (its per-task layers swapped
+        in after the list's line), or one copy per task."""
         if node.obj is not None:
-            return self._leaf_expr(path, node.obj)
+            with unswapped(node.obj) as swaps:
+                expr = self._leaf_expr(path, node.obj)
+            self._swaps += [(f"{path}.{name}", per_task) for name, per_task in swaps]
+            return expr
         head, text, names = self._same_copies(path, node)
         return f"{head}task: {text} for task in {names}}})"
 
@@ -572,7 +610,13 @@ class PythonEmitter:
             lhs = [scope.fresh(item) for item in items]
             scope.names.update(zip(items, lhs, strict=True))
             return [*lines, self._node_line(node, ", ".join(lhs), scope.name_of)]
-        scope.names[node] = scope.fresh(node)
+        if node.meta.get("reconfx", {}).get("streams"):  # ``x_streams = torch.cat([x, x])``
+            first = node.args[0]
+            joined = first[0] if isinstance(first, list | tuple) else first
+            stem = f"{scope.name_of(joined).rstrip('_')}_streams"
+            scope.names[node] = _fresh((stem, ""), scope.taken, scope.room)
+        else:
+            scope.names[node] = scope.fresh(node)
         # kept for its effect (an in-place op, set_grad_enabled) when unused: no name bound
         used = node.users and node not in scope.unused
         return [*lines, self._node_line(node, scope.names[node] if used else "", scope.name_of)]
@@ -706,6 +750,9 @@ class PythonEmitter:
             return None
         commented.add(layer)
         note = self.branch_notes.get(layer, "")
+        if self.rows:
+            return comment(self._indent(2), f"branch point: {layer}{note}; from here the task "
+                           "streams run as one tensor, the tasks' batches one after another")
         return comment(self._indent(2), f"branch point: {layer}{note}; one copy per task from "
                        "here")
 
@@ -790,9 +837,16 @@ class PythonEmitter:
         generated = [line for name, body in self.classes.items()
                      for line in ["", "", f"class {name}(nn.Module):", *body]]
         helper: list[str] = []
+        if self.rows:
+            self.imports.add("from typing import Any")
+            helper += ["", *inspect.getsource(PerTask).rstrip("\n").splitlines(), ""]
         if any("per_task_statistics(" in line for line in [*lines, *generated]):
             self.imports.add("import copy")
-            helper += ["", *STATISTICS_HELPER.rstrip("\n").splitlines(), ""]
+            text = STATISTICS_HELPER
+            if self.rows:  # (on task rows: each copy runs on its task's rows)
+                text = text.replace("nn.ModuleDict", "PerTask").replace(
+                    "on each task's stream", "on the task streams")
+            helper += ["", *text.rstrip("\n").splitlines(), ""]
         if any("_restored(" in line for line in [*lines, *generated]):  # (also nested)
             self.imports.update(RESTORE_IMPORTS)
             helper += ["", *RESTORE_HELPER.rstrip("\n").splitlines(), ""]
@@ -864,19 +918,22 @@ def _has_source(value: Any) -> bool:
 
 def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
     """The items of a module call's tuple result (a generated class's, or one whose length the
-    call's annotation recorded), in order, when each is taken once (its result is then unpacked
-    where it is made); else empty."""
-    if node.op != "call_module" or region_call(node):
+    call's annotation recorded) or of the task rows' ``unbind``, in order, when each is taken
+    once (its result is then unpacked where it is made); else empty."""
+    if node.op == "call_method" and node.target == "unbind":
+        items = node.meta.get("reconfx", {}).get("items")  # (the task rows, reconfx.rows)
+    elif node.op != "call_module" or region_call(node):
         return []
-    try:
-        stream = resolve(module, str(node.target))
-    except AttributeError:
-        return []
-    if isinstance(stream, TaskStream):
-        result = output_node(stream.train_graph).args[0]
-        items = len(result) if isinstance(result, tuple) else None
     else:
-        items = node.meta.get("reconfx", {}).get("items")
+        try:
+            stream = resolve(module, str(node.target))
+        except AttributeError:
+            return []
+        if isinstance(stream, TaskStream):
+            result = output_node(stream.train_graph).args[0]
+            items = len(result) if isinstance(result, tuple) else None
+        else:
+            items = node.meta.get("reconfx", {}).get("items")
     users = list(node.users)
     if items is None or any(
             u.target is not operator.getitem or type(u.args[1]) is not int for u in users):
@@ -1244,7 +1301,24 @@ def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
         return (container(value, member) or constructor(value, settings)
                 or restored(value, member))
 
-    return member("", module) is not None
+    with unswapped(module) as swaps:  # (its per-task layers are written after it is built)
+        built = member("", module) is not None
+    return built and all(member("", m) is not None and _apart(module, per_task)
+                         for _name, per_task in swaps for m in per_task.values())
+
+
+def _apart(module: nn.Module, per_task: PerTask) -> bool:
+    """Whether the line that swaps ``per_task`` in builds its tensors as they are: each task's
+    copy holds tensors of its own, or all copies hold the same parameters (per-task running
+    statistics); no tensor of it is tied to one elsewhere in ``module``."""
+    count: dict[int, int] = {}
+    for _name, param in module.named_parameters(remove_duplicate=False):
+        count[id(param)] = count.get(id(param), 0) + 1
+    copies = [list(m.parameters()) for m in per_task.values()]  # (``module`` holds them)
+    if all(len(c) == len(copies[0]) and all(a is b for a, b in zip(c, copies[0], strict=True))
+           for c in copies[1:]):
+        return all(count[id(p)] == len(copies) for p in copies[0])
+    return all(count[id(p)] == 1 for c in copies for p in c)
 
 
 def emit_python(module: DualGraphModule, class_name: str, *, doc: str,

@@ -1,0 +1,400 @@
+"""Task rows: the branched model with its task streams carried as one tensor.
+
+The compiled graph runs every op downstream of a branch point once per task stream (one clone
+per task, :mod:`reconfx.rewrite`). The same function can be written with the streams as one
+tensor whose rows are the tasks' batches one after another, in task order: a shared layer runs
+once on all rows, a per-task layer is a :class:`PerTask` that runs task t's module on rows t,
+and the model's own code runs unchanged between them. Where a shared value enters the streams it
+is repeated once per task (``torch.cat([x, x])``); where a task's own part begins (its head),
+the task's rows are taken (``x.unflatten(0, (2, -1)).unbind()``).
+
+``model.py`` is written this way where the result computes what the compiled model computes:
+:func:`task_rows` checks that on every example, in both modes, with every weight perturbed (so
+that the tasks' copies differ and a value mixing rows of different tasks shows). Blocks that
+hold per-task layers then keep their own class, per-task layers swapped in, and no region is
+written twice. It does not hold where a shared op depends on the whole batch in the current mode
+(a BatchNorm with shared statistics in training), where a random op draws after the branch point
+in training (one draw for all rows draws otherwise than one per stream), where a size read off a
+shared value reaches the streams, or where the graph reads a branched tensor directly; the
+compiled graph's form is written there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import operator
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+from torch import fx, nn
+
+from reconfx.batching import _kind
+from reconfx.checks import perturbed
+from reconfx.errors import unexpected
+from reconfx.graph import DualGraphModule, named_tensors, node_tasks, record, resolve, task_outputs
+from reconfx.modes import ATOL, compare, preserved, run, same_outputs, silenced
+from reconfx.rewrite import Branched
+
+__all__ = ["one_task", "PerTask", "task_rows", "unswapped", "whole_copies"]
+
+
+class PerTask(nn.ModuleDict):
+    """One module per task, keyed by task name, for a layer on the task streams: the streams
+    travel as one tensor whose rows are the tasks' batches one after another (in this dict's
+    order), and each task's module runs on that task's rows of every tensor it is given."""
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        def rows(value: Any, t: int) -> Any:  # task t's rows of a tensor; anything else as is
+            if isinstance(value, torch.Tensor):  # (unflatten: exporters keep the batch dynamic)
+                return value.unflatten(0, (len(self), -1))[t]
+            return value
+
+        outputs = [module(*(rows(a, t) for a in args), **{k: rows(v, t) for k, v in kwargs.items()})
+                   for t, module in enumerate(self.values())]
+        if isinstance(outputs[0], tuple):  # (a tuple of results: each joined again)
+            return tuple(torch.cat(items) if isinstance(items[0], torch.Tensor) else items[0]
+                         for items in zip(*outputs, strict=True))
+        return torch.cat(outputs)
+
+
+def _per_task_inside(module: nn.Module) -> list[tuple[str, PerTask]]:
+    """(relative path, module) of each outermost :class:`PerTask` below ``module``."""
+    found: list[tuple[str, PerTask]] = []
+    for name, sub in module.named_modules():  # (parents before their children)
+        if name and isinstance(sub, PerTask) and not any(
+                name.startswith(f"{outer}.") for outer, _sub in found):
+            found.append((name, sub))
+    return found
+
+
+@contextlib.contextmanager
+def unswapped(module: Any) -> Iterator[list[tuple[str, PerTask]]]:
+    """Inside, each :class:`PerTask` below ``module`` is replaced by its first task's module, as
+    the model was built before the swap (for finding its constructor); yields (relative path,
+    the :class:`PerTask`) for each, outermost first. Each is put back on exit."""
+    found = _per_task_inside(module) if isinstance(module, nn.Module) else []
+    for name, sub in found:
+        module.set_submodule(name, next(iter(sub.values())))
+    try:
+        yield found
+    finally:
+        for name, sub in found:
+            module.set_submodule(name, sub)
+
+
+def task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
+              examples: Sequence[dict[str, torch.Tensor]], batch_inputs: Sequence[str]
+              ) -> tuple[DualGraphModule, nn.Module] | None:
+    """The compiled model ``branched`` (:class:`reconfx.rewrite.Branched`, branched from
+    ``traced``, the graph module of ``model``) in task-rows form: (the graph module, ``model``
+    with its per-task layers swapped in, both holding the compiled tensors), or None where that
+    form does not compute what the compiled model does. ``batch_inputs`` are the inputs whose
+    axis 0 is the batch."""
+    try:
+        return _task_rows(branched, traced=traced, model=model, examples=examples,
+                          batch_inputs=batch_inputs)
+    except Exception as exc:  # (a form that does not hold returns None, not an error)
+        unexpected(exc)
+        return None
+
+
+def whole_copies(module: DualGraphModule) -> DualGraphModule:
+    """``module`` (task rows, its calls collapsed) with each submodule it calls whole all of
+    whose tensors lie in per-task layers made one :class:`PerTask` of whole copies, each holding
+    one task's layers (``layer4 = PerTask({task: nn.Sequential(...) ...})`` rather than a
+    ``PerTask`` per layer inside it). The same function: each task's rows go through that
+    task's layers either way, and the module's other ops are row-independent (else the
+    task-rows form would not have held)."""
+    called = sorted({str(n.target) for _m, g in module.graphs() for n in g.nodes
+                     if n.op == "call_module"}, key=lambda p: p.count("."))
+    done: list[str] = []
+    for path in called:
+        sub = resolve(module, path)
+        if isinstance(sub, PerTask) or any(path.startswith(f"{d}.") for d in done):
+            continue
+        swaps = _per_task_inside(sub)
+        if not swaps:
+            continue
+        tasks = [tuple(per_task) for _name, per_task in swaps]
+        inside = {id(t) for _name, per_task in swaps for _n, t in named_tensors(per_task)}
+        if len(set(tasks)) != 1 or any(id(t) not in inside for _n, t in named_tensors(sub)):
+            continue
+        copies = {}
+        for task in tasks[0]:
+            memo: dict[int, Any] = {id(per_task): per_task[task] for _n, per_task in swaps}
+            copies[task] = copy.deepcopy(sub, memo)
+        module.set_submodule(path, PerTask(copies))
+        done.append(path)
+    return module
+
+
+def _module_at(model: nn.Module, path: str) -> bool:
+    try:
+        return isinstance(model.get_submodule(path), nn.Module)
+    except AttributeError:
+        return False
+
+
+def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
+               examples: Sequence[dict[str, torch.Tensor]], batch_inputs: Sequence[str]
+               ) -> tuple[DualGraphModule, nn.Module] | None:
+    tasks = list(branched.tasks)
+    containers = branched.containers
+    compiled = branched.module
+    if len(tasks) < 2 or not batch_inputs or not all(_module_at(model, p) for p in containers):
+        return None  # (a branched tensor the graph reads directly has no module to swap)
+    eager = _swapped(model, compiled, containers, tasks)
+    if eager is None:
+        return None
+    example = examples[0]
+    grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
+    graphs = {}
+    for mode, graph in traced.graphs():
+        values = []
+        for ex in (example, grown):
+            traced.train(mode == "train")
+            with preserved(traced):
+                values.append(record(traced, graph, ex))
+        graphs[mode] = _rows_graph(graph, containers=containers, tasks=tasks, values=values,
+                                   batch=(len(example[batch_inputs[0]]),
+                                          len(grown[batch_inputs[0]])))
+        if graphs[mode] is None:
+            return None
+    objs = {str(n.target): resolve(eager, str(n.target)) for g in graphs.values()
+            for n in g.nodes if n.op in ("call_module", "get_attr")}
+    try:
+        rows = DualGraphModule(objs, graphs["train"], graphs.get("eval", graphs["train"]),
+                               type(compiled).__name__)
+    except AttributeError:
+        return None
+    rows.train(compiled.training)
+    return (rows, eager) if _same_function(compiled, rows, examples) else None
+
+
+def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks: list[str]
+             ) -> nn.Module | None:
+    """A copy of ``model`` holding ``compiled``'s tensors, each per-task container of the
+    compiled model swapped in as a :class:`PerTask` at its path; None where a container lacks
+    a task's copy (a layer only some tasks use: its rows would not be every task's)."""
+    holders = {path: resolve(compiled, path) for path in sorted(containers)}
+    if any(set(h._modules) != set(tasks) for h in holders.values()):
+        return None
+    own = dict(named_tensors(compiled))
+    memo = {id(t): own[name] for name, t in named_tensors(model) if name in own}
+    for _name, t in named_tensors(model):
+        memo.setdefault(id(t), t)  # (a branched layer's own tensors: replaced below)
+    swapped = copy.deepcopy(model, memo)
+    for path, holder in holders.items():
+        swapped.set_submodule(path, PerTask({t: holder._modules[t] for t in tasks}))
+    return swapped
+
+
+def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
+                values: list[dict[fx.Node, Any]], batch: tuple[int, int]) -> fx.Graph | None:
+    """``graph`` (unbranched) with its task-variant part run on task rows; None where a shared
+    value reaching the streams is neither a batch of rows, a size proportional to the batch,
+    nor a value that does not depend on the batch. ``values`` are every node's values at the
+    batch sizes ``batch``."""
+    variant: set[fx.Node] = set()
+    for node in graph.nodes:
+        if (node.op == "call_module" and str(node.target) in containers) or (
+                node.op == "get_attr" and any(str(node.target).startswith(p + ".")
+                                              for p in containers)) or any(
+                a in variant for a in node.all_input_nodes):
+            variant.add(node)
+    if any(n.op == "get_attr" for n in variant):
+        return None
+    tasks_of = node_tasks(graph)
+    new = fx.Graph()
+    env: dict[fx.Node, fx.Node] = {}
+    forks: dict[fx.Node, fx.Node] = {}
+    picks: dict[fx.Node, list[fx.Node]] = {}
+    points = dict.fromkeys(containers)
+
+    def own_task(node: fx.Node) -> str | None:
+        needed = tasks_of[node]
+        return next(iter(needed)) if len(needed) == 1 else None
+
+    def fork(node: fx.Node, point: str | None) -> fx.Node | None:
+        if node not in forks:
+            before, after = values[0].get(node), values[1].get(node)
+            kind = _kind(before, after)
+            if kind == "static":
+                return env[node]
+            if kind == "int" and before * batch[1] == after * batch[0]:
+                # a size proportional to the batch (batch, batch * heads): T times larger
+                joined = new.call_function(operator.mul, (env[node], len(tasks)))
+            elif kind == "batched":
+                joined = new.call_function(torch.cat, ([env[node]] * len(tasks),))
+            else:
+                return None
+            joined.meta["reconfx"] = {"streams": True}  # (model.py names it after its input)
+            if point is not None:
+                joined.meta["reconfx"]["branch_point"] = point
+            forks[node] = joined
+        return forks[node]
+
+    def pick(node: fx.Node, task: str) -> fx.Node:
+        if node not in picks:  # ``x.unflatten(0, (T, -1)).unbind()``: one item per task
+            base = node.meta.get("reconfx", {}).get("name", node.name)
+            by_task = new.call_method("unflatten", (env[node], 0, (len(tasks), -1)))
+            by_task.meta["reconfx"] = {"name": f"{base}_by_task"}
+            parts = new.call_method("unbind", (by_task,))
+            parts.meta["reconfx"] = {"name": base, "items": len(tasks)}
+            picks[node] = []
+            for i, t in enumerate(tasks):
+                item = new.call_function(operator.getitem, (parts, i))
+                item.meta["reconfx"] = {"name": f"{base}_{t}", "task": t}
+                picks[node].append(item)
+        return picks[node][tasks.index(task)]
+
+    for node in graph.nodes:
+        if node.op == "output":
+            result = {t: pick(n, t) if n in variant and own_task(n) is None else env[n]
+                      for t, n in task_outputs(graph).items()}
+            new.output(result)
+            continue
+        if node not in variant:
+            env[node] = new.node_copy(node, env.__getitem__)
+            continue
+        task = own_task(node) if len(tasks_of[node]) else None
+        if task is not None:  # the task's own part: its rows of each stream value
+            copied = new.node_copy(node, lambda n, t=task: pick(n, t) if n in variant and
+                                   own_task(n) is None else env[n])
+            if str(node.target) in containers:
+                copied.target = f"{node.target}.{task}"
+            env[node] = copied
+            meta = dict(node.meta.get("reconfx", {}))
+            meta["task"] = task
+            copied.meta["reconfx"] = meta
+            continue
+        starts = not any(a in variant for a in node.all_input_nodes)
+        point = str(node.target) if starts and str(node.target) in points else None
+        mapped: dict[fx.Node, fx.Node] = {}
+        for a in node.all_input_nodes:
+            if a in variant:
+                mapped[a] = env[a]
+            else:
+                joined = fork(a, point)
+                if joined is None:
+                    return None
+                mapped[a] = joined
+        env[node] = new.node_copy(node, mapped.__getitem__)
+    new.lint()
+    return new
+
+
+def _same_function(compiled: DualGraphModule, rows: DualGraphModule,
+                   examples: Sequence[dict[str, torch.Tensor]]) -> bool:
+    """Whether ``rows`` computes what ``compiled`` does on every example in both modes (within
+    :data:`ATOL`, stream batching's tolerance), and with every weight perturbed (within ATOL
+    times the outputs' magnitude, as I4 compares; both hold the same tensors, so one
+    perturbation serves both)."""
+    if not same_outputs(compiled, rows, examples, ATOL):
+        return False
+    with preserved(compiled, rows):
+        with perturbed(compiled):
+            for training in (False, True):
+                want = run(compiled, examples[0], training)
+                with silenced():
+                    got = run(rows, examples[0], training)
+                scale = max([1.0, *(float(w.detach().abs().max()) for w in want.values()
+                                    if w.is_floating_point() and w.numel())])
+                if compare(want, got, ATOL * scale):
+                    return False
+    return True
+
+
+def _is_per_task(module: nn.Module) -> bool:
+    """A :class:`PerTask`, also model.py's own copy of the class."""
+    return isinstance(module, nn.ModuleDict) and type(module).__name__ == "PerTask"
+
+
+def one_task(model: nn.Module, task: str, examples: Sequence[dict[str, torch.Tensor]]
+             ) -> nn.Module:
+    """``model`` (a ``model.py`` class on task rows, reloaded) reduced to ``task``'s stream: its
+    forward with every shared value entering the streams passed on once instead of once per
+    task, each :class:`PerTask` replaced by ``task``'s module (inside a module called whole as
+    well), ``task``'s rows taken as the whole value, and only ``task``'s output returned; so an
+    export of one task holds that task's copies and nothing of the others'. ``model`` itself
+    where it has no per-task layer, where its forward cannot be traced with every submodule
+    kept whole, or where the result differs from ``model``'s output for ``task`` on
+    ``examples`` (a pattern taken for the streams' that is the model's own)."""
+    found = [m for m in model.modules() if _is_per_task(m)]
+    if not found:
+        return model
+    order = list(found[0])
+    try:
+        reduced = _one_task(model, task, order)
+    except Exception as exc:  # (a forward fx cannot trace: the whole model is exported)
+        unexpected(exc)
+        return model
+    was = model.training
+    with preserved(model, reduced), torch.no_grad():
+        try:
+            for example in examples:
+                want = run(model, example, False)[task]
+                if compare({task: want}, run(reduced, example, False), ATOL):
+                    return model.train(was)
+        except Exception as exc:  # (as above)
+            unexpected(exc)
+            return model.train(was)
+    return reduced.train(was)
+
+
+def _one_task(model: nn.Module, task: str, order: list[str]) -> fx.GraphModule:
+    tracer = fx.Tracer()
+    tracer.is_leaf_module = lambda _module, _name: True  # (the top-level forward only)
+    graph = tracer.trace(model)
+    streams = len(order)
+    objs: dict[str, Any] = {}
+    for node in list(graph.nodes):
+        if node.op in ("call_module", "get_attr"):
+            objs[str(node.target)] = _task_view(resolve(model, str(node.target)), task)
+        elif node.target is torch.cat and _repeated(node.args[0], streams):
+            node.replace_all_uses_with(node.args[0][0])  # x once per task -> x
+        elif node.target is operator.mul and len(node.args) == 2 and node.args[1] == streams \
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "call_method" \
+                and node.args[0].target == "size":
+            node.replace_all_uses_with(node.args[0])  # a batch size times the tasks
+        elif node.op == "call_method" and node.target == "unbind" and _by_task(node.args[0],
+                                                                               streams):
+            for user in list(node.users):
+                if user.target is operator.getitem and user.args[1] == order.index(task):
+                    user.replace_all_uses_with(node.args[0].args[0])  # the task's rows: all
+        elif node.op == "output":
+            result = node.args[0]
+            node.args = ({task: result[task]},)
+    fx.GraphModule(objs, graph).graph.eliminate_dead_code()  # (the other tasks' streams)
+    graph.lint()
+    used = {str(n.target) for n in graph.nodes if n.op in ("call_module", "get_attr")}
+    return fx.GraphModule({k: v for k, v in objs.items() if k in used}, graph,
+                          type(model).__name__)
+
+
+def _task_view(obj: Any, task: str) -> Any:
+    """``obj`` with each :class:`PerTask` in it (or itself) replaced by ``task``'s module, its
+    tensors shared."""
+    if not isinstance(obj, nn.Module):
+        return obj
+    if _is_per_task(obj):
+        return obj[task]
+    inside = [m for m in obj.modules() if _is_per_task(m)]
+    if not inside:
+        return obj
+    memo: dict[int, Any] = {id(t): t for _n, t in named_tensors(obj)}
+    memo.update({id(m): m[task] for m in inside})
+    return copy.deepcopy(obj, memo)
+
+
+def _repeated(items: Any, streams: int) -> bool:
+    return isinstance(items, list | tuple) and len(items) == streams and isinstance(
+        items[0], fx.Node) and all(i is items[0] for i in items)
+
+
+def _by_task(node: Any, streams: int) -> bool:
+    """``x.unflatten(0, (T, -1))``: the streams' rows by task."""
+    return isinstance(node, fx.Node) and node.op == "call_method" and \
+        node.target == "unflatten" and tuple(node.args[1:]) == (0, (streams, -1))

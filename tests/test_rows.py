@@ -1,0 +1,160 @@
+"""model.py with the task streams carried as one tensor (reconfx/rows.py): early branch points
+keep the model's own block classes with per-task layers swapped in, and the form is written
+only where it computes what the compiled model does."""
+
+import pytest
+import torch
+from torch import nn
+
+import reconfx
+from reconfx.pipeline import branch_checked, prepare
+from reconfx.rows import PerTask, task_rows
+from tests.support import compile_and_verify, write_spec
+
+RECON_LIKE = ["conv1", "bn1", "layer1.0.*", "layer2.1.conv1", "layer3.0.conv2", "layer4.1.conv1"]
+
+
+def rows_of(spec_path):
+    """The task-rows form of a spec's compiled model, or None where it does not hold."""
+    prepared = prepare(spec_path)
+    branched = branch_checked(prepared).branched
+    s = prepared.loaded.spec
+    return task_rows(branched, traced=prepared.traced.module, model=prepared.model,
+                     examples=prepared.examples,
+                     batch_inputs=[i.name for i in s.inputs if 0 in i.dynamic])
+
+
+def test_per_task_runs_each_tasks_module_on_its_rows():
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 2), nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 3)
+    layer = PerTask({"a": a, "b": b})
+    assert torch.equal(layer(torch.cat([x, y])), torch.cat([a(x), b(y)]))
+    # every tensor argument is split, other arguments passed as they are; tuples joined again
+    pair = PerTask({"a": nn.MultiheadAttention(3, 1, batch_first=True),
+                    "b": nn.MultiheadAttention(3, 1, batch_first=True)})
+    q = torch.randn(4, 5, 3)
+    out, weights = pair(q, q, q, need_weights=True)
+    want = [m(q[i:i + 2], q[i:i + 2], q[i:i + 2], need_weights=True)
+            for m, i in zip(pair.values(), (0, 2), strict=True)]
+    assert torch.equal(out, torch.cat([w[0] for w in want]))
+    assert torch.equal(weights, torch.cat([w[1] for w in want]))
+
+
+@pytest.fixture(scope="module")
+def resnet18_early(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("r18")
+    path = write_spec(folder, "r18", model={"factory": "reconfx.zoo:resnet18"},
+                      inputs=[{"name": "image", "shape": [2, 1, 36, 36]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": RECON_LIKE}, export={"formats": ["python"]})
+    compiled = compile_and_verify(path, folder / "out")  # I1-I4 (perturbed), I6, ruff
+    return compiled, folder / "out"
+
+
+def test_an_early_selection_keeps_the_blocks_as_their_own_classes(resnet18_early):
+    _compiled, out = resnet18_early
+    source = (out / "model.py").read_text()
+    init = source[source.index("    def __init__(self) -> None:"):source.rindex("    def forward(")]
+    forward = source[source.rindex("    def forward("):]
+    # Each stage built by its own classes, the per-task layers swapped in after it.
+    assert "        self.layer1 = nn.Sequential(BasicBlock(64, 64), BasicBlock(64, 64))\n" in init
+    assert "        self.layer1[0].conv1 = PerTask({\n" in init
+    assert "        self.layer2[0].downsample[1] = per_task_statistics(" \
+           "self.layer2[0].downsample[1])\n" in init
+    # The stages are called whole, on the task rows; the streams split only for the heads.
+    for line in ["image_streams = torch.cat([image, image])", "layer1 = self.layer1(maxpool)",
+                 "layer4 = self.layer4(layer3)", "flatten_by_task = flatten.unflatten(0, (2, -1))",
+                 "flatten_left, flatten_right = flatten_by_task.unbind()",
+                 "heads_left = self.heads.left(flatten_left)"]:
+        assert f"        {line}\n" in forward, line
+    # No region written twice, no mode or row-cap branch, no generated class.
+    assert "self.training" not in forward and "fits(" not in source
+    assert source.count("(nn.Module):") == 1 and source.count("(nn.ModuleDict):") == 1
+    # Reviewable: within the targets of bench/emission.py (428 / 534 lines per stream).
+    diff = (out / "branch.diff").read_text()
+    assert len(source.splitlines()) <= 200 and len(diff.splitlines()) <= 150
+    report = (out / "report.md").read_text()
+    assert "the forward carries the task streams as one tensor" in report
+
+
+def test_the_loaded_model_runs_each_task_on_its_own_copies(resnet18_early):
+    """Task t's output depends on task t's copies only, also through the shared layers."""
+    _compiled, out = resnet18_early
+    model = reconfx.load(out).eval()
+    image = torch.randn(3, 1, 36, 36)
+    with torch.no_grad():
+        before = model(image=image)
+        model.layer1[0].conv1.right.weight.mul_(2.0)
+        after = model(image=image)
+    assert torch.equal(before["left"], after["left"])
+    assert not torch.equal(before["right"], after["right"])
+
+
+def test_a_whole_stage_of_branched_layers_is_one_per_task_copy(tmp_path):
+    path = write_spec(tmp_path, "stage", model={"factory": "reconfx.zoo:resnet18",
+                                                "kwargs": {"tasks": ["a", "b", "c"]}},
+                      inputs=[{"name": "image", "shape": [2, 1, 36, 36]}],
+                      tasks=[{"name": "a"}, {"name": "b"}, {"name": "c"}],
+                      select={"layers": ["conv1", "layer4.*"]}, export={"formats": ["python"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert """        self.layer4 = PerTask({
+            task: nn.Sequential(BasicBlock(256, 512, stride=2), BasicBlock(512, 512))
+            for task in TASKS
+        })""" in source
+    assert "        image_streams = torch.cat([image, image, image])\n" in source
+    assert "        flatten_by_task = flatten.unflatten(0, (3, -1))\n" in source
+    assert "        flatten_a, flatten_b, flatten_c = flatten_by_task.unbind()\n" in source
+
+
+@pytest.mark.parametrize(("factory", "layers", "branch", "why"), [
+    # a softmax over the batch axis after the branch point: joined rows mix the tasks
+    ("tests.models:BatchMixing", ["fc1"], {}, "mixes samples"),
+    # Recon's shared statistics: a shared BatchNorm in training sees every task's rows at once
+    ("reconfx.zoo:small_resnet", ["layer2.0.conv1"], {"norm_stats": "shared"}, "statistics"),
+])
+def test_the_rows_form_is_refused_where_it_computes_something_else(tmp_path, factory, layers,
+                                                                   branch, why):
+    shape = [6, 16] if "BatchMixing" in factory else [4, 1, 12, 12]
+    name = "x" if "BatchMixing" in factory else "image"
+    path = write_spec(tmp_path, "refused", model={"factory": factory, "kwargs": {}},
+                      inputs=[{"name": name, "shape": shape}],
+                      tasks=[{"name": "a" if "BatchMixing" in factory else "left"},
+                             {"name": "b" if "BatchMixing" in factory else "right"}],
+                      select={"layers": layers}, branch=branch, export={"formats": ["python"]})
+    assert rows_of(path) is None, why
+    compile_and_verify(path, tmp_path / "out")  # the per-stream form, I1-I4
+    assert "class PerTask(" not in (tmp_path / "out" / "model.py").read_text()
+
+
+def test_stream_batching_off_keeps_the_streams_apart(tmp_path):
+    path = write_spec(tmp_path, "apart", model={"factory": "reconfx.zoo:small_resnet",
+                                                "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["conv1"]}, branch={"stream_batching": "off"},
+                      export={"formats": ["python"]})
+    assert rows_of(path) is not None  # (it would hold)
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "class PerTask(" not in source and "conv1_left = self.conv1.left(image)" in source
+
+
+def test_one_tasks_model_holds_none_of_the_other_tasks_copies(resnet18_early):
+    """For an export of one task: the streams entering once, that task's modules only."""
+    from reconfx.rows import one_task
+
+    compiled, out = resnet18_early
+    model = reconfx.load(out).eval()
+    examples = compiled.prepared.examples
+    reduced = one_task(model, "right", examples)
+    assert reduced is not model
+    with torch.no_grad():
+        for example in examples:
+            assert set(reduced(**example)) == {"right"}
+            torch.testing.assert_close(reduced(**example)["right"], model(**example)["right"],
+                                       rtol=0, atol=1e-5)
+    used = {name for name, _p in reduced.named_parameters()}
+    cats = [n for n in reduced.graph.nodes if n.target is torch.cat]
+    assert not cats and not any(".left" in name or "heads.left" in name for name in used)
