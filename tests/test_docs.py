@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -75,5 +76,4 @@ def test_a_command_line_in_the_docs_exists(where, line):
 @pytest.mark.parametrize(("where", "text"), PYTHON, ids=[w for w, _ in PYTHON])
 def test_a_python_block_in_the_docs_compiles(where, text):
     # (fragments of a method, as the README shows model.py's forward, compile dedented)
-    compile(re.sub(r"^    ", "", text, flags=re.M) if text.startswith("    ") else text,
-            where, "exec")
+    compile(textwrap.dedent(text), where, "exec")
