@@ -13,9 +13,10 @@ the task's rows are taken (``x.unflatten(0, (2, -1)).unbind()``).
 that the tasks' copies differ and a value mixing rows of different tasks shows). Blocks that
 hold per-task layers then keep their own class, per-task layers swapped in, and no region is
 written twice. It does not hold where a shared op depends on the whole batch in the current mode
-(a BatchNorm with shared statistics in training), where a random op draws after the branch point
-in training (one draw for all rows draws otherwise than one per stream), where a size read off a
-shared value reaches the streams, or where the graph reads a branched tensor directly; the
+(a BatchNorm with shared statistics in training), where several random ops follow the branch
+point in training (on rows each draws for all tasks in turn; per stream each task draws through
+all of them), where a size read off a shared value that is not a multiple of the batch reaches
+the streams, or where the graph reads a branched tensor directly; the
 compiled graph's form is written there.
 """
 

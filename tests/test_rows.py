@@ -108,24 +108,38 @@ def test_a_whole_stage_of_branched_layers_is_one_per_task_copy(tmp_path):
     assert "        flatten_a, flatten_b, flatten_c = flatten_by_task.unbind()\n" in source
 
 
-@pytest.mark.parametrize(("factory", "layers", "branch", "why"), [
+@pytest.mark.parametrize(("model", "inputs", "tasks", "layers", "branch"), [
     # a softmax over the batch axis after the branch point: joined rows mix the tasks
-    ("tests.models:BatchMixing", ["fc1"], {}, "mixes samples"),
+    ({"factory": "tests.models:BatchMixing", "kwargs": {}}, [{"name": "x", "shape": [6, 16]}],
+     ["a", "b"], ["fc1"], {}),
     # Recon's shared statistics: a shared BatchNorm in training sees every task's rows at once
-    ("reconfx.zoo:small_resnet", ["layer2.0.conv1"], {"norm_stats": "shared"}, "statistics"),
-])
-def test_the_rows_form_is_refused_where_it_computes_something_else(tmp_path, factory, layers,
-                                                                   branch, why):
-    shape = [6, 16] if "BatchMixing" in factory else [4, 1, 12, 12]
-    name = "x" if "BatchMixing" in factory else "image"
-    path = write_spec(tmp_path, "refused", model={"factory": factory, "kwargs": {}},
-                      inputs=[{"name": name, "shape": shape}],
-                      tasks=[{"name": "a" if "BatchMixing" in factory else "left"},
-                             {"name": "b" if "BatchMixing" in factory else "right"}],
-                      select={"layers": layers}, branch=branch, export={"formats": ["python"]})
-    assert rows_of(path) is None, why
+    ({"factory": "reconfx.zoo:small_resnet", "kwargs": {}},
+     [{"name": "image", "shape": [4, 1, 12, 12]}], ["left", "right"], ["layer2.0.conv1"],
+     {"norm_stats": "shared"}),
+], ids=["batch-mixing", "shared-statistics"])
+def test_the_rows_form_is_refused_where_it_computes_something_else(tmp_path, model, inputs,
+                                                                   tasks, layers, branch):
+    path = write_spec(tmp_path, "refused", model=model, inputs=inputs,
+                      tasks=[{"name": t} for t in tasks], select={"layers": layers},
+                      branch=branch, export={"formats": ["python"]})
+    assert rows_of(path) is None
     compile_and_verify(path, tmp_path / "out")  # the per-stream form, I1-I4
     assert "class PerTask(" not in (tmp_path / "out" / "model.py").read_text()
+
+
+def test_one_random_op_after_the_branch_point_draws_the_same_on_rows(tmp_path):
+    """Attention dropout once after the branch point: one draw over all rows gives the same
+    masks as one draw per stream, stream after stream, so the form holds in training too (with
+    several such ops in a row it does not: the draws come in another order)."""
+    path = write_spec(tmp_path, "dropout", model={"factory": "tests.models:TokenAttention",
+                                                  "kwargs": {"dropout": 0.1}},
+                      inputs=[{"name": "patches", "shape": [2, 6, 4]}],
+                      tasks=[{"name": t} for t in "abc"], select={"layers": ["patch"]},
+                      export={"formats": ["python"]})
+    assert rows_of(path) is not None
+    compile_and_verify(path, tmp_path / "out")  # I4 compares train mode from one seed
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "class PerTask(" in source and "dropout=0.1" in source
 
 
 def test_stream_batching_off_keeps_the_streams_apart(tmp_path):
