@@ -380,7 +380,8 @@ def emit_sources(compiled: Compiled) -> Sources:
                      ) if s.branch.stream_batching == "eval" and not all(
         any(calls.under(c, p) for p in copies) for c in branched.containers) else None
     if rows is not None:
-        on_rows = whole_copies(called(rows[0], model=rows[1], containers=set()))
+        on_rows = whole_copies(called(rows[0], model=rows[1], containers=set()),
+                               reference=branched.module, examples=prepared.examples)
         forms.append((on_rows, emit_python(
             on_rows, name, doc=doc_model, task_containers=branched.containers,
             branch_notes=notes, settings=settings), emit_python(

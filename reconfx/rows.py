@@ -101,19 +101,20 @@ def task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
         return None
 
 
-def whole_copies(module: DualGraphModule) -> DualGraphModule:
+def whole_copies(module: DualGraphModule, *, reference: nn.Module,
+                 examples: Sequence[dict[str, torch.Tensor]]) -> DualGraphModule:
     """``module`` (task rows, its calls collapsed) with each submodule it calls whole all of
     whose tensors lie in per-task layers made one :class:`PerTask` of whole copies, each holding
     one task's layers (``layer4 = PerTask({task: nn.Sequential(...) ...})`` rather than a
-    ``PerTask`` per layer inside it). The same function: each task's rows go through that
-    task's layers either way, and the module's other ops are row-independent (else the
-    task-rows form would not have held)."""
+    ``PerTask`` per layer inside it): each task's rows go through that task's layers either
+    way. Kept only where the result still gives ``reference``'s outputs on ``examples`` (within
+    :data:`ATOL`), else every such submodule is put back."""
     called = sorted({str(n.target) for _m, g in module.graphs() for n in g.nodes
                      if n.op == "call_module"}, key=lambda p: p.count("."))
-    done: list[str] = []
+    replaced: list[tuple[str, nn.Module]] = []
     for path in called:
         sub = resolve(module, path)
-        if isinstance(sub, PerTask) or any(path.startswith(f"{d}.") for d in done):
+        if isinstance(sub, PerTask) or any(path.startswith(f"{d}.") for d, _sub in replaced):
             continue
         swaps = _per_task_inside(sub)
         if not swaps:
@@ -127,7 +128,10 @@ def whole_copies(module: DualGraphModule) -> DualGraphModule:
             memo: dict[int, Any] = {id(per_task): per_task[task] for _n, per_task in swaps}
             copies[task] = copy.deepcopy(sub, memo)
         module.set_submodule(path, PerTask(copies))
-        done.append(path)
+        replaced.append((path, sub))
+    if replaced and not same_outputs(reference, module, examples, ATOL):
+        for path, sub in replaced:
+            module.set_submodule(path, sub)
     return module
 
 
