@@ -54,7 +54,7 @@ from reconfx.kinds import exact_module
 from reconfx.streams import Region, StreamRegion, compiled_body, run_streams
 
 __all__ = [
-    "apply", "batch_streams", "body_graph", "plan"
+    "apply", "batch_kind", "batch_streams", "body_graph", "grown_example", "plan"
 ]
 
 RTOL, ATOL = 1e-4, 1e-5
@@ -74,7 +74,7 @@ split_with_sizes unbind cat stack narrow slice select alias detach
 
 
 # -- planning ----------------------------------------------------------------------------------
-def _kind(a: Any, b: Any) -> str:
+def batch_kind(a: Any, b: Any) -> str:
     """How a value depends on the batch size, from its values at two batch sizes: ``batched``
     (a tensor whose axis 0 alone changes), ``inner`` (a tensor whose one other axis alone
     changes: the batch moved, or merged into another axis), ``static`` (unchanged shape or
@@ -90,13 +90,20 @@ def _kind(a: Any, b: Any) -> str:
     if isinstance(a, int | torch.SymInt) and isinstance(b, int | torch.SymInt):
         return "static" if a == b else "int"
     if isinstance(a, tuple | list) and isinstance(b, tuple | list) and len(a) == len(b):
-        kinds = {_kind(x, y) for x, y in zip(a, b, strict=True)}
+        kinds = {batch_kind(x, y) for x, y in zip(a, b, strict=True)}
         if kinds <= {"static"}:
             return "static"
         return "tuple" if kinds <= {"static", "batched", "inner", "int"} else "other"
     if (a is None and b is None) or (type(a) is type(b) and type(a) in (float, bool, str)):
         return "static" if a == b else "other"
     return "other"
+
+
+def grown_example(example: dict[str, torch.Tensor], batch_inputs: Sequence[str]
+                  ) -> dict[str, torch.Tensor]:
+    """``example`` one item larger along the batch axis of each of ``batch_inputs`` (run beside
+    it to see what depends on the batch size)."""
+    return {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
 
 
 def _proportional(values: list[dict[fx.Node, Any]], node: fx.Node,
@@ -200,7 +207,7 @@ def plan(module: nn.Module, graph: fx.Graph, examples: Sequence[dict[str, torch.
         return []
     origin_of = {n: o for o, clones in groups.items() for n in clones.values()}
     values = [record(module, graph, ex) for ex in examples]
-    kind = {n: _kind(values[0].get(n), values[1].get(n)) for n in graph.nodes}
+    kind = {n: batch_kind(values[0].get(n), values[1].get(n)) for n in graph.nodes}
 
     candidates: dict[str, _Group] = {}
     for origin, clones in groups.items():
@@ -573,7 +580,7 @@ def batch_streams(module: DualGraphModule, example: dict[str, torch.Tensor],
     """
     if not batch_inputs:
         return module
-    grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
+    grown = grown_example(example, batch_inputs)
     was_training = module.training
     module.eval()
     try:

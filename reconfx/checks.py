@@ -19,7 +19,7 @@ from torch.utils._pytree import tree_leaves, tree_map
 from reconfx.errors import CheckError
 from reconfx.graph import named_tensors
 from reconfx.kinds import dropout_attr
-from reconfx.modes import ATOL, compare, preserved, reached, run
+from reconfx.modes import ATOL, compare, magnitude, preserved, reached, run
 from reconfx.tensorfile import Spill
 from reconfx.tree import task_outputs
 
@@ -257,10 +257,8 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
     # One model perturbed at a time: the emitted model may hold the reference's tensors.
     with preserved(reference), perturbed(reference):
         want = outputs(run(reference, examples[0], False))
-    scale = max([1.0, *(float(w.detach().abs().max()) for w in want.values()
-                        if w.is_floating_point() and w.numel())])
     with preserved(emitted), perturbed(emitted, rename):
-        bad = compare(want, run(emitted, examples[0], False), max(atol, ATOL * scale))
+        bad = compare(want, run(emitted, examples[0], False), max(atol, ATOL * magnitude(want)))
     if bad:
         against = "the compiled model" if original is None else "the original model"
         raise CheckError(

@@ -20,8 +20,8 @@ from reconfx.memory import release
 from reconfx.tensorfile import Spill
 
 __all__ = [
-    "ATOL", "compare", "max_diff", "preserved", "restored", "run", "run_reaching", "same_outputs",
-    "silenced"
+    "ATOL", "compare", "magnitude", "max_diff", "preserved", "restored", "run", "run_reaching",
+    "same_outputs", "silenced"
 ]
 
 # The checks' tolerance where two computations of the same function use kernels that round
@@ -71,6 +71,13 @@ def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed
     """One forward pass from a fixed RNG state; in train mode the running statistics it updates
     are restored, so every comparison starts from the same state."""
     return run_reaching(model, example, training=training, params={}, seed=seed)[0]
+
+
+def magnitude(outputs: dict[str, torch.Tensor]) -> float:
+    """The largest absolute value among floating ``outputs``, at least 1: with perturbed
+    weights, other kernels run on other values, so a comparison allows ATOL times this."""
+    return max([1.0, *(float(w.detach().abs().max()) for w in outputs.values()
+                       if w.is_floating_point() and w.numel())])
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:

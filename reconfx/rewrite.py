@@ -35,7 +35,7 @@ from reconfx.kinds import has_running_stats
 from reconfx.layers import Layer
 
 __all__ = [
-    "branch", "Branched"
+    "branch", "Branched", "variant_nodes"
 ]
 
 
@@ -69,7 +69,9 @@ class Branched:
         return name
 
 
-def _variant(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:
+def variant_nodes(graph: fx.Graph, modules: set[str], params: set[str]) -> set[fx.Node]:
+    """The task-variant nodes: those that call a module of ``modules``, read a tensor of
+    ``params`` or of one of ``modules``, or take a task-variant input."""
     variant: set[fx.Node] = set()
     for node in graph.nodes:
         if (node.op == "call_module" and node.target in modules) or (
@@ -139,7 +141,8 @@ def branch(traced: DualGraphModule, layers: list[Layer], tasks: list[str],
                 objs[f"{owner}.{task}.{rest}"] = resolve(objs[f"{owner}.{task}"], rest)
 
     graphs = dict(traced.graphs())
-    variant = {mode: _variant(g, branched_modules, branched_params) for mode, g in graphs.items()}
+    variant = {mode: variant_nodes(g, branched_modules, branched_params)
+               for mode, g in graphs.items()}
     tasks_of = {mode: node_tasks(g) for mode, g in graphs.items()}
     per_task_norms, shared_norms = [], []
     if norm_stats == "per_task":

@@ -31,14 +31,14 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.batching import _kind
+from reconfx.batching import batch_kind, grown_example
 from reconfx.checks import perturbed
 from reconfx.errors import unexpected
 from reconfx.graph import DualGraphModule, named_tensors, node_tasks, record, resolve, task_outputs
-from reconfx.modes import ATOL, compare, preserved, run, same_outputs, silenced
-from reconfx.rewrite import Branched
+from reconfx.modes import ATOL, compare, magnitude, preserved, run, same_outputs, silenced
+from reconfx.rewrite import Branched, variant_nodes
 
-__all__ = ["one_task", "PerTask", "task_rows", "unswapped", "whole_copies"]
+__all__ = ["one_task", "PerTask", "shares_parameters", "task_rows", "unswapped", "whole_copies"]
 
 
 class PerTask(nn.ModuleDict):
@@ -64,10 +64,19 @@ def _per_task_inside(module: nn.Module) -> list[tuple[str, PerTask]]:
     """(relative path, module) of each outermost :class:`PerTask` below ``module``."""
     found: list[tuple[str, PerTask]] = []
     for name, sub in module.named_modules():  # (parents before their children)
-        if name and isinstance(sub, PerTask) and not any(
+        if name and _is_per_task(sub) and not any(
                 name.startswith(f"{outer}.") for outer, _sub in found):
             found.append((name, sub))
     return found
+
+
+def shares_parameters(per_task: nn.ModuleDict) -> bool:
+    """Every task's module holds the same Parameter objects (a shared norm with per-task
+    running statistics), and there is at least one."""
+    copies = [list(m.parameters()) for m in per_task.values()]
+    return bool(copies[0]) and all(
+        len(c) == len(copies[0]) and all(a is b for a, b in zip(c, copies[0], strict=True))
+        for c in copies[1:])
 
 
 @contextlib.contextmanager
@@ -154,19 +163,18 @@ def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
     if eager is None:
         return None
     example = examples[0]
-    grown = {k: torch.cat([v, v[:1]]) if k in batch_inputs else v for k, v in example.items()}
+    grown = grown_example(example, batch_inputs)
+    points = {p: layer.name for layer in branched.layers for p in layer.paths}
     graphs = {}
-    for mode, graph in traced.graphs():
-        values = []
-        for ex in (example, grown):
+    with preserved(traced):  # (its training flags and running statistics)
+        for mode, graph in traced.graphs():
             traced.train(mode == "train")
-            with preserved(traced):
-                values.append(record(traced, graph, ex))
-        graphs[mode] = _rows_graph(graph, containers=containers, tasks=tasks, values=values,
-                                   batch=(len(example[batch_inputs[0]]),
-                                          len(grown[batch_inputs[0]])))
-        if graphs[mode] is None:
-            return None
+            values = [record(traced, graph, ex) for ex in (example, grown)]
+            graphs[mode] = _rows_graph(graph, containers=containers, points=points, tasks=tasks,
+                                       values=values, batch=(len(example[batch_inputs[0]]),
+                                                             len(grown[batch_inputs[0]])))
+            if graphs[mode] is None:
+                return None
     objs = {str(n.target): resolve(eager, str(n.target)) for g in graphs.values()
             for n in g.nodes if n.op in ("call_module", "get_attr")}
     try:
@@ -196,19 +204,15 @@ def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks:
     return swapped
 
 
-def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
-                values: list[dict[fx.Node, Any]], batch: tuple[int, int]) -> fx.Graph | None:
+def _rows_graph(graph: fx.Graph, *, containers: set[str], points: dict[str, str],
+                tasks: list[str], values: list[dict[fx.Node, Any]], batch: tuple[int, int]
+                ) -> fx.Graph | None:
     """``graph`` (unbranched) with its task-variant part run on task rows; None where a shared
     value reaching the streams is neither a batch of rows, a size proportional to the batch,
     nor a value that does not depend on the batch. ``values`` are every node's values at the
-    batch sizes ``batch``."""
-    variant: set[fx.Node] = set()
-    for node in graph.nodes:
-        if (node.op == "call_module" and str(node.target) in containers) or (
-                node.op == "get_attr" and any(str(node.target).startswith(p + ".")
-                                              for p in containers)) or any(
-                a in variant for a in node.all_input_nodes):
-            variant.add(node)
+    batch sizes ``batch``; ``points``: each branched module's layer name (for the comment at
+    the branch point)."""
+    variant = variant_nodes(graph, containers, set())
     if any(n.op == "get_attr" for n in variant):
         return None
     tasks_of = node_tasks(graph)
@@ -216,7 +220,6 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
     env: dict[fx.Node, fx.Node] = {}
     forks: dict[fx.Node, fx.Node] = {}
     picks: dict[fx.Node, list[fx.Node]] = {}
-    points = dict.fromkeys(containers)
 
     def own_task(node: fx.Node) -> str | None:
         needed = tasks_of[node]
@@ -225,7 +228,7 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
     def fork(node: fx.Node, point: str | None) -> fx.Node | None:
         if node not in forks:
             before, after = values[0].get(node), values[1].get(node)
-            kind = _kind(before, after)
+            kind = batch_kind(before, after)
             if kind == "static":
                 return env[node]
             if kind == "int" and before * batch[1] == after * batch[0]:
@@ -264,7 +267,7 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
         if node not in variant:
             env[node] = new.node_copy(node, env.__getitem__)
             continue
-        task = own_task(node) if len(tasks_of[node]) else None
+        task = own_task(node)
         if task is not None:  # the task's own part: its rows of each stream value
             copied = new.node_copy(node, lambda n, t=task: pick(n, t) if n in variant and
                                    own_task(n) is None else env[n])
@@ -276,7 +279,7 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], tasks: list[str],
             copied.meta["reconfx"] = meta
             continue
         starts = not any(a in variant for a in node.all_input_nodes)
-        point = str(node.target) if starts and str(node.target) in points else None
+        point = points.get(str(node.target)) if starts else None
         mapped: dict[fx.Node, fx.Node] = {}
         for a in node.all_input_nodes:
             if a in variant:
@@ -305,9 +308,7 @@ def _same_function(compiled: DualGraphModule, rows: DualGraphModule,
                 want = run(compiled, examples[0], training)
                 with silenced():
                     got = run(rows, examples[0], training)
-                scale = max([1.0, *(float(w.detach().abs().max()) for w in want.values()
-                                    if w.is_floating_point() and w.numel())])
-                if compare(want, got, ATOL * scale):
+                if compare(want, got, ATOL * magnitude(want)):
                     return False
     return True
 
@@ -386,11 +387,11 @@ def _task_view(obj: Any, task: str) -> Any:
         return obj
     if _is_per_task(obj):
         return obj[task]
-    inside = [m for m in obj.modules() if _is_per_task(m)]
+    inside = _per_task_inside(obj)
     if not inside:
         return obj
     memo: dict[int, Any] = {id(t): t for _n, t in named_tensors(obj)}
-    memo.update({id(m): m[task] for m in inside})
+    memo.update({id(m): m[task] for _name, m in inside})
     return copy.deepcopy(obj, memo)
 
 

@@ -56,7 +56,7 @@ from reconfx.emit.restore import (
 from reconfx.emit.sources import SETTINGS, sourced
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
-from reconfx.rows import PerTask, unswapped
+from reconfx.rows import PerTask, shares_parameters, unswapped
 from reconfx.streams import StreamRegion, fits
 from reconfx.tracing import leaf_tracer
 
@@ -380,10 +380,7 @@ class PythonEmitter:
         whole; ``per_task_statistics(...)`` of the module's own layer where every task's copy
         holds the same parameters."""
         access = _access(self.tree, path)
-        copies = list(per_task.values())
-        own = [p for _n, p in copies[0].named_parameters()]
-        if own and all(a is b for c in copies[1:] for a, b in zip(
-                own, c.parameters(), strict=True)) and tuple(per_task) == self.tasks:
+        if shares_parameters(per_task) and tuple(per_task) == self.tasks:
             self.constants.setdefault(render_value(self.tasks), "TASKS")
             return [assign(self._indent(2), access, f"per_task_statistics({access})")]
         node = _Tree()
@@ -1303,22 +1300,23 @@ def buildable(module: nn.Module, settings: Sequence[Any] = ()) -> bool:
 
     with unswapped(module) as swaps:  # (its per-task layers are written after it is built)
         built = member("", module) is not None
-    return built and all(member("", m) is not None and _apart(module, per_task)
-                         for _name, per_task in swaps for m in per_task.values())
+    if not built or not swaps:
+        return built
+    uses: dict[int, int] = {}  # how often ``module`` holds each parameter
+    for _name, param in module.named_parameters(remove_duplicate=False):
+        uses[id(param)] = uses.get(id(param), 0) + 1
+    return all(_apart(per_task, uses) and all(member("", m) is not None for m in per_task.values())
+               for _name, per_task in swaps)
 
 
-def _apart(module: nn.Module, per_task: PerTask) -> bool:
+def _apart(per_task: PerTask, uses: dict[int, int]) -> bool:
     """Whether the line that swaps ``per_task`` in builds its tensors as they are: each task's
     copy holds tensors of its own, or all copies hold the same parameters (per-task running
-    statistics); no tensor of it is tied to one elsewhere in ``module``."""
-    count: dict[int, int] = {}
-    for _name, param in module.named_parameters(remove_duplicate=False):
-        count[id(param)] = count.get(id(param), 0) + 1
-    copies = [list(m.parameters()) for m in per_task.values()]  # (``module`` holds them)
-    if all(len(c) == len(copies[0]) and all(a is b for a, b in zip(c, copies[0], strict=True))
-           for c in copies[1:]):
-        return all(count[id(p)] == len(copies) for p in copies[0])
-    return all(count[id(p)] == 1 for c in copies for p in c)
+    statistics); no tensor of it is tied to one elsewhere (``uses``: how often the module
+    holding it holds each parameter)."""
+    if shares_parameters(per_task):
+        return all(uses[id(p)] == len(per_task) for p in next(iter(per_task.values())).parameters())
+    return all(uses[id(p)] == 1 for m in per_task.values() for p in m.parameters())
 
 
 def emit_python(module: DualGraphModule, class_name: str, *, doc: str,
