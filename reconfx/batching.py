@@ -38,6 +38,7 @@ from torch import fx, nn
 from torch.utils._pytree import tree_flatten
 
 from reconfx.emit.render import identifier, unique_name
+from reconfx.facts import facts, note
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     REGIONS,
@@ -156,9 +157,9 @@ class _Group:
 def _groups(graph: fx.Graph) -> dict[str, dict[str, fx.Node]]:
     groups: dict[str, dict[str, fx.Node]] = {}
     for node in graph.nodes:
-        meta = node.meta.get("reconfx", {})
-        if "origin" in meta and "task" in meta:
-            groups.setdefault(meta["origin"], {})[meta["task"]] = node
+        found = facts(node)
+        if found.origin is not None and found.task is not None:
+            groups.setdefault(found.origin, {})[found.task] = node
     return groups
 
 
@@ -459,7 +460,7 @@ def body_graph(region: Region) -> fx.Graph:
     def placeholder(node: fx.Node) -> fx.Node:
         name = unique_name(identifier(_base(node)), taken)
         p = body.placeholder(name)
-        p.meta["reconfx"] = {"name": name, "type": region.types.get(node, "torch.Tensor")}
+        note(p, name=name, type=region.types.get(node, "torch.Tensor"))
         return p
 
     for clones in region.stream_inputs:
@@ -471,9 +472,7 @@ def body_graph(region: Region) -> fx.Graph:
             if arg.op == "get_attr" and arg not in env:
                 env[arg] = body.get_attr(str(arg.target))
         copy = body.node_copy(node, lambda n: env[n])
-        meta = {k: v for k, v in node.meta.get("reconfx", {}).items()
-                if k not in ("task", "branch_point")}
-        copy.meta["reconfx"] = meta
+        note(copy, facts(node), task=None, branch_point=None)
         env[node] = copy
     body.output(tuple(env[out[task]] for out in region.outputs))
     body.lint()
@@ -481,10 +480,9 @@ def body_graph(region: Region) -> fx.Graph:
 
 
 def _base(node: fx.Node) -> str:
-    meta = node.meta.get("reconfx", {})
-    base = meta.get("name", node.name)
-    task = meta.get("task")
-    return base.removesuffix(f"_{task}") if task else base
+    found = facts(node)
+    base = found.name or node.name
+    return base.removesuffix(f"_{found.task}") if found.task else base
 
 
 def _validated(module: nn.Module, region: Region, values: list[dict[fx.Node, Any]]) -> bool:
@@ -521,15 +519,14 @@ def apply(graph: fx.Graph, regions: list[Region], objs: dict[str, Any]) -> fx.Gr
         args = [env(c[t]) for t in region.tasks for c in region.stream_inputs]
         args += [env(n) for n in region.repeated + region.shared]
         call = new.call_module(target, tuple(args))
-        call.meta["reconfx"] = {"name": method, "region": region.name}
+        note(call, name=method, region=region.name)
         items = {}
         for i, out in enumerate(region.outputs):
             for j, task in enumerate(region.tasks):
                 item = new.call_function(operator.getitem, (call, i * len(region.tasks) + j))
                 # (its name and task, not the module call it was part of: that call's ops
                 # now run inside the region, so it cannot be written as one call)
-                item.meta["reconfx"] = {k: v for k, v in out[task].meta.get("reconfx", {}).items()
-                                        if k != "sites"}
+                note(item, facts(out[task]), sites={})
                 items[out[task]] = item
         return items
 
@@ -606,7 +603,7 @@ def _align(train: fx.Graph, batched: fx.Graph, regions: list[Region]) -> None:
     if any(n.target in CONTEXT_SWITCHES or in_place(n) for n in train.nodes):
         return
     position = {n.name: (i,) for i, n in enumerate(batched.nodes)}
-    at = {n.meta["reconfx"]["region"]: position[n.name] for n in batched.nodes if region_call(n)}
+    at = {facts(n).region: position[n.name] for n in batched.nodes if region_call(n)}
     for region in regions:  # (the planned graph's nodes: the train graph's by name)
         for t, task in enumerate(region.tasks):
             for k, node in enumerate(region.nodes[task]):

@@ -9,8 +9,9 @@ result (a tensor, a tuple, a model-output mapping) each value flowing out sits.
 :func:`annotate_calls` finds that out by running the eager model with hooks on every submodule and
 the graph on the same example (from the same random state), and matching the tensors a call
 received and returned to the values of the nodes around its stretch: a call is annotated only
-when every match is exact and unique. The result is written on the nodes
-(``node.meta["reconfx"]["sites"]``), so it survives the branching pass, which copies nodes.
+when every match is exact and unique. The result is written on the nodes (their
+:class:`~reconfx.facts.NodeFacts` ``sites``), so it survives the branching pass, which copies
+nodes.
 
 :func:`collapse_calls` then turns each complete call of a submodule that holds no branched layer
 into one ``call_module`` node, and keeps the result only where the graph still computes exactly the
@@ -35,6 +36,7 @@ from torch import fx, nn
 
 from reconfx.emit.render import unique_name
 from reconfx.errors import unexpected
+from reconfx.facts import NodeFacts, facts, note
 from reconfx.graph import (
     CONTEXT_SWITCHES,
     DualGraphModule,
@@ -122,9 +124,9 @@ def annotate_calls(module: DualGraphModule, model: nn.Module, example: dict[str,
         for key in kept:
             call, outside = found[mode][key]
             for index, node in enumerate(groups[key][2]):
-                node.meta.setdefault("reconfx", {}).setdefault("sites", {})[key] = (index, call)
+                note(node, sites={**facts(node).sites, key: (index, call)})
             for j, node in enumerate(outside):
-                node.meta.setdefault("reconfx", {}).setdefault("feeds", {})[key] = j
+                note(node, feeds={**facts(node).feeds, key: j})
     return len(kept)
 
 
@@ -482,7 +484,7 @@ def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
                 continue
             for group in found:
                 for node in group.nodes.values():
-                    if node.meta["reconfx"].get("task"):
+                    if facts(node).task:
                         vertex[node] = (key, group.task)
         if vertex:
             _reorder(graph, vertex)
@@ -588,18 +590,18 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
     calls: dict[str, Call] = {}
     feeds: dict[str, list[fx.Node]] = {}
     for node in graph.nodes:
-        for key, (_index, call) in node.meta.get("reconfx", {}).get("sites", {}).items():
+        for key, (_index, call) in facts(node).sites.items():
             by_key.setdefault(key, []).append(node)
             calls[key] = call
-        for key in node.meta.get("reconfx", {}).get("feeds", {}):
+        for key in facts(node).feeds:
             feeds.setdefault(key, []).append(node)
     found: dict[str, list[_Group]] = {}
     claimed: set[fx.Node] = set()
     for key in sorted(by_key, key=lambda k: (calls[k].depth, k)):
         call, nodes = calls[key], by_key[key]
         kind = None if claimed.intersection(nodes) else kind_of(call.path)
-        tasks = sorted({t for n in nodes if (t := n.meta["reconfx"].get("task"))})
-        shared = [n for n in nodes if not n.meta["reconfx"].get("task")]
+        tasks = sorted({t for n in nodes if (t := facts(n).task)})
+        shared = [n for n in nodes if not facts(n).task]
         if kind in ("stream", "copies") and (
                 not tasks or any(n.op == "call_module" for n in shared)):
             kind = None  # (a shared layer inside would run once per stream)
@@ -608,12 +610,12 @@ def _call_groups(graph: fx.Graph, kind_of: Any) -> dict[str, list[_Group]]:
         if kind is None or kind == "traced" and tasks:
             continue
         kind = "stream" if kind == "traced" else kind
-        streams = [(t, [n for n in nodes if n.meta["reconfx"].get("task") == t] + shared)
+        streams = [(t, [n for n in nodes if facts(n).task == t] + shared)
                    for t in tasks] or [(None, shared)]
         key_nodes = set(nodes)
         built = []
         for task, members in streams:
-            indexed = {n.meta["reconfx"]["sites"][key][0]: n for n in members}
+            indexed = {facts(n).sites[key][0]: n for n in members}
             if len(indexed) != len(members) or set(indexed) != set(range(call.members)):
                 break  # some of the call's nodes were moved or dropped (stream batching)
             inner = [n for i, n in indexed.items() if i not in call.outputs]
@@ -637,12 +639,12 @@ def _outside(nodes: list[fx.Node], key: str, task: str | None, count: int
     one is missing or ambiguous."""
     found: dict[int, list[fx.Node]] = {}
     for node in nodes:
-        if node.meta["reconfx"].get("task") in (None, task):
-            found.setdefault(node.meta["reconfx"]["feeds"][key], []).append(node)
+        if facts(node).task in (None, task):
+            found.setdefault(facts(node).feeds[key], []).append(node)
     picked = []
     for j in range(count):
         options = found.get(j, [])
-        own = [n for n in options if n.meta["reconfx"].get("task") == task] or options
+        own = [n for n in options if facts(n).task == task] or options
         if len(own) != 1:
             return None
         picked.append(own[0])
@@ -753,19 +755,14 @@ def _place(new: fx.Graph, group: _Group, env: Env) -> dict[fx.Node, fx.Node]:
         node = new.call_module(f"{call.path}.{group.task}", filled(call.args), filled(call.kwargs))
     else:
         node = new.call_module(call.path, filled(call.args), filled(call.kwargs))
-    meta: dict[str, Any] = {"name": call.path.replace(".", "_")}
-    if group.kind != "stream" and call.items is not None:
-        meta["items"] = call.items  # (the emitter unpacks a result whose items are all used)
-    if group.task:
-        meta["task"] = group.task
     # (a branched layer kept as aten ops starts its stream at the read of its weight)
     near = [*group.nodes.values(), *(a for n in group.nodes.values() for a in n.all_input_nodes
                                      if a.op == "get_attr")]
-    points = [n.meta["reconfx"]["branch_point"] for n in near
-              if "branch_point" in n.meta.get("reconfx", {})]
-    if points:
-        meta["branch_point"] = points[0]
-    node.meta["reconfx"] = meta
+    points = [p for n in near if (p := facts(n).branch_point) is not None]
+    # (the emitter unpacks a result whose items are all used)
+    meta = note(node, NodeFacts(), name=call.path.replace(".", "_"),
+                items=call.items if group.kind != "stream" else None, task=group.task or None,
+                branch_point=points[0] if points else None)
     places = call.outputs
     placed: dict[fx.Node, fx.Node] = {}
     if group.kind == "stream":  # the generated forward returns the used values, in order
@@ -774,10 +771,10 @@ def _place(new: fx.Graph, group: _Group, env: Env) -> dict[fx.Node, fx.Node]:
     for index, place in places.items():
         value = node
         # (several results are named after the values they are; one after the call)
-        name = group.nodes[index].meta.get("reconfx", {}).get("name") if len(places) > 1 else None
+        name = facts(group.nodes[index]).name if len(places) > 1 else None
         for step in place:
             value = new.call_function(operator.getitem, (value, step))
-            value.meta["reconfx"] = {**meta, "name": name or meta["name"]}
+            note(value, meta, name=name or meta.name)
         placed[group.nodes[index]] = value
     return placed
 
@@ -819,8 +816,8 @@ def _input_names(group: _Group, model: nn.Module) -> list[str]:
     out = []
     for i, (m, p) in enumerate(call.inputs):
         node = group.nodes[m].all_input_nodes[p]
-        meta = node.meta.get("reconfx", {})
-        base = names[i] or str(meta.get("name", node.name)).removesuffix(f"_{meta.get('task')}")
+        meta = facts(node)
+        base = names[i] or str(meta.name or node.name).removesuffix(f"_{meta.task}")
         base = base if base.isidentifier() else re.sub(r"\W", "_", base)
         out.append(unique_name(base, taken))
     return out
@@ -848,9 +845,9 @@ def _body(group: _Group, inner: set[str], names: list[str]) -> fx.Graph | None:
         if node in env:
             continue
         env[node] = body.placeholder(name)
-        env[node].meta["reconfx"] = {"name": name, "type": _type_name(node)}
+        note(env[node], name=name, type=_type_name(node))
     if group.task:
-        body.placeholder("task").meta["reconfx"] = {"name": "task", "type": "str"}
+        note(body.placeholder("task"), name="task", type="str")
     prefix = call.path.replace(".", "_") + "_"
     order = {n: i for i, n in enumerate(next(iter(group.nodes.values())).graph.nodes)}
     for node in sorted(group.nodes.values(), key=order.__getitem__):
@@ -870,11 +867,10 @@ def _body(group: _Group, inner: set[str], names: list[str]) -> fx.Graph | None:
             if target is None:
                 return None
             new.target = target
-        meta = {k: v for k, v in node.meta.get("reconfx", {}).items()
-                if k not in ("task", "branch_point", "sites", "origin")}
-        if "name" in meta:
-            meta["name"] = str(meta["name"]).removesuffix(f"_{task}").removeprefix(prefix)
-        new.meta = {**node.meta, "reconfx": meta}
+        meta = facts(node)
+        new.meta = dict(node.meta)
+        note(new, meta, task=None, branch_point=None, sites={}, origin=None,
+             name=meta.name and meta.name.removesuffix(f"_{task}").removeprefix(prefix))
         env[node] = new
     outs = [env[group.nodes[i]] for i in sorted(call.outputs)]
     body.output(outs[0] if len(outs) == 1 else tuple(outs))

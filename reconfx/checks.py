@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from reconfx.errors import CheckError
+from reconfx.facts import facts
 from reconfx.graph import named_tensors
 from reconfx.kinds import dropout_attr
 from reconfx.modes import ATOL, compare, magnitude, preserved, reached, run
@@ -68,7 +69,7 @@ def random_after_branch(module: nn.Module) -> tuple[list[str], list[str], list[s
         return [], [], []
     modules, compiled, glue = [], [], []
     for node in graph.nodes:
-        task = node.meta.get("reconfx", {}).get("task")
+        task = facts(node).task
         if task is None:
             continue
         if node.op == "call_module":
@@ -94,7 +95,7 @@ def random_leaves(compiled: nn.Module, example: dict[str, torch.Tensor]) -> list
     states."""
     graph = getattr(compiled, "train_graph", None)
     targets = sorted({str(n.target) for n in (graph.nodes if graph is not None else ())
-                      if n.op == "call_module" and n.meta.get("reconfx", {}).get("task")})
+                      if n.op == "call_module" and facts(n).task})
     calls: dict[str, tuple] = {}
 
     def record(target: str) -> Callable:

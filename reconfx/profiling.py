@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from reconfx.conflicts import BINS, ConflictCounter
+from reconfx.facts import Conflict, facts, note
 from reconfx.graph import DualGraphModule
 from reconfx.layers import Layer
 from reconfx.spec import ScheduleSpec, TrainSpec
@@ -129,7 +130,7 @@ def restore_profile(module: DualGraphModule, layers: list[Layer], tasks: list[st
 
 def annotate_scores(module: DualGraphModule, layers: list[Layer], scores: Scores) -> None:
     """Write each layer's conflict score and valid observations into
-    ``node.meta["reconfx"]["conflict"]`` of its nodes, where selection and the emitter read them
+    :class:`~reconfx.facts.NodeFacts` of its nodes, where selection and the emitter read them
     (:func:`scores_in`); the scores come from a profile or an earlier one's conflicts.json."""
     by_target = {p: layer.name for layer in layers for p in layer.paths if layer.name in scores}
     for _mode, graph in module.graphs():
@@ -137,24 +138,23 @@ def annotate_scores(module: DualGraphModule, layers: list[Layer], scores: Scores
             name = by_target.get(str(node.target)) if node.op in ("call_module",
                                                                    "get_attr") else None
             if name is not None:
-                node.meta.setdefault("reconfx", {})["conflict"] = {
-                    "score": scores[name], "valid": scores.valid.get(name)}
+                note(node, conflict=Conflict(scores[name], scores.valid.get(name)))
 
 
 def scores_in(module: DualGraphModule, layers: list[Layer]) -> Scores | None:
     """The conflict scores :func:`annotate_scores` wrote on the layers' nodes, None when it wrote
     none."""
-    found: dict[str, dict] = {}
+    found: dict[str, Conflict] = {}
     paths = {p: layer.name for layer in layers for p in layer.paths}
     for _mode, graph in module.graphs():
         for node in graph.nodes:
-            conflict = node.meta.get("reconfx", {}).get("conflict")
+            conflict = facts(node).conflict
             if conflict is not None and str(node.target) in paths:
                 found.setdefault(paths[str(node.target)], conflict)
     if not found:
         return None
-    return Scores({name: c["score"] for name, c in found.items()},
-                  valid={name: c["valid"] for name, c in found.items() if c["valid"] is not None})
+    return Scores({name: c.score for name, c in found.items()},
+                  valid={name: c.valid for name, c in found.items() if c.valid is not None})
 
 
 class Scores(dict):

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from reconfx.facts import facts, note
 from reconfx.graph import (
     DualGraphModule,
     named_tensors,
@@ -224,13 +225,9 @@ def _rewrite(graph: fx.Graph, variant: set[fx.Node], *,
                 # Each stream would otherwise mutate the tensor all streams share.
                 clone.target = shared_target
             clone.target = _task_target(node, per_task, branched_params, task) or clone.target
-            meta = dict(node.meta.get("reconfx", {}))
-            meta["task"] = task
-            meta["origin"] = node.name  # the node this clone stands for (stream batching)
             point = points.get(str(node.target)) or points.get(_owner(node, set(points)) or "")
-            if starts and point:
-                meta["branch_point"] = point
-            clone.meta["reconfx"] = meta
+            note(clone, facts(node), task=task, origin=node.name,
+                 branch_point=point if starts and point else facts(node).branch_point)
             env[(node, task)] = clone
     prune(new)
     new.lint()

@@ -34,6 +34,7 @@ from torch import fx, nn
 from reconfx.batching import batch_kind, grown_example
 from reconfx.checks import perturbed
 from reconfx.errors import unexpected
+from reconfx.facts import facts, note
 from reconfx.graph import DualGraphModule, named_tensors, node_tasks, record, resolve, task_outputs
 from reconfx.modes import ATOL, compare, magnitude, preserved, run, same_outputs, silenced
 from reconfx.rewrite import Branched, variant_nodes
@@ -238,23 +239,21 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], points: dict[str, str]
                 joined = new.call_function(torch.cat, ([env[node]] * len(tasks),))
             else:
                 return None
-            joined.meta["reconfx"] = {"streams": True}  # (model.py names it after its input)
-            if point is not None:
-                joined.meta["reconfx"]["branch_point"] = point
+            note(joined, streams=True, branch_point=point)  # (model.py names it after its input)
             forks[node] = joined
         return forks[node]
 
     def pick(node: fx.Node, task: str) -> fx.Node:
         if node not in picks:  # ``x.unflatten(0, (T, -1)).unbind()``: one item per task
-            base = node.meta.get("reconfx", {}).get("name", node.name)
+            base = facts(node).name or node.name
             by_task = new.call_method("unflatten", (env[node], 0, (len(tasks), -1)))
-            by_task.meta["reconfx"] = {"name": f"{base}_by_task"}
+            note(by_task, name=f"{base}_by_task")
             parts = new.call_method("unbind", (by_task,))
-            parts.meta["reconfx"] = {"name": base, "items": len(tasks)}
+            note(parts, name=base, items=len(tasks))
             picks[node] = []
             for i, t in enumerate(tasks):
                 item = new.call_function(operator.getitem, (parts, i))
-                item.meta["reconfx"] = {"name": f"{base}_{t}", "task": t}
+                note(item, name=f"{base}_{t}", task=t)
                 picks[node].append(item)
         return picks[node][tasks.index(task)]
 
@@ -274,9 +273,7 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], points: dict[str, str]
             if str(node.target) in containers:
                 copied.target = f"{node.target}.{task}"
             env[node] = copied
-            meta = dict(node.meta.get("reconfx", {}))
-            meta["task"] = task
-            copied.meta["reconfx"] = meta
+            note(copied, facts(node), task=task)
             continue
         starts = not any(a in variant for a in node.all_input_nodes)
         point = points.get(str(node.target)) if starts else None

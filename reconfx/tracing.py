@@ -33,6 +33,7 @@ from torch import fx, nn
 from reconfx.aten import drop_default_layout
 from reconfx.calls import without_defaults
 from reconfx.errors import ModelError, TraceError
+from reconfx.facts import facts, note
 from reconfx.graph import (
     DualGraphModule,
     Env,
@@ -735,8 +736,7 @@ def _op_name(node: fx.Node) -> str:
         packet = target.overloadpacket.__name__
         if packet == "sym_size" and len(node.args) == 2:  # x.size(1): "x_size_1"
             owner = node.args[0]
-            name = owner.meta.get("reconfx", {}).get("name", owner.name) if isinstance(
-                owner, fx.Node) else "size"
+            name = (facts(owner).name or owner.name) if isinstance(owner, fx.Node) else "size"
             return f"{name}_size_{node.args[1]}"
         return packet.strip("_") or "op"
     name = getattr(target, "__name__", None) or str(target)
@@ -752,7 +752,8 @@ def _scope(node: fx.Node) -> str:
 
 def name_nodes(module: DualGraphModule) -> None:
     """Give every node a readable base name derived from module paths (``layer1_0_conv1``,
-    ``layer1_0_add``), with counters local to each name, in ``node.meta["reconfx"]["name"]``."""
+    ``layer1_0_add``), with counters local to each name, as their
+    :class:`~reconfx.facts.NodeFacts` ``name``."""
     for _mode, graph in module.graphs():
         counts: dict[str, int] = {}
         for node in graph.nodes:
@@ -767,7 +768,7 @@ def name_nodes(module: DualGraphModule) -> None:
                 continue
             n = counts.get(base, 0)
             counts[base] = n + 1
-            node.meta.setdefault("reconfx", {})["name"] = base if n == 0 else f"{base}_{n}"
+            note(node, name=base if n == 0 else f"{base}_{n}")
 
 
 def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, str],

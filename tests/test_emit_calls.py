@@ -6,6 +6,7 @@ import re
 import pytest
 from safetensors import safe_open
 
+from reconfx.facts import facts
 from tests.support import compile_and_verify, write_spec
 
 
@@ -72,7 +73,7 @@ def test_the_original_calls_the_same_submodules(compiled_calls):
 def test_calls_are_recorded_on_the_nodes_of_both_modes(compiled_calls):
     compiled, _out = compiled_calls
     for _mode, graph in compiled.prepared.traced.module.graphs():
-        sites = {key for n in graph.nodes for key in n.meta.get("reconfx", {}).get("sites", {})}
+        sites = {key for n in graph.nodes for key in facts(n).sites}
         paths = {re.sub(r"@\d+$", "", key) for key in sites}
         assert {"blocks.0", "blocks.1", "blocks.2"} <= paths and "pair" not in paths
 
@@ -165,7 +166,7 @@ def test_each_stream_runs_as_one_stretch_in_the_compiled_graph(compiled_stream):
     graph and in the generated class: task a's ops of the block all come before task b's."""
     compiled, _out = compiled_stream
     graph = compiled.branched.module.train_graph
-    tasks = [n.meta["reconfx"].get("task") for n in graph.nodes
+    tasks = [facts(n).task for n in graph.nodes
              if "blocks.2" in str(n.meta.get("nn_module_stack", {}))]
     first_b = tasks.index("b")
     assert "a" not in tasks[first_b:]

@@ -200,3 +200,34 @@ def test_module_kinds_answer_for_subclasses_of_torch_kinds_but_not_for_a_users_s
     assert kinds.constructor_values(nn.GRU(2, 3, batch_first=True))["batch_first"] is True
     assert kinds.constructor_values(nn.Linear(2, 2)) is None  # (read back generically)
     assert not kinds.is_leaf(nn.Sequential(nn.Linear(2, 2)))
+
+
+def test_each_pass_replaces_a_nodes_record_and_a_copy_keeps_its_own():
+    """What the passes know about a node is one frozen NodeFacts: the branching pass gives each
+    clone its task, the node it stands for and the branch point it starts, and a record noted
+    on a node later never reaches the records of the nodes copied from it."""
+    import dataclasses
+
+    from reconfx.facts import NodeFacts, facts, note
+
+    torch.manual_seed(0)
+    model, example = TwoHeads(), {"x": torch.randn(2, 4)}
+    traced = reconfx.trace(model, example, {"a": "a", "b": "b"})
+    graph = traced.module.train_graph
+    fc2 = next(n for n in graph.nodes if n.target == "fc2")
+    assert facts(fc2) == NodeFacts(name="fc2")
+    layers = reconfx.inventory(traced.module, ["a", "b"])
+    branched = reconfx.branch(traced.module, reconfx.select(layers, SelectSpec(layers=["fc2"])),
+                              ["a", "b"])
+    records = {n.name: facts(n) for n in branched.module.train_graph.nodes}
+    assert records["fc2"] == NodeFacts(name="fc2", task="a", origin="fc2", branch_point="fc2")
+    assert records["fc2_1"] == NodeFacts(name="fc2", task="b", origin="fc2", branch_point="fc2")
+    assert records["fc3_1"] == NodeFacts(name="fc3", task="b", origin="fc3")
+    assert records["fc1"] == NodeFacts(name="fc1")  # (before the branch point: shared)
+
+    note(fc2, name="renamed")  # the original's record replaced: its clones keep theirs
+    assert facts(fc2).name == "renamed"
+    assert [facts(n).name for n in branched.module.train_graph.nodes if n.target
+            in ("fc2.a", "fc2.b")] == ["fc2", "fc2"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        facts(fc2).task = "a"

@@ -154,9 +154,10 @@ def test_a_module_path_selects_every_shared_layer_under_it(layers):
 
 
 def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
-    """Conflict scores live on the graph's nodes (node.meta["reconfx"]["conflict"]): a profile,
+    """Conflict scores live on the graph's nodes (their NodeFacts' conflict): a profile,
     or an earlier profile's conflicts.json, writes them there, and selection and the emitter
     read them from there."""
+    from reconfx.facts import Conflict, facts
     from reconfx.pipeline import branch_checked
     from reconfx.profiling import Scores, annotate_scores, scores_in
 
@@ -174,7 +175,7 @@ def test_selection_reads_the_scores_written_on_the_graph(tmp_path):
     annotate_scores(module, prepared.layers, scores)
     top = pool[-1]
     (node,) = [n for n in module.graph.nodes if str(n.target) == top.paths[0]]
-    assert node.meta["reconfx"]["conflict"] == {"score": len(pool) - 1, "valid": 100}
+    assert facts(node).conflict == Conflict(score=len(pool) - 1, valid=100)
     assert scores_in(module, prepared.layers) == scores
     compiled = branch_checked(prepared)  # no scores given: those on the nodes
     assert names(compiled.branched.layers) == [top.name]

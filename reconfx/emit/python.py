@@ -55,6 +55,7 @@ from reconfx.emit.restore import (
 )
 from reconfx.emit.sources import SETTINGS, sourced
 from reconfx.errors import CheckError
+from reconfx.facts import facts
 from reconfx.graph import DualGraphModule, output_node, region_call, resolve, same_graph
 from reconfx.rows import PerTask, shares_parameters, unswapped
 from reconfx.streams import StreamRegion, fits
@@ -566,7 +567,7 @@ class PythonEmitter:
             scope.names[n] = str(n.target)
             scope.taken.add(str(n.target))
         params = ["self"] + [f"{scope.names[n]}: "
-                             f"{n.meta.get('reconfx', {}).get('type', 'torch.Tensor')}"
+                             f"{facts(n).type or 'torch.Tensor'}"
                              for n in placeholders]
         result = output_node(graph).args[0]
         returns = ("dict[str, torch.Tensor]" if isinstance(result, dict) else "torch.Tensor"
@@ -607,7 +608,7 @@ class PythonEmitter:
             lhs = [scope.fresh(item) for item in items]
             scope.names.update(zip(items, lhs, strict=True))
             return [*lines, self._node_line(node, ", ".join(lhs), scope.name_of)]
-        if node.meta.get("reconfx", {}).get("streams"):  # ``x_streams = torch.cat([x, x])``
+        if facts(node).streams:  # ``x_streams = torch.cat([x, x])``
             first = node.args[0]
             joined = first[0] if isinstance(first, list | tuple) else first
             stem = f"{scope.name_of(joined).rstrip('_')}_streams"
@@ -732,8 +733,7 @@ class PythonEmitter:
                 name = _fresh((local_name(f"{stem}_joined", LOCAL), ""), scope.taken)
                 parts = [value] * streams
             scope.names[param] = name
-            if i >= n_in and param.meta.get("reconfx", {}).get("type") not in (
-                    None, "torch.Tensor"):  # a size such as ``batch * heads``
+            if i >= n_in and facts(param).type not in (None, "torch.Tensor"):  # (``batch * 4``)
                 lines.append(infix(ind, name, parts[0], "*", str(streams)))
                 continue
             width = LINE - len(ind) - 16
@@ -742,7 +742,7 @@ class PythonEmitter:
 
     def _comment(self, node: fx.Node, commented: set[str]) -> str | None:
         """One comment per branch point, before the first task's first use of the layer."""
-        layer = node.meta.get("reconfx", {}).get("branch_point")
+        layer = facts(node).branch_point
         if layer is None or layer in commented:
             return None
         commented.add(layer)
@@ -882,7 +882,7 @@ class PythonEmitter:
         return aliases
 
     def _spelled(self, node: fx.Node) -> set[str]:
-        return self.spelled.get(node.meta.get("reconfx", {}).get("name", node.name), set())
+        return self.spelled.get(facts(node).name or node.name, set())
 
     def _one_forward(self) -> list[str]:
         """``forward`` for a model whose train and eval graphs differ, each difference written
@@ -918,7 +918,7 @@ def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
     call's annotation recorded) or of the task rows' ``unbind``, in order, when each is taken
     once (its result is then unpacked where it is made); else empty."""
     if node.op == "call_method" and node.target == "unbind":
-        items = node.meta.get("reconfx", {}).get("items")  # (the task rows, reconfx.rows)
+        items = facts(node).items  # (the task rows, reconfx.rows)
     elif node.op != "call_module" or region_call(node):
         return []
     else:
@@ -930,7 +930,7 @@ def _unpacked(node: fx.Node, module: Any) -> list[fx.Node]:
             result = output_node(stream.train_graph).args[0]
             items = len(result) if isinstance(result, tuple) else None
         else:
-            items = node.meta.get("reconfx", {}).get("items")
+            items = facts(node).items
     users = list(node.users)
     if items is None or any(
             u.target is not operator.getitem or type(u.args[1]) is not int for u in users):
@@ -991,11 +991,11 @@ def _chain_step(nodes: list[fx.Node], j: int, tree: _Tree) -> int | None:
     if k >= len(nodes) or len(carried.users) != 1:
         return None
     nxt = nodes[k]
-    meta, nxt_meta = node.meta.get("reconfx", {}), nxt.meta.get("reconfx", {})
+    meta, nxt_meta = facts(node), facts(nxt)
     if (nxt.op != "call_module" or str(nxt.target) != f"{container}.{int(index) + 1}"
             or not nxt.args or nxt.args[0] is not carried or nxt.args[1:] != node.args[1:]
             or nxt.kwargs != node.kwargs or _folded(nxt) != _folded(node)
-            or meta.get("task") != nxt_meta.get("task") or "branch_point" in nxt_meta):
+            or meta.task != nxt_meta.task or nxt_meta.branch_point is not None):
         return None
     if _folded(nxt) and next(iter(nxt.users)).args[1] != carried.args[1]:
         return None  # (another item of the next result)
@@ -1076,9 +1076,8 @@ def _buffer(t: torch.Tensor) -> str:
 
 def _base_name(node: fx.Node) -> tuple[str, str]:
     """The name a node's value gets (from its module path) and its task suffix (``_left``)."""
-    meta = node.meta.get("reconfx", {})
-    base = meta.get("name", node.name)
-    task = meta.get("task")
+    meta = facts(node)
+    base, task = meta.name or node.name, meta.task
     if not task:
         return base, ""
     return base.removesuffix(f"_{task}"), f"_{task}"
@@ -1096,7 +1095,7 @@ def _fresh(base: tuple[str, str], taken: set[str], room: int = 0) -> str:
 
 
 def _suffix_room(graph: fx.Graph) -> int:
-    tasks = {n.meta.get("reconfx", {}).get("task") for n in graph.nodes}
+    tasks = {facts(n).task for n in graph.nodes}
     return max((len(t) + 1 for t in tasks if t), default=0)
 
 
@@ -1151,7 +1150,7 @@ def _mode_arguments(train: Sequence[fx.Graph], eval_: Sequence[fx.Graph]
                 values = {a.name: a.default_value for a in schema if a.has_default_value()}
                 values.update(zip((a.name for a in schema), node.args, strict=False))
                 values.update(node.kwargs)
-                calls[node.meta.get("reconfx", {}).get("name", node.name)] = (node.target, values)
+                calls[facts(node).name or node.name] = (node.target, values)
         found.append(calls)
     spelled: dict[str, set[str]] = {}
     for name, (target, train) in found[0].items():
