@@ -43,7 +43,8 @@ from reconfx.data.padding import collate_of
 from reconfx.distributed import World
 from reconfx.emit.constructors import settings_in
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
-from reconfx.emit.python import EmittedSource, buildable, emit_python
+from reconfx.emit.python import EmittedSource, emit_python
+from reconfx.emit.tree import buildable
 from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.layers import Layer, inventory

@@ -879,5 +879,10 @@ def class_name(spec_name: str) -> str:
     words = re.split(r"[^A-Za-z0-9]+", spec_name)
     name = "".join(w[:1].upper() + w[1:] for w in words if w)
     name = name if name[:1].isalpha() else f"Model{name}"
-    # (an all-capitals name would read as, and may be, one of model.py's constants: TASKS)
-    return f"{name}Model" if name.isupper() else name
+    # (an all-capitals name would read as, and may be, one of model.py's constants: TASKS; the
+    # names model.py gives its own helper classes are taken: a class imported under another
+    # of the file's names gets an alias, see reconfx.emit.sources.defining)
+    return f"{name}Model" if name.isupper() or name in _HELPER_NAMES else name
+
+
+_HELPER_NAMES = {"PerTask", "Any"}  # model.py's task-rows container and its typing import

@@ -166,3 +166,26 @@ def test_a_backbone_names_exactly_one_source(tmp_path, capsys, backbone, needle)
     assert main(["validate", str(path)]) == 2
     err = capsys.readouterr().err
     assert needle in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_model_named_like_a_class_it_uses_gets_that_class_under_an_alias(tmp_path):
+    """The spec "pool" makes model.py's class Pool, and its mean-pooling head is reconfx's own
+    Pool, written into the file: that one is written as Pool_, the import aliased before any
+    call of it is rendered. The names of model.py's helper classes are not given to a model."""
+    from reconfx.spec import class_name
+
+    heads = {"a": {"out_features": 3, "pool": "mean"}, "b": {"out_features": 4, "pool": "max"}}
+    spec = write_spec(tmp_path, "pool", backbone={
+        "factory": "tests.models:SingleTaskCNN", "kwargs": {"width": 4}, "feature": "block.2"},
+        inputs=[{"name": "image", "shape": [3, 1, 12, 12]}],
+        tasks=[{"name": n, "head": h} for n, h in heads.items()],
+        select={"layers": ["backbone.block.0"]})
+    out = tmp_path / "out"
+    compile_and_verify(spec, out)
+    source = (out / "model.py").read_text()
+    assert source.count("class Pool(nn.Module):") == 1
+    assert source.count("class Pool_(nn.Module):") == 1
+    assert 'Pool_("mean"' in source and 'Pool_("max"' in source
+    assert "Pool(" not in source.replace("class Pool(", "")
+    assert [class_name(n) for n in ("per-task", "any", "pool")] == ["PerTaskModel", "AnyModel",
+                                                                    "Pool"]

@@ -185,17 +185,17 @@ def test_an_item_inside_a_module_built_whole_is_reached_by_that_modules_own_cont
     """A module built whole whose ops are written out (timm's RDNet, on task streams): the
     Sequential inside it has a gap among the items the graph calls (its activation is traced
     through), which must not make the access a dict's."""
-    from reconfx.emit.python import _access, _Tree
+    from reconfx.emit.tree import Tree, accessor
 
     mixer = library.GappedMixer(4)
-    root = _Tree()
+    root = Tree()
     node = root.child("mixer")
     node.obj = mixer
     for index in ("0", "2", "4"):
         node.child("layers").child(index).obj = mixer.layers[int(index)]
-    assert _access(root, "mixer.layers.2") == "self.mixer.layers[2]"
-    assert _access(root, "mixer.layers.2.weight") == "self.mixer.layers[2].weight"
+    assert accessor(root, "mixer.layers.2") == "self.mixer.layers[2]"
+    assert accessor(root, "mixer.layers.2.weight") == "self.mixer.layers[2].weight"
     heads = nn.ModuleDict({"0": nn.Linear(2, 2)})
     root.child("heads").obj = heads
     root.child("heads").child("0").obj = heads["0"]
-    assert _access(root, "heads.0") == 'self.heads["0"]'
+    assert accessor(root, "heads.0") == 'self.heads["0"]'

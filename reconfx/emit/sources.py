@@ -4,11 +4,14 @@ as Hugging Face configs) rebuilt from their fields and verified to compare equal
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import enum
 import functools
 import importlib
 import inspect
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -17,8 +20,8 @@ from torch import nn
 from reconfx.emit.render import Source, render_value
 
 __all__ = [
-    "class_source", "importable", "imports_of", "namespace", "object_source", "PLAIN", "SETTINGS",
-    "sourced"
+    "class_source", "defining", "importable", "imports_of", "namespace", "object_source", "PLAIN",
+    "SETTINGS", "sourced"
 ]
 
 PLAIN = (int, float, bool, str, tuple, type(None), torch.dtype, torch.device)
@@ -32,6 +35,24 @@ def class_source(cls: type) -> Source | None:
     return importable(cls)
 
 
+# The names the file being written defines itself (its classes, a set that grows as classes are
+# generated): a class imported under one of them is imported under an alias instead.
+_DEFINED: contextvars.ContextVar[set[str] | frozenset[str]] = contextvars.ContextVar(
+    "defined", default=frozenset())
+
+
+@contextlib.contextmanager
+def defining(names: set[str]) -> Iterator[None]:
+    """While the file defining ``names`` is written, a class of the same name is imported as
+    ``Name_`` (``from reconfx.zoo import Bottleneck as Bottleneck_``), so the source text of
+    every call is right where it is made."""
+    token = _DEFINED.set(names)
+    try:
+        yield
+    finally:
+        _DEFINED.reset(token)
+
+
 def importable(obj: Any) -> Source | None:
     module, name = getattr(obj, "__module__", None), getattr(obj, "__qualname__", "")
     if not module or not name.isidentifier() or module == "__main__":
@@ -42,7 +63,11 @@ def importable(obj: Any) -> Source | None:
     for end in range(1, len(parts) + 1):  # the public path: timm.layers, not timm.layers.norm
         candidate = ".".join(parts[:end])
         if _resolves(candidate, name, obj):
-            return Source(name, (f"from {candidate} import {name}",))
+            alias = name
+            while alias in _DEFINED.get():
+                alias += "_"
+            bound = name if alias == name else f"{name} as {alias}"
+            return Source(alias, (f"from {candidate} import {bound}",))
     return None
 
 
@@ -198,6 +223,7 @@ def namespace(imports: set[str] | tuple[str, ...]) -> dict[str, Any]:
     namespace: dict[str, Any] = {"torch": torch, "nn": nn}
     for line in imports:
         if line.startswith("from "):
-            _from, module, _import, name = line.split()
-            namespace[name] = getattr(importlib.import_module(module), name)
+            module, _, name = line.removeprefix("from ").partition(" import ")
+            name, _, alias = name.partition(" as ")
+            namespace[alias or name] = getattr(importlib.import_module(module), name)
     return namespace
