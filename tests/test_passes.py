@@ -231,3 +231,40 @@ def test_each_pass_replaces_a_nodes_record_and_a_copy_keeps_its_own():
             in ("fc2.a", "fc2.b")] == ["fc2", "fc2"]
     with pytest.raises(dataclasses.FrozenInstanceError):
         facts(fc2).task = "a"
+
+
+def test_the_emitters_parts_write_init_and_forward_on_their_own():
+    """The emitter's parts, called directly on the branched graph: the module tree's __init__
+    lines (a branched layer as one copy per task), forward's statements (named by module path
+    with the task's suffix, the branch point commented once), and the names the file's parts
+    share (a generated class never takes a name an import binds)."""
+    from reconfx.emit.forward import ForwardWriter
+    from reconfx.emit.tree import FileParts, InitWriter
+
+    torch.manual_seed(0)
+    model, example = TwoHeads(), {"x": torch.randn(2, 4)}
+    traced = reconfx.trace(model, example, {"a": "a", "b": "b"})
+    layers = reconfx.inventory(traced.module, ["a", "b"])
+    branched = reconfx.branch(traced.module, reconfx.select(layers, SelectSpec(layers=["fc2"])),
+                              ["a", "b"])
+    parts = FileParts()
+    init = InitWriter(branched.module, parts, task_containers={"fc2"}, settings=(),
+                      tasks=("a", "b"), regions=[], generate=None)
+    init.collect()
+    assert [line.strip() for line in init.lines()] == [
+        "self.fc1 = nn.Linear(4, 8)",
+        "self.fc2 = nn.ModuleDict({task: nn.Linear(8, 8) for task in TASKS})",
+        "self.fc3 = nn.Linear(8, 8)", "self.a = nn.Linear(8, 2)", "self.b = nn.Linear(8, 3)"]
+    assert parts.constants == {'("a", "b")': "TASKS"}
+    forward = ForwardWriter(branched.module, parts, init.tree, regions=[],
+                            branch_notes={"fc2": " (3 conflicts)"}, rows=False)
+    assert [line.strip() for line in forward.lines()] == [
+        "def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:",
+        "fc1 = self.fc1(x)", "relu = torch.relu(fc1)",
+        "# branch point: fc2 (3 conflicts); one copy per task from here",
+        "fc2_a = self.fc2.a(relu)", "fc2_b = self.fc2.b(relu)",
+        "fc3_a = self.fc3(fc2_a)", "fc3_b = self.fc3(fc2_b)",
+        "a_a = self.a(fc3_a)", "b_b = self.b(fc3_b)", 'return {"a": a_a, "b": b_b}']
+    parts.imports.add("from tests.library import Block, Other as BranchedBlock")
+    assert [parts.class_name("Block"), parts.class_name("BranchedBlock"),
+            parts.class_name("BranchedBlock")] == ["Block2", "BranchedBlock2", "BranchedBlock3"]
