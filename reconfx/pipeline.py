@@ -378,8 +378,7 @@ def emit_sources(compiled: Compiled) -> Sources:
     rows = task_rows(branched, traced=prepared.traced.module, model=prepared.model,
                      examples=prepared.examples,
                      batch_inputs=[i.name for i in s.inputs if 0 in i.dynamic]
-                     ) if s.branch.stream_batching == "eval" and not all(
-        any(calls.under(c, p) for p in copies) for c in branched.containers) else None
+                     ) if s.branch.stream_batching == "eval" else None
     if rows is not None:
         on_rows = whole_copies(called(rows[0], model=rows[1], containers=set()),
                                reference=branched.module, examples=prepared.examples)

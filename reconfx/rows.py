@@ -113,18 +113,24 @@ def task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
 
 def whole_copies(module: DualGraphModule, *, reference: nn.Module,
                  examples: Sequence[dict[str, torch.Tensor]]) -> DualGraphModule:
-    """``module`` (task rows, its calls collapsed) with each submodule it calls whole all of
-    whose tensors lie in per-task layers made one :class:`PerTask` of whole copies, each holding
-    one task's layers (``layer4 = PerTask({task: nn.Sequential(...) ...})`` rather than a
+    """``module`` (task rows, its calls collapsed) with each submodule it calls whole, or that
+    lies inside one, all of whose tensors lie in per-task layers made one :class:`PerTask` of
+    whole copies, each holding one task's layers (``layer4 = PerTask({task: nn.Sequential(...)
+    ...})``, ``layers[3].mlp = PerTask({task: LlamaMLP(CONFIG) ...})`` rather than a
     ``PerTask`` per layer inside it): each task's rows go through that task's layers either
     way. Kept only where the result still gives ``reference``'s outputs on ``examples`` (within
     :data:`ATOL`), else every such submodule is put back."""
-    called = sorted({str(n.target) for _m, g in module.graphs() for n in g.nodes
-                     if n.op == "call_module"}, key=lambda p: p.count("."))
+    calls = {str(n.target) for _m, g in module.graphs() for n in g.nodes
+             if n.op == "call_module"}
+    called = sorted({f"{path}.{name}".rstrip(".") for path in calls
+                     for name, _sub in resolve(module, path).named_modules()},
+                    key=lambda p: p.count("."))
     replaced: list[tuple[str, nn.Module]] = []
     for path in called:
+        if any(path.startswith(f"{d}.") for d, _sub in replaced):
+            continue
         sub = resolve(module, path)
-        if isinstance(sub, PerTask) or any(path.startswith(f"{d}.") for d, _sub in replaced):
+        if isinstance(sub, PerTask):
             continue
         swaps = _per_task_inside(sub)
         if not swaps:
@@ -137,6 +143,11 @@ def whole_copies(module: DualGraphModule, *, reference: nn.Module,
         for task in tasks[0]:
             memo: dict[int, Any] = {id(per_task): per_task[task] for _n, per_task in swaps}
             copies[task] = copy.deepcopy(sub, memo)
+        held = [{id(t) for _n, t in named_tensors(c)} for c in copies.values()]
+        if path not in calls and len(set().union(*held)) < sum(map(len, held)):
+            # (copies sharing a tensor, per-task statistics of a shared norm: model.py swaps
+            # them in by the layer, where each sharing is written)
+            continue
         module.set_submodule(path, PerTask(copies))
         replaced.append((path, sub))
     if replaced and not same_outputs(reference, module, examples, ATOL):
@@ -165,26 +176,67 @@ def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
         return None
     example = examples[0]
     grown = grown_example(example, batch_inputs)
+    batch = (len(example[batch_inputs[0]]), len(grown[batch_inputs[0]]))
     points = {p: layer.name for layer in branched.layers for p in layer.paths}
-    graphs = {}
+    values = {}
     with preserved(traced):  # (its training flags and running statistics)
         for mode, graph in traced.graphs():
             traced.train(mode == "train")
-            values = [record(traced, graph, ex) for ex in (example, grown)]
-            graphs[mode] = _rows_graph(graph, containers=containers, points=points, tasks=tasks,
-                                       values=values, batch=(len(example[batch_inputs[0]]),
-                                                             len(grown[batch_inputs[0]])))
-            if graphs[mode] is None:
-                return None
-    objs = {str(n.target): resolve(eager, str(n.target)) for g in graphs.values()
-            for n in g.nodes if n.op in ("call_module", "get_attr")}
-    try:
-        rows = DualGraphModule(objs, graphs["train"], graphs.get("eval", graphs["train"]),
-                               type(compiled).__name__)
-    except AttributeError:
-        return None
-    rows.train(compiled.training)
-    return (rows, eager) if _same_function(compiled, rows, examples) else None
+            values[mode] = [record(traced, graph, ex) for ex in (example, grown)]
+    # First with each block the streams start inside run whole on the rows (model.py calls it
+    # by its own class; its part before the branch point runs once per task), else with the
+    # streams starting where the branched layers are.
+    tried = []
+    for whole_blocks in (True, False):
+        variant = {mode: _variant(graph, containers, whole_blocks)
+                   for mode, graph in traced.graphs()}
+        if variant in tried:
+            continue
+        tried.append(variant)
+        graphs = {mode: _rows_graph(graph, variant=variant[mode], containers=containers,
+                                    points=points, tasks=tasks, values=values[mode], batch=batch)
+                  for mode, graph in traced.graphs()}
+        if any(g is None for g in graphs.values()):
+            continue
+        objs = {str(n.target): resolve(eager, str(n.target)) for g in graphs.values()
+                for n in g.nodes if n.op in ("call_module", "get_attr")}
+        try:
+            rows = DualGraphModule(objs, graphs["train"], graphs.get("eval", graphs["train"]),
+                                   type(compiled).__name__)
+        except AttributeError:
+            continue
+        rows.train(compiled.training)
+        if _same_function(compiled, rows, examples):
+            return rows, eager
+    return None
+
+
+def _variant(graph: fx.Graph, containers: set[str], whole_blocks: bool) -> set[fx.Node]:
+    """The nodes that run on task rows: those the branched layers reach; with
+    ``whole_blocks``, also every node of each innermost block (an item of a ``ModuleList`` or
+    ``nn.Sequential``, as the module calls recorded on the nodes name it) that some of them lie
+    in and some not, so the block is called whole on the rows. (Innermost: a wrapper
+    ``nn.Sequential(backbone, head)`` does not make the whole backbone run once per task.)"""
+    variant = variant_nodes(graph, containers, set())
+    if not whole_blocks:
+        return variant
+    members: dict[str, tuple[str, list[fx.Node]]] = {}
+    for node in graph.nodes:
+        for key, (_index, call) in facts(node).sites.items():
+            if call.path.rpartition(".")[2].isdigit() and node.op != "get_attr":
+                members.setdefault(key, (call.path, []))[1].append(node)
+    partial = {key: (path, nodes) for key, (path, nodes) in members.items()
+               if variant.intersection(nodes) and not variant.issuperset(nodes)}
+    paths = [path for path, _nodes in partial.values()]
+    seeds = {n for path, nodes in partial.values()
+             if not any(p.startswith(f"{path}.") for p in paths) for n in nodes}
+    if not seeds:
+        return variant
+    grown: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node in seeds or node in variant or any(a in grown for a in node.all_input_nodes):
+            grown.add(node)
+    return grown
 
 
 def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks: list[str]
@@ -205,17 +257,18 @@ def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks:
     return swapped
 
 
-def _rows_graph(graph: fx.Graph, *, containers: set[str], points: dict[str, str],
-                tasks: list[str], values: list[dict[fx.Node, Any]], batch: tuple[int, int]
-                ) -> fx.Graph | None:
+def _rows_graph(graph: fx.Graph, *, variant: set[fx.Node], containers: set[str],
+                points: dict[str, str], tasks: list[str], values: list[dict[fx.Node, Any]],
+                batch: tuple[int, int]) -> fx.Graph | None:
     """``graph`` (unbranched) with its task-variant part run on task rows; None where a shared
     value reaching the streams is neither a batch of rows, a size proportional to the batch,
     nor a value that does not depend on the batch. ``values`` are every node's values at the
     batch sizes ``batch``; ``points``: each branched module's layer name (for the comment at
     the branch point)."""
-    variant = variant_nodes(graph, containers, set())
     if any(n.op == "get_attr" for n in variant):
         return None
+    pending = list(dict.fromkeys(points[str(n.target)] for n in graph.nodes  # (comments)
+                                 if n.op == "call_module" and str(n.target) in points))
     tasks_of = node_tasks(graph)
     new = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
@@ -277,6 +330,10 @@ def _rows_graph(graph: fx.Graph, *, containers: set[str], points: dict[str, str]
             continue
         starts = not any(a in variant for a in node.all_input_nodes)
         point = points.get(str(node.target)) if starts else None
+        if starts and point is None and pending:  # (a block run whole: its branched layer's)
+            point = pending[0]
+        if point in pending:
+            pending.remove(point)
         mapped: dict[fx.Node, fx.Node] = {}
         for a in node.all_input_nodes:
             if a in variant:
@@ -296,8 +353,10 @@ def _same_function(compiled: DualGraphModule, rows: DualGraphModule,
     """Whether ``rows`` computes what ``compiled`` does on every example in both modes (within
     :data:`ATOL`, stream batching's tolerance), and with every weight perturbed (within ATOL
     times the outputs' magnitude, as I4 compares; both hold the same tensors, so one
-    perturbation serves both)."""
-    if not same_outputs(compiled, rows, examples, ATOL):
+    perturbation serves both), leaving the same running statistics after a train-mode forward
+    (a shared norm of a block run whole on the rows would count each row T times)."""
+    if not same_outputs(compiled, rows, examples, ATOL) or not _same_statistics(
+            compiled, rows, examples[0]):
         return False
     with preserved(compiled, rows):
         with perturbed(compiled):
@@ -308,6 +367,22 @@ def _same_function(compiled: DualGraphModule, rows: DualGraphModule,
                 if compare(want, got, ATOL * magnitude(want)):
                     return False
     return True
+
+
+def _same_statistics(compiled: DualGraphModule, rows: DualGraphModule,
+                     example: dict[str, torch.Tensor]) -> bool:
+    """Whether one train-mode forward of ``rows`` leaves the floating buffers (running
+    statistics) one of ``compiled`` leaves; both hold the same buffers."""
+    after = []
+    for module in (compiled, rows):
+        with preserved(compiled, rows):
+            module.train()
+            torch.manual_seed(0)
+            with torch.no_grad(), silenced():
+                module(**example)
+            after.append({n: b.clone() for n, b in compiled.named_buffers()
+                          if b.is_floating_point()})
+    return all(torch.allclose(after[0][n], after[1][n], rtol=0.0, atol=ATOL) for n in after[0])
 
 
 def _is_per_task(module: nn.Module) -> bool:

@@ -771,3 +771,39 @@ class WithGate(nn.Module):
     def forward(self, x):
         h = self.gate(self.fc(x))
         return {"a": self.a(h), "b": self.b(h)}
+
+
+class ResidualBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc1, self.fc2 = nn.Linear(width, width), nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(torch.relu(self.fc1(self.norm(x))))
+
+
+class BlockList(nn.Module):
+    def __init__(self, width: int, depth: int):
+        super().__init__()
+        self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(depth))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class WrappedBlocks(nn.Module):
+    """Residual blocks in a ModuleList, inside an ``nn.Sequential`` item (``trunk.1``), as a
+    user's wrapper nests a backbone: two levels of blocks hold a branch point in the last
+    block."""
+
+    def __init__(self, width: int = 8, depth: int = 4):
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(4, width), BlockList(width, depth))
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.trunk(x)
+        return {task: head(h) for task, head in self.heads.items()}

@@ -244,3 +244,31 @@ def test_a_decoder_with_its_last_layer_branched_calls_its_own_modules(tmp_path, 
         assert "= self.backbone.rotary_emb(\n" in source
         assert "    backbone_embed_tokens, backbone_unsqueeze\n" in source
         assert "position_embeddings=(" in source
+
+
+def test_a_decoder_layer_holding_a_branched_part_is_called_whole_on_task_rows(tmp_path):
+    """Recon's usual late selection: part of the last decoder layer (its MLP) branched. The
+    layer stays LlamaDecoderLayer, called whole on the task rows with its MLP one copy per task
+    (the attention before the MLP runs on every task's rows), instead of written out op by op
+    with the causal mask the model builds."""
+    arch, config, layers, block = DECODERS["llama"]
+    path = write_spec(tmp_path, "llama", backbone={
+        "factory": "reconfx.zoo:hf_model", "kwargs": {"arch": arch, "config": config},
+        "feature": "last_hidden_state"},
+        inputs=[dict(TOKENS[0], shape=[2, 16])],
+        tasks=[{"name": "a", "head": {"out_features": 3}},
+               {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
+        select={"layers": [f"{layers}.3.mlp"]})
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    diff = (tmp_path / "out" / "branch.diff").read_text()
+    # (per stream: 253 lines, the layer and the mask written out. The PerTask class is 20
+    # lines of both files, and the diff opens the LlamaModel that original.py calls whole.)
+    assert len(source.splitlines()) <= 130 and len(diff.splitlines()) <= 110
+    assert "torch.ops.aten" not in source and "self.training" not in source
+    assert "self.backbone.layers[3].mlp = PerTask({task: LlamaMLP(LLAMA_CONFIG) for task in " \
+           "TASKS})" in source
+    forward = source[source.rindex("    def forward("):]
+    assert "for layer in self.backbone.layers[:3]:" in forward
+    assert "= self.backbone.layers[3](\n            backbone_layers_streams," in forward
+    assert forward.count("torch.arange(") == 1  # (the position ids; no mask built op by op)

@@ -57,9 +57,12 @@ def test_an_early_selection_keeps_the_blocks_as_their_own_classes(resnet18_early
     source = (out / "model.py").read_text()
     init = source[source.index("    def __init__(self) -> None:"):source.rindex("    def forward(")]
     forward = source[source.rindex("    def forward("):]
-    # Each stage built by its own classes, the per-task layers swapped in after it.
+    # Each stage built by its own classes, the per-task layers swapped in after it; a block all
+    # of whose layers are branched is one copy per task of the whole block.
     assert "        self.layer1 = nn.Sequential(BasicBlock(64, 64), BasicBlock(64, 64))\n" in init
-    assert "        self.layer1[0].conv1 = PerTask({\n" in init
+    assert ("        self.layer1[0] = PerTask({task: BasicBlock(64, 64) for task in TASKS})\n"
+            in init)
+    assert "        self.layer2[1].conv1 = PerTask({\n" in init
     assert "        self.layer2[0].downsample[1] = per_task_statistics(" \
            "self.layer2[0].downsample[1])\n" in init
     # The stages are called whole, on the task rows; the streams split only for the heads.
@@ -85,7 +88,7 @@ def test_the_loaded_model_runs_each_task_on_its_own_copies(resnet18_early):
     image = torch.randn(3, 1, 36, 36)
     with torch.no_grad():
         before = model(image=image)
-        model.layer1[0].conv1.right.weight.mul_(2.0)
+        model.layer1[0].right.conv1.weight.mul_(2.0)
         after = model(image=image)
     assert torch.equal(before["left"], after["left"])
     assert not torch.equal(before["right"], after["right"])
@@ -172,3 +175,42 @@ def test_one_tasks_model_holds_none_of_the_other_tasks_copies(resnet18_early):
     used = {name for name, _p in reduced.named_parameters()}
     cats = [n for n in reduced.graph.nodes if n.target is torch.cat]
     assert not cats and not any(".left" in name or "heads.left" in name for name in used)
+
+
+
+def test_the_innermost_block_holding_the_branch_point_runs_whole_on_the_rows(tmp_path):
+    """The last block's second linear branched: that block (trunk.1.blocks.3) runs whole on
+    the task rows, its input repeated where it enters (so model.py can call it by its class),
+    its part before the branched layer run for every task; the blocks before it, and the
+    Sequential item holding them all, still run once."""
+    import torch
+
+    path = write_spec(tmp_path, "wrapped", model={"factory": "tests.models:WrappedBlocks"},
+                      inputs=[{"name": "x", "shape": [2, 4]}],
+                      tasks=[{"name": "a"}, {"name": "b"}],
+                      select={"layers": ["trunk.1.blocks.3.fc2"]})
+    rows, _eager = rows_of(path)
+    (fork,) = [n for n in rows.train_graph.nodes if n.target is torch.cat]
+    # (the block's input feeds its norm and its residual add)
+    assert "trunk.1.blocks.3.norm" in {str(u.target) for u in fork.users} and len(fork.users) == 2
+    order = list(rows.train_graph.nodes)
+    at = {str(n.target): order.index(n) for n in order if n.op == "call_module"}
+    assert at["trunk.1.blocks.2.fc2"] < order.index(fork) < at["trunk.1.blocks.3.norm"]
+
+
+def test_a_copy_per_task_whose_norm_shares_its_parameters_is_swapped_in_layer_by_layer(
+        tmp_path):
+    """The stem and a block's downsampling convolution branched: the downsample's BatchNorm
+    keeps one set of parameters with per-task statistics, so a copy per task of the whole
+    downsample would hold its parameters twice once model.py builds it. model.py swaps the
+    convolution and the norm in one by one, and the parameter count is exact (I4)."""
+    path = write_spec(tmp_path, "ds", model={"factory": "reconfx.zoo:small_resnet",
+                                             "kwargs": {"width": 8}},
+                      inputs=[{"name": "image", "shape": [2, 1, 12, 12]}],
+                      tasks=[{"name": "left"}, {"name": "right"}],
+                      select={"layers": ["conv1", "layer3.0.downsample.0"]},
+                      export={"formats": ["python"]})
+    compile_and_verify(path, tmp_path / "out")  # (I4 compares the parameter counts)
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.layer3[0].downsample[1] = per_task_statistics(" in source
+    assert "self.layer3[0].downsample = PerTask(" not in source
