@@ -220,16 +220,23 @@ DECODERS = {
 }
 
 
-@pytest.mark.parametrize("case", list(DECODERS))
-def test_a_decoder_with_its_last_layer_branched_calls_its_own_modules(tmp_path, case):
-    arch, config, layers, block = DECODERS[case]
-    path = write_spec(tmp_path, case, backbone={
+def decoder_spec(tmp_path, case, layer):
+    """A spec for the decoder ``case`` with heads a and b and ``layer`` (below its layer list)
+    branched."""
+    arch, config, layers, _block = DECODERS[case]
+    return write_spec(tmp_path, case, backbone={
         "factory": "reconfx.zoo:hf_model", "kwargs": {"arch": arch, "config": config},
         "feature": "last_hidden_state"},
         inputs=[dict(TOKENS[0], shape=[2, 16])],
         tasks=[{"name": "a", "head": {"out_features": 3}},
                {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
-        select={"layers": [f"{layers}.3"]})
+        select={"layers": [f"{layers}.{layer}"]})
+
+
+@pytest.mark.parametrize("case", list(DECODERS))
+def test_a_decoder_with_its_last_layer_branched_calls_its_own_modules(tmp_path, case):
+    _arch, _config, layers, block = DECODERS[case]
+    path = decoder_spec(tmp_path, case, "3")
     compiled = compile_and_verify(path, tmp_path / "out")
     assert compiled.prepared.traced.tier == "export"
     source = (tmp_path / "out" / "model.py").read_text()
@@ -251,15 +258,7 @@ def test_a_decoder_layer_holding_a_branched_part_is_called_whole_on_task_rows(tm
     layer stays LlamaDecoderLayer, called whole on the task rows with its MLP one copy per task
     (the attention before the MLP runs on every task's rows), instead of written out op by op
     with the causal mask the model builds."""
-    arch, config, layers, block = DECODERS["llama"]
-    path = write_spec(tmp_path, "llama", backbone={
-        "factory": "reconfx.zoo:hf_model", "kwargs": {"arch": arch, "config": config},
-        "feature": "last_hidden_state"},
-        inputs=[dict(TOKENS[0], shape=[2, 16])],
-        tasks=[{"name": "a", "head": {"out_features": 3}},
-               {"name": "b", "head": {"out_features": 2, "pool": "mean"}}],
-        select={"layers": [f"{layers}.3.mlp"]})
-    compile_and_verify(path, tmp_path / "out")
+    compile_and_verify(decoder_spec(tmp_path, "llama", "3.mlp"), tmp_path / "out")
     source = (tmp_path / "out" / "model.py").read_text()
     diff = (tmp_path / "out" / "branch.diff").read_text()
     # (per stream: 253 lines, the layer and the mask written out. The PerTask class is 20
