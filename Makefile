@@ -13,7 +13,7 @@ LOCK := constraints.txt
 # The committed examples: specs/<name>.yaml compiled into exported/<name>/.
 EXAMPLES := multidigits-layers minilm
 
-.PHONY: demo test test-slow test-latest lint lock docs example check-example bench bench-scale clean data
+.PHONY: demo test test-slow test-latest lint lock docs example check-example bench bench-hf bench-scale clean data
 
 $(VENV)/.installed: pyproject.toml $(LOCK)
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,10 @@ example: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) bench/compile_time.py
+
+# The emitted source on every transformers architecture of the tests' configs (about 10 min).
+bench-hf: $(VENV)/.installed
+	$(PY) bench/hf_sweep.py
 
 # Compile cost against model size, up to a 1B-parameter decoder (minutes; run on demand).
 bench-scale: $(VENV)/.installed
