@@ -368,13 +368,11 @@ def emit_sources(compiled: Compiled) -> Sources:
     called = functools.partial(calls.collapse_calls, examples=prepared.examples,
                                buildable=functools.partial(buildable, settings=settings))
     emitted = called(branched.module, model=prepared.model, containers=branched.containers)
-    copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
     forms = [(emitted, *_per_stream_sources(
-        emitted, prepared, branched, copies=copies, called=called, name=name,
-        docs=(doc_model, doc_original), notes=notes, settings=settings))]
+        emitted, prepared, branched, called=called, name=name, docs=(doc_model, doc_original),
+        notes=notes, settings=settings))]
     # Task rows join the streams in every mode and at any batch: only under the default
-    # stream batching ("off" keeps them apart, "tuned" keeps measured row caps), and not where
-    # every branched layer lies in a submodule copied whole (per stream reads best there).
+    # stream batching ("off" keeps them apart, "tuned" keeps measured row caps).
     rows = task_rows(branched, traced=prepared.traced.module, model=prepared.model,
                      examples=prepared.examples,
                      batch_inputs=[i.name for i in s.inputs if 0 in i.dynamic]
@@ -405,12 +403,11 @@ def _review_lines(original_py: EmittedSource, model_py: EmittedSource) -> int:
 
 
 def _per_stream_sources(emitted: nn.Module, prepared: Prepared, branched: Branched, *,
-                        copies: list[str], called: Any, name: str, docs: tuple[str, str],
-                        notes: dict[str, str], settings: Sequence[Any]
-                        ) -> tuple[EmittedSource, EmittedSource]:
+                        called: Any, name: str, docs: tuple[str, str], notes: dict[str, str],
+                        settings: Sequence[Any]) -> tuple[EmittedSource, EmittedSource]:
     """``model.py`` and ``original.py`` with a forward that runs each task stream on its own
-    (the compiled graph's form, where the task-rows form does not hold); ``copies``: the
-    submodules of ``emitted`` copied whole per task."""
+    (the compiled graph's form, where the task-rows form does not hold)."""
+    copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
     streams = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskStream)]
     model_py = emit_python(
         emitted, name, doc=docs[0],

@@ -139,15 +139,16 @@ def whole_copies(module: DualGraphModule, *, reference: nn.Module,
         inside = {id(t) for _name, per_task in swaps for _n, t in named_tensors(per_task)}
         if len(set(tasks)) != 1 or any(id(t) not in inside for _n, t in named_tensors(sub)):
             continue
-        copies = {}
-        for task in tasks[0]:
-            memo: dict[int, Any] = {id(per_task): per_task[task] for _n, per_task in swaps}
-            copies[task] = copy.deepcopy(sub, memo)
-        held = [{id(t) for _n, t in named_tensors(c)} for c in copies.values()]
+        held = [{id(t) for _n, per_task in swaps for _m, t in named_tensors(per_task[task])}
+                for task in tasks[0]]
         if path not in calls and len(set().union(*held)) < sum(map(len, held)):
             # (copies sharing a tensor, per-task statistics of a shared norm: model.py swaps
             # them in by the layer, where each sharing is written)
             continue
+        copies = {}
+        for task in tasks[0]:
+            memo: dict[int, Any] = {id(per_task): per_task[task] for _n, per_task in swaps}
+            copies[task] = copy.deepcopy(sub, memo)
         module.set_submodule(path, PerTask(copies))
         replaced.append((path, sub))
     if replaced and not same_outputs(reference, module, examples, ATOL):
@@ -186,13 +187,9 @@ def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
     # First with each block the streams start inside run whole on the rows (model.py calls it
     # by its own class; its part before the branch point runs once per task), else with the
     # streams starting where the branched layers are.
-    tried = []
-    for whole_blocks in (True, False):
-        variant = {mode: _variant(graph, containers, whole_blocks)
-                   for mode, graph in traced.graphs()}
-        if variant in tried:
-            continue
-        tried.append(variant)
+    at_layers = {mode: variant_nodes(graph, containers, set()) for mode, graph in traced.graphs()}
+    whole = {mode: _with_blocks(graph, at_layers[mode]) for mode, graph in traced.graphs()}
+    for variant in [whole, at_layers] if whole != at_layers else [at_layers]:
         graphs = {mode: _rows_graph(graph, variant=variant[mode], containers=containers,
                                     points=points, tasks=tasks, values=values[mode], batch=batch)
                   for mode, graph in traced.graphs()}
@@ -211,15 +208,12 @@ def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
     return None
 
 
-def _variant(graph: fx.Graph, containers: set[str], whole_blocks: bool) -> set[fx.Node]:
-    """The nodes that run on task rows: those the branched layers reach; with
-    ``whole_blocks``, also every node of each innermost block (an item of a ``ModuleList`` or
+def _with_blocks(graph: fx.Graph, variant: set[fx.Node]) -> set[fx.Node]:
+    """The nodes that run on task rows when ``variant`` (those the branched layers reach) do
+    and, with them, every node of each innermost block (an item of a ``ModuleList`` or
     ``nn.Sequential``, as the module calls recorded on the nodes name it) that some of them lie
     in and some not, so the block is called whole on the rows. (Innermost: a wrapper
     ``nn.Sequential(backbone, head)`` does not make the whole backbone run once per task.)"""
-    variant = variant_nodes(graph, containers, set())
-    if not whole_blocks:
-        return variant
     members: dict[str, tuple[str, list[fx.Node]]] = {}
     for node in graph.nodes:
         for key, (_index, call) in facts(node).sites.items():

@@ -111,7 +111,6 @@ class PythonEmitter:
         self.parts.classes[name] = body
         return name
 
-
     def emit(self) -> EmittedSource:
         self.parts.defined.add(self.class_name)
         with defining(self.parts.defined):  # (a class imported under one of them: an alias)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import fx, nn
 
-from reconfx.calls import MARK, TaskStream
+from reconfx.calls import MARK, TaskStream, under
 from reconfx.emit.constructors import Bracket, Constructor, constructor, own_attributes
 from reconfx.emit.render import LINE, assign, comment, render_value, statement
 from reconfx.emit.restore import container, restored, tensor_source
@@ -31,7 +31,7 @@ from reconfx.streams import StreamRegion
 from reconfx.tracing import leaf_tracer
 
 __all__ = [
-    "accessor", "buildable", "container_kind", "FileParts", "InitWriter", "node_at", "Tree", "under"
+    "accessor", "buildable", "container_kind", "FileParts", "InitWriter", "node_at", "Tree"
 ]
 
 _IND = " " * 8  # a statement of __init__
@@ -488,10 +488,6 @@ def node_at(tree: Tree, path: str) -> Tree:
     for part in path.split("."):
         tree = tree.children[part]
     return tree
-
-
-def under(path: str, prefix: str) -> bool:
-    return path == prefix or path.startswith(prefix + ".")
 
 
 def _owning_leaf(name: str, leaves: set[str]) -> str:
