@@ -203,7 +203,7 @@ def check_isolation(compiled: nn.Module, example: dict[str, torch.Tensor],
         return Check("I3 isolation", "no branched layers")
     params = dict(compiled.named_parameters(remove_duplicate=False))
     with preserved(compiled):
-        outputs = run(compiled, example, True)
+        outputs = run(compiled, example, True, graph=True)
         tasks = list(outputs)
         for task in tasks:
             others = [n for per_task in copies.values() for t, names in per_task.items()
@@ -274,13 +274,14 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
 
 @contextlib.contextmanager
 def perturbed(module: nn.Module, rename: Callable[[str], str | None] = str) -> Iterator[None]:
-    """Scale every floating parameter and buffer by exp(0.1 r) (parameters also shifted by
-    0.01 r'), restored on exit. The noise is drawn from a seed derived from the tensor's name
-    (the smallest of its names, through ``rename``), so two models with the same names, or names
-    ``rename`` maps to the same, get the same perturbation; a tensor ``rename`` maps to None is
-    left as it is. Signs are kept (variances stay positive). The original values wait in a
-    temporary file, not in memory (a second copy of a large model's weights would not fit
-    beside it), and are read back one tensor at a time."""
+    """Scale every floating parameter and buffer by exp(0.1 r), parameters shifted by 0.01 r
+    first (r standard normal per element), restored on exit. The noise is drawn from a seed
+    derived from the tensor's name (the smallest of its names, through ``rename``), so two
+    models with the same names, or names ``rename`` maps to the same, get the same
+    perturbation; a tensor ``rename`` maps to None is left as it is. Buffers keep their signs
+    (variances stay positive). The original values wait in a temporary file, not in memory (a
+    second copy of a large model's weights would not fit beside it), and are read back one
+    tensor at a time."""
     names: dict[int, list[str]] = {}
     tensors: dict[int, torch.Tensor] = {}
     for name, t in named_tensors(module):
@@ -303,9 +304,8 @@ def _perturb(t: torch.Tensor, generator: torch.Generator, rows: int = 2**24) -> 
     temporary of ``t``'s size: a large embedding's would cost gigabytes); the blocks depend on
     ``t``'s shape only, so equal tensors get equal noise."""
     blocks = [t] if t.dim() == 0 else t.split(max(1, rows // max(1, t.numel() // max(1, len(t)))))
-    for block in blocks:
-        block.mul_(torch.randn(block.shape, generator=generator).to(t.device, t.dtype)
-                   .mul_(0.1).exp_())
+    for block in blocks:  # (one draw per element: drawing is most of the cost)
+        noise = torch.randn(block.shape, generator=generator).to(t.device, t.dtype)
         if isinstance(t, nn.Parameter):
-            block.add_(torch.randn(block.shape, generator=generator).to(t.device, t.dtype)
-                       .mul_(0.01))
+            block.add_(noise, alpha=0.01)
+        block.mul_(noise.mul_(0.1).exp_())

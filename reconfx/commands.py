@@ -28,7 +28,7 @@ from reconfx.emit import hf
 from reconfx.emit.onnx import OnnxExport, OnnxOptions
 from reconfx.errors import CheckError, ModelError, OutputError, SpecError, located
 from reconfx.layers import Layer
-from reconfx.modes import restored
+from reconfx.modes import restored, reusing
 from reconfx.outdir import CHECKPOINTS, TENSORBOARD
 from reconfx.pipeline import (
     Compiled,
@@ -86,7 +86,7 @@ def compile_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = Non
     is printed as it starts and finishes."""
     loaded = loaded_spec(spec)
     stages = Stages(progress)
-    with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out:
+    with outdir.writing(output_dir(loaded, out_dir), "compile", force) as out, reusing():
         prepared = prepare(loaded, stages)
         compiled = branch_checked(prepared, stored_scores(out), stages)
         return write_model(compiled, out, progress=progress, stages=stages)
@@ -174,7 +174,7 @@ def run_spec(spec: LoadedSpec | str | Path, out_dir: str | Path | None = None,
         require_tensorboard(str(loaded.path))
     main = join(loaded).main  # (ranks but 0 write nothing: they neither check nor lock)
     with outdir.writing(output_dir(loaded, out_dir), "run", force, main) as out, \
-            threads(loaded.spec.train.threads):
+            threads(loaded.spec.train.threads), reusing():
         return _run(loaded, out, progress, resume)
 
 

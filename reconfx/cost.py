@@ -176,12 +176,14 @@ def flops(model: nn.Module, example: dict[str, torch.Tensor]) -> int:
 
 
 def latency(original: nn.Module, compiled: nn.Module, example: dict[str, torch.Tensor],
-            rounds: int = 15) -> Ratio:
+            rounds: int = 15, budget_s: float = 1.5) -> Ratio:
     """The compiled model's eval-mode forward time over the original's on the example inputs,
-    from interleaved rounds (:func:`reconfx.timing.interleaved_ratio`)."""
+    from interleaved rounds (:func:`reconfx.timing.interleaved_ratio`), fewer where they would
+    take over ``budget_s`` (a report's figure, not a benchmark: at least 3 rounds, their
+    number and quartiles reported with it)."""
     cuda = any(v.is_cuda for v in example.values() if isinstance(v, torch.Tensor))
     with preserved(original, compiled), torch.no_grad():
         original.eval()
         compiled.eval()
         return interleaved_ratio(lambda: original(**example), lambda: compiled(**example),
-                                 rounds=rounds, cuda=cuda)
+                                 rounds=rounds, cuda=cuda, budget_s=budget_s)

@@ -21,15 +21,18 @@ or changes a kind.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = [
     "constructor_values", "dropout_attr", "exact_module", "has_running_stats", "is_leaf",
-    "is_torch_nn", "Kind", "kind_of", "KINDS", "owns_state", "register"
+    "is_settings", "is_torch_nn", "Kind", "kind_of", "KINDS", "own_attributes", "owns_state",
+    "register", "settings_in"
 ]
 
 
@@ -174,3 +177,29 @@ def constructor_values(module: nn.Module) -> dict[str, Any] | None:
     module's class (a subclass's constructor may take other arguments); None otherwise."""
     kind = KINDS.get(type(module))
     return kind.constructor(module) if kind is not None and kind.constructor else None
+
+
+_INTERNAL = set(vars(nn.Module()))  # nn.Module's own bookkeeping (_parameters, training, hooks)
+
+
+def own_attributes(m: nn.Module) -> dict[str, Any]:
+    """The instance's own recorded attributes, besides its tensors and children."""
+    return {k: v for k, v in vars(m).items() if k not in _INTERNAL}
+
+
+def is_settings(value: Any) -> bool:
+    """A settings object: a dataclass instance or an object with ``to_dict`` (a Hugging Face
+    config), not a module or a tensor."""
+    if isinstance(value, type | nn.Module | torch.Tensor):
+        return False
+    return dataclasses.is_dataclass(value) or callable(getattr(value, "to_dict", None))
+
+
+def settings_in(m: nn.Module) -> list[Any]:
+    """The settings objects the modules of ``m``'s subtree keep, each once, outermost first."""
+    found: dict[int, Any] = {}
+    for sub in m.modules():
+        for value in own_attributes(sub).values():
+            if is_settings(value):
+                found.setdefault(id(value), value)
+    return list(found.values())

@@ -9,7 +9,9 @@ never changes state.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import io
+import weakref
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -20,8 +22,8 @@ from reconfx.memory import release
 from reconfx.tensorfile import Spill
 
 __all__ = [
-    "ATOL", "compare", "magnitude", "max_diff", "preserved", "restored", "run", "run_reaching",
-    "same_outputs", "silenced"
+    "ATOL", "compare", "magnitude", "max_diff", "preserved", "restored", "reusing", "run",
+    "run_reaching", "same_outputs", "silenced"
 ]
 
 # The checks' tolerance where two computations of the same function use kernels that round
@@ -41,8 +43,11 @@ def silenced() -> Iterator[None]:
 
 @contextlib.contextmanager
 def preserved(*modules: nn.Module) -> Iterator[None]:
-    """Restore every buffer (BN running statistics) and the training flags on exit."""
-    saved = [(m, {k: b.clone() for k, b in m.named_buffers()},
+    """Restore every buffer (BN running statistics) and the training flags on exit. A buffer
+    still the same tensor with the same values is left untouched, so its version counter
+    says it is unchanged (:func:`run` relies on that; a norm layer's kernel updates its
+    running statistics without moving the counter, hence the comparison of values)."""
+    saved = [(m, {k: (b, b._version, b.clone()) for k, b in m.named_buffers()},
               {n: s.training for n, s in m.named_modules()}) for m in modules]
     try:
         yield
@@ -50,7 +55,9 @@ def preserved(*modules: nn.Module) -> Iterator[None]:
         for module, buffers, modes in saved:
             with torch.no_grad():
                 for name, buf in module.named_buffers():
-                    buf.copy_(buffers[name])
+                    was, version, value = buffers[name]
+                    if buf is not was or buf._version != version or not torch.equal(buf, value):
+                        buf.copy_(value)
             for name, sub in module.named_modules():
                 sub.training = modes[name]
 
@@ -67,10 +74,97 @@ def restored(module: nn.Module) -> Iterator[None]:
             spill.restore()
 
 
-def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0):
+def run(model: nn.Module, example: dict[str, torch.Tensor], training: bool, seed: int = 0,
+        *, graph: bool = False):
     """One forward pass from a fixed RNG state; in train mode the running statistics it updates
-    are restored, so every comparison starts from the same state."""
-    return run_reaching(model, example, training=training, params={}, seed=seed)[0]
+    are restored, so every comparison starts from the same state. Inside :func:`reusing`, the
+    outputs come detached, from an earlier pass of the same module in the same state where
+    there was one; ``graph``: always a new pass, its outputs with their autograd graph."""
+    memo = _REUSED.get()
+    if graph or memo is None:
+        return run_reaching(model, example, training=training, params={}, seed=seed)[0]
+    model.train(training)  # (the state compared is the one the pass runs in)
+    state = _state(model, example)
+    key = (id(model), id(example), training, seed)
+    buffers = [b for _n, b in model.named_buffers(remove_duplicate=False)]
+    if state is not None:
+        entry = memo.get(key)
+        if entry is not None and entry[0]() is model and entry[1] == state and all(
+                torch.equal(b, was) for b, was in zip(buffers, entry[3], strict=True)):
+            return entry[2]
+    out = run_reaching(model, example, training=training, params={}, seed=seed)[0]
+    if state is not None and isinstance(out, dict):
+        out = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in out.items()}
+        memo[key] = (weakref.ref(model), state, out, [b.clone() for b in buffers], example)
+    return out
+
+
+# Outputs of run() by module, example, mode and seed, each with the state it was computed in.
+_REUSED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("reused", default=None)
+
+
+@contextlib.contextmanager
+def reusing() -> Iterator[None]:
+    """While open, :func:`run` of a module on an example it ran on before, in the same mode and
+    state, returns the earlier outputs instead of running it again: the checks of one compile
+    (tracing's acceptance, I1, collapsing calls, task rows, I4) compare the same reference
+    models on the same examples. The state is everything a forward pass reads besides its
+    code's classes (:func:`_state`); a module with hooks always runs."""
+    token = _REUSED.set({})
+    try:
+        yield
+    finally:
+        _REUSED.reset(token)
+
+
+def _state(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple | None:
+    """What a forward pass of ``model`` on ``example`` reads, as a comparable value: every
+    submodule (its identity, class, generated code for a GraphModule, plain attributes, and the
+    plain attributes of the objects it keeps, such as a config; none for a torch dropout module
+    in eval mode), every parameter (identity, storage, version counter: an in-place change
+    moves it), every buffer's identity and storage (their values are compared apart: a norm
+    layer's kernel updates its running statistics without moving the counter), the example's
+    tensors and the global modes. None (do not reuse) when any module has hooks."""
+    from torch.nn.modules import module as torch_module
+
+    if any((torch_module._global_forward_hooks, torch_module._global_forward_pre_hooks,
+            torch_module._global_backward_hooks)):
+        return None
+    kept: dict[int, tuple] = {}
+
+    def plain(obj: Any) -> tuple:
+        if id(obj) not in kept:
+            kept[id(obj)] = tuple((k, v) for k, v in vars(obj).items()
+                                  if isinstance(v, _PLAIN))
+        return kept[id(obj)]
+
+    modules = []
+    for name, sub in model.named_modules(remove_duplicate=False):
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or getattr(
+                sub, "_backward_pre_hooks", None):
+            return None
+        attrs = []
+        # (torch's dropout modules are the identity in eval mode, whatever their p: the checks
+        # set p to 0 where streams draw in another order)
+        idle = not sub.training and type(sub).__module__ == "torch.nn.modules.dropout"
+        for k, v in () if idle else vars(sub).items():
+            if isinstance(v, _PLAIN):
+                attrs.append((k, v))
+            elif hasattr(v, "__dict__") and not isinstance(v, nn.Module | torch.Tensor | type):
+                attrs.append((k, id(v), plain(v)))
+        code = getattr(sub, "code", None) if isinstance(sub, torch.fx.GraphModule) else None
+        modules.append((name, id(sub), type(sub), code, tuple(attrs)))
+    tensors = tuple((name, id(t), t.data_ptr(), t._version, t.requires_grad)
+                    for name, t in model.named_parameters(remove_duplicate=False))
+    buffers = tuple((name, id(t), t.data_ptr(), t.dtype, tuple(t.shape))
+                    for name, t in model.named_buffers(remove_duplicate=False))
+    inputs = tuple((k, id(v), v.data_ptr(), v._version) if isinstance(v, torch.Tensor) else
+                   (k, repr(v)) for k, v in example.items())
+    return (tuple(modules), tensors, buffers, inputs, torch.is_grad_enabled(),
+            torch.is_inference_mode_enabled(), torch.get_default_dtype())
+
+
+_PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)
 
 
 def magnitude(outputs: dict[str, torch.Tensor]) -> float:

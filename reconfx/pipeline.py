@@ -41,12 +41,13 @@ from reconfx.checks import (
 from reconfx.cost import Cost, CostModel, Selection, flops, latency, selection_lines
 from reconfx.data.padding import collate_of
 from reconfx.distributed import World
-from reconfx.emit.constructors import settings_in
+from reconfx.emit.constructors import remembered
 from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
 from reconfx.emit.python import EmittedSource, emit_python
 from reconfx.emit.tree import buildable
 from reconfx.errors import CheckError, SpecError, located, unexpected
 from reconfx.graph import named_tensors, unique_parameters
+from reconfx.kinds import settings_in
 from reconfx.layers import Layer, inventory
 from reconfx.modes import ATOL
 from reconfx.profiling import Profile, Scores, annotate_scores, profile, restore_profile, scores_in
@@ -349,6 +350,11 @@ class Sources:
 
 def emit_sources(compiled: Compiled) -> Sources:
     """``model.py``, ``original.py`` and ``branch.diff`` for ``compiled``."""
+    with remembered():  # (each form looks up the same modules' constructors)
+        return _emit_sources(compiled)
+
+
+def _emit_sources(compiled: Compiled) -> Sources:
     prepared, branched = compiled.prepared, compiled.branched
     s = prepared.loaded.spec
     name = class_name(s.name)

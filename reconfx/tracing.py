@@ -44,8 +44,8 @@ from reconfx.graph import (
     resolve,
     same_graph,
 )
-from reconfx.kinds import is_leaf
-from reconfx.modes import ATOL, compare, max_diff, preserved, run_reaching, silenced
+from reconfx.kinds import is_leaf, settings_in
+from reconfx.modes import ATOL, max_diff, preserved, run, run_reaching, silenced
 from reconfx.tree import key_str, task_outputs
 
 __all__ = [
@@ -541,14 +541,15 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
             result = _assemble(model, graphs, root=model, tier="fx", notes=notes,
                                class_name=class_name)
             hidden = [p for p in forced if parameterised_modules(model.get_submodule(p)) > 1]
-            result = _accepted(result, "fx", model, task_paths, [example, verify_with])
             if not hidden or tier == "fx":
-                return result
+                return _accepted(result, "fx", model, task_paths, [example, verify_with])
             if selected is not None and _coarse_fits(result.module, model, hidden, selected):
+                result = _accepted(result, "fx", model, task_paths, [example, verify_with])
                 return replace(result, tier="fx-coarse", notes=(
                     *result.notes, f"coarse fx leaves hide several layers ({', '.join(hidden)}),"
                     " and the selection branches each whole or runs it before any branch point,"
                     " so tier 1 is kept"))
+            # (checked only where tier 2 fails and it is used)
             coarse = replace(result, tier="fx-coarse", notes=(
                 *result.notes, f"coarse fx leaves hide several layers: {', '.join(hidden)}"))
         except TierFailure as exc:
@@ -577,8 +578,13 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         except TierFailure as exc:
             failures.append(exc)
     if coarse is not None:
-        return replace(coarse, notes=(
-            *coarse.notes, f"the coarse fx leaves are kept: tier 2 failed too ({failures[-1]})"))
+        try:
+            coarse = _accepted(coarse, "fx", model, task_paths, [example, verify_with])
+        except TierFailure as exc:
+            failures.insert(0, exc)  # (tier 1's failure first, as it was tried first)
+        else:
+            return replace(coarse, notes=(*coarse.notes, "the coarse fx leaves are kept: tier 2 "
+                                          f"failed too ({failures[-1]})"))
     raise _trace_error(failures, model)
 
 
@@ -690,8 +696,6 @@ RANDOM_SETTINGS = ("mask_time_prob", "mask_feature_prob", "layerdrop", "encoder_
 
 def random_settings(model: nn.Module) -> dict[str, float]:
     """The model's settings from :data:`RANDOM_SETTINGS` that are on (above 0)."""
-    from reconfx.emit.constructors import settings_in
-
     found: dict[str, float] = {}
     for settings in settings_in(model):
         for key in RANDOM_SETTINGS:
@@ -786,22 +790,28 @@ def traced_matches(model: nn.Module, traced: nn.Module, task_paths: dict[str, st
         for i, example in enumerate(filter(None, examples)):
             for training in (False, True):
                 reach = params if training and i == 0 else {}
-                want, want_reach = run_reaching(model, example, training=training, params=reach,
-                                                outputs=lambda out: task_outputs(out, task_paths))
+                # (run where no gradient is asked about: the checks after tracing run the model
+                # and the graph again, and reuse these passes)
+                want, want_reach = run_reaching(
+                    model, example, training=training, params=reach,
+                    outputs=lambda out: task_outputs(out, task_paths)) if reach else (
+                    task_outputs(run(model, example, training), task_paths), {})
                 batch = next(iter(example.values())).shape[0]
                 mode = "train" if training else "eval"
                 try:
                     with silenced():
                         got, got_reach = run_reaching(traced, example, training=training,
-                                                      params=reach)
+                                                      params=reach) if reach else (
+                            run(traced, example, training), {})
                 except Exception as exc:  # e.g. a size the tracer baked in indexes out of range
                     return (f"the traced graph fails in {mode} mode at batch {batch} where the "
                             f"model runs ({type(exc).__name__}: {exc})"), worst
-                bad = compare(want, got, ATOL)
+                diffs = {task: max_diff(value, got[task]) for task, value in want.items()}
+                bad = next(((task, d) for task, d in diffs.items() if d > ATOL), None)
                 if bad:
                     return (f"traced graph differs from the model for task '{bad[0]}' in {mode} "
                             f"mode at batch {batch} (max abs diff {bad[1]:.3g})"), worst
-                worst = max([worst, *(max_diff(want[t], got[t]) for t in want)])
+                worst = max([worst, *diffs.values()])
                 for name in reach:
                     if None not in (want_reach[name], got_reach[name]) and (
                             want_reach[name] != got_reach[name]):

@@ -807,3 +807,33 @@ class WrappedBlocks(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.trunk(x)
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class GatedPair(nn.Module):
+    """Two layers behind Python control flow on a tensor's value: fx keeps the block as one
+    coarse leaf, and torch.export cannot trace it at all."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.up = nn.Linear(width, width)
+        self.down = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.up(x)
+        if h.sum() > 0:
+            h = torch.relu(h)
+        return self.down(h)
+
+
+class GatedNet(nn.Module):
+    """A stem, a :class:`GatedPair` and two heads."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.gated = GatedPair(width)
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.gated(self.stem(x))
+        return {task: head(h) for task, head in self.heads.items()}

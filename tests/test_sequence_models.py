@@ -125,3 +125,18 @@ def test_forward_argument_left_out_of_the_spec_keeps_its_default(tmp_path):
     source = (out / "model.py").read_text()
     assert "def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:" in source
     assert "relu * 2.0" in source
+
+
+def test_a_coarse_fx_leaf_is_checked_and_kept_where_torch_export_fails_too(tmp_path):
+    """Tier 1's coarse graph is checked only where it is used: here tier 2 fails, so the
+    coarse graph is accepted after its check, and the compile says why."""
+    spec = write_spec(tmp_path, "gated", model={"factory": "tests.models:GatedNet"},
+                      inputs=[{"name": "x", "shape": [2, 4], "dynamic": [0]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["stem"]})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    traced = compiled.prepared.traced
+    assert traced.tier == "fx-coarse"
+    assert "gated" in [layer.name for layer in compiled.prepared.layers]
+    assert any("coarse fx leaves hide several layers: gated" in n for n in traced.notes)
+    assert any(n.startswith("the coarse fx leaves are kept: tier 2 failed too") for n in
+               traced.notes)

@@ -16,7 +16,8 @@ values passed to constructors get their source forms from :mod:`reconfx.emit.sou
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
+import contextvars
 import inspect
 import itertools
 from collections.abc import Iterator, Sequence
@@ -28,13 +29,25 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from reconfx.emit.render import LINE, Source, bracketed, render_value
-from reconfx.emit.sources import PLAIN, class_source, imports_of, namespace, sourced
+from reconfx.emit.sources import (
+    PLAIN,
+    class_source,
+    defined,
+    imports_of,
+    namespace,
+    settings_key,
+    sourced,
+)
 from reconfx.graph import named_tensors
-from reconfx.kinds import constructor_values, is_torch_nn
+from reconfx.kinds import (
+    constructor_values,
+    is_torch_nn,
+    own_attributes,
+    settings_in,
+)
 
 __all__ = [
-    "Bracket", "Constructor", "constructor", "differences", "is_settings", "own_attributes",
-    "settings_in"
+    "Bracket", "Constructor", "constructor", "differences", "remembered"
 ]
 
 # A required argument is searched among this many of the instance's values at most, and at most
@@ -150,14 +163,6 @@ def _equal(a: Any, b: Any) -> bool:
         return False
 
 
-_INTERNAL = set(vars(nn.Module()))  # nn.Module's own bookkeeping (_parameters, training, hooks)
-
-
-def own_attributes(m: nn.Module) -> dict[str, Any]:
-    """The instance's own recorded attributes, besides its tensors and children."""
-    return {k: v for k, v in vars(m).items() if k not in _INTERNAL}
-
-
 def _own_differences(a: nn.Module, b: nn.Module) -> int:
     """Public attributes only: libraries mark instances with private flags after building them
     (transformers' ``_is_hf_initialized``), which a rebuild need not reproduce."""
@@ -220,10 +225,59 @@ def _dtype(m: nn.Module) -> torch.dtype | None:
     return next(iter(floating)) if accepts else None
 
 
+# Constructors found while one model's files are written, by what decides them (see _likeness):
+# a model repeats its layers, and each search builds candidates on the meta device.
+_FOUND: contextvars.ContextVar[dict | None] = contextvars.ContextVar("found", default=None)
+
+
+@contextlib.contextmanager
+def remembered() -> Iterator[None]:
+    """While open, a module indistinguishable from one already given a constructor (same
+    classes, attributes, tensor shapes and dtypes in its whole subtree; the same settings
+    objects) gets the same constructor without a second search."""
+    token = _FOUND.set({})
+    try:
+        yield
+    finally:
+        _FOUND.reset(token)
+
+
 def constructor(m: nn.Module, settings: Sequence[Any] = ()) -> Constructor | None:
     """A verified constructor call for ``m``, or None when no form rebuilds it exactly.
     ``settings``: settings objects of the model ``m`` belongs to (a Hugging Face model's
     config), tried for a required argument ``m`` does not keep (``BertLayer(config)``)."""
+    found = _FOUND.get()
+    if found is None:
+        return _constructor(m, settings)
+    key = _likeness(m, settings)
+    if key not in found:
+        found[key] = _constructor(m, settings)
+    return found[key]
+
+
+def _likeness(m: nn.Module, settings: Sequence[Any]) -> tuple:
+    """Everything a constructor search reads from ``m``, as a key: each module of the subtree
+    with its class and its own attributes (plain values by value; anything else, a settings
+    object or a function, by identity), each tensor's shape and dtype, and the settings objects
+    and import aliases in force. Two modules with equal keys are the same to the search and to
+    its verification (:func:`differences` compares a subset of this). Settings objects count by
+    content: the layers of a model copied per task hold copies of its config."""
+    def value(v: Any) -> Any:
+        if isinstance(v, tuple):
+            return tuple(value(x) for x in v)
+        if isinstance(v, PLAIN):
+            return type(v), v
+        return settings_key(v) or ("id", id(v))
+
+    modules = tuple((name, type(sub), tuple((k, value(v)) for k, v in own_attributes(sub).items()))
+                    for name, sub in m.named_modules())
+    tensors = tuple((name, tuple(t.shape), t.dtype, isinstance(t, nn.Parameter))
+                    for name, t in named_tensors(m))
+    return (modules, tensors, tuple(value(x) for x in settings), defined(),
+            torch.get_default_dtype())
+
+
+def _constructor(m: nn.Module, settings: Sequence[Any]) -> Constructor | None:
     if parametrize.is_parametrized(m):
         return _parametrized(m, settings)
     cls = type(m)
@@ -310,24 +364,6 @@ def _filled(m: nn.Module, values: dict[str, Any], settings: Sequence[Any] = ()
         return
     for chosen in itertools.product(pool, repeat=len(missing)):
         yield {**values, **dict(zip(missing, chosen, strict=True))}
-
-
-def is_settings(value: Any) -> bool:
-    """A settings object: a dataclass instance or an object with ``to_dict`` (a Hugging Face
-    config), not a module or a tensor."""
-    if isinstance(value, type | nn.Module | torch.Tensor):
-        return False
-    return dataclasses.is_dataclass(value) or callable(getattr(value, "to_dict", None))
-
-
-def settings_in(m: nn.Module) -> list[Any]:
-    """The settings objects the modules of ``m``'s subtree keep, each once, outermost first."""
-    found: dict[int, Any] = {}
-    for sub in m.modules():
-        for value in own_attributes(sub).values():
-            if is_settings(value):
-                found.setdefault(id(value), value)
-    return list(found.values())
 
 
 def _own_values(m: nn.Module) -> list[Any]:

@@ -15,9 +15,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from reconfx.emit.constructors import Bracket, Constructor, own_attributes
+from reconfx.emit.constructors import Bracket, Constructor
 from reconfx.emit.render import LINE, render_arg, render_value
 from reconfx.emit.sources import class_source, imports_of, sourced
+from reconfx.kinds import own_attributes
 
 __all__ = [
     "container", "RESTORE_HELPER", "RESTORE_IMPORTS", "restored", "tensor_source"

@@ -20,8 +20,8 @@ from torch import nn
 from reconfx.emit.render import Source, render_value
 
 __all__ = [
-    "class_source", "defining", "importable", "imports_of", "namespace", "object_source", "PLAIN",
-    "SETTINGS", "sourced"
+    "class_source", "defined", "defining", "importable", "imports_of", "namespace",
+    "object_source", "PLAIN", "SETTINGS", "settings_key", "sourced"
 ]
 
 PLAIN = (int, float, bool, str, tuple, type(None), torch.dtype, torch.device)
@@ -51,6 +51,11 @@ def defining(names: set[str]) -> Iterator[None]:
         yield
     finally:
         _DEFINED.reset(token)
+
+
+def defined() -> frozenset[str]:
+    """The names the file being written defines (see :func:`defining`)."""
+    return frozenset(_DEFINED.get())
 
 
 def importable(obj: Any) -> Source | None:
@@ -118,17 +123,64 @@ _BOOKKEEPING = {"architectures", "transformers_version", "dtype", "torch_dtype",
 
 def _settings_source(value: Any) -> Source | None:
     cls = importable(type(value))
-    if cls is None:
+    fields = _fields(value)
+    if cls is None or fields is None:
         return None
+    # A model passes the same settings to each of its layers (or copies of them): a settings
+    # object whose fields and state are plain values is rebuilt and verified once per content.
+    key = settings_key(value)
+    if key is None:
+        return _verified_settings(value, cls, fields)
+    key = (key, cls, defined())
+    if key not in _SOURCES:
+        _SOURCES[key] = _verified_settings(value, cls, fields)
+    source = _SOURCES[key]
+    if source is not None:
+        SETTINGS[source.text] = type(value).__name__
+    return source
+
+
+# Verified settings sources by content (see settings_key) and the import aliases in force.
+_SOURCES: dict[tuple, Source | None] = {}
+
+
+def _fields(value: Any) -> dict[str, Any] | None:
+    """A settings object's public fields (bookkeeping left out); None for anything else."""
     if callable(getattr(value, "to_dict", None)):  # (Hugging Face configs are dataclasses too)
         fields = value.to_dict()
-    elif dataclasses.is_dataclass(value):
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         fields = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.init}
     else:
         return None
     # Private fields are bookkeeping (a config's _name_or_path, the folder it was read from).
-    fields = {k: v for k, v in fields.items()
-              if not str(k).startswith("_") and k not in _BOOKKEEPING}
+    return {k: v for k, v in fields.items()
+            if not str(k).startswith("_") and k not in _BOOKKEEPING}
+
+
+def settings_key(value: Any) -> tuple | None:
+    """A settings object's content as a hashable key (its class, its fields and its plain
+    instance state, bookkeeping left out): equal keys, equal settings. None when it is no
+    settings object or a field holds something other than plain values (an object of its
+    own)."""
+    fields = _fields(value)
+    if fields is None:
+        return None
+
+    def plain(v: Any) -> bool:
+        if isinstance(v, list | tuple):
+            return all(plain(x) for x in v)
+        if isinstance(v, dict):
+            return all(isinstance(k, str | int) and plain(x) for k, x in v.items())
+        return isinstance(v, PLAIN) and not isinstance(v, enum.Enum)
+
+    state = {k: v for k, v in vars(value).items()
+             if isinstance(v, PLAIN) and k not in _BOOKKEEPING}
+    if not plain(fields) or not plain(state):
+        return None
+    return type(value), repr(sorted(fields.items())), repr(sorted(state.items()))
+
+
+def _verified_settings(value: Any, cls: Source, fields: dict[str, Any]) -> Source | None:
     defaults = _default_fields(type(value))
     try:
         items = {k: sourced(v) for k, v in fields.items()}
@@ -156,9 +208,7 @@ def _settings_source(value: Any) -> Source | None:
         if rebuilt is None or _public(rebuilt, fields) != fields or set(_state_differences(
                 value, rebuilt)) - moot:
             return None
-    text = f"{cls.text}({', '.join(args)})"
-    SETTINGS[text] = type(value).__name__
-    return Source(text, tuple(sorted(imports)))
+    return Source(f"{cls.text}({', '.join(args)})", tuple(sorted(imports)))
 
 
 def _rebuilt(head: str, args: list[str], imports: set[str]) -> Any:
@@ -189,8 +239,10 @@ def _state_differences(value: Any, rebuilt: Any) -> list[str]:
 SETTINGS: dict[str, str] = {}
 
 
+@functools.cache
 def _default_fields(cls: type) -> dict[str, Any]:
-    """The fields of ``cls()`` (the class's defaults), empty when it needs arguments."""
+    """The fields of ``cls()`` (the class's defaults), empty when it needs arguments (one dict
+    per class, read only)."""
     try:
         default = cls()
     except Exception:

@@ -20,12 +20,13 @@ import torch
 from torch import fx, nn
 
 from reconfx.calls import MARK, TaskStream, under
-from reconfx.emit.constructors import Bracket, Constructor, constructor, own_attributes
+from reconfx.emit.constructors import Bracket, Constructor, constructor
 from reconfx.emit.render import LINE, assign, comment, render_value, statement
 from reconfx.emit.restore import container, restored, tensor_source
 from reconfx.emit.sources import SETTINGS, sourced
 from reconfx.errors import CheckError
 from reconfx.graph import DualGraphModule, region_call, resolve, same_graph
+from reconfx.kinds import own_attributes
 from reconfx.rows import PerTask, shares_parameters, unswapped
 from reconfx.streams import StreamRegion
 from reconfx.tracing import leaf_tracer
