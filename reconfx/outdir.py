@@ -32,6 +32,7 @@ import re
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -259,16 +260,32 @@ def read_manifest(folder: Path) -> dict:
 
 def file_sha256(path: Path) -> str | None:
     """The sha256 of a regular file read without following links (None: missing, a link or not
-    a regular file)."""
+    a regular file). A file already hashed by this process and not changed since (the same
+    device, inode, size, modification and status-change times, as git's index tells) is not
+    read again: a commit checks each large file several times. Only a file whose status
+    changed over 2 s before it was hashed is remembered, so a write in the same tick of the
+    file system's clock cannot go unseen; the status-change time cannot be set back by any
+    process but the clock's owner."""
+    started = time.time_ns()
     try:
         fd = open_regular(path)
     except (OSError, OutputError):
         return None
-    digest = hashlib.sha256()
+    st = os.fstat(fd)
+    key = (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     with os.fdopen(fd, "rb") as handle:
+        if key in _HASHED:
+            return _HASHED[key]
+        digest = hashlib.sha256()
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
+    if st.st_ctime_ns < started - _SETTLED_NS:
+        _HASHED[key] = digest.hexdigest()
     return digest.hexdigest()
+
+
+_HASHED: dict[tuple[int, ...], str] = {}  # see file_sha256
+_SETTLED_NS = 2 * 10**9
 
 
 def present(path: Path) -> str:

@@ -5,6 +5,7 @@ hostile folder is built by the test itself, on a real compile)."""
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import importlib.util
 import json
 import os
@@ -243,3 +244,39 @@ def test_signals_at_random_moments_of_start_up_give_one_line(tmp_path):
         want = 143 if number == signal.SIGTERM else 130
         assert process.returncode == want, (trial, delay, err)
         assert len(err.splitlines()) == 1 and err.startswith("reconfx: "), (trial, delay, err)
+
+
+def test_a_file_changed_after_it_was_hashed_is_hashed_again(tmp_path, monkeypatch):
+    """The hashes of a commit's large files are remembered by their status; a change of content
+    (even one that sets the modification time back) moves the status-change time, and a file
+    changed within the last 2 s is never remembered."""
+    made, real = [], hashlib.sha256
+
+    class Counted:
+        def __init__(self):
+            self.inner = real()
+            made.append(self)
+
+        def update(self, block):
+            self.inner.update(block)
+
+        def hexdigest(self):
+            return self.inner.hexdigest()
+
+    monkeypatch.setattr(outdir.hashlib, "sha256", Counted)
+    path = tmp_path / "weights.safetensors"
+    path.write_bytes(b"a" * 4096)
+    assert outdir.file_sha256(path) == outdir.file_sha256(path) == real(b"a" * 4096).hexdigest()
+    assert len(made) == 2  # (just written: not remembered)
+    later = time.time_ns() + 10 * 10**9
+    monkeypatch.setattr(outdir.time, "time_ns", lambda: later)  # the file is now 10 s old
+    outdir.file_sha256(path)
+    outdir.file_sha256(path)
+    assert len(made) == 3
+    times = os.stat(path)
+    time.sleep(0.05)  # (past the file system clock's tick)
+    with open(path, "r+b") as f:
+        f.write(b"b")
+    os.utime(path, ns=(times.st_atime_ns, times.st_mtime_ns))
+    assert outdir.file_sha256(path) == real(b"b" + b"a" * 4095).hexdigest()
+    assert len(made) == 4
