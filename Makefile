@@ -88,7 +88,7 @@ bench-hf: $(VENV)/.installed
 
 # Compile cost against model size, up to a 1B-parameter decoder (minutes; run on demand).
 bench-scale: $(VENV)/.installed
-	$(PY) bench/compile_scaling.py --sizes 40m,170m,1b
+	$(PY) bench/compile_scaling.py --sizes 40m,170m,bert-base,1b
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-lock .example-check .pytest_cache .site

@@ -12,7 +12,8 @@ export is timed in another fresh process. Sizes (``--sizes``):
   billion parameters, 2.5 GB in bf16, 4.9 GB in fp32; minutes: run on demand,
   ``make bench-scale``);
 * ``bert-base``: a ``BertModel`` of BERT-base's shape (hidden 768, 12 layers, MLP 3072,
-  vocabulary 30,522) with its last three encoder layers branched (24 layers).
+  vocabulary 30,522) with its last three encoder layers branched (18 layers); ``bert-6`` and
+  ``bert-24`` the same with 6 and 24 encoder layers (time against depth).
 
 The baseline ("two exports") is what tracing needs at the least: a fresh process that loads the
 same folder and calls ``torch.export.export`` twice, in train and in eval mode, with the
@@ -50,9 +51,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 SIZES = {"40m": (512, 8, 32000, 0), "170m": (1024, 12, 32000, 0),
          "1b": (2048, 16, 128256, 8192),  # hidden, layers, vocabulary, MLP (0: 8/3 hidden)
-         "bert-base": (768, 12, 30522, 3072)}
-BRANCHED = {"bert-base": "[backbone.encoder.layer.9, backbone.encoder.layer.10, "
-                         "backbone.encoder.layer.11]"}  # else the last decoder layer
+         "bert-6": (768, 6, 30522, 3072), "bert-base": (768, 12, 30522, 3072),
+         "bert-24": (768, 24, 30522, 3072)}
 
 MAKE = """
 import sys, torch
@@ -167,7 +167,9 @@ def measure(size: str, dtype: str, formats: str, root: Path, steps: int,
                                 capture_output=True, text=True, check=True).stdout.split()[-1])
     weights = sum(f.stat().st_size for f in folder.glob("*.safetensors")) / 1024**3
     spec = root / f"{size}.yaml"
-    branched = BRANCHED.get(size, f"[backbone.layers.{layers - 1}]")
+    branched = (f"[backbone.encoder.layer.{layers - 3}, backbone.encoder.layer.{layers - 2}, "
+                f"backbone.encoder.layer.{layers - 1}]" if size.startswith("bert") else
+                f"[backbone.layers.{layers - 1}]")  # BERT: the last three layers, else the last
     spec.write_text(textwrap.dedent(SPEC.format(folder=folder, branched=branched, vocab=vocab,
                                                 formats=formats, out=root / f"out-{size}")))
     row = [size, f"{params / 1e6:,.0f}M", dtype, formats.replace(",", "+"), f"{weights:.2f}"]
