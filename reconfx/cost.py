@@ -66,6 +66,11 @@ class CostModel:
 
     def extra_flops(self, layers: Iterable[Layer]) -> int:
         """FLOPs the branched model runs on top of the original's, with ``layers`` branched."""
+        return sum(self.added(n) for n in self.reach(layers))
+
+    def reach(self, layers: Iterable[Layer]) -> set[fx.Node]:
+        """The nodes that run once per task with ``layers`` branched: theirs and every node
+        downstream."""
         start = [n for layer in layers for p in layer.paths for n in self.nodes.get(p, [])]
         seen: set[fx.Node] = set()
         while start:
@@ -73,7 +78,11 @@ class CostModel:
             if node not in seen:
                 seen.add(node)
                 start.extend(node.users)
-        return sum(max(self.uses.get(n, 1) - 1, 0) * self.flops.get(n, 0) for n in seen)
+        return seen
+
+    def added(self, node: fx.Node) -> int:
+        """The FLOPs ``node`` adds when it runs once per task its output reaches."""
+        return max(self.uses.get(node, 1) - 1, 0) * self.flops.get(node, 0)
 
     def responsible(self, layers: list[Layer]) -> Layer | None:
         """The selected layer whose own branching costs the most FLOPs (the earliest one, where

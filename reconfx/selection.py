@@ -59,10 +59,10 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = 
     scoring at least that. The budgets buy the most conflict they can afford (layers scoring 0
     buy none): ``param_budget`` the set of layers with the highest total score whose added
     parameters ((T−1) × theirs) stay within the given percent of the candidates' parameters (an
-    exact 0/1 knapsack; among equal totals the fewest parameters), ``flops_budget`` the
-    candidates in ranking order, each taken where the FLOP increase of the layers taken so far
-    and it (``cost``; a layer after a branch point adds nothing more) stays within the given
-    percent of the original's FLOPs, so a costly top layer is passed over for the next ones
+    exact 0/1 knapsack; among equal totals the fewest parameters), ``flops_budget`` a set of
+    the highest total score found whose FLOP increase (``cost``; a layer after a branch point
+    adds nothing more) stays within the given percent of the original's FLOPs
+    (:func:`_afforded`), so a costly top layer is passed over for the next ones
     (:func:`budget_lines` says what was bought and what was left out).
     ``random`` draws k candidates with its seed and needs no profile; ``layers`` names them
     (a name inside a module tracing kept as one leaf is refused naming the leaf, and why from
@@ -105,14 +105,63 @@ def select_layers(layers: list[Layer], spec: SelectSpec | None, *, where: str = 
     elif policy == "flops_budget":
         if cost is None:
             raise ValueError("select.flops_budget needs the cost model")
-        limit = spec.flops_budget / 100 * cost.total
-        chosen = []
-        for layer in ranked:
-            if scores[layer.name] > 0 and cost.extra_flops([*chosen, layer]) <= limit:
-                chosen.append(layer)
+        chosen = _afforded([x for x in ranked if scores[x.name] > 0], scores, cost,
+                           spec.flops_budget / 100 * cost.total)
     else:
         chosen = [layer for layer in ranked if scores[layer.name] >= spec.min_score]
     return sorted(chosen, key=lambda layer: layer.order)
+
+
+def _afforded(ranked: list[Layer], scores: dict[str, int], cost: CostModel, limit: float,
+              starts: int = 16) -> list[Layer]:
+    """The layers of ``ranked`` with the highest total score whose FLOP increase together fits
+    ``limit``. Costs interact: a layer downstream of a branched one adds nothing more, so the
+    question is which branch points to buy. Searched greedily, by score per added FLOP (a
+    layer that adds none taken at once), from no layer and from each of the ``starts``
+    highest-scoring layers that fit alone; the ranking taken in order (each layer where it
+    still fits) is a candidate too. The best total wins, the fewer FLOPs among equals."""
+    import numpy as np
+
+    if not ranked:
+        return []
+    reaches = [cost.reach([layer]) for layer in ranked]
+    nodes = list(set().union(*reaches))
+    index = {node: i for i, node in enumerate(nodes)}
+    downstream = np.zeros((len(ranked), len(nodes)))
+    for row, reach in enumerate(reaches):
+        downstream[row, [index[n] for n in reach]] = 1.0
+    weight = np.array([float(cost.added(n)) for n in nodes])  # (exact: sums below 2**53)
+    values = np.array([float(scores[x.name]) for x in ranked])
+
+    def completed(taken: list[int]) -> list[int]:
+        open_ = np.ones(len(nodes))
+        for i in taken:
+            open_[downstream[i] > 0] = 0.0
+        spent = float(weight @ (1 - open_))
+        left = [i for i in range(len(ranked)) if i not in taken]
+        while left:
+            extra = downstream[left] @ (weight * open_)
+            fits = [k for k in range(len(left)) if spent + extra[k] <= limit]
+            if not fits:
+                break
+            free = [k for k in fits if extra[k] == 0]
+            pick = free or [max(fits, key=lambda k: (values[left[k]] / extra[k], -left[k]))]
+            for k in pick:
+                taken.append(left[k])
+                open_[downstream[left[k]] > 0] = 0.0
+            spent += float(extra[pick[0]]) if not free else 0.0
+            left = [i for i in left if i not in taken]
+        return taken
+
+    in_order: list[int] = []
+    for i in range(len(ranked)):
+        if cost.extra_flops([ranked[j] for j in [*in_order, i]]) <= limit:
+            in_order.append(i)
+    alone = [i for i in range(len(ranked)) if float(weight @ downstream[i]) <= limit][:starts]
+    found = [in_order, completed([]), *(completed([i]) for i in alone)]
+    best = max(found, key=lambda taken: (values[taken].sum(), -cost.extra_flops(
+        [ranked[i] for i in taken])))
+    return [ranked[i] for i in best]
 
 
 def _knapsack(ranked: list[Layer], scores: dict[str, int], tasks: int, budget: float,

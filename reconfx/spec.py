@@ -350,8 +350,8 @@ class SelectSpec(_Strict):
     )
     flops_budget: PositiveFloat | None = Field(
         default=None, description="percent of the original's FLOPs per forward the branched "
-        "model may add (everything after a branch point runs once per task): the ranking's "
-        "layers taken where they still fit, a costly one passed over"
+        "model may add (everything after a branch point runs once per task): the set of "
+        "layers with the highest total score found that fits, a costly one passed over"
     )
     min_score: float | None = Field(
         default=None, description="every candidate scoring at least this")

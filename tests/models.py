@@ -837,3 +837,20 @@ class GatedNet(nn.Module):
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         h = self.gated(self.stem(x))
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class Towers(nn.Module):
+    """A stem, then parallel towers of different widths summed: branching a layer in one tower
+    costs that tower's FLOPs (and the small tail), not the others'."""
+
+    def __init__(self, widths: Sequence[int] = (6, 4, 4), width: int = 16):
+        super().__init__()
+        self.stem = nn.Linear(4, width)
+        self.towers = nn.ModuleList(nn.Sequential(nn.Linear(width, width * k), nn.ReLU(),
+                                                  nn.Linear(width * k, width)) for k in widths)
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.stem(x)
+        h = sum(tower(h) for tower in self.towers)
+        return {task: head(h) for task, head in self.heads.items()}

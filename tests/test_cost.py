@@ -34,16 +34,21 @@ def test_the_flop_increase_is_exact_for_any_selection(prepared):
         assert cost.extra_flops(chosen) == flops(branched.module, example) - original
 
 
-def test_flops_budget_takes_the_longest_ranked_prefix_within_budget(prepared):
+def test_flops_budget_buys_at_least_the_longest_ranked_prefix_that_fits(prepared):
+    """The last layers rank first: the longest prefix of the ranking that fits is one set the
+    budget can buy; the set bought scores at least as much, fits, and leaves out no layer that
+    would still fit beside it."""
     cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
     shared = [x for x in prepared.layers if x.shared]
-    scores = {x.name: i for i, x in enumerate(shared)}  # the last layers rank first
+    scores = {x.name: i + 1 for i, x in enumerate(shared)}
     chosen = select_layers(prepared.layers, SelectSpec(flops_budget=10.0), scores=scores,
                            cost=cost)
-    assert chosen and cost.extra_flops(chosen) <= 0.10 * cost.total
+    limit = 0.10 * cost.total
+    assert chosen and cost.extra_flops(chosen) <= limit
     ranked = sorted(shared, key=lambda x: -scores[x.name])
-    following = ranked[len(chosen)]
-    assert cost.extra_flops([*chosen, following]) > 0.10 * cost.total
+    prefix = max(n for n in range(len(ranked) + 1) if cost.extra_flops(ranked[:n]) <= limit)
+    assert sum(scores[x.name] for x in chosen) >= sum(scores[x.name] for x in ranked[:prefix])
+    assert all(cost.extra_flops([*chosen, x]) > limit for x in shared if x not in chosen)
 
 
 def test_branching_early_is_warned_about_naming_the_layer(tmp_path, capsys):

@@ -1,6 +1,8 @@
 """Selection policies on a real layer inventory (the small ResNet's 24 shared layers)."""
 
+import itertools
 import math
+import random
 
 import pytest
 
@@ -95,11 +97,10 @@ def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
     assert cost.extra_flops([stem]) > 0.25 * cost.total
     assert chosen and stem not in chosen
     assert cost.extra_flops(chosen) <= 0.25 * cost.total
-    # each layer left out would not fit beside those taken before it in the ranking
+    # no layer left out would still fit beside those taken
     for layer in pool:
         if layer not in chosen:
-            before = [x for x in chosen if scores[x.name] > scores[layer.name]]
-            assert cost.extra_flops([*before, layer]) > 0.25 * cost.total, layer.name
+            assert cost.extra_flops([*chosen, layer]) > 0.25 * cost.total, layer.name
     lines = budget_lines(layers, spec, scores=scores, chosen=chosen, tasks=2, cost=cost)
     bought = sum(scores[x.name] for x in chosen)
     assert lines[0].startswith(f"select.flops_budget 25% bought {len(chosen)} of 24 candidate "
@@ -115,6 +116,33 @@ def test_flops_budget_passes_over_a_costly_top_layer_and_says_so(prepared):
     assert nothing.warning().startswith(
         f"select.flops_budget 25% bought no layer, so nothing is branched; left out: "
         f"`{stem.name}` (score 24; alone +")
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_flops_budget_buys_the_most_conflict_that_fits(prepared, seed):
+    """Against every subset of 12 candidates (random scores, some zero): the set bought has
+    the highest total score of any that fits the budget, where taking the ranking in order
+    (each layer while it fits) can be stuck with a costly early layer."""
+    from reconfx.cost import CostModel
+
+    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
+    pool = shared(prepared.layers)[::2]
+    rng = random.Random(seed)
+    scores = {x.name: rng.choice([0, 1, 2, 5, 9, 20]) for x in shared(prepared.layers)}
+    spec = SelectSpec(flops_budget=30.0, include=[x.name for x in pool])
+    chosen = select_layers(prepared.layers, spec, scores=scores, cost=cost)
+    limit = 0.30 * cost.total
+    best = max(sum(scores[x.name] for x in subset)
+               for n in range(len(pool) + 1) for subset in itertools.combinations(pool, n)
+               if cost.extra_flops(subset) <= limit)
+    assert cost.extra_flops(chosen) <= limit
+    assert sum(scores[x.name] for x in chosen) == best
+    ranked = sorted(pool, key=lambda x: (-scores[x.name], x.order))
+    in_order = []
+    for layer in ranked:
+        if scores[layer.name] > 0 and cost.extra_flops([*in_order, layer]) <= limit:
+            in_order.append(layer)
+    assert sum(scores[x.name] for x in in_order) <= best
 
 
 def test_min_score(layers):
@@ -188,3 +216,25 @@ def test_only_score_based_policies_need_a_profile():
         "min_score": 1.0, "layers": ["fc"], "random": {"k": 2}}.items()}
     assert needs == {"top_k": True, "fraction": True, "param_budget": True,
                      "flops_budget": True, "min_score": True, "layers": False, "random": False}
+
+
+def test_flops_budget_prefers_two_cheaper_branch_points_to_one_costly_top_layer(tmp_path):
+    """Three parallel towers: the top-ranked layer opens the widest tower and fits alone, but
+    the two narrower towers' layers fit together and score more. Taking the ranking in order
+    would buy the top layer and nothing else."""
+    from reconfx.cost import CostModel
+
+    spec = write_spec(tmp_path, "towers", model={"factory": "tests.models:Towers"},
+                      inputs=[{"name": "x", "shape": [2, 4]}],
+                      tasks=[{"name": "a"}, {"name": "b"}])
+    prepared = prepare(spec)
+    cost = CostModel.measure(prepared.traced.module, prepared.examples[0])
+    by_name = {x.name: x for x in prepared.layers}
+    wide, left, right = (by_name[f"towers.{i}.0"] for i in range(3))
+    assert cost.extra_flops([left]) < cost.extra_flops([wide]) < cost.extra_flops([left, right])
+    scores = {x.name: 0 for x in prepared.layers if x.shared} | {
+        wide.name: 10, left.name: 6, right.name: 6}
+    budget = 100 * cost.extra_flops([left, right]) / cost.total + 1e-6
+    chosen = select_layers(prepared.layers, SelectSpec(flops_budget=budget), scores=scores,
+                           cost=cost)
+    assert chosen == [left, right]
