@@ -17,7 +17,7 @@ from reconfx.spec import SelectSpec
 
 __all__ = [
     "budget_lines", "candidates", "check_patterns", "explicit_choice", "matched_random",
-    "select_layers"
+    "random_within", "select_layers"
 ]
 
 
@@ -251,6 +251,24 @@ def matched_random(pool: list[Layer], target: int, *, seed: int, tasks: int = 2,
                 return sorted(chosen, key=lambda layer: layer.order)
     raise SelectionError(f"no random set of the {len(pool)} candidate layers adds "
                          f"{target:,} parameters within {tolerance:.0%} in {draws} draws")
+
+
+def random_within(pool: list[Layer], cost: CostModel, *, flops_limit: float, params_limit: int,
+                  seed: int, tasks: int = 2) -> list[Layer]:
+    """Random layers within a FLOP and a parameter budget (the ablation of a budgeted choice):
+    the pool shuffled (seeded) and each layer taken in that order while the FLOP increase of
+    those taken (``cost``) stays within ``flops_limit`` and their added parameters ((T−1) ×
+    theirs) within ``params_limit``; in graph order."""
+    import random
+
+    chosen: list[Layer] = []
+    added = 0
+    for layer in random.Random(seed).sample(pool, len(pool)):
+        extra = (tasks - 1) * layer.num_params
+        if added + extra <= params_limit and cost.extra_flops([*chosen, layer]) <= flops_limit:
+            chosen.append(layer)
+            added += extra
+    return sorted(chosen, key=lambda layer: layer.order)
 
 
 def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,

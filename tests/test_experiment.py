@@ -113,3 +113,33 @@ def test_rejects_explicit_selection_and_unknown_aggregator(tmp_path, capsys):
                              "--out", str(tmp_path / "t"), "--quiet"]) == 2
     assert "unknown aggregator 'nope'" in capsys.readouterr().err
     assert not (tmp_path / "t").exists()
+
+
+def test_budgets_add_the_budgeted_choice_and_its_random_ablation(tmp_path):
+    """--budgets: per FLOP budget, the layers flops_budget buys by the profile's scores and
+    random layers within the same FLOP budget and its parameters, each recorded with the
+    FLOPs and parameters it adds, and given rows of their own in the table."""
+    spec = experiment_spec(tmp_path, {"top_k": 5})
+    out = tmp_path / "table"
+    args = ["--spec", str(spec), "--seeds", "0", "--aggregators", "ew", "--size", "512",
+            "--variants", "reconfx", "--budgets", "20", "60", "--out", str(out), "--quiet"]
+    assert recon_table.main(args) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    grid = {r["variant"]: r for r in rows if r["variant"] != "single-task"}
+    assert sorted(grid) == sorted(["joint", "reconfx", "budget-20", "random-budget-20",
+                                   "budget-60", "random-budget-60"])
+    assert grid["budget-60"]["branched"]
+    assert grid["budget-60"]["branched"] != grid["random-budget-60"]["branched"]
+    assert len(grid["budget-60"]["branched"]) >= len(grid["budget-20"]["branched"])
+    for budget in (20, 60):
+        bought, drawn = grid[f"budget-{budget}"], grid[f"random-budget-{budget}"]
+        for row in (bought, drawn):
+            assert row["flops"] - row["original_flops"] <= budget / 100 * row["original_flops"]
+        assert drawn["params"] <= bought["params"]
+        scores = grid["joint"]["scores"]
+        assert sum(scores[n] for n in bought["branched"]) >= sum(
+            scores[n] for n in drawn["branched"])
+    text = (out / "table.md").read_text()
+    lines = [x for x in text.splitlines() if x.startswith("| ew |")]
+    assert [x.split("|")[2].strip() for x in lines] == [
+        "joint", "reconfx", "budget-20", "random-budget-20", "budget-60", "random-budget-60"]

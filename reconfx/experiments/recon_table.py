@@ -8,6 +8,10 @@ from the initial weights), then train from the same initial weights
 * ``reconfx-shared``: the same layers, with Recon's shared normalisation statistics;
 * ``random``: random layers (seeded) whose added parameters are within 10% of ``reconfx``'s,
   per-task norm stats (the ablation, parameter-matched);
+* with ``--budgets 10 25 50``, for each budget B: ``budget-B``, the layers
+  ``select: {flops_budget: B}`` buys by the profile's scores (the most conflict it finds within
+  +B% FLOPs), and ``random-budget-B``, random layers (seeded) within the same FLOP budget and
+  ``budget-B``'s added parameters (Recon under a compute budget, against chance at equal cost);
 
 plus one single-task model per task (the Δm baselines). Every run sees the same batches in the
 same order for a seed. The conflict column is the share of strongly conflicting gradient pairs
@@ -32,6 +36,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -39,7 +44,7 @@ from tqdm import tqdm
 
 from reconfx import artifacts
 from reconfx.build import call_data_factory
-from reconfx.cost import flops
+from reconfx.cost import CostModel, flops
 from reconfx.errors import ReconfxError, SpecError
 from reconfx.graph import unique_parameters
 from reconfx.layers import Layer
@@ -52,15 +57,15 @@ from reconfx.pipeline import (
     train_batches,
     train_compiled,
 )
-from reconfx.selection import candidates, matched_random, select_layers
+from reconfx.selection import candidates, matched_random, random_within, select_layers
 from reconfx.spec import LoadedSpec, SelectSpec, load_spec_file
 from reconfx.train.aggregators import aggregator
 from reconfx.train.loop import delta_m, evaluate, fit
 from reconfx.train.objectives import loss_functions, metric_functions
 
 __all__ = [
-    "AGGREGATORS", "Experiment", "main", "MARKER", "markers", "score_consistency", "table",
-    "variant_spec", "VARIANTS", "with_settings", "write_readme"
+    "AGGREGATORS", "budget_variants", "Experiment", "layers_spec", "main", "MARKER", "markers",
+    "score_consistency", "table", "variant_spec", "VARIANTS", "with_settings", "write_readme"
 ]
 
 VARIANTS = ("joint", "reconfx", "reconfx-shared", "random")
@@ -90,10 +95,21 @@ def variant_spec(loaded: LoadedSpec, variant: str, random: list[Layer]) -> Loade
     if variant == "reconfx-shared":
         return with_settings(loaded, branch={"norm_stats": "shared"})
     if variant == "random":
-        select = SelectSpec(layers=[layer.name for layer in random])
-        return LoadedSpec(spec=loaded.spec.model_copy(update={"select": select}),
-                          path=loaded.path, sha256=loaded.sha256)
+        return layers_spec(loaded, random)
     return loaded
+
+
+def layers_spec(loaded: LoadedSpec, layers: list[Layer]) -> LoadedSpec:
+    """The spec branching exactly ``layers`` (none: the joint model)."""
+    select = SelectSpec(layers=[layer.name for layer in layers]) if layers else None
+    return LoadedSpec(spec=loaded.spec.model_copy(update={"select": select}), path=loaded.path,
+                      sha256=loaded.sha256)
+
+
+def budget_variants(budgets: Sequence[float]) -> tuple[str, ...]:
+    """The variants ``--budgets`` adds: per budget, the budgeted choice and its random
+    ablation."""
+    return tuple(v for b in budgets for v in (f"budget-{b:g}", f"random-budget-{b:g}"))
 
 
 class Experiment:
@@ -101,7 +117,7 @@ class Experiment:
 
     def __init__(self, spec: str | Path, out: Path, *, seeds: list[int], aggregators: list[str],
                  epochs: int | None = None, size: int | None = None, progress: bool = True,
-                 variants: tuple[str, ...] = VARIANTS):
+                 variants: tuple[str, ...] = VARIANTS, budgets: Sequence[float] = ()):
         loaded = load_spec_file(spec)
         s = loaded.spec
         where = str(loaded.path)
@@ -118,6 +134,10 @@ class Experiment:
                                     train={"epochs": epochs or s.train.epochs})
         self.out, self.seeds, self.aggregators = out, seeds, aggregators
         self.variants = tuple(v for v in VARIANTS if v in variants)  # (joint always first)
+        if any(b <= 0 for b in budgets):
+            raise SpecError("a FLOP budget is a positive percent", where="--budgets",
+                            fix="e.g. --budgets 10 25 50")
+        self.budgets = tuple(budgets)
         self.progress = progress
         # Finished runs are reused while everything that shapes them is unchanged (the export
         # section and the name are not part of that).
@@ -151,12 +171,15 @@ class Experiment:
 
     def run(self) -> list[dict]:
         tasks = self.loaded.spec.task_names
-        total = len(self.seeds) * (len(tasks) + len(self.aggregators) * (len(self.variants) + 1))
+        total = len(self.seeds) * (len(tasks) + len(self.aggregators) * (
+            len(self.variants) + 2 * len(self.budgets) + 1))
         bar = tqdm(total=total, desc="recon table", disable=not self.progress)
         for seed in self.seeds:
             seeded = with_settings(self.loaded, train={"seed": seed})
             prepared = prepare(seeded)
             initial = copy.deepcopy(prepared.traced.module.state_dict())
+            cost = CostModel.measure(prepared.traced.module, prepared.examples[0]) \
+                if self.budgets else None
             data = {split: call_data_factory(seeded.spec.data, split, seed, "data",
                                                 seeded.spec.inputs)
                     for split in ("train", "val", "test")}
@@ -169,17 +192,18 @@ class Experiment:
                 bar.update(1)
             for name in self.aggregators:
                 self._aggregator(seeded, prepared, initial=initial, data=data, name=name,
-                                 seed=seed, bar=bar)
+                                 seed=seed, bar=bar, cost=cost)
         bar.close()
         return self.rows
 
     def _aggregator(self, seeded: LoadedSpec, prepared: Prepared, *, initial: dict, data: dict,
-                    name: str, seed: int, bar: tqdm) -> None:
-        todo = [v for v in self.variants
+                    name: str, seed: int, bar: tqdm, cost: CostModel | None) -> None:
+        budgeted = budget_variants(self.budgets)
+        todo = [v for v in (*self.variants, *budgeted)
                 if not self._done(seed=seed, aggregator=name, variant=v)]
         bar.set_postfix_str(f"seed {seed} {name} profile")
         if not todo:
-            bar.update(len(self.variants) + 1)
+            bar.update(len(self.variants) + len(budgeted) + 1)
             return
         loaded = with_settings(seeded, train={"aggregator": name})
         prepared.traced.module.load_state_dict(initial)
@@ -201,6 +225,23 @@ class Experiment:
                     row["scores"] = scores  # (the profile's, for the rank correlations)
                 self._record(row, seed=seed, aggregator=name, variant=variant)
             bar.update(1)
+        for budget in self.budgets:
+            spec = SelectSpec(flops_budget=budget, include=s.select.include,
+                              exclude=s.select.exclude)
+            bought = select_layers(prepared.layers, spec, where=str(loaded.path), scores=scores,
+                                   tasks=len(s.tasks), cost=cost)
+            drawn = random_within(
+                candidates(prepared.layers, spec), cost, flops_limit=budget / 100 * cost.total,
+                params_limit=(len(s.tasks) - 1) * sum(x.num_params for x in bought), seed=seed,
+                tasks=len(s.tasks))
+            for variant, layers in zip(budget_variants([budget]), (bought, drawn), strict=True):
+                bar.set_postfix_str(f"seed {seed} {name} {variant}")
+                if variant in todo:
+                    prepared.traced.module.load_state_dict(initial)
+                    row = self._train(replace(prepared, loaded=layers_spec(loaded, layers)),
+                                      scores, data)
+                    self._record(row, seed=seed, aggregator=name, variant=variant)
+                bar.update(1)
 
     def _record(self, row: dict, **key) -> None:
         self.rows.append(key | row)
@@ -279,8 +320,10 @@ def table(rows: list[dict], loaded: LoadedSpec) -> str:
                      + f" | 0 | +{100 * (len(tasks) - 1):.0f} | +{100 * (len(tasks) - 1):.0f} | "
                      f"– | {len(seeds)} |")
     names = list(dict.fromkeys(r["aggregator"] for r in rows if "aggregator" in r))
+    budgets = sorted({float(r["variant"].removeprefix("budget-")) for r in rows
+                      if r["variant"].startswith("budget-")})
     for name in names:
-        for variant in VARIANTS:
+        for variant in (*VARIANTS, *budget_variants(budgets)):
             runs = [r for r in rows if r.get("aggregator") == name and r["variant"] == variant]
             if not runs:
                 continue
@@ -365,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS),
                         help="which variants to train (joint is always trained: the conflict "
                         "column's reference)")
+    parser.add_argument("--budgets", type=float, nargs="+", default=[], metavar="PERCENT",
+                        help="also train, per FLOP budget, the layers select.flops_budget buys "
+                        "and random layers within the same FLOP and parameter budget")
     parser.add_argument("--out", type=Path, default=Path("exported/recon-table"))
     parser.add_argument("--readme", type=Path, nargs="+", default=[],
                         help="write the table into these Markdown files (README.md, a docs "
@@ -377,7 +423,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         experiment = Experiment(args.spec, args.out, seeds=args.seeds,
                                 aggregators=args.aggregators, epochs=args.epochs, size=args.size,
-                                progress=not args.quiet, variants=("joint", *args.variants))
+                                progress=not args.quiet, variants=("joint", *args.variants),
+                                budgets=args.budgets)
         rows = experiment.run()
         text = table(rows, experiment.loaded)
         print(text)
@@ -390,7 +437,9 @@ def main(argv: list[str] | None = None) -> int:
                        + (f" --epochs {args.epochs}" if args.epochs else "")
                        + (f" --size {args.size}" if args.size else "")
                        + (f" --variants {' '.join(args.variants)}"
-                          if tuple(args.variants) != VARIANTS else ""))
+                          if tuple(args.variants) != VARIANTS else "")
+                       + (f" --budgets {' '.join(f'{b:g}' for b in args.budgets)}"
+                          if args.budgets else ""))
             if args.out != Path("exported/recon-table"):
                 command += f" --out {args.out}"
             for path in args.readme:
