@@ -133,11 +133,12 @@ def _afforded(ranked: list[Layer], scores: dict[str, int], cost: CostModel, limi
     weight = np.array([float(cost.added(n)) for n in nodes])  # (exact: sums below 2**53)
     values = np.array([float(scores[x.name]) for x in ranked])
 
+    def price(taken: list[int]) -> float:  # the FLOPs a set adds: its layers' reaches joined
+        return float(weight @ downstream[taken].max(axis=0)) if taken else 0.0
+
     def completed(taken: list[int]) -> list[int]:
-        open_ = np.ones(len(nodes))
-        for i in taken:
-            open_[downstream[i] > 0] = 0.0
-        spent = float(weight @ (1 - open_))
+        open_ = 1.0 - downstream[taken].max(axis=0) if taken else np.ones(len(nodes))
+        spent = price(taken)
         left = [i for i in range(len(ranked)) if i not in taken]
         while left:
             extra = downstream[left] @ (weight * open_)
@@ -155,12 +156,11 @@ def _afforded(ranked: list[Layer], scores: dict[str, int], cost: CostModel, limi
 
     in_order: list[int] = []
     for i in range(len(ranked)):
-        if cost.extra_flops([ranked[j] for j in [*in_order, i]]) <= limit:
+        if price([*in_order, i]) <= limit:
             in_order.append(i)
-    alone = [i for i in range(len(ranked)) if float(weight @ downstream[i]) <= limit][:starts]
+    alone = [i for i in range(len(ranked)) if price([i]) <= limit][:starts]
     found = [in_order, completed([]), *(completed([i]) for i in alone)]
-    best = max(found, key=lambda taken: (values[taken].sum(), -cost.extra_flops(
-        [ranked[i] for i in taken])))
+    best = max(found, key=lambda taken: (values[taken].sum(), -price(taken)))
     return [ranked[i] for i in best]
 
 

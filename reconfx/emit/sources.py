@@ -128,7 +128,7 @@ def _settings_source(value: Any) -> Source | None:
         return None
     # A model passes the same settings to each of its layers (or copies of them): a settings
     # object whose fields and state are plain values is rebuilt and verified once per content.
-    key = settings_key(value)
+    key = _content_key(value, fields)
     if key is None:
         return _verified_settings(value, cls, fields)
     key = (key, cls, defined())
@@ -163,9 +163,10 @@ def settings_key(value: Any) -> tuple | None:
     settings object or a field holds something other than plain values (an object of its
     own)."""
     fields = _fields(value)
-    if fields is None:
-        return None
+    return None if fields is None else _content_key(value, fields)
 
+
+def _content_key(value: Any, fields: dict[str, Any]) -> tuple | None:
     def plain(v: Any) -> bool:
         if isinstance(v, list | tuple):
             return all(plain(x) for x in v)

@@ -215,16 +215,7 @@ class Experiment:
         random = matched_random(candidates(prepared.layers, s.select), added, seed=seed,
                                 tasks=len(s.tasks))
         bar.update(1)
-        for variant in self.variants:
-            bar.set_postfix_str(f"seed {seed} {name} {variant}")
-            if variant in todo:
-                prepared.traced.module.load_state_dict(initial)
-                chosen = replace(prepared, loaded=variant_spec(loaded, variant, random))
-                row = self._train(chosen, scores, data)
-                if variant == "joint":
-                    row["scores"] = scores  # (the profile's, for the rank correlations)
-                self._record(row, seed=seed, aggregator=name, variant=variant)
-            bar.update(1)
+        cells = [(variant, variant_spec(loaded, variant, random)) for variant in self.variants]
         for budget in self.budgets:
             spec = SelectSpec(flops_budget=budget, include=s.select.include,
                               exclude=s.select.exclude)
@@ -234,14 +225,17 @@ class Experiment:
                 candidates(prepared.layers, spec), cost, flops_limit=budget / 100 * cost.total,
                 params_limit=(len(s.tasks) - 1) * sum(x.num_params for x in bought), seed=seed,
                 tasks=len(s.tasks))
-            for variant, layers in zip(budget_variants([budget]), (bought, drawn), strict=True):
-                bar.set_postfix_str(f"seed {seed} {name} {variant}")
-                if variant in todo:
-                    prepared.traced.module.load_state_dict(initial)
-                    row = self._train(replace(prepared, loaded=layers_spec(loaded, layers)),
-                                      scores, data)
-                    self._record(row, seed=seed, aggregator=name, variant=variant)
-                bar.update(1)
+            cells += zip(budget_variants([budget]),
+                         (layers_spec(loaded, bought), layers_spec(loaded, drawn)), strict=True)
+        for variant, chosen in cells:
+            bar.set_postfix_str(f"seed {seed} {name} {variant}")
+            if variant in todo:
+                prepared.traced.module.load_state_dict(initial)
+                row = self._train(replace(prepared, loaded=chosen), scores, data)
+                if variant == "joint":
+                    row["scores"] = scores  # (the profile's, for the rank correlations)
+                self._record(row, seed=seed, aggregator=name, variant=variant)
+            bar.update(1)
 
     def _record(self, row: dict, **key) -> None:
         self.rows.append(key | row)
