@@ -20,7 +20,7 @@ from reconfx.errors import CheckError
 from reconfx.facts import facts
 from reconfx.graph import named_tensors
 from reconfx.kinds import dropout_attr
-from reconfx.modes import ATOL, compare, magnitude, preserved, reached, run
+from reconfx.modes import ATOL, compare, kept_masks, magnitude, preserved, reached, run
 from reconfx.tensorfile import Spill
 from reconfx.tree import task_outputs
 
@@ -223,7 +223,8 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
                *, examples: Sequence[dict[str, torch.Tensor]], expected_params: int,
                original: nn.Module | None = None, task_paths: dict[str, str] | None = None,
                rename: Callable[[str], str | None] = str, atol: float = 0.0,
-               exact: bool = True, compiled_name: Callable[[str], str] = str) -> Check:
+               exact: bool = True, compiled_name: Callable[[str], str] = str,
+               rows: bool = False) -> Check:
     """I4: the emitted source with its weights reproduces the compiled model (bit-exactly where
     the traced graph reproduced the model ``exact``-ly, else within :data:`ATOL`: model.py calls
     the model's own modules where the graph runs the traced ops), same parameter count as the
@@ -235,14 +236,20 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
     larger, since the perturbed weights run other kernels than the original's on the same
     values and a baked value shows as a difference of another order. Without ``original``
     (weights trained since, so they are no longer the original's) the reference is the compiled
-    model, whose name for an emitted tensor is ``compiled_name`` of it."""
+    model, whose name for an emitted tensor is ``compiled_name`` of it. ``rows``: the emitted
+    model carries the task streams as one tensor (:mod:`reconfx.rows`), so it draws a dropout
+    mask once for all tasks' rows where the compiled model draws one per task stream; train
+    mode is then compared with every mask keeping every element
+    (:func:`reconfx.modes.kept_masks`)."""
     from reconfx.graph import unique_parameters
 
     count = unique_parameters(emitted)
     if count != expected_params:
         raise CheckError(f"I4 emit parity failed: emitted model has {count} parameters, "
                          f"expected {expected_params}")
-    with preserved(emitted, compiled):  # same graph order, so the same random draws
+    # (per stream: the same graph order, so the same random draws)
+    masks = kept_masks() if rows else contextlib.nullcontext()
+    with preserved(emitted, compiled), masks as kept:
         for example in examples:
             for training in (False, True):
                 bad = compare(run(compiled, example, training), run(emitted, example, training),
@@ -266,8 +273,10 @@ def check_emit(emitted: nn.Module, compiled: nn.Module,
             f"I4 emit parity failed: with every weight perturbed, task '{bad[0]}' differs from "
             f"{against} by {bad[1]:.3g} (a value derived from the weights is fixed in the graph "
             "or the source)", fix="report this model as a reconfx bug")
+    masked = " (dropout masks keeping every element)" if kept and kept.kept else ""
     return Check("I4 emit parity", f"{'bit-exact' if exact else f'within {ATOL:g}'} in eval "
-                 "and train mode, and the same function as "
+                 f"and train mode{masked}, "
+                 "and the same function as "
                  f"{'the compiled' if original is None else 'the original'} model with every "
                  f"weight perturbed; {count} parameters")
 

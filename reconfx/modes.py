@@ -17,13 +17,14 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from reconfx.memory import release
 from reconfx.tensorfile import Spill
 
 __all__ = [
-    "ATOL", "compare", "magnitude", "max_diff", "preserved", "restored", "reusing", "run",
-    "run_reaching", "same_outputs", "silenced"
+    "ATOL", "compare", "kept_masks", "magnitude", "max_diff", "preserved", "restored", "reusing",
+    "run", "run_reaching", "same_outputs", "silenced"
 ]
 
 # The checks' tolerance where two computations of the same function use kernels that round
@@ -39,6 +40,49 @@ def silenced() -> Iterator[None]:
     show."""
     with contextlib.redirect_stderr(io.StringIO()):
         yield
+
+
+class _KeptMasks(TorchDispatchMode):
+    """Every dropout mask drawn as all ones (dropout then only scales by 1 / (1 - p));
+    ``kept`` counts them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.kept = 0
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None
+                           ) -> Any:
+        kwargs = kwargs or {}
+        packet = func.overloadpacket
+        if packet is torch.ops.aten.native_dropout and (len(args) < 3 or args[2] is not False):
+            x, p = args[0], float(args[1])
+            scale = 0.0 if p >= 1 else 1.0 / (1.0 - p)
+            self.kept += 1
+            return x * scale, torch.ones_like(x, dtype=torch.bool)
+        if packet in (torch.ops.aten.bernoulli_, torch.ops.aten.bernoulli):
+            self.kept += 1
+            return args[0].fill_(1) if packet is torch.ops.aten.bernoulli_ else \
+                torch.ones_like(args[0])
+        return func(*args, **kwargs)
+
+
+_MASKS_KEPT: contextvars.ContextVar[bool] = contextvars.ContextVar("masks_kept", default=False)
+
+
+@contextlib.contextmanager
+def kept_masks() -> Iterator[_KeptMasks]:
+    """While open, every dropout mask (an element-wise Bernoulli draw: ``native_dropout``,
+    ``bernoulli``) keeps every element. Two forms of one model that draw their masks in another
+    order or grouping (one draw over all tasks' rows, or one per task stream) then compute the
+    same train-mode function: such masks are drawn element by element, independently, so the
+    grouping does not change their distribution, only which numbers land where. Yields the mode,
+    whose ``kept`` counts the masks so drawn."""
+    token = _MASKS_KEPT.set(True)
+    try:
+        with _KeptMasks() as mode:
+            yield mode
+    finally:
+        _MASKS_KEPT.reset(token)
 
 
 @contextlib.contextmanager
@@ -161,7 +205,7 @@ def _state(model: nn.Module, example: dict[str, torch.Tensor]) -> tuple | None:
     inputs = tuple((k, id(v), v.data_ptr(), v._version) if isinstance(v, torch.Tensor) else
                    (k, repr(v)) for k, v in example.items())
     return (tuple(modules), tensors, buffers, inputs, torch.is_grad_enabled(),
-            torch.is_inference_mode_enabled(), torch.get_default_dtype())
+            torch.is_inference_mode_enabled(), torch.get_default_dtype(), _MASKS_KEPT.get())
 
 
 _PLAIN = (int, float, bool, str, type(None), torch.dtype, torch.device)

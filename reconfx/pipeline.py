@@ -444,7 +444,8 @@ def check_emitted(compiled: Compiled, reloaded: nn.Module, sources: Sources,
                       atol=ATOL if regions_of(branched.module) or prepared.traced.atol
                       or sources.rows else 0.0,
                       exact=not (prepared.traced.atol or sources.rows),
-                      compiled_name=lambda n: sources.compiled_names.get(n, n))
+                      compiled_name=lambda n: sources.compiled_names.get(n, n),
+                      rows=sources.rows)
 
 
 @dataclass(frozen=True)

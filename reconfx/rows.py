@@ -36,7 +36,16 @@ from reconfx.checks import perturbed
 from reconfx.errors import unexpected
 from reconfx.facts import facts, note
 from reconfx.graph import DualGraphModule, named_tensors, node_tasks, record, resolve, task_outputs
-from reconfx.modes import ATOL, compare, magnitude, preserved, run, same_outputs, silenced
+from reconfx.modes import (
+    ATOL,
+    compare,
+    kept_masks,
+    magnitude,
+    preserved,
+    run,
+    same_outputs,
+    silenced,
+)
 from reconfx.rewrite import Branched, variant_nodes
 
 __all__ = ["one_task", "PerTask", "shares_parameters", "task_rows", "unswapped", "whole_copies"]
@@ -151,7 +160,9 @@ def whole_copies(module: DualGraphModule, *, reference: nn.Module,
             copies[task] = copy.deepcopy(sub, memo)
         module.set_submodule(path, PerTask(copies))
         replaced.append((path, sub))
-    if replaced and not same_outputs(reference, module, examples, ATOL):
+    with kept_masks():  # (``module`` on rows draws its dropout masks as _same_function says)
+        same = not replaced or same_outputs(reference, module, examples, ATOL)
+    if not same:
         for path, sub in replaced:
             module.set_submodule(path, sub)
     return module
@@ -348,7 +359,15 @@ def _same_function(compiled: DualGraphModule, rows: DualGraphModule,
     :data:`ATOL`, stream batching's tolerance), and with every weight perturbed (within ATOL
     times the outputs' magnitude, as I4 compares; both hold the same tensors, so one
     perturbation serves both), leaving the same running statistics after a train-mode forward
-    (a shared norm of a block run whole on the rows would count each row T times)."""
+    (a shared norm of a block run whole on the rows would count each row T times). Dropout
+    masks keep every element (:func:`reconfx.modes.kept_masks`): the rows draw theirs in one
+    call per op, the compiled model in one per task stream."""
+    with kept_masks():
+        return _same_in_both_modes(compiled, rows, examples)
+
+
+def _same_in_both_modes(compiled: DualGraphModule, rows: DualGraphModule,
+                        examples: Sequence[dict[str, torch.Tensor]]) -> bool:
     if not same_outputs(compiled, rows, examples, ATOL) or not _same_statistics(
             compiled, rows, examples[0]):
         return False

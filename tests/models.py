@@ -854,3 +854,36 @@ class Towers(nn.Module):
         h = self.stem(x)
         h = sum(tower(h) for tower in self.towers)
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class DropoutBlock(nn.Module):
+    """A residual block with two dropouts: a module and a functional one (as attention
+    dropout is written), each drawing a mask in train mode."""
+
+    def __init__(self, width: int, p: float):
+        super().__init__()
+        self.norm = nn.LayerNorm(width)
+        self.fc = nn.Linear(width, width)
+        self.drop = nn.Dropout(p)
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = nn.functional.dropout(torch.relu(self.fc(self.norm(x))), self.p, self.training)
+        return x + self.drop(h)
+
+
+class DropoutStack(nn.Module):
+    """Blocks drawing dropout masks one after another: branched at the first block, each
+    task stream meets several dropouts after the branch point."""
+
+    def __init__(self, width: int = 8, depth: int = 3, p: float = 0.25):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.blocks = nn.ModuleList(DropoutBlock(width, p) for _ in range(depth))
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return {task: head(h) for task, head in self.heads.items()}

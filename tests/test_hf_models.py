@@ -183,10 +183,12 @@ def test_glue_that_depends_on_training_mode_is_kept_for_both_modes(tmp_path):
 def test_factory_ops_follow_the_input_device(tmp_path, case):
     """torch.export bakes device=cpu into BERT's arange and Llama's ``inv_freq.to(cpu)``; the
     compiled graph and the emitted model take the device from their input instead (checked on
-    the meta device: no GPU needed)."""
+    the meta device: no GPU needed). (BERT with stream batching off: on task rows, model.py
+    calls its embeddings whole, so it writes no factory op to check.)"""
     out = tmp_path / "out"
-    compiled = compile_and_verify(hf_spec(tmp_path, case, layers=QUERY if case == "bert"
-                                          else None), out)
+    compiled = compile_and_verify(
+        hf_spec(tmp_path, case, layers=QUERY if case == "bert" else None,
+                branch={"stream_batching": "off"} if case == "bert" else {}), out)
     source = (out / "model.py").read_text()
     assert 'torch.device("cpu")' not in source and "device = input_ids.device" in source
     ids = torch.zeros(2, 8, dtype=torch.long, device="meta")

@@ -202,6 +202,28 @@ def test_large_weights_go_to_external_data(tmp_path, monkeypatch):
                     {"image": [0]})
 
 
+def test_external_data_stays_external_when_the_opset_is_converted(tmp_path, monkeypatch):
+    """At an opset below the one the exporter writes, the graph is converted without loading
+    the weights (loaded, over 2 GB they would not fit one protobuf file)."""
+    monkeypatch.setattr(onnx_emit, "EXTERNAL_DATA_BYTES", 0)
+    out = tmp_path / "out"
+    spec = with_onnx(write_spec(tmp_path, "blocks", model={"factory": "tests.models:WrappedBlocks",
+                                                           "kwargs": {"width": 32}},
+                                inputs=[{"name": "x", "shape": [2, 4]}],
+                                tasks=[{"name": "a"}, {"name": "b"}],
+                                select={"layers": ["trunk.1.blocks.3.fc2"]}), out)
+    data = yaml.safe_load(spec.read_text())
+    data["export"]["onnx"] = {"opset": 17}
+    spec.write_text(yaml.safe_dump(data, sort_keys=False))
+    reconfx.compile_spec(spec, out)
+    assert "exported by the dynamo exporter" in (out / "report.md").read_text()
+    proto = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    assert [o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [17]
+    assert any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    assert (out / "model.onnx.data").stat().st_size >= 5 * 32 * 32 * 4  # (each 32 x 32 weight)
+    assert_exported(out, {"x": torch.randn(5, 4)}, ["a", "b"], {"x": [0]}, opset=17)
+
+
 def test_an_op_without_onnx_translation_is_named(tmp_path, capsys):
     spec = with_onnx(write_spec(tmp_path, "svd", model={"factory": "tests.models:SingularValues"},
                                 inputs=[{"name": "x", "shape": [4, 6]}],

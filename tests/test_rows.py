@@ -131,9 +131,7 @@ def test_the_rows_form_is_refused_where_it_computes_something_else(tmp_path, mod
 
 
 def test_one_random_op_after_the_branch_point_draws_the_same_on_rows(tmp_path):
-    """Attention dropout once after the branch point: one draw over all rows gives the same
-    masks as one draw per stream, stream after stream, so the form holds in training too (with
-    several such ops in a row it does not: the draws come in another order)."""
+    """Attention dropout once after the branch point: the form holds in training too."""
     path = write_spec(tmp_path, "dropout", model={"factory": "tests.models:TokenAttention",
                                                   "kwargs": {"dropout": 0.1}},
                       inputs=[{"name": "patches", "shape": [2, 6, 4]}],
@@ -143,6 +141,36 @@ def test_one_random_op_after_the_branch_point_draws_the_same_on_rows(tmp_path):
     compile_and_verify(path, tmp_path / "out")  # I4 compares train mode from one seed
     source = (tmp_path / "out" / "model.py").read_text()
     assert "class PerTask(" in source and "dropout=0.1" in source
+
+
+def test_dropouts_one_after_another_on_the_rows_are_compared_with_every_mask_kept(tmp_path):
+    """Several dropouts after the branch point draw their masks over all rows at once, where
+    the compiled model draws one per task stream: the order of the draws differs, their
+    distribution does not (element by element). The form is checked, and I4 compares train
+    mode, with every mask keeping every element; the dropout scale still counts, so a wrong p
+    is caught."""
+    from reconfx.modes import kept_masks, run
+
+    path = write_spec(tmp_path, "drops", model={"factory": "tests.models:DropoutStack"},
+                      inputs=[{"name": "x", "shape": [3, 4]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.0.fc"]},
+                      export={"formats": ["python"]})
+    rows, _eager = rows_of(path)
+    compiled = compile_and_verify(path, tmp_path / "out")
+    report = (tmp_path / "out" / "report.md").read_text()
+    assert "carries the task streams as one tensor" in report
+    assert "train mode (dropout masks keeping every element)" in report
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "class PerTask(" in source and source.count("DropoutBlock(8, 0.25)") == 3
+    example = compiled.prepared.examples[0]
+    with kept_masks() as kept:
+        want = run(compiled.branched.module, example, True)
+        assert kept.kept == 2 * 3 * 2  # two dropouts per block, per task stream
+        got = run(rows, example, True)
+        for task in want:
+            torch.testing.assert_close(got[task], want[task], rtol=0, atol=1e-5)
+        rows.get_submodule("blocks.2.drop").p = 0.5
+        assert not torch.allclose(want["a"], run(rows, example, True)["a"])
 
 
 def test_stream_batching_off_keeps_the_streams_apart(tmp_path):

@@ -325,11 +325,13 @@ def _export(exporter: str, wrapper: TaskOutputs, *, example: dict[str, torch.Ten
 
 def _at_opset(path: Path, opset: int) -> None:
     """The file at ``path`` converted to ``opset`` by onnx's version converter where the
-    exporter wrote another (the dynamo exporter writes nothing below 18)."""
+    exporter wrote another (the dynamo exporter writes nothing below 18). Weights in external
+    data stay there: the graph is converted without them (loaded, they would not fit the 2 GB
+    of one protobuf file)."""
     import onnx
     from onnx import version_converter
 
-    model = onnx.load(str(path))
+    model = onnx.load(str(path), load_external_data=False)
     current = max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if current != opset:
         onnx.save(version_converter.convert_version(model, opset), str(path))
