@@ -53,8 +53,8 @@ from reconfx.modes import preserved, run, same_outputs
 from reconfx.streams import StreamRegion
 
 __all__ = [
-    "annotate_calls", "Call", "collapse_calls", "contiguous_streams", "MARK", "Ref", "TaskCopies",
-    "TaskStream", "under", "without_defaults"
+    "annotate_calls", "Call", "called_at", "collapse_calls", "contiguous_streams", "MARK", "Ref",
+    "TaskCopies", "TaskStream", "under", "without_defaults"
 ]
 
 _CONSTANTS = (bool, int, float, str, type(None), torch.dtype, torch.device)
@@ -78,8 +78,8 @@ class Call:
     ``Ref(len(inputs) + j)`` is the node marked ``feeds[key] == j``. ``args``/``kwargs`` are the
     call's arguments with :class:`Ref` in place of tensors; ``outputs`` maps each member whose
     value is used after the call to where it sits in the call's result (``(0,)``:
-    ``result[0]``); ``items`` is the length of a result that is a plain tuple (None
-    otherwise)."""
+    ``result[0]``), or to the :class:`Ref` of the input it passes on unchanged; ``items`` is
+    the length of a result that is a plain tuple (None otherwise)."""
 
     path: str
     key: str
@@ -318,6 +318,12 @@ def _matched(key: str, path: str, *, depth: int, members: list[fx.Node],
         if all(user in member_set for user in node.users):
             continue
         hits = [(place, value) for place, value in places if _same(values.get(node), value)]
+        passed = [j for j, n in enumerate(inputs) if _same(values.get(n), values.get(node))]
+        if not hits and len(passed) == 1:
+            # an input passed on unchanged (``x.to(torch.float32)`` of a float32 x: the trace
+            # reads it, not the input, after the call too): read after the call as that input
+            outputs[index] = Ref(passed[0])
+            continue
         if len({id(value) for _place, value in hits}) != 1:
             return None  # nowhere, or equal values in two places: which one is read is unknown
         outputs[index] = hits[0][0]
@@ -457,6 +463,52 @@ def _collapse(module: DualGraphModule, model: nn.Module, *, containers: set[str]
     if result is not None and same_outputs(module, result, examples):
         return result
     return module
+
+
+def called_at(module: DualGraphModule, model: nn.Module, paths: set[str],
+              examples: Sequence[dict[str, torch.Tensor]]) -> DualGraphModule | None:
+    """``module`` with every annotated call of the submodules at ``paths`` (whose ops the graph
+    holds inlined, their tensors read directly) as one ``call_module`` node, the submodule
+    rebuilt from ``model``'s with ``module``'s tensors; None where a call was not annotated,
+    cannot be placed, or the result does not compute exactly what ``module`` does."""
+    usable: dict[str, nn.Module | None] = {}
+
+    def kind_of(path: str) -> str | None:
+        if path not in paths:
+            return None
+        if path not in usable:
+            usable[path] = _assembled(module, model, path)
+        return None if usable[path] is None else "whole"
+
+    groups = {mode: _call_groups(graph, kind_of) for mode, graph in module.graphs()}
+    found = {g.call.path for gs in groups.values() for found in gs.values() for g in found}
+    if found != paths:
+        return None
+    keys = {k for gs in groups.values() for k in gs}
+    result = _built(module, groups, keys, usable=usable, model=model, containers=set())
+    if result is None or not same_outputs(module, result, examples):
+        return None
+    # Each new call sits in the calls around it (its members' stack up to its own entry), and
+    # the calls are found again on the new graphs, so that those around can be collapsed too.
+    for mode, graph in result.graphs():
+        stacks: dict[str, list[dict]] = {}
+        for key, (group, *_copies) in sorted(groups[mode].items(),
+                                             key=lambda kv: _first(kv[1][0])):
+            stack = next(iter(group.nodes.values())).meta.get("nn_module_stack") or {}
+            outer = list(stack)[:list(stack).index(key)] if key in stack else list(stack)
+            stacks.setdefault(group.call.path, []).append({k: stack[k] for k in outer})
+        for node in graph.nodes:
+            note(node, sites={}, feeds={})
+            if node.op == "call_module" and stacks.get(str(node.target)):
+                node.meta["nn_module_stack"] = stacks[str(node.target)].pop(0)
+    annotate_calls(result, model, examples[0])
+    return result
+
+
+def _first(group: _Group) -> int:
+    """The position of a group's first member in its graph."""
+    nodes = list(next(iter(group.nodes.values())).graph.nodes)
+    return min(nodes.index(n) for n in group.nodes.values())
 
 
 def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:
@@ -769,6 +821,9 @@ def _place(new: fx.Graph, group: _Group, env: Env) -> dict[fx.Node, fx.Node]:
         used = sorted(places)
         places = {i: () if len(used) == 1 else (j,) for j, i in enumerate(used)}
     for index, place in places.items():
+        if isinstance(place, Ref):  # (a stream's body returns it as it does its results)
+            placed[group.nodes[index]] = inputs[place.index]
+            continue
         value = node
         # (several results are named after the values they are; one after the call)
         name = facts(group.nodes[index]).name if len(places) > 1 else None

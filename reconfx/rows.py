@@ -32,6 +32,7 @@ import torch
 from torch import fx, nn
 
 from reconfx.batching import batch_kind, grown_example
+from reconfx.calls import called_at, under
 from reconfx.checks import perturbed
 from reconfx.errors import unexpected
 from reconfx.facts import facts, note
@@ -178,18 +179,42 @@ def _module_at(model: nn.Module, path: str) -> bool:
 def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
                examples: Sequence[dict[str, torch.Tensor]], batch_inputs: Sequence[str]
                ) -> tuple[DualGraphModule, nn.Module] | None:
+    if len(branched.tasks) < 2 or not batch_inputs:
+        return None
+    # The per-task layers swapped in as they are (a module whose tensors the graph reads
+    # directly swapped in whole), else each inside the outermost module all of whose state is
+    # branched (BERT's embeddings, whose position table is looked up without a batch axis).
+    inner, outer = _units(branched, model), _units(branched, model, outermost=True)
+    for units in [inner, outer] if outer != inner else [inner]:
+        if units is not None:
+            found = _rows_with(units, branched, traced=traced, model=model, examples=examples,
+                               batch_inputs=batch_inputs)
+            if found is not None:
+                return found
+    return None
+
+
+def _rows_with(units: dict[str, list[str]], branched: Branched, *, traced: DualGraphModule,
+               model: nn.Module, examples: Sequence[dict[str, torch.Tensor]],
+               batch_inputs: Sequence[str]) -> tuple[DualGraphModule, nn.Module] | None:
     tasks = list(branched.tasks)
-    containers = branched.containers
     compiled = branched.module
-    if len(tasks) < 2 or not batch_inputs or not all(_module_at(model, p) for p in containers):
-        return None  # (a branched tensor the graph reads directly has no module to swap)
-    eager = _swapped(model, compiled, containers, tasks)
+    containers = {c for c in branched.containers if not any(under(c, u) for u in units)}
+    eager = _swapped(model, compiled, containers, tasks, units)
     if eager is None:
         return None
+    if units:  # (their calls in the graph, where a per-task copy can be swapped in)
+        traced = called_at(traced, model, set(units), examples)
+        if traced is None:
+            return None
+        containers |= set(units)
     example = examples[0]
     grown = grown_example(example, batch_inputs)
     batch = (len(example[batch_inputs[0]]), len(grown[batch_inputs[0]]))
     points = {p: layer.name for layer in branched.layers for p in layer.paths}
+    points.update({u: min((layer for layer in branched.layers
+                           if any(under(p, u) for p in layer.paths)), key=lambda la: la.order).name
+                   for u in units})
     values = {}
     with preserved(traced):  # (its training flags and running statistics)
         for mode, graph in traced.graphs():
@@ -206,7 +231,7 @@ def _task_rows(branched: Branched, *, traced: DualGraphModule, model: nn.Module,
                   for mode, graph in traced.graphs()}
         if any(g is None for g in graphs.values()):
             continue
-        objs = {str(n.target): resolve(eager, str(n.target)) for g in graphs.values()
+        objs = {str(n.target): _resolved(str(n.target), eager, traced) for g in graphs.values()
                 for n in g.nodes if n.op in ("call_module", "get_attr")}
         try:
             rows = DualGraphModule(objs, graphs["train"], graphs.get("eval", graphs["train"]),
@@ -244,21 +269,83 @@ def _with_blocks(graph: fx.Graph, variant: set[fx.Node]) -> set[fx.Node]:
     return grown
 
 
-def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks: list[str]
-             ) -> nn.Module | None:
+def _resolved(target: str, eager: nn.Module, traced: nn.Module) -> Any:
+    """What ``target`` names in ``eager``, else in ``traced`` (a constant the tracer lifted out
+    of the model's code, ``lifted_tensor_0``, which the model itself does not hold)."""
+    try:
+        return resolve(eager, target)
+    except AttributeError:
+        return resolve(traced, target)
+
+
+def _units(branched: Branched, model: nn.Module, outermost: bool = False
+           ) -> dict[str, list[str]] | None:
+    """The submodules to swap in whole as per-task copies, each -> the branched paths inside
+    it: those whose tensors the graph reads directly where they are branched (a ``Conv1D``, an
+    RMS norm, a ViT's embeddings with its class token, as ``torch.export`` inlines them), and
+    with ``outermost`` the outermost module around each branched layer all of whose state is
+    branched. None where a tensor read directly lies in a module that also holds a shared one
+    (no module to swap)."""
+    params = {p for layer in branched.layers for p in layer.params}
+    containers = branched.containers
+    units: dict[str, list[str]] = {}
+    for path in sorted(containers if outermost else params):
+        owner = path if outermost and path not in params else path.rpartition(".")[0]
+        if not _module_at(model, owner) or not _covered(model, owner, containers):
+            if path in params:
+                return None
+            continue
+        while outermost and "." in owner and _covered(model, owner.rpartition(".")[0],
+                                                      containers):
+            owner = owner.rpartition(".")[0]
+        if outermost and owner == path:
+            continue  # (a branched module with no module around it to swap in whole)
+        units.setdefault(owner, []).append(path)
+    for unit in list(units):  # (the outermost of nested ones)
+        if any(u != unit and under(unit, u) for u in units):
+            del units[unit]
+    for unit in units:
+        units[unit] = sorted(c for c in containers if under(c, unit))
+    return units
+
+
+def _covered(model: nn.Module, path: str, containers: set[str]) -> bool:
+    """Every parameter and floating buffer of the module at ``path`` lies in a branched layer
+    (an integer buffer, such as a table of position ids, is the copies' in common)."""
+    return all(any(under(f"{path}.{n}", c) for c in containers)
+               for n, t in named_tensors(model.get_submodule(path)) if t.is_floating_point())
+
+
+def _swapped(model: nn.Module, compiled: nn.Module, containers: set[str], tasks: list[str],
+             units: dict[str, list[str]]) -> nn.Module | None:
     """A copy of ``model`` holding ``compiled``'s tensors, each per-task container of the
-    compiled model swapped in as a :class:`PerTask` at its path; None where a container lacks
-    a task's copy (a layer only some tasks use: its rows would not be every task's)."""
+    compiled model swapped in as a :class:`PerTask` at its path, and each of ``units`` (see
+    :func:`_units`) as a :class:`PerTask` of whole copies of the module holding the task's
+    copies of its tensors; None where a container lacks a task's copy (a layer only some tasks
+    use: its rows would not be every task's)."""
     holders = {path: resolve(compiled, path) for path in sorted(containers)}
-    if any(set(h._modules) != set(tasks) for h in holders.values()):
+    holders.update({c: resolve(compiled, c) for inside in units.values() for c in inside})
+    if any(set(h._modules) != set(tasks) and set(h._parameters) != set(tasks)
+           for h in holders.values()):
         return None
     own = dict(named_tensors(compiled))
     memo = {id(t): own[name] for name, t in named_tensors(model) if name in own}
     for _name, t in named_tensors(model):
         memo.setdefault(id(t), t)  # (a branched layer's own tensors: replaced below)
     swapped = copy.deepcopy(model, memo)
-    for path, holder in holders.items():
-        swapped.set_submodule(path, PerTask({t: holder._modules[t] for t in tasks}))
+    for path in containers:
+        swapped.set_submodule(path, PerTask({t: holders[path]._modules[t] for t in tasks}))
+    for unit, inside in units.items():
+        copies = {}
+        for task in tasks:
+            tensors = {}
+            for name, t in named_tensors(model.get_submodule(unit)):
+                full = f"{unit}.{name}"
+                at = next((c for c in inside if under(full, c)), None)
+                tensors[id(t)] = own.get(full, t) if at is None else \
+                    own[f"{at}.{task}{full[len(at):]}"]
+            copies[task] = copy.deepcopy(model.get_submodule(unit), tensors)
+        swapped.set_submodule(unit, PerTask(copies))
     return swapped
 
 

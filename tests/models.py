@@ -887,3 +887,77 @@ class DropoutStack(nn.Module):
         for block in self.blocks:
             h = block(h)
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class RMSNorm(nn.Module):
+    """A norm of the user's own (as Llama's and T5's): traced through, its weight read directly
+    by the graph; its input cast to float32 first, which for a float32 input passes it on."""
+
+    def __init__(self, width: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width) + 0.1 * torch.randn(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.to(torch.float32)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+class NormBlock(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.norm = RMSNorm(width)
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc(torch.relu(self.norm(x)))
+
+
+class NormBlocks(nn.Module):
+    """Residual blocks opening with a norm whose weight the graph reads directly."""
+
+    def __init__(self, width: int = 8, depth: int = 3):
+        super().__init__()
+        self.embed = nn.Linear(4, width)
+        self.blocks = nn.ModuleList(NormBlock(width) for _ in range(depth))
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(x)
+        for block in self.blocks:
+            h = block(h)
+        return {task: head(h) for task, head in self.heads.items()}
+
+
+class TokenEmbeddings(nn.Module):
+    """Token and position embeddings, as BERT's: the position table is looked up with a table
+    of ids that has no batch axis (one row, broadcast over the batch)."""
+
+    def __init__(self, vocab: int, width: int, length: int):
+        super().__init__()
+        self.vocab, self.width, self.length = vocab, width, length
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        self.norm = nn.LayerNorm(width)
+        self.register_buffer("ids", torch.arange(length).unsqueeze(0), persistent=False)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        positions = self.positions(self.ids[:, :tokens.shape[1]])
+        return self.norm(self.tokens(tokens) + positions)
+
+
+class PositionEncoder(nn.Module):
+    """Embeddings, then residual blocks, then heads on the mean over tokens."""
+
+    def __init__(self, vocab: int = 20, width: int = 8, length: int = 16):
+        super().__init__()
+        self.embed = TokenEmbeddings(vocab, width, length)
+        self.blocks = nn.ModuleList(ResidualBlock(width) for _ in range(2))
+        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
+
+    def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        h = self.embed(tokens)
+        for block in self.blocks:
+            h = block(h)
+        return {task: head(h.mean(1)) for task, head in self.heads.items()}

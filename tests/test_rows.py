@@ -173,6 +173,45 @@ def test_dropouts_one_after_another_on_the_rows_are_compared_with_every_mask_kep
         assert not torch.allclose(want["a"], run(rows, example, True)["a"])
 
 
+@pytest.mark.parametrize("tier", ["fx", "export"])
+def test_a_branched_module_whose_tensors_the_graph_reads_is_swapped_in_whole(tmp_path, tier):
+    """The first block's norm (a class of the user's own, traced through: the graph reads its
+    weight) branched: on task rows it is one PerTask of whole copies of the norm, called
+    where the model calls it, and every block is called whole by its class."""
+    path = write_spec(tmp_path, "norms", model={"factory": "tests.models:NormBlocks"},
+                      inputs=[{"name": "x", "shape": [3, 4]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["blocks.0.norm"]},
+                      trace={"tier": tier}, export={"formats": ["python"]})
+    rows, eager = rows_of(path)
+    assert isinstance(eager.blocks[0].norm, PerTask)
+    assert "blocks.0.norm" in {str(n.target) for n in rows.train_graph.nodes
+                               if n.op == "call_module"}
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.blocks[0].norm = PerTask({task: RMSNorm(8) for task in TASKS})" in source
+    forward = source[source.rindex("    def forward("):]
+    assert "        for layer in self.blocks:\n            blocks = layer(blocks)\n" in forward
+    assert "rsqrt" not in forward and len(source.splitlines()) < 70
+
+
+def test_embeddings_all_branched_are_one_per_task_copy_fed_the_rows(tmp_path):
+    """Every layer of the embeddings branched: the position table, looked up with ids that
+    have no batch axis, has no rows to split, so the embeddings module (all of whose state is
+    branched) is swapped in whole, fed the token rows."""
+    path = write_spec(tmp_path, "embed", model={"factory": "tests.models:PositionEncoder"},
+                      inputs=[{"name": "tokens", "shape": [3, 6], "dtype": "int64",
+                               "high": 20, "dynamic": [0, 1]}],
+                      tasks=[{"name": "a"}, {"name": "b"}], select={"layers": ["embed.*"]},
+                      export={"formats": ["python"]})
+    _rows, eager = rows_of(path)
+    assert isinstance(eager.embed, PerTask) and not isinstance(eager.embed.a.positions, PerTask)
+    compile_and_verify(path, tmp_path / "out")
+    source = (tmp_path / "out" / "model.py").read_text()
+    assert "self.embed = PerTask({task: TokenEmbeddings(20, 8, 16) for task in TASKS})" in source
+    assert "        embed = self.embed(tokens_streams)\n" in source
+    assert "# branch point: embed.positions (selected in the spec)" in source  # (looked up first)
+
+
 def test_stream_batching_off_keeps_the_streams_apart(tmp_path):
     path = write_spec(tmp_path, "apart", model={"factory": "reconfx.zoo:small_resnet",
                                                 "kwargs": {"width": 8}},
