@@ -4,7 +4,7 @@ exercise one feature each (weight tying, learned tokens with attention, an LSTM,
 clearly."""
 
 import collections
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -872,14 +872,14 @@ class DropoutBlock(nn.Module):
         return x + self.drop(h)
 
 
-class DropoutStack(nn.Module):
-    """Blocks drawing dropout masks one after another: branched at the first block, each
-    task stream meets several dropouts after the branch point."""
+class BlockStack(nn.Module):
+    """A linear embedding, ``depth`` blocks made by ``block(width)`` one after another, and
+    heads ``a`` and ``b``."""
 
-    def __init__(self, width: int = 8, depth: int = 3, p: float = 0.25):
+    def __init__(self, block: Callable[[int], nn.Module], width: int, depth: int):
         super().__init__()
         self.embed = nn.Linear(4, width)
-        self.blocks = nn.ModuleList(DropoutBlock(width, p) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(width) for _ in range(depth))
         self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -887,6 +887,14 @@ class DropoutStack(nn.Module):
         for block in self.blocks:
             h = block(h)
         return {task: head(h) for task, head in self.heads.items()}
+
+
+class DropoutStack(BlockStack):
+    """Blocks drawing dropout masks one after another: branched at the first block, each
+    task stream meets several dropouts after the branch point."""
+
+    def __init__(self, width: int = 8, depth: int = 3, p: float = 0.25):
+        super().__init__(lambda w: DropoutBlock(w, p), width, depth)
 
 
 class RMSNorm(nn.Module):
@@ -914,20 +922,11 @@ class NormBlock(nn.Module):
         return x + self.fc(torch.relu(self.norm(x)))
 
 
-class NormBlocks(nn.Module):
+class NormBlocks(BlockStack):
     """Residual blocks opening with a norm whose weight the graph reads directly."""
 
     def __init__(self, width: int = 8, depth: int = 3):
-        super().__init__()
-        self.embed = nn.Linear(4, width)
-        self.blocks = nn.ModuleList(NormBlock(width) for _ in range(depth))
-        self.heads = nn.ModuleDict({"a": nn.Linear(width, 2), "b": nn.Linear(width, 3)})
-
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        h = self.embed(x)
-        for block in self.blocks:
-            h = block(h)
-        return {task: head(h) for task, head in self.heads.items()}
+        super().__init__(NormBlock, width, depth)
 
 
 class TokenEmbeddings(nn.Module):
