@@ -51,8 +51,9 @@ demo: $(VENV)/.installed
 data: $(VENV)/.installed
 	$(PY) scripts/fetch_data.py --out data
 
+# (the 25 slowest cases listed at the end: the default suite is kept under about 15 minutes)
 test: $(VENV)/.installed lint docs check-example
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=25
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

@@ -360,7 +360,7 @@ def build_model(spec: Spec, spec_path: str | Path = "spec") -> nn.Module:
     if spec.backbone is not None:
         example = example_inputs(spec.inputs, seed=spec.train.seed)
         given = [i.name for i in spec.inputs if i.to_backbone]
-        model, feature = encoder_only(model, spec.backbone.feature)
+        model, feature = encoder_only(model, spec.backbone.feature, given)
         run_example(model, {k: example[k] for k in given}, spec, spec_path)
         heads = {t.name: t.head for t in spec.tasks}
         model = attach_heads(model, feature, heads=heads, example=example,

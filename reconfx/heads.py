@@ -52,17 +52,24 @@ class EncoderOnly(nn.Module):
         return encoder(**{k: v for k, v in inputs.items() if k in self.takes})
 
 
-def encoder_only(model: nn.Module, feature: str) -> tuple[nn.Module, str]:
+def encoder_only(model: nn.Module, feature: str, inputs: Sequence[str] | None = None
+                 ) -> tuple[nn.Module, str]:
     """``model`` and ``feature`` as given, or, for an encoder–decoder model (it has
     ``get_encoder()`` and a decoder) tapped at its encoder (``encoder_last_hidden_state``, or a
     module path inside the encoder), the encoder alone in an :class:`EncoderOnly` and the
-    feature to tap on it (``last_hidden_state``; a module path unchanged)."""
+    feature to tap on it (``last_hidden_state``; a module path unchanged). Only where the
+    encoder itself takes some of ``inputs`` (other than a mask): a model that computes its
+    encoder's input from its own (a time-series transformer's lagged values and scaling,
+    handed on as ``inputs_embeds``) is kept whole."""
     get = getattr(model, "get_encoder", None)
     if not callable(get) or not callable(getattr(model, "get_decoder", None)):
         return model, feature
     encoder = get()
     path = next((n for n, m in model.named_modules() if m is encoder and n), None)
     if path is None or encoder is model:
+        return model, feature
+    takes = set(inspect.signature(encoder.forward).parameters)
+    if inputs is not None and not any(i in takes for i in inputs if "mask" not in i):
         return model, feature
     if feature.startswith("encoder_") and feature not in dict(model.named_modules()):
         return EncoderOnly(encoder, path), feature.removeprefix("encoder_")

@@ -286,10 +286,12 @@ def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
             detail = f"; '{single.name}' {reason}"
         elif leaf is not None:
             path = next(p for p in leaf.modules if unmatched[0].startswith(p + "."))
-            why = [n for n in notes if f"'{path}'" in n]
+            kept = "the coarse fx leaves are kept: "  # (tier 2's failure, as inspect says)
+            why = [n for n in notes if f"'{path}'" in n][:1] + [
+                n.removeprefix(kept) for n in notes if n.startswith(kept)]
             detail = (f": it lies inside '{path}' ({leaf.type}), which tracing keeps as one "
-                      "leaf" + (f" ({why[0]})" if why else "") + ", so only the whole leaf can "
-                      "be branched")
+                      "leaf" + (f" ({'; '.join(why)})" if why else "") + ", so only the whole "
+                      "leaf can be branched")
             fix = (f"select '{path}' whole, or make its forward traceable (then `reconfx "
                    "inspect SPEC` lists the layers inside it)")
         raise SelectionError(

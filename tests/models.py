@@ -960,3 +960,33 @@ class PositionEncoder(nn.Module):
         for block in self.blocks:
             h = block(h)
         return {task: head(h.mean(1)) for task, head in self.heads.items()}
+
+
+class FedEncoder(nn.Module):
+    def __init__(self, width: int):
+        super().__init__()
+        self.fc = nn.Linear(width, width)
+
+    def forward(self, inputs_embeds: torch.Tensor) -> torch.Tensor:
+        return torch.relu(self.fc(inputs_embeds))
+
+
+class EncoderFedByModel(nn.Module):
+    """An encoder–decoder whose encoder takes what the model computes from its own inputs, as
+    a time-series transformer hands its scaled, lagged values on as ``inputs_embeds``."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.scale = nn.Linear(3, width)
+        self.encoder = FedEncoder(width)
+        self.decoder = nn.Linear(width, width)
+
+    def get_encoder(self) -> nn.Module:
+        return self.encoder
+
+    def get_decoder(self) -> nn.Module:
+        return self.decoder
+
+    def forward(self, past_values: torch.Tensor) -> dict[str, torch.Tensor]:
+        hidden = self.encoder(inputs_embeds=self.scale(past_values))
+        return {"encoder_last_hidden_state": hidden, "last_hidden_state": self.decoder(hidden)}

@@ -189,3 +189,18 @@ def test_a_model_named_like_a_class_it_uses_gets_that_class_under_an_alias(tmp_p
     assert "Pool(" not in source.replace("class Pool(", "")
     assert [class_name(n) for n in ("per-task", "any", "pool")] == ["PerTaskModel", "AnyModel",
                                                                     "Pool"]
+
+
+def test_an_encoder_fed_by_the_model_keeps_the_model_whole(tmp_path):
+    """Tapped at its encoder's output, an encoder–decoder whose encoder takes none of the
+    spec's inputs (the model computes its input) runs whole: its encoder alone would get no
+    input."""
+    spec = write_spec(tmp_path, "fed", backbone={
+        "factory": "tests.models:EncoderFedByModel", "feature": "encoder_last_hidden_state"},
+        inputs=[{"name": "past_values", "shape": [4, 3]}],
+        tasks=[{"name": "a", "head": {"out_features": 2}},
+               {"name": "b", "head": {"out_features": 3}}],
+        select={"layers": ["backbone.encoder.fc"]})
+    compiled = compile_and_verify(spec, tmp_path / "out")
+    assert [layer.name for layer in compiled.branched.layers] == ["backbone.encoder.fc"]
+    assert "backbone.scale" in dict(compiled.prepared.model.named_modules())

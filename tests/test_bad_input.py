@@ -436,7 +436,8 @@ def test_a_layer_inside_a_leaf_tracing_keeps_whole_is_refused_naming_the_leaf(tm
     assert code == 2
     assert_one_line(err, "select.layers: pattern 'gate.down' matches no shared layer: it lies "
                     "inside 'gate' (Gate), which tracing keeps as one leaf (fx could not trace "
-                    "'gate'", "so only the whole leaf can be branched",
+                    "'gate'", "it is kept as one leaf; tier 2 failed too (torch.export: ",
+                    "so only the whole leaf can be branched",
                     "(fix: select 'gate' whole, or make its forward traceable")
     path = write_spec(tmp_path, select={"layers": ["gate"]}, **fields)
     code, _, err = run_cli(capsys, "compile", str(path), "--out", str(tmp_path / "out"))
