@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import functools
+import operator
 import textwrap
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -46,6 +47,7 @@ from reconfx.emit.onnx import OnnxExport, OnnxOptions, export_onnx
 from reconfx.emit.python import EmittedSource, emit_python
 from reconfx.emit.tree import buildable
 from reconfx.errors import CheckError, SpecError, located, unexpected
+from reconfx.facts import facts
 from reconfx.graph import named_tensors, unique_parameters
 from reconfx.kinds import settings_in
 from reconfx.layers import Layer, inventory
@@ -378,11 +380,20 @@ def _emit_sources(compiled: Compiled) -> Sources:
         emitted, prepared, branched, called=called, name=name, docs=(doc_model, doc_original),
         notes=notes, settings=settings))]
     # Task rows join the streams in every mode and at any batch: only under the default
-    # stream batching ("off" keeps them apart, "tuned" keeps measured row caps).
+    # stream batching ("off" keeps them apart, "tuned" keeps measured row caps), and not where
+    # every branched layer lies in a submodule the per-stream form copies whole per task
+    # (``nn.ModuleDict({task: BertLayer(...) ...})``) and it writes no op per stream, only
+    # calls: rows cannot be the shorter read there, and its checks would cost a compile as
+    # much again for a file not written.
+    copies = [p for p, m in emitted.named_modules() if isinstance(m, calls.TaskCopies)]
+    copied_whole = all(any(calls.under(c, p) for p in copies) for c in branched.containers) \
+        and not any(n.op in ("call_function", "call_method") and facts(n).task
+                    and n.target is not operator.getitem
+                    for _mode, graph in emitted.graphs() for n in graph.nodes)
     rows = task_rows(branched, traced=prepared.traced.module, model=prepared.model,
                      examples=prepared.examples,
                      batch_inputs=[i.name for i in s.inputs if 0 in i.dynamic]
-                     ) if s.branch.stream_batching == "eval" else None
+                     ) if s.branch.stream_batching == "eval" and not copied_whole else None
     if rows is not None:
         on_rows = whole_copies(called(rows[0], model=rows[1], containers=set()),
                                reference=branched.module, examples=prepared.examples)
