@@ -490,10 +490,11 @@ def called_at(module: DualGraphModule, model: nn.Module, paths: set[str],
         return None
     # Each new call sits in the calls around it (its members' stack up to its own entry), and
     # the calls are found again on the new graphs, so that those around can be collapsed too.
-    for mode, graph in result.graphs():
+    for (mode, graph), (_mode, before) in zip(result.graphs(), module.graphs(), strict=True):
+        order = {n: i for i, n in enumerate(before.nodes)}
         stacks: dict[str, list[dict]] = {}
-        for key, (group, *_copies) in sorted(groups[mode].items(),
-                                             key=lambda kv: _first(kv[1][0])):
+        for key, (group, *_copies) in sorted(
+                groups[mode].items(), key=lambda kv: min(map(order.get, kv[1][0].nodes.values()))):
             stack = next(iter(group.nodes.values())).meta.get("nn_module_stack") or {}
             outer = list(stack)[:list(stack).index(key)] if key in stack else list(stack)
             stacks.setdefault(group.call.path, []).append({k: stack[k] for k in outer})
@@ -503,12 +504,6 @@ def called_at(module: DualGraphModule, model: nn.Module, paths: set[str],
                 node.meta["nn_module_stack"] = stacks[str(node.target)].pop(0)
     annotate_calls(result, model, examples[0])
     return result
-
-
-def _first(group: _Group) -> int:
-    """The position of a group's first member in its graph."""
-    nodes = list(next(iter(group.nodes.values())).graph.nodes)
-    return min(nodes.index(n) for n in group.nodes.values())
 
 
 def contiguous_streams(module: DualGraphModule, containers: set[str]) -> None:

@@ -14,6 +14,7 @@ from reconfx.cost import CostModel
 from reconfx.errors import SelectionError
 from reconfx.layers import Layer, is_glob, match_layers, path_matches
 from reconfx.spec import SelectSpec
+from reconfx.tracing import COARSE_KEPT
 
 __all__ = [
     "budget_lines", "candidates", "check_patterns", "explicit_choice", "matched_random",
@@ -286,9 +287,8 @@ def _explicit(layers: list[Layer], pool: list[Layer], spec: SelectSpec,
             detail = f"; '{single.name}' {reason}"
         elif leaf is not None:
             path = next(p for p in leaf.modules if unmatched[0].startswith(p + "."))
-            kept = "the coarse fx leaves are kept: "  # (tier 2's failure, as inspect says)
-            why = [n for n in notes if f"'{path}'" in n][:1] + [
-                n.removeprefix(kept) for n in notes if n.startswith(kept)]
+            why = [n for n in notes if f"'{path}'" in n][:1] + [  # (and tier 2's failure)
+                n.removeprefix(COARSE_KEPT) for n in notes if n.startswith(COARSE_KEPT)]
             detail = (f": it lies inside '{path}' ({leaf.type}), which tracing keeps as one "
                       "leaf" + (f" ({'; '.join(why)})" if why else "") + ", so only the whole "
                       "leaf can be branched")

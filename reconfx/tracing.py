@@ -49,9 +49,9 @@ from reconfx.modes import ATOL, max_diff, preserved, run, run_reaching, silenced
 from reconfx.tree import key_str, task_outputs
 
 __all__ = [
-    "check_top_level_names", "describe", "export_trace", "fx_trace", "leaf_tracer", "name_nodes",
-    "parameterised_modules", "RANDOM_SETTINGS", "random_settings", "TierFailure", "trace",
-    "Traced", "traced_matches"
+    "check_top_level_names", "COARSE_KEPT", "describe", "export_trace", "fx_trace", "leaf_tracer",
+    "name_nodes", "parameterised_modules", "RANDOM_SETTINGS", "random_settings", "TierFailure",
+    "trace", "Traced", "traced_matches"
 ]
 
 # Ops that only check shapes or guard export; they carry no data and are not kept.
@@ -61,6 +61,10 @@ _DROPPED_TARGETS = {
     torch.ops.aten.sym_constrain_range_for_size.default,
     torch._assert,
 }
+
+# How a note on the coarse fx leaves kept (tier 2 failing too) begins; the selection's error
+# for a layer hidden in such a leaf gives what follows it.
+COARSE_KEPT = "the coarse fx leaves are kept: "
 
 
 @dataclass(frozen=True)
@@ -583,7 +587,7 @@ def trace(model: nn.Module, example: dict[str, torch.Tensor], task_paths: dict[s
         except TierFailure as exc:
             failures.insert(0, exc)  # (tier 1's failure first, as it was tried first)
         else:
-            return replace(coarse, notes=(*coarse.notes, "the coarse fx leaves are kept: tier 2 "
+            return replace(coarse, notes=(*coarse.notes, f"{COARSE_KEPT}tier 2 "
                                           f"failed too ({failures[-1]})"))
     raise _trace_error(failures, model)
 
